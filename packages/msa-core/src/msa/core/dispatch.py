@@ -1,0 +1,89 @@
+"""Backend dispatch: reference (pure PyTorch) or kernel.
+
+Rules (same for every op):
+- ``MSA_BACKEND=reference`` forces the reference everywhere.
+- ``MSA_BACKEND=kernel`` requires a kernel: if none is registered/available for the op on that device, a
+  :class:`KernelUnavailableError` is raised (never a silent fallback).
+- ``MSA_BACKEND=auto`` (default): CPU tensors -> reference; CUDA tensors -> kernel when one is available,
+  otherwise the reference on the GPU with a one-time warning naming the op and why.
+
+Kernel packages register with :func:`register_kernel`; ``available(device)`` returns ``(ok, reason)`` and
+must be cheap (no compilation).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = ["KernelUnavailableError", "register_kernel", "select_backend", "backend_mode", "registered_kernels"]
+
+
+class KernelUnavailableError(RuntimeError):
+    """MSA_BACKEND=kernel (or backend='kernel') was asked for, but no kernel can serve the call."""
+
+
+@dataclass
+class _KernelEntry:
+    name: str
+    available: Callable[[torch.device], tuple[bool, str]]
+
+
+_KERNELS: dict[str, list[_KernelEntry]] = {}
+_WARNED: set[str] = set()
+_LOCK = threading.Lock()
+_VALID = ("auto", "reference", "kernel")
+
+
+def register_kernel(op: str, name: str, available: Callable[[torch.device], tuple[bool, str]]) -> None:
+    with _LOCK:
+        _KERNELS.setdefault(op, [])
+        _KERNELS[op] = [e for e in _KERNELS[op] if e.name != name] + [_KernelEntry(name, available)]
+
+
+def registered_kernels(op: str) -> list[str]:
+    return [e.name for e in _KERNELS.get(op, [])]
+
+
+def backend_mode(backend: str | None = None) -> str:
+    mode = (backend or os.environ.get("MSA_BACKEND", "auto")).strip().lower()
+    if mode not in _VALID:
+        raise ValueError(f"backend: expected one of {list(_VALID)} (argument or MSA_BACKEND), got {mode!r}")
+    return mode
+
+
+def select_backend(op: str, device: torch.device, backend: str | None = None) -> str:
+    """Return ``"reference"`` or the name of the kernel that serves ``op`` on ``device``."""
+    mode = backend_mode(backend)
+    if mode == "reference":
+        return "reference"
+    reasons = []
+    if device.type == "cuda":
+        for e in _KERNELS.get(op, []):
+            ok, why = e.available(device)
+            if ok:
+                return e.name
+            reasons.append(f"{e.name}: {why}")
+    else:
+        reasons.append(f"tensors are on {device}, kernels need CUDA")
+    if not _KERNELS.get(op):
+        reasons.append("no kernel is registered for this op yet")
+    why = "; ".join(reasons)
+    if mode == "kernel":
+        raise KernelUnavailableError(f"{op}: MSA_BACKEND=kernel but no kernel can run this call ({why})")
+    if device.type == "cuda":
+        key = f"{op}@{device}"
+        if key not in _WARNED:
+            _WARNED.add(key)
+            warnings.warn(
+                f"msa: {op} is running the PyTorch reference on {device} ({why}); this is slow. "
+                "Set MSA_BACKEND=reference to silence, or MSA_BACKEND=kernel to make this an error.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return "reference"
