@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from msa.core.jit import toolchain
-from msa.core.jit.cutlass import cutlass_include_dirs, cutlass_version
+from msa.core.jit.cutlass import cutlass_include_dirs, cutlass_pin
 
 __all__ = ["JitSpec", "CSRC_DIR", "BuildError"]
 
@@ -123,7 +123,9 @@ class JitSpec:
             "tvm_ffi": toolchain.tvm_ffi_version(),  # headers compiled in
         }
         if self.use_cutlass:
-            ing["cutlass"] = cutlass_version()
+            # The pinned version, not the headers': a node with no headers (bundle only) must compute the same
+            # key. Builds verify that the headers found match the pin (cutlass_include_dirs), so they agree.
+            ing["cutlass"] = cutlass_pin()["version"]
         return ing
 
     def _cuda_flags(self, include_paths: bool = True) -> list[str]:
