@@ -9,7 +9,7 @@ def _cuda_reason():
     except Exception as e:  # pragma: no cover - torch missing is a set-up error
         return f"torch not importable: {e}"
     if not torch.cuda.is_available():
-        return "no CUDA device on this host (GPU tests run on the GPU box: benchmarks/gpu_run.sh)"
+        return "no CUDA device on this host (GPU tests run on the GPU box: scripts/gpu_env.sh)"
     return None
 
 

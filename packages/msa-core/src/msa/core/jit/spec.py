@@ -146,7 +146,9 @@ class JitSpec:
         from msa.cache import get_store
 
         store = store or get_store()
-        src = store.key(stage="source", name=self.name, ingredients=self._source_ingredients())
+        tag = _params_tag(self.params)
+        src_name = f"{self.family}[{tag}]" if tag else self.family  # sources are arch-independent: shared
+        src = store.key(stage="source", name=src_name, ingredients=self._source_ingredients())
         obj = store.key(stage="object", name=self.name, ingredients=self._object_ingredients(src.digest))
         mod = store.key(
             stage="module",

@@ -1,0 +1,97 @@
+"""msa-core JIT stack: template -> nvcc -> ninja -> tvm-ffi module, staged through msa-cache."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from msa.core.jit import JitSpec, cutlass_include_dirs, cutlass_pin, cutlass_version
+from msa.core.jit.spec import BuildError
+
+HAVE_NVCC = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc").exists() or shutil.which("nvcc")
+
+
+@pytest.fixture()
+def store_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MSA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("MSA_CACHE_PATH", raising=False)
+    from msa.cache import get_store
+
+    get_store(refresh=True)
+    yield tmp_path / "cache"
+    get_store(refresh=True)
+
+
+def _spec(arch="sm_90a", addend=1.5):
+    return JitSpec(family="selftest", sources=["selftest.cu.jinja"], params={"addend": addend}, arch=arch)
+
+
+def test_cutlass_headers_match_pin():
+    dirs = cutlass_include_dirs()
+    assert Path(dirs[0], "cute", "tensor.hpp").exists()
+    assert cutlass_version() == cutlass_pin()["version"]
+
+
+def test_cutlass_pin_agrees_with_msa_core_dependency():
+    text = Path(__file__).resolve().parents[2].joinpath("packages/msa-core/pyproject.toml").read_text()
+    assert f'"{cutlass_pin()["wheel"]}"' in text, "msa-core's nvidia-cutlass pin must equal cutlass/cutlass.toml"
+
+
+def test_keys_change_with_every_ingredient(store_dir):
+    base = [k.digest for k in _spec().keys()]
+    other_param = [k.digest for k in _spec(addend=2.5).keys()]
+    other_arch = [k.digest for k in _spec(arch="sm_100a").keys()]
+    assert base[0] != other_param[0] and base[2] != other_param[2]
+    assert base[0] == other_arch[0], "rendered sources do not depend on the arch"
+    assert base[1] != other_arch[1] and base[2] != other_arch[2]
+    flags = JitSpec(family="selftest", sources=["selftest.cu.jinja"], params={"addend": 1.5},
+                    extra_cuda_cflags=("-DMSA_X=1",)).keys()
+    assert flags[1].digest != base[1] and flags[0].digest == base[0]
+
+
+def test_unknown_source_is_a_clear_error():
+    with pytest.raises(BuildError, match="sources: 'nope.cu' not found"):
+        JitSpec(family="selftest", sources=["nope.cu"])
+
+
+def test_bad_arch_is_a_clear_error():
+    with pytest.raises(ValueError, match="arch: expected one of"):
+        _spec(arch="sm_75")
+
+
+@pytest.mark.compile
+@pytest.mark.skipif(not HAVE_NVCC, reason="nvcc not found")
+def test_build_sm90a_and_sm100a_cubins(store_dir):
+    cuobjdump = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")
+    for arch in ("sm_90a", "sm_100a"):
+        entry = _spec(arch=arch).build()
+        so = entry.file("module.so")
+        assert so.exists() and so.stat().st_size > 0
+        if cuobjdump.exists():
+            out = subprocess.run([str(cuobjdump), "--list-elf", str(so)], capture_output=True, text=True).stdout
+            assert arch.replace("_", "").rstrip("a") in out.replace("_", ""), out
+        # a second build is a cache hit returning the same entry
+        assert _spec(arch=arch).build().path == entry.path
+
+
+@pytest.mark.compile
+@pytest.mark.skipif(not HAVE_NVCC, reason="nvcc not found")
+def test_module_loads_without_gpu(store_dir):
+    mod = _spec(addend=3.0).load()
+    assert callable(mod.axpb)
+
+
+@pytest.mark.gpu
+def test_selftest_module_runs_on_gpu(store_dir):
+    import torch
+
+    from msa.core.jit import arch_for_device
+
+    spec = _spec(arch=arch_for_device(), addend=0.25)
+    mod = spec.load()
+    x = torch.randn(10_000, device="cuda")
+    y = torch.full_like(x, float("nan"))
+    mod.axpb(x, y, 2.0)
+    torch.testing.assert_close(y, 2.0 * x + 0.25)
