@@ -114,10 +114,14 @@ class JitSpec:
             "csrc_sha256": _dir_digest(self.family),
         }
 
-    def _object_ingredients(self, source_digest: str) -> dict:
+    def _object_ingredients(self, source_digest: str, store) -> dict:
+        from msa.cache.toolchain import probe_nvcc
+
         ing = {
             "source": source_digest,
-            "nvcc": toolchain.nvcc_version(),
+            # the store probes nvcc here, or (MSA_JIT=0 / no compiler) uses the identity a bundle recorded,
+            # so a compiler-less node computes the same key as the host that built its bundle
+            "nvcc": store.toolchain("nvcc", probe_nvcc),
             "arch": self.arch,
             "flags": list(self._cuda_flags(include_paths=False)),
             "tvm_ffi": toolchain.tvm_ffi_version(),  # headers compiled in
@@ -149,7 +153,7 @@ class JitSpec:
         tag = _params_tag(self.params)
         src_name = f"{self.family}[{tag}]" if tag else self.family  # sources are arch-independent: shared
         src = store.key(stage="source", name=src_name, ingredients=self._source_ingredients())
-        obj = store.key(stage="object", name=self.name, ingredients=self._object_ingredients(src.digest))
+        obj = store.key(stage="object", name=self.name, ingredients=self._object_ingredients(src.digest, store))
         mod = store.key(
             stage="module",
             name=self.name,
