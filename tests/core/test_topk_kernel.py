@@ -1,0 +1,342 @@
+"""sparse_topk_select CUDA kernel (msa.core.kernels.topk, csrc/topk).
+
+Three layers:
+- CPU replay (always runs where g++ exists): csrc/topk/topk_emulate.cc runs the kernel's lane code on the host
+  with random warp votes, for many launch shapes (splits, warps, capacities) the GPU heuristic rarely picks.
+- compile (``-m compile``): JitSpec builds the module for sm_90a and sm_100a; a cubin for each arch is inside.
+- GPU (``-m gpu``): the real kernel against the reference, exact set equality (the output is a sorted set, so
+  tensor equality is set equality), poisoned outputs, determinism.
+Every comparison is exact: the kernel must pick the same blocks as the brute-force oracle, ties included.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from msa.core.reference import sparse_topk_select_reference as reference
+
+CSRC = Path(__file__).resolve().parents[2] / "packages/msa-core/src/msa/core/csrc/topk"
+TOPKS = (1, 7, 16, 33, 64)
+KS = (1, 5, 128, 1000, 16384)
+POISON = -7
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inputs
+
+
+def make_scores(kind: str, n_heads: int, n_blocks: int, total_q: int, dtype, gen: torch.Generator) -> torch.Tensor:
+    """Random [H, K, Q] max-score tensors; never all zeros."""
+    shape = (n_heads, n_blocks, total_q)
+    if kind == "randn":
+        s = torch.randn(shape, generator=gen)
+    elif kind == "ties":  # a few distinct values: most of a row ties
+        s = torch.randint(0, 4, shape, generator=gen).float() * 0.5 - 1.0
+    elif kind == "causal":  # row t sees only its first t // 128 + 1 blocks
+        s = torch.randn(shape, generator=gen)
+        visible = torch.arange(total_q).view(1, 1, -1) // 128 + 1
+        s = torch.where(torch.arange(n_blocks).view(1, -1, 1) < visible, s, torch.full_like(s, float("-inf")))
+    elif kind == "nan":
+        s = torch.randn(shape, generator=gen)
+        s[torch.rand(shape, generator=gen) < 0.1] = float("nan")
+        s[torch.rand(shape, generator=gen) < 0.1] = float("-inf")
+        s[torch.rand(shape, generator=gen) < 0.05] = float("inf")
+    elif kind == "ascending":  # worst case for a streaming threshold: every block beats the ones before it
+        s = torch.arange(n_blocks, dtype=torch.float32).view(1, -1, 1).expand(shape).contiguous()
+        s = s + 0.25 * torch.randint(0, 2, shape, generator=gen)
+    elif kind == "zeros_signed":  # +0 and -0 must tie
+        s = torch.randn(shape, generator=gen)
+        s[:, ::2, ::2] = 0.0
+        s[:, 1::2, ::2] = -0.0
+    else:
+        raise ValueError(kind)
+    return s.to(dtype)
+
+
+def random_nvp(total_q: int, n_blocks: int, gen: torch.Generator) -> torch.Tensor:
+    nvp = torch.randint(0, n_blocks + 1, (total_q,), generator=gen, dtype=torch.int32)
+    nvp[torch.rand(total_q, generator=gen) < 0.2] = 0
+    nvp[torch.rand(total_q, generator=gen) < 0.2] = n_blocks
+    return nvp
+
+
+def brute_force(scores: torch.Tensor, topk: int, nvp, fb: int, fe: int) -> list[list[list[int]]]:
+    """Independent per-row oracle: Python sort on (value desc, index asc) in float64."""
+    n_heads, n_blocks, total_q = scores.shape
+    s = scores.double()
+    out = []
+    for t in range(total_q):
+        row_out = []
+        n = n_blocks if nvp is None else (int(nvp[t]) if isinstance(nvp, torch.Tensor) else int(nvp))
+        n = min(max(n, 0), n_blocks)
+        for h in range(n_heads):
+            forced = set(range(min(fb, n))) | set(range(max(n - fe, 0), n))
+            vals = s[h, :, t].tolist()
+            cands = [(-vals[b], b) for b in range(n) if b not in forced and vals[b] == vals[b] and vals[b] > float("-inf")]
+            cands.sort()
+            chosen = sorted(forced | {b for _, b in cands[: topk - len(forced)]})
+            row_out.append(chosen + [-1] * (topk - len(chosen)))
+        out.append(row_out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU replay of the kernel logic
+
+
+@functools.lru_cache(maxsize=1)
+def _emulator_lib(build_dir: str):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler on this host (the CPU replay of the top-k kernel needs g++)")
+    so = Path(build_dir) / "topk_emulate.so"
+    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-Wno-unknown-pragmas", f"-I{CSRC}",
+           str(CSRC / "topk_emulate.cc"), "-o", str(so)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"building the top-k emulator failed:\n{proc.stderr[-4000:]}"
+    lib = ctypes.CDLL(str(so))
+    f = lib.msa_topk_emulate
+    f.restype = ctypes.c_int
+    f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
+                  ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                  ctypes.c_uint64, ctypes.c_void_p]
+    return f
+
+
+@pytest.fixture(scope="module")
+def emulate(tmp_path_factory):
+    f = _emulator_lib(str(tmp_path_factory.mktemp("topk_emulate")))
+
+    def run(scores, topk, nvp, fb, fe, *, splits, warps, merge_warps, cap, seed):
+        n_heads, n_blocks, total_q = scores.shape
+        s32 = scores.float().contiguous()  # bf16 -> its exact float value, as the kernel's loads do
+        out = torch.full((total_q, n_heads, topk), POISON, dtype=torch.int32)
+        nvp_ptr, nvp_scalar = None, n_blocks
+        if isinstance(nvp, torch.Tensor):
+            nvp = nvp.contiguous()
+            nvp_ptr = nvp.data_ptr()
+        elif nvp is not None:
+            nvp_scalar = int(nvp)
+        rc = f(s32.data_ptr(), n_heads, n_blocks, total_q, topk, nvp_ptr, nvp_scalar, fb, fe, splits, warps,
+               merge_warps, cap, seed, out.data_ptr())
+        assert rc == 0, "emulator rejected its arguments"
+        return out
+
+    return run
+
+
+KINDS = ("randn", "ties", "causal", "nan", "ascending", "zeros_signed")
+
+
+@pytest.mark.parametrize("case", range(240))
+def test_emulated_kernel_matches_reference(emulate, case):
+    from msa.core.kernels.topk import BATCH, column_capacity
+
+    assert BATCH == 16, "topk_emulate.cc replays batch 16"
+    gen = torch.Generator().manual_seed(1000 + case)
+    pick = lambda seq: seq[int(torch.randint(0, len(seq), (1,), generator=gen))]  # noqa: E731
+    topk = pick(TOPKS)
+    n_blocks = pick((1, 5, 37, 128, 300, 1000, 2500))
+    total_q = pick((1, 13, 32, 70))
+    n_heads = pick((1, 2))
+    fb = int(torch.randint(0, topk + 1, (1,), generator=gen)) if case % 3 == 0 else 0
+    fe = int(torch.randint(0, topk - fb + 1, (1,), generator=gen)) if case % 4 < 2 else 0
+    if case % 17 == 0:
+        fe = topk - fb  # fb + fe == topk: nothing left to select
+    kind = KINDS[case % len(KINDS)]
+    dtype = torch.bfloat16 if case % 5 == 0 else torch.float32
+    scores = make_scores(kind, n_heads, n_blocks, total_q, dtype, gen)
+    nvp = (None, int(torch.randint(0, n_blocks + 1, (1,), generator=gen)), random_nvp(total_q, n_blocks, gen))[case % 3]
+    m = topk - fb - fe
+    cap = column_capacity(m) if case % 2 else m + BATCH + 1  # tight columns force many compactions
+    kw = dict(splits=pick((1, 1, 2, 3, 8)), warps=pick((1, 2, 3, 4)), merge_warps=pick((1, 2, 4)), cap=cap,
+              seed=case % 7)  # seed 0: votes = own predicate; else random extra votes
+    want = reference(scores, topk, num_valid_pages=nvp, force_begin_blocks=fb, force_end_blocks=fe)
+    got = emulate(scores, topk, nvp, fb, fe, **kw)
+    assert torch.equal(got, want), f"{kind} topk={topk} K={n_blocks} q={total_q} fb={fb} fe={fe} {kw}"
+    if case % 8 == 0 and n_blocks <= 300:
+        assert got.tolist() == brute_force(scores, topk, nvp, fb, fe)
+
+
+def test_emulated_kernel_votes_do_not_matter(emulate):
+    """Same input, many vote sequences and launch shapes: one answer."""
+    gen = torch.Generator().manual_seed(7)
+    scores = make_scores("ties", 2, 777, 40, torch.float32, gen)
+    want = reference(scores, 33, force_begin_blocks=1, force_end_blocks=2)
+    for seed in range(6):
+        for splits, warps in ((1, 1), (1, 4), (4, 2), (9, 3)):
+            got = emulate(scores, 33, None, 1, 2, splits=splits, warps=warps, merge_warps=2, cap=31 + 17, seed=seed)
+            assert torch.equal(got, want), (seed, splits, warps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# compile-only: both archs
+
+
+def _fatbin_elf_archs(path: Path) -> set[int]:
+    """SM numbers of the ELF (cubin) entries of every fatbinary embedded in a shared object."""
+    data = path.read_bytes()
+    magic = struct.pack("<I", 0xBA55ED50)
+    archs = set()
+    i = data.find(magic)
+    while i >= 0:
+        _version, header_size, files_size = struct.unpack_from("<HHQ", data, i + 4)
+        off, end = i + header_size, i + header_size + files_size
+        while off < end:
+            kind, _, entry_header, size = struct.unpack_from("<HHIQ", data, off)
+            if kind == 2:
+                archs.add(struct.unpack_from("<I", data, off + 28)[0])
+            off += entry_header + size
+        i = data.find(magic, end)
+    return archs
+
+
+def _cuobjdump() -> str | None:
+    for cand in (os.environ.get("CUDA_HOME", "/usr/local/cuda") + "/bin/cuobjdump", shutil.which("cuobjdump")):
+        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+@pytest.mark.compile
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,sm", [("sm_90a", 90), ("sm_100a", 100)])
+def test_module_builds_for_arch(arch, sm):
+    from msa.core.jit.toolchain import ToolchainError
+    from msa.core.kernels import topk
+
+    try:
+        entry = topk.spec(arch).build()
+    except ToolchainError as e:
+        pytest.skip(f"no CUDA toolchain: {e}")
+    so = entry.file("module.so") if hasattr(entry, "file") else Path(entry.path) / "module.so"
+    so = Path(so)
+    assert so.is_file()
+    assert sm in _fatbin_elf_archs(so), f"{so}: no sm_{sm} cubin (found {sorted(_fatbin_elf_archs(so))})"
+    tool = _cuobjdump()
+    if tool:
+        listing = subprocess.run([tool, "--list-elf", str(so)], capture_output=True, text=True).stdout
+        assert f"{arch}.cubin" in listing, listing
+
+
+def test_plan_shapes():
+    from msa.core.kernels.topk import column_capacity, plan, smem_bytes
+
+    for m in range(0, 65):
+        assert column_capacity(m) >= m + 17
+    p = plan(4, 8192, 4096, 15, 132)  # 1M context prefill: rows alone fill the GPU
+    assert p.splits == 1 and p.warps == 4
+    p = plan(4, 8192, 64, 15, 132)  # decode: K split across CTAs
+    assert p.splits > 1 and p.merge_warps >= 1
+    p = plan(1, 64, 4096, 15, 132)  # 8K context: one warp per 32 tokens
+    assert p.warps == 1 and p.splits == 1
+    assert smem_bytes(plan(4, 8192, 64, 64, 132).warps, column_capacity(64)) <= 227 * 1024
+    assert plan(4, 8192, 64, 0, 132).splits == 1  # fb + fe == topk: nothing to merge
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU
+
+
+def _kernel_call(scores, topk, nvp=None, fb=0, fe=0, out=None):
+    from msa.core.kernels import topk as topk_kernel
+
+    if out is None:
+        out = torch.full((scores.shape[2], scores.shape[0], topk), POISON, dtype=torch.int32, device=scores.device)
+    res = topk_kernel.run(scores, topk, nvp, fb, fe, out)
+    torch.cuda.synchronize()
+    return res
+
+
+def _check(scores, topk, nvp=None, fb=0, fe=0):
+    got = _kernel_call(scores, topk, nvp, fb, fe)
+    cpu_nvp = nvp.cpu() if isinstance(nvp, torch.Tensor) else nvp
+    want = reference(scores.cpu(), topk, num_valid_pages=cpu_nvp, force_begin_blocks=fb, force_end_blocks=fe)
+    assert not (got == POISON).any(), "unwritten output"
+    if not torch.equal(got.cpu(), want):
+        bad = (got.cpu() != want).any(-1).nonzero()[0].tolist()
+        raise AssertionError(f"row (t, h) = {bad}: kernel {got[bad[0], bad[1]].tolist()} "
+                             f"reference {want[bad[0], bad[1]].tolist()}")
+    return got
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("n_blocks", KS)
+@pytest.mark.parametrize("topk", TOPKS)
+def test_kernel_matches_reference(topk, n_blocks, dtype):
+    gen = torch.Generator().manual_seed(topk * 100003 + n_blocks)
+    total_q = 70 if n_blocks < 16384 else 40
+    case = TOPKS.index(topk) + KS.index(n_blocks)
+    kind = KINDS[case % len(KINDS)]
+    fb, fe = [(0, 0), (1, 1), (min(2, topk), 0), (0, min(3, topk))][case % 4]
+    nvp = [None, random_nvp(total_q, n_blocks, gen).cuda(), max(0, n_blocks - 3)][case % 3]
+    scores = make_scores(kind, 2, n_blocks, total_q, dtype, gen).cuda()
+    _check(scores, topk, nvp, fb, fe)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+def test_kernel_data_kinds_and_forced(kind):
+    gen = torch.Generator().manual_seed(hash(kind) % 1000)
+    scores = make_scores(kind, 3, 600, 100, torch.float32, gen).cuda()
+    for topk, fb, fe in ((16, 0, 1), (16, 1, 15), (7, 7, 0), (64, 3, 4), (33, 0, 33)):
+        _check(scores, topk, None, fb, fe)
+        _check(scores, topk, random_nvp(100, 600, gen).cuda(), fb, fe)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("total_q", [1, 4096])
+def test_kernel_total_q_extremes(total_q):
+    gen = torch.Generator().manual_seed(total_q)
+    scores = make_scores("causal", 2, 40, total_q, torch.float32, gen).cuda()  # 40 blocks: rows 0..5119 tokens
+    _check(scores, 16, None, 0, 1)
+    nvp = (torch.arange(total_q, dtype=torch.int32) // 128 + 1).cuda()
+    _check(scores, 16, nvp, 1, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits,warps", [(1, 1), (1, 3), (2, 4), (5, 2), (16, 4)])
+def test_kernel_launch_shapes(monkeypatch, splits, warps):
+    """Launch shapes the heuristic would not pick for this size (env overrides), incl. the merge kernel."""
+    monkeypatch.setenv("MSA_TOPK_SPLITS", str(splits))
+    monkeypatch.setenv("MSA_TOPK_WARPS", str(warps))
+    gen = torch.Generator().manual_seed(splits * 10 + warps)
+    for dtype in (torch.float32, torch.bfloat16):
+        scores = make_scores("ties", 2, 2000, 50, dtype, gen).cuda()
+        _check(scores, 64, None, 0, 0)
+        _check(scores, 16, random_nvp(50, 2000, gen).cuda(), 2, 2)
+
+
+@pytest.mark.gpu
+def test_kernel_deterministic_and_out_reuse():
+    gen = torch.Generator().manual_seed(3)
+    scores = make_scores("ties", 4, 4096, 64, torch.float32, gen).cuda()  # decode shape: split + merge path
+    a = _kernel_call(scores, 16, None, 0, 1)
+    b = _kernel_call(scores, 16, None, 0, 1)
+    assert torch.equal(a, b)
+    out = torch.full_like(a, POISON)
+    res = _kernel_call(scores, 16, None, 0, 1, out=out)
+    assert res.data_ptr() == out.data_ptr() and torch.equal(out, a)
+
+
+@pytest.mark.gpu
+def test_kernel_selected_beat_unselected():
+    """Property check independent of any oracle: every chosen block scores >= every eligible unchosen one."""
+    gen = torch.Generator().manual_seed(11)
+    scores = make_scores("randn", 2, 3000, 96, torch.float32, gen).cuda()
+    got = _kernel_call(scores, 32).cpu()
+    s = scores.cpu().permute(2, 0, 1)  # [Q, H, K]
+    chosen = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, got.long().clamp(min=0), True)
+    worst_chosen = torch.where(chosen, s, torch.full_like(s, float("inf"))).amin(-1)
+    best_other = torch.where(chosen, torch.full_like(s, float("-inf")), s).amax(-1)
+    assert bool((worst_chosen >= best_other).all())
+    assert bool((got.diff(dim=-1) > 0).all()), "rows must be strictly ascending"
