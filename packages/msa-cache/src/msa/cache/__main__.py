@@ -1,0 +1,5 @@
+import sys
+
+from msa.cache.cli import main
+
+sys.exit(main())
