@@ -8,6 +8,8 @@ run only when :func:`validation_enabled` is true (``validate=True`` or ``MSA_VAL
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from typing import Iterable, Sequence
 
@@ -20,6 +22,10 @@ __all__ = [
     "check_int",
     "check_divisible",
     "dtype_name",
+    "check_bool",
+    "check_float",
+    "check_scale",
+    "host_int_list",
 ]
 
 
@@ -122,3 +128,63 @@ def check_divisible(name: str, v: int, by: int, what: str = "") -> None:
     if v % by != 0:
         extra = f" ({what})" if what else ""
         raise ValueError(f"{name}: expected a multiple of {by}{extra}, got {v}")
+
+
+def check_bool(name: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(v).__name__} ({v!r})")
+    return v
+
+
+def check_float(name: str, v, *, allow_none: bool = False, positive: bool = False) -> float | None:
+    """A finite real Python number (int or float; bool is rejected). Returns it as ``float``."""
+    if v is None:
+        if allow_none:
+            return None
+        raise TypeError(f"{name}: expected a float, got None")
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name}: expected a float, got {type(v).__name__} ({v!r})")
+    f = float(v)
+    if not math.isfinite(f):
+        raise ValueError(f"{name}: expected a finite float, got {f}")
+    if positive and f <= 0:
+        raise ValueError(f"{name}: expected > 0, got {f}")
+    return f
+
+
+def check_scale(name: str, s, *, heads: int, device: torch.device | None = None, what: str = "heads") -> None:
+    """A quantisation scale: ``None``, a finite Python number (per tensor) or a floating ``[heads]`` tensor."""
+    if s is None:
+        return
+    if isinstance(s, torch.Tensor):
+        if not s.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got dtype {dtype_name(s.dtype)}")
+        if s.dim() != 1 or s.shape[0] != heads:
+            raise ValueError(
+                f"{name}: expected a float or a per-head tensor of shape [{heads}] ({what}), got shape {list(s.shape)}"
+            )
+        check_tensor(name, s, device=device, contiguous=True)
+        return
+    check_float(name, s)
+
+
+def host_int_list(name: str, v, *, min: int | None = None) -> list[int]:
+    """A 1-D sequence of ints (list, tuple or integer tensor on any device) as a host list.
+
+    A CUDA tensor is copied to the host here (one synchronisation); plans call this, ops never do.
+    """
+    if isinstance(v, torch.Tensor):
+        if v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
+            raise TypeError(f"{name}: expected an integer tensor, got dtype {dtype_name(v.dtype)}")
+        if v.dim() != 1:
+            raise ValueError(f"{name}: expected a 1-D tensor, got shape {list(v.shape)}")
+        out = [int(x) for x in v.tolist()]
+    elif isinstance(v, (list, tuple)):
+        out = [check_int(f"{name}[{i}]", x) for i, x in enumerate(v)]
+    else:
+        raise TypeError(f"{name}: expected a list, tuple or 1-D integer tensor, got {type(v).__name__}")
+    if min is not None:
+        for i, x in enumerate(out):
+            if x < min:
+                raise ValueError(f"{name}[{i}]: expected >= {min}, got {x}")
+    return out
