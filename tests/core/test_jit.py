@@ -6,7 +6,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from msa.core.jit import JitSpec, cutlass_include_dirs, cutlass_pin, cutlass_version
 from msa.core.jit.spec import BuildError
 
@@ -86,7 +85,6 @@ def test_module_loads_without_gpu(store_dir):
 @pytest.mark.gpu
 def test_selftest_module_runs_on_gpu(store_dir):
     import torch
-
     from msa.core.jit import arch_for_device
 
     spec = _spec(arch=arch_for_device(), addend=0.25)

@@ -47,7 +47,7 @@ class BuildError(RuntimeError):
     pass
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dir_digest(family: str) -> str:
     """sha256 over every file of csrc/<family> and csrc/common (names + bytes): the source ingredient."""
     h = hashlib.sha256()
