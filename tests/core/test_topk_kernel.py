@@ -335,7 +335,8 @@ def test_kernel_selected_beat_unselected():
     scores = make_scores("randn", 2, 3000, 96, torch.float32, gen).cuda()
     got = _kernel_call(scores, 32).cpu()
     s = scores.cpu().permute(2, 0, 1)  # [Q, H, K]
-    chosen = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, got.long().clamp(min=0), True)
+    idx = torch.where(got < 0, torch.full_like(got, s.shape[-1]), got).long()  # -1 -> a spare column
+    chosen = torch.zeros(s.shape[:-1] + (s.shape[-1] + 1,), dtype=torch.bool).scatter_(-1, idx, True)[..., :-1]
     worst_chosen = torch.where(chosen, s, torch.full_like(s, float("inf"))).amin(-1)
     best_other = torch.where(chosen, torch.full_like(s, float("-inf")), s).amax(-1)
     assert bool((worst_chosen >= best_other).all())

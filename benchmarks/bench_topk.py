@@ -1,0 +1,253 @@
+"""sparse_topk_select: msa's CUDA kernel vs the torch.topk pipeline, and vs reading max_score once at HBM speed.
+
+    python benchmarks/bench_topk.py [--quick] [--sweep] [--json PATH]
+
+Cases: H in {1, 4} x context {8K, 128K, 1M} tokens (K = ctx / 128 tiles) x total_q {4096 (prefill), 64 (decode)},
+fp32 random scores (never zeros), topk 16 with force_end_blocks = 1 (force_begin 0). Before timing, the kernel is
+checked against msa.core.reference.sparse_topk_select_reference on random cases (exact set equality; ties,
+-inf, NaN, forced blocks, per-token nvp) and by an oracle-free property (every chosen block scores >= every
+eligible unchosen one).
+
+Timing: median over CUDA-graph replays (CUDA events); each replay runs the op over R input sets that together
+exceed 2x L2, so small cases are not served from cache; time per call = replay / R. The torch pipeline is the
+same contract in plain torch: transpose to [total_q, H, K], mask b >= nvp and NaN to -inf, forced blocks to
++inf, torch.topk, sort ascending, -1 where the value is -inf, int32.
+Floor = bytes of max_score / device-to-device copy bandwidth (bytes read + written, measured here).
+Bars: speedup >= 5x over torch (required at 128K) and ours <= 2x floor. --sweep also times (splits, warps)
+launch shapes per case (MSA_TOPK_SPLITS / MSA_TOPK_WARPS) and prints the best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+
+import torch
+
+TOPK, FB, FE = 16, 0, 1
+L2_BYTES_DEFAULT = 50 * 1024 * 1024
+
+
+def torch_pipeline(max_score: torch.Tensor, topk: int, nvp, fb: int, fe: int) -> torch.Tensor:
+    n_heads, n_blocks, total_q = max_score.shape
+    x = max_score.permute(2, 0, 1).float().contiguous()  # [Q, H, K]
+    blk = torch.arange(n_blocks, device=x.device)
+    if isinstance(nvp, torch.Tensor):
+        limit = nvp.view(-1, 1, 1).long()
+    else:
+        limit = torch.full((1, 1, 1), n_blocks if nvp is None else int(nvp), device=x.device, dtype=torch.long)
+    x.masked_fill_((blk >= limit) | torch.isnan(x), float("-inf"))
+    forced = (blk < limit) & ((blk < fb) | (blk >= limit - fe))
+    x.masked_fill_(forced, float("inf"))
+    vals, idx = torch.topk(x, topk, dim=-1)
+    idx = torch.where(vals == float("-inf"), torch.full_like(idx, n_blocks), idx)
+    idx = torch.sort(idx, dim=-1).values
+    return torch.where(idx == n_blocks, torch.full_like(idx, -1), idx).to(torch.int32)
+
+
+def ours(max_score, topk, nvp, fb, fe, out=None):
+    from msa.core.kernels import topk as topk_kernel
+
+    return topk_kernel.run(max_score, topk, nvp, fb, fe, out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# correctness
+
+
+def check_correctness(device) -> list[str]:
+    from msa.core.reference import sparse_topk_select_reference as reference
+
+    failures = []
+    gen = torch.Generator().manual_seed(2026)
+    cases = [
+        # (H, K, Q, topk, fb, fe, dtype, kind, nvp_kind)
+        (4, 1024, 300, 16, 0, 1, torch.float32, "randn", None),
+        (1, 8192, 64, 16, 0, 1, torch.float32, "randn", None),
+        (2, 64, 4096, 16, 0, 1, torch.float32, "causal", "tensor"),
+        (2, 3000, 100, 64, 2, 3, torch.bfloat16, "ties", "tensor"),
+        (3, 777, 50, 33, 1, 0, torch.float32, "nan", "int"),
+        (1, 16384, 40, 7, 0, 0, torch.float32, "ties", None),
+    ]
+    for n_heads, n_blocks, total_q, topk, fb, fe, dtype, kind, nvp_kind in cases:
+        shape = (n_heads, n_blocks, total_q)
+        if kind == "ties":
+            s = torch.randint(0, 5, shape, generator=gen).float() - 2.0
+        else:
+            s = torch.randn(shape, generator=gen)
+        if kind == "nan":
+            s[torch.rand(shape, generator=gen) < 0.1] = float("nan")
+            s[torch.rand(shape, generator=gen) < 0.1] = float("-inf")
+        if kind == "causal":
+            vis = torch.arange(total_q).view(1, 1, -1) // 128 + 1
+            s = torch.where(torch.arange(n_blocks).view(1, -1, 1) < vis, s, torch.full_like(s, float("-inf")))
+        s = s.to(dtype)
+        nvp = None
+        if nvp_kind == "tensor":
+            nvp = torch.randint(0, n_blocks + 1, (total_q,), generator=gen, dtype=torch.int32)
+            nvp[::7] = 0
+        elif nvp_kind == "int":
+            nvp = n_blocks - 5
+        want = reference(s, topk, num_valid_pages=nvp, force_begin_blocks=fb, force_end_blocks=fe)
+        out = torch.full((total_q, n_heads, topk), -7, dtype=torch.int32, device=device)
+        got = ours(s.to(device), topk, nvp.to(device) if isinstance(nvp, torch.Tensor) else nvp, fb, fe, out).cpu()
+        tag = f"H={n_heads} K={n_blocks} q={total_q} topk={topk} fb={fb} fe={fe} {dtype} {kind} nvp={nvp_kind}"
+        if not torch.equal(got, want):
+            failures.append(f"set mismatch: {tag}")
+            continue
+        # property: chosen non-forced scores >= every eligible unchosen score (oracle-free)
+        if fb == 0 and fe == 0 and nvp is None:
+            x = s.float().permute(2, 0, 1)
+            x = torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)
+            idx = torch.where(got < 0, torch.full_like(got, n_blocks), got).long()  # -1 -> a spare column
+            chosen = torch.zeros(x.shape[:-1] + (n_blocks + 1,), dtype=torch.bool).scatter_(-1, idx, True)
+            chosen = chosen[..., :n_blocks]
+            worst = torch.where(chosen, x, torch.full_like(x, float("inf"))).amin(-1)
+            best_other = torch.where(chosen, torch.full_like(x, float("-inf")), x).amax(-1)
+            if not bool((worst >= best_other).all()):
+                failures.append(f"property: {tag}")
+    return failures
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timing
+
+
+def copy_bandwidth(device, reps: int) -> float:
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_(1, 255)
+    dst = torch.empty_like(src)
+    times = time_graph(lambda: dst.copy_(src), reps=reps, calls_per_replay=1)
+    return 2 * n / (times * 1e-6)  # bytes/s, read + written
+
+
+def time_graph(fn, reps: int, calls_per_replay: int) -> float:
+    """Median microseconds of one fn() call: CUDA-graph replays timed with events."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()  # warm-up: module load, attribute set-up, allocator pools
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        samples.append(a.elapsed_time(b) * 1e3 / calls_per_replay)
+    return statistics.median(samples)
+
+
+def time_case(fn_one, inputs, reps: int) -> float:
+    def body():
+        for x in inputs:
+            fn_one(x)
+
+    return time_graph(body, reps=reps, calls_per_replay=len(inputs))
+
+
+def bench_case(n_heads, ctx, total_q, device, bw, l2, reps, sweep):
+    n_blocks = ctx // 128
+    score_bytes = n_heads * n_blocks * total_q * 4
+    n_sets = max(1, min(64, math.ceil(2 * l2 / score_bytes)))
+    gen = torch.Generator(device=device).manual_seed(n_heads * 7 + ctx + total_q)
+    sets = [torch.randn((n_heads, n_blocks, total_q), device=device, generator=gen) for _ in range(n_sets)]
+    outs = [torch.empty((total_q, n_heads, TOPK), dtype=torch.int32, device=device) for _ in range(n_sets)]
+    pairs = list(zip(sets, outs))
+    t_ours = time_case(lambda so: ours(so[0], TOPK, None, FB, FE, so[1]), pairs, reps)
+    t_torch = time_case(lambda so: torch_pipeline(so[0], TOPK, None, FB, FE), pairs, reps)
+    from msa.core.kernels.topk import _sm_count, plan
+
+    p = plan(n_heads, n_blocks, total_q, TOPK - FB - FE, _sm_count(device.index or 0))
+    floor = score_bytes / bw * 1e6
+    row = dict(H=n_heads, ctx=ctx, K=n_blocks, total_q=total_q, ours_us=t_ours, torch_us=t_torch,
+               speedup=t_torch / t_ours, floor_us=floor, ours_over_floor=t_ours / floor, bytes=score_bytes,
+               sets=n_sets, splits=p.splits, warps=p.warps)
+    if sweep:
+        best = None
+        for splits in (1, 2, 4, 8, 16, 32):
+            for warps in (1, 2, 4, 8):
+                if n_blocks // (splits * warps) < 32 and (splits, warps) != (1, 1):
+                    continue
+                os.environ["MSA_TOPK_SPLITS"], os.environ["MSA_TOPK_WARPS"] = str(splits), str(warps)
+                try:
+                    t = time_case(lambda so: ours(so[0], TOPK, None, FB, FE, so[1]), pairs, max(5, reps // 4))
+                finally:
+                    del os.environ["MSA_TOPK_SPLITS"], os.environ["MSA_TOPK_WARPS"]
+                row.setdefault("sweep", []).append((splits, warps, t))
+                if best is None or t < best[2]:
+                    best = (splits, warps, t)
+        row["best"] = best
+    del sets, outs, pairs
+    torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (a short run)")
+    ap.add_argument("--sweep", action="store_true", help="also time (splits, warps) launch shapes per case")
+    ap.add_argument("--json", help="write all numbers here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_topk: no CUDA device", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", torch.cuda.current_device())
+    props = torch.cuda.get_device_properties(device)
+    l2 = getattr(props, "L2_cache_size", 0) or L2_BYTES_DEFAULT
+    print(f"device: {props.name} cc {props.major}.{props.minor} SMs {props.multi_processor_count} "
+          f"L2 {l2 / 2**20:.0f} MiB; torch {torch.__version__}")
+
+    failures = check_correctness(device)
+    print(f"correctness vs reference: {'PASS' if not failures else 'FAIL'} ({len(failures)} failures)")
+    for f in failures:
+        print("  ", f)
+
+    reps = 15 if args.quick else 60
+    bw = copy_bandwidth(device, reps=5 if args.quick else 20)
+    print(f"device-to-device copy: {bw / 1e12:.2f} TB/s (read + written)")
+
+    rows = []
+    for total_q in (4096, 64):
+        for n_heads in (1, 4):
+            for ctx in (8 * 1024, 128 * 1024, 1024 * 1024):
+                rows.append(bench_case(n_heads, ctx, total_q, device, bw, l2, reps, args.sweep))
+
+    hdr = (f"{'H':>2} {'ctx':>6} {'total_q':>7} {'ours_us':>9} {'torch_us':>9} {'speedup':>8} {'floor_us':>9} "
+           f"{'ours/floor':>10} {'S,W':>5} {'>=5x':>5} {'<=2xfl':>6}")
+    print()
+    print(hdr)
+    all_ok = not failures
+    for r in rows:
+        ctx = f"{r['ctx'] // 1024}K" if r["ctx"] < 1 << 20 else f"{r['ctx'] >> 20}M"
+        fast = r["speedup"] >= 5
+        near = r["ours_over_floor"] <= 2
+        if r["ctx"] == 128 * 1024:
+            all_ok &= fast
+        print(f"{r['H']:>2} {ctx:>6} {r['total_q']:>7} {r['ours_us']:>9.2f} {r['torch_us']:>9.2f} "
+              f"{r['speedup']:>7.1f}x {r['floor_us']:>9.2f} {r['ours_over_floor']:>10.2f} "
+              f"{r['splits']:>2},{r['warps']:<2} {'pass' if fast else 'FAIL':>5} {'pass' if near else 'FAIL':>6}")
+        if "best" in r:
+            s, w, t = r["best"]
+            print(f"      sweep best: splits={s} warps={w} {t:.2f} us")
+    print("(>=5x is required at 128K; floor = max_score bytes / copy bandwidth; launch-bound cases cannot reach it)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=props.name, bw=bw, failures=failures, rows=rows), f, indent=1)
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
