@@ -382,7 +382,20 @@ def fmha(
     if validation_enabled(validate):
         _check_fmha_values(k, plan, kv_indices, kv_block_indexes)
 
-    chosen = dispatch.select_backend("fmha", q.device, backend)
+    chosen = dispatch.select_backend(
+        "fmha",
+        q.device,
+        backend,
+        dtype=q.dtype,
+        head_dim_qk=d_qk,
+        head_dim_v=v.shape[-1] if v is not None else None,
+        page_size=plan.page_size,
+        output_o=output_o,
+        output_maxscore=output_maxscore,
+        sparse=kv_block_indexes is not None,
+        per_head_scales=any(isinstance(s, torch.Tensor) for s in (q_scale, k_scale, v_scale, o_scale)),
+        gqa_ratio=plan.num_qo_heads // max(plan.num_kv_heads, 1),
+    )
     if chosen != "reference":
         from .kernels import fmha_sm90  # noqa: PLC0415 - kernels load lazily (JIT, CUDA)
 

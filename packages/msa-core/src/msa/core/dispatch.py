@@ -8,7 +8,10 @@ Rules (same for every op):
   otherwise the reference on the GPU with a one-time warning naming the op and why.
 
 Kernel packages register with :func:`register_kernel`; ``available(device)`` returns ``(ok, reason)`` and
-must be cheap (no compilation).
+must be cheap (no compilation). An optional ``supports(**features)`` says whether the kernel implements this
+particular call (dtype, head dim, mode, ...); an unsupported call is served by the next kernel or, in ``auto``,
+by the reference with a one-time warning that names the missing feature. msa-core's own kernels register when
+:mod:`msa.core.kernels` is first imported (done here lazily, so ``import msa.core`` stays cheap).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class KernelUnavailableError(RuntimeError):
 class _KernelEntry:
     name: str
     available: Callable[[torch.device], tuple[bool, str]]
+    supports: Callable[..., tuple[bool, str]] | None = None
 
 
 _KERNELS: dict[str, list[_KernelEntry]] = {}
@@ -40,10 +44,25 @@ _LOCK = threading.Lock()
 _VALID = ("auto", "reference", "kernel")
 
 
-def register_kernel(op: str, name: str, available: Callable[[torch.device], tuple[bool, str]]) -> None:
+def register_kernel(
+    op: str,
+    name: str,
+    available: Callable[[torch.device], tuple[bool, str]],
+    supports: Callable[..., tuple[bool, str]] | None = None,
+) -> None:
     with _LOCK:
         _KERNELS.setdefault(op, [])
-        _KERNELS[op] = [e for e in _KERNELS[op] if e.name != name] + [_KernelEntry(name, available)]
+        _KERNELS[op] = [e for e in _KERNELS[op] if e.name != name] + [_KernelEntry(name, available, supports)]
+
+
+_BUILTINS_LOADED = False
+
+
+def _load_builtin_kernels() -> None:
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        import msa.core.kernels  # noqa: F401  (registers msa-core's kernels)
 
 
 def registered_kernels(op: str) -> list[str]:
@@ -57,15 +76,18 @@ def backend_mode(backend: str | None = None) -> str:
     return mode
 
 
-def select_backend(op: str, device: torch.device, backend: str | None = None) -> str:
-    """Return ``"reference"`` or the name of the kernel that serves ``op`` on ``device``."""
+def select_backend(op: str, device: torch.device, backend: str | None = None, **features) -> str:
+    """Return ``"reference"`` or the name of the kernel that serves ``op`` on ``device`` for this call."""
     mode = backend_mode(backend)
     if mode == "reference":
         return "reference"
+    _load_builtin_kernels()
     reasons = []
     if device.type == "cuda":
         for e in _KERNELS.get(op, []):
             ok, why = e.available(device)
+            if ok and e.supports is not None:
+                ok, why = e.supports(**features)
             if ok:
                 return e.name
             reasons.append(f"{e.name}: {why}")
@@ -77,7 +99,7 @@ def select_backend(op: str, device: torch.device, backend: str | None = None) ->
     if mode == "kernel":
         raise KernelUnavailableError(f"{op}: MSA_BACKEND=kernel but no kernel can run this call ({why})")
     if device.type == "cuda":
-        key = f"{op}@{device}"
+        key = f"{op}@{device}:{why}"
         if key not in _WARNED:
             _WARNED.add(key)
             warnings.warn(

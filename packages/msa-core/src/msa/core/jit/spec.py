@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from msa.cache import TVM_FFI_MODULE
 from msa.core.jit import toolchain
 from msa.core.jit.cutlass import cutlass_include_dirs, cutlass_pin
 
@@ -157,7 +158,13 @@ class JitSpec:
         mod = store.key(
             stage="module",
             name=self.name,
-            ingredients={"object": obj.digest, "link": list(LINK_FLAGS), "tvm_ffi": toolchain.tvm_ffi_version()},
+            kind=TVM_FFI_MODULE,  # lets `msa-cache verify` test-load it and entry.load() work
+            ingredients={
+                "object": obj.digest,
+                "arch": self.arch,
+                "link": list(LINK_FLAGS),
+                "tvm_ffi": toolchain.tvm_ffi_version(),
+            },
         )
         return src, obj, mod
 
@@ -206,6 +213,7 @@ class JitSpec:
         for p in out.iterdir():
             if p.name != "module.so" and p.is_file():
                 p.unlink()
+        return {"main": "module.so"}
 
     def build(self, store=None):
         """Compile (no load, no GPU needed) and return the module's cache entry."""
@@ -242,7 +250,7 @@ class JitSpec:
                 import tvm_ffi
 
                 entry = self.build()
-                entry.pin()  # held for the process lifetime: LRU eviction never removes a loaded module
+                entry.pin_for_process()  # LRU eviction never removes a loaded module
                 mod = tvm_ffi.load_module(str(entry.file("module.so")))
                 _LOADED[self.name] = mod
         return mod
