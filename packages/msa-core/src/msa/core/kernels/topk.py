@@ -87,7 +87,7 @@ def column_capacity(m: int) -> int:
 
 
 def smem_bytes(warps: int, cap: int) -> int:
-    return warps * (cap * 32 * 8 + 16 * 32 * 4 + 32 * 4)
+    return warps * (cap * 32 * 8 + 17 * 32 * 4 + 32 * 4)  # column, histogram (16 bins + spare), count
 
 
 @functools.lru_cache(maxsize=16)
@@ -106,10 +106,12 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> To
     cap = column_capacity(m)
     rows = -(-total_q // 32) * n_heads  # warps needed to cover every row once
     min_slice = 2 * cap
-    warps = max(1, min(4, n_blocks // min_slice))
+    target = 12 * sm_count  # warps in flight for ~full HBM bandwidth (16 loads of 128 B each, double-buffered)
+    warps = 1  # first split K inside a CTA (one launch), then across CTAs (adds the merge launch)
+    while warps < MAX_WARPS and rows * warps < target and n_blocks // (2 * warps) >= min_slice:
+        warps *= 2
     while warps > 1 and smem_bytes(warps, cap) > SMEM_LIMIT:
         warps -= 1
-    target = 12 * sm_count
     splits = 1
     while rows * warps * splits < target and n_blocks // (warps * splits * 2) >= min_slice and splits < 1024:
         splits *= 2

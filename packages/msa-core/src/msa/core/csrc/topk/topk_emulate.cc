@@ -36,10 +36,10 @@ struct Cta {
   std::vector<uint32_t> hists;
   std::vector<int> counts;
   std::vector<LaneState> st;
-  Cta(int w, int c) : n_warps(w), cap(c), bufs(size_t(w) * c * kLanes), hists(size_t(w) * kBins * kLanes),
+  Cta(int w, int c) : n_warps(w), cap(c), bufs(size_t(w) * c * kLanes), hists(size_t(w) * kHistRows * kLanes),
                       counts(size_t(w) * kLanes), st(size_t(w) * kLanes, initial_state()) {}
   Cand* col(int w, int lane) { return bufs.data() + size_t(w) * cap * kLanes + lane; }
-  uint32_t* hist(int w, int lane) { return hists.data() + size_t(w) * kBins * kLanes + lane; }
+  uint32_t* hist(int w, int lane) { return hists.data() + size_t(w) * kHistRows * kLanes + lane; }
 };
 
 struct Setup {
@@ -59,7 +59,7 @@ void cta_finish(const Setup& p, Cta& c, std::vector<RandomVote>& votes, int g, i
   for (int w = 0; w < c.n_warps; ++w)
     for (int lane = 0; lane < kLanes; ++lane) {
       LaneState& st = c.st[w * kLanes + lane];
-      select_top(c.col(w, lane), c.hist(w, lane), st, p.m);
+      select_top(c.col(w, lane), c.hist(w, lane), st, p.m, p.m);
       c.counts[w * kLanes + lane] = st.cnt;
     }
   for (int w = 1; w < c.n_warps; ++w) {
@@ -75,7 +75,7 @@ void cta_finish(const Setup& p, Cta& c, std::vector<RandomVote>& votes, int g, i
   }
   for (int lane = 0; lane < kLanes; ++lane) {
     LaneState& st = c.st[lane];
-    select_top(c.col(0, lane), c.hist(0, lane), st, p.m);
+    select_top(c.col(0, lane), c.hist(0, lane), st, p.m, p.m);
     const int64_t t = int64_t(g) * kLanes + lane;
     if (write_final) {
       if (t < p.q) write_row(out + (t * p.n_heads + h) * p.topk, p.topk, lane_range(p, t), c.col(0, lane), st.cnt);

@@ -30,6 +30,8 @@ namespace msa_topk {
 
 constexpr int kLanes = 32;  // column stride (entries of one lane are kLanes apart: conflict-free per warp)
 constexpr int kBins = 16;   // radix digits per selection pass (4 bits)
+constexpr int kHistRows = kBins + 1;  // + a spare bin for keys outside the window
+constexpr int kGroup = 4;   // entries per load group in select_top
 
 #ifdef __CUDACC__
 using Cand = uint2;  // .x = key, .y = block index; 8-byte aligned so loads/stores are 64-bit
@@ -118,24 +120,34 @@ MSA_TOPK_HD void hist_increment(uint32_t* bin) {
 #endif
 }
 
-// Keep exactly the best m entries of the column (stable: survivors stay in index order) and raise the
-// threshold to the worst survivor. No-op when cnt <= m. MSB-first radix select over the keys actually present:
-// each pass splits the current key window [lo, hi] into 16 equal bins (its top 4 significant bits), so a pass
-// cuts the window 16x and stops as soon as the boundary bin is either taken whole or a single key value.
+// Shrink the column to at most max_keep (>= m) entries that include the best m (stable: survivors stay in
+// index order) and raise the threshold to the worst survivor; max_keep == m keeps exactly the best m (needed
+// before any output). No-op when cnt <= max_keep. MSB-first radix select over the keys actually present: each
+// pass splits the current key window [lo, hi] into 16 equal bins (its top 4 significant bits), cutting the window
+// 16x; it stops once keeping the whole boundary bin stays within max_keep, or the bin is a single key value.
+// Keeping more than m is safe for the stream: the survivors are >= m entries at or above the new threshold, all
+// with lower indices than anything still to come, so rejecting key <= thr_key never drops a top-m block.
 // col: entry e at col[e * kLanes]; hist: bin b at hist[b * kLanes] (lane-private scratch).
-MSA_TOPK_HD void select_top(Cand* col, uint32_t* hist, LaneState& st, int m) {
+MSA_TOPK_HD void select_top(Cand* col, uint32_t* hist, LaneState& st, int m, int max_keep) {
   const int n = st.cnt;
-  if (n <= m) return;
+  if (n <= max_keep) return;
   if (m <= 0) {
     st.cnt = 0;
     return;
   }
+  // Every loop below works on groups of kGroup entries: all loads of a group issue before any shared-memory
+  // write of that group, so their latencies overlap (the compiler may not move a load above an earlier atomic
+  // or store to the same array). Positions past n read key 0 / are skipped.
   uint32_t lo = 0xFFFFFFFFu, hi = 0u;
-#pragma unroll 4
-  for (int e = 0; e < n; ++e) {
-    const uint32_t k = col[e * kLanes].x;
-    lo = umin32(lo, k);
-    hi = umax32(hi, k);
+  for (int e0 = 0; e0 < n; e0 += kGroup) {
+    uint32_t k[kGroup];
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) k[j] = e0 + j < n ? col[(e0 + j) * kLanes].x : 0u;
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      lo = e0 + j < n ? umin32(lo, k[j]) : lo;
+      hi = umax32(hi, k[j]);
+    }
   }
   int need = m;  // how many to take from the window [lo, hi]; everything above hi is already taken
   uint32_t bound;
@@ -150,10 +162,16 @@ MSA_TOPK_HD void select_top(Cand* col, uint32_t* hist, LaneState& st, int m) {
     const int shift = imax32(0, 28 - count_leading_zeros(range));  // (range >> shift) <= 15
 #pragma unroll
     for (int b = 0; b < kBins; ++b) hist[b * kLanes] = 0u;
-#pragma unroll 4
-    for (int e = 0; e < n; ++e) {
-      const uint32_t d = col[e * kLanes].x - lo;  // wraps above range when key < lo
-      if (d <= range) hist_increment(hist + (d >> shift) * kLanes);
+    for (int e0 = 0; e0 < n; e0 += kGroup) {
+      uint32_t d[kGroup];
+#pragma unroll
+      for (int j = 0; j < kGroup; ++j) d[j] = (e0 + j < n ? col[(e0 + j) * kLanes].x : 0u) - lo;  // key < lo wraps
+#pragma unroll
+      for (int j = 0; j < kGroup; ++j) {
+        // out-of-window keys count in a spare bin (index kBins): no branch around the atomic
+        const uint32_t bin = d[j] <= range ? (d[j] >> shift) : static_cast<uint32_t>(kBins);
+        hist_increment(hist + bin * kLanes);
+      }
     }
     int above = 0, sel_bin = 0, sel_cnt = 0, sel_above = 0;
     bool found = false;
@@ -171,7 +189,7 @@ MSA_TOPK_HD void select_top(Cand* col, uint32_t* hist, LaneState& st, int m) {
     const uint32_t nlo = lo + (static_cast<uint32_t>(sel_bin) << shift);
     const uint32_t width_m1 = (1u << shift) - 1u;
     const uint32_t nhi = (hi - nlo <= width_m1) ? hi : nlo + width_m1;
-    if (sel_cnt == need) {  // the whole boundary bin is in: keep key >= nlo (nlo > 0: real keys are large)
+    if (m - need + sel_cnt <= max_keep) {  // keep the whole boundary bin: key >= nlo (nlo > 0: real keys are large)
       bound = nlo - 1u;
       ties = 0;
       break;
@@ -181,21 +199,27 @@ MSA_TOPK_HD void select_top(Cand* col, uint32_t* hist, LaneState& st, int m) {
   }
   int w = 0, eq = 0;
   uint32_t kmin = 0xFFFFFFFFu;
-  for (int e = 0; e < n; ++e) {
-    const Cand c = col[e * kLanes];
-    const bool is_eq = c.x == bound;
-    const bool keep = c.x > bound || (is_eq && eq < ties);
-    eq += is_eq ? 1 : 0;
-    if (keep) {
-      col[w * kLanes] = c;
-      ++w;
-      kmin = umin32(kmin, c.x);
+  for (int e0 = 0; e0 < n; e0 += kGroup) {
+    Cand c[kGroup];
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) c[j] = e0 + j < n ? col[(e0 + j) * kLanes] : make_cand(0u, 0u);
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {  // key 0 (past n) is below any bound: never kept
+      const bool is_eq = c[j].x == bound;
+      const bool keep = c[j].x > bound || (is_eq && eq < ties);
+      eq += is_eq ? 1 : 0;
+      col[w * kLanes] = c[j];  // slot w (<= e) is consumed: a dropped entry there is overwritten or past cnt
+      w += keep ? 1 : 0;
+      kmin = keep ? umin32(kmin, c[j].x) : kmin;
     }
   }
-  st.cnt = w;  // == m
+  st.cnt = w;  // in [m, max_keep]
   st.thr_key = kmin;
   st.thr_val = key_value(kmin);
 }
+
+// Survivors allowed by an in-stream compaction: half of the free room past m, so the next fill is still long.
+MSA_TOPK_HD int stream_keep(int m, int cap, int batch) { return m + (cap - batch - m) / 2; }
 
 // Stream raw scores of block indices [wlo, whi) (warp-uniform bounds) in batches of U; this lane takes only
 // [elo, ehi). load(k) returns the score of block k as float. `cap` = column capacity; a batch appends at most
@@ -237,7 +261,7 @@ MSA_TOPK_HD void scan_scores(LaneState& st, Cand* col, uint32_t* hist, int m, in
         c += va[u] > thr ? 1 : 0;
       }
       st.cnt = c;
-      if (vote.any(st.cnt > cap - U)) select_top(col, hist, st, m);
+      if (vote.any(st.cnt > cap - U)) select_top(col, hist, st, m, stream_keep(m, cap, U));
     }
     if (!more) break;
     k0 = k1;
@@ -268,7 +292,7 @@ MSA_TOPK_HD void stream_cands(LaneState& st, Cand* col, uint32_t* hist, int m, i
       cnt += c[u].x > thr ? 1 : 0;
     }
     st.cnt = cnt;
-    if (vote.any(st.cnt > cap - U)) select_top(col, hist, st, m);
+    if (vote.any(st.cnt > cap - U)) select_top(col, hist, st, m, stream_keep(m, cap, U));
   }
 }
 
