@@ -1,0 +1,169 @@
+"""Dense FMHA forward on one GPU: msa's SM90 kernel vs torch SDPA (cuDNN and flash backends), same process.
+
+FLOPs: 4 * D * H * (visible (q, k) pairs), bottom-right causal pairs counted exactly. TFLOP/s are also given as a
+fraction of a bf16 8192^3 matmul measured in the same process. Timing: CUDA events around each call, median of
+``--reps`` after ``--warmup`` calls (inputs are far larger than L2, so no input rotation is needed).
+
+    python benchmarks/bench_fmha.py [--cases default|quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+
+BLOCK = 128
+
+
+def visible_pairs(q_len: int, kv_len: int, causal: bool) -> int:
+    if not causal:
+        return q_len * kv_len
+    off = kv_len - q_len
+    # sum over i of min(kv_len, max(0, i + off + 1))
+    return sum(min(kv_len, max(0, i + off + 1)) for i in range(q_len))
+
+
+def time_ms(fn, warmup: int, reps: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    t = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    return statistics.median(t), (max(t) - min(t))
+
+
+def matmul_tflops(warmup: int, reps: int) -> float:
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms, _ = time_ms(lambda: a @ b, warmup, reps)
+    return 2 * n**3 / ms / 1e9
+
+
+CASES = {
+    # name: (batch, hq, hkv, seqlen, causal, paged)
+    "default": [
+        ("B2 H32 S8K noncausal", 2, 32, 32, 8192, False, False),
+        ("B2 H32 S8K causal", 2, 32, 32, 8192, True, False),
+        ("B2 H32 S8K causal paged", 2, 32, 32, 8192, True, True),
+        ("B1 H32 S32K causal", 1, 32, 32, 32768, True, False),
+        ("B1 Hq64/Hkv4 S16K causal", 1, 64, 4, 16384, True, False),
+        ("B1 Hq64/Hkv4 S16K causal paged", 1, 64, 4, 16384, True, True),
+    ],
+    "quick": [
+        ("B2 H32 S8K causal", 2, 32, 32, 8192, True, False),
+    ],
+}
+
+
+def bench_case(name, batch, hq, hkv, seqlen, causal, paged, d, dtype, warmup, reps, peers=True):
+    import msa.core as mc
+    from msa.core.kernels import fmha_sm90 as k90
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    tq = batch * seqlen
+    q = torch.randn(tq, hq, d, device=dev, dtype=dtype)
+    k = torch.randn(tq, hkv, d, device=dev, dtype=dtype)
+    v = torch.randn(tq, hkv, d, device=dev, dtype=dtype)
+    lens = [seqlen] * batch
+    plan = mc.fmha_plan(lens, lens, hq, hkv, causal=causal, page_size=128 if paged else None, device=dev)
+    kv_indices = None
+    kk, vv = k, v
+    if paged:
+        pages = batch * seqlen // 128
+        perm = torch.randperm(pages, device=dev).to(torch.int32)
+        # page perm[p] holds logical page p: [pages, Hkv, 128, D]
+        kk = torch.empty(pages, hkv, 128, d, device=dev, dtype=dtype)
+        vv = torch.empty_like(kk)
+        kk[perm.long()] = k.view(pages, 128, hkv, d).transpose(1, 2)
+        vv[perm.long()] = v.view(pages, 128, hkv, d).transpose(1, 2)
+        kv_indices = perm
+    out = torch.empty_like(q)
+    rows = []
+    flops = 4 * d * hq * batch * visible_pairs(seqlen, seqlen, causal)
+
+    def ours():
+        k90.run(q, kk, vv, plan, kv_indices=kv_indices, out=out)
+
+    ms, spread = time_ms(ours, warmup, reps)
+    rows.append(("msa fmha_sm90", ms, spread))
+    if peers and not paged:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        qs = q.view(batch, seqlen, hq, d).transpose(1, 2)
+        ks = k.view(batch, seqlen, hkv, d).transpose(1, 2)
+        vs = v.view(batch, seqlen, hkv, d).transpose(1, 2)
+        for label, backend in (("sdpa cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa flash", SDPBackend.FLASH_ATTENTION)):
+            try:
+
+                def sdpa(backend=backend):
+                    with sdpa_kernel(backend):
+                        return torch.nn.functional.scaled_dot_product_attention(
+                            qs, ks, vs, is_causal=causal, enable_gqa=hq != hkv
+                        )
+
+                ms_p, spread_p = time_ms(sdpa, warmup, reps)
+                rows.append((label, ms_p, spread_p))
+            except Exception as e:  # a backend that refuses this shape is reported, not fatal
+                rows.append((label, float("nan"), f"{type(e).__name__}: {str(e)[:80]}"))
+    return [(name, impl, ms, spread, flops / ms / 1e9 if ms == ms else float("nan")) for impl, ms, spread in rows]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="default", choices=sorted(CASES))
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_fmha: needs a CUDA device", file=sys.stderr)
+        return 2
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    props = torch.cuda.get_device_properties(0)
+    mm = matmul_tflops(args.warmup, args.reps)
+    print(f"device: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
+          f"cudnn {torch.backends.cudnn.version()}")
+    print(f"bf16 matmul 8192^3: {mm:.0f} TFLOP/s")
+    results = []
+    for case in CASES[args.cases]:
+        name, b, hq, hkv, s, causal, paged = case
+        rows = bench_case(name, b, hq, hkv, s, causal, paged, 128, dtype, args.warmup, args.reps, not args.no_peers)
+        results.extend(rows)
+        torch.cuda.empty_cache()
+        for r in rows:
+            print(f"  {r[0]:34s} {r[1]:14s} {r[2]:9.3f} ms  {r[4]:6.0f} TFLOP/s", flush=True)
+    print()
+    # speed-up columns: cuDNN time / this time; paged rows compare with the same kernel on ragged K/V
+    print(f"{'case':34s} {'impl':14s} {'ms':>9s} {'TFLOP/s':>8s} {'%mm':>5s} {'vs cudnn':>8s} {'vs ragged':>9s}")
+    by_case = {}
+    for r in results:
+        by_case.setdefault(r[0], {})[r[1]] = r
+    for name, impls in by_case.items():
+        cud = impls.get("sdpa cudnn")
+        ragged = by_case.get(name.replace(" paged", ""), {}).get("msa fmha_sm90") if name.endswith(" paged") else None
+        for impl, r in impls.items():
+            ratio = cud[2] / r[2] if cud and cud[2] == cud[2] and r[2] == r[2] else float("nan")
+            vs_ragged = ragged[2] / r[2] if ragged and impl == "msa fmha_sm90" else float("nan")
+            print(f"{name:34s} {impl:14s} {r[2]:9.3f} {r[4]:8.0f} {100 * r[4] / mm:5.0f} {ratio:8.2f} {vs_ragged:9.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": props.name, "matmul_tflops": mm, "rows": [list(map(str, r)) for r in results]}, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,568 @@
+// SM90 (Hopper, sm_90a) dense FMHA forward, FlashAttention-3 style:
+//   * one producer warp issues TMA loads (Q once per tile; K and V through a kStages mbarrier pipeline),
+//   * two consumer warpgroups each own 64 rows of the 128-row query tile and run wgmma:
+//     S = Q K^T (both operands in shared memory), O += P V (P from registers, V^T read MN-major),
+//   * intra-warpgroup overlap: the QK^T of tile n and the PV of tile n+1 are in flight while the softmax of
+//     tile n runs; the two warpgroups take turns issuing (named-barrier ping-pong) so one's softmax hides
+//     under the other's GEMMs,
+//   * online softmax in fp32 with exp2 and the log2(e)-folded scale,
+//   * persistent CTAs take items of a host-sorted (longest first) work list dynamically: CTA c starts with item
+//     c, then the producer warp fetches the next index from a global counter and hands it to the consumers.
+// KV tiles are visited from the last visible one down to 0, so the masked tiles (causal diagonal, the ragged
+// end of the keys) come first and the rest run unmasked.
+#pragma once
+
+#include <cstdint>
+
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/array.h>
+#include <cutlass/numeric_conversion.h>
+#include <cute/arch/cluster_sm90.hpp>
+#include <cute/arch/mma_sm90_gmma.hpp>
+
+#include "fmha_sm90_traits.cuh"
+
+namespace msa_fmha_sm90 {
+
+// ------------------------------------------------------------------------------------------------------------
+// Small device helpers
+// ------------------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t num_threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(num_threads) : "memory");
+}
+
+__device__ __forceinline__ void named_barrier_arrive(uint32_t id, uint32_t num_threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(num_threads) : "memory");
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ int floor_div(int a, int b) {  // b > 0
+  return a >= 0 ? a / b : -((-a + b - 1) / b);
+}
+
+template <int kStages>
+struct PipeState {
+  int index = 0;
+  uint32_t phase = 0;
+  __device__ __forceinline__ void advance() {
+    if (++index == kStages) {
+      index = 0;
+      phase ^= 1;
+    }
+  }
+};
+
+__device__ __forceinline__ void pin_before_wait(float* scratch, float v) {
+  asm volatile("st.shared.f32 [%0], %1;" ::"r"(cute::cast_smem_ptr_to_uint(scratch)), "f"(v) : "memory");
+}
+
+using Mbar = cutlass::arch::ClusterBarrier;
+using TxMbar = cutlass::arch::ClusterTransactionBarrier;
+
+// mbarrier wait / arrive that also order ordinary shared-memory accesses for the compiler ("memory" clobber):
+// used for the work-index ring, whose payload is a plain shared-memory int.
+__device__ __forceinline__ void mbar_wait_mem(uint64_t* bar, uint32_t phase) {
+  uint32_t const addr = cute::cast_smem_ptr_to_uint(bar);
+  asm volatile(
+      "{\n\t.reg .pred p;\n\t"
+      "WAIT_%=:\n\t"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n\t"
+      "@!p bra WAIT_%=;\n\t}"
+      ::"r"(addr), "r"(phase) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive_mem(uint64_t* bar) {
+  uint32_t const addr = cute::cast_smem_ptr_to_uint(bar);
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(addr) : "memory");
+}
+
+__device__ __forceinline__ WorkItem load_work(WorkItem const* work, int i) {
+  int4 a = __ldg(reinterpret_cast<int4 const*>(work + i));
+  int4 b = __ldg(reinterpret_cast<int4 const*>(work + i) + 1);
+  return WorkItem{a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+}
+
+
+// SM90 accumulator fragment ((2,2,V), MMA_M, MMA_N) viewed as (rows=(2,MMA_M), cols=(2,V,MMA_N)).
+template <class Layout>
+__device__ __forceinline__ auto acc_rowcol(Layout l) {
+  static_assert(decltype(rank<0>(l))::value == 3, "expected an SM90 accumulator layout");
+  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<0, 2>(l), get<2>(l)));
+}
+
+// The same accumulator registers viewed as the A operand of a 16-bit RS wgmma:
+// ((2,2,V), MMA_M, MMA_N) -> ((2,2,2), MMA_M, (V/2, MMA_N)). Every k16 slice of P is exactly the
+// accumulator values of two neighbouring n8 column chunks, so no data moves.
+template <class Layout>
+__device__ __forceinline__ auto acc_as_a_operand(Layout l) {
+  auto v = logical_divide(get<0, 2>(l), Tile<_2>{});  // ((2, V/2))
+  return make_layout(make_layout(get<0, 0>(l), get<0, 1>(l), get<0, 0>(v)), get<1>(l),
+                     coalesce(make_layout(get<0, 1>(v), get<2>(l))));
+}
+
+template <class TA, class TB>
+__device__ __forceinline__ void convert_fragment(TA const& src, TB& dst) {
+  using To = typename TB::value_type;
+  static_assert(decltype(size(src))::value == decltype(size(dst))::value);
+  static_assert(decltype(size(src))::value % 2 == 0);
+  cutlass::NumericArrayConverter<To, float, 2> cvt;
+  CUTE_UNROLL
+  for (int i = 0; i < size(src); i += 2) {
+    cutlass::Array<float, 2> in;
+    in[0] = src(i);
+    in[1] = src(i + 1);
+    cutlass::Array<To, 2> out = cvt(in);
+    dst(i) = out[0];
+    dst(i + 1) = out[1];
+  }
+}
+
+// Issue one warpgroup GEMM (all K slices) as one wgmma commit group; wait for <= kWait groups if kWait >= 0.
+template <bool kZeroInit, int kWait, class TiledMma, class TA, class TB, class TC>
+__device__ __forceinline__ void wg_gemm(TiledMma& mma, TA const& a, TB const& b, TC& c) {
+  constexpr bool kRegA = !cute::is_base_of<GMMA::DescriptorIterator, typename TiledMma::FrgTypeA>::value;
+  if constexpr (kRegA) { warpgroup_fence_operand(const_cast<TA&>(a)); }
+  warpgroup_fence_operand(c);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) { mma.accumulate_ = GMMA::ScaleOut::Zero; }
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(a); ++k) {
+    cute::gemm(mma, a(_, _, k), b(_, _, k), c);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  if constexpr (kWait >= 0) { warpgroup_wait<kWait>(); }
+  warpgroup_fence_operand(c);
+  if constexpr (kRegA) { warpgroup_fence_operand(const_cast<TA&>(a)); }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Online softmax over the rows a thread holds (2 rows of a 64x128 warpgroup tile; 4 threads share a row).
+// row_sum stays a per-thread partial sum until finalize (the quad reduction is only needed once).
+// ------------------------------------------------------------------------------------------------------------
+template <int kRows>
+struct OnlineSoftmax {
+  float row_max[kRows];
+  float row_sum[kRows];
+
+  template <bool kFirst, bool kCheckInf, class Frag>
+  __device__ __forceinline__ void update(Frag& s, float scale_log2, float (&o_rescale)[kRows]) {
+    Tensor sr = make_tensor(s.data(), acc_rowcol(s.layout()));
+    static_assert(decltype(size<0>(sr))::value == kRows);
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      float m = kFirst ? -INFINITY : row_max[mi];
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(sr); ++ni) { m = fmaxf(m, sr(mi, ni)); }
+      m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 1));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 2));
+      // A row that has seen only masked keys keeps max -inf; use 0 so exp2 gives 0 instead of NaN.
+      float const m_safe = (kCheckInf && m == -INFINITY) ? 0.f : m;
+      if constexpr (!kFirst) {
+        o_rescale[mi] = fast_exp2((row_max[mi] - m_safe) * scale_log2);
+        row_sum[mi] *= o_rescale[mi];
+      }
+      row_max[mi] = m;
+      float const m_scaled = m_safe * scale_log2;
+      float sum = 0.f;
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(sr); ++ni) {
+        float const e = fast_exp2(fmaf(sr(mi, ni), scale_log2, -m_scaled));
+        sr(mi, ni) = e;
+        sum += e;
+      }
+      row_sum[mi] = kFirst ? sum : row_sum[mi] + sum;
+    }
+  }
+
+  // Returns the factor that normalises O (0 for rows that saw no key) and the natural-log LSE (-inf there).
+  __device__ __forceinline__ void finalize(float sm_scale, float (&o_norm)[kRows], float (&lse)[kRows]) {
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      float s = row_sum[mi];
+      s += __shfl_xor_sync(0xffffffff, s, 1);
+      s += __shfl_xor_sync(0xffffffff, s, 2);
+      bool const empty = !(s > 0.f);
+      o_norm[mi] = empty ? 0.f : 1.f / s;
+      lse[mi] = empty ? -INFINITY : row_max[mi] * sm_scale + __logf(s);
+    }
+  }
+};
+
+template <class Frag, int kRows>
+__device__ __forceinline__ void rescale_rows(Frag& o, float const (&scale)[kRows]) {
+  Tensor orc = make_tensor(o.data(), acc_rowcol(o.layout()));
+  CUTE_UNROLL
+  for (int mi = 0; mi < kRows; ++mi) {
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(orc); ++ni) { orc(mi, ni) *= scale[mi]; }
+  }
+}
+
+// -inf for keys past kv_len and, when causal, for keys j > i + qo_offset.
+template <bool kCausal, int kBlockM, int kBlockN, class Frag, class Coord>
+__device__ __forceinline__ void apply_mask(Frag& s, Coord const& coords, WorkItem const& w, int n_block) {
+  Tensor sr = make_tensor(s.data(), acc_rowcol(s.layout()));
+  Tensor cr = make_tensor(coords.data(), acc_rowcol(coords.layout()));
+  int const col0 = n_block * kBlockN;
+  CUTE_UNROLL
+  for (int mi = 0; mi < size<0>(sr); ++mi) {
+    int limit = w.kv_len - col0;  // keep local columns < limit
+    if constexpr (kCausal) {
+      int const row = w.m_block * kBlockM + get<0>(cr(mi, 0));
+      limit = min(limit, row + w.qo_offset + 1 - col0);
+    }
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(sr); ++ni) {
+      if (int(get<1>(cr(mi, ni))) >= limit) { sr(mi, ni) = -INFINITY; }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Producer: one warp; one elected lane issues every TMA and pipeline operation.
+// ------------------------------------------------------------------------------------------------------------
+template <class T>
+__device__ void producer_warp(typename T::Params const& p, typename T::SharedStorage& ss) {
+  constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN, kD = T::kHeadDim;
+  bool const leader = (threadIdx.x % 32) == 0;  // issues every TMA / pipeline op; lane 0 broadcasts
+
+  Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q), typename T::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.smem_k), typename T::SmemLayoutK{});
+  Tensor sVt = make_tensor(make_smem_ptr(ss.smem_v), typename T::SmemLayoutVt{});
+  auto tma_q = p.tma_q.get_slice(0);
+  auto tma_k = p.tma_k.get_slice(0);
+  auto tma_v = p.tma_v.get_slice(0);
+  Tensor tQsQ = tma_q.partition_D(sQ);
+  Tensor tKsK = tma_k.partition_D(sK);    // (TMA, 1, 1, stage)
+  Tensor tVsV = tma_v.partition_D(sVt);   // (TMA, 1, 1, stage)
+  Tensor mQ = p.tma_q.get_tma_tensor(p.shape_q);
+  Tensor mK = p.tma_k.get_tma_tensor(p.shape_k);
+  Tensor mVt = p.tma_v.get_tma_tensor(p.shape_vt);
+
+  PipeState<T::kStages> wr;
+  wr.phase = 1;  // the first pass over the stages finds them empty
+  PipeState<2> sched_wr;
+  sched_wr.phase = 1;
+  auto publish = [&](int idx) {  // hand the next work index to the consumers (index >= num_work: stop)
+    if (leader) {
+      mbar_wait_mem(&ss.sched_empty[sched_wr.index], sched_wr.phase);
+      ss.sched_item[sched_wr.index] = idx;
+      mbar_arrive_mem(&ss.sched_full[sched_wr.index]);
+    }
+    sched_wr.advance();
+  };
+
+  int item = blockIdx.x;  // the grid never exceeds num_work
+  publish(item);
+  while (item < p.num_work) {
+    WorkItem const w = load_work(p.work, item);
+    int next = 0;
+    if (leader) { next = atomicAdd(p.work_counter, 1) + int(gridDim.x); }
+    next = __shfl_sync(0xffffffff, next, 0);
+    if (w.n_block_max <= 0) {  // consumers write zeros without any load
+      publish(next);
+      item = next;
+      continue;
+    }
+    int const kv_head = w.head / p.q_heads_per_kv_head;
+
+    Tensor gQ = local_tile(domain_offset(make_coord(w.q_start, _0{}), mQ(_, _, w.head)),
+                           Shape<Int<kBlockM>, Int<kD>>{}, make_coord(w.m_block, _0{}));
+    Tensor tQgQ = tma_q.partition_S(gQ);
+    // (TMA, 1, 1, tile): tile is the request's KV tile (ragged) or the page id (paged).
+    auto tKgK = [&] {
+      if constexpr (T::kPaged) {
+        return tma_k.partition_S(mK(_, _, kv_head, _));
+      } else {
+        return tma_k.partition_S(local_tile(domain_offset(make_coord(w.kv_start, _0{}), mK(_, _, kv_head)),
+                                            Shape<Int<kBlockN>, Int<kD>>{}, make_coord(_, _0{})));
+      }
+    }();
+    auto tVgV = [&] {
+      if constexpr (T::kPaged) {
+        return tma_v.partition_S(mVt(_, _, kv_head, _));
+      } else {
+        return tma_v.partition_S(local_tile(domain_offset(make_coord(_0{}, w.kv_start), mVt(_, _, kv_head)),
+                                            Shape<Int<kD>, Int<kBlockN>>{}, make_coord(_0{}, _)));
+      }
+    }();
+    auto tile_of = [&](int n) {
+      if constexpr (T::kPaged) {
+        return __ldg(p.kv_indices + w.kv_start + n);
+      } else {
+        return n;
+      }
+    };
+    auto load_k = [&](int tile, PipeState<T::kStages> const& s) {
+      Mbar::wait(&ss.empty_k[s.index], s.phase);
+      TxMbar::arrive_and_expect_tx(&ss.full_k[s.index], T::kTmaBytesK);
+      copy(p.tma_k.with(ss.full_k[s.index]), tKgK(_, _, _, tile), tKsK(_, _, _, s.index));
+    };
+    auto load_v = [&](int tile, PipeState<T::kStages> const& s) {
+      Mbar::wait(&ss.empty_v[s.index], s.phase);
+      TxMbar::arrive_and_expect_tx(&ss.full_v[s.index], T::kTmaBytesV);
+      copy(p.tma_v.with(ss.full_v[s.index]), tVgV(_, _, _, tile), tVsV(_, _, _, s.index));
+    };
+
+    int n = w.n_block_max - 1;
+    int tile = 0;
+    if (leader) {
+      tile = tile_of(n);
+      load_k(tile, wr);
+    }
+    // Q of the previous tile must be fully consumed (its last QK^T done) before it is overwritten.
+    named_barrier_sync(kBarQueryEmpty, T::kNumMmaThreads + 32);
+    if (leader) {
+      TxMbar::arrive_and_expect_tx(&ss.bar_q, T::kTmaBytesQ);
+      copy(p.tma_q.with(ss.bar_q), tQgQ, tQsQ);
+    }
+    // K runs one tile ahead of V: the consumers need K(n) for QK^T while they still use V(n+1).
+    for (--n; n >= 0; --n) {
+      PipeState<T::kStages> const wr_v = wr;
+      wr.advance();
+      if (leader) {
+        int const prev = tile;
+        tile = tile_of(n);
+        load_k(tile, wr);
+        load_v(prev, wr_v);
+      }
+    }
+    if (leader) { load_v(tile, wr); }
+    wr.advance();
+    publish(next);
+    item = next;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Epilogue of one consumer warpgroup: O * norm -> smem (bf16/fp16) -> 16-byte coalesced stores of the valid
+// rows; LSE from the thread holding column 0 of each row.
+// ------------------------------------------------------------------------------------------------------------
+template <class T, class FragO>
+__device__ __forceinline__ void store_tile(typename T::Params const& p, typename T::SharedStorage& ss, FragO& o,
+                                           float const (&o_norm)[2], float const (&lse)[2], WorkItem const& w,
+                                           int tid) {
+  using Element = typename T::Element;
+  constexpr int kD = T::kHeadDim, kStride = T::kSmemORowStride;
+  int const wg = tid / 128, wg_tid = tid % 128;
+  typename T::TiledMmaPV mma_pv;
+  auto thr = mma_pv.get_thread_slice(tid);
+  Tensor cO = thr.partition_C(make_identity_tensor(Shape<Int<T::kBlockM>, Int<kD>>{}));
+  Tensor orc = make_tensor(o.data(), acc_rowcol(o.layout()));
+  Tensor crc = make_tensor(cO.data(), acc_rowcol(cO.layout()));
+
+  named_barrier_sync(kBarEpilogue0 + wg, 128);  // this warpgroup's previous tile has left smem_o
+  cutlass::NumericArrayConverter<Element, float, 2> cvt;
+  CUTE_UNROLL
+  for (int mi = 0; mi < size<0>(orc); ++mi) {
+    float const f = o_norm[mi] * p.out_scale;
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(orc); ni += 2) {  // columns ni, ni+1 are adjacent
+      cutlass::Array<float, 2> in;
+      in[0] = orc(mi, ni) * f;
+      in[1] = orc(mi, ni + 1) * f;
+      cutlass::Array<Element, 2> packed = cvt(in);
+      int const row = get<0>(crc(mi, ni)), col = get<1>(crc(mi, ni));
+      *reinterpret_cast<cutlass::Array<Element, 2>*>(&ss.smem_o[row * kStride + col]) = packed;
+    }
+  }
+  named_barrier_sync(kBarEpilogue0 + wg, 128);
+
+  constexpr int kVecPerRow = kD * int(sizeof(Element)) / 16;
+  int const row_base = w.m_block * T::kBlockM;
+  CUTE_UNROLL
+  for (int v = wg_tid; v < 64 * kVecPerRow; v += 128) {
+    int const r = wg * 64 + v / kVecPerRow;
+    int const c = (v % kVecPerRow) * (16 / int(sizeof(Element)));
+    int const q_row = row_base + r;
+    if (q_row < w.qo_len) {
+      uint4 const val = *reinterpret_cast<uint4 const*>(&ss.smem_o[r * kStride + c]);
+      Element* dst = p.out + int64_t(w.q_start + q_row) * p.out_stride_token + int64_t(w.head) * p.out_stride_head + c;
+      *reinterpret_cast<uint4*>(dst) = val;
+    }
+  }
+  if (p.lse != nullptr) {
+    CUTE_UNROLL
+    for (int mi = 0; mi < size<0>(crc); ++mi) {
+      int const q_row = row_base + int(get<0>(crc(mi, 0)));
+      if (int(get<1>(crc(mi, 0))) == 0 && q_row < w.qo_len) {
+        p.lse[int64_t(w.q_start + q_row) * p.lse_stride_token + w.head] = lse[mi];
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Consumers: two warpgroups, tid in [0, 256); warpgroup wg owns query rows [64 wg, 64 wg + 64) of each tile.
+// ------------------------------------------------------------------------------------------------------------
+template <class T>
+__device__ void consumer_warpgroups(typename T::Params const& p, typename T::SharedStorage& ss, int tid) {
+  using Element = typename T::Element;
+  constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN;
+  using TileQK = typename T::TileQK;
+  using TilePV = typename T::TilePV;
+  int const wg = tid / 128;
+
+  typename T::TiledMmaQK mma_qk;
+  typename T::TiledMmaPV mma_pv;
+  auto thr_qk = mma_qk.get_thread_slice(tid);
+  auto thr_pv = mma_pv.get_thread_slice(tid);
+
+  Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q), typename T::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.smem_k), typename T::SmemLayoutK{});
+  Tensor sVt = make_tensor(make_smem_ptr(ss.smem_v), typename T::SmemLayoutVt{});
+  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K) descriptors
+  Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stage)
+  Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stage)
+  Tensor tScS = thr_qk.partition_C(make_identity_tensor(select<0, 1>(TileQK{})));  // (row, col) of S values
+
+  // Q starts out free; warpgroup 0 holds the first issue token of the ping-pong.
+  named_barrier_arrive(kBarQueryEmpty, T::kNumMmaThreads + 32);
+  if (wg == 0) { named_barrier_arrive(kBarSched0, T::kNumMmaThreads); }
+
+  PipeState<T::kStages> rd;
+  PipeState<2> sched_rd;
+  int q_phase = 0;
+
+  while (true) {
+    mbar_wait_mem(&ss.sched_full[sched_rd.index], sched_rd.phase);
+    int const item = ss.sched_item[sched_rd.index];
+    mbar_arrive_mem(&ss.sched_empty[sched_rd.index]);
+    sched_rd.advance();
+    if (item >= p.num_work) { break; }
+    WorkItem const w = load_work(p.work, item);
+
+    Tensor tOrO = partition_fragment_C(mma_pv, select<0, 1>(TilePV{}));
+    float o_norm[2], lse[2];
+    if (w.n_block_max <= 0) {  // no query row of this tile sees a key: O = 0, LSE = -inf
+      clear(tOrO);
+      o_norm[0] = o_norm[1] = 0.f;
+      lse[0] = lse[1] = -INFINITY;
+      store_tile<T>(p, ss, tOrO, o_norm, lse, w, tid);
+      continue;
+    }
+
+    Tensor tSrS = partition_fragment_C(mma_qk, select<0, 1>(TileQK{}));
+    Tensor tOrP = make_tensor<Element>(acc_as_a_operand(tSrS.layout()));
+    OnlineSoftmax<2> softmax{{-INFINITY, -INFINITY}, {0.f, 0.f}};
+    float o_rescale[2] = {1.f, 1.f};
+
+    Mbar::wait(&ss.bar_q, q_phase);
+    q_phase ^= 1;
+
+    // Last visible KV tile first (it carries the masks).
+    int n = w.n_block_max - 1;
+    Mbar::wait(&ss.full_k[rd.index], rd.phase);
+    wg_gemm<true, 0>(mma_qk, tSrQ, tSrK(_, _, _, rd.index), tSrS);
+    Mbar::arrive(&ss.empty_k[rd.index]);
+    apply_mask<T::kCausal, kBlockM, kBlockN>(tSrS, tScS, w, n);
+    softmax.template update<true, true>(tSrS, p.scale_log2, o_rescale);
+    convert_fragment(tSrS, tOrP);
+    clear(tOrO);
+
+    // Tiles n >= n_mask_min need a mask: the ragged key end, and (causal) every tile reaching past the
+    // diagonal of the tile's first query row.
+    int n_mask_min = w.kv_len / kBlockN;
+    if constexpr (T::kCausal) {
+      n_mask_min = min(n_mask_min, max(0, floor_div(w.m_block * kBlockM + w.qo_offset + 1, kBlockN)));
+    }
+
+    auto step = [&](int n_block, auto masked) {
+      constexpr bool kMasked = decltype(masked)::value;
+      PipeState<T::kStages> const rd_v = rd;  // V of the previous (higher) tile
+      rd.advance();                           // K of this tile
+      Mbar::wait(&ss.full_k[rd.index], rd.phase);
+      named_barrier_sync(kBarSched0 + wg, T::kNumMmaThreads);
+      wg_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, rd.index), tSrS);
+      Mbar::wait(&ss.full_v[rd_v.index], rd_v.phase);
+      wg_gemm<false, -1>(mma_pv, tOrP, tOrV(_, _, _, rd_v.index), tOrO);
+      named_barrier_arrive(kBarSched0 + (1 - wg), T::kNumMmaThreads);
+      warpgroup_wait<1>();  // S of this tile is ready; PV still running
+      warpgroup_fence_operand(tSrS);
+      Mbar::arrive(&ss.empty_k[rd.index]);
+      if constexpr (kMasked) { apply_mask<T::kCausal, kBlockM, kBlockN>(tSrS, tScS, w, n_block); }
+      softmax.template update<false, kMasked>(tSrS, p.scale_log2, o_rescale);
+      // ptxas hoists a bare wgmma wait above independent ALU work, which would serialise this softmax
+      // behind the warpgroup's own PV GEMM. A shared-memory store of the row sums (which depend on every
+      // exp2) right before the wait keeps the exp2s ahead of it.
+      pin_before_wait(&ss.pin_scratch[tid], softmax.row_sum[0] + softmax.row_sum[1]);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tOrO);
+      Mbar::arrive(&ss.empty_v[rd_v.index]);
+      convert_fragment(tSrS, tOrP);
+      rescale_rows(tOrO, o_rescale);
+    };
+
+    --n;
+    CUTE_NO_UNROLL
+    for (; n >= n_mask_min; --n) { step(n, cute::true_type{}); }
+    CUTE_NO_UNROLL
+    for (; n >= 0; --n) { step(n, cute::false_type{}); }
+
+    // Every QK^T of this tile has completed: the producer may load the next Q.
+    named_barrier_arrive(kBarQueryEmpty, T::kNumMmaThreads + 32);
+
+    Mbar::wait(&ss.full_v[rd.index], rd.phase);
+    wg_gemm<false, -1>(mma_pv, tOrP, tOrV(_, _, _, rd.index), tOrO);
+    softmax.finalize(p.sm_scale, o_norm, lse);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tOrO);
+    Mbar::arrive(&ss.empty_v[rd.index]);
+    rd.advance();
+
+    store_tile<T>(p, ss, tOrO, o_norm, lse, w, tid);
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(T::kNumThreads, 1) fmha_sm90_kernel(CUTE_GRID_CONSTANT typename T::Params const p) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  // Built for another architecture (e.g. sm_100a): this kernel uses sm_90a-only instructions.
+  if (threadIdx.x == 0 && blockIdx.x == 0) { printf("msa fmha_sm90: kernel needs an sm_90a device\n"); }
+  __trap();
+#else
+  extern __shared__ char smem_raw[];
+  uintptr_t const base = reinterpret_cast<uintptr_t>(smem_raw);
+  auto& ss = *reinterpret_cast<typename T::SharedStorage*>((base + 1023) & ~uintptr_t(1023));
+
+  int const warp = __shfl_sync(0xffffffff, int(threadIdx.x) / 32, 0);
+  if (threadIdx.x == 0) {
+    cute::prefetch_tma_descriptor(p.tma_q.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
+    Mbar::init(&ss.bar_q, 1);
+    CUTE_UNROLL
+    for (int s = 0; s < T::kStages; ++s) {
+      Mbar::init(&ss.full_k[s], 1);
+      Mbar::init(&ss.full_v[s], 1);
+      Mbar::init(&ss.empty_k[s], T::kNumMmaThreads);
+      Mbar::init(&ss.empty_v[s], T::kNumMmaThreads);
+    }
+    CUTE_UNROLL
+    for (int s = 0; s < 2; ++s) {
+      Mbar::init(&ss.sched_full[s], 1);
+      Mbar::init(&ss.sched_empty[s], T::kNumMmaThreads);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (warp < 4) {
+    cutlass::arch::warpgroup_reg_dealloc<T::kProducerRegs>();
+    if (warp == 0) { producer_warp<T>(p, ss); }
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<T::kMmaRegs>();
+    consumer_warpgroups<T>(p, ss, int(threadIdx.x) - 128);
+  }
+#endif
+}
+
+}  // namespace msa_fmha_sm90

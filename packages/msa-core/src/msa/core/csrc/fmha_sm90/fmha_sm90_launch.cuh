@@ -1,0 +1,108 @@
+// Host side of the SM90 FMHA forward: TMA descriptors from raw pointers/strides, then one persistent launch.
+// No allocation and no synchronisation: everything the kernel reads is passed in (work list from the plan).
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+
+#include <cuda_runtime.h>
+
+#include "fmha_sm90_kernel.cuh"
+
+namespace msa_fmha_sm90 {
+
+// Strides are in elements; the last (head-dim) stride of every tensor is 1.
+struct FwdArgs {
+  void const* q;
+  int64_t q_stride_token, q_stride_head;
+  int total_q, num_q_heads;
+  void const* k;
+  void const* v;
+  // ragged: [total_kv, Hkv, D] strides (token, head); paged: [pages, Hkv, page_size, D] (page, head, slot)
+  int64_t k_stride_0, k_stride_1, k_stride_2;
+  int64_t v_stride_0, v_stride_1, v_stride_2;
+  int kv_dim0;  // total_kv (ragged) or number of pages (paged)
+  int num_kv_heads;
+  void* out;
+  int64_t out_stride_token, out_stride_head;
+  float* lse;  // nullptr: not written
+  int64_t lse_stride_token;
+  WorkItem const* work;
+  int num_work;
+  int* work_counter;  // one int32 of workspace; zeroed here (stream-ordered) before the launch
+  int const* kv_indices;
+  int num_ctas;
+  float sm_scale;
+  float out_scale;
+};
+
+template <class T>
+cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
+  using Element = typename T::Element;
+  constexpr int kD = T::kHeadDim;
+  if (a.num_work == 0) { return cudaSuccess; }
+  int const num_ctas = a.num_ctas < a.num_work ? a.num_ctas : a.num_work;  // CTA c starts on item c
+
+  auto gQ = make_tensor(make_gmem_ptr(static_cast<Element const*>(a.q)),
+                        make_shape(int32_t(a.total_q), int32_t(kD), int32_t(a.num_q_heads)),
+                        make_stride(a.q_stride_token, _1{}, a.q_stride_head));
+  auto tma_q = make_tma_copy(SM90_TMA_LOAD{}, gQ, typename T::SmemLayoutQ{});
+
+  typename T::ShapeK shape_k, shape_vt;
+  auto make_kv = [&](auto& tma_k, auto& tma_v) {
+    if constexpr (T::kPaged) {
+      shape_k = make_shape(int32_t(T::kBlockN), int32_t(kD), int32_t(a.num_kv_heads), int32_t(a.kv_dim0));
+      shape_vt = make_shape(int32_t(kD), int32_t(T::kBlockN), int32_t(a.num_kv_heads), int32_t(a.kv_dim0));
+      auto gK = make_tensor(make_gmem_ptr(static_cast<Element const*>(a.k)), shape_k,
+                            make_stride(a.k_stride_2, _1{}, a.k_stride_1, a.k_stride_0));
+      auto gVt = make_tensor(make_gmem_ptr(static_cast<Element const*>(a.v)), shape_vt,
+                             make_stride(_1{}, a.v_stride_2, a.v_stride_1, a.v_stride_0));
+      tma_k = make_tma_copy(SM90_TMA_LOAD{}, gK, take<0, 2>(typename T::SmemLayoutK{}));
+      tma_v = make_tma_copy(SM90_TMA_LOAD{}, gVt, take<0, 2>(typename T::SmemLayoutVt{}));
+    } else {
+      shape_k = make_shape(int32_t(a.kv_dim0), int32_t(kD), int32_t(a.num_kv_heads));
+      shape_vt = make_shape(int32_t(kD), int32_t(a.kv_dim0), int32_t(a.num_kv_heads));
+      auto gK = make_tensor(make_gmem_ptr(static_cast<Element const*>(a.k)), shape_k,
+                            make_stride(a.k_stride_0, _1{}, a.k_stride_1));
+      auto gVt = make_tensor(make_gmem_ptr(static_cast<Element const*>(a.v)), shape_vt,
+                             make_stride(_1{}, a.v_stride_0, a.v_stride_1));
+      tma_k = make_tma_copy(SM90_TMA_LOAD{}, gK, take<0, 2>(typename T::SmemLayoutK{}));
+      tma_v = make_tma_copy(SM90_TMA_LOAD{}, gVt, take<0, 2>(typename T::SmemLayoutVt{}));
+    }
+  };
+  typename T::TmaK tma_k;
+  typename T::TmaV tma_v;
+  make_kv(tma_k, tma_v);
+
+  typename T::Params params{
+      tma_q,
+      tma_k,
+      tma_v,
+      make_shape(int32_t(a.total_q), int32_t(kD), int32_t(a.num_q_heads)),
+      shape_k,
+      shape_vt,
+      static_cast<Element*>(a.out),
+      a.out_stride_token,
+      a.out_stride_head,
+      a.lse,
+      a.lse_stride_token,
+      a.work,
+      a.num_work,
+      a.work_counter,
+      a.kv_indices,
+      a.num_q_heads / a.num_kv_heads,
+      float(double(a.sm_scale) * 1.4426950408889634),
+      a.sm_scale,
+      a.out_scale,
+  };
+
+  auto kernel = fmha_sm90_kernel<T>;
+  cudaError_t err = cudaMemsetAsync(a.work_counter, 0, sizeof(int), stream);
+  if (err != cudaSuccess) { return err; }
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
+  if (err != cudaSuccess) { return err; }
+  kernel<<<dim3(num_ctas), dim3(T::kNumThreads), T::kSmemBytes, stream>>>(params);
+  return cudaGetLastError();
+}
+
+}  // namespace msa_fmha_sm90

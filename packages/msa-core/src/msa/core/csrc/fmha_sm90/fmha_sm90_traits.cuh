@@ -1,0 +1,148 @@
+// Compile-time configuration of the SM90 dense FMHA forward: tile shapes, MMA atoms, shared-memory layouts,
+// TMA copy types and the kernel parameter block. Device code lives in fmha_sm90_kernel.cuh.
+#pragma once
+
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+#include <cute/atom/mma_atom.hpp>
+#include <cute/atom/copy_atom.hpp>
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/numeric_types.h>
+
+namespace msa_fmha_sm90 {
+
+using namespace cute;
+
+// One unit of work = one 128-row query tile of one query head. The host plan (kernels/fmha_sm90.py) writes
+// these as int32[num_work, 8], longest first, in exactly this field order.
+struct WorkItem {
+  int q_start;      // first token of the request in q / out / lse
+  int qo_len;       // query tokens of the request
+  int kv_start;     // ragged: first token of the request in k / v; paged: first slot in kv_indices
+  int kv_len;       // key tokens of the request
+  int m_block;      // which 128-row tile of the request's queries
+  int head;         // query head
+  int qo_offset;    // causal: query i sees keys j <= i + qo_offset
+  int n_block_max;  // KV tiles [0, n_block_max) hold visible keys; 0 means the whole tile sees nothing
+};
+static_assert(sizeof(WorkItem) == 32, "WorkItem must match the host's int32[8] rows");
+
+// Named hardware barriers (0 is __syncthreads).
+enum NamedBarrier : uint32_t {
+  kBarQueryEmpty = 1,  // consumers -> producer warp: smem Q may be overwritten
+  kBarSched0 = 2,      // ping-pong token of consumer warpgroup 0 (kBarSched0 + 1 for warpgroup 1)
+  kBarEpilogue0 = 4,   // per-consumer-warpgroup epilogue barrier (kBarEpilogue0 + wg)
+};
+
+template <class Element_, int kHeadDim_, bool kCausal_, bool kPaged_>
+struct FmhaTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr bool kCausal = kCausal_;
+  static constexpr bool kPaged = kPaged_;
+
+  static constexpr int kBlockM = 128;  // query rows per CTA tile (64 per consumer warpgroup)
+  static constexpr int kBlockN = 128;  // keys per KV tile (= page size for paged K/V)
+  static constexpr int kStages = 2;    // K and V shared-memory pipeline depth
+  static constexpr int kNumMmaWarpGroups = 2;
+  static constexpr int kNumMmaThreads = 128 * kNumMmaWarpGroups;
+  static constexpr int kNumThreads = kNumMmaThreads + 128;  // + one producer warpgroup (one warp issues TMA)
+  // setmaxnreg budgets: 128*24 + 256*240 = 64512 <= 65536 registers per SM.
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kMmaRegs = 240;
+
+  static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256, "head dim must be 64, 128, 192 or 256");
+  static_assert(sizeof(Element) == 2, "bf16 / fp16 only for now");
+
+  using TileQK = Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>;  // S = Q K^T : (M, N, K=D)
+  using TilePV = Shape<Int<kBlockM>, Int<kHeadDim>, Int<kBlockN>>;  // O = P V   : (M, N=D, K=BlockN)
+  using MmaWarpGroups = Layout<Shape<Int<kNumMmaWarpGroups>, _1, _1>>;  // each warpgroup owns 64 rows
+
+  using TiledMmaQK = decltype(make_tiled_mma(
+      SM90::GMMA::ss_op_selector<Element, Element, float, TileQK>(), MmaWarpGroups{}));
+  // P comes from registers (RS); V^T is read MN-major straight from the TMA'd [token, dim] tile.
+  using TiledMmaPV = decltype(make_tiled_mma(
+      SM90::GMMA::rs_op_selector<Element, Element, float, TilePV, GMMA::Major::K, GMMA::Major::MN>(),
+      MmaWarpGroups{}));
+
+  // 128-byte swizzled shared-memory tiles, the layouts wgmma descriptors and TMA both understand.
+  using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
+                                             Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  using SmemLayoutK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
+                                             Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
+  // V^T view (dim, token, stage): same bytes as a K-major [token, dim] tile, read as an MN-major operand.
+  using SmemLayoutVt = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
+                                              Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{},
+                                              Step<_2, _1, _3>{}));
+  // Output staging tile, row-major, padded by 16 bytes per row so the fragment stores are conflict-free.
+  static constexpr int kSmemORowStride = kHeadDim + 8;
+
+  // Global tensors as TMA sees them. Ragged q/k: (token, dim, head); v^T: (dim, token, head).
+  // Paged k: (slot, dim, head, page); v^T: (dim, slot, head, page).
+  using ShapeQ = Shape<int32_t, int32_t, int32_t>;
+  using StrideQ = Stride<int64_t, _1, int64_t>;
+  using ShapeK = std::conditional_t<kPaged, Shape<int32_t, int32_t, int32_t, int32_t>, Shape<int32_t, int32_t, int32_t>>;
+  using StrideK = std::conditional_t<kPaged, Stride<int64_t, _1, int64_t, int64_t>, Stride<int64_t, _1, int64_t>>;
+  using StrideVt = std::conditional_t<kPaged, Stride<_1, int64_t, int64_t, int64_t>, Stride<_1, int64_t, int64_t>>;
+
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{},
+                                      make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), ShapeQ{}, StrideQ{}),
+                                      SmemLayoutQ{}));
+  using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{},
+                                      make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), ShapeK{}, StrideK{}),
+                                      take<0, 2>(SmemLayoutK{})));
+  using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{},
+                                      make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), ShapeK{}, StrideVt{}),
+                                      take<0, 2>(SmemLayoutVt{})));
+
+  static constexpr uint32_t kTmaBytesQ = kBlockM * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kTmaBytesK = kBlockN * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kTmaBytesV = kBlockN * kHeadDim * sizeof(Element);
+
+  struct alignas(1024) SharedStorage {
+    alignas(1024) Element smem_q[cosize_v<SmemLayoutQ>];
+    alignas(1024) Element smem_k[cosize_v<SmemLayoutK>];
+    alignas(1024) Element smem_v[cosize_v<SmemLayoutVt>];
+    alignas(128) Element smem_o[kBlockM * kSmemORowStride];
+    alignas(8) uint64_t bar_q;
+    alignas(8) uint64_t full_k[kStages];
+    alignas(8) uint64_t empty_k[kStages];
+    alignas(8) uint64_t full_v[kStages];
+    alignas(8) uint64_t empty_v[kStages];
+    // Work-index ring: the producer warp fetches the next work item and hands it to the consumers.
+    alignas(8) uint64_t sched_full[2];
+    alignas(8) uint64_t sched_empty[2];
+    int sched_item[2];
+    float pin_scratch[kNumMmaThreads];  // write-only sink that orders the softmax before the PV wait
+  };
+  // + 1024 so the kernel can round the dynamic shared-memory base up to the 1024-byte swizzle alignment.
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory budget of one SM90 CTA exceeded");
+
+  struct Params {
+    TmaQ tma_q;
+    TmaK tma_k;
+    TmaV tma_v;
+    ShapeQ shape_q;   // (total_q, D, Hq)
+    ShapeK shape_k;   // (total_kv, D, Hkv) or (page_size, D, Hkv, pages)
+    ShapeK shape_vt;  // (D, total_kv, Hkv) or (D, page_size, Hkv, pages)
+    Element* out;
+    int64_t out_stride_token;
+    int64_t out_stride_head;
+    float* lse;  // nullptr: not requested
+    int64_t lse_stride_token;
+    WorkItem const* work;
+    int num_work;
+    int* work_counter;  // zeroed before each launch; CTAs take items gridDim.x, gridDim.x + 1, ... from it
+    int const* kv_indices;  // paged: flat page table
+    int q_heads_per_kv_head;
+    float scale_log2;  // sm_scale * log2(e): softmax runs on exp2
+    float sm_scale;    // natural-log scale, for the LSE
+    float out_scale;   // applied to O after normalisation (v_scale * o_scale)
+  };
+};
+
+}  // namespace msa_fmha_sm90

@@ -1,0 +1,305 @@
+"""SM90 dense FMHA kernel (msa.core.kernels.fmha_sm90).
+
+CPU tests: the host work list (coverage, per-tile key counts, longest-first order, L2 sections), the feature
+gate, the warmup specs. ``compile``: the sm_90a module builds. ``gpu``: the kernel against an fp32 reference
+written here (independent of msa.core.reference) over ragged / paged, causal / not, GQA, odd lengths, empty
+requests and rows that see no key; outputs are poisoned with NaN first, so every element must be written.
+
+Error bounds (rel. L2 of O over the whole output): bf16 1.5e-2, fp16 4e-3 -- P is rounded to the input dtype
+before the PV GEMM, as in every flash kernel. LSE: |err| <= 2e-3 * max(1, |lse|) (fp32 softmax, exp2.approx).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from msa.core.kernels import fmha_sm90 as k90
+
+BLOCK = 128
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Host work list
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _expected_n_max(qo, kv, off, m, causal):
+    kv_blocks = _cdiv(kv, BLOCK)
+    if not causal:
+        return kv_blocks
+    last = min((m + 1) * BLOCK, qo) - 1
+    lim = last + off
+    if lim < 0:
+        return 0
+    # brute force: the largest visible key of any row of the tile
+    return min(kv_blocks, lim // BLOCK + 1)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_work_list_covers_every_tile_once(causal, seed):
+    rng = random.Random(seed)
+    batch = rng.randint(1, 6)
+    qo = [rng.choice([0, 1, 5, 127, 128, 129, 300, 1000]) for _ in range(batch)]
+    kv = [rng.choice([0, 1, 128, 200, 1000, 5000]) for _ in range(batch)]
+    if causal:
+        offs = [rng.randint(-q, k) for q, k in zip(qo, kv)]
+    else:
+        offs = list(kv)
+    hkv = rng.choice([1, 2, 4])
+    hq = hkv * rng.choice([1, 4, 8])
+    starts = [sum(kv[:b]) for b in range(batch)]
+    work = k90.build_work_list(qo, kv, offs, starts, hq, hkv, causal, head_dim=128, elem_size=2)
+    assert work.dtype == torch.int32 and work.shape[1] == k90.WORK_FIELDS
+
+    q_starts = [sum(qo[:b]) for b in range(batch)]
+    expected = {}
+    for b in range(batch):
+        for m in range(_cdiv(qo[b], BLOCK)):
+            for h in range(hq):
+                n_max = _expected_n_max(qo[b], kv[b], offs[b], m, causal)
+                expected[(q_starts[b], m, h)] = (qo[b], starts[b], kv[b], offs[b], n_max)
+    got = {}
+    for row in work.tolist():
+        key = (row[0], row[4], row[5])
+        assert key not in got, f"work item {key} listed twice"
+        got[key] = (row[1], row[2], row[3], row[6], row[7])
+    assert got == expected
+
+
+def test_work_list_is_longest_first_inside_sections_and_groups_kv_heads():
+    # one request, 8 KV heads of 64K keys each (32 MiB of K+V per head at d128 bf16 -> one head per section)
+    qo, kv = [1024], [65536]
+    work = k90.build_work_list(qo, kv, [kv[0] - qo[0]], [0], 32, 8, True, head_dim=128, elem_size=2)
+    heads_per_kv = 4
+    n_max = work[:, 7].tolist()
+    kv_head = (work[:, 5] // heads_per_kv).tolist()
+    # sections are contiguous runs of one KV head, each sorted by descending cost
+    runs = []
+    for i, h in enumerate(kv_head):
+        if not runs or runs[-1][0] != h:
+            runs.append((h, i))
+    assert len(runs) == 8, "each KV head (32 MiB of K+V) should be its own L2 section"
+    bounds = [r[1] for r in runs] + [len(kv_head)]
+    for s, e in zip(bounds, bounds[1:]):
+        seg = n_max[s:e]
+        assert seg == sorted(seg, reverse=True)
+    # small K/V: all KV heads in one section, heads innermost
+    work = k90.build_work_list([512], [512], [0], [0], 8, 2, True, head_dim=128, elem_size=2)
+    assert work[:8, 5].tolist() == list(range(8))
+    assert work[:, 7].tolist() == sorted(work[:, 7].tolist(), reverse=True)
+
+
+def test_work_list_puts_tiles_without_keys_last():
+    # qo_offset = -qo_len: the first query sees nothing... only rows i >= 128 + ... see keys
+    work = k90.build_work_list([300], [300], [-200], [0], 2, 1, True, head_dim=128, elem_size=2)
+    costs = work[:, 7].tolist()
+    assert costs == sorted(costs, reverse=True)
+    assert costs[-1] == 0 and costs[0] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Feature gate and warmup specs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_supports_names_what_is_missing():
+    ok, _ = k90.supports(dtype=torch.bfloat16, head_dim_qk=128, head_dim_v=128, page_size=None)
+    assert ok
+    for kwargs, word in [
+        ({"dtype": torch.float8_e4m3fn}, "dtype"),
+        ({"head_dim_qk": 64, "head_dim_v": 64}, "head dim"),
+        ({"page_size": 64}, "page_size"),
+        ({"output_maxscore": True}, "max_score"),
+        ({"output_o": False}, "output_o"),
+        ({"sparse": True}, "sparse"),
+        ({"per_head_scales": True}, "per-head"),
+    ]:
+        base = {"dtype": torch.bfloat16, "head_dim_qk": 128, "head_dim_v": 128, "page_size": None}
+        base.update(kwargs)
+        ok, why = k90.supports(**base)
+        assert not ok and word in why, (kwargs, why)
+
+
+def test_run_refuses_unimplemented_modes_before_touching_the_device():
+    q = torch.zeros(4, 2, 128, dtype=torch.bfloat16)
+    k = torch.zeros(4, 1, 128, dtype=torch.bfloat16)
+    kp = k90.KernelPlan(q, q, 0, 1, False, q, q)
+    with pytest.raises(NotImplementedError, match="max_score"):
+        k90.run(q, k, k, kp, causal=True, output_maxscore=True)
+    with pytest.raises(NotImplementedError, match="dtype"):
+        k90.run(q.float(), k.float(), k.float(), kp, causal=True)
+    with pytest.raises(NotImplementedError, match="head dims"):
+        k90.run(q[..., :64], k[..., :64], k[..., :64], kp, causal=True)
+    with pytest.raises(NotImplementedError, match="per-head"):
+        k90.run(q, k, k, kp, causal=True, q_scale=torch.ones(2))
+
+
+def test_jit_specs_cover_the_preset_and_refuse_sm100():
+    specs = k90.jit_specs({"dtypes": ["bf16", "fp8"], "head_dim": [64, 128]}, "sm_90a")
+    names = sorted(s.name for s in specs)
+    assert len(names) == 4 and all("dtype=bfloat16" in n and "head_dim=128" in n for n in names)
+    assert k90.jit_specs({"dtypes": ["bf16"], "head_dim": [128]}, "sm_100a") == []
+    with pytest.raises(NotImplementedError, match="sm_90a"):
+        k90.jit_spec("bfloat16", 128, True, False, arch="sm_100a")
+
+
+@pytest.mark.compile
+@pytest.mark.slow
+def test_builds_sm90a_module():
+    from msa.core.jit import toolchain
+
+    try:
+        toolchain.nvcc_path()
+    except toolchain.ToolchainError as e:
+        pytest.skip(str(e))
+    entry = k90.jit_spec("bfloat16", 128, True, False).build()
+    blob = entry.file("module.so").read_bytes()
+    assert b"fmha_fwd" in blob  # the tvm-ffi export
+    assert b"fmha_sm90_kernel" in blob  # the kernel's (mangled) name in the embedded cubin
+    assert b"sm_90a" in blob or b"compute_90a" in blob or b"sm_90" in blob
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU correctness
+# ---------------------------------------------------------------------------------------------------------
+
+
+def reference(q, k, v, qo_lens, kv_lens, qo_offsets, causal, sm_scale):
+    """fp32 attention per request (K/V already gathered to ragged [total_kv, Hkv, D])."""
+    hq, hkv = q.shape[1], k.shape[1]
+    g = hq // hkv
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:2], -math.inf, dtype=torch.float32, device=q.device)
+    qs = ks = 0
+    for qo, kv, off in zip(qo_lens, kv_lens, qo_offsets):
+        if qo and kv:
+            qb = q[qs : qs + qo].float().transpose(0, 1)  # [Hq, qo, D]
+            kb = k[ks : ks + kv].float().transpose(0, 1).repeat_interleave(g, 0)
+            vb = v[ks : ks + kv].float().transpose(0, 1).repeat_interleave(g, 0)
+            s = torch.matmul(qb, kb.transpose(1, 2)) * sm_scale
+            if causal:
+                i = torch.arange(qo, device=q.device)[:, None]
+                j = torch.arange(kv, device=q.device)[None, :]
+                s = s.masked_fill(j > i + off, -math.inf)
+            lb = torch.logsumexp(s, dim=-1)  # [Hq, qo]
+            p = torch.exp(s - lb[..., None]).nan_to_num(0.0)
+            out[qs : qs + qo] = torch.matmul(p, vb).transpose(0, 1)
+            lse[qs : qs + qo] = lb.transpose(0, 1)
+        qs += qo
+        ks += kv
+    return out, lse
+
+
+def _paged_copy(k, v, kv_lens, page=128, seed=0):
+    """Scatter ragged K/V into a shuffled page pool; returns (k_pages, v_pages, kv_indices)."""
+    n_pages = sum(_cdiv(n, page) for n in kv_lens)
+    pool = n_pages + 3  # a few pages nobody uses
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(pool, generator=g)[:n_pages].to(torch.int32)
+    hkv, d = k.shape[1], k.shape[2]
+    kp = torch.randn(pool, hkv, page, d, device=k.device, dtype=k.dtype)  # garbage in unused slots
+    vp = torch.randn(pool, hkv, page, d, device=k.device, dtype=k.dtype)
+    t = p = 0
+    for n in kv_lens:
+        for j in range(_cdiv(n, page)):
+            rows = min(page, n - j * page)
+            kp[perm[p], :, :rows] = k[t + j * page : t + j * page + rows].transpose(0, 1)
+            vp[perm[p], :, :rows] = v[t + j * page : t + j * page + rows].transpose(0, 1)
+            p += 1
+        t += n
+    return kp, vp, perm.to(k.device)
+
+
+CASES = [
+    # name, qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset (None: kv - qo)
+    ("single-odd", [77], [77], 4, 4, True, False, torch.bfloat16, None),
+    ("prefill-multi", [1, 129, 256, 1000], [1, 129, 300, 1000], 8, 2, True, False, torch.bfloat16, None),
+    ("noncausal-ragged", [33, 500, 128], [700, 1, 257], 8, 8, False, False, torch.bfloat16, None),
+    ("gqa16-chunked", [200, 64], [2000, 4100], 16, 1, True, False, torch.bfloat16, None),
+    ("gqa4-empty-requests", [0, 300, 5, 0], [50, 0, 1000, 0], 8, 2, True, False, torch.bfloat16, None),
+    ("offset-unseen-rows", [300, 260], [300, 500], 4, 1, True, False, torch.bfloat16, [-200, 17]),
+    ("paged-causal", [1, 190, 700], [129, 300, 1500], 8, 1, True, True, torch.bfloat16, None),
+    ("paged-noncausal", [64, 400], [5, 1000], 8, 8, False, True, torch.bfloat16, None),
+    ("fp16-causal", [256, 1000], [600, 1000], 8, 2, True, False, torch.float16, None),
+    ("fp16-paged-noncausal", [100, 300], [1000, 128], 4, 4, False, True, torch.float16, None),
+    ("long-gqa8", [2048], [4096], 16, 2, True, False, torch.bfloat16, None),
+]
+
+
+def _run_case(qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset, seed=0, via_api=True):
+    import msa.core as mc
+
+    dev = torch.device("cuda")
+    torch.manual_seed(seed)
+    d = 128
+    tq, tk = sum(qo_lens), sum(kv_lens)
+    q = torch.randn(tq, hq, d, device=dev, dtype=dtype)
+    k = torch.randn(tk, hkv, d, device=dev, dtype=dtype)
+    v = torch.randn(tk, hkv, d, device=dev, dtype=dtype)
+    offs = [kv - qo for qo, kv in zip(qo_lens, kv_lens)] if qo_offset is None else qo_offset
+    plan = mc.fmha_plan(
+        qo_lens,
+        kv_lens,
+        hq,
+        hkv,
+        page_size=128 if paged else None,
+        causal=causal,
+        qo_offset=qo_offset if causal else None,
+        device=dev,
+    )
+    kk, vv, idx = (k, v, None)
+    if paged:
+        kk, vv, idx = _paged_copy(k, v, kv_lens, seed=seed)
+    out = torch.full((tq, hq, d), float("nan"), device=dev, dtype=dtype)
+    lse = torch.full((tq, hq), float("nan"), device=dev, dtype=torch.float32)
+    sm = 1.0 / math.sqrt(d)
+    if via_api:
+        res = mc.fmha(q, kk, vv, plan, kv_indices=idx, out=out, return_lse=True, backend="kernel")
+        assert res[0] is out
+        lse = res[2]
+    else:
+        k90.run(q, kk, vv, plan, kv_indices=idx, out=out, lse=lse, return_lse=True)
+    torch.cuda.synchronize()
+    ref_o, ref_lse = reference(q, k, v, qo_lens, kv_lens, offs, causal, sm)
+    return out, lse, ref_o, ref_lse
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_matches_fp32_reference(case):
+    _, qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset = case
+    ok, why = k90.available(torch.device("cuda"))
+    if not ok:
+        pytest.skip(why)
+    out, lse, ref_o, ref_lse = _run_case(qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset)
+    assert not torch.isnan(out).any(), "unwritten (NaN-poisoned) output elements"
+    assert not torch.isnan(lse).any(), "unwritten (NaN-poisoned) LSE elements"
+    if out.numel():
+        rel = ((out.float() - ref_o).norm() / ref_o.norm().clamp_min(1e-6)).item()
+        bound = 1.5e-2 if dtype == torch.bfloat16 else 4e-3
+        assert rel < bound, f"rel L2 error {rel:.3e} >= {bound}"
+    dead = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse) & (lse < 0), dead), "LSE must be -inf exactly where a row sees no key"
+    assert (out[dead.unsqueeze(-1).expand_as(out)] == 0).all(), "rows that see no key must output 0"
+    live = ~dead
+    if live.any():
+        err = (lse[live] - ref_lse[live]).abs()
+        assert (err <= 2e-3 * ref_lse[live].abs().clamp_min(1.0)).all(), f"LSE max err {err.max().item():.3e}"
+
+
+@pytest.mark.gpu
+def test_direct_run_is_deterministic_and_reuses_the_plan():
+    ok, why = k90.available(torch.device("cuda"))
+    if not ok:
+        pytest.skip(why)
+    a = _run_case([700, 300], [900, 300], 8, 2, True, False, torch.bfloat16, None, seed=3, via_api=False)
+    b = _run_case([700, 300], [900, 300], 8, 2, True, False, torch.bfloat16, None, seed=3, via_api=False)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
