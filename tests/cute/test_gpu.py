@@ -1,0 +1,129 @@
+"""GPU variants of the key checks (skipped without CUDA): device results == CPU reference, no host sync on the
+default path, decode run() capturable in a CUDA graph. With a kernel registered these compare kernel vs CPU
+reference at the production shape (D=128, block 128, top-k 16, GQA 16); bf16 bound 2^-7 x max|V| (the kernel
+may round P to bf16 before PV), LSE 2e-3."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from msa.cute import (
+    SparseDecodePagedAttentionWrapper,
+    build_k2q_csr,
+    fp4_indexer_block_scores,
+    quant,
+    sparse_atten_func,
+)
+
+pytestmark = pytest.mark.gpu
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def problem(q_lens, kv_lens, hq, hkv, d, topk, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(q_lens), hq, d, generator=g).bfloat16()
+    k = torch.randn(sum(kv_lens), hkv, d, generator=g).bfloat16()
+    v = torch.randn(sum(kv_lens), hkv, d, generator=g).bfloat16()
+    q2k = torch.full((hkv, sum(q_lens), topk), -1, dtype=torch.int32)
+    t = 0
+    for ql, kl in zip(q_lens, kv_lens):
+        nb = -(-kl // 128)
+        for i in range(ql):
+            vis = min(nb, (i + kl - ql) // 128 + 1)
+            for h in range(hkv):
+                sel = torch.sort(torch.randperm(vis, generator=g)[: min(topk, vis)]).values
+                q2k[h, t, : len(sel)] = sel.int()
+            t += 1
+    cq = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    ck = torch.tensor([0] + torch.tensor(kv_lens).cumsum(0).tolist(), dtype=torch.int32)
+    return q, k, v, q2k, cq, ck
+
+
+def test_csr_gpu_equals_cpu_without_sync():
+    q, k, v, q2k, cq, ck = problem([700, 300], [3000, 1200], 16, 2, 128, 16)
+    rp, qi, sched = build_k2q_csr(q2k, cq, ck, 128, total_k=4200, return_schedule=True, qhead_per_kv=8)
+    d = [x.cuda() for x in (q2k, cq, ck)]
+    with no_host_sync():
+        rp_g, qi_g, sched_g = build_k2q_csr(*d, 128, total_k=4200, total_rows=int(rp.shape[1] - 1),
+                                            return_schedule=True, qhead_per_kv=8)
+    assert torch.equal(rp_g.cpu(), rp) and torch.equal(qi_g.cpu(), qi)
+    assert torch.equal(sched_g.work.cpu(), sched.work) and int(sched_g.work_count) == int(sched.work_count)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_sparse_atten_func_gpu_matches_cpu(paged):
+    q_lens, kv_lens = [512, 256], [2048, 1024]
+    q, k, v, q2k, cq, ck = problem(q_lens, kv_lens, 32, 2, 128, 16, seed=1)
+    rp, qi = build_k2q_csr(q2k, cq, ck, 128, total_k=3072)
+    kw = dict(cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=512, max_seqlen_k=2048, causal=True,
+              return_softmax_lse=True)
+    o_cpu, lse_cpu = sparse_atten_func(q, k, v, rp, qi, 16, **kw)
+    kg, vg, extra = k.cuda(), v.cuda(), {}
+    if paged:
+        kg = k.view(24, 128, 2, 128).transpose(1, 2).contiguous().cuda()
+        vg = v.view(24, 128, 2, 128).transpose(1, 2).contiguous().cuda()
+        extra["page_table"] = torch.tensor([list(range(16)), list(range(16, 24)) + [0] * 8], dtype=torch.int32).cuda()
+    kwg = {n: (x.cuda() if isinstance(x, torch.Tensor) else x) for n, x in kw.items()}
+    args = [x.cuda() for x in (q,)] + [kg, vg, rp.cuda(), qi.cuda()]
+    sparse_atten_func(*args, 16, **kwg, **extra)  # warm-up (one-time warnings, lazy kernel load)
+    with no_host_sync():
+        o, lse = sparse_atten_func(*args, 16, **kwg, **extra)
+    assert (o.float().cpu() - o_cpu.float()).abs().max() <= 2**-7 * v.float().abs().max()
+    fin = torch.isfinite(lse_cpu)
+    assert torch.equal(fin, torch.isfinite(lse.cpu()))
+    assert (lse.cpu()[fin] - lse_cpu[fin]).abs().max() < 2e-3
+
+
+def test_decode_wrapper_gpu_graph_capture():
+    g = torch.Generator().manual_seed(2)
+    batch, hq, hkv, d = 4, 64, 4, 128
+    su = torch.tensor([300, 1000, 129, 1280], dtype=torch.int32)
+    pages = torch.randperm(64, generator=g)[:40].view(4, 10).int()
+    q = torch.randn(batch, hq, d, generator=g).bfloat16()
+    k = torch.randn(64, hkv, 128, d, generator=g).to(torch.float8_e4m3fn)
+    v = torch.randn(64, hkv, 128, d, generator=g).to(torch.float8_e4m3fn)
+    q8 = q.to(torch.float8_e4m3fn)
+    w_cpu = SparseDecodePagedAttentionWrapper()
+    w_cpu.plan(page_table=pages, seqused_k=su, seqlen_q=1, max_seqlen_k=1280)
+    ref = w_cpu.run(q8, k, v)
+    w = SparseDecodePagedAttentionWrapper()
+    w.plan(page_table=pages.cuda(), seqused_k=su.cuda(), seqlen_q=1, max_seqlen_k=1280)
+    qg, kg, vg = q8.cuda(), k.cuda(), v.cuda()
+    out = torch.empty(batch, hq, d, dtype=torch.bfloat16, device="cuda")
+    w.run(qg, kg, vg, out=out)  # warm-up outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w.run(qg, kg, vg, out=out)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert (out.float().cpu() - ref.float()).abs().max() <= 2**-7 * v.float().abs().max()
+
+
+def test_fp4_indexer_gpu_matches_cpu():
+    g = torch.Generator().manual_seed(3)
+    qq = torch.randn(300, 4, 128, generator=g)
+    kk = torch.randn(12, 1, 128, 128, generator=g)
+    for fmt, qf in (("nvfp4", quant.quantize_nvfp4), ("mxfp4", quant.quantize_mxfp4)):
+        qt, kt = qf(qq), qf(kk)
+        args = (qt.data, kt.data, qt.scale, kt.scale, torch.tensor([0, 300], dtype=torch.int32),
+                torch.tensor([0, 1500], dtype=torch.int32), torch.tensor([0, 12], dtype=torch.int32))
+        kw = dict(max_seqlen_q=300, max_seqlen_k=1500, kv_indices=torch.randperm(12, generator=g).int(),
+                  fp4_format=fmt, causal=True)
+        ref = fp4_indexer_block_scores(*args, **kw)
+        got = fp4_indexer_block_scores(*(a.cuda() for a in args), **{n: (x.cuda() if isinstance(x, torch.Tensor)
+                                                                          else x) for n, x in kw.items()})
+        fin = torch.isfinite(ref)
+        assert torch.equal(fin, torch.isfinite(got.cpu()))
+        assert (got.cpu()[fin] - ref[fin]).abs().max() <= 1e-4 * ref[fin].abs().max()
