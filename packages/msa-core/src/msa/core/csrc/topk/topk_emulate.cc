@@ -62,15 +62,21 @@ void cta_finish(const Setup& p, Cta& c, std::vector<RandomVote>& votes, int g, i
       select_top(c.col(w, lane), c.hist(w, lane), st, p.m, p.m);
       c.counts[w * kLanes + lane] = st.cnt;
     }
-  for (int w = 1; w < c.n_warps; ++w) {
-    int n = 0;
-    for (int lane = 0; lane < kLanes; ++lane) n = std::max(n, c.counts[w * kLanes + lane]);
-    for (int lane = 0; lane < kLanes; ++lane) {
-      const int cw = c.counts[w * kLanes + lane];
-      const Cand* src = c.col(w, lane);
-      stream_cands<16>(
-          c.st[lane], c.col(0, lane), c.hist(0, lane), p.m, p.cap, n,
-          [&](int e) { return e < cw ? src[e * kLanes] : make_cand(0u, 0u); }, votes[lane]);
+  for (int r = 1; r < c.n_warps; r *= 2) {  // pairwise tree merge, as the kernel
+    for (int dst = 0; dst + r < c.n_warps; dst += 2 * r) {
+      const int w = dst + r;
+      int n = 0;
+      for (int lane = 0; lane < kLanes; ++lane) n = std::max(n, c.counts[w * kLanes + lane]);
+      for (int lane = 0; lane < kLanes; ++lane) {
+        const int cw = c.counts[w * kLanes + lane];
+        const Cand* src = c.col(w, lane);
+        LaneState& st = c.st[dst * kLanes + lane];
+        stream_cands<16>(
+            st, c.col(dst, lane), c.hist(dst, lane), p.m, p.cap, n,
+            [&](int e) { return e < cw ? src[e * kLanes] : make_cand(0u, 0u); }, votes[lane]);
+        select_top(c.col(dst, lane), c.hist(dst, lane), st, p.m, p.m);
+        c.counts[dst * kLanes + lane] = st.cnt;
+      }
     }
   }
   for (int lane = 0; lane < kLanes; ++lane) {
