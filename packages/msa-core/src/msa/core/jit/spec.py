@@ -40,6 +40,8 @@ BASE_CUDA_FLAGS = (
 CUTLASS_FLAGS = ("-DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED", "-DCUTLASS_ENABLE_GDC_FOR_SM90")
 LINK_FLAGS = ("-shared", "--cudart=static")
 
+# Files whose bytes reach the compiler; notes and docs next to the sources do not change the binary.
+_SOURCE_SUFFIXES = {".cu", ".cuh", ".h", ".hpp", ".inc", ".jinja", ".cc", ".cpp"}
 _LOADED: dict[str, Any] = {}
 _LOAD_LOCK = threading.Lock()
 
@@ -57,7 +59,7 @@ def _dir_digest(family: str) -> str:
         if not root.is_dir():
             continue
         for p in sorted(root.rglob("*")):
-            if p.is_file() and "__pycache__" not in p.parts:
+            if p.is_file() and p.suffix in _SOURCE_SUFFIXES:
                 h.update(str(p.relative_to(CSRC_DIR)).encode())
                 h.update(b"\0")
                 h.update(p.read_bytes())
