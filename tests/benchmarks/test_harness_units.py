@@ -1,0 +1,250 @@
+"""Unit checks of the benchmark harness pieces that every speed number depends on: work counting, the shared
+sparse selection, the FlexAttention block mask built from it, output comparison, FA4 manifest handling, reports."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+
+from _harness import flops as W  # noqa: E402
+from _harness import peers, report  # noqa: E402
+from _harness.cases import Case, causal_tile_blocks, random_tile_selection, token_positions  # noqa: E402
+from _harness.timing import TimerConfig, measure  # noqa: E402
+
+
+def _brute_pairs(q_len, kv_len, causal, offset=None):
+    off = kv_len - q_len if offset is None else offset
+    return sum(1 for i in range(q_len) for j in range(kv_len) if not causal or j <= i + off)
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(1, 1), (4, 300), (128, 128), (200, 130), (300, 40), (7, 0)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_visible_pairs_matches_brute_force(q_len, kv_len, causal):
+    assert W.visible_pairs(q_len, kv_len, causal) == _brute_pairs(q_len, kv_len, causal)
+
+
+@pytest.mark.parametrize("offset", [-5, 0, 17, 1000])
+def test_visible_pairs_explicit_offset(offset):
+    assert W.visible_pairs(40, 90, True, offset) == _brute_pairs(40, 90, True, offset)
+
+
+def test_dense_flops_is_4_d_h_pairs():
+    # 2 * (Dqk + Dv) per pair and query head: 4 * 128 * H * S(S+1)/2 for square causal
+    s, h = 1024, 8
+    assert W.dense_flops(1, s, s, h, 128, 128, True) == 4 * 128 * h * s * (s + 1) // 2
+    assert W.dense_flops(2, s, s, h, 128, 128, False) == 2 * 4 * 128 * h * s * s
+
+
+def _selection(batch, q_len, kv_len, hkv, topk, causal, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return random_tile_selection(batch, q_len, kv_len, hkv, topk, causal, torch.device("cpu"), g)
+
+
+@pytest.mark.parametrize("q_len,kv_len,topk", [(256, 256, 3), (8, 1000, 4), (384, 1024, 16), (128, 640, 2)])
+def test_tile_selection_is_sorted_distinct_causal_and_keeps_the_diagonal(q_len, kv_len, topk):
+    sel = _selection(2, q_len, kv_len, 3, topk, True)
+    ids = sel.tile_ids
+    nblk = -(-kv_len // 128)
+    offset = kv_len - q_len
+    for b in range(2):
+        for t in range(ids.shape[1]):
+            last_pos = min((t + 1) * 128, q_len) - 1 + offset
+            diag = min(last_pos // 128, nblk - 1)
+            for h in range(3):
+                row = ids[b, t, h].tolist()
+                valid = [x for x in row if x >= 0]
+                assert row == valid + [-1] * (topk - len(valid)), row  # -1 tail
+                assert valid == sorted(set(valid)), row  # ascending, distinct
+                assert diag in valid and max(valid) == diag, (row, diag)
+                assert len(valid) == min(topk, diag + 1), row  # as many as exist
+
+
+def test_selected_pairs_and_bytes_match_brute_force():
+    batch, q_len, kv_len, hkv, topk = 2, 200, 700, 2, 3
+    sel = _selection(batch, q_len, kv_len, hkv, topk, True, seed=3)
+    kbi = sel.per_token()
+    pos = token_positions(batch, q_len, kv_len, torch.device("cpu"))
+    want = 0
+    used = set()
+    for t in range(batch * q_len):
+        for h in range(hkv):
+            for blk in kbi[t, h].tolist():
+                if blk < 0:
+                    continue
+                used.add((t // q_len, h, blk))
+                want += sum(1 for j in range(blk * 128, min((blk + 1) * 128, kv_len)) if j <= pos[t])
+    assert W.sparse_selected_pairs(kbi, pos, kv_len, True) == want
+    tokens = sum(min(128, kv_len - blk * 128) for _, _, blk in used)
+    got = W.sparse_kv_bytes(kbi.view(batch, q_len, hkv, topk), batch, kv_len, hkv, 128, 128, 2)
+    assert got == tokens * 256 * 2
+
+
+def _dense_mask_from_selection(sel, hq, group):
+    """[B, Hq, Lq, Lk] bool: token attends key j iff j's block is selected for its tile (and causal)."""
+    ids = sel.per_token()  # [B*Lq, Hs, k]
+    b = sel.tile_ids.shape[0]
+    lq, lk = sel.q_len, sel.kv_len
+    hs = ids.shape[1]
+    blk_of_key = torch.arange(lk) // 128
+    member = (ids.view(b, lq, hs, -1, 1) == blk_of_key.view(1, 1, 1, 1, lk)).any(3)  # [B, Lq, Hs, Lk]
+    if hs != hq:
+        member = member.repeat_interleave(group if hs > 1 else hq, dim=2)
+    mask = member.permute(0, 2, 1, 3)
+    if sel.causal:
+        pos = torch.arange(lq) + (lk - lq)
+        mask = mask & (torch.arange(lk).view(1, -1) <= pos.view(-1, 1))
+    return mask
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(256, 384), (8, 640)])
+def test_flex_block_mask_equals_the_selection(q_len, kv_len):
+    """The FlexAttention peer computes exactly the function of the msa selection (checked through its output)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    batch, hq, hkv, d = 1, 4, 2, 32
+    g = torch.Generator().manual_seed(5)
+    sel = _selection(batch, q_len, kv_len, hkv, 3, True, seed=7)
+    q = torch.randn(batch, hq, q_len, d, generator=g)
+    k = torch.randn(batch, hkv, kv_len, d, generator=g)
+    v = torch.randn(batch, hkv, kv_len, d, generator=g)
+    # eager flex (CPU) ignores the block lists and evaluates mask_mod everywhere: the exact mask_mod is required
+    mask = peers.flex_block_mask(sel, hq, torch.device("cpu"), exact_mask_mod=True)
+    got = flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+    dense = _dense_mask_from_selection(sel, hq, hq // hkv)
+    kk, vv = k.repeat_interleave(2, 1).double(), v.repeat_interleave(2, 1).double()
+    s = (q.double() @ kk.transpose(-1, -2)) / math.sqrt(d)
+    ref = s.masked_fill(~dense, float("-inf")).softmax(-1) @ vv
+    err = float((got.double() - ref).norm() / ref.norm())
+    assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("q_len,kv_len,causal", [(256, 384, True), (8, 640, True), (300, 500, True),
+                                                 (256, 384, False)])
+def test_flex_block_lists_are_the_selection_with_full_blocks_fully_visible(q_len, kv_len, causal):
+    """What the compiled kernel relies on: listed blocks == selected blocks, and a block is 'full' (mask_mod
+    skipped) only when every real query of the tile sees every key of it."""
+    hq, hkv = 4, 2
+    sel = _selection(2, q_len, kv_len, hkv, 3, causal, seed=11)
+    mask = peers.flex_block_mask(sel, hq, torch.device("cpu"))
+    nblk = -(-kv_len // 128)
+    offset = kv_len - q_len
+    for b in range(2):
+        for h in range(hq):
+            for t in range(sel.tile_ids.shape[1]):
+                chosen = {x for x in sel.tile_ids[b, t, h // 2].tolist() if x >= 0}
+                n_full = int(mask.full_kv_num_blocks[b, h, t])
+                n_part = int(mask.kv_num_blocks[b, h, t])
+                full = set(mask.full_kv_indices[b, h, t, :n_full].tolist())
+                part = set(mask.kv_indices[b, h, t, :n_part].tolist())
+                assert full | part == chosen and not full & part, (full, part, chosen)
+                rows = range(t * 128, min((t + 1) * 128, q_len))
+                for blk in full:
+                    keys = range(blk * 128, (blk + 1) * 128)
+                    assert keys[-1] < kv_len and blk < nblk
+                    if causal:
+                        assert all(keys[-1] <= i + offset for i in rows), (blk, t)
+
+
+def test_dense_causal_tiles_cover_exactly_the_visible_blocks():
+    sel = causal_tile_blocks(1, 256, 640, True, torch.device("cpu"))
+    ids = sel.tile_ids[0, :, 0]
+    # tile 0: queries 0..127 at positions 384..511 -> blocks 0..3; tile 1 -> blocks 0..4
+    assert [x for x in ids[0].tolist() if x >= 0] == [0, 1, 2, 3]
+    assert [x for x in ids[1].tolist() if x >= 0] == [0, 1, 2, 3, 4]
+
+
+def test_fold_gqa_round_trip():
+    case = Case("decode", 4, 256, 2, 8, 2, 16, "bf16", True)
+    q = torch.randn(case.total_q, case.hq, case.d)
+    folded = peers.fold_gqa_q(q, case)
+    assert folded.shape == (2, 2, 16, 16)
+    assert torch.equal(peers.unfold_gqa_o(folded, case), q)
+    # row (g, i) of KV head h is query head h*G+g of token i
+    assert torch.equal(folded[1, 1, 3 * 4 + 2], q[4 + 2, 1 * 4 + 3])
+
+
+def test_fa4_args_follow_the_manifest_signature():
+    sig = [{"name": "mQ", "type": "Tensor"}, {"name": "mK", "type": "Tensor"}, {"name": "mV", "type": "Tensor"},
+           {"name": "mO", "type": "Tensor"}, {"name": "mLSE", "type": "None"},
+           {"name": "softmax_scale", "type": "float32"}, {"name": "aux_data", "type": "Tuple[None, None]"},
+           {"name": "mCuTotalMBlocks", "type": "None"}]
+    args = peers.fa4_args(sig, {"mQ": "q", "mK": "k", "mV": "v", "mO": "o"}, 0.125)
+    assert args == ["q", "k", "v", "o", None, 0.125, (None, None), None]
+    with pytest.raises(peers.Skip, match="mPageTable"):
+        peers.fa4_args([{"name": "mPageTable", "type": "Tensor([n0, n1], int32)"}], {}, 1.0)
+
+
+def test_fa4_build_parses_the_embedded_signature(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "benchmarks", "peers"))
+    import fa4_build
+
+    blob = (b"\x00junk\x00Expects 3 parameters\x00\x00\x00 when calling: `__call__(mQ: Tensor([n0, n1], bfloat16), "
+            b"softmax_scale: float32, aux_data: Tuple[None, None])`\x00more")
+    path = tmp_path / "k.o"
+    path.write_bytes(blob)
+    assert fa4_build.parse_signature(str(path)) == [
+        {"name": "mQ", "type": "Tensor([n0, n1], bfloat16)"}, {"name": "softmax_scale", "type": "float32"},
+        {"name": "aux_data", "type": "Tuple[None, None]"}]
+    assert fa4_build.parse_shapes("1:8192:64:4:128,2:4096:16:16:128") == [(1, 8192, 64, 4, 128),
+                                                                          (2, 4096, 16, 16, 128)]
+
+
+def test_fa4_artifacts_without_a_directory_skip_with_a_reason(tmp_path):
+    case = Case("prefill", 128, 128, 1, 8, 2, 128, "bf16", True)
+    with pytest.raises(peers.Skip, match="no FA4 artifact directory"):
+        peers.FA4Artifacts(None).find(case, True)
+    with pytest.raises(peers.Skip, match="no manifest.json"):
+        peers.FA4Artifacts(str(tmp_path)).find(case, True)
+
+
+def test_compare_flags_nan_and_wrong_values():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import bench_sparse_attention_ops as bench
+
+    ref = torch.randn(64, 4, 8)
+    assert bench.compare("attention", ref.clone(), ref) == 0.0
+    poisoned = ref.clone()
+    poisoned[3, 1, 2] = float("nan")
+    assert not bench.compare("attention", poisoned, ref) <= 1e-2  # NaN never passes
+    assert bench.compare("attention", ref * 1.1, ref) == pytest.approx(0.1, rel=1e-4)
+    scores = torch.randn(2, 3, 5)
+    scores[0, 1, 2] = float("-inf")
+    moved = scores.clone()
+    moved[0, 1, 2], moved[0, 1, 3] = 0.0, float("-inf")
+    assert bench.compare("scores", moved, scores) == 1.0  # -inf pattern differs
+    idx = torch.tensor([[0, 1, -1]], dtype=torch.int32)
+    assert bench.compare("indices", idx, idx.clone()) == 0.0
+    assert bench.compare("indices", torch.tensor([[0, 2, -1]], dtype=torch.int32), idx) == pytest.approx(1 / 3)
+
+
+def test_host_timing_reports_a_positive_median():
+    calls = []
+    t = measure([lambda: calls.append(1) or sum(range(20000))], torch.device("cpu"),
+                TimerConfig(dry_run_ms=0, repeat_ms=5, min_samples=3))
+    assert t.median_ms > 0 and t.samples >= 3 and len(calls) >= 4 and t.mode == "host"
+
+
+def test_results_md_appends_and_tsv_has_exact_columns(tmp_path):
+    row = report.Row("prefill", False, 8192, 8192, "bf16", 1, 64, 4, 128, 1.5, 0.01, 612.3, 50.0, 82.6, "sdpa-cudnn")
+    assert row.tag == "prefill-nc/sdpa-cudnn"
+    tsv = tmp_path / "x.tsv"
+    w = report.TsvWriter(str(tsv))
+    w.write(row)
+    w.close()
+    lines = tsv.read_text().splitlines()
+    assert lines[0].split("\t") == report.TSV_COLUMNS
+    assert lines[1].split("\t")[-1] == "prefill-nc/sdpa-cudnn" and lines[1].split("\t")[9] == "612.30"
+    md = tmp_path / "R.md"
+    md.write_text("# Results\n\nold entry\n")
+    for _ in range(2):
+        report.append_results_md(str(md), device_name="cpu", repo_dir=REPO, argv=["b.py", "--dry"],
+                                 roofline_line="n/a", rows=[row], skipped=["x: y"], mismatches=[])
+    text = md.read_text()
+    assert text.startswith("# Results\n\nold entry\n") and text.count("- command: `python b.py --dry`") == 2
