@@ -71,10 +71,12 @@ def sparse_topk_select(
 
     chosen = dispatch.select_backend("sparse_topk_select", device, backend)
     if chosen != "reference":
-        from .kernels import topk as topk_kernel  # noqa: PLC0415 - kernels load lazily (JIT, CUDA)
+        from .ops import sparse_topk_select_out  # noqa: PLC0415 - kernels load lazily (JIT, CUDA)
 
-        result = topk_kernel.run(max_score, topk, nvp, fb, fe, out)
-        return out if result is None else result
+        nvp_tensor = nvp if isinstance(nvp, torch.Tensor) else None
+        nvp_scalar = 0 if nvp_tensor is not None else int(nvp)
+        sparse_topk_select_out(max_score, topk, nvp_tensor, nvp_scalar, fb, fe, out)
+        return out
     return sparse_topk_select_reference(
         max_score, topk, num_valid_pages=nvp, force_begin_blocks=fb, force_end_blocks=fe, out=out
     )
