@@ -92,3 +92,16 @@ def helpers():
     h.cu = cu
     h.naive_attention = naive_attention
     return h
+
+
+@pytest.fixture(params=["union", "per_token"])
+def attn_path(request, monkeypatch):
+    """Run an attention test through both reference paths (CPU default: union GEMM; GPU default: per-token)."""
+    import msa.cute.reference as ref
+
+    monkeypatch.setattr(ref, "_union_default", lambda device: request.param == "union")
+    calls = []
+    real = ref._union_chunk
+    monkeypatch.setattr(ref, "_union_chunk", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    yield request.param
+    assert bool(calls) == (request.param == "union"), f"{request.param} path not exercised"

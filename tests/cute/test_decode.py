@@ -54,7 +54,7 @@ def decode_oracle(q, k, v, page_table, kv_used, seqlen_q, block, sel, causal):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
 @pytest.mark.parametrize("sparse", [False, True])
-def test_decode_matches_oracle_and_wrapper(dtype, sparse):
+def test_decode_matches_oracle_and_wrapper(dtype, sparse, attn_path):
     gen = torch.Generator().manual_seed(3)
     batch, seqlen_q, block, hq, hkv, d = 3, 2, 16, 8, 2, 16
     kv_used = [37, 2, 64]  # request 1: fewer keys than... still >= seqlen_q
@@ -87,7 +87,7 @@ def test_decode_matches_oracle_and_wrapper(dtype, sparse):
     assert torch.equal(out, o) and torch.equal(lse_buf, lse)
 
 
-def test_sparse_decode_equals_sparse_prefill():
+def test_sparse_decode_equals_sparse_prefill(attn_path):
     gen = torch.Generator().manual_seed(8)
     batch, seqlen_q, block, hq, hkv, d = 2, 4, 16, 4, 1, 32
     kv_used = [70, 33]
@@ -102,7 +102,7 @@ def test_sparse_decode_equals_sparse_prefill():
     rp, qi = build_k2q_csr(q2k, cq, ck, block, total_k=103)
     o_pre = sparse_atten_func(q, k, v, rp, qi, 3, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=4, max_seqlen_k=70,
                               blk_kv=block, causal=True, page_table=pt)
-    assert torch.equal(o_dec, o_pre)
+    assert (o_dec.float() - o_pre.float()).abs().max() <= 2**-8 * v.float().abs().max()
 
 
 def test_wrapper_lifecycle_errors():

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from msa.cute import runtime, variants
 
 

@@ -45,7 +45,7 @@ def oracle(helpers, q, k, v, q2k, q_lens, kv_lens, block, scale, causal, kv_used
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [True, False])
-def test_ragged_matches_oracle(helpers, dtype, causal):
+def test_ragged_matches_oracle(helpers, dtype, causal, attn_path):
     gen = torch.Generator().manual_seed(11)
     q_lens, kv_lens, hq, hkv, d, topk, block = [9, 0, 21], [40, 12, 70], 4, 2, 16, 3, 16
     q, k, v, q2k = make_problem(helpers, gen, q_lens, kv_lens, hq, hkv, d, topk, block, dtype,
@@ -67,7 +67,7 @@ def test_ragged_matches_oracle(helpers, dtype, causal):
     assert (o[~fin] == 0).all()
 
 
-def test_paged_equals_ragged_with_shuffled_pages(helpers):
+def test_paged_equals_ragged_with_shuffled_pages(helpers, attn_path):
     gen = torch.Generator().manual_seed(5)
     q_lens, kv_lens, hq, hkv, d, topk, block = [12, 30], [50, 96], 8, 2, 32, 4, 16
     q, k, v, q2k = make_problem(helpers, gen, q_lens, kv_lens, hq, hkv, d, topk, block, torch.bfloat16)
@@ -93,8 +93,10 @@ def test_paged_equals_ragged_with_shuffled_pages(helpers):
               return_softmax_lse=True, validate=True)
     o_r, l_r = sparse_atten_func(q, k, v, rp, qi, topk, **kw)
     o_p, l_p = sparse_atten_func(q, kp, vp, rp, qi, topk, page_table=page_table, **kw)
-    assert torch.equal(o_r, o_p)
-    assert torch.equal(l_r, l_p)
+    # same math, different gather order (physical pages are shuffled): equal up to fp32 summation order
+    assert (o_r.float() - o_p.float()).abs().max() <= 2**-8 * v.float().abs().max()
+    fin = torch.isfinite(l_r)
+    assert torch.equal(fin, torch.isfinite(l_p)) and (l_r[fin] - l_p[fin]).abs().max() < 1e-5
     # seqused_k shortens the visible prefix exactly like a shorter KV.
     su = torch.tensor([40, 96], dtype=torch.int32)
     o_s, l_s = sparse_atten_func(q, kp, vp, rp, qi, topk, page_table=page_table, seqused_k=su, **kw)
@@ -105,7 +107,7 @@ def test_paged_equals_ragged_with_shuffled_pages(helpers):
     assert (l_s[fin].double() - lse_ref[fin]).abs().max() < 1e-4
 
 
-def test_all_blocks_selected_equals_dense(helpers):
+def test_all_blocks_selected_equals_dense(helpers, attn_path):
     gen = torch.Generator().manual_seed(9)
     q_lens, kv_lens, hq, hkv, d, block = [17, 33], [80, 33], 6, 3, 16, 16
     nblk = max(-(-n // block) for n in kv_lens)
@@ -134,7 +136,7 @@ def test_all_blocks_selected_equals_dense(helpers):
         assert (lse[cuq[b]:cuq[b + 1]].double() - torch.logsumexp(logits, -1).t()).abs().max() < 1e-4
 
 
-def test_fp8_kv_and_fp8_q(helpers):
+def test_fp8_kv_and_fp8_q(helpers, attn_path):
     gen = torch.Generator().manual_seed(21)
     q_lens, kv_lens, hq, hkv, d, topk, block = [14], [64], 4, 1, 16, 2, 16
     q, k, v, q2k = make_problem(helpers, gen, q_lens, kv_lens, hq, hkv, d, topk, block, torch.bfloat16)

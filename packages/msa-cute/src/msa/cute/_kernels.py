@@ -1,8 +1,10 @@
 """Optional kernel modules for msa.cute ops, found lazily and registered with ``msa.core.dispatch``.
 
 Convention for a kernel module ``msa.cute.kernels.<name>``: it exposes ``available(device) -> (ok, reason)``
-(cheap: no compilation) and ``run(**kwargs)`` taking the public op's already-validated arguments. Nothing is
-imported until a CUDA call asks for it, so ``import msa.cute`` never loads the CuTe DSL.
+(cheap: no compilation), optionally ``supports(**features) -> (ok, reason)`` (does it implement this call: dtypes,
+head dim, top-k, GQA ratio, ...; the features each op passes are listed at its ``choose`` call), and
+``run(**kwargs)`` taking the public op's already-validated arguments. Nothing is imported until a CUDA call asks
+for it, so ``import msa.cute`` never loads the CuTe DSL.
 """
 
 from __future__ import annotations
@@ -36,12 +38,17 @@ def register_optional_kernel(op: str, modname: str) -> None:
             return False, f"import failed: {type(e).__name__}: {e}"
         return mod.available(device)
 
-    register_kernel(op, short, available)
+    def supports(**features) -> tuple[bool, str]:
+        mod = importlib.import_module(modname)
+        fn = getattr(mod, "supports", None)
+        return (True, "") if fn is None else fn(**features)
+
+    register_kernel(op, short, available, supports)
 
 
-def choose(op: str, device: torch.device, backend: str | None) -> str:
-    """``"reference"`` or the name of the kernel that serves ``op`` (see ``msa.core.dispatch.select_backend``)."""
-    return select_backend(op, device, backend)
+def choose(op: str, device: torch.device, backend: str | None, **features) -> str:
+    """``"reference"`` or the name of the kernel that serves this call (``msa.core.dispatch.select_backend``)."""
+    return select_backend(op, device, backend, **features)
 
 
 def run_kernel(modname: str, **kwargs):

@@ -149,7 +149,11 @@ def _check_run_args(plan: _DecodePlan, q, k, v, softmax_scale, out, lse):
 
 
 def _run(plan: _DecodePlan, q, k, v, scale, return_lse, out, lse, backend):
-    choice = _kernels.choose(OP, q.device, backend)
+    choice = _kernels.choose(
+        OP, q.device, backend, q_dtype=q.dtype, kv_dtype=k.dtype, head_dim=q.shape[-1], head_dim_v=v.shape[-1],
+        qhead_per_kv=q.shape[1] // k.shape[1], seqlen_q=plan.seqlen_q, blk_kv=plan.blk_kv, causal=plan.causal,
+        sparse=plan.sparse, topk=plan.q2k.shape[-1] if plan.sparse else None,
+    )
     if choice != "reference":
         return _kernels.run_kernel(KERNEL_MODULE, plan=plan, q=q, k=k, v=v, softmax_scale=scale,
                                    return_softmax_lse=return_lse, out=out, lse=lse)

@@ -11,7 +11,8 @@ exist (``j < kv_len``) and, with ``causal``, satisfy ``j <= i + qo_offset[b]`` (
 ``kv_len - q_len``). No softmax scale is applied. Everything else is ``-inf``. Output
 ``[Hq, ceil(max_seqlen_k/128), total_q]`` fp32. Top-k and CSR construction stay with the caller.
 
-The reference reads the ``[B+1]`` offsets on the host once per call (it is the CPU path / GPU fallback).
+The reference never reads device offsets on the host: it loops over requests (the batch size is a shape) with
+work padded to ``max_seqlen_q`` x ``ceil(max_seqlen_k/128)`` blocks, so it can run inside CUDA graph capture.
 """
 
 from __future__ import annotations
@@ -113,7 +114,10 @@ def fp4_indexer_block_scores(
     if validation_enabled(validate):
         _validate_values(q_fp4, k_fp4, cu_seqlens_q, cu_seqlens_k, cu_page_offsets, kv_indices, max_seqlen_q,
                          max_seqlen_k)
-    choice = _kernels.choose(OP, q_fp4.device, backend)
+    choice = _kernels.choose(
+        OP, q_fp4.device, backend, fp4_format=fp4_format, head_dim=2 * q_fp4.shape[-1],
+        qhead_per_kv=q_fp4.shape[1] // k_fp4.shape[1], causal=causal, max_seqlen_q=max_seqlen_q,
+    )
     if choice != "reference":
         return _kernels.run_kernel(
             KERNEL_MODULE, q_fp4=q_fp4, k_fp4=k_fp4, q_scale=q_scale, k_scale=k_scale, cu_seqlens_q=cu_seqlens_q,
@@ -121,41 +125,53 @@ def fp4_indexer_block_scores(
             max_seqlen_k=max_seqlen_k, kv_indices=kv_indices, fp4_format=fp4_format, causal=causal,
             qo_offset=qo_offset,
         )
+    return _reference(q_fp4, k_fp4, q_scale, k_scale, cu_seqlens_q, cu_seqlens_k, cu_page_offsets, kv_indices,
+                      fp4_format, causal, qo_offset, batch, max_seqlen_q, n_blocks)
+
+
+def _reference(q_fp4, k_fp4, q_scale, k_scale, cu_q, cu_k, cu_p, kv_indices, fmt, causal, qo_offset, batch,
+               max_seqlen_q, n_blocks):
+    """Per request (host loop over the batch size), padded to the host bounds ``max_seqlen_q`` x ``n_blocks``;
+    all offsets stay on the device, so nothing synchronises."""
     total_q, hq, _ = q_fp4.shape
     hk = k_fp4.shape[1]
     group = hq // hk
-    out = torch.full((hq, n_blocks, total_q), float("-inf"), dtype=torch.float32, device=q_fp4.device)
-    if batch == 0 or total_q == 0 or n_blocks == 0:
-        return out
-    cu_q = cu_seqlens_q.tolist()
-    cu_k = cu_seqlens_k.tolist()
-    cu_p = cu_page_offsets.tolist()
-    offs = qo_offset.tolist() if qo_offset is not None else None
-    q_deq = _dequant(fp4_format, q_fp4, q_scale)  # [T, Hq, D]
-    budget = 64 << 20
+    dev = q_fp4.device
+    # One spare query column absorbs the padded rows of every request.
+    out = torch.full((hq, n_blocks, total_q + 1), float("-inf"), dtype=torch.float32, device=dev)
+    if batch == 0 or total_q == 0 or n_blocks == 0 or k_fp4.shape[0] == 0 or kv_indices.numel() == 0:
+        return out[:, :, :total_q].contiguous()
+    q_deq = _dequant(fmt, q_fp4, q_scale)  # [T, Hq, D]
+    d = q_deq.shape[-1]
+    cu_q64, cu_k64, cu_p64 = (t.to(torch.int64) for t in (cu_q, cu_k, cu_p))
+    q_len = cu_q64[1:] - cu_q64[:-1]
+    kv_len = cu_k64[1:] - cu_k64[:-1]
+    n_pages = cu_p64[1:] - cu_p64[:-1]
+    offs = qo_offset.to(torch.int64) if qo_offset is not None else kv_len - q_len
+    blocks = torch.arange(n_blocks, device=dev)
+    keys = torch.arange(n_blocks * INDEX_BLOCK, device=dev)
+    chunk = max(1, min(max(max_seqlen_q, 1), (64 << 20) // max(1, hq * n_blocks * INDEX_BLOCK * 4)))
     for b in range(batch):
-        q0, q1 = cu_q[b], cu_q[b + 1]
-        kl = cu_k[b + 1] - cu_k[b]
-        np_ = min(cu_p[b + 1] - cu_p[b], cdiv(kl, INDEX_BLOCK), n_blocks)
-        if q1 == q0 or np_ == 0:
-            continue
-        pages = kv_indices[cu_p[b]:cu_p[b] + np_].to(torch.int64)
-        kd = _dequant(fp4_format, k_fp4[pages], k_scale[pages])  # [np, Hk, 128, D]
-        kd = kd.permute(1, 0, 2, 3).reshape(hk, np_ * INDEX_BLOCK, -1)
-        off = (kl - (q1 - q0)) if offs is None else offs[b]
-        key = torch.arange(np_ * INDEX_BLOCK, device=out.device)
-        chunk = max(1, budget // max(1, hq * np_ * INDEX_BLOCK * 4))
-        for t0 in range(q0, q1, chunk):
-            t1 = min(q1, t0 + chunk)
-            qq = q_deq[t0:t1].transpose(0, 1).reshape(hk, group * (t1 - t0), -1)  # [Hk, G*n, D]
-            logits = torch.bmm(qq, kd.transpose(1, 2)).view(hq, t1 - t0, np_ * INDEX_BLOCK)
-            vis = key.view(1, -1) < kl
+        page_ok = blocks < n_pages[b]
+        pid = kv_indices.to(torch.int64)[(cu_p64[b] + blocks).clamp(0, kv_indices.numel() - 1)]
+        pid = torch.where(page_ok, pid, torch.zeros_like(pid)).clamp(0, k_fp4.shape[0] - 1)
+        kd = _dequant(fmt, k_fp4[pid], k_scale[pid])  # [n_blocks, Hk, 128, D]
+        kd = kd.permute(1, 0, 2, 3).reshape(hk, n_blocks * INDEX_BLOCK, d)
+        key_ok = (keys < kv_len[b]) & page_ok.repeat_interleave(INDEX_BLOCK)
+        for i0 in range(0, max_seqlen_q, chunk):
+            i = torch.arange(i0, min(max_seqlen_q, i0 + chunk), device=dev)
+            n = i.numel()
+            tok_ok = i < q_len[b]
+            tok = torch.where(tok_ok, cu_q64[b] + i, torch.full_like(i, total_q))
+            qq = q_deq[tok.clamp(max=total_q - 1)].transpose(0, 1).reshape(hk, group * n, d)
+            logits = torch.bmm(qq, kd.transpose(1, 2)).view(hq, n, n_blocks * INDEX_BLOCK)
+            vis = key_ok.view(1, -1)
             if causal:
-                pos = torch.arange(t0 - q0, t1 - q0, device=out.device).view(-1, 1)
-                vis = vis & (key.view(1, -1) <= pos + off)
+                vis = vis & (keys.view(1, -1) <= i.view(-1, 1) + offs[b])
             logits.masked_fill_(~vis.unsqueeze(0), float("-inf"))
-            out[:, :np_, t0:t1] = logits.view(hq, t1 - t0, np_, INDEX_BLOCK).amax(-1).transpose(1, 2)
-    return out
+            scores = logits.view(hq, n, n_blocks, INDEX_BLOCK).amax(-1).transpose(1, 2)  # [Hq, n_blocks, n]
+            out.index_copy_(2, tok, scores.contiguous())
+    return out[:, :, :total_q].contiguous()
 
 
 def _validate_values(q_fp4, k_fp4, cu_q, cu_k, cu_p, kv_indices, max_seqlen_q, max_seqlen_k):

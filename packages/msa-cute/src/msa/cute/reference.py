@@ -109,6 +109,17 @@ def ragged_to_blocks(x: torch.Tensor, cu_seqlens: torch.Tensor, total_rows: int,
     return out
 
 
+def _softmax_tail(logits: torch.Tensor, mask: torch.Tensor, temp: float | None):
+    """In place on ``logits [n, G, K]`` (``mask`` broadcastable): returns ``(P unnormalised, denom, LSE, LSE_t)``."""
+    logits.masked_fill_(~mask, _NEG_INF)
+    lse_t = torch.logsumexp(logits / temp, dim=-1) if temp is not None else None
+    m = logits.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(logits.sub_(m))  # masked keys: exp(-inf) = 0
+    denom = p.sum(dim=-1, keepdim=True)
+    return p, denom, (m + torch.log(denom)).squeeze(-1), lse_t
+
+
 def gather_block_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -126,6 +137,7 @@ def gather_block_attention(
     page_table: torch.Tensor | None = None,
     lse_temperature_scale: float | None = None,
     budget_bytes: int | None = None,
+    union: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """fp32 attention of every query over the KV blocks it selected.
 
@@ -138,6 +150,9 @@ def gather_block_attention(
         kv_len: ``[B]`` visible key count per request (keys ``j >= kv_len[b]`` are masked).
         causal / causal_offset: when causal, query ``i`` sees keys ``j <= i + causal_offset[b]``.
         lse_temperature_scale: also return LSE of ``logits / lse_temperature_scale``.
+        union: evaluate a group of neighbouring tokens as one GEMM over the union of their blocks (masked per
+            token) when that union is small. Needs the union size on the host, so the default is on for CPU
+            tensors only; the per-token gather path never synchronises.
 
     Returns ``(O [T, Hq, Dv] fp32, LSE [T, Hq] fp32, LSE_temp or None)``; a query with no visible key gets O = 0
     and LSE = -inf.
@@ -153,41 +168,103 @@ def gather_block_attention(
     n_blocks = k.shape[0]
     if total_q == 0 or width == 0 or hq == 0 or n_blocks == 0:
         return out, lse, lse_t
+    union = _union_default(dev) if union is None else union
+    budget = budget_bytes or default_chunk_budget(dev)
     keys_per_tok = width * block_size
     per_tok_bytes = keys_per_tok * (4 * (d + dv) * 2 + 4 * 2 * group + 16)
-    budget = budget_bytes or default_chunk_budget(dev)
-    chunk = max(1, min(total_q, budget // max(per_tok_bytes, 1)))
+    tok_chunk = max(1, min(total_q, budget // max(per_tok_bytes, 1)))
+    max_union = _UNION_FACTOR * width
+    union_chunk = max(1, min(_UNION_TOKENS, budget // max(1, group * max_union * block_size * 12)))
+    step = union_chunk if union else tok_chunk
     offs = torch.arange(block_size, device=dev, dtype=torch.int64)
-    for t0 in range(0, total_q, chunk):
-        t1 = min(total_q, t0 + chunk)
-        n = t1 - t0
-        b = token_batch[t0:t1]
-        limit = kv_len[b].view(n, 1, 1)
-        if causal:
-            limit = torch.minimum(limit, (token_pos[t0:t1] + causal_offset[b] + 1).view(n, 1, 1))
+
+    def store(t0, t1, h, o, m, mt):
+        sl = slice(h * group, (h + 1) * group)
+        out[t0:t1, sl] = o
+        lse[t0:t1, sl] = m
+        if lse_t is not None:
+            lse_t[t0:t1, sl] = mt
+
+    for s0 in range(0, total_q, step):
+        s1 = min(total_q, s0 + step)
         for h in range(hkv):
-            blk = q2k[h, t0:t1].to(torch.int64)  # [n, W]
-            vis = (blk.unsqueeze(-1) >= 0) & (blk.unsqueeze(-1) * block_size + offs < limit)  # [n, W, bs]
-            if page_table is not None:
-                cols = blk.clamp(0, page_table.shape[1] - 1)
-                page = page_table[b.view(n, 1), cols].to(torch.int64)
-            else:
-                page = block_base[b].view(n, 1) + blk
-            page = page.clamp(0, n_blocks - 1)
-            flat = page.reshape(-1)
-            kk = k[:, h].index_select(0, flat).view(n, keys_per_tok, d).float()  # no-op cast for fp32 blocks
-            vv = v[:, h].index_select(0, flat).view(n, keys_per_tok, dv).float()
-            qq = q[t0:t1, h * group:(h + 1) * group].float() * softmax_scale  # [n, G, D]
-            logits = torch.bmm(qq, kk.transpose(1, 2))  # [n, G, keys]
-            mask = vis.view(n, 1, keys_per_tok)
-            logits.masked_fill_(~mask, _NEG_INF)
-            m = logits.amax(dim=-1, keepdim=True)
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            p = torch.exp(logits - m)  # masked keys: exp(-inf) = 0
-            denom = p.sum(dim=-1, keepdim=True)  # [n, G, 1]
-            o = torch.bmm(p, vv) / denom.clamp(min=torch.finfo(torch.float32).tiny)
-            out[t0:t1, h * group:(h + 1) * group] = o
-            lse[t0:t1, h * group:(h + 1) * group] = (m + torch.log(denom)).squeeze(-1)
-            if lse_t is not None:
-                lse_t[t0:t1, h * group:(h + 1) * group] = torch.logsumexp(logits / lse_temperature_scale, dim=-1)
+            blk_all = q2k[h, s0:s1].to(torch.int64)  # [n, W]
+            page_all = _pages(blk_all, token_batch[s0:s1], page_table, block_base, n_blocks)
+            if union:
+                lim = _limit(token_batch[s0:s1], token_pos[s0:s1], kv_len, causal, causal_offset).view(-1, 1)
+                live = (blk_all >= 0) & (blk_all * block_size < lim)  # slots with at least one visible key
+                pairs = torch.unique(torch.stack([torch.arange(s1 - s0, device=dev).view(-1, 1).expand_as(live)[live],
+                                                  page_all[live]]), dim=1)
+                uniq = torch.unique(pairs[1])
+                # One logical block per (token, page) is required to express visibility per union entry.
+                if 0 < uniq.numel() <= max_union and pairs.shape[1] == int(live.sum()):
+                    r = _union_chunk(q, k, v, s0, s1, h, group, blk_all, page_all, live, uniq, token_batch,
+                                     token_pos, kv_len, causal, causal_offset, softmax_scale, block_size, offs,
+                                     lse_temperature_scale)
+                    store(s0, s1, h, *r)
+                    continue
+            for t0 in range(s0, s1, tok_chunk):
+                t1 = min(s1, t0 + tok_chunk)
+                n = t1 - t0
+                blk = blk_all[t0 - s0:t1 - s0]
+                flat = page_all[t0 - s0:t1 - s0].reshape(-1)
+                limit = _limit(token_batch[t0:t1], token_pos[t0:t1], kv_len, causal, causal_offset)
+                vis = (blk.unsqueeze(-1) >= 0) & (blk.unsqueeze(-1) * block_size + offs < limit)  # [n, W, bs]
+                kk = k[:, h].index_select(0, flat).view(n, keys_per_tok, d).float()  # no-op cast for fp32 blocks
+                vv = v[:, h].index_select(0, flat).view(n, keys_per_tok, dv).float()
+                qq = q[t0:t1, h * group:(h + 1) * group].float() * softmax_scale  # [n, G, D]
+                logits = torch.bmm(qq, kk.transpose(1, 2))  # [n, G, keys]
+                p, denom, m, mt = _softmax_tail(logits, vis.view(n, 1, keys_per_tok), lse_temperature_scale)
+                o = torch.bmm(p, vv) / denom.clamp(min=_TINY)
+                store(t0, t1, h, o, m, mt)
     return out, lse, lse_t
+
+
+def _union_default(device: torch.device) -> bool:
+    return device.type == "cpu"
+
+
+_UNION_FACTOR = 4  # take the union path while the union has at most 4x the blocks of one token's selection
+_UNION_TOKENS = 128
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def _limit(b, pos, kv_len, causal, causal_offset):
+    """``[n, 1, 1]`` exclusive upper bound of the visible key positions of each query."""
+    limit = kv_len[b]
+    if causal:
+        limit = torch.minimum(limit, pos + causal_offset[b] + 1)
+    return limit.view(-1, 1, 1)
+
+
+def _pages(blk, b, page_table, block_base, n_blocks):
+    """Physical block id of every (token, slot) selection (clamped into range; empty slots are masked later)."""
+    if page_table is not None:
+        cols = blk.clamp(0, page_table.shape[1] - 1)
+        page = page_table[b.view(-1, 1), cols].to(torch.int64)
+    else:
+        page = block_base[b].view(-1, 1) + blk
+    return page.clamp(0, n_blocks - 1)
+
+
+def _union_chunk(q, k, v, t0, t1, h, group, blk, page, live, uniq, token_batch, token_pos, kv_len, causal,
+                 causal_offset, scale, block_size, offs, temp):
+    """Tokens ``[t0, t1)`` x the union of their selected blocks as one GEMM; per-token visibility as a mask."""
+    n, width = blk.shape
+    nu = uniq.numel()
+    d, dv = q.shape[-1], v.shape[-1]
+    # Logical block of each union entry as seen by each token (a physical page may back different logical
+    # blocks in different requests, so it comes from the token's own slot), then key visibility from it.
+    slot_pos = torch.searchsorted(uniq, page).clamp(max=nu - 1)  # [n, W]; exact for live slots
+    logical = torch.full((n, nu), -1, dtype=torch.int64, device=q.device)
+    rows = torch.arange(n, device=q.device).view(n, 1).expand(n, width)
+    logical[rows[live], slot_pos[live]] = blk[live]
+    limit = _limit(token_batch[t0:t1], token_pos[t0:t1], kv_len, causal, causal_offset)
+    vis = (logical.unsqueeze(-1) >= 0) & (logical.unsqueeze(-1) * block_size + offs < limit)  # [n, U, bs]
+    kk = k[:, h].index_select(0, uniq).reshape(nu * block_size, d).float()
+    vv = v[:, h].index_select(0, uniq).reshape(nu * block_size, dv).float()
+    qq = q[t0:t1, h * group:(h + 1) * group].float().mul_(scale).reshape(n * group, d)
+    logits = (qq @ kk.t()).view(n, group, nu * block_size)
+    p, denom, m, mt = _softmax_tail(logits, vis.view(n, 1, nu * block_size), temp)
+    o = (p.view(n * group, -1) @ vv).view(n, group, dv) / denom.clamp(min=_TINY)
+    return o, m, mt

@@ -224,7 +224,11 @@ def sparse_atten_func(
     if validation_enabled(validate):
         _validate_values(q, k, k2q_row_ptr, k2q_q_indices, topk, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                          max_seqlen_k, blk_kv, page_table, seqused_k)
-    choice = _kernels.choose(OP, q.device, backend)
+    choice = _kernels.choose(
+        OP, q.device, backend, q_dtype=q.dtype, kv_dtype=k.dtype, head_dim=q.shape[-1], head_dim_v=v.shape[-1],
+        topk=topk, qhead_per_kv=q.shape[1] // k.shape[1], paged=page_table is not None, blk_kv=blk_kv, causal=causal,
+        partial_dtype=partial_dtype, temperature_lse=return_temperature_lse and temp != 1.0,
+    )
     if choice != "reference":
         return _kernels.run_kernel(
             KERNEL_MODULE, q=q, k=k, v=v, k2q_row_ptr=k2q_row_ptr, k2q_q_indices=k2q_q_indices, topk=topk,
