@@ -156,11 +156,15 @@ struct OnlineSoftmax {
   __device__ __forceinline__ void update(Frag& s, float scale_log2, float (&o_rescale)[kRows]) {
     Tensor sr = make_tensor(s.data(), acc_rowcol(s.layout()));
     static_assert(decltype(size<0>(sr))::value == kRows);
+    constexpr int kCols = decltype(size<1>(sr))::value;
+    static_assert(kCols % 4 == 0);
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {
-      float m = kFirst ? -INFINITY : row_max[mi];
+      // Four independent max chains (a single 64-long FMNMX chain is latency-bound on the critical path).
+      float mx[4] = {kFirst ? -INFINITY : row_max[mi], -INFINITY, -INFINITY, -INFINITY};
       CUTE_UNROLL
-      for (int ni = 0; ni < size<1>(sr); ++ni) { m = fmaxf(m, sr(mi, ni)); }
+      for (int ni = 0; ni < kCols; ++ni) { mx[ni % 4] = fmaxf(mx[ni % 4], sr(mi, ni)); }
+      float m = fmaxf(fmaxf(mx[0], mx[1]), fmaxf(mx[2], mx[3]));
       m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 1));
       m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 2));
       // A row that has seen only masked keys keeps max -inf; use 0 so exp2 gives 0 instead of NaN.
@@ -171,14 +175,15 @@ struct OnlineSoftmax {
       }
       row_max[mi] = m;
       float const m_scaled = m_safe * scale_log2;
-      float sum = 0.f;
+      float sum[4] = {0.f, 0.f, 0.f, 0.f};
       CUTE_UNROLL
-      for (int ni = 0; ni < size<1>(sr); ++ni) {
+      for (int ni = 0; ni < kCols; ++ni) {
         float const e = fast_exp2(fmaf(sr(mi, ni), scale_log2, -m_scaled));
         sr(mi, ni) = e;
-        sum += e;
+        sum[ni % 4] += e;
       }
-      row_sum[mi] = kFirst ? sum : row_sum[mi] + sum;
+      float const tile_sum = (sum[0] + sum[1]) + (sum[2] + sum[3]);
+      row_sum[mi] = kFirst ? tile_sum : row_sum[mi] + tile_sum;
     }
   }
 
@@ -294,9 +299,18 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
                                             Shape<Int<kD>, Int<kBlockN>>{}, make_coord(_0{}, _)));
       }
     }();
+    // Paged: each lane holds one page id of a 32-tile window, fetched once per window and shuffled to the
+    // warp, so a page id's global load is not on the path of every TMA issue. Called by all lanes.
+    int page_window = -1, page_of_lane = 0;
     auto tile_of = [&](int n) {
       if constexpr (T::kPaged) {
-        return __ldg(p.kv_indices + w.kv_start + n);
+        int const window = n >> 5;
+        if (window != page_window) {
+          page_window = window;
+          int const t = (window << 5) + int(threadIdx.x % 32);
+          page_of_lane = t < w.n_block_max ? __ldg(p.kv_indices + w.kv_start + t) : 0;
+        }
+        return __shfl_sync(0xffffffff, page_of_lane, n & 31);
       } else {
         return n;
       }
@@ -313,11 +327,8 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
     };
 
     int n = w.n_block_max - 1;
-    int tile = 0;
-    if (leader) {
-      tile = tile_of(n);
-      load_k(tile, wr);
-    }
+    int tile = tile_of(n);
+    if (leader) { load_k(tile, wr); }
     // Q of the previous tile must be fully consumed (its last QK^T done) before it is overwritten.
     named_barrier_sync(kBarQueryEmpty, T::kNumMmaThreads + 32);
     if (leader) {
@@ -328,9 +339,9 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
     for (--n; n >= 0; --n) {
       PipeState<T::kStages> const wr_v = wr;
       wr.advance();
+      int const prev = tile;
+      tile = tile_of(n);
       if (leader) {
-        int const prev = tile;
-        tile = tile_of(n);
         load_k(tile, wr);
         load_v(prev, wr_v);
       }
@@ -432,21 +443,32 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
   PipeState<2> sched_rd;
   int q_phase = 0;
 
-  while (true) {
+  // The next work item is read from the producer's ring before the current tile's epilogue, so the load of
+  // its descriptor overlaps the epilogue instead of stalling the next tile's start.
+  auto next_work = [&](int& item, WorkItem& w) {
     mbar_wait_mem(&ss.sched_full[sched_rd.index], sched_rd.phase);
-    int const item = ss.sched_item[sched_rd.index];
+    item = ss.sched_item[sched_rd.index];
     mbar_arrive_mem(&ss.sched_empty[sched_rd.index]);
     sched_rd.advance();
-    if (item >= p.num_work) { break; }
-    WorkItem const w = load_work(p.work, item);
+    if (item < p.num_work) { w = load_work(p.work, item); }
+  };
+  int item = 0;
+  WorkItem w{};
+  next_work(item, w);
 
+  while (item < p.num_work) {
+    int next_item = 0;
+    WorkItem next_w = w;
     Tensor tOrO = partition_fragment_C(mma_pv, select<0, 1>(TilePV{}));
     float o_norm[2], lse[2];
     if (w.n_block_max <= 0) {  // no query row of this tile sees a key: O = 0, LSE = -inf
+      next_work(next_item, next_w);
       clear(tOrO);
       o_norm[0] = o_norm[1] = 0.f;
       lse[0] = lse[1] = -INFINITY;
       store_tile<T>(p, ss, tOrO, o_norm, lse, w, tid);
+      item = next_item;
+      w = next_w;
       continue;
     }
 
@@ -498,7 +520,8 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       warpgroup_fence_operand(tOrO);
       Mbar::arrive(&ss.empty_v[rd_v.index]);
       convert_fragment(tSrS, tOrP);
-      rescale_rows(tOrO, o_rescale);
+      // Once a row's max has settled the factor is exactly 1 (exp2(0)); most tiles then skip the 64 FMULs.
+      if (__any_sync(0xffffffff, o_rescale[0] != 1.f || o_rescale[1] != 1.f)) { rescale_rows(tOrO, o_rescale); }
     };
 
     --n;
@@ -512,6 +535,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
 
     Mbar::wait(&ss.full_v[rd.index], rd.phase);
     wg_gemm<false, -1>(mma_pv, tOrP, tOrV(_, _, _, rd.index), tOrO);
+    next_work(next_item, next_w);
     softmax.finalize(p.sm_scale, o_norm, lse);
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
@@ -519,6 +543,8 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     rd.advance();
 
     store_tile<T>(p, ss, tOrO, o_norm, lse, w, tid);
+    item = next_item;
+    w = next_w;
   }
 }
 
