@@ -221,14 +221,15 @@ def flex_block_mask(sel: TileSelection, hq: int, device: torch.device, pad_limit
 
     params = inspect.signature(BlockMask.from_kv_blocks).parameters
     kwargs = dict(BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(q_len, kv_len))
-    if "compute_q_blocks" in params:
-        kwargs["compute_q_blocks"] = False  # forward only: skip the transposed (q-major) lists
     # BlockMask helpers (to_dense, the eager path, the q-major transpose) read the number of KV blocks from the
-    # last dim: give it one column per KV block unless that costs more than pad_limit bytes (1M-token prefill),
-    # where the compiled kernel, which reads only the first kv_num_blocks entries, gets the top-k-wide lists.
+    # last dim, so the lists get one column per KV block -- the layout create_block_mask makes. Only when that
+    # would take more than pad_limit bytes (a 1M-token sparse prefill) do they stay top-k wide, without the
+    # q-major transpose (forward only; the compiled kernel reads just the first kv_num_blocks entries).
     pad = nblk - k
     padded_bytes = 2 * full_idx.numel() // max(k, 1) * nblk * 4
-    if pad > 0 and (padded_bytes <= pad_limit or "compute_q_blocks" not in params):
+    if pad > 0 and padded_bytes > pad_limit and "compute_q_blocks" in params:
+        kwargs["compute_q_blocks"] = False
+    elif pad > 0:
         full_idx = torch.nn.functional.pad(full_idx, (0, pad))
         part_idx = torch.nn.functional.pad(part_idx, (0, pad))
     return BlockMask.from_kv_blocks(part_cnt, part_idx, full_cnt, full_idx, **kwargs)

@@ -14,6 +14,7 @@ TSV_COLUMNS = ["q_len", "kv_len", "dtype", "batch_size", "q_head", "kv_head", "h
 COMPUTE_SECTIONS = {"prefill", "paged_prefill", "sparse_prefill", "indexer"}
 MEMORY_SECTIONS = {"decode", "paged_decode", "sparse_decode", "topk"}
 CAUSAL_SECTIONS = {"prefill", "paged_prefill", "sparse_prefill", "indexer"}
+PREFILL_SECTIONS = {"prefill", "paged_prefill", "sparse_prefill"}
 
 
 @dataclass
@@ -174,14 +175,14 @@ def plot(rows: list[Row], path: str) -> None:
             label = r.impl
             if len(configs) > 1:
                 label += f" B{r.batch} H{r.hq}/{r.hkv}" + (f" {r.extra['series']}" if r.extra.get("series") else "")
-            x = r.kv_len if memory else r.q_len
+            x = r.q_len if base in PREFILL_SECTIONS else r.kv_len
             series.setdefault(label, []).append((x, r.gbs if memory else r.tflops))
         for label, pts in sorted(series.items()):
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         ax.set_xscale("log", base=2)
         ax.set_title(sec)
-        ax.set_xlabel("kv_len" if memory else "q_len (= kv_len)")
+        ax.set_xlabel("q_len (= kv_len)" if base in PREFILL_SECTIONS else "kv_len")
         ax.set_ylabel("GB/s" if memory else "TFLOP/s")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)

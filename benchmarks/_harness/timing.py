@@ -130,9 +130,7 @@ def measure(fns: Sequence[Callable[[], object]], device: torch.device, cfg: Time
     while i < n or time.perf_counter() < t_end:
         fns[i % n]()
         i += 1
-        if i % 8 == 0:
-            _sync(device)  # keep the host from queueing far ahead of the clock it checks
-    _sync(device)
+        _sync(device)  # the clock must see device time: never queue more warm-up than dry_run_ms
     est = _event_samples(fns, min(max(n, 3), 16), device)
     est_ms = statistics.median(est)
 
