@@ -165,3 +165,29 @@ def test_overflowing_token_is_poisoned_not_truncated(helpers):
     assert torch.isnan(o[0]).all() and torch.isfinite(o[1]).all()
     with pytest.raises(ValueError, match="k2q_q_indices.*topk=2"):
         sparse_atten_func(q, k, k, rp, qi, 2, validate=True, **kw)
+
+
+def test_shared_and_repeated_pages(helpers, attn_path):
+    """Prefix sharing (two requests map their first blocks to the same pages) and one page used at two logical
+    positions of a request: results equal the ragged layout holding the same keys."""
+    gen = torch.Generator().manual_seed(17)
+    block, hq, hkv, d, topk = 16, 4, 1, 16, 3
+    pages_k = torch.randn(12, hkv, block, d, generator=gen).bfloat16()
+    pages_v = torch.randn(12, hkv, block, d, generator=gen).bfloat16()
+    table = torch.tensor([list(range(10)), [0, 1, 10] + [0] * 7, [11, 11, 0] + [0] * 7], dtype=torch.int32)
+    kv_lens, q_lens = [160, 40, 48], [130, 9, 16]  # request 1 shares request 0's first pages; page 11 twice
+    ks = torch.cat([pages_k[table[b, : -(-n // block)].long()].transpose(1, 2).reshape(-1, hkv, d)[:n]
+                    for b, n in enumerate(kv_lens)])
+    vs = torch.cat([pages_v[table[b, : -(-n // block)].long()].transpose(1, 2).reshape(-1, hkv, d)[:n]
+                    for b, n in enumerate(kv_lens)])
+    q = torch.randn(sum(q_lens), hq, d, generator=gen).bfloat16()
+    q2k = helpers.random_selection(gen, q_lens, kv_lens, hkv, topk, block, mode="causal")
+    cq, ck = helpers.cu(q_lens), helpers.cu(kv_lens)
+    rp, qi = build_k2q_csr(q2k, cq, ck, block, total_k=sum(kv_lens))
+    kw = dict(cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=130, max_seqlen_k=160, blk_kv=block, causal=True,
+              return_softmax_lse=True)
+    o_p, l_p = sparse_atten_func(q, pages_k, pages_v, rp, qi, topk, page_table=table, **kw)
+    o_ref, lse_ref, _ = oracle(helpers, q, ks, vs, q2k, q_lens, kv_lens, block, d ** -0.5, True)
+    assert (o_p.double() - o_ref).abs().max() <= 2**-8 * vs.float().abs().max()
+    fin = torch.isfinite(lse_ref)
+    assert torch.equal(fin, torch.isfinite(l_p)) and (l_p[fin].double() - lse_ref[fin]).abs().max() < 1e-4

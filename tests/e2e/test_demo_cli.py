@@ -42,10 +42,11 @@ def test_demo_tiny_prints_table_and_succeeds():
     assert "msa demo: OK" in out
 
 
-def test_demo_exit_code_when_recall_below_threshold():
-    r = run_msa([*TINY, "--min-recall", "1.01"])
+@pytest.mark.parametrize("flag", [["--min-recall", "1.01"], ["--max-rel-error", "1e-9"]])
+def test_demo_exit_code_when_a_check_fails(flag):
+    r = run_msa([*TINY, *flag])
     assert r.returncode == 1
-    assert "FAILED" in r.stderr and "recall" in r.stderr
+    assert "FAILED" in r.stderr and "recall" in r.stderr and "rel. L2 error" in r.stderr
 
 
 @pytest.mark.parametrize("bad,msg", [(["--heads", "5/2"], "Hkv dividing Hq"), (["--topk", "0"], "positive")])

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Index pass (msa.core.fmha score-only) -> sparse_topk_select (1 forced local block) -> sparse "
         "attention (msa.bridge.sparse_fmha), compared against dense attention. Defaults fit the machine: "
         "the MiniMax-M3 shape at 128K tokens on a GPU, a small problem on a CPU. Exits 1 if the recall of the "
-        "planted blocks is below --min-recall.",
+        "planted blocks is below --min-recall or the sparse output is further than --max-rel-error from dense.",
     )
     d.add_argument("--seq-len", type=_positive, help="context length in tokens (GPU 131072, CPU 8192)")
     d.add_argument("--heads", type=_heads, help="query/KV heads as Hq/Hkv (GPU 64/4, CPU 16/1)")
@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     d.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES), help="Q/K/V dtype (bf16)")
     d.add_argument("--min-recall", type=float, default=0.9, help="exit 1 below this planted-block recall (0.9)")
+    d.add_argument("--max-rel-error", type=float, default=0.25,
+                   help="exit 1 above this relative L2 error of sparse vs dense output (0.25)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=_cmd_demo)
     return p
@@ -84,15 +86,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         seq_len=args.seq_len or base["seq_len"], num_qo_heads=hq, num_kv_heads=hkv, index_heads=hi, topk=topk,
         head_dim=args.head_dim or base["head_dim"], seed=args.seed, device=dev,
         dtype=getattr(torch, _DTYPES[args.dtype]), needles=max(0, args.needles), chunk=args.chunk or base["chunk"],
-        min_recall=args.min_recall, progress=not args.no_progress,
+        min_recall=args.min_recall, max_rel_error=args.max_rel_error, progress=not args.no_progress,
     )
     result = run_demo(cfg)
     print(format_table(result))
     if not result.ok:
-        print(f"msa demo: FAILED - planted-block recall {result.recall:.4f} < --min-recall {cfg.min_recall} "
-              f"(or a non-finite error)", file=sys.stderr)
+        print(f"msa demo: FAILED - planted-block recall {result.recall:.4f} (--min-recall {cfg.min_recall}), "
+              f"rel. L2 error {result.rel_l2:.3e} (--max-rel-error {cfg.max_rel_error})", file=sys.stderr)
         return 1
-    print(f"msa demo: OK (recall {100 * result.recall:.2f}% >= {100 * cfg.min_recall:.0f}%)")
+    print(f"msa demo: OK (recall {100 * result.recall:.2f}% >= {100 * cfg.min_recall:.0f}%, "
+          f"rel. L2 error {result.rel_l2:.2e} <= {cfg.max_rel_error})")
     return 0
 
 

@@ -46,6 +46,7 @@ class DemoConfig:
     needles: int = 4
     chunk: int = 1024
     min_recall: float = 0.9
+    max_rel_error: float = 0.25
     progress: bool = True
 
 
@@ -67,7 +68,7 @@ class DemoResult:
 
     @property
     def ok(self) -> bool:
-        return self.recall >= self.config.min_recall and math.isfinite(self.rel_l2)
+        return self.recall >= self.config.min_recall and self.rel_l2 <= self.config.max_rel_error
 
 
 def default_config(device: torch.device) -> dict:
