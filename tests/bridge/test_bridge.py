@@ -185,3 +185,19 @@ def test_bridge_bad_inputs():
         sparse_fmha(q, k, k, plan, kv_block_indexes=torch.tensor([[[1, 0]]] * 4, dtype=torch.int32), validate=True)
     with pytest.raises(TypeError, match="plan: expected a SparseFmhaPlan"):
         sparse_fmha(q, k, k, fmha_plan([4], [200], 2, 1, kv_block_num=2), kv_block_indexes=sel)
+
+
+def test_sparse_fmha_non_causal_equals_core():
+    gen = torch.Generator().manual_seed(1)
+    q_lens, kv_lens, hq, hkv, topk = [30, 70], [200, 300], 4, 2, 2
+    q = torch.randn(100, hq, 32, generator=gen).bfloat16()
+    k = torch.randn(500, hkv, 32, generator=gen).bfloat16()
+    v = torch.randn(500, hkv, 32, generator=gen).bfloat16()
+    sel = selections(gen, q_lens, kv_lens, hkv, topk, qo_offset=kv_lens)  # any block of the request
+    dp = fmha_plan(q_lens, kv_lens, hq, hkv, causal=False, kv_block_num=topk)
+    o_ref, _, lse_ref = fmha(q, k, v, dp, kv_block_indexes=sel, return_lse=True, validate=True)
+    sp = sparse_fmha_plan(q_lens, kv_lens, hq, hkv, causal=False, kv_block_num=topk)
+    assert sp.seqused_k is None
+    o, _, lse = sparse_fmha(q, k, v, sp, kv_block_indexes=sel, return_lse=True, validate=True)
+    assert (o.float() - o_ref.float()).abs().max() <= 2**-8 * v.float().abs().max()
+    assert (lse - lse_ref).abs().max() < 1e-4
