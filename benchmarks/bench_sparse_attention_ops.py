@@ -86,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-o", "--output", default=None, help="TSV path")
     p.add_argument("--plot", default=None, help="PNG path: TFLOP/s or GB/s vs length, one panel per section")
     p.add_argument("--results-md", default=None, help="append a dated entry (card, driver, commit, table) here")
+    p.add_argument("--commit", default=None,
+                   help="commit for the RESULTS entry (default: git rev-parse in the repo; the GPU box's copy of the "
+                        "tree has no .git, so pass it there)")
     p.add_argument("--fa4-dir", default=None, help="FA4 artifacts (default $MSA_FA4_DIR or <repo>/.gpu/fa4)")
     p.add_argument("--flex-compile-budget-s", type=float, default=120.0,
                    help="stop adding FlexAttention rows once their compiles took this long in total")
@@ -651,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         argv_used = [os.path.relpath(os.path.abspath(sys.argv[0]), REPO) if argv is None else
                      "benchmarks/bench_sparse_attention_ops.py", *(sys.argv[1:] if argv is None else argv)]
         append_results_md(args.results_md, device_name=roof.device_name, repo_dir=REPO, argv=argv_used,
+                          commit=args.commit,
                           roofline_line=roof.describe(), rows=rows, skipped=runner.skipped,
                           mismatches=runner.mismatches)
         log(f"results entry appended to {args.results_md}")

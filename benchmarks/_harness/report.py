@@ -112,12 +112,14 @@ def _run(cmd: list[str]) -> str:
         return ""
 
 
-def environment_lines(device_name: str, repo_dir: str) -> list[str]:
+def environment_lines(device_name: str, repo_dir: str, commit: str | None = None) -> list[str]:
     import torch
 
     driver = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]).splitlines()
-    commit = _run(["git", "-C", repo_dir, "rev-parse", "--short=12", "HEAD"]) or "unknown"
-    dirty = _run(["git", "-C", repo_dir, "status", "--porcelain", "--untracked-files=no"])
+    dirty = ""
+    if commit is None:
+        commit = _run(["git", "-C", repo_dir, "rev-parse", "--short=12", "HEAD"]) or "unknown (no git here: --commit)"
+        dirty = _run(["git", "-C", repo_dir, "status", "--porcelain", "--untracked-files=no"])
     try:
         import triton
 
@@ -132,11 +134,11 @@ def environment_lines(device_name: str, repo_dir: str) -> list[str]:
 
 
 def append_results_md(path: str, *, device_name: str, repo_dir: str, argv: list[str], roofline_line: str,
-                      rows: list[Row], skipped: list[str], mismatches: list[str]) -> None:
+                      rows: list[Row], skipped: list[str], mismatches: list[str], commit: str | None = None) -> None:
     """Append one dated entry; earlier entries are never touched (the file is opened for append)."""
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = " ".join(shlex.quote(a) for a in ["python", *argv])
-    parts = [f"\n## {now} — {device_name}\n", *environment_lines(device_name, repo_dir),
+    parts = [f"\n## {now} — {device_name}\n", *environment_lines(device_name, repo_dir, commit),
              f"- command: `{cmd}`", f"- roofline: {roofline_line}", "", markdown_table(rows), ""]
     if mismatches:
         parts.append("- **output mismatches:** " + "; ".join(mismatches))
