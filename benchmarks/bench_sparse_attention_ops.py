@@ -37,6 +37,7 @@ from _harness.cases import (  # noqa: E402
     Case,
     page_tables,
     ragged_qkv,
+    randn,
     random_tile_selection,
     to_paged,
     token_positions,
@@ -212,12 +213,13 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def fits(self, case: Case, nbytes: float, what: str) -> bool:
+    def fits(self, case: Case, nbytes: float, what: str, quiet: bool = False) -> bool:
         if self.device.type != "cuda":
             return True
         free, _ = torch.cuda.mem_get_info(self.device)
         if nbytes + 2**30 > 0.95 * free:  # 1 GiB for the peers' outputs and workspaces
-            self.skip(case, "*", f"{what} needs {nbytes / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
+            if not quiet:
+                self.skip(case, "*", f"{what} needs {nbytes / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
             return False
         return True
 
@@ -434,15 +436,23 @@ class Bench:
                     del inputs
 
     def make_inputs(self, case: Case, paged: bool, contiguous: bool = True) -> dict:
-        q, k, v = ragged_qkv(case, self.dev, self.r.gen)
+        """q, and K/V ragged (``k``, ``v``: what the peers read) and/or paged with shuffled pages (``k_pages``,
+        ``v_pages``, ``kv_indices``, ``page_table``: what msa's paged rows read) holding the same data. Without
+        ``contiguous`` the paged cache is drawn directly, so a cache as large as the GPU needs no second copy."""
+        gen = self.r.gen
+        if paged and not contiguous:
+            q = randn((case.total_q, case.hq, case.d), torch.bfloat16, self.dev, gen)
+            perm, kv_indices, table = page_tables(case.batch, case.kv_len, self.dev, gen)
+            shape = (case.batch * case.num_blocks, case.hkv, BLOCK, case.d)
+            return {"q": q, "k_pages": randn(shape, torch.bfloat16, self.dev, gen),
+                    "v_pages": randn(shape, torch.bfloat16, self.dev, gen), "kv_indices": kv_indices,
+                    "page_table": table}
+        q, k, v = ragged_qkv(case, self.dev, gen)
         d = {"q": q, "k": k, "v": v}
         if paged:
-            perm, kv_indices, table = page_tables(case.batch, case.kv_len, self.dev, self.r.gen)
-            d.update(k_pages=to_paged(k, case.batch, case.kv_len, perm), v_pages=to_paged(v, case.batch,
-                                                                                           case.kv_len, perm),
-                     kv_indices=kv_indices, page_table=table)
-            if not contiguous:
-                del d["k"], d["v"]
+            perm, kv_indices, table = page_tables(case.batch, case.kv_len, self.dev, gen)
+            d.update(k_pages=to_paged(k, case.batch, case.kv_len, perm),
+                     v_pages=to_paged(v, case.batch, case.kv_len, perm), kv_indices=kv_indices, page_table=table)
         return d
 
     def run_attention(self, case: Case, sets: list[dict], paged: bool):
@@ -526,13 +536,11 @@ class Bench:
                             topk=self.args.topk if sparse else 0, extra={"series": f"B{b}"})
                 set_bytes = case.total_kv * hkv * case.d * 2 * 2
                 n = self.r.rotation_sets(set_bytes, True)
-                copies = 2 if paged else 1
-                if not self.r.fits(case, n * set_bytes * copies * 1.02 + 64 * 2**20, "inputs"):
-                    if paged and self.r.fits(case, n * set_bytes * 1.02, "paged cache"):
-                        copies = 1
-                    else:
-                        continue
-                contiguous = copies == 2 or not paged
+                contiguous = True
+                if paged and not self.r.fits(case, 2.05 * n * set_bytes, "", quiet=True):
+                    contiguous = False  # msa's paged cache alone; the peers need the contiguous copy
+                if not self.r.fits(case, (2.05 if paged and contiguous else 1.02) * n * set_bytes, "inputs"):
+                    continue
                 sets = []
                 for _ in range(n):
                     inp = self.make_inputs(case, paged=paged, contiguous=contiguous)
