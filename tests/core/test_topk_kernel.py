@@ -1,8 +1,10 @@
 """sparse_topk_select CUDA kernel (msa.core.kernels.topk, csrc/topk).
 
 Three layers:
-- CPU replay (always runs where g++ exists): csrc/topk/topk_emulate.cc runs the kernel's lane code on the host
-  with random warp votes, for many launch shapes (splits, warps, capacities) the GPU heuristic rarely picks.
+- CPU replay (always runs where g++ exists): csrc/topk/topk_emulate.cc runs the warp path's lane code on the host
+  with random warp votes, for many launch shapes (splits, warps, capacities) the GPU heuristic rarely picks;
+  csrc/topk/topk_block_emulate.cc runs the block path's CTA code with one host thread per CUDA thread, real
+  barriers and atomics, shuffled atomic order and garbage-filled shared memory.
 - compile (``-m compile``): JitSpec builds the module for sm_90a and sm_100a; a cubin for each arch is inside.
 - GPU (``-m gpu``): the real kernel against the reference, exact set equality (the output is a sorted set, so
   tensor equality is set equality), poisoned outputs, determinism.
@@ -133,6 +135,47 @@ def emulate(tmp_path_factory):
     return run
 
 
+@functools.lru_cache(maxsize=1)
+def _block_emulator_lib(build_dir: str):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler on this host (the CPU replay of the top-k kernel needs g++)")
+    so = Path(build_dir) / "topk_block_emulate.so"
+    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-pthread", "-Wno-unknown-pragmas", f"-I{CSRC}",
+           str(CSRC / "topk_block_emulate.cc"), "-o", str(so)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"building the block top-k emulator failed:\n{proc.stderr[-4000:]}"
+    lib = ctypes.CDLL(str(so))
+    f = lib.msa_topk_block_emulate
+    f.restype = ctypes.c_int
+    f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
+                  ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                  ctypes.c_uint64, ctypes.c_void_p]
+    return f
+
+
+@pytest.fixture(scope="module")
+def block_emulate(tmp_path_factory):
+    f = _block_emulator_lib(str(tmp_path_factory.mktemp("topk_block_emulate")))
+
+    def run(scores, topk, nvp, fb, fe, *, splits, g, p, cap, seed):
+        n_heads, n_blocks, total_q = scores.shape
+        s32 = scores.float().contiguous()
+        out = torch.full((total_q, n_heads, topk), POISON, dtype=torch.int32)
+        nvp_ptr, nvp_scalar = None, n_blocks
+        if isinstance(nvp, torch.Tensor):
+            nvp = nvp.contiguous()
+            nvp_ptr = nvp.data_ptr()
+        elif nvp is not None:
+            nvp_scalar = int(nvp)
+        rc = f(s32.data_ptr(), n_heads, n_blocks, total_q, topk, nvp_ptr, nvp_scalar, fb, fe, splits,
+               g.bit_length() - 1, p, cap, seed, out.data_ptr())
+        assert rc == 0, "block emulator rejected its arguments"
+        return out
+
+    return run
+
+
 KINDS = ("randn", "ties", "causal", "nan", "ascending", "zeros_signed")
 
 
@@ -175,6 +218,70 @@ def test_emulated_kernel_votes_do_not_matter(emulate):
         for splits, warps in ((1, 1), (1, 4), (4, 2), (9, 3)):
             got = emulate(scores, 33, None, 1, 2, splits=splits, warps=warps, merge_warps=2, cap=31 + 17, seed=seed)
             assert torch.equal(got, want), (seed, splits, warps)
+
+
+def _block_case(case: int):
+    gen = torch.Generator().manual_seed(5000 + case)
+    pick = lambda seq: seq[int(torch.randint(0, len(seq), (1,), generator=gen))]  # noqa: E731
+    topk = pick(TOPKS)
+    n_blocks = pick((1, 5, 37, 128, 300, 1000, 2500))
+    total_q = pick((1, 13, 32, 70))
+    n_heads = pick((1, 2))
+    fb = int(torch.randint(0, topk + 1, (1,), generator=gen)) if case % 3 == 0 else 0
+    fe = int(torch.randint(0, topk - fb + 1, (1,), generator=gen)) if case % 4 < 2 else 0
+    if case % 17 == 0:
+        fe = topk - fb  # nothing left to select
+    kind = KINDS[case % len(KINDS)]
+    dtype = torch.bfloat16 if case % 5 == 0 else torch.float32
+    scores = make_scores(kind, n_heads, n_blocks, total_q, dtype, gen)
+    nvp = (None, int(torch.randint(0, n_blocks + 1, (1,), generator=gen)), random_nvp(total_q, n_blocks, gen))[case % 3]
+    m = topk - fb - fe
+    p = pick((4, 8, 32, 64))  # P < M too: the max-of-maxima bound is then -inf and chunks overflow
+    cap = m + p + (0 if case % 2 else max(32, m))  # the tightest legal buffer overflows often
+    kw = dict(splits=pick((1, 1, 2, 3, 8)), g=pick((1, 2, 4, 8)), p=p, cap=cap, seed=case % 5)
+    return scores, topk, nvp, fb, fe, kind, kw
+
+
+def _check_block_case(block_emulate, case):
+    scores, topk, nvp, fb, fe, kind, kw = _block_case(case)
+    want = reference(scores, topk, num_valid_pages=nvp, force_begin_blocks=fb, force_end_blocks=fe)
+    got = block_emulate(scores, topk, nvp, fb, fe, **kw)
+    h, k, q = scores.shape
+    assert torch.equal(got, want), f"{kind} topk={topk} K={k} q={q} H={h} fb={fb} fe={fe} {kw}"
+
+
+@pytest.mark.parametrize("case", range(30))
+def test_block_emulated_matches_reference(block_emulate, case):
+    _check_block_case(block_emulate, case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", range(30, 230))
+def test_block_emulated_matches_reference_more(block_emulate, case):
+    _check_block_case(block_emulate, case)
+
+
+def test_block_emulated_order_does_not_matter(block_emulate):
+    """Ties everywhere (chunks overflow into the one-value-per-round path) and many launch shapes and atomic
+    orders: one answer, the reference's."""
+    gen = torch.Generator().manual_seed(8)
+    scores = make_scores("ties", 2, 900, 11, torch.float32, gen)
+    want = reference(scores, 33, force_begin_blocks=1, force_end_blocks=2)
+    for seed in range(4):
+        for splits, g, p in ((1, 1, 32), (1, 4, 8), (3, 2, 32), (5, 8, 4)):
+            got = block_emulate(scores, 33, None, 1, 2, splits=splits, g=g, p=p, cap=30 + p, seed=seed)
+            assert torch.equal(got, want), (seed, splits, g, p)
+
+
+def test_block_emulated_long_rows(block_emulate):
+    """Many chunks per CTA (prefetch + carried best list), bf16 and per-token nvp, at the kernel's default P."""
+    gen = torch.Generator().manual_seed(9)
+    for kind in ("randn", "ascending", "causal"):
+        scores = make_scores(kind, 1, 5000, 9, torch.bfloat16 if kind == "randn" else torch.float32, gen)
+        nvp = random_nvp(9, 5000, gen)
+        want = reference(scores, 16, num_valid_pages=nvp, force_begin_blocks=0, force_end_blocks=1)
+        got = block_emulate(scores, 16, nvp, 0, 1, splits=1, g=2, p=32, cap=15 + 32 + 32, seed=1)
+        assert torch.equal(got, want), kind
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,19 +334,48 @@ def test_module_builds_for_arch(arch, sm):
         assert f"{arch}.cubin" in listing, listing
 
 
-def test_plan_shapes():
-    from msa.core.kernels.topk import column_capacity, plan, smem_bytes
+def test_plan_shapes(monkeypatch):
+    from msa.core.kernels.topk import (
+        block_capacity,
+        block_smem_bytes,
+        column_capacity,
+        plan,
+        smem_bytes,
+        threads_per_row_for,
+    )
 
     for m in range(0, 65):
         assert column_capacity(m) >= m + 17
+        p = threads_per_row_for(m)
+        assert p >= m and block_capacity(m, p) >= m + p
+        assert block_smem_bytes(8, p, block_capacity(m, p)) <= 227 * 1024
+    for n_heads, n_blocks, total_q in ((4, 8192, 4096), (1, 1024, 4096), (4, 1024, 64), (1, 64, 64), (4, 8192, 64)):
+        p = plan(n_heads, n_blocks, total_q, 15, 132)
+        assert p.path == "block" and p.splits >= 1
+        assert (1 << p.log_g) * p.threads_per_row <= 1024 and ((1 << p.log_g) * p.threads_per_row) % 32 == 0
+        assert p.cap >= 15 + p.threads_per_row
+    assert plan(4, 8192, 64, 0, 132).splits == 1  # fb + fe == topk: nothing to merge
+    monkeypatch.setenv("MSA_TOPK_PATH", "warp")
     p = plan(4, 8192, 4096, 15, 132)  # 1M context prefill: rows alone fill the GPU
-    assert p.splits == 1 and p.warps == 4
+    assert p.path == "warp" and p.splits == 1 and p.warps == 4
     p = plan(4, 8192, 64, 15, 132)  # decode: K split across CTAs
     assert p.splits > 1 and p.merge_warps >= 1
     p = plan(1, 64, 4096, 15, 132)  # 8K context: one warp per 32 tokens
     assert p.warps == 1 and p.splits == 1
     assert smem_bytes(plan(4, 8192, 64, 64, 132).warps, column_capacity(64)) <= 227 * 1024
-    assert plan(4, 8192, 64, 0, 132).splits == 1  # fb + fe == topk: nothing to merge
+    assert plan(4, 8192, 64, 0, 132).splits == 1
+    monkeypatch.setenv("MSA_TOPK_PATH", "block")
+    monkeypatch.setenv("MSA_TOPK_G", "4")
+    monkeypatch.setenv("MSA_TOPK_P", "64")
+    monkeypatch.setenv("MSA_TOPK_SPLITS", "3")
+    p = plan(2, 1000, 50, 15, 132)
+    assert (p.path, p.log_g, p.threads_per_row, p.splits) == ("block", 2, 64, 3)
+    monkeypatch.setenv("MSA_TOPK_G", "3")
+    with pytest.raises(ValueError, match="MSA_TOPK_G"):
+        plan(2, 1000, 50, 15, 132)
+    monkeypatch.setenv("MSA_TOPK_PATH", "fast")
+    with pytest.raises(ValueError, match="MSA_TOPK_PATH"):
+        plan(2, 1000, 50, 15, 132)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,10 +405,12 @@ def _check(scores, topk, nvp=None, fb=0, fe=0):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", ["block", "warp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("n_blocks", KS)
 @pytest.mark.parametrize("topk", TOPKS)
-def test_kernel_matches_reference(topk, n_blocks, dtype):
+def test_kernel_matches_reference(monkeypatch, topk, n_blocks, dtype, path):
+    monkeypatch.setenv("MSA_TOPK_PATH", path)
     gen = torch.Generator().manual_seed(topk * 100003 + n_blocks)
     total_q = 70 if n_blocks < 16384 else 40
     case = TOPKS.index(topk) + KS.index(n_blocks)
@@ -307,7 +445,8 @@ def test_kernel_total_q_extremes(total_q):
 @pytest.mark.gpu
 @pytest.mark.parametrize("splits,warps", [(1, 1), (1, 3), (2, 4), (5, 2), (16, 4)])
 def test_kernel_launch_shapes(monkeypatch, splits, warps):
-    """Launch shapes the heuristic would not pick for this size (env overrides), incl. the merge kernel."""
+    """Warp path: launch shapes the heuristic would not pick for this size (env overrides), incl. the merge."""
+    monkeypatch.setenv("MSA_TOPK_PATH", "warp")
     monkeypatch.setenv("MSA_TOPK_SPLITS", str(splits))
     monkeypatch.setenv("MSA_TOPK_WARPS", str(warps))
     gen = torch.Generator().manual_seed(splits * 10 + warps)
@@ -315,6 +454,37 @@ def test_kernel_launch_shapes(monkeypatch, splits, warps):
         scores = make_scores("ties", 2, 2000, 50, dtype, gen).cuda()
         _check(scores, 64, None, 0, 0)
         _check(scores, 16, random_nvp(50, 2000, gen).cuda(), 2, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("g,p,splits", [(1, 32, 1), (1, 64, 8), (2, 32, 3), (4, 64, 1), (8, 32, 2), (8, 128, 1),
+                                        (16, 64, 4), (32, 32, 1)])
+def test_block_launch_shapes(monkeypatch, g, p, splits):
+    """Block path: tokens per CTA x threads per token x splits (env overrides), incl. the merge launch, the
+    overflow rounds (ties, P < M) and long rows (many chunks per CTA)."""
+    monkeypatch.setenv("MSA_TOPK_PATH", "block")
+    monkeypatch.setenv("MSA_TOPK_G", str(g))
+    monkeypatch.setenv("MSA_TOPK_P", str(p))
+    monkeypatch.setenv("MSA_TOPK_SPLITS", str(splits))
+    gen = torch.Generator().manual_seed(g * 1000 + p * 10 + splits)
+    for dtype in (torch.float32, torch.bfloat16):
+        scores = make_scores("ties", 2, 2000, 50, dtype, gen).cuda()
+        _check(scores, 64, None, 0, 0)
+        _check(scores, 16, random_nvp(50, 2000, gen).cuda(), 2, 2)
+    scores = make_scores("randn", 1, 9000, 37, torch.float32, gen).cuda()
+    _check(scores, 16, None, 0, 1)
+    _check(scores, 33, random_nvp(37, 9000, gen).cuda(), 1, 0)
+    scores = make_scores("nan", 3, 700, 70, torch.float32, gen).cuda()
+    _check(scores, 7, 650, 0, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_heads,n_blocks,total_q", [(1, 1024, 64), (4, 8192, 64), (1, 1024, 4096), (4, 64, 4096)])
+def test_kernel_bench_shapes(n_heads, n_blocks, total_q):
+    """The benchmark's shapes under the default plan (whatever path and launch shape it picks)."""
+    gen = torch.Generator().manual_seed(n_heads * n_blocks + total_q)
+    scores = make_scores("randn", n_heads, n_blocks, total_q, torch.float32, gen).cuda()
+    _check(scores, 16, None, 0, 1)
 
 
 @pytest.mark.gpu

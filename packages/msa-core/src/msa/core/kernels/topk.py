@@ -1,14 +1,21 @@
 """CUDA glue for ``sparse_topk_select`` (csrc/topk): module build/load through JitSpec, launch configuration.
 
-``run`` takes arguments already validated by :func:`msa.core.topk.sparse_topk_select`. Design (see
-``csrc/topk/topk_select.cu.jinja``): a warp owns 32 consecutive tokens of one head, one row per lane, and
-streams its K slice with coalesced 128-byte loads, keeping a per-row candidate column in shared memory that is
-compacted to the exact best M by a 4-bit radix select whenever it fills. A CTA = ``warps`` warps splitting K;
-``splits`` > 1 spreads K over CTAs too (short or decode-shaped inputs) and adds a merge launch that reads a
-workspace of ``2 * H * splits * M * ceil(total_q/32)*32`` int32 words, allocated per call through torch's
-caching allocator (the only allocation; ``splits == 1`` allocates nothing).
+``run`` takes arguments already validated by :func:`msa.core.topk.sparse_topk_select`. Two exact paths, picked by
+:func:`plan` from the shapes only (never the data, never a host sync):
 
-Environment overrides (benchmark sweeps): ``MSA_TOPK_SPLITS``, ``MSA_TOPK_WARPS``, ``MSA_TOPK_MERGE_WARPS``.
+- ``block`` (``csrc/topk/topk_block_core.cuh``): a CTA owns G tokens of one head and P threads per token; each
+  thread holds 16 scores of its row per chunk in registers, a cheap lower bound (the M-th largest of the row's
+  P local maxima) leaves ~M + a few candidates, and the exact best M are kept by ranking 64-bit (score, index)
+  keys in shared memory. ``splits`` > 1 spreads K over CTAs and adds a merge launch of the same kernel.
+- ``warp`` (``csrc/topk/topk_select_core.cuh``): a warp owns 32 tokens, one row per lane, each lane streaming
+  its K slice into a per-row column compacted by a 4-bit radix select.
+
+Both allocate at most one workspace (``2 * H * splits * M * ceil(total_q/32)*32`` int32 words, torch's caching
+allocator) and only when ``splits > 1``.
+
+Environment overrides (benchmark sweeps): ``MSA_TOPK_PATH`` (block | warp), ``MSA_TOPK_SPLITS``, ``MSA_TOPK_G``
+(tokens per CTA, block), ``MSA_TOPK_P`` (threads per token, block), ``MSA_TOPK_WARPS``, ``MSA_TOPK_MERGE_WARPS``
+(warp).
 """
 
 from __future__ import annotations
@@ -19,11 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["run", "available", "plan", "TopkPlan", "jit_specs", "spec", "BATCH", "load_module"]
+__all__ = ["run", "available", "plan", "TopkPlan", "jit_specs", "spec", "BATCH", "BLOCK_V", "load_module", "launch_noop"]
 
 FAMILY = "topk"
 SOURCES = ("topk_select.cu.jinja",)
 BATCH = 16  # blocks per lane per step; must match topk_emulate.cc's U for the CPU replay tests
+BLOCK_V = 16  # block path: values per thread per chunk; must match topk_block_emulate.cc
 MAX_WARPS = 8
 SMEM_LIMIT = 227 * 1024  # sm_90 / sm_100 opt-in shared memory per block
 _SUPPORTED_CC = {(9, 0): "sm_90a", (10, 0): "sm_100a", (10, 3): "sm_103a"}
@@ -32,7 +40,7 @@ _SUPPORTED_CC = {(9, 0): "sm_90a", (10, 0): "sm_100a", (10, 3): "sm_103a"}
 def spec(arch: str):
     from msa.core.jit import JitSpec
 
-    return JitSpec(family=FAMILY, sources=SOURCES, params={"batch": BATCH}, arch=arch, use_cutlass=False)
+    return JitSpec(family=FAMILY, sources=SOURCES, params={"batch": BATCH, "block_v": BLOCK_V}, arch=arch, use_cutlass=False)
 
 
 def jit_specs(preset: dict, arch: str) -> list:
@@ -70,10 +78,13 @@ def available(device) -> tuple[bool, str]:
 
 @dataclass(frozen=True)
 class TopkPlan:
+    path: str  # "block" or "warp"
     splits: int  # CTAs along K per (token group, head); > 1 adds the merge launch
-    warps: int  # warps per scan CTA, each a contiguous slice of the split
-    merge_warps: int
-    cap: int  # candidate column capacity per row (entries)
+    cap: int  # candidate entries per row (block: buffer; warp: column capacity)
+    warps: int = 1  # warp path: warps per scan CTA, each a contiguous slice of the split
+    merge_warps: int = 1
+    log_g: int = 3  # block path: 2**log_g tokens per CTA
+    threads_per_row: int = 32  # block path: P
 
     def workspace_words(self, n_heads: int, total_q: int, m: int) -> int:
         if self.splits <= 1 or m <= 0:
@@ -82,12 +93,21 @@ class TopkPlan:
 
 
 def column_capacity(m: int) -> int:
-    """Room for the best M, one batch, and max(32, M) more before a compaction (amortises its cost)."""
+    """Warp path: room for the best M, one batch, and max(32, M) more before a compaction (amortises its cost)."""
     return m + BATCH + max(32, m)
+
+
+def block_capacity(m: int, threads_per_row: int) -> int:
+    """Block path: >= M + P (an overflow round appends <= P), plus max(32, M) so a chunk rarely overflows."""
+    return m + threads_per_row + max(32, m)
 
 
 def smem_bytes(warps: int, cap: int) -> int:
     return warps * (cap * 32 * 8 + 17 * 32 * 4 + 32 * 4)  # column, histogram (16 bins + spare), count
+
+
+def block_smem_bytes(g: int, p: int, cap: int) -> int:  # mirrors topk_block_core.cuh
+    return 2 * cap * g * 8 + g * (p + 4) * 4 + g * 4 + 6 * g * 4 + 16
 
 
 @functools.lru_cache(maxsize=16)
@@ -100,9 +120,12 @@ def _env_int(name: str) -> int | None:
     return int(v) if v else None
 
 
-def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> TopkPlan:
-    """Launch shape from the problem shape only (no data): enough warps in flight to pull HBM bandwidth, K
-    slices long enough that the stream (not the fill of the first column) dominates."""
+def threads_per_row_for(m: int) -> int:
+    """P >= ~1.5 M keeps the max-of-maxima bound tight (~P ln((P+1)/(P+1-M)) candidates per chunk)."""
+    return 32 if m <= 20 else 64 if m <= 40 else 128
+
+
+def _warp_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> TopkPlan:
     cap = column_capacity(m)
     rows = -(-total_q // 32) * n_heads  # warps needed to cover every row once
     min_slice = 2 * cap
@@ -115,12 +138,41 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> To
     splits = 1
     while rows * warps * splits < target and n_blocks // (warps * splits * 2) >= min_slice and splits < 1024:
         splits *= 2
-    warps = _env_int("MSA_TOPK_WARPS") or warps
-    splits = _env_int("MSA_TOPK_SPLITS") or splits
-    merge_warps = _env_int("MSA_TOPK_MERGE_WARPS") or max(1, min(4, splits))
-    if m <= 0:
-        splits = 1
-    return TopkPlan(splits=splits, warps=min(warps, MAX_WARPS), merge_warps=min(merge_warps, MAX_WARPS), cap=cap)
+    return TopkPlan(path="warp", splits=splits, cap=cap, warps=warps, merge_warps=max(1, min(4, splits)))
+
+
+def _block_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> TopkPlan:
+    p = threads_per_row_for(m)
+    log_g = 3 if total_q >= 1024 else 0  # prefill: 8 tokens = one 32-byte sector per K-row; decode: a row per CTA
+    g = 1 << log_g
+    ctas = -(-total_q // g) * n_heads
+    chunk = p * BLOCK_V
+    splits = 1
+    while ctas * splits < 2 * sm_count and n_blocks // (2 * splits) >= chunk:
+        splits *= 2
+    return TopkPlan(path="block", splits=splits, cap=block_capacity(m, p), log_g=log_g, threads_per_row=p)
+
+
+def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> TopkPlan:
+    """Launch shape from the problem shape only (no data)."""
+    path = os.environ.get("MSA_TOPK_PATH") or "block"
+    if path not in ("block", "warp"):
+        raise ValueError(f"MSA_TOPK_PATH: expected 'block' or 'warp', got {path!r}")
+    if path == "warp":
+        pl = _warp_plan(n_heads, n_blocks, total_q, m, sm_count)
+        warps = min(_env_int("MSA_TOPK_WARPS") or pl.warps, MAX_WARPS)
+        splits = _env_int("MSA_TOPK_SPLITS") or pl.splits
+        merge_warps = min(_env_int("MSA_TOPK_MERGE_WARPS") or max(1, min(4, splits)), MAX_WARPS)
+        return TopkPlan(path="warp", splits=1 if m <= 0 else splits, cap=pl.cap, warps=warps, merge_warps=merge_warps)
+    pl = _block_plan(n_heads, n_blocks, total_q, m, sm_count)
+    g = _env_int("MSA_TOPK_G")
+    log_g = pl.log_g if g is None else g.bit_length() - 1
+    if g is not None and (g < 1 or g != 1 << log_g or g > 32):
+        raise ValueError(f"MSA_TOPK_G: expected a power of two in 1..32, got {g}")
+    p = _env_int("MSA_TOPK_P") or pl.threads_per_row
+    splits = _env_int("MSA_TOPK_SPLITS") or pl.splits
+    return TopkPlan(path="block", splits=1 if m <= 0 else splits, cap=block_capacity(m, p), log_g=log_g,
+                    threads_per_row=p)
 
 
 @functools.lru_cache(maxsize=16)
@@ -145,8 +197,20 @@ def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, 
         nvp, nvp_scalar = _empty_i32(device), n_blocks if num_valid_pages is None else int(num_valid_pages)
     words = p.workspace_words(n_heads, total_q, m)
     ws = torch.empty(words, dtype=torch.int32, device=device) if words else _empty_i32(device)
-    load_module(device).topk_select(
-        max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out, ws, p.splits, p.warps,
-        p.merge_warps, p.cap,
-    )
+    module = load_module(device)
+    if p.path == "block":
+        module.topk_block_select(
+            max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out, ws, p.splits, p.log_g,
+            p.threads_per_row, p.cap,
+        )
+    else:
+        module.topk_select(
+            max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out, ws, p.splits, p.warps,
+            p.merge_warps, p.cap,
+        )
     return out
+
+
+def launch_noop(like: torch.Tensor) -> None:
+    """One empty kernel on ``like``'s device and current stream (the launch floor, for benchmarks)."""
+    load_module(like.device).topk_noop(like)
