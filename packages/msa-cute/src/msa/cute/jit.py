@@ -301,7 +301,8 @@ class CuteSpec:
     """One compiled CuTe-DSL kernel variant.
 
     factory:  ``"msa.cute.kernels.<module>:<function>"``; ``function(**params) -> CuteCompile``, called with the
-              DSL pointed at ``arch``. It must live under ``msa/cute/kernels`` (its bytes are the source key).
+              DSL pointed at ``arch``. It must live under ``msa/cute/kernels`` (its bytes are the source key). A
+              ``function.archs`` tuple, if set, lists the only archs it can target (others fail clearly).
     params:   compile-time parameters (JSON-able); part of every key.
     arch:     ``sm_90a`` / ``sm_100a`` / ``sm_103a``.
     function_name: the exported tvm-ffi symbol; defaults to the factory's function name.
@@ -375,8 +376,12 @@ class CuteSpec:
     def compile_object(self, out: Path) -> dict:
         """Trace, compile and export into ``out/kernel.o`` (no GPU needed)."""
         cute = _import_dsl(self.arch)
+        factory = _resolve(self.factory)
+        archs = getattr(factory, "archs", None)
+        if archs is not None and self.arch not in archs:
+            raise CuteBuildError(f"{self.name}: {self.factory} targets {', '.join(archs)} only, not {self.arch}")
         with _COMPILE_LOCK, _PinnedArch(self.arch):
-            request = _resolve(self.factory)(**self.params)
+            request = factory(**self.params)
             if not isinstance(request, CuteCompile):
                 raise CuteBuildError(f"{self.factory} returned {type(request).__name__}, expected msa.cute.jit.CuteCompile")
             options = " ".join([*BASE_COMPILE_OPTIONS, "--gpu-arch", self.arch, request.options]).strip()

@@ -1,0 +1,320 @@
+"""KV-outer sparse prefill for Hopper: one KV block x the queries that selected it -> per-slot partial outputs.
+
+Work item (from :class:`msa.cute.K2qSchedule`): ``(kv_head h, row, batch b, block j, q_start, q_count)``. The CTA
+gathers the Q rows of the ``q_count`` tokens listed at ``q_slot[h, q_start:q_start+q_count]`` for the
+``G = Hq/Hkv`` query heads of KV head ``h`` (GQA packed along M: tile row ``r`` = token ``r // G``, head ``r % G``;
+``q_count * G <= 128``), loads K and V of block ``j`` with TMA, computes ``S = Q K^T`` and ``O = softmax(S) V`` with
+wgmma over the block's 128 keys only, and writes the block's normalised partial ``O`` and its LSE to the token's
+slot: ``o_part[slot, t, hq, :]``, ``lse_part[slot, t, hq]`` (``q_slot`` packs ``q_local | slot << 24``; the slot is
+the block's position in the token's ascending block list). The combine kernel merges the slots.
+
+Masks (per request: ``kv_len = seqused_k`` or the K length, ``q_len``): keys ``>= kv_len`` always; with causal,
+keys ``> pos + kv_len - q_len`` (bottom-right). Only the block's own 128 keys are visible to the item, so only
+partial / diagonal blocks actually mask anything. V rows past ``kv_len`` are zeroed in smem before P @ V (a page
+tail may hold anything, and 0 * NaN would poison every row).
+
+CTA = 2 warpgroups (256 threads), each owns 64 of the 128 tile rows. Persistent: CTA ``c`` runs items ``c, c +
+grid, ...`` up to the device-side ``work_count``. Two CTAs fit an SM (96 KiB smem each), so one CTA's loads overlap
+the other's math. No warp specialisation yet (first version, optimised for being right).
+"""
+
+from __future__ import annotations
+
+import cutlass.cute as cute
+import cutlass.utils.hopper_helpers as hopper
+from cutlass.cute.nvgpu import cpasync, warpgroup
+from msa.cute.jit import CuteCompile
+from msa.cute.kernels._dsl import DTYPES, LN_2, fake_row_major, sym
+from msa.cute.kernels._sm90 import (
+    acc_rows_view,
+    quad_max,
+    quad_sum,
+    smem_layout_rows,
+    transpose_view,
+    warpgroup_gemm,
+)
+
+import cutlass
+from cutlass import BFloat16, Float32, Int32, const_expr
+
+HEAD_DIM = 128
+BLOCK = 128  # KV block = page = MMA N of S
+TILE_M = 128  # query rows (tokens x packed heads) per item
+THREADS = 256
+Q_SLOT_BITS = 24
+Q_CHUNK = 8  # bf16 elements per 16-byte cp.async
+THREADS_PER_ROW = HEAD_DIM // Q_CHUNK
+ROWS_PER_PASS = THREADS // THREADS_PER_ROW
+
+
+def frg_a_view(acc: cute.Tensor) -> cute.Tensor:
+    """S accumulator ``((2, 2, N/8), M, 1)`` regrouped as the RS-wgmma A fragment ``((2, 2, 2), M, N/16)``.
+
+    The A fragment of an m64nNk16 wgmma holds, per thread, the same (row, column) positions as the C fragment of an
+    m64n16 one, so P can be fed from the S registers without moving data; only the grouping of modes changes.
+    """
+    lay = acc.layout
+    split = cute.logical_divide(lay, ((None, None, 2), None, None))
+    s, d = split.shape, split.stride
+    frg = cute.make_layout(
+        ((s[0][0], s[0][1], s[0][2][0]), s[1], (s[0][2][1], s[2])),
+        stride=((d[0][0], d[0][1], d[0][2][0]), d[1], (d[0][2][1], d[2])),
+    )
+    return cute.make_tensor(acc.iterator, frg)
+
+
+class SparsePrefillPartialSm90:
+    def __init__(self, qhead_per_kv: int, paged: bool, partial_dtype: str):
+        if qhead_per_kv < 1 or TILE_M % qhead_per_kv:
+            raise ValueError(f"qhead_per_kv: expected a divisor of {TILE_M}, got {qhead_per_kv}")
+        self.group = qhead_per_kv
+        self.paged = paged
+        self.partial_dtype = DTYPES[partial_dtype]
+        self.dtype = BFloat16
+
+    @cute.jit
+    def __call__(self, q: cute.Tensor, k: cute.Tensor, v: cute.Tensor, work: cute.Tensor, work_count: cute.Tensor,
+                 q_slot: cute.Tensor, cu_q: cute.Tensor, cu_k: cute.Tensor, kv_len: cute.Tensor,
+                 page_table: cute.Tensor, o_part: cute.Tensor, lse_part: cute.Tensor, scale_log2: Float32,
+                 causal: Int32, topk: Int32, num_ctas: Int32, stream):
+        s_layout = smem_layout_rows(self.dtype, BLOCK, HEAD_DIM)
+        q_layout = smem_layout_rows(self.dtype, TILE_M, HEAD_DIM)
+        # K/V as (key, d, head[, page]) so that one TMA box is a block's 128 keys x 128 dims of one head.
+        if const_expr(self.paged):
+            kv_mode = [2, 3, 1, 0]  # [pages, Hkv, 128, D] -> (128, D, Hkv, pages)
+        else:
+            kv_mode = [0, 2, 1]  # [total_k, Hkv, D] -> (total_k, D, Hkv)
+        k_view = cute.make_tensor(k.iterator, cute.select(k.layout, mode=kv_mode))
+        v_view = cute.make_tensor(v.iterator, cute.select(v.layout, mode=kv_mode))
+        tma_op = cpasync.CopyBulkTensorTileG2SOp()
+        atom_k, tma_k = cpasync.make_tiled_tma_atom(tma_op, k_view, s_layout, (BLOCK, HEAD_DIM))
+        atom_v, tma_v = cpasync.make_tiled_tma_atom(tma_op, v_view, s_layout, (BLOCK, HEAD_DIM))
+
+        mma_qk = hopper.make_trivial_tiled_mma(
+            self.dtype, self.dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K, Float32,
+            (TILE_M // 64, 1, 1), (64, BLOCK))
+        mma_pv = hopper.make_trivial_tiled_mma(
+            self.dtype, self.dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.MN, Float32,
+            (TILE_M // 64, 1, 1), (64, HEAD_DIM), warpgroup.OperandSource.RMEM)
+
+        copy_atom_q = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), self.dtype,
+                                          num_bits_per_copy=128)
+        copy_q = cute.make_tiled_copy_tv(copy_atom_q,
+                                         cute.make_ordered_layout((ROWS_PER_PASS, THREADS_PER_ROW), order=(1, 0)),
+                                         cute.make_layout((1, Q_CHUNK)))
+
+        @cute.struct
+        class Storage:
+            mbar: cute.struct.MemRange[cutlass.Int64, 1]
+            sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(q_layout)], 1024]
+            sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(s_layout)], 1024]
+            sV: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(s_layout)], 1024]
+
+        kv_bytes = 2 * cute.size_in_bytes(self.dtype, s_layout)
+        self.kernel(q, tma_k, tma_v, work, work_count, q_slot, cu_q, cu_k, kv_len, page_table, o_part, lse_part,
+                    atom_k, atom_v, copy_atom_q, copy_q, mma_qk, mma_pv, q_layout, s_layout, scale_log2, causal,
+                    topk, Storage, kv_bytes).launch(
+            grid=[num_ctas, 1, 1], block=[THREADS, 1, 1], stream=stream, min_blocks_per_mp=2,
+            preferred_smem_carveout=100)
+
+    @cute.kernel
+    def kernel(self, mQ: cute.Tensor, tma_k: cute.Tensor, tma_v: cute.Tensor, mWork: cute.Tensor,
+               mWorkCount: cute.Tensor, mQSlot: cute.Tensor, mCuQ: cute.Tensor, mCuK: cute.Tensor,
+               mKvLen: cute.Tensor, mPageTable: cute.Tensor, mOPart: cute.Tensor, mLsePart: cute.Tensor,
+               atom_k: cute.CopyAtom, atom_v: cute.CopyAtom, copy_atom_q: cute.CopyAtom, copy_q: cute.TiledCopy,
+               mma_qk: cute.TiledMma, mma_pv: cute.TiledMma, q_layout: cute.ComposedLayout,
+               s_layout: cute.ComposedLayout, scale_log2: Float32, causal: Int32, topk: Int32,
+               Storage: cutlass.Constexpr, kv_bytes: cutlass.Constexpr):
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        gdim, _, _ = cute.arch.grid_dim()
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        wg = cute.arch.make_warp_uniform(tidx // 128)
+        lane = tidx % 32
+        group = self.group
+
+        storage = cutlass.memory.SmemAllocator().allocate(Storage)
+        mbar = storage.mbar.data_ptr()
+        if warp == 0:
+            cpasync.prefetch_descriptor(atom_k)
+            cpasync.prefetch_descriptor(atom_v)
+            with cute.arch.elect_one():
+                cute.arch.mbarrier_init(mbar, 1)
+        cute.arch.mbarrier_init_fence()
+        cute.arch.sync_threads()
+
+        sQ = storage.sQ.get_tensor(q_layout.outer, swizzle=q_layout.inner)
+        sK = storage.sK.get_tensor(s_layout.outer, swizzle=s_layout.inner)
+        sV = storage.sV.get_tensor(s_layout.outer, swizzle=s_layout.inner)
+        sVt = transpose_view(sV)
+
+        # wgmma operands are partitioned per warpgroup, accumulators and coordinates per thread.
+        wg_qk = mma_qk.get_slice(wg * 128)
+        wg_pv = mma_pv.get_slice(wg * 128)
+        thr_qk = mma_qk.get_slice(tidx)
+        thr_pv = mma_pv.get_slice(tidx)
+        tSrQ = wg_qk.make_fragment_A(wg_qk.partition_A(sQ))
+        tSrK = wg_qk.make_fragment_B(wg_qk.partition_B(sK))
+        tOrVt = wg_pv.make_fragment_B(wg_pv.partition_B(sVt))
+        tOrP = wg_pv.make_fragment_A(wg_pv.partition_shape_A((TILE_M, BLOCK)))
+        acc_s = cute.make_rmem_tensor(thr_qk.partition_shape_C((TILE_M, BLOCK)), Float32)
+        acc_o = cute.make_rmem_tensor(thr_pv.partition_shape_C((TILE_M, HEAD_DIM)), Float32)
+        s_rows = acc_rows_view(acc_s)
+        o_rows = acc_rows_view(acc_o)
+        s_coord = acc_rows_view(thr_qk.partition_C(cute.make_identity_tensor((TILE_M, BLOCK))))
+        o_coord = acc_rows_view(thr_pv.partition_C(cute.make_identity_tensor((TILE_M, HEAD_DIM))))
+        n_rows = cute.size(s_rows, mode=[0])
+        row_lse = cute.make_rmem_tensor((n_rows,), Float32)
+        row_inv = cute.make_rmem_tensor((n_rows,), Float32)
+
+        thr_copy_q = copy_q.get_slice(tidx)
+        tQsQ = thr_copy_q.partition_D(sQ)
+        q_row0 = tidx // THREADS_PER_ROW
+        q_chunk = tidx % THREADS_PER_ROW
+
+        phase = Int32(0)
+        item = bidx
+        n_items = mWorkCount[0]
+        while item < n_items:
+            h = mWork[item, 0]
+            b = mWork[item, 2]
+            blk = mWork[item, 3]
+            q_start = mWork[item, 4]
+            q_count = mWork[item, 5]
+            kv_len = mKvLen[b]
+            q_base = mCuQ[b]
+            q_len = mCuQ[b + 1] - q_base
+            key0 = blk * BLOCK
+            n_keys = kv_len - key0  # keys of this block that exist for the request (may be <= 0 or > 128)
+
+            # ---- loads: K/V by TMA (one thread), Q rows by cp.async (all threads) ----
+            if tidx == 0:
+                cute.arch.mbarrier_arrive_and_expect_tx(mbar, kv_bytes)
+                if const_expr(self.paged):
+                    page = mPageTable[b, blk]
+                    g_k = tma_k[None, None, h, page]
+                    g_v = tma_v[None, None, h, page]
+                else:
+                    row0 = mCuK[b] + key0
+                    g_k = cute.local_tile(cute.domain_offset((row0, 0), tma_k[None, None, h]), (BLOCK, HEAD_DIM),
+                                          (0, 0))
+                    g_v = cute.local_tile(cute.domain_offset((row0, 0), tma_v[None, None, h]), (BLOCK, HEAD_DIM),
+                                          (0, 0))
+                for atom, g, s in ((atom_k, g_k, sK), (atom_v, g_v, sV)):
+                    t_s, t_g = cpasync.tma_partition(atom, 0, cute.make_layout(1), cute.group_modes(s, 0, 2),
+                                                     cute.group_modes(g, 0, 2))
+                    cute.copy(atom, t_g, t_s, tma_bar_ptr=mbar)
+            for m in cutlass.range_constexpr(cute.size(tQsQ, mode=[1])):
+                r = m * ROWS_PER_PASS + q_row0
+                i = r // group
+                if i < q_count:
+                    entry = mQSlot[h, q_start + i]
+                    tok = q_base + (entry & ((1 << Q_SLOT_BITS) - 1))
+                    src = mQ.iterator + cute.crd2idx((tok, h * group + (r - i * group), 0), mQ.layout)
+                    src = cute.make_ptr(self.dtype, src.toint(), cute.AddressSpace.gmem, assumed_align=16)
+                    chunks = cute.tiled_divide(cute.make_tensor(src, (HEAD_DIM,)), (Q_CHUNK,))
+                    cute.copy(copy_atom_q, chunks[None, q_chunk], tQsQ[None, m, 0])
+            cute.arch.cp_async_commit_group()
+            cute.arch.cp_async_wait_group(0)
+            cute.arch.fence_view_async_shared()  # cp.async (generic proxy) writes -> wgmma (async proxy) reads
+            cute.arch.sync_threads()
+            cute.arch.mbarrier_wait(mbar, phase)
+            phase ^= 1
+            if n_keys < BLOCK:  # partial block: V rows past the request's keys must be finite (zero)
+                first = cutlass.max(n_keys, 0)
+                for e in cutlass.range((BLOCK * HEAD_DIM) // THREADS, unroll=8):
+                    idx = e * THREADS + tidx
+                    rr = idx // HEAD_DIM
+                    if rr >= first:
+                        sV[rr, idx - rr * HEAD_DIM] = self.dtype(0.0)
+                cute.arch.fence_view_async_shared()
+                cute.arch.sync_threads()
+
+            # ---- S = Q K^T, masked softmax over the block ----
+            warpgroup_gemm(mma_qk, acc_s, tSrQ, tSrK, zero_init=True)
+            for ri in cutlass.range_constexpr(n_rows):
+                r = s_coord[ri, 0][0]
+                i = r // group
+                limit = n_keys
+                if causal != 0:
+                    pos = mQSlot[h, q_start + cutlass.min(i, q_count - 1)] & ((1 << Q_SLOT_BITS) - 1)
+                    limit = cutlass.min(limit, pos + kv_len - q_len - key0 + 1)
+                mx = -Float32.inf
+                for ci in cutlass.range_constexpr(cute.size(s_rows, mode=[1])):
+                    if s_coord[ri, ci][1] >= limit:
+                        s_rows[ri, ci] = -Float32.inf
+                    mx = cute.arch.fmax(mx, s_rows[ri, ci])
+                mx = quad_max(mx)
+                m_scaled = mx * scale_log2 if mx != -Float32.inf else Float32(0.0)
+                total = Float32(0.0)
+                for ci in cutlass.range_constexpr(cute.size(s_rows, mode=[1])):
+                    p = cute.math.exp2(s_rows[ri, ci] * scale_log2 - m_scaled, fastmath=True)
+                    s_rows[ri, ci] = p
+                    total += p
+                total = quad_sum(total)
+                row_lse[ri] = -Float32.inf
+                row_inv[ri] = Float32(0.0)
+                if total > 0.0:
+                    row_lse[ri] = (m_scaled + cute.math.log2(total, fastmath=True)) * LN_2
+                    row_inv[ri] = cute.arch.rcp_approx(total)
+
+            # ---- O = P V (P from registers) ----
+            tOrP.store(frg_a_view(acc_s).load().to(self.dtype))
+            warpgroup_gemm(mma_pv, acc_o, tOrP, tOrVt, zero_init=True)
+
+            # ---- epilogue: normalised partial O and LSE into the token's slot ----
+            for ri in cutlass.range_constexpr(n_rows):
+                r = o_coord[ri, 0][0]
+                i = r // group
+                if i < q_count:
+                    entry = mQSlot[h, q_start + i]
+                    slot = entry >> Q_SLOT_BITS
+                    tok = q_base + (entry & ((1 << Q_SLOT_BITS) - 1))
+                    hq = h * group + (r - i * group)
+                    if slot < topk:
+                        for ci in cutlass.range_constexpr(cute.size(o_rows, mode=[1])):
+                            mOPart[slot, tok, hq, o_coord[ri, ci][1]] = (o_rows[ri, ci] * row_inv[ri]).to(
+                                mOPart.element_type)
+                        if lane % 4 == 0:
+                            mLsePart[slot, tok, hq] = row_lse[ri]
+            cute.arch.sync_threads()  # smem is reused by the next item
+            item += gdim
+
+
+def partial(qhead_per_kv: int, paged: bool = False, partial_dtype: str = "bfloat16") -> CuteCompile:
+    """Factory of the SM90 partial kernel (bf16 Q/K/V, D = 128, block 128); arguments in the module docstring."""
+    if partial_dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"partial_dtype: expected bfloat16 or float32, got {partial_dtype!r}")
+    total_q, hq, hkv, nslots, batch, batch1 = sym(), sym(), sym(), sym(), sym(), sym()
+    bf16 = cutlass.BFloat16
+    if paged:
+        pages = sym()
+        k = fake_row_major(bf16, (pages, hkv, BLOCK, HEAD_DIM))
+        v = fake_row_major(bf16, (pages, hkv, BLOCK, HEAD_DIM))
+    else:
+        total_k = sym()
+        k = fake_row_major(bf16, (total_k, hkv, HEAD_DIM))
+        v = fake_row_major(bf16, (total_k, hkv, HEAD_DIM))
+    args = (
+        fake_row_major(bf16, (total_q, hq, HEAD_DIM)),
+        k,
+        v,
+        fake_row_major(Int32, (sym(), 6), align=4),  # work
+        fake_row_major(Int32, (1,), align=4),  # work_count
+        fake_row_major(Int32, (hkv, sym()), align=4),  # q_slot
+        fake_row_major(Int32, (batch1,), align=4),  # cu_seqlens_q
+        fake_row_major(Int32, (sym(),), align=4),  # cu_seqlens_k (ragged) / unused (paged)
+        fake_row_major(Int32, (batch,), align=4),  # kv_len
+        fake_row_major(Int32, (sym(), sym()), align=4),  # page_table (paged) / unused (ragged)
+        fake_row_major(DTYPES[partial_dtype], (nslots, total_q, hq, HEAD_DIM)),
+        fake_row_major(Float32, (nslots, total_q, hq), align=4),
+        Float32(1.0),  # softmax_scale * log2(e)
+        Int32(0),  # causal
+        Int32(16),  # topk (slots per token; a slot >= topk is never written)
+        Int32(1),  # CTAs (persistent)
+        cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
+    )
+    return CuteCompile(SparsePrefillPartialSm90(qhead_per_kv, paged, partial_dtype), args)
+
+
+partial.archs = ("sm_90a",)  # wgmma + TMA as used here are Hopper-only
