@@ -91,10 +91,10 @@ class SparsePrefillPartialSm90:
         atom_v, tma_v = cpasync.make_tiled_tma_atom(tma_op, v_view, s_layout, (BLOCK, HEAD_DIM))
 
         mma_qk = hopper.make_trivial_tiled_mma(
-            self.dtype, self.dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K, Float32,
+            self.dtype, self.dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.K, Float32,
             (TILE_M // 64, 1, 1), (64, BLOCK))
         mma_pv = hopper.make_trivial_tiled_mma(
-            self.dtype, self.dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.MN, Float32,
+            self.dtype, self.dtype, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN, Float32,
             (TILE_M // 64, 1, 1), (64, HEAD_DIM), warpgroup.OperandSource.RMEM)
 
         copy_atom_q = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), self.dtype,

@@ -17,4 +17,6 @@ def elementwise_specs(arch: str) -> list[CuteSpec]:
 
 
 def cute_specs(preset: dict, arch: str) -> list[CuteSpec]:
-    return elementwise_specs(arch)
+    from msa.cute.kernels import sparse_prefill_sm90
+
+    return elementwise_specs(arch) + sparse_prefill_sm90.cute_specs(preset, arch)
