@@ -77,16 +77,20 @@ class env_overrides:  # noqa: N801 - used as a context manager
                 os.environ[k] = v
 
 
-def block_configs(n_blocks: int, total_q: int) -> list[tuple[int, int, int]]:
-    """(G tokens per CTA, P threads per token, splits) to sweep: whole sectors for prefill, rows for decode."""
+def block_configs(n_blocks: int, total_q: int) -> list[tuple[int, int, int, int]]:
+    """(G tokens per CTA, P threads per token, splits, V values per thread) to sweep: whole sectors for prefill,
+    rows for decode; V = 32 (no prefetch, <= 256 threads) only where a slice is more than one V = 16 chunk."""
     gs = (4, 8, 16) if total_q >= 1024 else (1, 2, 4, 8)
-    ss = (1, 2, 4) if total_q >= 1024 else (1, 2, 4, 8, 16)
+    ss = (1, 2) if total_q >= 1024 else (1, 2, 4, 8, 16)
     out = []
     for g in gs:
         for p in (32, 64):
             for s in ss:
-                if g * p <= 1024 and (s == 1 or n_blocks // s >= 4 * p):
-                    out.append((g, p, s))
+                if g * p > 1024 or (s > 1 and n_blocks // s < 4 * p):
+                    continue
+                out.append((g, p, s, 16))
+                if g * p <= 256 and -(-n_blocks // s) > 16 * p:
+                    out.append((g, p, s, 32))
     return out
 
 
@@ -199,7 +203,7 @@ def time_case(fn_one, inputs, reps: int) -> float:
     return time_graph(body, reps=reps, calls_per_replay=len(inputs))
 
 
-def bench_case(n_heads, ctx, total_q, device, bw, l2, reps, sweep):
+def bench_case(n_heads, ctx, total_q, device, bw, l2, reps, sweep, failures):
     from msa.core.kernels import topk as topk_kernel
 
     n_blocks = ctx // 128
@@ -223,15 +227,24 @@ def bench_case(n_heads, ctx, total_q, device, bw, l2, reps, sweep):
     row = dict(H=n_heads, ctx=ctx, K=n_blocks, total_q=total_q, ours_us=t_ours, torch_us=t_torch,
                speedup=t_torch / t_ours, floor_us=floor, ours_over_floor=t_ours / floor, launch_us=t_launch,
                ours_over_launch=t_ours / t_launch, warp_path_us=t_warp, bytes=score_bytes, sets=n_sets,
-               path=p.path, splits=p.splits, log_g=p.log_g, threads_per_row=p.threads_per_row, warps=p.warps)
+               path=p.path, splits=p.splits, log_g=p.log_g, threads_per_row=p.threads_per_row,
+               values_per_thread=p.values_per_thread, warps=p.warps)
     if sweep:
+        # every timed launch shape is also checked: its output on the first input set must equal the torch
+        # pipeline's (same contract; randn scores have no ties, so torch.topk's tie order cannot matter)
+        want = torch_pipeline(sets[0], TOPK, None, FB, FE)
         best = None
-        for g, tp, splits in block_configs(n_blocks, total_q):
-            with env_overrides(path="block", g=g, p=tp, splits=splits):
+        for g, tp, splits, v in block_configs(n_blocks, total_q):
+            with env_overrides(path="block", g=g, p=tp, splits=splits, v=v):
                 t = time_case(call, pairs, max(5, reps // 4))
-            row.setdefault("sweep", []).append((g, tp, splits, t))
-            if best is None or t < best[3]:
-                best = (g, tp, splits, t)
+                check = torch.full_like(outs[0], -7)
+                ours(sets[0], TOPK, None, FB, FE, check)
+            ok = bool(torch.equal(check, want))
+            if not ok:
+                failures.append(f"sweep G={g} P={tp} S={splits} V={v} H={n_heads} ctx={ctx} q={total_q}: != torch")
+            row.setdefault("sweep", []).append((g, tp, splits, v, t, ok))
+            if ok and (best is None or t < best[4]):
+                best = (g, tp, splits, v, t)
         row["best"] = best
     del sets, outs, pairs
     torch.cuda.empty_cache()
@@ -266,7 +279,7 @@ def main(argv=None) -> int:
     for total_q in (64, 4096):  # decode first, 128K first: a run cut short keeps the cases the bars are about
         for ctx in (128 * 1024, 1024 * 1024, 8 * 1024):
             for n_heads in (1, 4):
-                rows.append(bench_case(n_heads, ctx, total_q, device, bw, l2, reps, args.sweep))
+                rows.append(bench_case(n_heads, ctx, total_q, device, bw, l2, reps, args.sweep, failures))
                 r = rows[-1]
                 print(f"  H={n_heads} ctx={ctx // 1024}K q={total_q}: ours {r['ours_us']:.2f} us "
                       f"(warp path {r['warp_path_us']:.2f}, launch floor {r['launch_us']:.2f}), "
@@ -276,7 +289,7 @@ def main(argv=None) -> int:
                         json.dump(dict(device=props.name, bw=bw, failures=failures, rows=rows), f, indent=1)
 
     hdr = (f"{'H':>2} {'ctx':>6} {'total_q':>7} {'ours_us':>8} {'torch_us':>9} {'speedup':>8} {'floor_us':>8} "
-           f"{'/floor':>6} {'launch':>6} {'/launch':>7} {'plan':>12} {'>=5x':>5} {'<=2xfl':>6}")
+           f"{'/floor':>6} {'launch':>6} {'/launch':>7} {'plan G,P,S,V':>12} {'>=5x':>5} {'<=2xfl':>6}")
     print()
     print(hdr)
     all_ok = not failures
@@ -286,14 +299,15 @@ def main(argv=None) -> int:
         near = r["ours_over_floor"] <= 2
         if r["ctx"] == 128 * 1024:
             all_ok &= fast
-        shape = (f"b G{1 << r['log_g']} P{r['threads_per_row']} S{r['splits']}" if r["path"] == "block"
-                 else f"w S{r['splits']} W{r['warps']}")
+        shape = (f"b{1 << r['log_g']},{r['threads_per_row']},{r['splits']},{r['values_per_thread']}"
+                 if r["path"] == "block" else f"w S{r['splits']} W{r['warps']}")
         print(f"{r['H']:>2} {ctx:>6} {r['total_q']:>7} {r['ours_us']:>8.2f} {r['torch_us']:>9.2f} "
               f"{r['speedup']:>7.1f}x {r['floor_us']:>8.2f} {r['ours_over_floor']:>6.2f} {r['launch_us']:>6.2f} "
               f"{r['ours_over_launch']:>7.2f} {shape:>12} {'pass' if fast else 'FAIL':>5} {'pass' if near else 'FAIL':>6}")
-        if "best" in r:
-            g, tp, sp, t = r["best"]
-            print(f"      sweep best: G={g} P={tp} splits={sp} {t:.2f} us")
+        if r.get("best"):
+            g, tp, sp, v, t = r["best"]
+            print(f"      sweep best: G={g} P={tp} splits={sp} V={v} {t:.2f} us")
+    print(f"failures: {len(failures)}", *failures[:20], sep="\n  ")
     print("(>=5x is required at 128K; floor = max_score bytes / copy bandwidth; launch = empty-kernel graph floor)")
     if args.json:
         with open(args.json, "w") as f:

@@ -150,7 +150,7 @@ def _block_emulator_lib(build_dir: str):
     f.restype = ctypes.c_int
     f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                  ctypes.c_uint64, ctypes.c_void_p]
+                  ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p]
     return f
 
 
@@ -158,7 +158,7 @@ def _block_emulator_lib(build_dir: str):
 def block_emulate(tmp_path_factory):
     f = _block_emulator_lib(str(tmp_path_factory.mktemp("topk_block_emulate")))
 
-    def run(scores, topk, nvp, fb, fe, *, splits, g, p, cap, seed):
+    def run(scores, topk, nvp, fb, fe, *, splits, g, p, cap, seed, v=16):
         n_heads, n_blocks, total_q = scores.shape
         s32 = scores.float().contiguous()
         out = torch.full((total_q, n_heads, topk), POISON, dtype=torch.int32)
@@ -169,7 +169,7 @@ def block_emulate(tmp_path_factory):
         elif nvp is not None:
             nvp_scalar = int(nvp)
         rc = f(s32.data_ptr(), n_heads, n_blocks, total_q, topk, nvp_ptr, nvp_scalar, fb, fe, splits,
-               g.bit_length() - 1, p, cap, seed, out.data_ptr())
+               g.bit_length() - 1, p, cap, v, seed, out.data_ptr())
         assert rc == 0, "block emulator rejected its arguments"
         return out
 
@@ -238,7 +238,7 @@ def _block_case(case: int):
     m = topk - fb - fe
     p = pick((4, 8, 32, 64))  # P < M too: the max-of-maxima bound is then -inf and chunks overflow
     cap = m + p + (0 if case % 2 else max(32, m))  # the tightest legal buffer overflows often
-    kw = dict(splits=pick((1, 1, 2, 3, 8)), g=pick((1, 2, 4, 8)), p=p, cap=cap, seed=case % 5)
+    kw = dict(splits=pick((1, 1, 2, 3, 8)), g=pick((1, 2, 4, 8)), p=p, cap=cap, seed=case % 5, v=(16, 32)[case % 2])
     return scores, topk, nvp, fb, fe, kind, kw
 
 
@@ -268,20 +268,20 @@ def test_block_emulated_order_does_not_matter(block_emulate):
     scores = make_scores("ties", 2, 900, 11, torch.float32, gen)
     want = reference(scores, 33, force_begin_blocks=1, force_end_blocks=2)
     for seed in range(4):
-        for splits, g, p in ((1, 1, 32), (1, 4, 8), (3, 2, 32), (5, 8, 4)):
-            got = block_emulate(scores, 33, None, 1, 2, splits=splits, g=g, p=p, cap=30 + p, seed=seed)
-            assert torch.equal(got, want), (seed, splits, g, p)
+        for splits, g, p, v in ((1, 1, 32, 16), (1, 4, 8, 32), (3, 2, 32, 32), (5, 8, 4, 16)):
+            got = block_emulate(scores, 33, None, 1, 2, splits=splits, g=g, p=p, cap=30 + p, seed=seed, v=v)
+            assert torch.equal(got, want), (seed, splits, g, p, v)
 
 
 def test_block_emulated_long_rows(block_emulate):
     """Many chunks per CTA (prefetch + carried best list), bf16 and per-token nvp, at the kernel's default P."""
     gen = torch.Generator().manual_seed(9)
-    for kind in ("randn", "ascending", "causal"):
+    for kind, v in (("randn", 16), ("ascending", 16), ("causal", 32), ("randn", 32)):
         scores = make_scores(kind, 1, 5000, 9, torch.bfloat16 if kind == "randn" else torch.float32, gen)
         nvp = random_nvp(9, 5000, gen)
         want = reference(scores, 16, num_valid_pages=nvp, force_begin_blocks=0, force_end_blocks=1)
-        got = block_emulate(scores, 16, nvp, 0, 1, splits=1, g=2, p=32, cap=15 + 32 + 32, seed=1)
-        assert torch.equal(got, want), kind
+        got = block_emulate(scores, 16, nvp, 0, 1, splits=1, g=2, p=32, cap=15 + 32 + 32, seed=1, v=v)
+        assert torch.equal(got, want), (kind, v)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -349,11 +349,17 @@ def test_plan_shapes(monkeypatch):
         p = threads_per_row_for(m)
         assert p >= m and block_capacity(m, p) >= m + p
         assert block_smem_bytes(8, p, block_capacity(m, p)) <= 227 * 1024
-    for n_heads, n_blocks, total_q in ((4, 8192, 4096), (1, 1024, 4096), (4, 1024, 64), (1, 64, 64), (4, 8192, 64)):
-        p = plan(n_heads, n_blocks, total_q, 15, 132)
-        assert p.path == "block" and p.splits >= 1
-        assert (1 << p.log_g) * p.threads_per_row <= 1024 and ((1 << p.log_g) * p.threads_per_row) % 32 == 0
-        assert p.cap >= 15 + p.threads_per_row
+    for n_heads, n_blocks, total_q in ((4, 8192, 4096), (1, 1024, 4096), (4, 1024, 64), (1, 64, 64), (4, 8192, 64),
+                                       (1, 64, 4096), (3, 5000, 300)):
+        for m in (1, 15, 33, 64):
+            p = plan(n_heads, n_blocks, total_q, m, 132)
+            assert p.path == "block" and p.splits >= 1
+            n_threads = (1 << p.log_g) * p.threads_per_row
+            assert n_threads <= 1024 and n_threads % 32 == 0
+            assert p.values_per_thread in (16, 32) and (p.values_per_thread == 16 or n_threads <= 256)
+            assert p.cap >= m + p.threads_per_row
+    assert plan(4, 64, 4096, 15, 132).path == "warp"  # many short rows
+    assert plan(1, 1024, 64, 15, 132).splits == 1 and plan(1, 8192, 64, 15, 132).splits == 8
     assert plan(4, 8192, 64, 0, 132).splits == 1  # fb + fe == topk: nothing to merge
     monkeypatch.setenv("MSA_TOPK_PATH", "warp")
     p = plan(4, 8192, 4096, 15, 132)  # 1M context prefill: rows alone fill the GPU
@@ -368,8 +374,13 @@ def test_plan_shapes(monkeypatch):
     monkeypatch.setenv("MSA_TOPK_G", "4")
     monkeypatch.setenv("MSA_TOPK_P", "64")
     monkeypatch.setenv("MSA_TOPK_SPLITS", "3")
+    monkeypatch.setenv("MSA_TOPK_V", "32")
     p = plan(2, 1000, 50, 15, 132)
-    assert (p.path, p.log_g, p.threads_per_row, p.splits) == ("block", 2, 64, 3)
+    assert (p.path, p.log_g, p.threads_per_row, p.splits, p.values_per_thread) == ("block", 2, 64, 3, 32)
+    monkeypatch.setenv("MSA_TOPK_V", "8")
+    with pytest.raises(ValueError, match="MSA_TOPK_V"):
+        plan(2, 1000, 50, 15, 132)
+    monkeypatch.delenv("MSA_TOPK_V")
     monkeypatch.setenv("MSA_TOPK_G", "3")
     with pytest.raises(ValueError, match="MSA_TOPK_G"):
         plan(2, 1000, 50, 15, 132)
@@ -457,16 +468,18 @@ def test_kernel_launch_shapes(monkeypatch, splits, warps):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("g,p,splits", [(1, 32, 1), (1, 64, 8), (2, 32, 3), (4, 64, 1), (8, 32, 2), (8, 128, 1),
-                                        (16, 64, 4), (32, 32, 1)])
-def test_block_launch_shapes(monkeypatch, g, p, splits):
+@pytest.mark.parametrize("g,p,splits,v", [(1, 32, 1, 16), (1, 64, 8, 32), (2, 32, 3, 16), (4, 64, 1, 32),
+                                          (8, 32, 2, 32), (8, 128, 1, 16), (16, 64, 4, 16), (32, 32, 1, 16),
+                                          (8, 32, 1, 32), (1, 32, 5, 32)])
+def test_block_launch_shapes(monkeypatch, g, p, splits, v):
     """Block path: tokens per CTA x threads per token x splits (env overrides), incl. the merge launch, the
     overflow rounds (ties, P < M) and long rows (many chunks per CTA)."""
     monkeypatch.setenv("MSA_TOPK_PATH", "block")
     monkeypatch.setenv("MSA_TOPK_G", str(g))
     monkeypatch.setenv("MSA_TOPK_P", str(p))
     monkeypatch.setenv("MSA_TOPK_SPLITS", str(splits))
-    gen = torch.Generator().manual_seed(g * 1000 + p * 10 + splits)
+    monkeypatch.setenv("MSA_TOPK_V", str(v))
+    gen = torch.Generator().manual_seed(g * 1000 + p * 10 + splits + v)
     for dtype in (torch.float32, torch.bfloat16):
         scores = make_scores("ties", 2, 2000, 50, dtype, gen).cuda()
         _check(scores, 64, None, 0, 0)
@@ -479,7 +492,8 @@ def test_block_launch_shapes(monkeypatch, g, p, splits):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n_heads,n_blocks,total_q", [(1, 1024, 64), (4, 8192, 64), (1, 1024, 4096), (4, 64, 4096)])
+@pytest.mark.parametrize("n_heads,n_blocks,total_q", [(1, 1024, 64), (4, 1024, 64), (1, 8192, 64), (4, 8192, 64),
+                                                     (1, 1024, 4096), (4, 64, 4096), (1, 64, 4096), (2, 8192, 1500)])
 def test_kernel_bench_shapes(n_heads, n_blocks, total_q):
     """The benchmark's shapes under the default plan (whatever path and launch shape it picks)."""
     gen = torch.Generator().manual_seed(n_heads * n_blocks + total_q)

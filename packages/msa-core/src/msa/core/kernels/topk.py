@@ -4,9 +4,10 @@
 :func:`plan` from the shapes only (never the data, never a host sync):
 
 - ``block`` (``csrc/topk/topk_block_core.cuh``): a CTA owns G tokens of one head and P threads per token; each
-  thread holds 16 scores of its row per chunk in registers, a cheap lower bound (the M-th largest of the row's
-  P local maxima) leaves ~M + a few candidates, and the exact best M are kept by ranking 64-bit (score, index)
-  keys in shared memory. ``splits`` > 1 spreads K over CTAs and adds a merge launch of the same kernel.
+  thread holds V scores of its row per chunk in registers (V = 16 with the next chunk prefetched, or 32 for
+  rows that fit one chunk), a cheap lower bound (the M-th largest of the row's P local maxima) leaves ~M + a
+  few candidates, and the exact best M are kept by ranking 64-bit (score, index) keys in shared memory.
+  ``splits`` > 1 spreads K over CTAs and adds a merge launch of the same kernel.
 - ``warp`` (``csrc/topk/topk_select_core.cuh``): a warp owns 32 tokens, one row per lane, each lane streaming
   its K slice into a per-row column compacted by a 4-bit radix select.
 
@@ -14,8 +15,8 @@ Both allocate at most one workspace (``2 * H * splits * M * ceil(total_q/32)*32`
 allocator) and only when ``splits > 1``.
 
 Environment overrides (benchmark sweeps): ``MSA_TOPK_PATH`` (block | warp), ``MSA_TOPK_SPLITS``, ``MSA_TOPK_G``
-(tokens per CTA, block), ``MSA_TOPK_P`` (threads per token, block), ``MSA_TOPK_WARPS``, ``MSA_TOPK_MERGE_WARPS``
-(warp).
+(tokens per CTA, block), ``MSA_TOPK_P`` (threads per token, block), ``MSA_TOPK_V`` (16 | 32, block),
+``MSA_TOPK_WARPS``, ``MSA_TOPK_MERGE_WARPS`` (warp).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ __all__ = ["run", "available", "plan", "TopkPlan", "jit_specs", "spec", "BATCH",
 FAMILY = "topk"
 SOURCES = ("topk_select.cu.jinja",)
 BATCH = 16  # blocks per lane per step; must match topk_emulate.cc's U for the CPU replay tests
-BLOCK_V = 16  # block path: values per thread per chunk; must match topk_block_emulate.cc
+BLOCK_V = 16  # block path: values per thread per chunk with prefetch (2 * BLOCK_V without); as topk_block_emulate.cc
+BLOCK_WIDE_MAX_THREADS = 256  # the V = 2 * BLOCK_V kernel's launch bound (registers for twice the values)
 MAX_WARPS = 8
 SMEM_LIMIT = 227 * 1024  # sm_90 / sm_100 opt-in shared memory per block
 _SUPPORTED_CC = {(9, 0): "sm_90a", (10, 0): "sm_100a", (10, 3): "sm_103a"}
@@ -85,6 +87,7 @@ class TopkPlan:
     merge_warps: int = 1
     log_g: int = 3  # block path: 2**log_g tokens per CTA
     threads_per_row: int = 32  # block path: P
+    values_per_thread: int = BLOCK_V  # block path: V per chunk (BLOCK_V prefetched, or 2 * BLOCK_V)
 
     def workspace_words(self, n_heads: int, total_q: int, m: int) -> int:
         if self.splits <= 1 or m <= 0:
@@ -142,20 +145,37 @@ def _warp_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int)
 
 
 def _block_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> TopkPlan:
+    """Measured on H100 (benchmarks/topk_notes.md): prefill rows -> 8 tokens per CTA (whole 32-byte sectors of a
+    K-row), no split, one chunk of V = 32 when the row fits it; decode rows -> split K until a slice fits one
+    V = 32 chunk, then group tokens until the grid is about one CTA per SM."""
     p = threads_per_row_for(m)
-    log_g = 3 if total_q >= 1024 else 0  # prefill: 8 tokens = one 32-byte sector per K-row; decode: a row per CTA
-    g = 1 << log_g
-    ctas = -(-total_q // g) * n_heads
-    chunk = p * BLOCK_V
-    splits = 1
-    while ctas * splits < 2 * sm_count and n_blocks // (2 * splits) >= chunk:
-        splits *= 2
-    return TopkPlan(path="block", splits=splits, cap=block_capacity(m, p), log_g=log_g, threads_per_row=p)
+    wide = 2 * BLOCK_V
+    if total_q >= 1024:
+        log_g, splits = 3, 1
+        v = wide if p * BLOCK_V < n_blocks <= p * wide and (8 * p) <= BLOCK_WIDE_MAX_THREADS else BLOCK_V
+    elif n_blocks <= p * BLOCK_V // 2:  # short rows (a few values per thread): nothing to split or group
+        log_g, splits, v = 0, 1, BLOCK_V
+    else:
+        splits = 1
+        while -(-n_blocks // splits) > p * wide and splits < 64:
+            splits *= 2
+        log_g = 0
+        while (-(-total_q // (1 << log_g)) * n_heads * splits > sm_count
+               and (2 << log_g) * p <= BLOCK_WIDE_MAX_THREADS):
+            log_g += 1
+        v = wide if (1 << log_g) * p <= BLOCK_WIDE_MAX_THREADS else BLOCK_V
+    return TopkPlan(path="block", splits=splits, cap=block_capacity(m, p), log_g=log_g, threads_per_row=p,
+                    values_per_thread=v)
+
+
+def _use_warp_path(n_heads: int, n_blocks: int, total_q: int) -> bool:
+    """Many short rows (8K context prefill, H >= 4): the warp path's one lane per row does less per row."""
+    return n_blocks <= 128 and total_q * n_heads >= 8192
 
 
 def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> TopkPlan:
     """Launch shape from the problem shape only (no data)."""
-    path = os.environ.get("MSA_TOPK_PATH") or "block"
+    path = os.environ.get("MSA_TOPK_PATH") or ("warp" if _use_warp_path(n_heads, n_blocks, total_q) else "block")
     if path not in ("block", "warp"):
         raise ValueError(f"MSA_TOPK_PATH: expected 'block' or 'warp', got {path!r}")
     if path == "warp":
@@ -171,8 +191,11 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> To
         raise ValueError(f"MSA_TOPK_G: expected a power of two in 1..32, got {g}")
     p = _env_int("MSA_TOPK_P") or pl.threads_per_row
     splits = _env_int("MSA_TOPK_SPLITS") or pl.splits
+    v = _env_int("MSA_TOPK_V") or (pl.values_per_thread if (1 << log_g) * p <= BLOCK_WIDE_MAX_THREADS else BLOCK_V)
+    if v not in (BLOCK_V, 2 * BLOCK_V):
+        raise ValueError(f"MSA_TOPK_V: expected {BLOCK_V} or {2 * BLOCK_V}, got {v}")
     return TopkPlan(path="block", splits=1 if m <= 0 else splits, cap=block_capacity(m, p), log_g=log_g,
-                    threads_per_row=p)
+                    threads_per_row=p, values_per_thread=v)
 
 
 @functools.lru_cache(maxsize=16)
@@ -201,7 +224,7 @@ def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, 
     if p.path == "block":
         module.topk_block_select(
             max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out, ws, p.splits, p.log_g,
-            p.threads_per_row, p.cap,
+            p.threads_per_row, p.cap, p.values_per_thread,
         )
     else:
         module.topk_select(

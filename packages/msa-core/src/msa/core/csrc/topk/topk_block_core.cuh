@@ -9,9 +9,10 @@
 //
 // Per chunk (every barrier is CTA-uniform):
 //  1. theta (only while some row's best list is not full): each thread's local max; theta = the M-th largest
-//     of the row's P local maxima. M distinct elements are >= theta, so every element of the chunk's own top M,
-//     hence every chunk element of the row's final top M, is >= theta. With iid scores only about
-//     P * ln((P+1)/(P+1-M)) elements pass (20 for P = 32, M = 15).
+//     of the row's P local maxima (the largest local max that at least M local maxima reach: one compare per
+//     maximum and a shared atomicMax of order-preserving keys). M distinct elements are >= theta, so every
+//     element of the chunk's own top M, hence every chunk element of the row's final top M, is >= theta. With
+//     iid scores only about P * ln((P+1)/(P+1-M)) elements pass (20 for P = 32, M = 15).
 //  2. append: elements >= theta that beat the worst of the row's best list B (|B| = M) are appended after B
 //     as 64-bit composite keys (score key << 32 | ~index: a strict total order = value desc, index asc), at an
 //     offset from a shared counter. No candidate anywhere in the CTA -> next chunk (one barrier).
@@ -27,6 +28,14 @@
 namespace msa_topk {
 
 using Comp = unsigned long long;
+
+MSA_TOPK_HD int popcount32(uint32_t x) {
+#ifdef __CUDA_ARCH__
+  return __popc(x);
+#else
+  return __builtin_popcount(x);
+#endif
+}
 
 MSA_TOPK_HD Comp make_comp(uint32_t key, uint32_t idx) {
   return (static_cast<Comp>(key) << 32) | static_cast<Comp>(~idx);
@@ -52,7 +61,7 @@ struct BlockSmem {  // (two named buffers, not an array: a run-time index would 
   Comp* buf0;      // [cap][G] each: B then appended candidates; the select writes the other one
   Comp* buf1;
   float* maxima;   // [G][P + kMaxPad]
-  float* theta;    // [G]
+  uint32_t* theta;  // [G] score key of the chunk bound (0 = none: -inf)
   int* ncand;      // [2][G] append counters, alternating per chunk
   int* fcnt;       // [2][G] append counters of the overflow rounds, alternating per round
   int* range;      // [2][G] each row's slot range in this CTA (lo, hi)
@@ -69,7 +78,7 @@ MSA_TOPK_HD BlockSmem carve_block_smem(unsigned char* raw, int g, int p, int cap
   s.buf0 = reinterpret_cast<Comp*>(raw);
   s.buf1 = s.buf0 + static_cast<size_t>(cap) * g;
   s.maxima = reinterpret_cast<float*>(s.buf1 + static_cast<size_t>(cap) * g);
-  s.theta = s.maxima + static_cast<size_t>(g) * (p + kMaxPad);
+  s.theta = reinterpret_cast<uint32_t*>(s.maxima + static_cast<size_t>(g) * (p + kMaxPad));
   s.ncand = reinterpret_cast<int*>(s.theta + g);
   s.fcnt = s.ncand + 2 * g;
   s.range = s.fcnt + 2 * g;
@@ -77,10 +86,9 @@ MSA_TOPK_HD BlockSmem carve_block_smem(unsigned char* raw, int g, int p, int cap
   return s;
 }
 
-// Number of row maxima > x and >= x over one padded row (p a multiple of 4; 16-byte reads on the GPU).
-MSA_TOPK_HD void count_above(const float* row, int p, float x, int& gt, int& ge) {
-  gt = 0;
-  ge = 0;
+// Number of row maxima >= x over one padded row (p a multiple of 4; 16-byte reads on the GPU).
+MSA_TOPK_HD int count_ge(const float* row, int p, float x) {
+  int ge = 0;
   for (int s = 0; s < p; s += 4) {
 #ifdef __CUDA_ARCH__
     const float4 q = *reinterpret_cast<const float4*>(row + s);
@@ -89,11 +97,13 @@ MSA_TOPK_HD void count_above(const float* row, int p, float x, int& gt, int& ge)
     const float y[4] = {row[s], row[s + 1], row[s + 2], row[s + 3]};
 #endif
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      gt += y[i] > x ? 1 : 0;
-      ge += y[i] >= x ? 1 : 0;
-    }
+    for (int i = 0; i < 4; ++i) ge += y[i] >= x ? 1 : 0;
   }
+  return ge;
+}
+
+MSA_TOPK_HD int ceil_div_pos(int a, int b) {  // ceil(a / b) for b > 0 and any sign of a
+  return a >= 0 ? (a + b - 1) / b : -((-a) / b);
 }
 
 // Entries 0..n-1 of the row (column g of a [cap][G] buffer): rank each by the number of greater keys (keys are
@@ -107,12 +117,12 @@ MSA_TOPK_HD void rank_select(const Comp* src, Comp* dst, int n, int m, int g, in
   }
 }
 
-// Ops: sync(), sync_or(int) -> int, atomic_add(int*, int) -> old. Src (scan): score(h, k, t) -> float,
+// Ops: sync(), sync_or(int) -> int, atomic_add(int*, int) -> old, atomic_max(uint32_t*, uint32_t). Src (scan): score(h, k, t) -> float,
 // nvp(t) -> int; (merge): entry(h, s, e, t) -> Cand, nvp(t). bx, h, split: the CTA's coordinates.
 template <int V, bool kMerge, class Ops, class Src>
 MSA_TOPK_HD void block_select(const BlockParams& p, const BlockSmem& sm, Ops& ops, const Src& src, int bx, int h,
                               int split, int tid) {
-  static_assert(V % 2 == 0, "the overflow rounds alternate two counters: V must be even");
+  static_assert(V % 2 == 0 && V <= 32, "V: even (the overflow rounds alternate two counters), <= 32 (bit masks)");
   const int G = 1 << p.log_g, P = p.p, m = p.m;
   const int g = tid & (G - 1), r = tid >> p.log_g;
   const int64_t t = static_cast<int64_t>(bx) * G + g;
@@ -150,7 +160,10 @@ MSA_TOPK_HD void block_select(const BlockParams& p, const BlockSmem& sm, Ops& op
   float va[V], vb[V];
   uint32_t ia[V], ib[V];  // merge: the entries' block indices (scan: computed from the slot)
   auto fetch = [&](int c0, float (&v)[V], uint32_t (&ix)[V]) {
-    if (!kMerge && c0 + r >= elo && c0 + r + P * (V - 1) < ehi) {  // whole chunk inside the row: no checks
+    // slot c0 + r + P * j is in [elo, ehi) iff jlo <= j < jhi
+    const int jlo = imax32(0, ceil_div_pos(elo - c0 - r, P));
+    const int jhi = imin32(V, ceil_div_pos(ehi - c0 - r, P));
+    if (!kMerge && jlo == 0 && jhi == V) {  // whole chunk inside the row: no checks
 #pragma unroll
       for (int j = 0; j < V; ++j) v[j] = src.score(h, c0 + r + P * j, t);
     } else {
@@ -159,7 +172,7 @@ MSA_TOPK_HD void block_select(const BlockParams& p, const BlockSmem& sm, Ops& op
         const int k = c0 + r + P * j;
         v[j] = -INFINITY;
         ix[j] = 0u;
-        if (k >= elo && k < ehi) {
+        if (j >= jlo && j < jhi) {
           if (kMerge) {
             const int s = k / m;
             const Cand c = src.entry(h, s, k - s * m, t);
@@ -191,17 +204,14 @@ MSA_TOPK_HD void block_select(const BlockParams& p, const BlockSmem& sm, Ops& op
       float mx = -INFINITY;
 #pragma unroll
       for (int j = 0; j < V; ++j) mx = fmaxf(mx, v[j]);  // fmaxf drops NaN
-      if (r == 0) sm.theta[g] = -INFINITY;
+      if (r == 0) sm.theta[g] = 0u;
       float* row = sm.maxima + g * (P + kMaxPad);
       row[r] = mx;
       ops.sync();
-      if (mx > -INFINITY) {
-        int gt, ge;
-        count_above(row, P, mx, gt, ge);
-        if (gt < m && ge >= m) sm.theta[g] = mx;  // every writer of a row writes the same value
-      }
+      // theta = max{mx_r : at least M maxima >= mx_r} = the M-th largest maximum
+      if (mx > -INFINITY && count_ge(row, P, mx) >= m) ops.atomic_max(sm.theta + g, score_key(mx));
       ops.sync();
-      th = sm.theta[g];
+      th = key_value(sm.theta[g]);
     }
     Comp* cur = (par ? sm.buf1 : sm.buf0);
     Comp* nxt = (par ? sm.buf0 : sm.buf1);
@@ -214,19 +224,20 @@ MSA_TOPK_HD void block_select(const BlockParams& p, const BlockSmem& sm, Ops& op
       thr_v = key_value(comp_key(w));
       thr_i = comp_idx(w);
     }
-    int c = 0;
+    uint32_t mask = 0u;
 #pragma unroll
-    for (int j = 0; j < V; ++j) c += beats(v[j], idx_of(j), th, thr_v, thr_i) ? 1 : 0;
+    for (int j = 0; j < V; ++j) mask |= beats(v[j], idx_of(j), th, thr_v, thr_i) ? 1u << j : 0u;
+    const int c = popcount32(mask);
     if (c > 0) {
       int pos = nb + ops.atomic_add(cnt + g, c);
+      if (pos + c <= p.cap) {
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        if (beats(v[j], idx_of(j), th, thr_v, thr_i)) {
-          if (pos < p.cap) cur[pos * G + g] = make_comp(score_key(v[j]), idx_of(j));
-          ++pos;
+        for (int j = 0; j < V; ++j) {
+          if (mask & (1u << j)) cur[pos++ * G + g] = make_comp(score_key(v[j]), idx_of(j));
         }
+      } else {
+        *sm.flag = 1;  // the overflow rounds redo this chunk; what was appended past nb is dropped
       }
-      if (pos > p.cap) *sm.flag = 1;
     }
     if (!ops.sync_or(c > 0)) return;  // nothing new anywhere in the CTA
     if (*sm.flag == 0) {
@@ -271,9 +282,9 @@ MSA_TOPK_HD void block_select(const BlockParams& p, const BlockSmem& sm, Ops& op
     need_theta = ops.sync_or(nb < m && elo < ehi);
   };
 
-  // Scan: the next chunk's loads are in flight while this one is processed. Merge (short, usually one chunk,
-  // twice the registers per value): no prefetch.
-  constexpr bool kPrefetch = !kMerge;
+  // Scan with V <= 16: the next chunk's loads are in flight while this one is processed. V = 32 (rows that fit
+  // in one chunk) and merge (usually one chunk, twice the registers per value): no prefetch.
+  constexpr bool kPrefetch = !kMerge && V <= 16;
   if (ulo < uhi) {
     if (kPrefetch) fetch(ulo, va, ia);
     for (int c0 = ulo;; c0 += span) {

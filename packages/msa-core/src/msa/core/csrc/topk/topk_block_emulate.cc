@@ -51,14 +51,23 @@ struct HostOps {
   bool shuffle;
   void sync() { barrier->arrive(0); }
   int sync_or(int x) { return barrier->arrive(x); }
-  int atomic_add(int* a, int v) {
+  void maybe_yield() {
     if (shuffle) {
       rng ^= rng << 13;
       rng ^= rng >> 7;
       rng ^= rng << 17;
       if (rng % 3 == 0) std::this_thread::yield();
     }
+  }
+  int atomic_add(int* a, int v) {
+    maybe_yield();
     return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST);
+  }
+  void atomic_max(uint32_t* a, uint32_t v) {
+    maybe_yield();
+    uint32_t old = __atomic_load_n(a, __ATOMIC_SEQ_CST);
+    while (old < v && !__atomic_compare_exchange_n(a, &old, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+    }
   }
 };
 
@@ -84,7 +93,7 @@ struct MergeSrc {
   }
 };
 
-template <bool kMerge, class Src>
+template <int V, bool kMerge, class Src>
 void run_grid(const BlockParams& p, const Src& src, int grid_x, int grid_z, uint64_t seed) {
   const int n_threads = (1 << p.log_g) * p.p;
   const size_t smem_bytes = block_smem_bytes(1 << p.log_g, p.p, p.cap);
@@ -108,7 +117,7 @@ void run_grid(const BlockParams& p, const Src& src, int grid_x, int grid_z, uint
               }
             }
             ops.sync();
-            block_select<16, kMerge>(p, sm, ops, src, x, h, z, tid);
+            block_select<V, kMerge>(p, sm, ops, src, x, h, z, tid);
           }
     });
   }
@@ -117,14 +126,16 @@ void run_grid(const BlockParams& p, const Src& src, int grid_x, int grid_z, uint
 
 }  // namespace
 
-// scores: float32 [H, K, Q] (bf16 inputs as their exact float values); nvp: int32 [Q] or null. V = 16, as the
-// kernel. Returns 0, or -1 on bad arguments.
+// scores: float32 [H, K, Q] (bf16 inputs as their exact float values); nvp: int32 [Q] or null; values_per_thread
+// 16 or 32 (the kernel's scan instantiations; the merge always uses 16). Returns 0, or -1 on bad arguments.
 extern "C" int msa_topk_block_emulate(const float* scores, int n_heads, int n_blocks, int64_t q, int topk,
                                       const int32_t* nvp, int nvp_scalar, int fb, int fe, int splits, int log_g,
-                                      int threads_per_row, int cap, uint64_t seed, int32_t* out) {
+                                      int threads_per_row, int cap, int values_per_thread, uint64_t seed,
+                                      int32_t* out) {
   const int m = topk - fb - fe;
   if (m < 0 || splits < 1 || log_g < 0 || log_g > 5 || threads_per_row < 4 || threads_per_row % 4 != 0 ||
-      cap < m + threads_per_row || (1 << log_g) * threads_per_row > 1024)
+      cap < m + threads_per_row || (1 << log_g) * threads_per_row > 1024 ||
+      (values_per_thread != 16 && values_per_thread != 32))
     return -1;
   BlockParams p{};
   p.nvp = nvp;
@@ -146,10 +157,14 @@ extern "C" int msa_topk_block_emulate(const float* scores, int n_heads, int n_bl
   const int grid_x = static_cast<int>((q + (1 << log_g) - 1) >> log_g);
   std::vector<Cand> ws(p.splits > 1 ? size_t(n_heads) * p.splits * m * p.q_pad : 0, make_cand(0xDEADu, 0xBEEFu));
   p.ws_out = ws.data();
-  run_grid<false>(p, ScanSrc{scores, nvp, n_blocks, q}, grid_x, p.splits, seed);
+  if (values_per_thread == 16) {
+    run_grid<16, false>(p, ScanSrc{scores, nvp, n_blocks, q}, grid_x, p.splits, seed);
+  } else {
+    run_grid<32, false>(p, ScanSrc{scores, nvp, n_blocks, q}, grid_x, p.splits, seed);
+  }
   if (p.splits > 1) {
     p.ws_in = ws.data();
-    run_grid<true>(p, MergeSrc{ws.data(), nvp, p.splits, m, p.q_pad}, grid_x, 1, seed + 1);
+    run_grid<16, true>(p, MergeSrc{ws.data(), nvp, p.splits, m, p.q_pad}, grid_x, 1, seed + 1);
   }
   return 0;
 }
