@@ -20,7 +20,7 @@ import pytest
 from msa.cute import jit, variants
 from msa.cute.jit import CuteSpec, cubin_archs
 
-AXPBY = "msa.cute.kernels.elementwise:axpby"
+AXPBY = "msa.cute.kernels.dsl.elementwise:axpby"
 
 
 @pytest.fixture()
@@ -60,7 +60,7 @@ def test_cubin_archs_reads_embedded_cuda_elf_headers(tmp_path):
 def test_spec_arguments_are_checked():
     with pytest.raises(ValueError, match="arch: expected one of"):
         CuteSpec(AXPBY, {}, "sm_75")
-    with pytest.raises(ValueError, match="factory: expected 'msa.cute.kernels.<module>:<function>'"):
+    with pytest.raises(ValueError, match="factory: expected 'msa.cute.kernels.dsl.<module>:<function>'"):
         CuteSpec("os.path:join", {}, "sm_90a")
     with pytest.raises(TypeError):
         CuteSpec(AXPBY, {"dtype": object()}, "sm_90a")
@@ -100,7 +100,7 @@ def test_keys_need_no_dsl():
     code = textwrap.dedent("""
         import sys
         from msa.cute.jit import CuteSpec
-        CuteSpec("msa.cute.kernels.elementwise:axpby", {"dtype": "float32"}, "sm_90a").keys()
+        CuteSpec("msa.cute.kernels.dsl.elementwise:axpby", {"dtype": "float32"}, "sm_90a").keys()
         import msa.cute.variants as v
         v.generate({"name": "smoke"}, ["sm_90a"])
         bad = [m for m in sys.modules if m.split(".")[0] in ("cutlass", "quack", "flash_attn")]
@@ -178,7 +178,7 @@ _NODE = textwrap.dedent("""
     from msa.cute.jit import CuteSpec
     import torch
     assert jit.runtime_library().parent.name == "runtime", jit.runtime_library()  # the bundle's copy
-    fn = CuteSpec("msa.cute.kernels.elementwise:axpby", {"dtype": "float32"}, "sm_90a").load()
+    fn = CuteSpec("msa.cute.kernels.dsl.elementwise:axpby", {"dtype": "float32"}, "sm_90a").load()
     try:
         fn(torch.ones(4), torch.ones(4), torch.ones(4), 1.0, 1.0)
         raise SystemExit("expected a device error for CPU tensors")

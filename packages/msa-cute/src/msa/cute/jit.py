@@ -3,13 +3,13 @@
     kernel factory (Python, msa/cute/kernels)  --cute.compile + export_to_c-->  object (.o, one arch's cubin)
                                                --cc -shared-->                  module (.so, tvm-ffi ABI)
 
-A :class:`CuteSpec` names a kernel factory (``"msa.cute.kernels.elementwise:axpby"``), its compile-time
+A :class:`CuteSpec` names a kernel factory (``"msa.cute.kernels.dsl.elementwise:axpby"``), its compile-time
 parameters and the target arch. The factory returns a :class:`CuteCompile` (a ``@cute.jit`` function and the fake
 arguments to trace it with); :meth:`CuteSpec.build` compiles it with ``--enable-tvm-ffi --gpu-arch <arch>``,
 exports the object, checks that the object's cubin is for that arch, and links a shared library. Each stage is
 an msa-cache entry.
 
-Keys use only what a compiler-less GPU node can compute: the bytes of the kernel sources (``msa/cute/kernels``),
+Keys use only what a compiler-less GPU node can compute: the bytes of the DSL sources (``msa/cute/kernels/dsl``),
 the parameters, the arch, the cutlass-dsl identity via ``store.toolchain`` (a node without the DSL reads the
 identity its imported bundle recorded), the tvm-ffi version and msa-cute's version.
 
@@ -49,7 +49,8 @@ __all__ = [
     "runtime_library",
 ]
 
-KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
+KERNELS_DIR = Path(__file__).resolve().parent / "kernels" / "dsl"
+FACTORY_PREFIX = "msa.cute.kernels.dsl."
 SUPPORTED_ARCHS = ("sm_90a", "sm_100a", "sm_103a")
 # Every option that reaches cute.compile besides the arch; part of the object key.
 BASE_COMPILE_OPTIONS = ("--enable-tvm-ffi",)
@@ -120,7 +121,7 @@ def _digest_dir(root: str, mtimes: tuple) -> str:
 
 
 def kernel_sources_digest(root: Path = KERNELS_DIR) -> str:
-    """sha256 over the names and bytes of every ``*.py`` under ``msa/cute/kernels`` (the source ingredient).
+    """sha256 over the names and bytes of every ``*.py`` under ``msa/cute/kernels/dsl`` (the source ingredient).
 
     Every kernel's key covers all kernel files: shared helpers change code generation too, and a node must
     compute the same digest from the same installed files.
@@ -300,8 +301,8 @@ def _resolve(target: str) -> Callable:
 class CuteSpec:
     """One compiled CuTe-DSL kernel variant.
 
-    factory:  ``"msa.cute.kernels.<module>:<function>"``; ``function(**params) -> CuteCompile``, called with the
-              DSL pointed at ``arch``. It must live under ``msa/cute/kernels`` (its bytes are the source key). A
+    factory:  ``"msa.cute.kernels.dsl.<module>:<function>"``; ``function(**params) -> CuteCompile``, called with
+              the DSL pointed at ``arch``. It must live in ``msa/cute/kernels/dsl`` (its bytes are the source key). A
               ``function.archs`` tuple, if set, lists the only archs it can target (others fail clearly).
     params:   compile-time parameters (JSON-able); part of every key.
     arch:     ``sm_90a`` / ``sm_100a`` / ``sm_103a``.
@@ -316,8 +317,8 @@ class CuteSpec:
     def __post_init__(self):
         object.__setattr__(self, "arch", normalize_arch(self.arch))
         module, sep, attr = self.factory.partition(":")
-        if not sep or not module.startswith("msa.cute.kernels.") or not attr:
-            raise ValueError(f"factory: expected 'msa.cute.kernels.<module>:<function>', got {self.factory!r}")
+        if not sep or not module.startswith(FACTORY_PREFIX) or not attr:
+            raise ValueError(f"factory: expected '{FACTORY_PREFIX}<module>:<function>', got {self.factory!r}")
         if not isinstance(self.params, Mapping):
             raise TypeError(f"params: expected a mapping, got {type(self.params).__name__}")
         params = json.loads(json.dumps(dict(self.params), sort_keys=True))  # JSON-able, canonical, detached copy
@@ -331,7 +332,7 @@ class CuteSpec:
     def kernel(self) -> str:
         """``<module tail>.<function>``, e.g. ``elementwise.axpby``."""
         module, _, attr = self.factory.partition(":")
-        return f"{module[len('msa.cute.kernels.'):]}.{attr}"
+        return f"{module[len(FACTORY_PREFIX):]}.{attr}"
 
     @property
     def name(self) -> str:

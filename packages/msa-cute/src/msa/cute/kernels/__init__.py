@@ -1,5 +1,4 @@
-"""CuTe-DSL kernels of msa-cute. Each module is imported only where the DSL is needed (build hosts) or through
-``msa.cute.jit`` (GPU nodes load prebuilt modules without importing these files' DSL code paths).
-
-Every ``*.py`` here is part of the source key of every msa-cute kernel (``msa.cute.jit.kernel_sources_digest``).
+"""msa-cute kernels. ``dsl/`` holds the CuTe-DSL sources (compiled on build hosts, keyed by their bytes); the modules
+here are DSL-free: dispatch (``sparse_prefill_sm90``: ``available`` / ``supports`` / ``run``), warmup specs
+(``specs``) and benchmarks. A GPU node imports these and loads prebuilt modules through ``msa.cute.jit``.
 """

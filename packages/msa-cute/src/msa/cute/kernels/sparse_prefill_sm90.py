@@ -36,8 +36,8 @@ __all__ = [
     "EXPERIMENTAL_ENV",
 ]
 
-PARTIAL = "msa.cute.kernels.sparse_prefill_partial_sm90:partial"
-COMBINE = "msa.cute.kernels.sparse_prefill_combine:combine"
+PARTIAL = "msa.cute.kernels.dsl.sparse_prefill_partial_sm90:partial"
+COMBINE = "msa.cute.kernels.dsl.sparse_prefill_combine:combine"
 EXPERIMENTAL_ENV = "MSA_CUTE_EXPERIMENTAL"
 HEAD_DIM = 128
 BLOCK = 128
@@ -214,11 +214,17 @@ def run(*, q, k, v, k2q_row_ptr, k2q_q_indices, topk, cu_seqlens_q, cu_seqlens_k
     pt = page_table.contiguous() if paged else torch.zeros(1, 1, dtype=torch.int32, device=dev)
     num_ctas = max(1, min(sched.capacity, CTAS_PER_SM * _num_sms(dev.index if dev.index is not None else 0)))
     partial_fn, combine_fn = _kernels(group, paged, part_name)
-    partial_fn(q.contiguous(), k.contiguous(), v.contiguous(), sched.work, sched.work_count, q_slot, cu_seqlens_q,
-               cu_seqlens_k, kv_len, pt, o_part, lse_part, float(softmax_scale) * LOG2_E, int(bool(causal)),
-               int(topk), int(num_ctas))
+    partial_fn(_dense(q), _dense(k), _dense(v), sched.work, sched.work_count, q_slot, cu_seqlens_q.contiguous(),
+               cu_seqlens_k.contiguous(), kv_len, pt, o_part, lse_part, float(softmax_scale) * LOG2_E,
+               int(bool(causal)), int(topk), int(num_ctas))
     combine_fn(o_part, lse_part, n_slots, o, lse, int(topk))
     return _pack(o, lse, return_softmax_lse, return_temperature_lse)
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous with a 16-byte aligned base (cp.async / TMA need it); copies only when it is not."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def _empty(*shape, dtype, device):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from msa.cute.jit import CuteSpec
 
-ELEMENTWISE = "msa.cute.kernels.elementwise:axpby"
+ELEMENTWISE = "msa.cute.kernels.dsl.elementwise:axpby"
 
 
 def elementwise_specs(arch: str) -> list[CuteSpec]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import cutlass.cute as cute
 from msa.cute.jit import CuteCompile
-from msa.cute.kernels._dsl import DTYPES, LN_2, LOG2_E, fake_row_major, sym
+from msa.cute.kernels.dsl.common import DTYPES, LN_2, LOG2_E, fake_row_major, sym
 
 import cutlass
 from cutlass import Float32, Int32

@@ -24,8 +24,8 @@ import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as hopper
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from msa.cute.jit import CuteCompile
-from msa.cute.kernels._dsl import DTYPES, LN_2, fake_row_major, sym
-from msa.cute.kernels._sm90 import (
+from msa.cute.kernels.dsl.common import DTYPES, LN_2, fake_row_major, sym
+from msa.cute.kernels.dsl.sm90 import (
     acc_rows_view,
     quad_max,
     quad_sum,
