@@ -65,8 +65,10 @@ def _paged(k, v, kv_lens, seed, fill=float("nan"), spare=3):
 
 # ---- fp64 emulation of the kernel's decomposition ----------------------------------------------------------------
 def emulate(q, k, v, row_ptr, q_indices, topk, cu_q, cu_k, *, causal, scale, page_table=None, seqused_k=None,
-            schedule=None, partial_dtype=torch.float32):
-    """What partial + combine compute, item by item, with the module's own schedule and slot tables."""
+            schedule=None, partial_dtype=torch.float32, stages=False):
+    """What partial + combine compute, item by item, with the module's own schedule and slot tables.
+
+    ``stages=True`` also returns the per-slot partials (NaN where never written) to check each kernel alone."""
     total_q, hq, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -129,6 +131,8 @@ def emulate(q, k, v, row_ptr, q_indices, topk, cu_q, cu_k, *, causal, scale, pag
     over = n > topk  # a token past its top-k: NaN, never a truncated sum
     out[over] = float("nan")
     out_lse[over] = float("nan")
+    if stages:
+        return out, out_lse, o_part, lse_part
     return out, out_lse
 
 
@@ -413,6 +417,44 @@ def test_gpu_kernel_matches_reference(helpers, poisoned_workspaces, topk, group,
     torch.cuda.synchronize()
     tol = 2**-7 if partial_dtype == torch.float32 else 2**-6
     _assert_close(o, lse, o_ref, lse_ref, v, o_tol=tol, lse_tol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("paged", [False, True])
+def test_gpu_each_stage_matches_the_emulation(helpers, paged):
+    """partial alone (every written slot) and combine alone (fed the emulated partials): localises a failure."""
+    _gpu_ready()
+    q_lens, kv_lens, hkv, group, topk = [8, 130], [128, 700], 1, 4, 3
+    q, k, v, q2k, cq, ck = _problem(helpers, 8, q_lens, kv_lens, hkv * group, hkv, 128, topk, True)
+    rp, qi = build_k2q_csr(q2k, cq, ck, BLOCK, total_k=k.shape[0])
+    table = None
+    if paged:
+        k, v, table = _paged(k, v, kv_lens, 6)
+    out, out_lse, o_part, lse_part = emulate(q, k, v, rp, qi, topk, cq, ck, causal=True, scale=0.09,
+                                             page_table=table, stages=True)
+    dev = torch.device("cuda")
+    g = [x.to(dev) for x in (q, k, v, rp, qi, cq, ck)]
+    sched = sp._schedule(None, g[3], g[6], qi.shape[1], group)
+    q_slot, n_slots = sp.slot_tables(g[3], g[4], g[5], g[6], q.shape[0])
+    part_fn, comb_fn = sp._kernels(group, paged, "float32")
+    op = torch.full(o_part.shape, float("nan"), dtype=torch.float32, device=dev)
+    lp = torch.full(lse_part.shape, float("nan"), dtype=torch.float32, device=dev)
+    kv_len = (g[6][1:] - g[6][:-1]).contiguous()
+    pt = table.to(dev) if paged else torch.zeros(1, 1, dtype=torch.int32, device=dev)
+    part_fn(g[0], g[1], g[2], sched.work, sched.work_count, q_slot, g[5], g[6], kv_len, pt, op, lp,
+            0.09 * sp.LOG2_E, 1, topk, 4)
+    torch.cuda.synchronize()
+    written = ~torch.isnan(lse_part)
+    assert torch.equal(~torch.isnan(lp.cpu()), written), "the kernel wrote other slots than the emulation"
+    fin = written & torch.isfinite(lse_part)
+    assert torch.equal(torch.isinf(lp.cpu()[written]), torch.isinf(lse_part[written]))
+    assert (lp.cpu()[fin].double() - lse_part[fin]).abs().max() < 2e-3
+    assert (op.cpu()[fin].double() - o_part[fin]).abs().max() < 2**-7 * v.float().abs().nan_to_num(0).max()
+    o = torch.full(out.shape, float("nan"), dtype=torch.bfloat16, device=dev)
+    lse = torch.full(out_lse.shape, float("nan"), dtype=torch.float32, device=dev)
+    comb_fn(o_part.float().to(dev), lse_part.float().to(dev), n_slots, o, lse, topk)
+    torch.cuda.synchronize()
+    _assert_close(o, lse, out, out_lse, v, o_tol=2**-8, lse_tol=1e-4)
 
 
 @pytest.mark.gpu
