@@ -145,27 +145,35 @@ def _warp_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int)
 
 
 def _block_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> TopkPlan:
-    """Measured on H100 (benchmarks/topk_notes.md): prefill rows -> 8 tokens per CTA (whole 32-byte sectors of a
-    K-row), no split, one chunk of V = 32 when the row fits it; decode rows -> split K until a slice fits one
-    V = 32 chunk, then group tokens until the grid is about one CTA per SM."""
+    """From the H100 sweeps (benchmarks/topk_notes.md), p = threads_per_row_for(m):
+    - prefill (total_q >= 1024): 8 tokens per CTA (whole 32-byte sectors of a K-row), no split. Rows of one
+      chunk: 2p threads x 16 values when the grid is <= 4 CTAs per SM (128K, H = 1: 19.3 us vs 20.2), else
+      p x 32 values (128K, H = 4: 55.7 us vs 65.6); longer rows: p x 16 with the next chunk prefetched.
+    - decode: 2p threads x 16 values (latency: more threads, fewer loads each; 128K: 5.0 us vs 6.3 for p x 32),
+      K split until a slice is one chunk, then tokens grouped until the grid is about one CTA per SM."""
     p = threads_per_row_for(m)
     wide = 2 * BLOCK_V
     if total_q >= 1024:
         log_g, splits = 3, 1
-        v = wide if p * BLOCK_V < n_blocks <= p * wide and (8 * p) <= BLOCK_WIDE_MAX_THREADS else BLOCK_V
-    elif n_blocks <= p * BLOCK_V // 2:  # short rows (a few values per thread): nothing to split or group
-        log_g, splits, v = 0, 1, BLOCK_V
-    else:
-        splits = 1
-        while -(-n_blocks // splits) > p * wide and splits < 64:
-            splits *= 2
-        log_g = 0
-        while (-(-total_q // (1 << log_g)) * n_heads * splits > sm_count
-               and (2 << log_g) * p <= BLOCK_WIDE_MAX_THREADS):
-            log_g += 1
-        v = wide if (1 << log_g) * p <= BLOCK_WIDE_MAX_THREADS else BLOCK_V
-    return TopkPlan(path="block", splits=splits, cap=block_capacity(m, p), log_g=log_g, threads_per_row=p,
-                    values_per_thread=v)
+        groups = -(-total_q // 8) * n_heads
+        if n_blocks <= p * BLOCK_V or (1 << log_g) * p > BLOCK_WIDE_MAX_THREADS:
+            return TopkPlan(path="block", splits=1, cap=block_capacity(m, p), log_g=log_g, threads_per_row=p)
+        if n_blocks <= 2 * p * BLOCK_V and groups <= 4 * sm_count and 8 * 2 * p <= 1024:
+            return TopkPlan(path="block", splits=1, cap=block_capacity(m, 2 * p), log_g=log_g,
+                            threads_per_row=2 * p)
+        v = wide if n_blocks <= p * wide else BLOCK_V
+        return TopkPlan(path="block", splits=splits, cap=block_capacity(m, p), log_g=log_g, threads_per_row=p,
+                        values_per_thread=v)
+    if n_blocks <= p * BLOCK_V // 2:  # short rows (a few values per thread): nothing to split or group
+        return TopkPlan(path="block", splits=1, cap=block_capacity(m, p), log_g=0, threads_per_row=p)
+    p = min(2 * p, 128)
+    splits = 1
+    while -(-n_blocks // splits) > p * BLOCK_V and splits < 64:
+        splits *= 2
+    log_g = 0
+    while -(-total_q // (1 << log_g)) * n_heads * splits > sm_count and log_g < 3 and (2 << log_g) * p <= 1024:
+        log_g += 1
+    return TopkPlan(path="block", splits=splits, cap=block_capacity(m, p), log_g=log_g, threads_per_row=p)
 
 
 def _use_warp_path(n_heads: int, n_blocks: int, total_q: int) -> bool:

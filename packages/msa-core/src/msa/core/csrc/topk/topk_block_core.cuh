@@ -160,13 +160,14 @@ MSA_TOPK_HD void block_select(const BlockParams& p, const BlockSmem& sm, Ops& op
   float va[V], vb[V];
   uint32_t ia[V], ib[V];  // merge: the entries' block indices (scan: computed from the slot)
   auto fetch = [&](int c0, float (&v)[V], uint32_t (&ix)[V]) {
-    // slot c0 + r + P * j is in [elo, ehi) iff jlo <= j < jhi
-    const int jlo = imax32(0, ceil_div_pos(elo - c0 - r, P));
-    const int jhi = imin32(V, ceil_div_pos(ehi - c0 - r, P));
-    if (!kMerge && jlo == 0 && jhi == V) {  // whole chunk inside the row: no checks
+    if (!kMerge && c0 + r >= elo && c0 + r + P * (V - 1) < ehi) {  // whole chunk inside the row: no checks
 #pragma unroll
       for (int j = 0; j < V; ++j) v[j] = src.score(h, c0 + r + P * j, t);
     } else {
+      // slot c0 + r + P * j is in [elo, ehi) iff jlo <= j < jhi (the divisions only at a row's edges: measured
+      // ~7% on 16-chunk rows when they ran for every chunk)
+      const int jlo = imax32(0, ceil_div_pos(elo - c0 - r, P));
+      const int jhi = imin32(V, ceil_div_pos(ehi - c0 - r, P));
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         const int k = c0 + r + P * j;
