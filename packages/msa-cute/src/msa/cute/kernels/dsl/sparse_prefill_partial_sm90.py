@@ -162,6 +162,10 @@ class SparsePrefillPartialSm90:
         s_rows = acc_rows_view(acc_s)
         o_rows = acc_rows_view(acc_o)
         s_coord = acc_rows_view(thr_qk.partition_C(cute.make_identity_tensor((TILE_M, BLOCK))))
+        # Thread 0's coordinates are compile-time constants; any thread's columns are thread 0's shifted by its
+        # first column, so masks compare constants against a per-row limit (no per-element coordinate registers).
+        s_coord0 = acc_rows_view(mma_qk.get_slice(0).partition_C(cute.make_identity_tensor((TILE_M, BLOCK))))
+        col0 = s_coord[0, 0][1]
         o_coord = acc_rows_view(thr_pv.partition_C(cute.make_identity_tensor((TILE_M, HEAD_DIM))))
         n_rows = cute.size(s_rows, mode=[0])
         row_lse = cute.make_rmem_tensor((n_rows,), Float32)
@@ -239,9 +243,10 @@ class SparsePrefillPartialSm90:
                 if causal != 0:
                     pos = mQSlot[h, q_start + cutlass.min(i, q_count - 1)] & ((1 << Q_SLOT_BITS) - 1)
                     limit = cutlass.min(limit, pos + kv_len - q_len - key0 + 1)
+                limit -= col0
                 mx = -Float32.inf
                 for ci in cutlass.range_constexpr(cute.size(s_rows, mode=[1])):
-                    if s_coord[ri, ci][1] >= limit:
+                    if s_coord0[ri, ci][1] >= limit:
                         s_rows[ri, ci] = -Float32.inf
                     mx = cute.arch.fmax(mx, s_rows[ri, ci])
                 mx = quad_max(mx)
