@@ -111,6 +111,22 @@ def test_keys_need_no_dsl():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_runtime_library_precedence(store, monkeypatch, tmp_path):
+    from msa.cute.runtime import cute_dsl_runtime_library
+
+    monkeypatch.delenv(jit.RUNTIME_ENV, raising=False)
+    wheel = cute_dsl_runtime_library()
+    if wheel is not None:
+        assert jit.runtime_library(store) == wheel  # JIT on, no bundle: the installed wheel's
+    lib = tmp_path / "libcute_dsl_runtime.so"
+    lib.write_bytes(b"x")
+    monkeypatch.setenv(jit.RUNTIME_ENV, str(lib))
+    assert jit.runtime_library(store) == lib
+    monkeypatch.setenv(jit.RUNTIME_ENV, str(tmp_path / "missing.so"))
+    with pytest.raises(jit.CuteBuildError, match="MSA_CUTE_DSL_RUNTIME=.*is not a file"):
+        jit.runtime_library(store)
+
+
 def test_generate_lists_route_kernel_per_arch():
     vs = variants.generate({"name": "smoke"}, ["sm_90a", "sm_100a"])
     names = [v.name for v in vs]

@@ -59,6 +59,7 @@ BASE_COMPILE_OPTIONS = ("--enable-tvm-ffi",)
 # The runpath finds the runtime next to an imported bundle's entries (<tier>/runtime); load() preloads it anyway.
 LINK_FLAGS = ("-shared", "-Wl,--no-undefined", "-Wl,-rpath,$ORIGIN:$ORIGIN/../../../runtime")
 RUNTIME_LIB = "libcute_dsl_runtime.so"
+RUNTIME_ENV = "MSA_CUTE_DSL_RUNTIME"  # explicit path of the runtime library (e.g. a bundle made with runtime=False)
 WARMUP_HINT = "msa-cache warmup --preset smoke --arch {arch} --package msa-cute"
 TOOLCHAIN = "cutlass_dsl"
 OBJECT_FILE = "kernel.o"
@@ -241,13 +242,19 @@ def _import_dsl(arch: str):
 def runtime_library(store=None) -> Path:
     """The ``libcute_dsl_runtime.so`` msa-cute modules load against.
 
-    Same precedence as the toolchain identity of the keys: with JIT on, the installed wheel's (it built the local
-    entries), else an imported bundle's; with ``MSA_JIT=0`` the bundle's first.
+    ``MSA_CUTE_DSL_RUNTIME`` (a file path) wins. Otherwise the same precedence as the toolchain identity of the
+    keys: with JIT on, the installed wheel's (it built the local entries), else an imported bundle's; with
+    ``MSA_JIT=0`` the bundle's first.
     """
     from msa.cache import get_store, runtime_file
 
     from .runtime import cute_dsl_runtime_library
 
+    explicit = os.environ.get(RUNTIME_ENV)
+    if explicit:
+        if not Path(explicit).is_file():
+            raise CuteBuildError(f"{RUNTIME_ENV}={explicit!r} is not a file (expected a path to {RUNTIME_LIB})")
+        return Path(explicit)
     store = store or get_store()
     wheel = cute_dsl_runtime_library()
     bundle = runtime_file(RUNTIME_LIB, store=store)
