@@ -55,13 +55,13 @@ class SparsePrefillCombine:
             group = num_heads // cute.size(n_slots, mode=[1])
             n = n_slots[t, hq // group]
             m = -Float32.inf
-            for s in cutlass.range(n, unroll=1):
+            for s in cutlass.range(n, unroll=4):  # several loads in flight per warp
                 m = cute.arch.fmax(m, lse_part[s, t, hq])
             acc = cute.make_rmem_tensor((ELEMS_PER_LANE,), Float32)
             acc.fill(0.0)
             total = Float32(0.0)
             if m != -Float32.inf:
-                for s in cutlass.range(n, unroll=1):
+                for s in cutlass.range(n, unroll=4):  # several loads in flight per warp
                     w = cute.math.exp2((lse_part[s, t, hq] - m) * LOG2_E, fastmath=True)
                     src = cute.local_tile(o_part[s, t, hq, None], (ELEMS_PER_LANE,), (lane,))
                     vals = src.load().to(Float32)
