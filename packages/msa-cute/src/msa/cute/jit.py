@@ -60,7 +60,7 @@ BASE_COMPILE_OPTIONS = ("--enable-tvm-ffi",)
 LINK_FLAGS = ("-shared", "-Wl,--no-undefined", "-Wl,-rpath,$ORIGIN:$ORIGIN/../../../runtime")
 RUNTIME_LIB = "libcute_dsl_runtime.so"
 RUNTIME_ENV = "MSA_CUTE_DSL_RUNTIME"  # explicit path of the runtime library (e.g. a bundle made with runtime=False)
-WARMUP_HINT = "msa-cache warmup --preset smoke --arch {arch} --package msa-cute"
+WARMUP_HINT = "msa-cache warmup --preset <a preset with these shapes: smoke, minimax-m3, ...> --arch {arch} --package msa-cute"
 TOOLCHAIN = "cutlass_dsl"
 OBJECT_FILE = "kernel.o"
 MODULE_FILE = "kernel.so"
