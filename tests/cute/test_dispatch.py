@@ -8,15 +8,15 @@ from msa.core.dispatch import KernelUnavailableError, registered_kernels
 from msa.cute import build_k2q_csr, sparse_atten_func, sparse_decode_atten_func
 
 
-def test_kernel_mode_raises_no_kernel_registered():
-    assert registered_kernels("sparse_atten_func") == []  # msa.cute.kernels.sparse_prefill_sm90 not written yet
+def test_kernel_mode_without_a_usable_kernel_raises():
+    assert registered_kernels("sparse_atten_func") == ["sparse_prefill_sm90"]
     q = torch.randn(4, 2, 16).bfloat16()
     k = torch.randn(32, 1, 16).bfloat16()
     cq = torch.tensor([0, 4], dtype=torch.int32)
     ck = torch.tensor([0, 32], dtype=torch.int32)
     rp, qi = build_k2q_csr(torch.zeros(1, 4, 1, dtype=torch.int32), cq, ck, 16, total_k=32)
     kw = dict(cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=4, max_seqlen_k=32, blk_kv=16)
-    with pytest.raises(KernelUnavailableError, match="sparse_atten_func.*no kernel is registered"):
+    with pytest.raises(KernelUnavailableError, match="sparse_atten_func.*no kernel can run this call"):
         sparse_atten_func(q, k, k, rp, qi, 1, backend="kernel", **kw)
     assert sparse_atten_func(q, k, k, rp, qi, 1, backend="reference", **kw).shape == (4, 2, 16)
     with pytest.raises(ValueError, match="backend: expected one of"):

@@ -212,6 +212,9 @@ def gather_block_attention(
                 vis = (blk.unsqueeze(-1) >= 0) & (blk.unsqueeze(-1) * block_size + offs < limit)  # [n, W, bs]
                 kk = k[:, h].index_select(0, flat).view(n, keys_per_tok, d).float()  # no-op cast for fp32 blocks
                 vv = v[:, h].index_select(0, flat).view(n, keys_per_tok, dv).float()
+                # Keys nobody may see (stale page tails, padding) can hold anything, NaN included: 0 * NaN would
+                # poison the row, so they are zeroed rather than only given zero probability.
+                vv = vv.masked_fill(~vis.view(n, keys_per_tok, 1), 0.0)
                 qq = q[t0:t1, h * group:(h + 1) * group].float() * softmax_scale  # [n, G, D]
                 logits = torch.bmm(qq, kk.transpose(1, 2))  # [n, G, keys]
                 p, denom, m, mt = _softmax_tail(logits, vis.view(n, 1, keys_per_tok), lse_temperature_scale)
@@ -263,6 +266,7 @@ def _union_chunk(q, k, v, t0, t1, h, group, blk, page, live, uniq, token_batch, 
     vis = (logical.unsqueeze(-1) >= 0) & (logical.unsqueeze(-1) * block_size + offs < limit)  # [n, U, bs]
     kk = k[:, h].index_select(0, uniq).reshape(nu * block_size, d).float()
     vv = v[:, h].index_select(0, uniq).reshape(nu * block_size, dv).float()
+    vv = vv.masked_fill(~vis.any(dim=0).view(nu * block_size, 1), 0.0)  # keys no token sees: may hold NaN
     qq = q[t0:t1, h * group:(h + 1) * group].float().mul_(scale).reshape(n * group, d)
     logits = (qq @ kk.t()).view(n, group, nu * block_size)
     p, denom, m, mt = _softmax_tail(logits, vis.view(n, 1, nu * block_size), temp)
