@@ -2,9 +2,14 @@
 
 FLOPs: 4 * D * H * (visible (q, k) pairs), bottom-right causal pairs counted exactly. TFLOP/s are also given as a
 fraction of a bf16 8192^3 matmul measured in the same process. Timing: CUDA events around each call, median of
-``--reps`` after ``--warmup`` calls (inputs are far larger than L2, so no input rotation is needed).
+``--reps`` after ``--warmup`` calls, the implementations of a case interleaved call by call (round-robin,
+rotating who goes first) so clock and thermal drift hits them alike. Inputs are far larger than L2, so no input
+rotation is needed.
 
-    python benchmarks/bench_fmha.py [--cases default|quick] [--json out.json]
+    python benchmarks/bench_fmha.py [--cases default|quick] [--json out.json] [--compare DIR]
+    python benchmarks/bench_fmha.py --prebuild DIR   # no GPU: build every variant, copy the modules to DIR
+
+A GPU host without a compiler loads prebuilt modules with ``MSA_FMHA_SM90_PREBUILT=DIR`` (tests and this bench).
 """
 
 from __future__ import annotations
@@ -42,6 +47,30 @@ def time_ms(fn, warmup: int, reps: int) -> tuple[float, float]:
     return statistics.median(t), (max(t) - min(t))
 
 
+def time_interleaved(fns: dict, warmup: int, reps: int) -> dict:
+    """Median ms (and max - min) per callable, timed round-robin so clock / thermal drift hits all alike."""
+    labels = list(fns)
+    for _ in range(warmup):
+        for label in labels:
+            fns[label]()
+    torch.cuda.synchronize()
+    events = {label: [] for label in labels}
+    for r in range(reps):
+        order = labels[r % len(labels) :] + labels[: r % len(labels)]  # rotate who goes first
+        for label in order:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fns[label]()
+            e.record()
+            events[label].append((s, e))
+    torch.cuda.synchronize()
+    out = {}
+    for label, pairs in events.items():
+        t = [s.elapsed_time(e) for s, e in pairs]
+        out[label] = (statistics.median(t), max(t) - min(t))
+    return out
+
+
 def matmul_tflops(warmup: int, reps: int) -> float:
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
@@ -66,7 +95,7 @@ CASES = {
 }
 
 
-def bench_case(name, batch, hq, hkv, seqlen, causal, paged, d, dtype, warmup, reps, peers=True):
+def bench_case(name, batch, hq, hkv, seqlen, causal, paged, d, dtype, warmup, reps, peers=True, compare=None):
     import msa.core as mc
     from msa.core.kernels import fmha_sm90 as k90
 
@@ -96,8 +125,27 @@ def bench_case(name, batch, hq, hkv, seqlen, causal, paged, d, dtype, warmup, re
     def ours():
         k90.run(q, kk, vv, plan, kv_indices=kv_indices, out=out)
 
-    ms, spread = time_ms(ours, warmup, reps)
-    rows.append(("msa fmha_sm90", ms, spread))
+    impls = {"msa fmha_sm90": ours}
+    failed = []
+    if compare:  # A/B: the same call served by an alternative build of the same variant
+        from pathlib import Path
+
+        import tvm_ffi
+
+        tag = k90.variant_tag(k90.DTYPES[dtype], d, causal, paged)
+        path = Path(compare) / f"{tag}.so"
+        if path.is_file():
+            alt = tvm_ffi.load_module(str(path))
+
+            def ours_alt():
+                current = k90._module
+                k90._module = lambda *a: alt
+                try:
+                    ours()
+                finally:
+                    k90._module = current
+
+            impls["msa (compare)"] = ours_alt
     if peers and not paged:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -105,30 +153,59 @@ def bench_case(name, batch, hq, hkv, seqlen, causal, paged, d, dtype, warmup, re
         ks = k.view(batch, seqlen, hkv, d).transpose(1, 2)
         vs = v.view(batch, seqlen, hkv, d).transpose(1, 2)
         for label, backend in (("sdpa cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa flash", SDPBackend.FLASH_ATTENTION)):
+
+            def sdpa(backend=backend):
+                with sdpa_kernel(backend):
+                    return torch.nn.functional.scaled_dot_product_attention(
+                        qs, ks, vs, is_causal=causal, enable_gqa=hq != hkv
+                    )
+
             try:
-
-                def sdpa(backend=backend):
-                    with sdpa_kernel(backend):
-                        return torch.nn.functional.scaled_dot_product_attention(
-                            qs, ks, vs, is_causal=causal, enable_gqa=hq != hkv
-                        )
-
-                ms_p, spread_p = time_ms(sdpa, warmup, reps)
-                rows.append((label, ms_p, spread_p))
+                sdpa()
+                impls[label] = sdpa
             except Exception as e:  # a backend that refuses this shape is reported, not fatal
-                rows.append((label, float("nan"), f"{type(e).__name__}: {str(e)[:80]}"))
+                failed.append((label, float("nan"), f"{type(e).__name__}: {str(e)[:80]}"))
+    times = time_interleaved(impls, warmup, reps)
+    rows = [(label, *times[label]) for label in impls] + failed
     return [(name, impl, ms, spread, flops / ms / 1e9 if ms == ms else float("nan")) for impl, ms, spread in rows]
+
+
+def prebuild(directory: str) -> int:
+    """Build every variant the tests and this bench use (bf16 + fp16, d128, causal x paged) into ``directory``."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    from msa.core.kernels import fmha_sm90 as k90
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    variants = [(dt, 128, c, pg) for dt in ("bfloat16", "float16") for c in (True, False) for pg in (False, True)]
+
+    def build(v):
+        entry = k90.jit_spec(*v).build()
+        shutil.copy(entry.file("module.so"), out / f"{k90.variant_tag(*v)}.so")
+        return k90.variant_tag(*v)
+
+    with ThreadPoolExecutor(2) as ex:
+        for tag in ex.map(build, variants):
+            print("built", tag, flush=True)
+    return 0
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="default", choices=sorted(CASES))
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--compare", default=None, help="directory of alternative prebuilt modules: adds an A/B row")
+    ap.add_argument("--prebuild", default=None, metavar="DIR", help="build all variants into DIR (no GPU) and exit")
     args = ap.parse_args(argv)
+    if args.prebuild:
+        return prebuild(args.prebuild)
     if not torch.cuda.is_available():
         print("bench_fmha: needs a CUDA device", file=sys.stderr)
         return 2
@@ -141,7 +218,9 @@ def main(argv=None) -> int:
     results = []
     for case in CASES[args.cases]:
         name, b, hq, hkv, s, causal, paged = case
-        rows = bench_case(name, b, hq, hkv, s, causal, paged, 128, dtype, args.warmup, args.reps, not args.no_peers)
+        rows = bench_case(
+            name, b, hq, hkv, s, causal, paged, 128, dtype, args.warmup, args.reps, not args.no_peers, args.compare
+        )
         results.extend(rows)
         torch.cuda.empty_cache()
         for r in rows:

@@ -164,7 +164,7 @@ def test_builds_sm90a_module():
     blob = entry.file("module.so").read_bytes()
     assert b"fmha_fwd" in blob  # the tvm-ffi export
     assert b"fmha_sm90_kernel" in blob  # the kernel's (mangled) name in the embedded cubin
-    assert b"sm_90a" in blob or b"compute_90a" in blob or b"sm_90" in blob
+    assert b"sm_90a" in blob  # the embedded cubin's target
 
 
 # ---------------------------------------------------------------------------------------------------------

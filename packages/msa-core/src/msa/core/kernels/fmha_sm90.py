@@ -145,7 +145,12 @@ def _num_sms(index: int) -> int:
 
 @dataclass(eq=False)
 class KernelPlan:
-    """What one launch needs besides the tensors (device tensors allocated once, reused every run)."""
+    """What one launch needs besides the tensors (device tensors allocated once, reused every run).
+
+    The scheduler counter in ``workspace`` is zeroed on the launching stream before each launch, so launches
+    that share one plan must be stream-ordered (the usual case: one stream, or a CUDA graph). Concurrent launches
+    on different streams need a plan (or at least a workspace) each.
+    """
 
     work: torch.Tensor  # int32 [num_work, 8], longest-first sections
     workspace: torch.Tensor  # int32 [1]: the dynamic scheduler's counter (zeroed on the stream per launch)

@@ -354,8 +354,9 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// Epilogue of one consumer warpgroup: O * norm -> smem (bf16/fp16) -> 16-byte coalesced stores of the valid
-// rows; LSE from the thread holding column 0 of each row.
+// Epilogue of one consumer warpgroup: O * norm -> bf16/fp16 -> the request's valid rows of out; LSE from the
+// thread holding column 0 of each row. Staged (default): through a padded smem tile, then 16-byte coalesced
+// stores. Direct (MSA_FMHA_SM90_DIRECT_O): 4 lanes write each row's 16 contiguous bytes per store.
 // ------------------------------------------------------------------------------------------------------------
 template <class T, class FragO>
 __device__ __forceinline__ void store_tile(typename T::Params const& p, typename T::SharedStorage& ss, FragO& o,
@@ -369,35 +370,50 @@ __device__ __forceinline__ void store_tile(typename T::Params const& p, typename
   Tensor cO = thr.partition_C(make_identity_tensor(Shape<Int<T::kBlockM>, Int<kD>>{}));
   Tensor orc = make_tensor(o.data(), acc_rowcol(o.layout()));
   Tensor crc = make_tensor(cO.data(), acc_rowcol(cO.layout()));
-
-  named_barrier_sync(kBarEpilogue0 + wg, 128);  // this warpgroup's previous tile has left smem_o
   cutlass::NumericArrayConverter<Element, float, 2> cvt;
-  CUTE_UNROLL
-  for (int mi = 0; mi < size<0>(orc); ++mi) {
-    float const f = o_norm[mi] * p.out_scale;
-    CUTE_UNROLL
-    for (int ni = 0; ni < size<1>(orc); ni += 2) {  // columns ni, ni+1 are adjacent
-      cutlass::Array<float, 2> in;
-      in[0] = orc(mi, ni) * f;
-      in[1] = orc(mi, ni + 1) * f;
-      cutlass::Array<Element, 2> packed = cvt(in);
-      int const row = get<0>(crc(mi, ni)), col = get<1>(crc(mi, ni));
-      *reinterpret_cast<cutlass::Array<Element, 2>*>(&ss.smem_o[row * kStride + col]) = packed;
-    }
-  }
-  named_barrier_sync(kBarEpilogue0 + wg, 128);
-
-  constexpr int kVecPerRow = kD * int(sizeof(Element)) / 16;
   int const row_base = w.m_block * T::kBlockM;
-  CUTE_UNROLL
-  for (int v = wg_tid; v < 64 * kVecPerRow; v += 128) {
-    int const r = wg * 64 + v / kVecPerRow;
-    int const c = (v % kVecPerRow) * (16 / int(sizeof(Element)));
-    int const q_row = row_base + r;
-    if (q_row < w.qo_len) {
-      uint4 const val = *reinterpret_cast<uint4 const*>(&ss.smem_o[r * kStride + c]);
-      Element* dst = p.out + int64_t(w.q_start + q_row) * p.out_stride_token + int64_t(w.head) * p.out_stride_head + c;
-      *reinterpret_cast<uint4*>(dst) = val;
+  auto out_row = [&](int q_row) {
+    return p.out + int64_t(w.q_start + q_row) * p.out_stride_token + int64_t(w.head) * p.out_stride_head;
+  };
+  auto packed_pair = [&](int mi, int ni) {  // columns ni, ni+1 of a row are adjacent
+    float const f = o_norm[mi] * p.out_scale;
+    cutlass::Array<float, 2> in;
+    in[0] = orc(mi, ni) * f;
+    in[1] = orc(mi, ni + 1) * f;
+    return cvt(in);
+  };
+
+  if constexpr (!T::kStageO) {
+    CUTE_UNROLL
+    for (int mi = 0; mi < size<0>(orc); ++mi) {
+      int const q_row = row_base + int(get<0>(crc(mi, 0)));
+      if (q_row < w.qo_len) {
+        Element* dst = out_row(q_row);
+        CUTE_UNROLL
+        for (int ni = 0; ni < size<1>(orc); ni += 2) {
+          *reinterpret_cast<cutlass::Array<Element, 2>*>(dst + int(get<1>(crc(mi, ni)))) = packed_pair(mi, ni);
+        }
+      }
+    }
+  } else {
+    named_barrier_sync(kBarEpilogue0 + wg, 128);  // this warpgroup's previous tile has left smem_o
+    CUTE_UNROLL
+    for (int mi = 0; mi < size<0>(orc); ++mi) {
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(orc); ni += 2) {
+        int const row = get<0>(crc(mi, ni)), col = get<1>(crc(mi, ni));
+        *reinterpret_cast<cutlass::Array<Element, 2>*>(&ss.smem_o[row * kStride + col]) = packed_pair(mi, ni);
+      }
+    }
+    named_barrier_sync(kBarEpilogue0 + wg, 128);
+    constexpr int kVecPerRow = kD * int(sizeof(Element)) / 16;
+    CUTE_UNROLL
+    for (int v = wg_tid; v < 64 * kVecPerRow; v += 128) {
+      int const r = wg * 64 + v / kVecPerRow;
+      int const c = (v % kVecPerRow) * (16 / int(sizeof(Element)));
+      if (row_base + r < w.qo_len) {
+        *reinterpret_cast<uint4*>(out_row(row_base + r) + c) = *reinterpret_cast<uint4 const*>(&ss.smem_o[r * kStride + c]);
+      }
     }
   }
   if (p.lse != nullptr) {

@@ -46,7 +46,17 @@ struct FmhaTraits {
 
   static constexpr int kBlockM = 128;  // query rows per CTA tile (64 per consumer warpgroup)
   static constexpr int kBlockN = 128;  // keys per KV tile (= page size for paged K/V)
-  static constexpr int kStages = 2;    // K and V shared-memory pipeline depth
+#if defined(MSA_FMHA_SM90_DIRECT_O)
+  // Alternative kept for A/B timing: O goes straight from registers to global memory (4 lanes write each
+  // row's 16 contiguous bytes per store), which frees the staging tile for a third K/V stage. On H100 it was
+  // not measurably faster (within the +-5% thermal drift of one run) and lost to the default across runs.
+  static constexpr bool kStageO = false;
+  static constexpr int kStages = 3;
+#else
+  // Default: O staged through shared memory and written with coalesced 16-byte stores; 2 K/V stages.
+  static constexpr bool kStageO = true;
+  static constexpr int kStages = 2;
+#endif
   static constexpr int kNumMmaWarpGroups = 2;
   static constexpr int kNumMmaThreads = 128 * kNumMmaWarpGroups;
   static constexpr int kNumThreads = kNumMmaThreads + 128;  // + one producer warpgroup (one warp issues TMA)
@@ -106,7 +116,7 @@ struct FmhaTraits {
     alignas(1024) Element smem_q[cosize_v<SmemLayoutQ>];
     alignas(1024) Element smem_k[cosize_v<SmemLayoutK>];
     alignas(1024) Element smem_v[cosize_v<SmemLayoutVt>];
-    alignas(128) Element smem_o[kBlockM * kSmemORowStride];
+    alignas(128) Element smem_o[kStageO ? kBlockM * kSmemORowStride : 8];
     alignas(8) uint64_t bar_q;
     alignas(8) uint64_t full_k[kStages];
     alignas(8) uint64_t empty_k[kStages];
