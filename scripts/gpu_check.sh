@@ -8,7 +8,7 @@ source scripts/gpu_env.sh > "$OUT/env.log" 2>&1 || { cat "$OUT/env.log"; exit 1;
 tail -3 "$OUT/env.log"
 summary=()
 if [ -n "${1:-}" ]; then
-  python3 -m pytest -q -p no:cacheprovider $1 > "$OUT/pytest.log" 2>&1; rc=$?
+  eval python3 -m pytest -q -p no:cacheprovider "$1" > "$OUT/pytest.log" 2>&1; rc=$?
   summary+=("pytest [$1] rc=$rc: $(tail -1 "$OUT/pytest.log")")
   grep -E "FAILED|Error" "$OUT/pytest.log" | head -20
 fi
