@@ -235,7 +235,12 @@ def test_bundle_loads_on_a_node_without_the_dsl(store, tmp_path):
 def test_axpby_runs_on_the_gpu():
     import torch
 
-    fn = CuteSpec(AXPBY, {"dtype": "float32"}, jit.arch_for_device()).load()
+    from msa.cache import ToolchainUnavailableError
+
+    try:
+        fn = CuteSpec(AXPBY, {"dtype": "float32"}, jit.arch_for_device()).load()
+    except ToolchainUnavailableError as e:
+        pytest.skip(f"needs nvidia-cutlass-dsl on this host or an imported bundle with CuTe artifacts: {e}")
     g = torch.Generator(device="cuda").manual_seed(0)
     for n in (1, 127, 128, 1000, 1 << 20):
         x = torch.randn(n, device="cuda", generator=g)

@@ -144,8 +144,14 @@ def _e2m1_codes(y: torch.Tensor) -> torch.Tensor:
 
 
 def _e2m1_values(codes: torch.Tensor) -> torch.Tensor:
-    lut = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32, device=codes.device)
-    return lut[codes.to(torch.int64)]
+    """Decode 4-bit E2M1 codes arithmetically (no lookup table: building one on a GPU is a host->device copy,
+    which would make every dequantisation synchronise with the host)."""
+    c = codes.to(torch.int32)
+    mag = c & 7
+    e, m = mag >> 1, (mag & 1).to(torch.float32)
+    normal = torch.ldexp(1.0 + 0.5 * m, (e - 1).clamp(min=0))  # 2^(e-1) * (1 + m/2) for e >= 1
+    val = torch.where(e == 0, 0.5 * m, normal)  # subnormal: 0 or 0.5
+    return torch.where((c & 8) != 0, -val, val)
 
 
 def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
