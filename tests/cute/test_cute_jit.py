@@ -234,7 +234,6 @@ def test_bundle_loads_on_a_node_without_the_dsl(store, tmp_path):
 @pytest.mark.gpu
 def test_axpby_runs_on_the_gpu():
     import torch
-
     from msa.cache import ToolchainUnavailableError
 
     try:
