@@ -3,6 +3,8 @@
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl || return 1
 export PYTHONPATH=/tmp/site:$PWD/packages/msa-cache/src:$PWD/packages/msa-core/src:$PWD/packages/msa-cute/src:$PWD/packages/msa-bridge/src:$PWD
 export MSA_CACHE_DIR=/tmp/msa-cache PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-if [ -f .gpu/bundle.tar ]; then python3 -m msa.cache.cli import .gpu/bundle.tar || return 1; fi
+for b in .gpu/bundle.tar .gpu/bundle.tar.gz; do
+  if [ -f "$b" ]; then python3 -m msa.cache.cli import "$b" || return 1; fi
+done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
