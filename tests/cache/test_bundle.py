@@ -195,3 +195,23 @@ def test_arch_neutral_module_follows_its_object_into_the_bundle(kit, tmp_path):
     assert sorted(e["name"] for e in manifest["entries"]) == ["m[sm_90a]", "o[sm_90a]"]
     manifest = export_bundle(tmp_path / "n.tar", ["sm_90a"], store=host, runtime=False, include_arch_neutral=True)
     assert sorted(e["name"] for e in manifest["entries"]) == ["m[sm_90a]", "o[sm_90a]", "unrelated"]
+
+
+def test_module_only_bundle_carries_the_compiler_of_its_objects(tmp_path, fake_runtime, isolated_cache):
+    """A module's key names its object's digest, not the compiler; the bundle must still carry the compiler
+    identity (found through the object), or a compiler-less node cannot compute the module's key (seen on the
+    GPU box: a `--stage module` bundle of CuTe kernels had no cutlass_dsl record)."""
+    host = Store(tmp_path / "host")
+    dsl = {"tool": "cutlass-dsl", "dists": {"nvidia-cutlass-dsl": "4.8.1"}}
+    ident = host.toolchain("cutlass_dsl", probe=lambda: dsl)
+    obj_key = host.key(stage="object", name="k[sm_90a]", ingredients={"arch": "sm_90a", "dsl": ident, "src": "a"})
+    obj = host.get_or_build(obj_key, lambda d: (d / "k.o").write_bytes(b"obj") and None)
+    mod_key = host.key(stage="module", name="k[sm_90a]", ingredients={"arch": "sm_90a", "object": obj.digest})
+    host.get_or_build(mod_key, lambda d: (d / "k.so").write_bytes(b"so") and None)
+    first = export_bundle(tmp_path / "a.tar", ["sm_90a"], store=host, stages=["module"])
+    assert [e["stage"] for e in first["entries"]] == ["module"]
+    assert first["toolchains"] == {"cutlass_dsl": [dsl]}
+    # the same entries with another recorded identity are a different bundle (an import never skips it as known)
+    (tmp_path / "host" / "toolchains.json").write_text(json.dumps({"cutlass_dsl": [dict(dsl, extra=1), dsl]}))
+    second = export_bundle(tmp_path / "b.tar", ["sm_90a"], store=Store(tmp_path / "host"), stages=["module"])
+    assert second["bundle_id"] != first["bundle_id"]

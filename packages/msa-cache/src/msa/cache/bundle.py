@@ -161,7 +161,19 @@ def export_bundle(
         sha, size = _fsutil.sha256_file(path)
         runtime_rows.append({"name": name, "sha256": sha, "size": size, "provider": provider})
     toolchains: dict[str, list] = {}
+    # A module's key names its object's digest, not the compiler: follow referenced digests (module -> object ->
+    # source) through the tiers so the identities that built the exported entries are found and carried, even
+    # when only the module stage is exported.
     docs = [e.meta.get("key", {}) for e in chosen.values()]
+    seen = set(chosen)
+    others = {e.digest: e for e in store.iter_entries() if e.digest not in seen}
+    frontier = json.dumps(docs, sort_keys=True, default=str)
+    while frontier:
+        found = [e for d, e in others.items() if d in frontier]
+        for e in found:
+            others.pop(e.digest)
+        docs.extend(e.meta.get("key", {}) for e in found)
+        frontier = json.dumps([e.meta.get("key", {}) for e in found], sort_keys=True, default=str) if found else ""
     for tier in store.tiers:
         for tool, history in _read_toolchains(tier.toolchains_path).items():
             for identity in history if isinstance(history, list) else []:
@@ -173,7 +185,8 @@ def export_bundle(
         for e in sorted(chosen.values(), key=lambda e: e.digest)
     ]
     identity = canonical_json({"entries": [r["digest"] for r in entries],
-                               "runtime": [[r["name"], r["sha256"]] for r in runtime_rows]})
+                               "runtime": [[r["name"], r["sha256"]] for r in runtime_rows],
+                               "toolchains": toolchains})  # same entries, new records: a new bundle
     bundle_id = "msa-" + hashlib.sha256(identity.encode()).hexdigest()[:16]
     created = time.time()
     manifest = {
