@@ -248,7 +248,7 @@ def test_emulated_kernel_poisons_topk_overflow(helpers):
 def test_available_is_off_unless_experimental(monkeypatch):
     monkeypatch.delenv(sp.EXPERIMENTAL_ENV, raising=False)
     ok, why = sp.available(torch.device("cpu"))
-    assert not ok and "not yet validated on a GPU" in why and sp.EXPERIMENTAL_ENV in why
+    assert not ok and "not validated on a GPU" in why and sp.EXPERIMENTAL_ENV in why
     monkeypatch.setenv(sp.EXPERIMENTAL_ENV, "1")
     ok, why = sp.available(torch.device("cpu"))
     assert not ok and "needs CUDA" in why
