@@ -5,7 +5,6 @@ Every reference must ignore it: masked keys get zero probability and their value
 """
 
 import torch
-
 from msa.core import fmha, fmha_plan
 from msa.cute import build_k2q_csr, sparse_atten_func
 
