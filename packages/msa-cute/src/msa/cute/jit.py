@@ -35,6 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+# One arch vocabulary for both build routes (nvcc and CuTe-DSL).
+from msa.core.jit.toolchain import SUPPORTED_ARCHS, arch_for_device, normalize_arch
+
 __all__ = [
     "CuteSpec",
     "CuteCompile",
@@ -51,7 +54,6 @@ __all__ = [
 
 KERNELS_DIR = Path(__file__).resolve().parent / "kernels" / "dsl"
 FACTORY_PREFIX = "msa.cute.kernels.dsl."
-SUPPORTED_ARCHS = ("sm_90a", "sm_100a", "sm_103a")
 # Every option that reaches cute.compile besides the arch; part of the object key.
 BASE_COMPILE_OPTIONS = ("--enable-tvm-ffi",)
 # Link of the exported object: the tvm-ffi entry point needs one symbol of the DSL runtime
@@ -83,30 +85,6 @@ class CuteCompile:
     fn: Callable
     args: tuple
     options: str = ""
-
-
-def normalize_arch(arch: str) -> str:
-    if not isinstance(arch, str):
-        raise TypeError(f"arch: expected a string like 'sm_90a', got {type(arch).__name__}")
-    a = arch.strip().lower().replace(".", "")
-    if not a.startswith("sm_"):
-        a = "sm_" + a
-    if not a.endswith("a"):
-        a += "a"
-    if a not in SUPPORTED_ARCHS:
-        raise ValueError(f"arch: expected one of {list(SUPPORTED_ARCHS)}, got {arch!r}")
-    return a
-
-
-def arch_for_device(device=None) -> str:
-    """The ``sm_XXa`` target of a CUDA device (``MSA_CUDA_ARCH`` overrides)."""
-    env = os.environ.get("MSA_CUDA_ARCH")
-    if env:
-        return normalize_arch(env)
-    import torch
-
-    major, minor = torch.cuda.get_device_capability(device)
-    return normalize_arch(f"sm_{major}{minor}a")
 
 
 @functools.lru_cache(maxsize=4)

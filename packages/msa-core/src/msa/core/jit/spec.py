@@ -97,7 +97,7 @@ class JitSpec:
     def __post_init__(self):
         object.__setattr__(self, "sources", tuple(self.sources))
         object.__setattr__(self, "extra_cuda_cflags", tuple(self.extra_cuda_cflags))
-        object.__setattr__(self, "arch", toolchain._normalize(self.arch))
+        object.__setattr__(self, "arch", toolchain.normalize_arch(self.arch))
         for s in self.sources:
             if not (CSRC_DIR / self.family / s).is_file():
                 raise BuildError(f"sources: {s!r} not found in {CSRC_DIR / self.family}")

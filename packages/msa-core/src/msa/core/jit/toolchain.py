@@ -18,6 +18,7 @@ __all__ = [
     "arch_for_device",
     "default_archs",
     "gencode_flags",
+    "normalize_arch",
     "SUPPORTED_ARCHS",
     "ToolchainError",
 ]
@@ -90,20 +91,23 @@ def arch_for_device(device=None) -> str:
     """The sm_XXa target for a CUDA device (``MSA_CUDA_ARCH`` overrides)."""
     env = os.environ.get("MSA_CUDA_ARCH")
     if env:
-        return _normalize(env)
+        return normalize_arch(env)
     import torch
 
     major, minor = torch.cuda.get_device_capability(device)
-    return _normalize(f"sm_{major}{minor}a")
+    return normalize_arch(f"sm_{major}{minor}a")
 
 
 def default_archs() -> list[str]:
     """Archs to build when no device says: ``MSA_CUDA_ARCH_LIST`` (comma/space separated), default sm_90a."""
     env = os.environ.get("MSA_CUDA_ARCH_LIST", "sm_90a")
-    return [_normalize(a) for a in re.split(r"[,\s]+", env.strip()) if a]
+    return [normalize_arch(a) for a in re.split(r"[,\s]+", env.strip()) if a]
 
 
-def _normalize(arch: str) -> str:
+def normalize_arch(arch: str) -> str:
+    """``"9.0a"``, ``"90"``, ``"sm_90"`` ... -> ``"sm_90a"``; anything not in SUPPORTED_ARCHS is a ValueError."""
+    if not isinstance(arch, str):
+        raise TypeError(f"arch: expected a string like 'sm_90a', got {type(arch).__name__}")
     a = arch.strip().lower().replace(".", "")
     if not a.startswith("sm_"):
         a = "sm_" + a
@@ -115,5 +119,5 @@ def _normalize(arch: str) -> str:
 
 
 def gencode_flags(arch: str) -> list[str]:
-    num = _normalize(arch)[3:]  # "90a"
+    num = normalize_arch(arch)[3:]  # "90a"
     return [f"-gencode=arch=compute_{num},code=sm_{num}"]
