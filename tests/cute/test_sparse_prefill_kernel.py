@@ -464,6 +464,25 @@ def test_gpu_each_stage_matches_the_emulation(helpers, paged):
 
 
 @pytest.mark.gpu
+def test_gpu_combine_alone_matches_the_emulation(helpers):
+    """The slot combine fed emulated partials, without launching the partial kernel (which hung on its first H100
+    run): tells a combine bug from a partial-kernel bug."""
+    _gpu_ready()
+    q_lens, kv_lens, hkv, group, topk = [8, 130], [128, 700], 1, 4, 3
+    q, k, v, q2k, cq, ck = _problem(helpers, 9, q_lens, kv_lens, hkv * group, hkv, 128, topk, True)
+    rp, qi = build_k2q_csr(q2k, cq, ck, BLOCK, total_k=k.shape[0])
+    out, out_lse, o_part, lse_part = emulate(q, k, v, rp, qi, topk, cq, ck, causal=True, scale=0.09, stages=True)
+    dev = torch.device("cuda")
+    _, n_slots = sp.slot_tables(rp.to(dev), qi.to(dev), cq.to(dev), ck.to(dev), q.shape[0])
+    _, comb_fn = sp._kernels(group, False, "float32")
+    o = torch.full(out.shape, float("nan"), dtype=torch.bfloat16, device=dev)
+    lse = torch.full(out_lse.shape, float("nan"), dtype=torch.float32, device=dev)
+    comb_fn(o_part.float().to(dev), lse_part.float().to(dev), n_slots, o, lse, topk)
+    torch.cuda.synchronize()
+    _assert_close(o, lse, out, out_lse, v, o_tol=2**-8, lse_tol=1e-4)
+
+
+@pytest.mark.gpu
 def test_gpu_kernel_seqused_topk_overflow_and_no_host_sync(helpers, poisoned_workspaces):
     _gpu_ready()
     q_lens, kv_lens, hkv, group = [90, 200], [1000, 1300], 4, 16
