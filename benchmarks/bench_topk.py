@@ -94,6 +94,15 @@ def block_configs(n_blocks: int, total_q: int) -> list[tuple[int, int, int, int]
     return out
 
 
+def row_configs(n_blocks: int, total_q: int) -> list[tuple[int, int]]:
+    """Row path (G tokens per CTA, W warps per CTA) to sweep; G * staged row must fit shared memory."""
+    if not 0 < n_blocks <= 2048:
+        return []
+    if total_q >= 1024:
+        return [(4, 4), (8, 8), (8, 16), (16, 16), (32, 32)]
+    return [(1, 4), (1, 8), (2, 8), (2, 16), (4, 8), (4, 16), (8, 8)]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # correctness
 
@@ -135,7 +144,9 @@ def check_correctness(device) -> list[str]:
         tag = f"H={n_heads} K={n_blocks} q={total_q} topk={topk} fb={fb} fe={fe} {dtype} {kind} nvp={nvp_kind}"
         dev_nvp = nvp.to(device) if isinstance(nvp, torch.Tensor) else nvp
         mismatch = False
-        for path in ("block", "warp"):
+        for path in ("block", "warp", "row"):
+            if path == "row" and topk - fb - fe > 64:
+                continue
             out = torch.full((total_q, n_heads, topk), -7, dtype=torch.int32, device=device)
             with env_overrides(path=path):
                 got = ours(s.to(device), topk, dev_nvp, fb, fe, out).cpu()
@@ -245,6 +256,17 @@ def bench_case(n_heads, ctx, total_q, device, bw, l2, reps, sweep, failures):
             row.setdefault("sweep", []).append((g, tp, splits, v, t, ok))
             if ok and (best is None or t < best[4]):
                 best = (g, tp, splits, v, t)
+        for g, w in row_configs(n_blocks, total_q):  # row path: reported as ("row G", W, 1, 0)
+            with env_overrides(path="row", g=g, warps=w):
+                t = time_case(call, pairs, max(5, reps // 4))
+                check = torch.full_like(outs[0], -7)
+                ours(sets[0], TOPK, None, FB, FE, check)
+            ok = bool(torch.equal(check, want))
+            if not ok:
+                failures.append(f"sweep row G={g} W={w} H={n_heads} ctx={ctx} q={total_q}: != torch")
+            row.setdefault("sweep", []).append((f"row{g}", w, 1, 0, t, ok))
+            if ok and (best is None or t < best[4]):
+                best = (f"row{g}", w, 1, 0, t)
         row["best"] = best
     del sets, outs, pairs
     torch.cuda.empty_cache()
@@ -300,7 +322,8 @@ def main(argv=None) -> int:
         if r["ctx"] == 128 * 1024:
             all_ok &= fast
         shape = (f"b{1 << r['log_g']},{r['threads_per_row']},{r['splits']},{r['values_per_thread']}"
-                 if r["path"] == "block" else f"w S{r['splits']} W{r['warps']}")
+                 if r["path"] == "block" else f"r{1 << r['log_g']},W{r['warps']}" if r["path"] == "row"
+                 else f"w S{r['splits']} W{r['warps']}")
         print(f"{r['H']:>2} {ctx:>6} {r['total_q']:>7} {r['ours_us']:>8.2f} {r['torch_us']:>9.2f} "
               f"{r['speedup']:>7.1f}x {r['floor_us']:>8.2f} {r['ours_over_floor']:>6.2f} {r['launch_us']:>6.2f} "
               f"{r['ours_over_launch']:>7.2f} {shape:>12} {'pass' if fast else 'FAIL':>5} {'pass' if near else 'FAIL':>6}")

@@ -340,6 +340,7 @@ def test_plan_shapes(monkeypatch):
         block_smem_bytes,
         column_capacity,
         plan,
+        row_smem_bytes,
         smem_bytes,
         threads_per_row_for,
     )
@@ -353,13 +354,23 @@ def test_plan_shapes(monkeypatch):
                                        (1, 64, 4096), (3, 5000, 300)):
         for m in (1, 15, 33, 64):
             p = plan(n_heads, n_blocks, total_q, m, 132)
-            assert p.path == "block" and p.splits >= 1
+            assert p.splits >= 1
+            if p.path == "row":  # rows of 129..2048 blocks, M <= 64
+                assert 128 < n_blocks <= 2048 and 0 < m <= 64 and p.splits == 1
+                assert row_smem_bytes(n_blocks, 1 << p.log_g, p.cap) <= 112 * 1024 and p.cap >= m
+                assert p.warps >= 1 << p.log_g and p.warps <= 32
+                continue
+            assert p.path == "block"
             n_threads = (1 << p.log_g) * p.threads_per_row
             assert n_threads <= 1024 and n_threads % 32 == 0
             assert p.values_per_thread in (16, 32) and (p.values_per_thread == 16 or n_threads <= 256)
             assert p.cap >= m + p.threads_per_row
     assert plan(4, 64, 4096, 15, 132).path == "warp"  # many short rows
-    assert plan(1, 1024, 64, 15, 132).splits == 1 and plan(1, 8192, 64, 15, 132).splits == 8
+    assert plan(1, 1024, 4096, 15, 132).path == "row"  # 128K prefill: staged rows, one warp per row
+    assert plan(1, 1024, 4096, 15, 132, itemsize=2).log_g == 4  # bf16: 16 tokens = one 32-byte sector
+    assert plan(4, 1024, 64, 15, 132).path == "row" and plan(4, 1024, 64, 15, 132).warps == 8  # decode
+    assert plan(1, 1024, 4096, 65, 132).path == "block"  # M > 64: no row path
+    assert plan(1, 8192, 64, 15, 132).splits == 8
     assert plan(4, 8192, 64, 0, 132).splits == 1  # fb + fe == topk: nothing to merge
     monkeypatch.setenv("MSA_TOPK_PATH", "warp")
     p = plan(4, 8192, 4096, 15, 132)  # 1M context prefill: rows alone fill the GPU
@@ -387,6 +398,16 @@ def test_plan_shapes(monkeypatch):
     monkeypatch.setenv("MSA_TOPK_PATH", "fast")
     with pytest.raises(ValueError, match="MSA_TOPK_PATH"):
         plan(2, 1000, 50, 15, 132)
+    monkeypatch.setenv("MSA_TOPK_PATH", "row")
+    monkeypatch.setenv("MSA_TOPK_G", "4")
+    monkeypatch.setenv("MSA_TOPK_WARPS", "8")
+    p = plan(2, 1000, 50, 15, 132)
+    assert (p.path, p.log_g, p.warps, p.splits) == ("row", 2, 8, 1)
+    monkeypatch.setenv("MSA_TOPK_WARPS", "2")
+    with pytest.raises(ValueError, match="MSA_TOPK_WARPS"):
+        plan(2, 1000, 50, 15, 132)
+    with pytest.raises(ValueError, match="row: not applicable"):
+        plan(2, 1000, 50, 65, 132)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -416,7 +437,7 @@ def _check(scores, topk, nvp=None, fb=0, fe=0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["block", "warp"])
+@pytest.mark.parametrize("path", ["block", "warp", "row"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("n_blocks", KS)
 @pytest.mark.parametrize("topk", TOPKS)
@@ -489,6 +510,31 @@ def test_block_launch_shapes(monkeypatch, g, p, splits, v):
     _check(scores, 33, random_nvp(37, 9000, gen).cuda(), 1, 0)
     scores = make_scores("nan", 3, 700, 70, torch.float32, gen).cuda()
     _check(scores, 7, 650, 0, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("g,warps", [(1, 1), (1, 8), (2, 8), (4, 4), (8, 8), (16, 16), (32, 32), (2, 32)])
+def test_row_launch_shapes(monkeypatch, g, warps):
+    """Row path: tokens per CTA x warps per CTA (env overrides), incl. the heavy-ties fallback (ties: more
+    candidates than the buffer holds), M > 32 (second-largest group values), NaN / -inf and per-token nvp."""
+    monkeypatch.setenv("MSA_TOPK_PATH", "row")
+    monkeypatch.setenv("MSA_TOPK_G", str(g))
+    monkeypatch.setenv("MSA_TOPK_WARPS", str(warps))
+    gen = torch.Generator().manual_seed(g * 100 + warps)
+    for dtype in (torch.float32, torch.bfloat16):
+        scores = make_scores("ties", 2, 2000, 50, dtype, gen).cuda()
+        _check(scores, 64, None, 0, 0)
+        _check(scores, 16, random_nvp(50, 2000, gen).cuda(), 2, 2)
+        scores = make_scores("randn", 2, 1024, 77, dtype, gen).cuda()
+        _check(scores, 16, None, 0, 1)
+        _check(scores, 48, random_nvp(77, 1024, gen).cuda(), 1, 1)
+    for kind in ("nan", "ascending", "causal", "zeros_signed"):
+        scores = make_scores(kind, 3, 700, 70, torch.float32, gen).cuda()
+        _check(scores, 7, 650, 0, 0)
+        _check(scores, 33, None, 0, 0)
+    if g <= 2:  # long rows: 9000 blocks staged per row
+        scores = make_scores("randn", 1, 9000, 37, torch.float32, gen).cuda()
+        _check(scores, 16, None, 0, 1)
 
 
 @pytest.mark.gpu

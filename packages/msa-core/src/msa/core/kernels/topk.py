@@ -10,13 +10,17 @@
   ``splits`` > 1 spreads K over CTAs and adds a merge launch of the same kernel.
 - ``warp`` (``csrc/topk/topk_select_core.cuh``): a warp owns 32 tokens, one row per lane, each lane streaming
   its K slice into a per-row column compacted by a 4-bit radix select.
+- ``row`` (``csrc/topk/topk_row_core.cuh``): a CTA stages G whole rows in shared memory (coalesced transpose),
+  then one warp selects one row with shuffles and ballots only (no CTA barriers in the selection). For rows that
+  fit shared memory (K up to a few thousand blocks) and M <= 64: the issue-light path at 128K context.
 
 Both allocate at most one workspace (``2 * H * splits * M * ceil(total_q/32)*32`` int32 words, torch's caching
 allocator) and only when ``splits > 1``.
 
-Environment overrides (benchmark sweeps): ``MSA_TOPK_PATH`` (block | warp), ``MSA_TOPK_SPLITS``, ``MSA_TOPK_G``
+Environment overrides (benchmark sweeps): ``MSA_TOPK_PATH`` (block | warp | row), ``MSA_TOPK_SPLITS``, ``MSA_TOPK_G``
 (tokens per CTA, block), ``MSA_TOPK_P`` (threads per token, block), ``MSA_TOPK_V`` (16 | 32, block),
-``MSA_TOPK_WARPS``, ``MSA_TOPK_MERGE_WARPS`` (warp).
+``MSA_TOPK_WARPS`` (warp; row: warps per CTA), ``MSA_TOPK_MERGE_WARPS`` (warp); row:
+``MSA_TOPK_G`` (tokens per CTA).
 """
 
 from __future__ import annotations
@@ -80,12 +84,12 @@ def available(device) -> tuple[bool, str]:
 
 @dataclass(frozen=True)
 class TopkPlan:
-    path: str  # "block" or "warp"
+    path: str  # "block", "warp" or "row"
     splits: int  # CTAs along K per (token group, head); > 1 adds the merge launch
     cap: int  # candidate entries per row (block: buffer; warp: column capacity)
     warps: int = 1  # warp path: warps per scan CTA, each a contiguous slice of the split
     merge_warps: int = 1
-    log_g: int = 3  # block path: 2**log_g tokens per CTA
+    log_g: int = 3  # block / row path: 2**log_g tokens per CTA
     threads_per_row: int = 32  # block path: P
     values_per_thread: int = BLOCK_V  # block path: V per chunk (BLOCK_V prefetched, or 2 * BLOCK_V)
 
@@ -103,6 +107,23 @@ def column_capacity(m: int) -> int:
 def block_capacity(m: int, threads_per_row: int) -> int:
     """Block path: >= M + P (an overflow round appends <= P), plus max(32, M) so a chunk rarely overflows."""
     return m + threads_per_row + max(32, m)
+
+
+ROW_MAX_M = 64  # row path: c <= 2 group values per lane bound the M-th best (topk_row_core.cuh)
+ROW_SMEM_BUDGET = 112 * 1024  # row path: staged rows per CTA (room for >= 2 CTAs per SM)
+
+
+def row_capacity(m: int) -> int:
+    """Row path: candidates kept per row (~20 pass the bound for M = 15 on iid scores; more -> exact fallback)."""
+    return 128 if m <= 32 else 256
+
+
+def row_stride(n_blocks: int, g: int) -> int:  # mirrors topk_row_core.cuh
+    return -(-n_blocks // 32) * 32 + 32 // g
+
+
+def row_smem_bytes(n_blocks: int, g: int, cap: int) -> int:  # mirrors topk_row_core.cuh
+    return g * row_stride(n_blocks, g) * 4 + g * cap * 8 + g * 32 * 4 + 2 * g * 4
 
 
 def smem_bytes(warps: int, cap: int) -> int:
@@ -181,11 +202,54 @@ def _use_warp_path(n_heads: int, n_blocks: int, total_q: int) -> bool:
     return n_blocks <= 128 and total_q * n_heads >= 8192
 
 
-def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> TopkPlan:
-    """Launch shape from the problem shape only (no data)."""
-    path = os.environ.get("MSA_TOPK_PATH") or ("warp" if _use_warp_path(n_heads, n_blocks, total_q) else "block")
-    if path not in ("block", "warp"):
-        raise ValueError(f"MSA_TOPK_PATH: expected 'block' or 'warp', got {path!r}")
+def _row_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, itemsize: int) -> TopkPlan | None:
+    """Row path shape, or None where it does not apply (M > 64, rows too long for shared memory).
+    Prefill: whole 32-byte sectors per K-row (G = 32 / itemsize tokens), one warp per row. Decode (few rows):
+    fewer tokens per CTA and more loading warps, so enough CTAs and loads are in flight."""
+    if m > ROW_MAX_M:
+        return None
+    cap = row_capacity(m)
+    g = max(1, 32 // itemsize)
+    decode = total_q * n_heads < sm_count * g  # fewer CTAs than SMs at G rows each
+    if decode:
+        g = 2
+    while g > 1 and row_smem_bytes(n_blocks, g, cap) > ROW_SMEM_BUDGET:
+        g //= 2
+    if row_smem_bytes(n_blocks, g, cap) > ROW_SMEM_BUDGET:
+        return None
+    return TopkPlan(path="row", splits=1, cap=cap, warps=max(8, g) if decode else g, log_g=g.bit_length() - 1)
+
+
+def _use_row_path(n_heads: int, n_blocks: int, total_q: int, m: int) -> bool:
+    """Rows of up to 2048 blocks (256K context) that fit shared memory; longer rows stream (block path)."""
+    return 0 < m <= ROW_MAX_M and 128 < n_blocks <= 2048
+
+
+def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, itemsize: int = 4) -> TopkPlan:
+    """Launch shape from the problem shape only (no data). ``itemsize``: bytes per score (4 fp32, 2 bf16)."""
+    path = os.environ.get("MSA_TOPK_PATH")
+    if not path:
+        if _use_row_path(n_heads, n_blocks, total_q, m) and _row_plan(n_heads, n_blocks, total_q, m, sm_count,
+                                                                      itemsize):
+            path = "row"
+        else:
+            path = "warp" if _use_warp_path(n_heads, n_blocks, total_q) else "block"
+    if path not in ("block", "warp", "row"):
+        raise ValueError(f"MSA_TOPK_PATH: expected 'block', 'warp' or 'row', got {path!r}")
+    if path == "row":
+        pl = _row_plan(n_heads, n_blocks, total_q, m, sm_count, itemsize)
+        if pl is None:
+            raise ValueError(f"MSA_TOPK_PATH=row: not applicable (M = {m} > {ROW_MAX_M} or K = {n_blocks} rows do "
+                             "not fit shared memory)")
+        g = _env_int("MSA_TOPK_G")
+        log_g = pl.log_g if g is None else g.bit_length() - 1
+        if g is not None and (g < 1 or g != 1 << log_g or g > 32):
+            raise ValueError(f"MSA_TOPK_G: expected a power of two in 1..32, got {g}")
+        warps = _env_int("MSA_TOPK_WARPS") or max(pl.warps, 1 << log_g)
+        if warps < (1 << log_g) or warps > 32:
+            raise ValueError(f"MSA_TOPK_WARPS: expected {1 << log_g}..32 for the row path with G = {1 << log_g}, "
+                             f"got {warps}")
+        return TopkPlan(path="row", splits=1, cap=pl.cap, warps=warps, log_g=log_g)
     if path == "warp":
         pl = _warp_plan(n_heads, n_blocks, total_q, m, sm_count)
         warps = min(_env_int("MSA_TOPK_WARPS") or pl.warps, MAX_WARPS)
@@ -221,7 +285,7 @@ def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, 
         return out
     m = topk - force_begin_blocks - force_end_blocks
     index = device.index if device.index is not None else torch.cuda.current_device()
-    p = plan(n_heads, n_blocks, total_q, m, _sm_count(index))
+    p = plan(n_heads, n_blocks, total_q, m, _sm_count(index), max_score.element_size())
     if isinstance(num_valid_pages, torch.Tensor):
         nvp, nvp_scalar = num_valid_pages, 0
     else:
@@ -229,7 +293,10 @@ def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, 
     words = p.workspace_words(n_heads, total_q, m)
     ws = torch.empty(words, dtype=torch.int32, device=device) if words else _empty_i32(device)
     module = load_module(device)
-    if p.path == "block":
+    if p.path == "row":
+        module.topk_row_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out, p.log_g,
+                               p.warps, p.cap)
+    elif p.path == "block":
         module.topk_block_select(
             max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out, ws, p.splits, p.log_g,
             p.threads_per_row, p.cap, p.values_per_thread,

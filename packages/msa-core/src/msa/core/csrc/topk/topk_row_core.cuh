@@ -1,0 +1,247 @@
+// "row" path of sparse_topk_select: rows staged in shared memory, one warp selects one row (CUDA only).
+//
+// Why: the block path spends ~1-2K instructions per thread on cooperative selection (P threads per row, CTA
+// barriers, shared atomics), so at 128K context and H = 1 (4096 rows of 1024 blocks, one wave of CTAs) it is
+// issue-bound at ~2.7x the HBM floor. Here a row's selection is the work of one warp with shuffles / ballots
+// only (~700 warp instructions for 1024 blocks), and the loads are a plain coalesced transpose.
+//
+// CTA = G tokens (rows) of one head, W >= G warps. Phase 1 (all warps): the union of the rows' eligible block
+// ranges [ulo, uhi) is copied into shared memory, rows[g][k - ulo] (NaN and blocks outside the row's own range
+// -> -inf). Thread tid loads row g = tid % G at k = tid / G + (T / G) * u: consecutive lanes read consecutive
+// tokens, so each load instruction reads whole 32-byte sectors when G * sizeof(score) >= 32. Each thread also
+// folds its values into group maxima gmax[g][k % 32] (shared atomicMax of order-preserving keys). Row padding
+// (32 / G floats) makes the transposed stores conflict-free. Phase 2 (warp g < G, row g):
+//  1. theta = the r-th largest of 32 group values: c = 1 (M <= 32: group maxima, r = M) or c = 2 (M <= 64: the
+//     groups' second largest, recomputed by the warp, r = ceil(M / 2)). r groups hold c elements >= theta each,
+//     so >= M elements are >= theta: theta lower-bounds the row's M-th best. With iid scores ~20 elements pass
+//     for M = 15.
+//  2. candidates (finite, >= theta) are appended in ascending block order (ballot + popc) as 64-bit composite
+//     keys (score key << 32 | ~index: value desc, index asc, a strict total order).
+//  3. n <= cap: each candidate's rank = number of greater candidates; rank < M is selected; a second ballot
+//     pass over the (index-ordered) candidates gives each selected block its output position.
+//     n > cap (heavy ties): M rounds of a warp-wide argmax over the row (exact, slower) find the M-th best
+//     composite T; one ordered pass writes every element with composite >= T.
+// Output row: forced head [0, lo), the selected blocks ascending, forced tail [hi, nvp), then -1.
+#pragma once
+
+#include "topk_block_core.cuh"
+
+namespace msa_topk {
+
+struct RowParams {
+  const void* scores;  // max_score [H, K, Q] (fp32 or bf16)
+  const int32_t* nvp;  // [Q] or nullptr -> nvp_scalar
+  int32_t* out;        // [Q, H, topk]
+  int64_t q;
+  int n_blocks, n_heads, topk, fb, fe, m, nvp_scalar;
+  int log_g;   // tokens per CTA = 1 << log_g (<= 32, <= warps)
+  int stride;  // floats per staged row (row_stride)
+  int cap;     // candidate entries per row (multiple of 32)
+};
+
+constexpr int kRowMaxM = 64;       // c <= 2 group values per lane
+constexpr int kRowUnroll = 16;     // loads in flight per thread in phase 1
+constexpr unsigned kRowFull = 0xFFFFFFFFu;
+
+// Staged row length: K rounded up to 32, plus 32 / G floats so the G rows of one transposed store hit
+// different banks (row g starts at bank 32 / G * g).
+__host__ __device__ inline int row_stride(int n_blocks, int g) { return (n_blocks + 31) / 32 * 32 + 32 / g; }
+
+__host__ __device__ inline size_t row_smem_bytes(int n_blocks, int g, int cap) {
+  // rows [G][stride] f32 (G * stride is a multiple of 32: the 8-byte candidates stay aligned), candidates
+  // [G][cap] u64, group maxima [G][32] u32, ranges [2][G] i32
+  return static_cast<size_t>(g) * row_stride(n_blocks, g) * 4 + static_cast<size_t>(g) * cap * 8 +
+         static_cast<size_t>(g) * 32 * 4 + 2 * static_cast<size_t>(g) * 4;
+}
+
+__device__ __forceinline__ uint32_t lanemask_lt() {
+  uint32_t m;
+  asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
+  return m;
+}
+
+__device__ __forceinline__ uint32_t key_or_zero(float v) { return v > -INFINITY ? score_key(v) : 0u; }
+
+// Warp max of a 64-bit composite (two 32-bit reductions; every lane gets the result).
+__device__ __forceinline__ Comp warp_max_comp(Comp x) {
+  const uint32_t hi = __reduce_max_sync(kRowFull, static_cast<uint32_t>(x >> 32));
+  const uint32_t lo = __reduce_max_sync(kRowFull, static_cast<uint32_t>(x >> 32) == hi ? static_cast<uint32_t>(x) : 0u);
+  return (static_cast<Comp>(hi) << 32) | lo;
+}
+
+template <typename T>
+__device__ __forceinline__ float row_load(const T* p);
+template <>
+__device__ __forceinline__ float row_load<float>(const float* p) {
+  return __ldg(p);
+}
+template <>
+__device__ __forceinline__ float row_load<uint16_t>(const uint16_t* p) {  // bf16 bits -> the exact float
+  return __uint_as_float(static_cast<uint32_t>(__ldg(p)) << 16);
+}
+
+template <typename T>
+__device__ __forceinline__ void row_select_cta(const RowParams& p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int G = 1 << p.log_g;
+  const int n_threads = blockDim.x, tid = threadIdx.x, h = blockIdx.y;
+  float* rows = reinterpret_cast<float*>(smem_raw);
+  Comp* cands = reinterpret_cast<Comp*>(rows + static_cast<size_t>(G) * p.stride);
+  uint32_t* gmax = reinterpret_cast<uint32_t*>(cands + static_cast<size_t>(G) * p.cap);
+  int* range = reinterpret_cast<int*>(gmax + G * 32);
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * G;
+
+  // ---- phase 1: stage [ulo, uhi) of every row
+  const int gl = tid & (G - 1);  // this thread's row (n_threads is a multiple of G)
+  const int64_t tl = t0 + gl;
+  int elo = 0, ehi = 0;
+  if (tl < p.q && p.m > 0) {
+    const RowRange rl = row_range(p.nvp != nullptr ? __ldg(p.nvp + tl) : p.nvp_scalar, p.n_blocks, p.fb, p.fe);
+    elo = rl.lo;
+    ehi = rl.hi;
+  }
+  if (tid < G * 32) gmax[tid] = 0u;
+  if (tid < G) {  // (the first G threads are rows 0..G-1)
+    range[tid] = elo;
+    range[G + tid] = ehi;
+  }
+  __syncthreads();
+  int ulo = INT32_MAX, uhi = INT32_MIN;
+  for (int i = 0; i < G; ++i) {
+    const int a = range[i], b = range[G + i];
+    ulo = a < b ? imin32(ulo, a) : ulo;
+    uhi = a < b ? imax32(uhi, b) : uhi;
+  }
+  const int span = ulo < uhi ? uhi - ulo : 0;
+  const int per = n_threads >> p.log_g;  // k-rows per pass
+  const int kk = tid >> p.log_g;
+  const T* src = static_cast<const T*>(p.scores) + (static_cast<int64_t>(h) * p.n_blocks + (span ? ulo : 0)) * p.q +
+                 (tl < p.q ? tl : 0);
+  float* myrow = rows + static_cast<size_t>(gl) * p.stride;
+  float mx = -INFINITY;
+  for (int k0 = kk; k0 < span; k0 += per * kRowUnroll) {
+    float v[kRowUnroll];
+#pragma unroll
+    for (int u = 0; u < kRowUnroll; ++u) {
+      const int k = k0 + per * u;
+      const int kb = ulo + k;
+      v[u] = -INFINITY;
+      if (k < span && kb >= elo && kb < ehi) v[u] = row_load<T>(src + static_cast<int64_t>(k) * p.q);
+    }
+#pragma unroll
+    for (int u = 0; u < kRowUnroll; ++u) {
+      const int k = k0 + per * u;
+      const float x = v[u] == v[u] ? v[u] : -INFINITY;  // NaN -> -inf
+      mx = fmaxf(mx, x);
+      if (k < span) myrow[k] = x;
+    }
+  }
+  // group maxima, groups = block offset mod 32 (any partition of the row works for the theta bound)
+  if (mx > -INFINITY) atomicMax(gmax + gl * 32 + (kk & 31), score_key(mx));
+  __syncthreads();
+
+  // ---- phase 2: warp g selects row g
+  const int g = tid >> 5, lane = tid & 31;
+  if (g >= G) return;  // no barrier below
+  const int64_t t = t0 + g;
+  if (t >= p.q) return;
+  const RowRange rr = row_range(p.nvp != nullptr ? __ldg(p.nvp + t) : p.nvp_scalar, p.n_blocks, p.fb, p.fe);
+  int32_t* orow = p.out + (t * p.n_heads + h) * p.topk;
+  const float* row = rows + static_cast<size_t>(g) * p.stride;
+  Comp* cand = cands + static_cast<size_t>(g) * p.cap;
+  const int m = p.m;
+  const int nj = (span + 31) >> 5;
+  int nsel = 0;
+  if (m > 0 && range[g] < range[G + g]) {
+    // 1. theta
+    float mine;
+    int r;
+    if (m <= 32) {
+      mine = key_value(gmax[g * 32 + lane]);
+      r = m;
+    } else {
+      float a = -INFINITY, b = -INFINITY;  // this lane's two largest over offsets lane + 32 j
+      for (int j = 0; j < nj; ++j) {
+        const int k = (j << 5) + lane;
+        const float x = k < span ? row[k] : -INFINITY;
+        b = fmaxf(b, fminf(a, x));
+        a = fmaxf(a, x);
+      }
+      mine = b;
+      r = (m + 1) >> 1;
+    }
+    int ge = 0;
+#pragma unroll
+    for (int s = 0; s < 32; ++s) ge += __shfl_sync(kRowFull, mine, s) >= mine ? 1 : 0;
+    const uint32_t theta_key = __reduce_max_sync(kRowFull, ge >= r ? key_or_zero(mine) : 0u);
+    const float theta = key_value(theta_key);  // -inf if fewer than r groups have a value: all finite pass
+
+    // 2. candidates in ascending block order
+    int n = 0;
+    const uint32_t lt = lanemask_lt();
+    for (int j = 0; j < nj; ++j) {
+      const int k = (j << 5) + lane;
+      const float x = k < span ? row[k] : -INFINITY;
+      const bool c = x > -INFINITY && x >= theta;
+      const uint32_t bal = __ballot_sync(kRowFull, c);
+      if (bal == 0u) continue;
+      const int pos = n + __popc(bal & lt);
+      if (c && pos < p.cap) cand[pos] = make_comp(score_key(x), static_cast<uint32_t>(ulo + k));
+      n += __popc(bal);
+    }
+    __syncwarp();
+    if (n <= p.cap) {
+      // 3. exact rank among n candidates, then positions among the selected (candidates are index-ordered)
+      for (int e0 = 0; e0 < n; e0 += 32) {
+        const int e = e0 + lane;
+        const Comp x = e < n ? cand[e] : 0ull;
+        int rank = 0;
+        for (int f = 0; f < n; ++f) rank += cand[f] > x ? 1 : 0;
+        const bool sel = e < n && rank < m;
+        const uint32_t bal = __ballot_sync(kRowFull, sel);
+        if (sel) orow[rr.lo + nsel + __popc(bal & lt)] = static_cast<int32_t>(comp_idx(x));
+        nsel += __popc(bal);
+      }
+    } else {
+      // heavy ties: M rounds of warp argmax below the previous pick find the M-th best composite
+      Comp prev = ~0ull;
+      int found = 0;
+      for (int i = 0; i < m; ++i) {
+        Comp best = 0ull;
+        for (int j = 0; j < nj; ++j) {
+          const int k = (j << 5) + lane;
+          const float x = k < span ? row[k] : -INFINITY;
+          if (x > -INFINITY && x >= theta) {
+            const Comp cx = make_comp(score_key(x), static_cast<uint32_t>(ulo + k));
+            best = cx < prev && cx > best ? cx : best;
+          }
+        }
+        best = warp_max_comp(best);
+        if (best == 0ull) break;
+        prev = best;
+        ++found;
+      }
+      for (int j = 0; j < nj && found > 0; ++j) {
+        const int k = (j << 5) + lane;
+        const float x = k < span ? row[k] : -INFINITY;
+        const bool sel = x > -INFINITY && x >= theta &&
+                         make_comp(score_key(x), static_cast<uint32_t>(ulo + k)) >= prev;
+        const uint32_t bal = __ballot_sync(kRowFull, sel);
+        if (sel) orow[rr.lo + nsel + __popc(bal & lt)] = ulo + k;
+        nsel += __popc(bal);
+      }
+    }
+  }
+  // forced head, forced tail, -1 padding (disjoint from the selected positions [lo, lo + nsel))
+  const int tail = rr.nvp - rr.hi;
+  for (int q = lane; q < p.topk; q += 32) {
+    if (q < rr.lo) {
+      orow[q] = q;
+    } else if (q >= rr.lo + nsel) {
+      const int u = q - rr.lo - nsel;
+      orow[q] = u < tail ? rr.hi + u : -1;
+    }
+  }
+}
+
+}  // namespace msa_topk
