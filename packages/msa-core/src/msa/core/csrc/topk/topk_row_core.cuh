@@ -24,6 +24,8 @@
 // Output row: forced head [0, lo), the selected blocks ascending, forced tail [hi, nvp), then -1.
 #pragma once
 
+#include <float.h>
+
 #include "topk_block_core.cuh"
 
 namespace msa_topk {
@@ -113,28 +115,41 @@ __device__ __forceinline__ void row_select_cta(const RowParams& p) {
     uhi = a < b ? imax32(uhi, b) : uhi;
   }
   const int span = ulo < uhi ? uhi - ulo : 0;
-  const int per = n_threads >> p.log_g;  // k-rows per pass
+  const int span_pad = (span + 31) & ~31;  // staged length: [span, span_pad) is -inf, so warps read whole lines
+  const int per = n_threads >> p.log_g;    // k-rows per pass
   const int kk = tid >> p.log_g;
+  const int a = elo - ulo, b = ehi - ulo;   // this thread's row: loads only for offsets in [a, b)
+  const int64_t step = static_cast<int64_t>(per) * p.q;
   const T* src = static_cast<const T*>(p.scores) + (static_cast<int64_t>(h) * p.n_blocks + (span ? ulo : 0)) * p.q +
-                 (tl < p.q ? tl : 0);
-  float* myrow = rows + static_cast<size_t>(gl) * p.stride;
+                 (tl < p.q ? tl : 0) + kk * p.q;
+  float* dst = rows + static_cast<size_t>(gl) * p.stride + kk;
   float mx = -INFINITY;
-  for (int k0 = kk; k0 < span; k0 += per * kRowUnroll) {
+  for (int k0 = kk; k0 < span_pad; k0 += per * kRowUnroll) {
     float v[kRowUnroll];
+    if (k0 >= a && k0 + per * (kRowUnroll - 1) < b) {  // whole chunk inside the row: no per-element checks
 #pragma unroll
-    for (int u = 0; u < kRowUnroll; ++u) {
-      const int k = k0 + per * u;
-      const int kb = ulo + k;
-      v[u] = -INFINITY;
-      if (k < span && kb >= elo && kb < ehi) v[u] = row_load<T>(src + static_cast<int64_t>(k) * p.q);
-    }
+      for (int u = 0; u < kRowUnroll; ++u) v[u] = row_load<T>(src + u * step);
 #pragma unroll
-    for (int u = 0; u < kRowUnroll; ++u) {
-      const int k = k0 + per * u;
-      const float x = v[u] == v[u] ? v[u] : -INFINITY;  // NaN -> -inf
-      mx = fmaxf(mx, x);
-      if (k < span) myrow[k] = x;
+      for (int u = 0; u < kRowUnroll; ++u) {
+        const float x = fmaxf(v[u], -INFINITY);  // NaN -> -inf (fmaxf returns the non-NaN operand)
+        mx = fmaxf(mx, x);
+        dst[u * per] = x;
+      }
+    } else {
+#pragma unroll
+      for (int u = 0; u < kRowUnroll; ++u) {
+        const int k = k0 + per * u;
+        v[u] = k >= a && k < b ? row_load<T>(src + u * step) : -INFINITY;
+      }
+#pragma unroll
+      for (int u = 0; u < kRowUnroll; ++u) {
+        const float x = fmaxf(v[u], -INFINITY);
+        mx = fmaxf(mx, x);
+        if (k0 + per * u < span_pad) dst[u * per] = x;
+      }
     }
+    src += kRowUnroll * step;
+    dst += kRowUnroll * per;
   }
   // group maxima, groups = block offset mod 32 (any partition of the row works for the theta bound)
   if (mx > -INFINITY) atomicMax(gmax + gl * 32 + (kk & 31), score_key(mx));
@@ -147,47 +162,67 @@ __device__ __forceinline__ void row_select_cta(const RowParams& p) {
   if (t >= p.q) return;
   const RowRange rr = row_range(p.nvp != nullptr ? __ldg(p.nvp + t) : p.nvp_scalar, p.n_blocks, p.fb, p.fe);
   int32_t* orow = p.out + (t * p.n_heads + h) * p.topk;
-  const float* row = rows + static_cast<size_t>(g) * p.stride;
+  const float* row = rows + static_cast<size_t>(g) * p.stride + lane;  // this lane's offsets lane + 32 j
   Comp* cand = cands + static_cast<size_t>(g) * p.cap;
   const int m = p.m;
-  const int nj = (span + 31) >> 5;
+  const int nj = span_pad >> 5;
+  const uint32_t lt = lanemask_lt();
   int nsel = 0;
   if (m > 0 && range[g] < range[G + g]) {
-    // 1. theta
-    float mine;
+    // 1. theta: the r-th largest of the 32 group values (bitonic sort of their keys across the warp)
+    uint32_t key;
     int r;
     if (m <= 32) {
-      mine = key_value(gmax[g * 32 + lane]);
+      key = gmax[g * 32 + lane];
       r = m;
     } else {
-      float a = -INFINITY, b = -INFINITY;  // this lane's two largest over offsets lane + 32 j
+      float a1 = -INFINITY, b1 = -INFINITY;  // this lane's two largest
       for (int j = 0; j < nj; ++j) {
-        const int k = (j << 5) + lane;
-        const float x = k < span ? row[k] : -INFINITY;
-        b = fmaxf(b, fminf(a, x));
-        a = fmaxf(a, x);
+        const float x = row[j << 5];
+        b1 = fmaxf(b1, fminf(a1, x));
+        a1 = fmaxf(a1, x);
       }
-      mine = b;
+      key = key_or_zero(b1);
       r = (m + 1) >> 1;
     }
-    int ge = 0;
 #pragma unroll
-    for (int s = 0; s < 32; ++s) ge += __shfl_sync(kRowFull, mine, s) >= mine ? 1 : 0;
-    const uint32_t theta_key = __reduce_max_sync(kRowFull, ge >= r ? key_or_zero(mine) : 0u);
-    const float theta = key_value(theta_key);  // -inf if fewer than r groups have a value: all finite pass
+    for (int kb = 2; kb <= 32; kb <<= 1) {
+#pragma unroll
+      for (int jb = kb >> 1; jb > 0; jb >>= 1) {
+        const uint32_t o = __shfl_xor_sync(kRowFull, key, jb);
+        const bool take_max = ((lane & jb) == 0) == ((lane & kb) == 0);  // descending overall
+        key = take_max ? umax32(key, o) : umin32(key, o);
+      }
+    }
+    const uint32_t theta_key = __shfl_sync(kRowFull, key, r - 1);
+    // -inf never passes: with fewer than r group values every finite element is a candidate
+    const float theta = theta_key ? key_value(theta_key) : -FLT_MAX;
 
-    // 2. candidates in ascending block order
+    // 2. candidates in ascending block order: a per-lane bit mask per 32 lines, then only the lines with a
+    //    candidate somewhere in the warp are visited
     int n = 0;
-    const uint32_t lt = lanemask_lt();
-    for (int j = 0; j < nj; ++j) {
-      const int k = (j << 5) + lane;
-      const float x = k < span ? row[k] : -INFINITY;
-      const bool c = x > -INFINITY && x >= theta;
-      const uint32_t bal = __ballot_sync(kRowFull, c);
-      if (bal == 0u) continue;
-      const int pos = n + __popc(bal & lt);
-      if (c && pos < p.cap) cand[pos] = make_comp(score_key(x), static_cast<uint32_t>(ulo + k));
-      n += __popc(bal);
+    for (int jc = 0; jc < nj; jc += 32) {
+      const int jn = imin32(32, nj - jc);
+      uint32_t mask = 0u;
+      if (jn == 32) {
+#pragma unroll
+        for (int j = 0; j < 32; ++j) mask |= row[(jc + j) << 5] >= theta ? 1u << j : 0u;
+      } else {
+        for (int j = 0; j < jn; ++j) mask |= row[(jc + j) << 5] >= theta ? 1u << j : 0u;
+      }
+      uint32_t any = __reduce_or_sync(kRowFull, mask);
+      while (any) {
+        const int j = __ffs(any) - 1;
+        any &= any - 1u;
+        const bool c = (mask >> j) & 1u;
+        const uint32_t bal = __ballot_sync(kRowFull, c);
+        const int pos = n + __popc(bal & lt);
+        if (c && pos < p.cap) {
+          const int k = ((jc + j) << 5) + lane;
+          cand[pos] = make_comp(score_key(row[(jc + j) << 5]), static_cast<uint32_t>(ulo + k));
+        }
+        n += __popc(bal);
+      }
     }
     __syncwarp();
     if (n <= p.cap) {
@@ -196,6 +231,7 @@ __device__ __forceinline__ void row_select_cta(const RowParams& p) {
         const int e = e0 + lane;
         const Comp x = e < n ? cand[e] : 0ull;
         int rank = 0;
+#pragma unroll 4
         for (int f = 0; f < n; ++f) rank += cand[f] > x ? 1 : 0;
         const bool sel = e < n && rank < m;
         const uint32_t bal = __ballot_sync(kRowFull, sel);
@@ -209,10 +245,9 @@ __device__ __forceinline__ void row_select_cta(const RowParams& p) {
       for (int i = 0; i < m; ++i) {
         Comp best = 0ull;
         for (int j = 0; j < nj; ++j) {
-          const int k = (j << 5) + lane;
-          const float x = k < span ? row[k] : -INFINITY;
-          if (x > -INFINITY && x >= theta) {
-            const Comp cx = make_comp(score_key(x), static_cast<uint32_t>(ulo + k));
+          const float x = row[j << 5];
+          if (x >= theta) {
+            const Comp cx = make_comp(score_key(x), static_cast<uint32_t>(ulo + (j << 5) + lane));
             best = cx < prev && cx > best ? cx : best;
           }
         }
@@ -222,10 +257,9 @@ __device__ __forceinline__ void row_select_cta(const RowParams& p) {
         ++found;
       }
       for (int j = 0; j < nj && found > 0; ++j) {
+        const float x = row[j << 5];
         const int k = (j << 5) + lane;
-        const float x = k < span ? row[k] : -INFINITY;
-        const bool sel = x > -INFINITY && x >= theta &&
-                         make_comp(score_key(x), static_cast<uint32_t>(ulo + k)) >= prev;
+        const bool sel = x >= theta && make_comp(score_key(x), static_cast<uint32_t>(ulo + k)) >= prev;
         const uint32_t bal = __ballot_sync(kRowFull, sel);
         if (sel) orow[rr.lo + nsel + __popc(bal & lt)] = ulo + k;
         nsel += __popc(bal);
