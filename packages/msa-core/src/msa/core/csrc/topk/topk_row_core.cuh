@@ -15,10 +15,10 @@
 //     groups' second largest, recomputed by the warp, r = ceil(M / 2)). r groups hold c elements >= theta each,
 //     so >= M elements are >= theta: theta lower-bounds the row's M-th best. With iid scores ~20 elements pass
 //     for M = 15.
-//  2. candidates (finite, >= theta) are appended in ascending block order (ballot + popc) as 64-bit composite
-//     keys (score key << 32 | ~index: value desc, index asc, a strict total order).
-//  3. n <= cap: each candidate's rank = number of greater candidates; rank < M is selected; a second ballot
-//     pass over the (index-ordered) candidates gives each selected block its output position.
+//  2. candidates (finite, >= theta) are appended lane by lane (warp prefix sum of per-lane counts) as 64-bit
+//     composite keys (score key << 32 | ~index: value desc, index asc, a strict total order).
+//  3. n <= cap: each candidate's rank = number of greater candidates; rank < M is selected; each selected
+//     block's output position = the number of selected blocks with a smaller index.
 //     n > cap (heavy ties): M rounds of a warp-wide argmax over the row (exact, slower) find the M-th best
 //     composite T; one ordered pass writes every element with composite >= T.
 // Output row: forced head [0, lo), the selected blocks ascending, forced tail [hi, nvp), then -1.
@@ -198,8 +198,8 @@ __device__ __forceinline__ void row_select_cta(const RowParams& p) {
     // -inf never passes: with fewer than r group values every finite element is a candidate
     const float theta = theta_key ? key_value(theta_key) : -FLT_MAX;
 
-    // 2. candidates in ascending block order: a per-lane bit mask per 32 lines, then only the lines with a
-    //    candidate somewhere in the warp are visited
+    // 2. candidates: a per-lane bit mask over 32 lines at a time, then each lane appends its own (lane-major
+    //    order, offsets from a warp prefix sum: ~1 candidate per lane, so ~2 rounds of the append loop)
     int n = 0;
     for (int jc = 0; jc < nj; jc += 32) {
       const int jn = imin32(32, nj - jc);
@@ -210,23 +210,27 @@ __device__ __forceinline__ void row_select_cta(const RowParams& p) {
       } else {
         for (int j = 0; j < jn; ++j) mask |= row[(jc + j) << 5] >= theta ? 1u << j : 0u;
       }
-      uint32_t any = __reduce_or_sync(kRowFull, mask);
-      while (any) {
-        const int j = __ffs(any) - 1;
-        any &= any - 1u;
-        const bool c = (mask >> j) & 1u;
-        const uint32_t bal = __ballot_sync(kRowFull, c);
-        const int pos = n + __popc(bal & lt);
-        if (c && pos < p.cap) {
-          const int k = ((jc + j) << 5) + lane;
-          cand[pos] = make_comp(score_key(row[(jc + j) << 5]), static_cast<uint32_t>(ulo + k));
-        }
-        n += __popc(bal);
+      const int c = __popc(mask);
+      int incl = c;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(kRowFull, incl, o);
+        incl += lane >= o ? y : 0;
       }
+      int pos = n + incl - c;
+      while (mask) {
+        const int j = jc + __ffs(mask) - 1;
+        mask &= mask - 1u;
+        if (pos < p.cap) cand[pos] = make_comp(score_key(row[j << 5]), static_cast<uint32_t>(ulo + (j << 5) + lane));
+        ++pos;
+      }
+      n += __shfl_sync(kRowFull, incl, 31);
     }
     __syncwarp();
     if (n <= p.cap) {
-      // 3. exact rank among n candidates, then positions among the selected (candidates are index-ordered)
+      // 3. exact rank among n candidates; the selected block indices go to sel_idx (this row's staging area,
+      //    no longer read), then each one's output position = number of selected with a smaller index
+      int* sel_idx = reinterpret_cast<int*>(rows + static_cast<size_t>(g) * p.stride);
       for (int e0 = 0; e0 < n; e0 += 32) {
         const int e = e0 + lane;
         const Comp x = e < n ? cand[e] : 0ull;
@@ -235,8 +239,16 @@ __device__ __forceinline__ void row_select_cta(const RowParams& p) {
         for (int f = 0; f < n; ++f) rank += cand[f] > x ? 1 : 0;
         const bool sel = e < n && rank < m;
         const uint32_t bal = __ballot_sync(kRowFull, sel);
-        if (sel) orow[rr.lo + nsel + __popc(bal & lt)] = static_cast<int32_t>(comp_idx(x));
+        if (sel) sel_idx[nsel + __popc(bal & lt)] = static_cast<int>(comp_idx(x));
         nsel += __popc(bal);
+      }
+      __syncwarp();
+      for (int e = lane; e < nsel; e += 32) {
+        const int idx = sel_idx[e];
+        int pos = 0;
+#pragma unroll 4
+        for (int f = 0; f < nsel; ++f) pos += sel_idx[f] < idx ? 1 : 0;
+        orow[rr.lo + pos] = idx;
       }
     } else {
       // heavy ties: M rounds of warp argmax below the previous pick find the M-th best composite
