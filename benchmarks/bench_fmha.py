@@ -6,7 +6,11 @@ fraction of a bf16 8192^3 matmul measured in the same process. Timing: CUDA even
 rotating who goes first) so clock and thermal drift hits them alike. Inputs are far larger than L2, so no input
 rotation is needed.
 
-    python benchmarks/bench_fmha.py [--cases default|quick] [--json out.json] [--compare DIR]
+    python benchmarks/bench_fmha.py [--cases default|quick] [--json out.json] [--compare DIR] [--maxscore]
+
+Where the split-KV cost model cuts a case's tail, a "msa (no split)" row times the same kernel on a plan that
+never splits (same process, interleaved): the A/B of split-KV. ``--maxscore`` adds the issue-7 modes on ragged
+cases (O + max_score, max_score only) with their time relative to O only.
     python benchmarks/bench_fmha.py --prebuild DIR   # no GPU: build every variant, copy the modules to DIR
 
 A GPU host without a compiler loads prebuilt modules with ``MSA_FMHA_SM90_PREBUILT=DIR`` (tests and this bench).
@@ -95,7 +99,9 @@ CASES = {
 }
 
 
-def bench_case(name, batch, hq, hkv, seqlen, causal, paged, d, dtype, warmup, reps, peers=True, compare=None):
+def bench_case(
+    name, batch, hq, hkv, seqlen, causal, paged, d, dtype, warmup, reps, peers=True, compare=None, maxscore=False
+):
     import msa.core as mc
     from msa.core.kernels import fmha_sm90 as k90
 
@@ -127,6 +133,27 @@ def bench_case(name, batch, hq, hkv, seqlen, causal, paged, d, dtype, warmup, re
 
     impls = {"msa fmha_sm90": ours}
     failed = []
+    kp = k90._kernel_plan(plan, d, q.element_size(), dev)
+    if kp.split != (0, 1):
+        print(f"  {name}: split-KV tail {kp.split} ({kp.combine.shape[0]} items cut)", flush=True)
+        kp_whole = k90.plan(lens, lens, hq, hkv, causal=causal, paged=paged, split_kv=None, device=dev)
+
+        def ours_no_split():
+            k90.run(q, kk, vv, kp_whole, kv_indices=kv_indices, out=out, causal=causal)
+
+        impls["msa (no split)"] = ours_no_split
+    if maxscore and not paged:
+        k90.MAX_SCORE_ENABLED = True
+        ms = torch.empty(hq, plan.max_k_tiles, tq, device=dev, dtype=torch.float32)
+
+        def ours_o_ms():
+            k90.run(q, kk, vv, plan, out=out, max_score=ms, output_maxscore=True)
+
+        def ours_ms_only():
+            k90.run(q, kk, None, plan, max_score=ms, output_o=False, output_maxscore=True)
+
+        impls["msa o+maxscore"] = ours_o_ms
+        impls["msa maxscore"] = ours_ms_only
     if compare:  # A/B: the same call served by an alternative build of the same variant
         from pathlib import Path
 
@@ -171,7 +198,7 @@ def bench_case(name, batch, hq, hkv, seqlen, causal, paged, d, dtype, warmup, re
 
 
 def prebuild(directory: str) -> int:
-    """Build every variant the tests and this bench use (bf16 + fp16, d128, causal x paged) into ``directory``."""
+    """Build every variant the tests and this bench use (bf16 + fp16, d128, causal x paged; bf16 max-score modes)."""
     import shutil
     from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
@@ -180,10 +207,13 @@ def prebuild(directory: str) -> int:
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    variants = [(dt, 128, c, pg) for dt in ("bfloat16", "float16") for c in (True, False) for pg in (False, True)]
+    variants = [(dt, 128, c, pg, "o") for dt in ("bfloat16", "float16") for c in (True, False) for pg in (False, True)]
+    variants += [
+        ("bfloat16", 128, c, pg, m) for m in ("o_maxscore", "maxscore") for c in (True, False) for pg in (False, True)
+    ]
 
     def build(v):
-        entry = k90.jit_spec(*v).build()
+        entry = k90.jit_spec(*v[:4], mode=v[4]).build()
         shutil.copy(entry.file("module.so"), out / f"{k90.variant_tag(*v)}.so")
         return k90.variant_tag(*v)
 
@@ -203,6 +233,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--compare", default=None, help="directory of alternative prebuilt modules: adds an A/B row")
     ap.add_argument("--prebuild", default=None, metavar="DIR", help="build all variants into DIR (no GPU) and exit")
+    ap.add_argument("--maxscore", action="store_true", help="also time O + max_score and max_score-only (ragged)")
     args = ap.parse_args(argv)
     if args.prebuild:
         return prebuild(args.prebuild)
@@ -212,14 +243,29 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     props = torch.cuda.get_device_properties(0)
     mm = matmul_tflops(args.warmup, args.reps)
-    print(f"device: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
-          f"cudnn {torch.backends.cudnn.version()}")
+    print(
+        f"device: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
+        f"cudnn {torch.backends.cudnn.version()}"
+    )
     print(f"bf16 matmul 8192^3: {mm:.0f} TFLOP/s")
     results = []
     for case in CASES[args.cases]:
         name, b, hq, hkv, s, causal, paged = case
         rows = bench_case(
-            name, b, hq, hkv, s, causal, paged, 128, dtype, args.warmup, args.reps, not args.no_peers, args.compare
+            name,
+            b,
+            hq,
+            hkv,
+            s,
+            causal,
+            paged,
+            128,
+            dtype,
+            args.warmup,
+            args.reps,
+            not args.no_peers,
+            args.compare,
+            args.maxscore,
         )
         results.extend(rows)
         torch.cuda.empty_cache()
@@ -227,17 +273,24 @@ def main(argv=None) -> int:
             print(f"  {r[0]:34s} {r[1]:14s} {r[2]:9.3f} ms  {r[4]:6.0f} TFLOP/s", flush=True)
     print()
     # speed-up columns: cuDNN time / this time; paged rows compare with the same kernel on ragged K/V
-    print(f"{'case':34s} {'impl':14s} {'ms':>9s} {'TFLOP/s':>8s} {'%mm':>5s} {'vs cudnn':>8s} {'vs ragged':>9s}")
+    print(
+        f"{'case':34s} {'impl':14s} {'ms':>9s} {'TFLOP/s':>8s} {'%mm':>5s} {'vs cudnn':>8s} {'vs ragged':>9s} {'/ msa O':>7s}"
+    )
     by_case = {}
     for r in results:
         by_case.setdefault(r[0], {})[r[1]] = r
     for name, impls in by_case.items():
         cud = impls.get("sdpa cudnn")
         ragged = by_case.get(name.replace(" paged", ""), {}).get("msa fmha_sm90") if name.endswith(" paged") else None
+        ours_o = impls.get("msa fmha_sm90")
         for impl, r in impls.items():
             ratio = cud[2] / r[2] if cud and cud[2] == cud[2] and r[2] == r[2] else float("nan")
             vs_ragged = ragged[2] / r[2] if ragged and impl == "msa fmha_sm90" else float("nan")
-            print(f"{name:34s} {impl:14s} {r[2]:9.3f} {r[4]:8.0f} {100 * r[4] / mm:5.0f} {ratio:8.2f} {vs_ragged:9.2f}")
+            rel_o = r[2] / ours_o[2] if ours_o and impl.startswith("msa") else float("nan")
+            print(
+                f"{name:34s} {impl:14s} {r[2]:9.3f} {r[4]:8.0f} {100 * r[4] / mm:5.0f} {ratio:8.2f} {vs_ragged:9.2f}"
+                f" {rel_o:7.3f}"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": props.name, "matmul_tflops": mm, "rows": [list(map(str, r)) for r in results]}, f)

@@ -1,12 +1,16 @@
 """SM90 dense FMHA kernel (msa.core.kernels.fmha_sm90).
 
-CPU tests: the host work list (coverage, per-tile key counts, longest-first order, L2 sections), the feature
-gate, the warmup specs. ``compile``: the sm_90a module builds. ``gpu``: the kernel against an fp32 reference
-written here (independent of msa.core.reference) over ragged / paged, causal / not, GQA, odd lengths, empty
-requests and rows that see no key; outputs are poisoned with NaN first, so every element must be written.
+CPU tests: the host work list (coverage, per-tile key counts, longest-first order, L2 sections), the split-KV
+cost model and piece/slot bookkeeping, the feature gate, the warmup specs. ``compile``: the sm_90a module builds.
+``gpu``: the kernel against an fp32 reference written here (independent of msa.core.reference) over ragged /
+paged, causal / not, GQA, odd lengths, empty requests and rows that see no key, with and without split-KV (pieces
++ combine kernel); max_score modes against msa.core.reference. Outputs are poisoned with NaN first, so every
+element must be written.
 
 Error bounds (rel. L2 of O over the whole output): bf16 1.5e-2, fp16 4e-3 -- P is rounded to the input dtype
 before the PV GEMM, as in every flash kernel. LSE: |err| <= 2e-3 * max(1, |lse|) (fp32 softmax, exp2.approx).
+max_score (fp32 logits of bf16 inputs, fp32 accumulation either side): |err| <= 1e-3 + 1e-4 * |ref|, -inf exactly
+where the reference has -inf.
 """
 
 from __future__ import annotations
@@ -103,6 +107,84 @@ def test_work_list_puts_tiles_without_keys_last():
     costs = work[:, 7].tolist()
     assert costs == sorted(costs, reverse=True)
     assert costs[-1] == 0 and costs[0] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Split-KV: cost model and piece / slot bookkeeping
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_split(work, split, combine, slots):
+    """Every item of ``work`` is either unchanged in ``split`` or cut into pieces that partition its KV range,
+    with consecutive partial slots listed once in ``combine``."""
+    assert split.shape[1] == k90.WORK_FIELDS and combine.shape[1] == k90.COMBINE_FIELDS
+    orig = {(r[0], r[4], r[5]): r for r in work.tolist()}
+    pieces = {}
+    for r in split.tolist():
+        pieces.setdefault((r[0], r[4], r[5]), []).append(r)
+    assert pieces.keys() == orig.keys()
+    by_item = {(c[0], c[2], c[3]): c for c in combine.tolist()}
+    used = []
+    for key, rows in pieces.items():
+        o = orig[key]
+        if len(rows) == 1 and rows[0][9] == -1:
+            assert rows[0] == o and key not in by_item
+            continue
+        assert key in by_item, f"split item {key} has no combine entry"
+        c = by_item[key]
+        rows.sort(key=lambda r: r[8])
+        assert [r[8] for r in rows][0] == 0 and rows[-1][7] == o[7], "pieces must cover [0, n_block_max)"
+        assert all(a[7] == b[8] for a, b in zip(rows, rows[1:])), "pieces must be contiguous, no overlap"
+        assert all(r[7] > r[8] for r in rows), "empty piece"
+        assert all(r[10] == o[7] and r[:7] == o[:7] for r in rows)
+        assert sorted(r[9] for r in rows) == list(range(c[4], c[4] + c[5])) and c[5] == len(rows)
+        assert c[1] == o[1]
+        used += [r[9] for r in rows]
+    assert sorted(used) == list(range(slots))
+
+
+@pytest.mark.parametrize("k,s", [(0, 4), (3, 2), (5, 7), (100, 3), (1000, 64)])
+def test_split_work_partitions_items_into_pieces_with_slots(k, s):
+    work = k90.build_work_list(
+        [300, 129, 1000, 5], [900, 129, 1000, 5000], [600, 0, 0, 4995], [0, 900, 1029, 2029], 8, 2, True, 128, 2
+    )
+    split, combine, slots = k90.split_work(work, k, s)
+    _check_split(work, split, combine, slots)
+    if s > 1 and any(n >= 2 for n in work[work.shape[0] - min(k, work.shape[0]) :, 7].tolist()) and k:
+        assert slots > 0
+        tail = split[split.shape[0] - slots :]
+        sizes = (tail[:, 7] - tail[:, 8]).tolist()
+        assert sizes == sorted(sizes, reverse=True), "pieces go last, longest first"
+
+
+def test_choose_split_cuts_only_the_partial_last_wave():
+    sms = 132
+    # 4096 equal non-causal tiles of 64 KV tiles (B2 H32 S8K): 31.03 waves -> the 4 leftover items are cut
+    k, s, span, base = k90.choose_split([64] * 4096, sms)
+    assert k == 4096 % sms and s >= 8
+    assert span < base * 0.98
+    # causal longest-first lists are balanced by the dynamic schedule already: no split
+    costs = sorted([n for n in range(1, 65) for _ in range(64)], reverse=True)
+    assert k90.choose_split(costs, sms)[:2] == (0, 1)
+    # a multiple of the SM count: nothing to gain
+    assert k90.choose_split([64] * (sms * 8), sms)[:2] == (0, 1)
+
+
+def test_choose_split_spreads_decode_shaped_work_over_the_sms():
+    k, s, span, base = k90.choose_split([1000] * 8, 132)
+    assert k == 8 and 8 * s >= 100, (k, s)
+    assert span < base / 8
+
+
+def test_plan_sizes_the_split_workspace():
+    kp = k90.plan([100, 3], [20000, 9000], 8, 2, causal=False, device="cpu", num_sms=132)
+    k, s = kp.split
+    assert k > 0 and s > 1
+    slots = int(kp.combine[:, 5].sum())
+    assert kp.partial_o.shape == (slots, 128, 128) and kp.partial_lse.shape == (slots, 128)
+    assert kp.num_work == int(kp.work.shape[0]) and kp.num_ctas == min(132, kp.num_work)
+    none = k90.plan([100, 3], [20000, 9000], 8, 2, causal=False, device="cpu", num_sms=132, split_kv=None)
+    assert none.split == (0, 1) and none.combine.shape[0] == 0 and none.num_work == 16
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,7 +316,7 @@ CASES = [
 ]
 
 
-def _run_case(qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset, seed=0, via_api=True):
+def _run_case(qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset, seed=0, via_api=True, split_kv="auto"):
     import msa.core as mc
 
     dev = torch.device("cuda")
@@ -261,7 +343,13 @@ def _run_case(qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset, seed=0
     out = torch.full((tq, hq, d), float("nan"), device=dev, dtype=dtype)
     lse = torch.full((tq, hq), float("nan"), device=dev, dtype=torch.float32)
     sm = 1.0 / math.sqrt(d)
-    if via_api:
+    if split_kv != "auto":  # a KernelPlan with a forced split-KV choice
+        kp = k90.plan(
+            qo_lens, kv_lens, hq, hkv, causal=causal, qo_offset=offs, paged=paged, split_kv=split_kv, device=dev
+        )
+        assert split_kv is None or kp.combine.shape[0] > 0, "the forced split did not cut any item"
+        k90.run(q, kk, vv, kp, kv_indices=idx, out=out, lse=lse, return_lse=True, causal=causal)
+    elif via_api:
         res = mc.fmha(q, kk, vv, plan, kv_indices=idx, out=out, return_lse=True, backend="kernel")
         assert res[0] is out
         lse = res[2]
@@ -272,14 +360,7 @@ def _run_case(qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset, seed=0
     return out, lse, ref_o, ref_lse
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_matches_fp32_reference(case):
-    _, qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset = case
-    ok, why = k90.available(torch.device("cuda"))
-    if not ok:
-        pytest.skip(why)
-    out, lse, ref_o, ref_lse = _run_case(qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset)
+def _check_against_reference(out, lse, ref_o, ref_lse, dtype):
     assert not torch.isnan(out).any(), "unwritten (NaN-poisoned) output elements"
     assert not torch.isnan(lse).any(), "unwritten (NaN-poisoned) LSE elements"
     if out.numel():
@@ -293,6 +374,134 @@ def test_matches_fp32_reference(case):
     if live.any():
         err = (lse[live] - ref_lse[live]).abs()
         assert (err <= 2e-3 * ref_lse[live].abs().clamp_min(1.0)).all(), f"LSE max err {err.max().item():.3e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_matches_fp32_reference(case):
+    _, qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset = case
+    ok, why = k90.available(torch.device("cuda"))
+    if not ok:
+        pytest.skip(why)
+    out, lse, ref_o, ref_lse = _run_case(qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset)
+    _check_against_reference(out, lse, ref_o, ref_lse, dtype)
+
+
+# (case, split): cut the last k items into s pieces each; k = 10**6 means every item.
+SPLIT_CASES = [
+    ("single-odd", (10**6, 3)),
+    ("prefill-multi", (10**6, 2)),
+    ("noncausal-ragged", (10**6, 5)),
+    ("gqa16-chunked", (7, 4)),
+    ("offset-unseen-rows", (10**6, 3)),
+    ("paged-causal", (10**6, 3)),
+    ("paged-noncausal", (5, 64)),
+    ("fp16-causal", (10**6, 2)),
+    ("fp16-paged-noncausal", (10**6, 4)),
+    ("long-gqa8", (40, 7)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,split", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
+def test_split_kv_matches_fp32_reference(name, split):
+    """Pieces write partial O / LSE, the combine kernel merges them (rows that see no key in some piece, or in
+    all of them, included)."""
+    ok, why = k90.available(torch.device("cuda"))
+    if not ok:
+        pytest.skip(why)
+    _, qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset = next(c for c in CASES if c[0] == name)
+    out, lse, ref_o, ref_lse = _run_case(qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset, split_kv=split)
+    _check_against_reference(out, lse, ref_o, ref_lse, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_auto_split_on_decode_shaped_work(causal):
+    ok, why = k90.available(torch.device("cuda"))
+    if not ok:
+        pytest.skip(why)
+    qo, kv = [100, 3], [20000, 9000]
+    kp = k90.plan(qo, kv, 8, 2, causal=causal, device="cuda")
+    assert kp.split[0] > 0, "the cost model should split 16 long items over the SMs"
+    out, lse, ref_o, ref_lse = _run_case(qo, kv, 8, 2, causal, False, torch.bfloat16, None)
+    _check_against_reference(out, lse, ref_o, ref_lse, torch.bfloat16)
+
+
+MAX_SCORE_CASES = [
+    # name, qo_lens, kv_lens, hq, hkv, causal, paged, qo_offset, split
+    ("causal-ragged", [1, 190, 700], [129, 300, 1500], 8, 2, True, False, None, "auto"),
+    ("noncausal-ragged", [33, 500], [700, 257], 4, 4, False, False, None, "auto"),
+    ("offset-unseen", [300, 260], [300, 500], 4, 1, True, False, [-200, 17], "auto"),
+    ("causal-paged", [64, 400], [129, 1000], 8, 1, True, True, None, "auto"),
+    ("noncausal-paged-split", [100, 300], [1000, 128], 4, 4, False, True, None, (10**6, 3)),
+    ("causal-ragged-split", [256, 1000], [600, 1000], 8, 2, True, False, None, (10**6, 4)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("output_o", [True, False], ids=["o+max_score", "max_score-only"])
+@pytest.mark.parametrize("case", MAX_SCORE_CASES, ids=[c[0] for c in MAX_SCORE_CASES])
+def test_max_score_matches_reference(case, output_o, monkeypatch):
+    from msa.core.reference import default_max_k_tiles, fmha_reference
+
+    ok, why = k90.available(torch.device("cuda"))
+    if not ok:
+        pytest.skip(why)
+    monkeypatch.setattr(k90, "MAX_SCORE_ENABLED", True)
+    _, qo_lens, kv_lens, hq, hkv, causal, paged, qo_offset, split = case
+    dev = torch.device("cuda")
+    torch.manual_seed(5)
+    d, dtype = 128, torch.bfloat16
+    tq, tk = sum(qo_lens), sum(kv_lens)
+    q = torch.randn(tq, hq, d, device=dev, dtype=dtype)
+    k = torch.randn(tk, hkv, d, device=dev, dtype=dtype)
+    v = torch.randn(tk, hkv, d, device=dev, dtype=dtype)
+    offs = [b - a for a, b in zip(qo_lens, kv_lens)] if qo_offset is None else qo_offset
+    kk, vv, idx = (k, v, None)
+    if paged:
+        kk, vv, idx = _paged_copy(k, v, kv_lens, seed=5)
+    kp = k90.plan(qo_lens, kv_lens, hq, hkv, causal=causal, qo_offset=offs, paged=paged, split_kv=split, device=dev)
+    tiles = default_max_k_tiles(max(kv_lens))
+    ms = torch.full((hq, tiles, tq), float("nan"), device=dev, dtype=torch.float32)
+    out = torch.full((tq, hq, d), float("nan"), device=dev, dtype=dtype) if output_o else None
+    sm = 1.0 / math.sqrt(d)
+    res = k90.run(
+        q,
+        kk,
+        vv if output_o else None,
+        kp,
+        kv_indices=idx,
+        out=out,
+        max_score=ms,
+        output_o=output_o,
+        output_maxscore=True,
+        causal=causal,
+    )
+    assert res[1] is ms and (res[0] is out)
+    torch.cuda.synchronize()
+    ref_o, ref_ms, _ = fmha_reference(
+        q,
+        k,
+        v,
+        qo_lens=qo_lens,
+        kv_lens=kv_lens,
+        causal=causal,
+        qo_offset=offs,
+        sm_scale=sm,
+        output_o=True,
+        output_maxscore=True,
+        max_k_tiles=tiles,
+    )
+    assert not torch.isnan(ms).any(), "unwritten (NaN-poisoned) max_score elements"
+    assert torch.equal(torch.isneginf(ms), torch.isneginf(ref_ms)), "-inf exactly where no key is visible"
+    fin = torch.isfinite(ref_ms)
+    err = (ms[fin] - ref_ms[fin]).abs()
+    assert (err <= 1e-3 + 1e-4 * ref_ms[fin].abs()).all(), f"max_score max err {err.max().item():.3e}"
+    if output_o:
+        assert not torch.isnan(out).any()
+        rel = ((out.float() - ref_o.float()).norm() / ref_o.float().norm().clamp_min(1e-6)).item()
+        assert rel < 1.5e-2, f"rel L2 error {rel:.3e}"
 
 
 @pytest.mark.gpu

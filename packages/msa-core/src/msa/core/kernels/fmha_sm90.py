@@ -5,17 +5,22 @@ Sources: ``msa/core/csrc/fmha_sm90`` (one tvm-ffi module per dtype x head dim x 
 
 * :func:`plan` (host, once per length set): the work list -- one item per (128-query tile, query head) --
   grouped so the KV heads in flight fit L2 and ordered longest first; persistent CTAs take items from it
-  dynamically. :func:`run` builds it lazily from an :class:`msa.core.api.FmhaPlan` and caches it on the plan.
+  dynamically. A cost model (:func:`choose_split`) simulates that dynamic schedule and, where the last wave
+  leaves SMs idle (e.g. 4096 equal tiles on 132 SMs) or there are fewer long items than SMs (decode-shaped
+  work), splits the tail items along KV: each piece writes a normalised fp32 partial O + LSE to a plan-sized
+  workspace and a small combine kernel, launched on the same stream, merges them (CUDA-graph safe).
+  :func:`run` builds the plan lazily from an :class:`msa.core.api.FmhaPlan` and caches it on the plan.
 * :func:`run` (device): no host synchronisation, and no allocation when ``out`` (and ``lse``) are given.
 
 Built so far: bf16 / fp16, head dim 128, ragged or paged K/V (page size 128), causal (bottom-right, per-request
-``qo_offset``) or not, any GQA ratio, optional LSE. Other combinations raise :class:`NotImplementedError`.
-SM100 is refused at plan time (the template set is SM90-only).
+``qo_offset``) or not, any GQA ratio, optional LSE; modes O, O + max_score, max_score only (``MODES``). Other
+combinations raise :class:`NotImplementedError`. SM100 is refused at plan time (the template set is SM90-only).
 """
 
 from __future__ import annotations
 
 import functools
+import heapq
 import math
 import os
 from dataclasses import dataclass
@@ -46,25 +51,45 @@ _PRESET_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",
 # K+V bytes that one section of the work list (a group of KV heads of one request) may touch: sections are
 # consumed roughly one at a time by the persistent grid, so this keeps the K/V being read L2-resident.
 L2_SECTION_BYTES = 32 << 20
-WORK_FIELDS = 8  # int32 per work item, see WorkItem in fmha_sm90_traits.cuh
+WORK_FIELDS = 12  # int32 per work item, see WorkItem in fmha_sm90_traits.cuh
+COMBINE_FIELDS = 8  # int32 per split item, see CombineItem
+# Kernel modes (FmhaMode in fmha_sm90_traits.cuh): O (+ LSE); O and max_score; max_score only.
+MODES = {"o": 0, "o_maxscore": 1, "maxscore": 2}
+# Split-KV cost model, in units of one 128x128 KV tile of one work item (~1.6 us on H100 at d128):
+SPLIT_ITEM_COST = 1.5  # per item / piece: Q load, first QK^T + softmax outside the ping-pong, epilogue
+SPLIT_PIECE_COST = 0.5  # extra per piece: the fp32 partial O (64 KiB) written and read back by the combine
+SPLIT_COMBINE_COST = 3.0  # the combine launch after the main kernel (launch gap + one pass over the partials)
+SPLIT_MIN_GAIN = 0.015  # split only when the simulated makespan drops by more than this fraction
+SPLIT_MAX_PIECES_PER_SM = 4
+# The max-score modes are served (supports() / run()) once their GPU tests have passed on an H100.
+MAX_SCORE_ENABLED = os.environ.get("MSA_FMHA_SM90_MAX_SCORE", "0") == "1"
 # Test/bench hook: a directory of prebuilt modules named <variant_tag>.so (e.g. carried to a GPU host that has
 # no compiler); unset means build (or fetch from the msa-cache) through JitSpec.
 PREBUILT_ENV = "MSA_FMHA_SM90_PREBUILT"
 
 
-def variant_tag(dtype: str, head_dim: int, causal: bool, paged: bool) -> str:
-    return f"fmha_sm90_{dtype}_d{head_dim}_causal{int(causal)}_paged{int(paged)}"
+def variant_tag(dtype: str, head_dim: int, causal: bool, paged: bool, mode: str = "o") -> str:
+    suffix = "" if mode == "o" else f"_{mode}"
+    return f"fmha_sm90_{dtype}_d{head_dim}_causal{int(causal)}_paged{int(paged)}{suffix}"
 
 
-def jit_spec(dtype: str, head_dim: int, causal: bool, paged: bool, arch: str = "sm_90a"):
+def jit_spec(dtype: str, head_dim: int, causal: bool, paged: bool, arch: str = "sm_90a", mode: str = "o"):
     from msa.core.jit import JitSpec
 
     if arch != "sm_90a":
         raise NotImplementedError(f"fmha_sm90: arch {arch!r} is not supported (the kernel uses sm_90a-only wgmma/TMA)")
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {sorted(MODES)}, got {mode!r}")
     return JitSpec(
         family=FAMILY,
         sources=SOURCES,
-        params={"dtype": dtype, "head_dim": int(head_dim), "causal": bool(causal), "paged": bool(paged)},
+        params={
+            "dtype": dtype,
+            "head_dim": int(head_dim),
+            "causal": bool(causal),
+            "paged": bool(paged),
+            "mode": MODES[mode],
+        },
         arch=arch,
         use_cutlass=True,
     )
@@ -86,16 +111,16 @@ def jit_specs(preset: dict, arch: str) -> list:
 
 
 @functools.cache
-def _module(dtype: str, head_dim: int, causal: bool, paged: bool):
+def _module(dtype: str, head_dim: int, causal: bool, paged: bool, mode: str = "o"):
     prebuilt = os.environ.get(PREBUILT_ENV)
     if prebuilt:
         import tvm_ffi
 
-        path = Path(prebuilt) / f"{variant_tag(dtype, head_dim, causal, paged)}.so"
+        path = Path(prebuilt) / f"{variant_tag(dtype, head_dim, causal, paged, mode)}.so"
         if not path.is_file():
             raise FileNotFoundError(f"{PREBUILT_ENV}={prebuilt}: no prebuilt module {path.name}")
         return tvm_ffi.load_module(str(path))
-    return jit_spec(dtype, head_dim, causal, paged).load()
+    return jit_spec(dtype, head_dim, causal, paged, mode=mode).load()
 
 
 def available(device: torch.device) -> tuple[bool, str]:
@@ -127,10 +152,10 @@ def supports(
         return False, f"fmha_sm90: head dim {head_dim_qk}/{head_dim_v} not built (Dqk = Dv in {HEAD_DIMS})"
     if page_size is not None and page_size != PAGE_SIZE:
         return False, f"fmha_sm90: page_size {page_size} not built (ragged or {PAGE_SIZE})"
-    if output_maxscore:
-        return False, "fmha_sm90: max_score output not implemented yet"
-    if not output_o:
-        return False, "fmha_sm90: output_o=False (score-only pass) not implemented yet"
+    if output_maxscore and not MAX_SCORE_ENABLED:
+        return False, "fmha_sm90: max_score output not enabled yet"
+    if not output_o and not MAX_SCORE_ENABLED:
+        return False, "fmha_sm90: output_o=False (score-only pass) not enabled yet"
     if sparse:
         return False, "fmha_sm90: per-token sparse (kv_block_indexes) not implemented yet"
     if per_head_scales:
@@ -152,13 +177,17 @@ class KernelPlan:
     on different streams need a plan (or at least a workspace) each.
     """
 
-    work: torch.Tensor  # int32 [num_work, 8], longest-first sections
+    work: torch.Tensor  # int32 [num_work, 12], longest-first sections, split-KV pieces last
     workspace: torch.Tensor  # int32 [1]: the dynamic scheduler's counter (zeroed on the stream per launch)
     num_work: int
     num_ctas: int
     any_keys: bool  # False when no query sees any key (then run writes zeros / -inf without a launch)
     lse_dummy: torch.Tensor  # passed when LSE is not requested
     index_dummy: torch.Tensor  # passed as kv_indices when K/V are ragged
+    combine: torch.Tensor | None = None  # int32 [num_split_items, 8] (0 rows: no split)
+    partial_o: torch.Tensor | None = None  # fp32 [slots, 128, D]: split pieces' normalised O
+    partial_lse: torch.Tensor | None = None  # fp32 [slots, 128]: split pieces' LSE
+    split: tuple[int, int] = (0, 1)  # (tail items split, pieces per item) chosen by choose_split
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -216,6 +245,10 @@ def build_work_list(
                     hh,
                     torch.full_like(mm, off),
                     nn,
+                    torch.zeros_like(mm),  # n_block_min
+                    torch.full_like(mm, -1),  # partial_slot: none
+                    nn,  # item_end
+                    torch.zeros_like(mm),
                 ],
                 dim=1,
             )
@@ -225,6 +258,99 @@ def build_work_list(
         return torch.zeros((0, WORK_FIELDS), dtype=torch.int32)
     sections.sort(key=lambda s: (s[0], s[1]))
     return torch.cat([s[2] for s in sections]).to(torch.int32)
+
+
+def _list_schedule(costs, num_sms: int, heap: list[float] | None = None) -> list[float]:
+    """Finish times of ``num_sms`` CTAs taking ``costs`` in order, each the next item when it gets free (what the
+    kernel's dynamic work counter does); continues from ``heap`` when given."""
+    heap = [0.0] * num_sms if heap is None else list(heap)
+    for c in costs:
+        heapq.heappushpop(heap, heap[0] + c)
+    return heap
+
+
+def _piece_bounds(n: int, s: int) -> list[tuple[int, int]]:
+    """[lo, hi) KV tile ranges of an item of n tiles cut into min(s, n) near-equal pieces, highest first."""
+    s = max(1, min(s, n))
+    cuts = [n * i // s for i in range(s + 1)]
+    return [(cuts[i], cuts[i + 1]) for i in reversed(range(s))]
+
+
+def choose_split(n_tiles: list[int], num_sms: int) -> tuple[int, int, float, float]:
+    """Split-KV cost model: which tail of the work list to cut along KV, and into how many pieces.
+
+    ``n_tiles``: KV tiles per item, in work-list order. The dynamic schedule is simulated with the per-tile and
+    per-item costs above; candidates cut the last ``k`` items (the partial last wave ``N mod SMs``, plus one or two
+    full waves, or all items for decode-shaped work) into ``s`` pieces each, pieces appended longest first.
+    Returns ``(k, s, makespan, makespan_unsplit)``; ``(0, 1, ...)`` means no split pays off.
+    """
+    n = len(n_tiles)
+    costs = [t + SPLIT_ITEM_COST if t > 0 else 0.5 for t in n_tiles]
+    base = max(_list_schedule(costs, num_sms)) if n else 0.0
+    best = (base, 0, 1)
+    if n == 0 or max(n_tiles) < 2:
+        return 0, 1, base, base
+    ks = sorted({k for k in (n % num_sms, n % num_sms + num_sms, n % num_sms + 2 * num_sms, n) if 0 < k <= n})
+    for k in ks:
+        head = _list_schedule(costs[: n - k], num_sms)
+        tail = n_tiles[n - k :]
+        splittable = sum(1 for t in tail if t >= 2)
+        if splittable == 0:
+            continue
+        cands = {2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64}
+        cands |= {-(-j * num_sms // splittable) for j in (1, 2, 3, 4)}
+        for s in sorted(cands):
+            if s < 2 or s > max(tail) or splittable * s > SPLIT_MAX_PIECES_PER_SM * num_sms + splittable:
+                continue
+            pieces = []
+            for t in tail:
+                if t >= 2:
+                    pieces += [hi - lo + SPLIT_ITEM_COST + SPLIT_PIECE_COST for lo, hi in _piece_bounds(t, s)]
+                else:
+                    pieces.append(t + SPLIT_ITEM_COST if t > 0 else 0.5)
+            pieces.sort(reverse=True)
+            span = max(_list_schedule(pieces, num_sms, head)) + SPLIT_COMBINE_COST
+            if span < best[0]:
+                best = (span, k, s)
+    if best[1] and best[0] < base * (1.0 - SPLIT_MIN_GAIN):
+        return best[1], best[2], best[0], base
+    return 0, 1, base, base
+
+
+def split_work(work: torch.Tensor, k: int, s: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Cut the last ``k`` items of ``work`` (int32 [N, 12]) with >= 2 KV tiles into ``s`` pieces each.
+
+    Pieces get consecutive partial slots per item and go to the end of the list, longest first. Returns
+    ``(work, combine int32 [split items, 8], slots)``.
+    """
+    n = int(work.shape[0])
+    if k <= 0 or s <= 1:
+        return work, torch.zeros((0, COMBINE_FIELDS), dtype=torch.int32), 0
+    head_rows, tail_rows = work[: n - k], work[n - k :].tolist()
+    whole, pieces, combine = [], [], []
+    slot = 0
+    for order, row in enumerate(tail_rows):
+        n_max = row[7]
+        if n_max < 2:
+            whole.append(row)
+            continue
+        bounds = _piece_bounds(n_max, s)
+        combine.append([row[0], row[1], row[4], row[5], slot, len(bounds), 0, 0])
+        for j, (lo, hi) in enumerate(bounds):
+            piece = list(row)
+            piece[7], piece[8], piece[9], piece[10] = hi, lo, slot + j, n_max
+            pieces.append((-(hi - lo), j, order, piece))
+        slot += len(bounds)
+    pieces.sort(key=lambda p: p[:3])
+    rows = whole + [p[3] for p in pieces]
+    # whole (short) tail items keep their place before the pieces only if they are longer than the pieces
+    rows.sort(key=lambda r: -(r[7] - r[8]))
+    tail = torch.tensor(rows, dtype=torch.int32).view(-1, WORK_FIELDS)
+    return (
+        torch.cat([head_rows, tail]),
+        torch.tensor(combine, dtype=torch.int32).view(-1, COMBINE_FIELDS),
+        slot,
+    )
 
 
 def plan(
@@ -239,11 +365,15 @@ def plan(
     head_dim: int = 128,
     elem_size: int = 2,
     device: torch.device | str = "cuda",
+    split_kv: str | tuple[int, int] | None = "auto",
+    num_sms: int | None = None,
 ) -> KernelPlan:
     """Host planning for :func:`run` from plain lengths (``msa.core.fmha_plan`` plans call this lazily).
 
     ``qo_offset`` (causal) defaults to ``kv_len - qo_len`` per request. For paged K/V the item's ``kv_start``
     is the request's first slot in the flat ``kv_indices`` (``sum ceil(kv_len / 128)`` of earlier requests).
+    ``split_kv``: ``"auto"`` (the cost model, :func:`choose_split`), ``None`` (never split) or ``(k, s)`` (cut
+    the last ``k`` items into ``s`` pieces each; tests). ``num_sms`` overrides the device's SM count.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -264,9 +394,20 @@ def plan(
     work = build_work_list(
         qo_lens, kv_lens, list(qo_offset), starts, num_qo_heads, num_kv_heads, causal, head_dim, elem_size
     )
+    any_keys = bool(work.shape[0] and int(work[:, 7].max()) > 0)
+    if num_sms is None:
+        num_sms = 1
+        if device.type == "cuda":
+            num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    if split_kv == "auto":
+        k, s, _, _ = choose_split(work[:, 7].tolist(), num_sms)
+    elif split_kv is None:
+        k, s = 0, 1
+    else:
+        k, s = (int(x) for x in split_kv)
+        k = max(0, min(k, int(work.shape[0])))
+    work, combine, slots = split_work(work, k, s)
     num_work = int(work.shape[0])
-    any_keys = bool(num_work and int(work[:, 7].max()) > 0)
-    num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 1
     return KernelPlan(
         work=work.to(device),
         workspace=torch.zeros(1, dtype=torch.int32, device=device),
@@ -275,6 +416,10 @@ def plan(
         any_keys=any_keys,
         lse_dummy=torch.empty((1, 1), dtype=torch.float32, device=device),
         index_dummy=torch.zeros(1, dtype=torch.int32, device=device),
+        combine=combine.to(device),
+        partial_o=torch.empty((max(slots, 1), BLOCK_M, head_dim), dtype=torch.float32, device=device),
+        partial_lse=torch.empty((max(slots, 1), BLOCK_M), dtype=torch.float32, device=device),
+        split=(k, s) if slots else (0, 1),
     )
 
 
@@ -330,18 +475,23 @@ def run(
     lse: torch.Tensor | None = None,
     causal: bool | None = None,
 ):
-    """Run the kernel; returns ``(out, None)`` or ``(out, None, lse)`` like :func:`msa.core.fmha`.
+    """Run the kernel; returns ``(out, max_score)`` or ``(out, max_score, lse)`` like :func:`msa.core.fmha`.
 
     ``plan`` is an ``msa.core.api.FmhaPlan`` (its KernelPlan is built on first use and cached on it) or a
     :class:`KernelPlan` from :func:`plan` (then pass ``causal``). Metadata checks are the caller's
-    (``msa.core.fmha``); this only refuses what the kernel does not implement.
+    (``msa.core.fmha``); this only refuses what the kernel does not implement. ``max_score`` is
+    ``[Hq, max_k_tiles, total_q]`` fp32 (allocated with the plan's ``max_k_tiles`` when not given).
     """
-    if output_maxscore or max_score is not None:
-        raise NotImplementedError("fmha_sm90: max_score output is not implemented yet (issue 7)")
+    output_maxscore = bool(output_maxscore or max_score is not None)
+    if output_maxscore and not MAX_SCORE_ENABLED:
+        raise NotImplementedError("fmha_sm90: max_score output is not enabled yet (issue 7)")
     if kv_block_indexes is not None:
         raise NotImplementedError("fmha_sm90: per-token block-sparse attention is not implemented yet (issue 7)")
-    if not output_o:
-        raise NotImplementedError("fmha_sm90: output_o=False (score-only pass) is not implemented yet (issue 7)")
+    if not output_o and not output_maxscore:
+        raise ValueError("output_o: nothing to compute (output_o=False and output_maxscore=False)")
+    if return_lse and not output_o:
+        raise ValueError("return_lse: needs output_o=True")
+    mode = "o" if not output_maxscore else ("o_maxscore" if output_o else "maxscore")
     if q.dtype not in DTYPES:
         raise NotImplementedError(f"fmha_sm90: q dtype {q.dtype} is not supported yet (bf16 / fp16)")
     head_dim = q.shape[-1]
@@ -349,6 +499,10 @@ def run(
         raise NotImplementedError(
             f"fmha_sm90: head dims (Dqk={head_dim}, Dv={v.shape[-1]}) are not built; built: Dqk = Dv in {HEAD_DIMS}"
         )
+    if v is None:
+        if output_o:
+            raise ValueError("v: required with output_o=True")
+        v = k
     paged = k.dim() == 4
     if paged and k.shape[2] != PAGE_SIZE:
         raise NotImplementedError(f"fmha_sm90: page_size {k.shape[2]} is not built (page_size {PAGE_SIZE} only)")
@@ -367,29 +521,42 @@ def run(
     out_scale = _scalar_scale("v_scale", v_scale) * _scalar_scale("o_scale", o_scale)
 
     kp = _kernel_plan(plan, head_dim, q.element_size(), q.device)
-    if out is None:
+    if output_o and out is None:
         out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
     if return_lse and lse is None:
         lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
+    if output_maxscore and max_score is None:
+        if isinstance(plan, KernelPlan):
+            raise ValueError("max_score: required when plan is a KernelPlan (its max_k_tiles is not known)")
+        max_score = torch.empty(q.shape[1], plan.max_k_tiles, q.shape[0], dtype=torch.float32, device=q.device)
 
     if not kp.any_keys:  # nothing visible anywhere (also covers empty K/V, which TMA cannot describe)
-        out.zero_()
+        if output_o:
+            out.zero_()
         if return_lse:
             lse.fill_(-math.inf)
+        if output_maxscore:
+            max_score.fill_(-math.inf)
     elif kp.num_work:
-        mod = _module(DTYPES[q.dtype], head_dim, bool(causal), paged)
+        mod = _module(DTYPES[q.dtype], head_dim, bool(causal), paged, mode)
         mod.fmha_fwd(
             q,
             k,
             v,
-            out,
+            out if output_o else q,
             lse if return_lse else kp.lse_dummy,
             kp.work,
             kp.workspace,
             kv_indices if paged else kp.index_dummy,
+            kp.combine if output_o else kp.combine[:0],
+            kp.partial_o,
+            kp.partial_lse,
+            max_score if output_maxscore else kp.lse_dummy,
             kp.num_ctas,
             scale,
             out_scale,
             bool(return_lse),
         )
-    return (out, None, lse) if return_lse else (out, None)
+    o = out if output_o else None
+    ms = max_score if output_maxscore else None
+    return (o, ms, lse) if return_lse else (o, ms)

@@ -86,7 +86,8 @@ __device__ __forceinline__ void mbar_arrive_mem(uint64_t* bar) {
 __device__ __forceinline__ WorkItem load_work(WorkItem const* work, int i) {
   int4 a = __ldg(reinterpret_cast<int4 const*>(work + i));
   int4 b = __ldg(reinterpret_cast<int4 const*>(work + i) + 1);
-  return WorkItem{a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+  int4 c = __ldg(reinterpret_cast<int4 const*>(work + i) + 2);
+  return WorkItem{a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w, c.x, c.y, c.z, c.w};
 }
 
 
@@ -152,8 +153,10 @@ struct OnlineSoftmax {
   float row_max[kRows];
   float row_sum[kRows];
 
-  template <bool kFirst, bool kCheckInf, class Frag>
-  __device__ __forceinline__ void update(Frag& s, float scale_log2, float (&o_rescale)[kRows]) {
+  // kTileMax: also return this tile's own row maxima (raw logits) in tile_max (max_score output).
+  template <bool kFirst, bool kCheckInf, bool kTileMax = false, class Frag>
+  __device__ __forceinline__ void update(Frag& s, float scale_log2, float (&o_rescale)[kRows],
+                                         float* tile_max = nullptr) {
     Tensor sr = make_tensor(s.data(), acc_rowcol(s.layout()));
     static_assert(decltype(size<0>(sr))::value == kRows);
     constexpr int kCols = decltype(size<1>(sr))::value;
@@ -161,12 +164,16 @@ struct OnlineSoftmax {
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {
       // Four independent max chains (a single 64-long FMNMX chain is latency-bound on the critical path).
-      float mx[4] = {kFirst ? -INFINITY : row_max[mi], -INFINITY, -INFINITY, -INFINITY};
+      float mx[4] = {(kFirst || kTileMax) ? -INFINITY : row_max[mi], -INFINITY, -INFINITY, -INFINITY};
       CUTE_UNROLL
       for (int ni = 0; ni < kCols; ++ni) { mx[ni % 4] = fmaxf(mx[ni % 4], sr(mi, ni)); }
       float m = fmaxf(fmaxf(mx[0], mx[1]), fmaxf(mx[2], mx[3]));
       m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 1));
       m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 2));
+      if constexpr (kTileMax) {
+        tile_max[mi] = m;
+        if constexpr (!kFirst) { m = fmaxf(m, row_max[mi]); }
+      }
       // A row that has seen only masked keys keeps max -inf; use 0 so exp2 gives 0 instead of NaN.
       float const m_safe = (kCheckInf && m == -INFINITY) ? 0.f : m;
       if constexpr (!kFirst) {
@@ -200,6 +207,22 @@ struct OnlineSoftmax {
     }
   }
 };
+
+// Row maxima of a tile (raw logits), reduced over the 4 threads sharing each row.
+template <int kRows, class Frag>
+__device__ __forceinline__ void tile_row_max(Frag const& s, float (&tile_max)[kRows]) {
+  Tensor sr = make_tensor(s.data(), acc_rowcol(s.layout()));
+  constexpr int kCols = decltype(size<1>(sr))::value;
+  CUTE_UNROLL
+  for (int mi = 0; mi < kRows; ++mi) {
+    float mx[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    CUTE_UNROLL
+    for (int ni = 0; ni < kCols; ++ni) { mx[ni % 4] = fmaxf(mx[ni % 4], sr(mi, ni)); }
+    float m = fmaxf(fmaxf(mx[0], mx[1]), fmaxf(mx[2], mx[3]));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 1));
+    tile_max[mi] = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 2));
+  }
+}
 
 template <class Frag, int kRows>
 __device__ __forceinline__ void rescale_rows(Frag& o, float const (&scale)[kRows]) {
@@ -327,6 +350,7 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
     };
 
     int n = w.n_block_max - 1;
+    int const n_min = w.n_block_min;
     int tile = tile_of(n);
     if (leader) { load_k(tile, wr); }
     // Q of the previous tile must be fully consumed (its last QK^T done) before it is overwritten.
@@ -335,18 +359,26 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
       TxMbar::arrive_and_expect_tx(&ss.bar_q, T::kTmaBytesQ);
       copy(p.tma_q.with(ss.bar_q), tQgQ, tQsQ);
     }
-    // K runs one tile ahead of V: the consumers need K(n) for QK^T while they still use V(n+1).
-    for (--n; n >= 0; --n) {
-      PipeState<T::kStages> const wr_v = wr;
-      wr.advance();
-      int const prev = tile;
-      tile = tile_of(n);
-      if (leader) {
-        load_k(tile, wr);
-        load_v(prev, wr_v);
+    if constexpr (T::kOutputO) {
+      // K runs one tile ahead of V: the consumers need K(n) for QK^T while they still use V(n+1).
+      for (--n; n >= n_min; --n) {
+        PipeState<T::kStages> const wr_v = wr;
+        wr.advance();
+        int const prev = tile;
+        tile = tile_of(n);
+        if (leader) {
+          load_k(tile, wr);
+          load_v(prev, wr_v);
+        }
+      }
+      if (leader) { load_v(tile, wr); }
+    } else {  // score-only: K tiles alone
+      for (--n; n >= n_min; --n) {
+        wr.advance();
+        tile = tile_of(n);
+        if (leader) { load_k(tile, wr); }
       }
     }
-    if (leader) { load_v(tile, wr); }
     wr.advance();
     publish(next);
     item = next;
@@ -427,6 +459,59 @@ __device__ __forceinline__ void store_tile(typename T::Params const& p, typename
   }
 }
 
+// Epilogue of a split-KV piece: normalised fp32 O straight from registers (each quad of lanes writes a row's 32
+// contiguous bytes per store; the combine kernel reads it back from L2) and the natural-log LSE of every row.
+template <class T, class FragO>
+__device__ __forceinline__ void store_partial(typename T::Params const& p, FragO& o, float const (&o_norm)[2],
+                                              float const (&lse)[2], WorkItem const& w, int tid) {
+  constexpr int kD = T::kHeadDim, kBlockM = T::kBlockM;
+  typename T::TiledMmaPV mma_pv;
+  auto thr = mma_pv.get_thread_slice(tid);
+  Tensor cO = thr.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
+  Tensor orc = make_tensor(o.data(), acc_rowcol(o.layout()));
+  Tensor crc = make_tensor(cO.data(), acc_rowcol(cO.layout()));
+  float* base = p.partial_o + int64_t(w.partial_slot) * kBlockM * kD;
+  CUTE_UNROLL
+  for (int mi = 0; mi < size<0>(orc); ++mi) {
+    int const row = get<0>(crc(mi, 0));
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(orc); ni += 2) {
+      float2 const v = make_float2(orc(mi, ni) * o_norm[mi], orc(mi, ni + 1) * o_norm[mi]);
+      *reinterpret_cast<float2*>(base + row * kD + int(get<1>(crc(mi, ni)))) = v;
+    }
+    if (int(get<1>(crc(mi, 0))) == 0) { p.partial_lse[int64_t(w.partial_slot) * kBlockM + row] = lse[mi]; }
+  }
+}
+
+// max_score[head, n_block, q] = tile_max * sm_scale for the rows a thread holds (one lane per quad writes).
+template <class T, class Coord>
+__device__ __forceinline__ void store_max_score(typename T::Params const& p, Coord const& coords, WorkItem const& w,
+                                                int n_block, float const (&tile_max)[2]) {
+  Tensor cr = make_tensor(coords.data(), acc_rowcol(coords.layout()));
+  if ((threadIdx.x & 3) != 0) { return; }
+  float* dst = p.max_score + int64_t(w.head) * p.max_score_stride_head + int64_t(n_block) * p.max_score_stride_tile;
+  CUTE_UNROLL
+  for (int mi = 0; mi < 2; ++mi) {
+    int const q_row = w.m_block * T::kBlockM + int(get<0>(cr(mi, 0)));
+    if (q_row < w.qo_len) { dst[w.q_start + q_row] = tile_max[mi] * p.sm_scale; }
+  }
+}
+
+// max_score = -inf for the KV tiles [from, max_k_tiles) of this warpgroup's 64 rows (tiles no key of the item
+// is visible in, and the padding tiles); written by the piece that starts at KV tile 0.
+template <class T>
+__device__ __forceinline__ void fill_max_score_tail(typename T::Params const& p, WorkItem const& w, int from, int tid) {
+  int const wg = tid / 128, wg_tid = tid % 128;
+  int64_t const stride_tile = p.max_score_stride_tile;
+  float* dst = p.max_score + int64_t(w.head) * p.max_score_stride_head + w.q_start;
+  int const row0 = w.m_block * T::kBlockM + wg * 64;
+  int const n_tiles = p.max_k_tiles - from;
+  for (int i = wg_tid; i < n_tiles * 64; i += 128) {
+    int const q_row = row0 + (i & 63);
+    if (q_row < w.qo_len) { dst[int64_t(from + (i >> 6)) * stride_tile + q_row] = -INFINITY; }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // Consumers: two warpgroups, tid in [0, 256); warpgroup wg owns query rows [64 wg, 64 wg + 64) of each tile.
 // ------------------------------------------------------------------------------------------------------------
@@ -483,6 +568,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       o_norm[0] = o_norm[1] = 0.f;
       lse[0] = lse[1] = -INFINITY;
       store_tile<T>(p, ss, tOrO, o_norm, lse, w, tid);
+      if constexpr (T::kMaxScore) { fill_max_score_tail<T>(p, w, 0, tid); }
       item = next_item;
       w = next_w;
       continue;
@@ -492,6 +578,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     Tensor tOrP = make_tensor<Element>(acc_as_a_operand(tSrS.layout()));
     OnlineSoftmax<2> softmax{{-INFINITY, -INFINITY}, {0.f, 0.f}};
     float o_rescale[2] = {1.f, 1.f};
+    float tile_max[2];
 
     Mbar::wait(&ss.bar_q, q_phase);
     q_phase ^= 1;
@@ -502,7 +589,8 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     wg_gemm<true, 0>(mma_qk, tSrQ, tSrK(_, _, _, rd.index), tSrS);
     Mbar::arrive(&ss.empty_k[rd.index]);
     apply_mask<T::kCausal, kBlockM, kBlockN>(tSrS, tScS, w, n);
-    softmax.template update<true, true>(tSrS, p.scale_log2, o_rescale);
+    softmax.template update<true, true, T::kMaxScore>(tSrS, p.scale_log2, o_rescale, tile_max);
+    if constexpr (T::kMaxScore) { store_max_score<T>(p, tScS, w, n, tile_max); }
     convert_fragment(tSrS, tOrP);
     clear(tOrO);
 
@@ -527,7 +615,8 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       warpgroup_fence_operand(tSrS);
       Mbar::arrive(&ss.empty_k[rd.index]);
       if constexpr (kMasked) { apply_mask<T::kCausal, kBlockM, kBlockN>(tSrS, tScS, w, n_block); }
-      softmax.template update<false, kMasked>(tSrS, p.scale_log2, o_rescale);
+      softmax.template update<false, kMasked, T::kMaxScore>(tSrS, p.scale_log2, o_rescale, tile_max);
+      if constexpr (T::kMaxScore) { store_max_score<T>(p, tScS, w, n_block, tile_max); }
       // ptxas hoists a bare wgmma wait above independent ALU work, which would serialise this softmax
       // behind the warpgroup's own PV GEMM. A shared-memory store of the row sums (which depend on every
       // exp2) right before the wait keeps the exp2s ahead of it.
@@ -540,11 +629,14 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       if (__any_sync(0xffffffff, o_rescale[0] != 1.f || o_rescale[1] != 1.f)) { rescale_rows(tOrO, o_rescale); }
     };
 
+    // A split-KV piece covers [n_block_min, n_block_max) only.
+    int const n_min = w.n_block_min;
+    int const n_mask_lo = max(n_mask_min, n_min);
     --n;
     CUTE_NO_UNROLL
-    for (; n >= n_mask_min; --n) { step(n, cute::true_type{}); }
+    for (; n >= n_mask_lo; --n) { step(n, cute::true_type{}); }
     CUTE_NO_UNROLL
-    for (; n >= 0; --n) { step(n, cute::false_type{}); }
+    for (; n >= n_min; --n) { step(n, cute::false_type{}); }
 
     // Every QK^T of this tile has completed: the producer may load the next Q.
     named_barrier_arrive(kBarQueryEmpty, T::kNumMmaThreads + 32);
@@ -558,9 +650,136 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     Mbar::arrive(&ss.empty_v[rd.index]);
     rd.advance();
 
-    store_tile<T>(p, ss, tOrO, o_norm, lse, w, tid);
+    if (w.partial_slot >= 0) {
+      store_partial<T>(p, tOrO, o_norm, lse, w, tid);
+    } else {
+      store_tile<T>(p, ss, tOrO, o_norm, lse, w, tid);
+    }
+    if constexpr (T::kMaxScore) {
+      if (w.n_block_min == 0) { fill_max_score_tail<T>(p, w, w.item_end, tid); }
+    }
     item = next_item;
     w = next_w;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Score-only consumers (kModeMaxScore, the MSA index pass): QK^T, mask, row max per KV tile -> max_score. No V,
+// no softmax, no PV GEMM. The two warpgroups run unsynchronised, so one's row maxima hide under the other's GEMM.
+// ------------------------------------------------------------------------------------------------------------
+template <class T>
+__device__ void consumer_score_only(typename T::Params const& p, typename T::SharedStorage& ss, int tid) {
+  constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN;
+  using TileQK = typename T::TileQK;
+  typename T::TiledMmaQK mma_qk;
+  auto thr_qk = mma_qk.get_thread_slice(tid);
+  Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q), typename T::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.smem_k), typename T::SmemLayoutK{});
+  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);
+  Tensor tSrK = thr_qk.partition_fragment_B(sK);
+  Tensor tScS = thr_qk.partition_C(make_identity_tensor(select<0, 1>(TileQK{})));
+
+  named_barrier_arrive(kBarQueryEmpty, T::kNumMmaThreads + 32);
+  PipeState<T::kStages> rd;
+  PipeState<2> sched_rd;
+  int q_phase = 0;
+  auto next_work = [&](int& item, WorkItem& w) {
+    mbar_wait_mem(&ss.sched_full[sched_rd.index], sched_rd.phase);
+    item = ss.sched_item[sched_rd.index];
+    mbar_arrive_mem(&ss.sched_empty[sched_rd.index]);
+    sched_rd.advance();
+    if (item < p.num_work) { w = load_work(p.work, item); }
+  };
+  int item = 0;
+  WorkItem w{};
+  next_work(item, w);
+  while (item < p.num_work) {
+    int next_item = 0;
+    WorkItem next_w = w;
+    if (w.n_block_max <= 0) {
+      next_work(next_item, next_w);
+      fill_max_score_tail<T>(p, w, 0, tid);
+      item = next_item;
+      w = next_w;
+      continue;
+    }
+    Tensor tSrS = partition_fragment_C(mma_qk, select<0, 1>(TileQK{}));
+    float tile_max[2];
+    Mbar::wait(&ss.bar_q, q_phase);
+    q_phase ^= 1;
+    int n_mask_min = w.kv_len / kBlockN;
+    if constexpr (T::kCausal) {
+      n_mask_min = min(n_mask_min, max(0, floor_div(w.m_block * kBlockM + w.qo_offset + 1, kBlockN)));
+    }
+    CUTE_NO_UNROLL
+    for (int n = w.n_block_max - 1; n >= w.n_block_min; --n) {
+      Mbar::wait(&ss.full_k[rd.index], rd.phase);
+      wg_gemm<true, 0>(mma_qk, tSrQ, tSrK(_, _, _, rd.index), tSrS);
+      Mbar::arrive(&ss.empty_k[rd.index]);
+      rd.advance();
+      if (n >= n_mask_min) { apply_mask<T::kCausal, kBlockM, kBlockN>(tSrS, tScS, w, n); }
+      tile_row_max(tSrS, tile_max);
+      store_max_score<T>(p, tScS, w, n, tile_max);
+    }
+    named_barrier_arrive(kBarQueryEmpty, T::kNumMmaThreads + 32);
+    next_work(next_item, next_w);
+    if (w.n_block_min == 0) { fill_max_score_tail<T>(p, w, w.item_end, tid); }
+    item = next_item;
+    w = next_w;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Split-KV combine: out = sum_i exp(lse_i - m) O_i / sum_i exp(lse_i - m), lse = m + log(sum). One warp per query
+// row, each lane 4 dims per 128; grid (split items, kBlockM / kCombineRows).
+// ------------------------------------------------------------------------------------------------------------
+constexpr int kCombineRows = 16;  // rows per CTA (4 warps x 4 rows)
+
+template <class T>
+__global__ void __launch_bounds__(128) fmha_sm90_combine_kernel(CUTE_GRID_CONSTANT typename T::CombineParams const p) {
+  using Element = typename T::Element;
+  constexpr int kD = T::kHeadDim, kBlockM = T::kBlockM;
+  CombineItem const c = p.items[blockIdx.x];
+  int const lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int r = blockIdx.y * kCombineRows + warp; r < (blockIdx.y + 1) * kCombineRows; r += 4) {
+    int const q_row = c.m_block * kBlockM + r;
+    if (q_row >= c.qo_len) { break; }
+    float m = -INFINITY;
+    for (int i = 0; i < c.num_slots; ++i) { m = fmaxf(m, p.partial_lse[int64_t(c.first_slot + i) * kBlockM + r]); }
+    float sum = 0.f;
+    float4 acc[kD / 128];
+    CUTE_UNROLL
+    for (int j = 0; j < kD / 128; ++j) { acc[j] = make_float4(0.f, 0.f, 0.f, 0.f); }
+    if (m != -INFINITY) {
+      for (int i = 0; i < c.num_slots; ++i) {
+        int64_t const slot = c.first_slot + i;
+        float const wgt = __expf(p.partial_lse[slot * kBlockM + r] - m);
+        sum += wgt;
+        float const* src = p.partial_o + (slot * kBlockM + r) * kD;
+        CUTE_UNROLL
+        for (int j = 0; j < kD / 128; ++j) {
+          float4 const o = *reinterpret_cast<float4 const*>(src + j * 128 + lane * 4);
+          acc[j].x += wgt * o.x;
+          acc[j].y += wgt * o.y;
+          acc[j].z += wgt * o.z;
+          acc[j].w += wgt * o.w;
+        }
+      }
+    }
+    float const f = sum > 0.f ? p.out_scale / sum : 0.f;
+    Element* dst = p.out + int64_t(c.q_start + q_row) * p.out_stride_token + int64_t(c.head) * p.out_stride_head;
+    CUTE_UNROLL
+    for (int j = 0; j < kD / 128; ++j) {
+      cutlass::Array<Element, 4> v;
+      v[0] = Element(acc[j].x * f);
+      v[1] = Element(acc[j].y * f);
+      v[2] = Element(acc[j].z * f);
+      v[3] = Element(acc[j].w * f);
+      *reinterpret_cast<cutlass::Array<Element, 4>*>(dst + j * 128 + lane * 4) = v;
+    }
+    if (p.lse != nullptr && lane == 0) {
+      p.lse[int64_t(c.q_start + q_row) * p.lse_stride_token + c.head] = sum > 0.f ? m + __logf(sum) : -INFINITY;
+    }
   }
 }
 
@@ -602,7 +821,11 @@ __global__ void __launch_bounds__(T::kNumThreads, 1) fmha_sm90_kernel(CUTE_GRID_
     if (warp == 0) { producer_warp<T>(p, ss); }
   } else {
     cutlass::arch::warpgroup_reg_alloc<T::kMmaRegs>();
-    consumer_warpgroups<T>(p, ss, int(threadIdx.x) - 128);
+    if constexpr (T::kOutputO) {
+      consumer_warpgroups<T>(p, ss, int(threadIdx.x) - 128);
+    } else {
+      consumer_score_only<T>(p, ss, int(threadIdx.x) - 128);
+    }
   }
 #endif
 }

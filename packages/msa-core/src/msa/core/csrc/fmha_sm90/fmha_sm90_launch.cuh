@@ -34,6 +34,14 @@ struct FwdArgs {
   int num_ctas;
   float sm_scale;
   float out_scale;
+  // Split-KV: pieces write partial O / LSE; the combine kernel (launched right after, same stream) merges them.
+  CombineItem const* combine;
+  int num_combine;
+  float* partial_o;
+  float* partial_lse;
+  // max_score [Hq, max_k_tiles, total_q] fp32 (max-score modes only)
+  float* max_score;
+  int max_k_tiles;
 };
 
 template <class T>
@@ -94,6 +102,12 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
       float(double(a.sm_scale) * 1.4426950408889634),
       a.sm_scale,
       a.out_scale,
+      a.partial_o,
+      a.partial_lse,
+      a.max_score,
+      int64_t(a.max_k_tiles) * a.total_q,
+      int64_t(a.total_q),
+      a.max_k_tiles,
   };
 
   auto kernel = fmha_sm90_kernel<T>;
@@ -102,6 +116,11 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
   if (err != cudaSuccess) { return err; }
   kernel<<<dim3(num_ctas), dim3(T::kNumThreads), T::kSmemBytes, stream>>>(params);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || a.num_combine == 0 || !T::kOutputO) { return err; }
+  typename T::CombineParams cp{a.combine,         a.partial_o, a.partial_lse, static_cast<Element*>(a.out),
+                               a.out_stride_token, a.out_stride_head, a.lse, a.lse_stride_token, a.out_scale};
+  fmha_sm90_combine_kernel<T><<<dim3(a.num_combine, T::kBlockM / kCombineRows), dim3(128), 0, stream>>>(cp);
   return cudaGetLastError();
 }
 

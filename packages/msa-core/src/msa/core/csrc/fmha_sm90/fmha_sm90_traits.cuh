@@ -16,8 +16,11 @@ namespace msa_fmha_sm90 {
 
 using namespace cute;
 
-// One unit of work = one 128-row query tile of one query head. The host plan (kernels/fmha_sm90.py) writes
-// these as int32[num_work, 8], longest first, in exactly this field order.
+// One unit of work = one 128-row query tile of one query head over the KV tiles [n_block_min, n_block_max).
+// The host plan (kernels/fmha_sm90.py) writes these as int32[num_work, 12], longest first, in exactly this field
+// order. An item that covers all its visible KV tiles has partial_slot = -1 and writes out / lse itself; a piece of
+// a split item (split-KV: the last wave's tail, decode-shaped work) writes its normalised fp32 O and its LSE to
+// partial slot partial_slot, and the combine kernel merges the pieces (see CombineItem).
 struct WorkItem {
   int q_start;      // first token of the request in q / out / lse
   int qo_len;       // query tokens of the request
@@ -27,8 +30,29 @@ struct WorkItem {
   int head;         // query head
   int qo_offset;    // causal: query i sees keys j <= i + qo_offset
   int n_block_max;  // KV tiles [0, n_block_max) hold visible keys; 0 means the whole tile sees nothing
+  int n_block_min;  // first KV tile of this item's range (0 unless the item is a split-KV piece)
+  int partial_slot;  // -1: write out / lse; >= 0: write partial O / LSE to this workspace slot
+  int item_end;      // the whole item's n_block_max (max_score: the piece with n_block_min 0 writes -inf beyond it)
+  int reserved;
 };
-static_assert(sizeof(WorkItem) == 32, "WorkItem must match the host's int32[8] rows");
+static_assert(sizeof(WorkItem) == 48, "WorkItem must match the host's int32[12] rows");
+
+// One split item for the combine kernel: its pieces wrote slots [first_slot, first_slot + num_slots).
+struct CombineItem {
+  int q_start;
+  int qo_len;
+  int m_block;
+  int head;
+  int first_slot;
+  int num_slots;
+  int reserved0;
+  int reserved1;
+};
+static_assert(sizeof(CombineItem) == 32, "CombineItem must match the host's int32[8] rows");
+
+// What one launch computes. kModeO: O (+ LSE). kModeOMaxScore: O and max_score. kModeMaxScore: max_score only
+// (no V loads, no softmax, no PV GEMM: the MSA index pass).
+enum FmhaMode : int { kModeO = 0, kModeOMaxScore = 1, kModeMaxScore = 2 };
 
 // Named hardware barriers (0 is __syncthreads).
 enum NamedBarrier : uint32_t {
@@ -37,9 +61,12 @@ enum NamedBarrier : uint32_t {
   kBarEpilogue0 = 4,   // per-consumer-warpgroup epilogue barrier (kBarEpilogue0 + wg)
 };
 
-template <class Element_, int kHeadDim_, bool kCausal_, bool kPaged_>
+template <class Element_, int kHeadDim_, bool kCausal_, bool kPaged_, int kMode_ = kModeO>
 struct FmhaTraits {
   using Element = Element_;
+  static constexpr int kMode = kMode_;
+  static constexpr bool kOutputO = kMode_ != kModeMaxScore;
+  static constexpr bool kMaxScore = kMode_ != kModeO;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kCausal = kCausal_;
   static constexpr bool kPaged = kPaged_;
@@ -152,6 +179,26 @@ struct FmhaTraits {
     float scale_log2;  // sm_scale * log2(e): softmax runs on exp2
     float sm_scale;    // natural-log scale, for the LSE
     float out_scale;   // applied to O after normalisation (v_scale * o_scale)
+    // Split-KV pieces: normalised fp32 O [slot, kBlockM, kHeadDim] and natural-log LSE [slot, kBlockM].
+    float* partial_o;
+    float* partial_lse;
+    // max_score [Hq, max_k_tiles, total_q] fp32 (modes kModeOMaxScore / kModeMaxScore).
+    float* max_score;
+    int64_t max_score_stride_head;  // max_k_tiles * total_q
+    int64_t max_score_stride_tile;  // total_q
+    int max_k_tiles;
+  };
+
+  struct CombineParams {
+    CombineItem const* items;
+    float const* partial_o;
+    float const* partial_lse;
+    Element* out;
+    int64_t out_stride_token;
+    int64_t out_stride_head;
+    float* lse;  // nullptr: not requested
+    int64_t lse_stride_token;
+    float out_scale;
   };
 };
 
