@@ -222,18 +222,20 @@ def _row_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, 
 
 def _use_row_path(n_heads: int, n_blocks: int, total_q: int, m: int) -> bool:
     """Rows of up to 2048 blocks (256K context) that fit shared memory; longer rows stream (block path)."""
-    return 0 < m <= ROW_MAX_M and 128 < n_blocks <= 2048
+    return 0 < m <= ROW_MAX_M and n_blocks <= 2048
 
 
 def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, itemsize: int = 4) -> TopkPlan:
     """Launch shape from the problem shape only (no data). ``itemsize``: bytes per score (4 fp32, 2 bf16)."""
     path = os.environ.get("MSA_TOPK_PATH")
     if not path:
-        if _use_row_path(n_heads, n_blocks, total_q, m) and _row_plan(n_heads, n_blocks, total_q, m, sm_count,
-                                                                      itemsize):
+        if _use_warp_path(n_heads, n_blocks, total_q):
+            path = "warp"
+        elif _use_row_path(n_heads, n_blocks, total_q, m) and _row_plan(n_heads, n_blocks, total_q, m, sm_count,
+                                                                        itemsize):
             path = "row"
         else:
-            path = "warp" if _use_warp_path(n_heads, n_blocks, total_q) else "block"
+            path = "block"
     if path not in ("block", "warp", "row"):
         raise ValueError(f"MSA_TOPK_PATH: expected 'block', 'warp' or 'row', got {path!r}")
     if path == "row":

@@ -42,7 +42,7 @@ struct RowParams {
 };
 
 constexpr int kRowMaxM = 64;       // c <= 2 group values per lane
-constexpr int kRowUnroll = 16;     // loads in flight per thread in phase 1
+constexpr int kRowWideThreads = 512;  // the U = 32 staging kernel's launch bound (registers for 32 loads in flight)
 constexpr unsigned kRowFull = 0xFFFFFFFFu;
 
 // Staged row length: K rounded up to 32, plus 32 / G floats so the G rows of one transposed store hit
@@ -82,7 +82,8 @@ __device__ __forceinline__ float row_load<uint16_t>(const uint16_t* p) {  // bf1
   return __uint_as_float(static_cast<uint32_t>(__ldg(p)) << 16);
 }
 
-template <typename T>
+// U: loads in flight per thread in phase 1 (16, or 32 where the launch bound leaves the registers).
+template <typename T, int kRowUnroll>
 __device__ __forceinline__ void row_select_cta(const RowParams& p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int G = 1 << p.log_g;
