@@ -84,7 +84,8 @@ def matmul_tflops(warmup: int, reps: int) -> float:
 
 
 CASES = {
-    # name: (batch, hq, hkv, seqlen, causal, paged)
+    # name: (batch, hq, hkv, seqlen, causal, paged[, qo_len]): qo_len (default seqlen) < seqlen is a decode- /
+    # chunk-shaped case (non-causal only: SDPA's is_causal aligns top-left when the lengths differ)
     "default": [
         ("B2 H32 S8K noncausal", 2, 32, 32, 8192, False, False),
         ("B2 H32 S8K causal", 2, 32, 32, 8192, True, False),
@@ -92,6 +93,7 @@ CASES = {
         ("B1 H32 S32K causal", 1, 32, 32, 32768, True, False),
         ("B1 Hq64/Hkv4 S16K causal", 1, 64, 4, 16384, True, False),
         ("B1 Hq64/Hkv4 S16K causal paged", 1, 64, 4, 16384, True, True),
+        ("B1 H8 q128 kv128K noncausal", 1, 8, 8, 131072, False, False, 128),
     ],
     "quick": [
         ("B2 H32 S8K causal", 2, 32, 32, 8192, True, False),
@@ -100,19 +102,36 @@ CASES = {
 
 
 def bench_case(
-    name, batch, hq, hkv, seqlen, causal, paged, d, dtype, warmup, reps, peers=True, compare=None, maxscore=False
+    name,
+    batch,
+    hq,
+    hkv,
+    seqlen,
+    causal,
+    paged,
+    d,
+    dtype,
+    warmup,
+    reps,
+    peers=True,
+    compare=None,
+    maxscore=False,
+    qo_len=None,
+    split_ab=(),
+    compare_maxscore=None,
 ):
     import msa.core as mc
     from msa.core.kernels import fmha_sm90 as k90
 
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    tq = batch * seqlen
+    qo = seqlen if qo_len is None else qo_len
+    tq, tk = batch * qo, batch * seqlen
     q = torch.randn(tq, hq, d, device=dev, dtype=dtype)
-    k = torch.randn(tq, hkv, d, device=dev, dtype=dtype)
-    v = torch.randn(tq, hkv, d, device=dev, dtype=dtype)
-    lens = [seqlen] * batch
-    plan = mc.fmha_plan(lens, lens, hq, hkv, causal=causal, page_size=128 if paged else None, device=dev)
+    k = torch.randn(tk, hkv, d, device=dev, dtype=dtype)
+    v = torch.randn(tk, hkv, d, device=dev, dtype=dtype)
+    qlens, lens = [qo] * batch, [seqlen] * batch
+    plan = mc.fmha_plan(qlens, lens, hq, hkv, causal=causal, page_size=128 if paged else None, device=dev)
     kv_indices = None
     kk, vv = k, v
     if paged:
@@ -126,7 +145,7 @@ def bench_case(
         kv_indices = perm
     out = torch.empty_like(q)
     rows = []
-    flops = 4 * d * hq * batch * visible_pairs(seqlen, seqlen, causal)
+    flops = 4 * d * hq * batch * visible_pairs(qo, seqlen, causal)
 
     def ours():
         k90.run(q, kk, vv, plan, kv_indices=kv_indices, out=out)
@@ -136,12 +155,19 @@ def bench_case(
     kp = k90._kernel_plan(plan, d, q.element_size(), dev)
     if kp.split != (0, 1):
         print(f"  {name}: split-KV tail {kp.split} ({kp.combine.shape[0]} items cut)", flush=True)
-        kp_whole = k90.plan(lens, lens, hq, hkv, causal=causal, paged=paged, split_kv=None, device=dev)
+        kp_whole = k90.plan(qlens, lens, hq, hkv, causal=causal, paged=paged, split_kv=None, device=dev)
 
         def ours_no_split():
             k90.run(q, kk, vv, kp_whole, kv_indices=kv_indices, out=out, causal=causal)
 
         impls["msa (no split)"] = ours_no_split
+        for ks in split_ab:  # other split choices on the same case: calibrates the cost model
+            kp_alt = k90.plan(qlens, lens, hq, hkv, causal=causal, paged=paged, split_kv=ks, device=dev)
+
+            def ours_alt_split(kp_alt=kp_alt):
+                k90.run(q, kk, vv, kp_alt, kv_indices=kv_indices, out=out, causal=causal)
+
+            impls[f"msa split {ks[0]},{ks[1]}"] = ours_alt_split
     if maxscore and not paged:
         k90.MAX_SCORE_ENABLED = True
         ms = torch.empty(hq, plan.max_k_tiles, tq, device=dev, dtype=torch.float32)
@@ -154,6 +180,25 @@ def bench_case(
 
         impls["msa o+maxscore"] = ours_o_ms
         impls["msa maxscore"] = ours_ms_only
+        if compare_maxscore:
+            from pathlib import Path
+
+            import tvm_ffi
+
+            tag = k90.variant_tag(k90.DTYPES[dtype], d, causal, paged, "maxscore")
+            path = Path(compare_maxscore) / f"{tag}.so"
+            if path.is_file():
+                alt_ms = tvm_ffi.load_module(str(path))
+
+                def ours_ms_alt():
+                    current = k90._module
+                    k90._module = lambda *a: alt_ms
+                    try:
+                        ours_ms_only()
+                    finally:
+                        k90._module = current
+
+                impls["msa maxscore alt"] = ours_ms_alt
     if compare:  # A/B: the same call served by an alternative build of the same variant
         from pathlib import Path
 
@@ -176,7 +221,7 @@ def bench_case(
     if peers and not paged:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        qs = q.view(batch, seqlen, hq, d).transpose(1, 2)
+        qs = q.view(batch, qo, hq, d).transpose(1, 2)
         ks = k.view(batch, seqlen, hkv, d).transpose(1, 2)
         vs = v.view(batch, seqlen, hkv, d).transpose(1, 2)
         for label, backend in (("sdpa cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa flash", SDPBackend.FLASH_ATTENTION)):
@@ -234,6 +279,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compare", default=None, help="directory of alternative prebuilt modules: adds an A/B row")
     ap.add_argument("--prebuild", default=None, metavar="DIR", help="build all variants into DIR (no GPU) and exit")
     ap.add_argument("--maxscore", action="store_true", help="also time O + max_score and max_score-only (ragged)")
+    ap.add_argument("--split-ab", default="", help='extra split-KV choices "k,s;k,s" timed where the plan splits')
+    ap.add_argument("--compare-maxscore", default=None, metavar="DIR", help="alternative score-only modules")
     args = ap.parse_args(argv)
     if args.prebuild:
         return prebuild(args.prebuild)
@@ -250,23 +297,33 @@ def main(argv=None) -> int:
     print(f"bf16 matmul 8192^3: {mm:.0f} TFLOP/s")
     results = []
     for case in CASES[args.cases]:
-        name, b, hq, hkv, s, causal, paged = case
-        rows = bench_case(
-            name,
-            b,
-            hq,
-            hkv,
-            s,
-            causal,
-            paged,
-            128,
-            dtype,
-            args.warmup,
-            args.reps,
-            not args.no_peers,
-            args.compare,
-            args.maxscore,
-        )
+        name, b, hq, hkv, s, causal, paged = case[:7]
+        try:
+            rows = bench_case(
+                name,
+                b,
+                hq,
+                hkv,
+                s,
+                causal,
+                paged,
+                128,
+                dtype,
+                args.warmup,
+                args.reps,
+                not args.no_peers,
+                args.compare,
+                args.maxscore,
+                case[7] if len(case) > 7 else None,
+                [tuple(int(x) for x in ks.split(",")) for ks in args.split_ab.split(";") if ks],
+                args.compare_maxscore,
+            )
+        except Exception as e:  # one failing case must not cost the rest of the run
+            import traceback
+
+            traceback.print_exc()
+            print(f"  {name}: FAILED {type(e).__name__}: {e}", flush=True)
+            continue
         results.extend(rows)
         torch.cuda.empty_cache()
         for r in rows:

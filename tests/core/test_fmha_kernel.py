@@ -224,6 +224,38 @@ def test_run_refuses_unimplemented_modes_before_touching_the_device():
         k90.run(q, k, k, kp, causal=True, q_scale=torch.ones(2))
 
 
+@pytest.mark.parametrize("output_o", [True, False])
+def test_run_hands_each_mode_its_module_and_buffers(output_o, monkeypatch):
+    """Host side of run() for the max-score modes, with a stand-in module (no GPU): which variant is loaded,
+    which tensors it gets (score-only: no combine rows, q stands in for out, k for v)."""
+    calls = []
+
+    class FakeModule:
+        def fmha_fwd(self, *args):
+            calls.append(args)
+
+    monkeypatch.setattr(k90, "MAX_SCORE_ENABLED", True)
+    monkeypatch.setattr(k90, "_module", lambda *key: calls.append(key) or FakeModule())
+    q = torch.randn(300, 4, 128).to(torch.bfloat16)
+    k = torch.randn(900, 2, 128).to(torch.bfloat16)
+    kp = k90.plan([300], [900], 4, 2, causal=True, device="cpu", num_sms=132, split_kv=(10**6, 2))
+    ms = torch.empty(4, 128, 300)
+    out, got_ms = k90.run(
+        q, k, k if output_o else None, kp, max_score=ms, output_o=output_o, output_maxscore=True, causal=True
+    )
+    key, args = calls
+    assert key == ("bfloat16", 128, True, False, "o_maxscore" if output_o else "maxscore")
+    assert got_ms is ms and args[11] is ms
+    if output_o:
+        assert out is not None and args[3] is out and args[8].shape[0] == kp.combine.shape[0] > 0
+    else:
+        assert out is None and args[3] is q and args[2] is k and args[8].shape[0] == 0
+    with pytest.raises(ValueError, match="v: required"):
+        k90.run(q, k, None, kp, causal=True)
+    with pytest.raises(ValueError, match="max_score: required"):
+        k90.run(q, k, None, kp, output_o=False, output_maxscore=True, causal=True)
+
+
 def test_jit_specs_cover_the_preset_and_refuse_sm100():
     specs = k90.jit_specs({"dtypes": ["bf16", "fp8"], "head_dim": [64, 128]}, "sm_90a")
     names = sorted(s.name for s in specs)
@@ -389,13 +421,13 @@ def test_matches_fp32_reference(case):
 
 # (case, split): cut the last k items into s pieces each; k = 10**6 means every item.
 SPLIT_CASES = [
-    ("single-odd", (10**6, 3)),
+    ("gqa4-empty-requests", (10**6, 3)),
     ("prefill-multi", (10**6, 2)),
     ("noncausal-ragged", (10**6, 5)),
     ("gqa16-chunked", (7, 4)),
     ("offset-unseen-rows", (10**6, 3)),
     ("paged-causal", (10**6, 3)),
-    ("paged-noncausal", (5, 64)),
+    ("paged-noncausal", (10**6, 64)),  # more pieces than tiles: one tile per piece
     ("fp16-causal", (10**6, 2)),
     ("fp16-paged-noncausal", (10**6, 4)),
     ("long-gqa8", (40, 7)),
@@ -425,6 +457,37 @@ def test_auto_split_on_decode_shaped_work(causal):
     kp = k90.plan(qo, kv, 8, 2, causal=causal, device="cuda")
     assert kp.split[0] > 0, "the cost model should split 16 long items over the SMs"
     out, lse, ref_o, ref_lse = _run_case(qo, kv, 8, 2, causal, False, torch.bfloat16, None)
+    _check_against_reference(out, lse, ref_o, ref_lse, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_split_kv_replays_in_a_cuda_graph():
+    """Plan-sized workspace, no host sync, no allocation: the split launch + combine captures and replays."""
+    ok, why = k90.available(torch.device("cuda"))
+    if not ok:
+        pytest.skip(why)
+    dev = torch.device("cuda")
+    torch.manual_seed(7)
+    qo, kv, hq, hkv = [100, 3], [20000, 9000], 8, 2
+    q = torch.randn(sum(qo), hq, 128, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(sum(kv), hkv, 128, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(sum(kv), hkv, 128, device=dev, dtype=torch.bfloat16)
+    kp = k90.plan(qo, kv, hq, hkv, causal=True, device=dev)
+    assert kp.split[0] > 0
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:2], float("nan"), device=dev)
+    k90.run(q, k, v, kp, out=out, lse=lse, return_lse=True, causal=True)  # warm-up (module load) outside capture
+    eager_o, eager_lse = out.clone(), lse.clone()
+    out.fill_(float("nan"))
+    lse.fill_(float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        k90.run(q, k, v, kp, out=out, lse=lse, return_lse=True, causal=True)
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager_o) and torch.equal(lse, eager_lse)
+    ref_o, ref_lse = reference(q, k, v, qo, kv, [b - a for a, b in zip(qo, kv)], True, 1.0 / math.sqrt(128))
     _check_against_reference(out, lse, ref_o, ref_lse, torch.bfloat16)
 
 

@@ -494,15 +494,15 @@ def run(
     mode = "o" if not output_maxscore else ("o_maxscore" if output_o else "maxscore")
     if q.dtype not in DTYPES:
         raise NotImplementedError(f"fmha_sm90: q dtype {q.dtype} is not supported yet (bf16 / fp16)")
+    if v is None:
+        if output_o:
+            raise ValueError("v: required with output_o=True")
+        v = k
     head_dim = q.shape[-1]
     if head_dim not in HEAD_DIMS or k.shape[-1] != head_dim or v.shape[-1] != head_dim:
         raise NotImplementedError(
             f"fmha_sm90: head dims (Dqk={head_dim}, Dv={v.shape[-1]}) are not built; built: Dqk = Dv in {HEAD_DIMS}"
         )
-    if v is None:
-        if output_o:
-            raise ValueError("v: required with output_o=True")
-        v = k
     paged = k.dim() == 4
     if paged and k.shape[2] != PAGE_SIZE:
         raise NotImplementedError(f"fmha_sm90: page_size {k.shape[2]} is not built (page_size {PAGE_SIZE} only)")
