@@ -277,8 +277,15 @@ def _empty_i32(device: torch.device) -> torch.Tensor:
     return torch.empty(0, dtype=torch.int32, device=device)
 
 
-def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, out):
-    """Launch on validated arguments (see module doc); returns ``out`` ([total_q, H, topk] int32)."""
+@functools.lru_cache(maxsize=16)
+def _empty_i64(device: torch.device) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.int64, device=device)
+
+
+def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, out, trace=None):
+    """Launch on validated arguments (see module doc); returns ``out`` ([total_q, H, topk] int32).
+    ``trace`` (diagnostic, row path only): int64 tensor of >= 3 * CTAs for each CTA's %globaltimer stamps
+    (start, rows staged, warp 0 done)."""
     n_heads, n_blocks, total_q = max_score.shape
     device = max_score.device
     if out is None:
@@ -297,7 +304,7 @@ def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, 
     module = load_module(device)
     if p.path == "row":
         module.topk_row_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out, p.log_g,
-                               p.warps, p.cap)
+                               p.warps, p.cap, _empty_i64(device) if trace is None else trace)
     elif p.path == "block":
         module.topk_block_select(
             max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out, ws, p.splits, p.log_g,

@@ -39,6 +39,7 @@ struct RowParams {
   int log_g;   // tokens per CTA = 1 << log_g (<= 32, <= warps)
   int stride;  // floats per staged row (row_stride)
   int cap;     // candidate entries per row (multiple of 32)
+  unsigned long long* trace;  // diagnostic (nullptr = off): per CTA %globaltimer at start / staged / warp 0 done
 };
 
 constexpr int kRowMaxM = 64;       // c <= 2 group values per lane
@@ -60,6 +61,12 @@ __device__ __forceinline__ uint32_t lanemask_lt() {
   uint32_t m;
   asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
   return m;
+}
+
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
 }
 
 __device__ __forceinline__ uint32_t key_or_zero(float v) { return v > -INFINITY ? score_key(v) : 0u; }
@@ -93,6 +100,9 @@ __device__ __forceinline__ void row_select_cta(const RowParams& p) {
   uint32_t* gmax = reinterpret_cast<uint32_t*>(cands + static_cast<size_t>(G) * p.cap);
   int* range = reinterpret_cast<int*>(gmax + G * 32);
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * G;
+  unsigned long long* trace =
+      p.trace != nullptr ? p.trace + 3 * (static_cast<size_t>(blockIdx.y) * gridDim.x + blockIdx.x) : nullptr;
+  if (trace != nullptr && threadIdx.x == 0) trace[0] = global_ns();
 
   // ---- phase 1: stage [ulo, uhi) of every row
   const int gl = tid & (G - 1);  // this thread's row (n_threads is a multiple of G)
@@ -155,6 +165,7 @@ __device__ __forceinline__ void row_select_cta(const RowParams& p) {
   // group maxima, groups = block offset mod 32 (any partition of the row works for the theta bound)
   if (mx > -INFINITY) atomicMax(gmax + gl * 32 + (kk & 31), score_key(mx));
   __syncthreads();
+  if (trace != nullptr && threadIdx.x == 0) trace[1] = global_ns();
 
   // ---- phase 2: warp g selects row g
   const int g = tid >> 5, lane = tid & 31;
@@ -289,6 +300,7 @@ __device__ __forceinline__ void row_select_cta(const RowParams& p) {
       orow[q] = u < tail ? rr.hi + u : -1;
     }
   }
+  if (trace != nullptr && threadIdx.x == 0) trace[2] = global_ns();
 }
 
 }  // namespace msa_topk
