@@ -195,12 +195,15 @@ def test_plan_sizes_the_split_workspace():
 def test_supports_names_what_is_missing():
     ok, _ = k90.supports(dtype=torch.bfloat16, head_dim_qk=128, head_dim_v=128, page_size=None)
     assert ok
+    for o, ms in ((True, True), (False, True)):  # the max-score modes: GPU-tested with bf16
+        ok, why = k90.supports(dtype=torch.bfloat16, head_dim_qk=128, head_dim_v=128, output_o=o, output_maxscore=ms)
+        assert ok == k90.MAX_SCORE_ENABLED, why
     for kwargs, word in [
         ({"dtype": torch.float8_e4m3fn}, "dtype"),
         ({"head_dim_qk": 64, "head_dim_v": 64}, "head dim"),
         ({"page_size": 64}, "page_size"),
-        ({"output_maxscore": True}, "max_score"),
-        ({"output_o": False}, "output_o"),
+        ({"output_maxscore": True, "dtype": torch.float16}, "max_score"),
+        ({"output_o": False, "dtype": torch.float16}, "output_o"),
         ({"sparse": True}, "sparse"),
         ({"per_head_scales": True}, "per-head"),
     ]:
@@ -215,7 +218,7 @@ def test_run_refuses_unimplemented_modes_before_touching_the_device():
     k = torch.zeros(4, 1, 128, dtype=torch.bfloat16)
     kp = k90.KernelPlan(q, q, 0, 1, False, q, q)
     with pytest.raises(NotImplementedError, match="max_score"):
-        k90.run(q, k, k, kp, causal=True, output_maxscore=True)
+        k90.run(q.half(), k.half(), k.half(), kp, causal=True, output_maxscore=True)
     with pytest.raises(NotImplementedError, match="dtype"):
         k90.run(q.float(), k.float(), k.float(), kp, causal=True)
     with pytest.raises(NotImplementedError, match="head dims"):

@@ -61,8 +61,14 @@ SPLIT_PIECE_COST = 0.5  # extra per piece: the fp32 partial O (64 KiB) written a
 SPLIT_COMBINE_COST = 3.0  # the combine launch after the main kernel (launch gap + one pass over the partials)
 SPLIT_MIN_GAIN = 0.015  # split only when the simulated makespan drops by more than this fraction
 SPLIT_MAX_PIECES_PER_SM = 4
-# The max-score modes are served (supports() / run()) once their GPU tests have passed on an H100.
-MAX_SCORE_ENABLED = os.environ.get("MSA_FMHA_SM90_MAX_SCORE", "0") == "1"
+# Pieces shorter than this are not tried (unless the items themselves are shorter): on H100 (2026-11-27) cutting
+# B2 H32 S8K's 4 leftover items into 8-tile pieces beat 2-tile pieces (3.590 vs 3.609 ms; unsplit 3.661): the
+# CTAs do not finish their last full item in lockstep, which the simulation (equal finish times) cannot see.
+SPLIT_MIN_PIECE_TILES = 8
+# The max-score modes are served (supports() / run()) for the dtypes their GPU tests passed with on an H100
+# (bf16, 2026-11-27); others fall back to the reference. MSA_FMHA_SM90_MAX_SCORE=0 turns them off.
+MAX_SCORE_ENABLED = os.environ.get("MSA_FMHA_SM90_MAX_SCORE", "1") == "1"
+MAX_SCORE_DTYPES = (torch.bfloat16,)
 # Test/bench hook: a directory of prebuilt modules named <variant_tag>.so (e.g. carried to a GPU host that has
 # no compiler); unset means build (or fetch from the msa-cache) through JitSpec.
 PREBUILT_ENV = "MSA_FMHA_SM90_PREBUILT"
@@ -152,10 +158,8 @@ def supports(
         return False, f"fmha_sm90: head dim {head_dim_qk}/{head_dim_v} not built (Dqk = Dv in {HEAD_DIMS})"
     if page_size is not None and page_size != PAGE_SIZE:
         return False, f"fmha_sm90: page_size {page_size} not built (ragged or {PAGE_SIZE})"
-    if output_maxscore and not MAX_SCORE_ENABLED:
-        return False, "fmha_sm90: max_score output not enabled yet"
-    if not output_o and not MAX_SCORE_ENABLED:
-        return False, "fmha_sm90: output_o=False (score-only pass) not enabled yet"
+    if (output_maxscore or not output_o) and not (MAX_SCORE_ENABLED and dtype in (None, *MAX_SCORE_DTYPES)):
+        return False, f"fmha_sm90: max_score / output_o=False not enabled for dtype {dtype} (bf16 only)"
     if sparse:
         return False, "fmha_sm90: per-token sparse (kv_block_indexes) not implemented yet"
     if per_head_scales:
@@ -301,6 +305,8 @@ def choose_split(n_tiles: list[int], num_sms: int) -> tuple[int, int, float, flo
         cands |= {-(-j * num_sms // splittable) for j in (1, 2, 3, 4)}
         for s in sorted(cands):
             if s < 2 or s > max(tail) or splittable * s > SPLIT_MAX_PIECES_PER_SM * num_sms + splittable:
+                continue
+            if max(tail) // s < SPLIT_MIN_PIECE_TILES and s > 2:
                 continue
             pieces = []
             for t in tail:
@@ -483,8 +489,8 @@ def run(
     ``[Hq, max_k_tiles, total_q]`` fp32 (allocated with the plan's ``max_k_tiles`` when not given).
     """
     output_maxscore = bool(output_maxscore or max_score is not None)
-    if output_maxscore and not MAX_SCORE_ENABLED:
-        raise NotImplementedError("fmha_sm90: max_score output is not enabled yet (issue 7)")
+    if output_maxscore and not (MAX_SCORE_ENABLED and q.dtype in MAX_SCORE_DTYPES):
+        raise NotImplementedError(f"fmha_sm90: max_score output is not enabled for {q.dtype} (bf16 only)")
     if kv_block_indexes is not None:
         raise NotImplementedError("fmha_sm90: per-token block-sparse attention is not implemented yet (issue 7)")
     if not output_o and not output_maxscore:
