@@ -180,25 +180,29 @@ def bench_case(
 
         impls["msa o+maxscore"] = ours_o_ms
         impls["msa maxscore"] = ours_ms_only
-        if compare_maxscore:
+        if compare_maxscore:  # alternative builds of the max-score modes (A/B rows)
             from pathlib import Path
 
             import tvm_ffi
 
-            tag = k90.variant_tag(k90.DTYPES[dtype], d, causal, paged, "maxscore")
-            path = Path(compare_maxscore) / f"{tag}.so"
-            if path.is_file():
-                alt_ms = tvm_ffi.load_module(str(path))
+            for mode, label, fn in (
+                ("o_maxscore", "msa o+maxscore alt", ours_o_ms),
+                ("maxscore", "msa maxscore alt", ours_ms_only),
+            ):
+                path = Path(compare_maxscore) / f"{k90.variant_tag(k90.DTYPES[dtype], d, causal, paged, mode)}.so"
+                if not path.is_file():
+                    continue
+                alt_mod = tvm_ffi.load_module(str(path))
 
-                def ours_ms_alt():
+                def ours_alt(alt_mod=alt_mod, fn=fn):
                     current = k90._module
-                    k90._module = lambda *a: alt_ms
+                    k90._module = lambda *a: alt_mod
                     try:
-                        ours_ms_only()
+                        fn()
                     finally:
                         k90._module = current
 
-                impls["msa maxscore alt"] = ours_ms_alt
+                impls[label] = ours_alt
     if compare:  # A/B: the same call served by an alternative build of the same variant
         from pathlib import Path
 
@@ -280,7 +284,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prebuild", default=None, metavar="DIR", help="build all variants into DIR (no GPU) and exit")
     ap.add_argument("--maxscore", action="store_true", help="also time O + max_score and max_score-only (ragged)")
     ap.add_argument("--split-ab", default="", help='extra split-KV choices "k,s;k,s" timed where the plan splits')
-    ap.add_argument("--compare-maxscore", default=None, metavar="DIR", help="alternative score-only modules")
+    ap.add_argument(
+        "--compare-maxscore", default=None, metavar="DIR", help="alternative max-score-mode modules (A/B rows)"
+    )
     args = ap.parse_args(argv)
     if args.prebuild:
         return prebuild(args.prebuild)

@@ -94,13 +94,16 @@ def block_configs(n_blocks: int, total_q: int) -> list[tuple[int, int, int, int]
     return out
 
 
-def row_configs(n_blocks: int, total_q: int) -> list[tuple[int, int]]:
-    """Row path (G tokens per CTA, W warps per CTA) to sweep; G * staged row must fit shared memory."""
+def row_configs(n_blocks: int, total_q: int) -> list[tuple[int, int, int]]:
+    """Row path (G tokens per CTA, W warps per CTA, persistent CTAs or 0) to sweep."""
     if not 0 < n_blocks <= 2048:
         return []
     if total_q >= 1024:
-        return [(4, 4), (8, 8), (8, 16), (16, 16), (32, 32)]
-    return [(1, 4), (1, 8), (2, 8), (2, 16), (4, 8), (4, 16), (8, 8)]
+        out = [(4, 4, 0), (8, 8, 0), (16, 16, 0)]
+        if n_blocks <= 1024:
+            out += [(8, 8, 132), (8, 8, 264), (8, 8, 396), (4, 4, 264), (4, 4, 528)]
+        return out
+    return [(1, 4, 0), (1, 8, 0), (2, 8, 0), (2, 16, 0), (4, 8, 0), (4, 16, 0), (8, 8, 0)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,17 +259,17 @@ def bench_case(n_heads, ctx, total_q, device, bw, l2, reps, sweep, failures):
             row.setdefault("sweep", []).append((g, tp, splits, v, t, ok))
             if ok and (best is None or t < best[4]):
                 best = (g, tp, splits, v, t)
-        for g, w in row_configs(n_blocks, total_q):  # row path: reported as ("row G", W, 1, 0)
-            with env_overrides(path="row", g=g, warps=w):
+        for g, w, ctas in row_configs(n_blocks, total_q):  # row path: reported as ("row G", W, 1, CTAs)
+            with env_overrides(path="row", g=g, warps=w, ctas=ctas):
                 t = time_case(call, pairs, max(5, reps // 4))
                 check = torch.full_like(outs[0], -7)
                 ours(sets[0], TOPK, None, FB, FE, check)
             ok = bool(torch.equal(check, want))
             if not ok:
-                failures.append(f"sweep row G={g} W={w} H={n_heads} ctx={ctx} q={total_q}: != torch")
-            row.setdefault("sweep", []).append((f"row{g}", w, 1, 0, t, ok))
+                failures.append(f"sweep row G={g} W={w} C={ctas} H={n_heads} ctx={ctx} q={total_q}: != torch")
+            row.setdefault("sweep", []).append((f"row{g}", w, 1, ctas, t, ok))
             if ok and (best is None or t < best[4]):
-                best = (f"row{g}", w, 1, 0, t)
+                best = (f"row{g}", w, 1, ctas, t)
         row["best"] = best
     del sets, outs, pairs
     torch.cuda.empty_cache()

@@ -370,6 +370,7 @@ def test_plan_shapes(monkeypatch):
             assert p.cap >= m + p.threads_per_row
     assert plan(4, 64, 4096, 15, 132).path == "warp"  # many short rows
     assert plan(1, 1024, 4096, 15, 132).path == "row"  # 128K prefill: staged rows, one warp per row
+    assert plan(1, 1024, 4096, 15, 132).ctas == 256  # pipelined: 2 items per CTA
     assert plan(1, 1024, 4096, 15, 132, itemsize=2).log_g == 4  # bf16: 16 tokens = one 32-byte sector
     assert plan(4, 1024, 64, 15, 132).path == "row" and plan(4, 1024, 64, 15, 132).warps == 8  # decode
     assert plan(1, 1024, 4096, 65, 132).path == "block"  # M > 64: no row path
@@ -406,6 +407,10 @@ def test_plan_shapes(monkeypatch):
     monkeypatch.setenv("MSA_TOPK_WARPS", "8")
     p = plan(2, 1000, 50, 15, 132)
     assert (p.path, p.log_g, p.warps, p.splits) == ("row", 2, 8, 1)
+    monkeypatch.setenv("MSA_TOPK_CTAS", "5")
+    with pytest.raises(ValueError, match="MSA_TOPK_CTAS"):
+        plan(2, 1000, 50, 15, 132)  # G 4 != W 8
+    monkeypatch.delenv("MSA_TOPK_CTAS")
     monkeypatch.setenv("MSA_TOPK_WARPS", "2")
     with pytest.raises(ValueError, match="MSA_TOPK_WARPS"):
         plan(2, 1000, 50, 15, 132)
@@ -516,18 +521,21 @@ def test_block_launch_shapes(monkeypatch, g, p, splits, v):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("g,warps", [(1, 1), (1, 8), (2, 8), (4, 4), (8, 8), (16, 16), (16, 32), (2, 32)])
-def test_row_launch_shapes(monkeypatch, g, warps):
+@pytest.mark.parametrize("g,warps,ctas", [(1, 1, 0), (1, 8, 0), (2, 8, 0), (4, 4, 0), (8, 8, 0), (16, 16, 0),
+                                          (16, 32, 0), (2, 32, 0), (8, 8, 3), (4, 4, 7), (1, 1, 50), (8, 8, 1000)])
+def test_row_launch_shapes(monkeypatch, g, warps, ctas):
     """Row path: tokens per CTA x warps per CTA (env overrides), incl. the heavy-ties fallback (ties: more
     candidates than the buffer holds), M > 32 (second-largest group values), NaN / -inf and per-token nvp."""
     monkeypatch.setenv("MSA_TOPK_PATH", "row")
     monkeypatch.setenv("MSA_TOPK_G", str(g))
     monkeypatch.setenv("MSA_TOPK_WARPS", str(warps))
-    gen = torch.Generator().manual_seed(g * 100 + warps)
+    monkeypatch.setenv("MSA_TOPK_CTAS", str(ctas))
+    gen = torch.Generator().manual_seed(g * 100 + warps + ctas)
+    k_long = 1000 if ctas else 2000  # the pipelined kernel stages <= 1024 blocks
     for dtype in (torch.float32, torch.bfloat16):
-        scores = make_scores("ties", 2, 2000, 50, dtype, gen).cuda()
+        scores = make_scores("ties", 2, k_long, 50, dtype, gen).cuda()
         _check(scores, 64, None, 0, 0)
-        _check(scores, 16, random_nvp(50, 2000, gen).cuda(), 2, 2)
+        _check(scores, 16, random_nvp(50, k_long, gen).cuda(), 2, 2)
         scores = make_scores("randn", 2, 1024, 77, dtype, gen).cuda()
         _check(scores, 16, None, 0, 1)
         _check(scores, 48, random_nvp(77, 1024, gen).cuda(), 1, 1)
@@ -535,7 +543,7 @@ def test_row_launch_shapes(monkeypatch, g, warps):
         scores = make_scores(kind, 3, 700, 70, torch.float32, gen).cuda()
         _check(scores, 7, 650, 0, 0)
         _check(scores, 33, None, 0, 0)
-    if g <= 2:  # long rows: 9000 blocks staged per row
+    if g <= 2 and not ctas:  # long rows: 9000 blocks staged per row
         scores = make_scores("randn", 1, 9000, 37, torch.float32, gen).cuda()
         _check(scores, 16, None, 0, 1)
 

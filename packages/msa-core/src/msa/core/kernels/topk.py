@@ -20,7 +20,7 @@ allocator) and only when ``splits > 1``.
 Environment overrides (benchmark sweeps): ``MSA_TOPK_PATH`` (block | warp | row), ``MSA_TOPK_SPLITS``, ``MSA_TOPK_G``
 (tokens per CTA, block), ``MSA_TOPK_P`` (threads per token, block), ``MSA_TOPK_V`` (16 | 32, block),
 ``MSA_TOPK_WARPS`` (warp; row: warps per CTA), ``MSA_TOPK_MERGE_WARPS`` (warp); row:
-``MSA_TOPK_G`` (tokens per CTA).
+``MSA_TOPK_G`` (tokens per CTA), ``MSA_TOPK_CTAS`` (0 = one CTA per item; > 0 = the pipelined persistent kernel).
 """
 
 from __future__ import annotations
@@ -92,6 +92,7 @@ class TopkPlan:
     log_g: int = 3  # block / row path: 2**log_g tokens per CTA
     threads_per_row: int = 32  # block path: P
     values_per_thread: int = BLOCK_V  # block path: V per chunk (BLOCK_V prefetched, or 2 * BLOCK_V)
+    ctas: int = 0  # row path: > 0 = the pipelined persistent kernel with this many CTAs
 
     def workspace_words(self, n_heads: int, total_q: int, m: int) -> int:
         if self.splits <= 1 or m <= 0:
@@ -217,7 +218,18 @@ def _row_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, 
         g //= 2
     if row_smem_bytes(n_blocks, g, cap) > ROW_SMEM_BUDGET:
         return None
-    return TopkPlan(path="row", splits=1, cap=cap, warps=max(8, g) if decode else g, log_g=g.bit_length() - 1)
+    warps = max(8, g) if decode else g
+    return TopkPlan(path="row", splits=1, cap=cap, warps=warps, log_g=g.bit_length() - 1,
+                    ctas=_row_ctas(n_heads, n_blocks, total_q, g, warps, sm_count))
+
+
+def _row_ctas(n_heads: int, n_blocks: int, total_q: int, g: int, warps: int, sm_count: int) -> int:
+    """Pipelined row kernel (2 CTAs per SM, each walking >= 2 items so the next item's loads overlap this
+    item's selection) where it applies: W == G <= 8, K <= 1024, and at least 2 items per CTA."""
+    items = -(-total_q // g) * n_heads
+    if warps != g or g > 8 or n_blocks > 1024 or items < 2 * sm_count:
+        return 0
+    return min(2 * sm_count, -(-items // 2))
 
 
 def _use_row_path(n_heads: int, n_blocks: int, total_q: int, m: int) -> bool:
@@ -251,7 +263,13 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
         if warps < (1 << log_g) or warps > 32:
             raise ValueError(f"MSA_TOPK_WARPS: expected {1 << log_g}..32 for the row path with G = {1 << log_g}, "
                              f"got {warps}")
-        return TopkPlan(path="row", splits=1, cap=pl.cap, warps=warps, log_g=log_g)
+        ctas = _env_int("MSA_TOPK_CTAS")
+        if ctas is None:
+            ctas = _row_ctas(n_heads, n_blocks, total_q, 1 << log_g, warps, sm_count)
+        elif ctas > 0 and (warps != 1 << log_g or log_g > 3 or n_blocks > 1024):
+            raise ValueError(f"MSA_TOPK_CTAS={ctas}: the pipelined row kernel needs warps == G <= 8 and K <= 1024 "
+                             f"(got warps {warps}, G {1 << log_g}, K {n_blocks})")
+        return TopkPlan(path="row", splits=1, cap=pl.cap, warps=warps, log_g=log_g, ctas=max(0, ctas))
     if path == "warp":
         pl = _warp_plan(n_heads, n_blocks, total_q, m, sm_count)
         warps = min(_env_int("MSA_TOPK_WARPS") or pl.warps, MAX_WARPS)
@@ -304,7 +322,7 @@ def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, 
     module = load_module(device)
     if p.path == "row":
         module.topk_row_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out, p.log_g,
-                               p.warps, p.cap, _empty_i64(device) if trace is None else trace)
+                               p.warps, p.cap, p.ctas, _empty_i64(device) if trace is None else trace)
     elif p.path == "block":
         module.topk_block_select(
             max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out, ws, p.splits, p.log_g,

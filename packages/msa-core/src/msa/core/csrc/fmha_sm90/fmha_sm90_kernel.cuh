@@ -568,7 +568,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       o_norm[0] = o_norm[1] = 0.f;
       lse[0] = lse[1] = -INFINITY;
       store_tile<T>(p, ss, tOrO, o_norm, lse, w, tid);
-      if constexpr (T::kMaxScore) { fill_max_score_tail<T>(p, w, 0, tid); }
+      if constexpr (T::kMaxScore && !T::kFillWarps) { fill_max_score_tail<T>(p, w, 0, tid); }
       item = next_item;
       w = next_w;
       continue;
@@ -655,11 +655,37 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     } else {
       store_tile<T>(p, ss, tOrO, o_norm, lse, w, tid);
     }
-    if constexpr (T::kMaxScore) {
+    if constexpr (T::kMaxScore && !T::kFillWarps) {
       if (w.n_block_min == 0) { fill_max_score_tail<T>(p, w, w.item_end, tid); }
     }
     item = next_item;
     w = next_w;
+  }
+}
+
+// Fill warps (kFillWarps): warps 1-3 of the producer warpgroup follow the work-index ring like the consumers and
+// write max_score = -inf for each item's tiles past its last visible one (all tiles when it sees no key).
+// ftid in [0, 96). Disjoint from what the consumers write (tiles below item_end).
+template <class T>
+__device__ void fill_warps(typename T::Params const& p, typename T::SharedStorage& ss, int ftid) {
+  constexpr int kBlockM = T::kBlockM;
+  PipeState<2> sched_rd;
+  while (true) {
+    mbar_wait_mem(&ss.sched_full[sched_rd.index], sched_rd.phase);
+    int const item = ss.sched_item[sched_rd.index];
+    mbar_arrive_mem(&ss.sched_empty[sched_rd.index]);
+    sched_rd.advance();
+    if (item >= p.num_work) { break; }
+    WorkItem const w = load_work(p.work, item);
+    int const from = w.n_block_max <= 0 ? 0 : (w.n_block_min == 0 ? w.item_end : p.max_k_tiles);
+    int const row0 = w.m_block * kBlockM;
+    int const rows = min(kBlockM, w.qo_len - row0);
+    float* dst = p.max_score + int64_t(w.head) * p.max_score_stride_head + w.q_start + row0;
+    int const n = (p.max_k_tiles - from) * kBlockM;
+    for (int i = ftid; i < n; i += 96) {
+      int const r = i % kBlockM;
+      if (r < rows) { dst[int64_t(from + i / kBlockM) * p.max_score_stride_tile + r] = -INFINITY; }
+    }
   }
 }
 
@@ -698,7 +724,7 @@ __device__ void consumer_score_only(typename T::Params const& p, typename T::Sha
     WorkItem next_w = w;
     if (w.n_block_max <= 0) {
       next_work(next_item, next_w);
-      fill_max_score_tail<T>(p, w, 0, tid);
+      if constexpr (!T::kFillWarps) { fill_max_score_tail<T>(p, w, 0, tid); }
       item = next_item;
       w = next_w;
       continue;
@@ -775,7 +801,9 @@ __device__ void consumer_score_only(typename T::Params const& p, typename T::Sha
 #endif
     named_barrier_arrive(kBarQueryEmpty, T::kNumMmaThreads + 32);
     next_work(next_item, next_w);
-    if (w.n_block_min == 0) { fill_max_score_tail<T>(p, w, w.item_end, tid); }
+    if constexpr (!T::kFillWarps) {
+      if (w.n_block_min == 0) { fill_max_score_tail<T>(p, w, w.item_end, tid); }
+    }
     item = next_item;
     w = next_w;
   }
@@ -862,7 +890,7 @@ __global__ void __launch_bounds__(T::kNumThreads, 1) fmha_sm90_kernel(CUTE_GRID_
     CUTE_UNROLL
     for (int s = 0; s < 2; ++s) {
       Mbar::init(&ss.sched_full[s], 1);
-      Mbar::init(&ss.sched_empty[s], T::kNumMmaThreads);
+      Mbar::init(&ss.sched_empty[s], T::kNumMmaThreads + (T::kFillWarps ? 96 : 0));
     }
     cutlass::arch::fence_barrier_init();
   }
@@ -870,7 +898,11 @@ __global__ void __launch_bounds__(T::kNumThreads, 1) fmha_sm90_kernel(CUTE_GRID_
 
   if (warp < 4) {
     cutlass::arch::warpgroup_reg_dealloc<T::kProducerRegs>();
-    if (warp == 0) { producer_warp<T>(p, ss); }
+    if (warp == 0) {
+      producer_warp<T>(p, ss);
+    } else if constexpr (T::kFillWarps) {
+      fill_warps<T>(p, ss, int(threadIdx.x) - 32);
+    }
   } else {
     cutlass::arch::warpgroup_reg_alloc<T::kMmaRegs>();
     if constexpr (T::kOutputO) {

@@ -67,6 +67,13 @@ struct FmhaTraits {
   static constexpr int kMode = kMode_;
   static constexpr bool kOutputO = kMode_ != kModeMaxScore;
   static constexpr bool kMaxScore = kMode_ != kModeO;
+#if defined(MSA_FMHA_SM90_FILL_WARPS)
+  // Opt-in (A/B pending): the producer warpgroup's three idle warps write max_score's -inf tail tiles, off the
+  // consumers' critical path. Default: the consumers write them after each item's last PV.
+  static constexpr bool kFillWarps = kMaxScore;
+#else
+  static constexpr bool kFillWarps = false;
+#endif
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kCausal = kCausal_;
   static constexpr bool kPaged = kPaged_;

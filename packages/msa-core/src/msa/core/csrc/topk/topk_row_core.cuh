@@ -89,6 +89,141 @@ __device__ __forceinline__ float row_load<uint16_t>(const uint16_t* p) {  // bf1
   return __uint_as_float(static_cast<uint32_t>(__ldg(p)) << 16);
 }
 
+// Phase 2 for one row (one warp): row_base = the staged row (block ulo + k at offset k, -inf where not
+// eligible, nj lines of 32), cand = its candidate buffer, gmax_row = its 32 group-maxima keys (reset here),
+// has = the row has eligible blocks, orow = its output row.
+__device__ __forceinline__ void row_select_warp(const RowParams& p, float* row_base, Comp* cand, uint32_t* gmax_row,
+                                                int ulo, int nj, bool has, const RowRange& rr, int32_t* orow,
+                                                int lane) {
+  const float* row = row_base + lane;  // this lane's offsets lane + 32 j
+  const uint32_t gkey = gmax_row[lane];
+  gmax_row[lane] = 0u;  // ready for the next rows staged here (pipelined kernel)
+  const int m = p.m;
+  const uint32_t lt = lanemask_lt();
+  int nsel = 0;
+  if (m > 0 && has) {
+    // 1. theta: the r-th largest of the 32 group values (bitonic sort of their keys across the warp)
+    uint32_t key;
+    int r;
+    if (m <= 32) {
+      key = gkey;
+      r = m;
+    } else {
+      float a1 = -INFINITY, b1 = -INFINITY;  // this lane's two largest
+      for (int j = 0; j < nj; ++j) {
+        const float x = row[j << 5];
+        b1 = fmaxf(b1, fminf(a1, x));
+        a1 = fmaxf(a1, x);
+      }
+      key = key_or_zero(b1);
+      r = (m + 1) >> 1;
+    }
+#pragma unroll
+    for (int kb = 2; kb <= 32; kb <<= 1) {
+#pragma unroll
+      for (int jb = kb >> 1; jb > 0; jb >>= 1) {
+        const uint32_t o = __shfl_xor_sync(kRowFull, key, jb);
+        const bool take_max = ((lane & jb) == 0) == ((lane & kb) == 0);  // descending overall
+        key = take_max ? umax32(key, o) : umin32(key, o);
+      }
+    }
+    const uint32_t theta_key = __shfl_sync(kRowFull, key, r - 1);
+    // -inf never passes: with fewer than r group values every finite element is a candidate
+    const float theta = theta_key ? key_value(theta_key) : -FLT_MAX;
+
+    // 2. candidates: a per-lane bit mask over 32 lines at a time, then each lane appends its own (lane-major
+    //    order, offsets from a warp prefix sum: ~1 candidate per lane, so ~2 rounds of the append loop)
+    int n = 0;
+    for (int jc = 0; jc < nj; jc += 32) {
+      const int jn = imin32(32, nj - jc);
+      uint32_t mask = 0u;
+      if (jn == 32) {
+#pragma unroll
+        for (int j = 0; j < 32; ++j) mask |= row[(jc + j) << 5] >= theta ? 1u << j : 0u;
+      } else {
+        for (int j = 0; j < jn; ++j) mask |= row[(jc + j) << 5] >= theta ? 1u << j : 0u;
+      }
+      const int c = __popc(mask);
+      int incl = c;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(kRowFull, incl, o);
+        incl += lane >= o ? y : 0;
+      }
+      int pos = n + incl - c;
+      while (mask) {
+        const int j = jc + __ffs(mask) - 1;
+        mask &= mask - 1u;
+        if (pos < p.cap) cand[pos] = make_comp(score_key(row[j << 5]), static_cast<uint32_t>(ulo + (j << 5) + lane));
+        ++pos;
+      }
+      n += __shfl_sync(kRowFull, incl, 31);
+    }
+    __syncwarp();
+    if (n <= p.cap) {
+      // 3. exact rank among n candidates; the selected block indices go to sel_idx (this row's staging area,
+      //    no longer read), then each one's output position = number of selected with a smaller index
+      int* sel_idx = reinterpret_cast<int*>(row_base);
+      for (int e0 = 0; e0 < n; e0 += 32) {
+        const int e = e0 + lane;
+        const Comp x = e < n ? cand[e] : 0ull;
+        int rank = 0;
+#pragma unroll 4
+        for (int f = 0; f < n; ++f) rank += cand[f] > x ? 1 : 0;
+        const bool sel = e < n && rank < m;
+        const uint32_t bal = __ballot_sync(kRowFull, sel);
+        if (sel) sel_idx[nsel + __popc(bal & lt)] = static_cast<int>(comp_idx(x));
+        nsel += __popc(bal);
+      }
+      __syncwarp();
+      for (int e = lane; e < nsel; e += 32) {
+        const int idx = sel_idx[e];
+        int pos = 0;
+#pragma unroll 4
+        for (int f = 0; f < nsel; ++f) pos += sel_idx[f] < idx ? 1 : 0;
+        orow[rr.lo + pos] = idx;
+      }
+    } else {
+      // heavy ties: M rounds of warp argmax below the previous pick find the M-th best composite
+      Comp prev = ~0ull;
+      int found = 0;
+      for (int i = 0; i < m; ++i) {
+        Comp best = 0ull;
+        for (int j = 0; j < nj; ++j) {
+          const float x = row[j << 5];
+          if (x >= theta) {
+            const Comp cx = make_comp(score_key(x), static_cast<uint32_t>(ulo + (j << 5) + lane));
+            best = cx < prev && cx > best ? cx : best;
+          }
+        }
+        best = warp_max_comp(best);
+        if (best == 0ull) break;
+        prev = best;
+        ++found;
+      }
+      for (int j = 0; j < nj && found > 0; ++j) {
+        const float x = row[j << 5];
+        const int k = (j << 5) + lane;
+        const bool sel = x >= theta && make_comp(score_key(x), static_cast<uint32_t>(ulo + k)) >= prev;
+        const uint32_t bal = __ballot_sync(kRowFull, sel);
+        if (sel) orow[rr.lo + nsel + __popc(bal & lt)] = ulo + k;
+        nsel += __popc(bal);
+      }
+    }
+  }
+  // forced head, forced tail, -1 padding (disjoint from the selected positions [lo, lo + nsel))
+  const int tail = rr.nvp - rr.hi;
+  for (int q = lane; q < p.topk; q += 32) {
+    if (q < rr.lo) {
+      orow[q] = q;
+    } else if (q >= rr.lo + nsel) {
+      const int u = q - rr.lo - nsel;
+      orow[q] = u < tail ? rr.hi + u : -1;
+    }
+  }
+}
+
+
 // U: loads in flight per thread in phase 1 (16, or 32 where the launch bound leaves the registers).
 template <typename T, int kRowUnroll>
 __device__ __forceinline__ void row_select_cta(const RowParams& p) {
@@ -173,134 +308,81 @@ __device__ __forceinline__ void row_select_cta(const RowParams& p) {
   const int64_t t = t0 + g;
   if (t >= p.q) return;
   const RowRange rr = row_range(p.nvp != nullptr ? __ldg(p.nvp + t) : p.nvp_scalar, p.n_blocks, p.fb, p.fe);
-  int32_t* orow = p.out + (t * p.n_heads + h) * p.topk;
-  const float* row = rows + static_cast<size_t>(g) * p.stride + lane;  // this lane's offsets lane + 32 j
-  Comp* cand = cands + static_cast<size_t>(g) * p.cap;
-  const int m = p.m;
-  const int nj = span_pad >> 5;
-  const uint32_t lt = lanemask_lt();
-  int nsel = 0;
-  if (m > 0 && range[g] < range[G + g]) {
-    // 1. theta: the r-th largest of the 32 group values (bitonic sort of their keys across the warp)
-    uint32_t key;
-    int r;
-    if (m <= 32) {
-      key = gmax[g * 32 + lane];
-      r = m;
-    } else {
-      float a1 = -INFINITY, b1 = -INFINITY;  // this lane's two largest
-      for (int j = 0; j < nj; ++j) {
-        const float x = row[j << 5];
-        b1 = fmaxf(b1, fminf(a1, x));
-        a1 = fmaxf(a1, x);
-      }
-      key = key_or_zero(b1);
-      r = (m + 1) >> 1;
-    }
-#pragma unroll
-    for (int kb = 2; kb <= 32; kb <<= 1) {
-#pragma unroll
-      for (int jb = kb >> 1; jb > 0; jb >>= 1) {
-        const uint32_t o = __shfl_xor_sync(kRowFull, key, jb);
-        const bool take_max = ((lane & jb) == 0) == ((lane & kb) == 0);  // descending overall
-        key = take_max ? umax32(key, o) : umin32(key, o);
-      }
-    }
-    const uint32_t theta_key = __shfl_sync(kRowFull, key, r - 1);
-    // -inf never passes: with fewer than r group values every finite element is a candidate
-    const float theta = theta_key ? key_value(theta_key) : -FLT_MAX;
-
-    // 2. candidates: a per-lane bit mask over 32 lines at a time, then each lane appends its own (lane-major
-    //    order, offsets from a warp prefix sum: ~1 candidate per lane, so ~2 rounds of the append loop)
-    int n = 0;
-    for (int jc = 0; jc < nj; jc += 32) {
-      const int jn = imin32(32, nj - jc);
-      uint32_t mask = 0u;
-      if (jn == 32) {
-#pragma unroll
-        for (int j = 0; j < 32; ++j) mask |= row[(jc + j) << 5] >= theta ? 1u << j : 0u;
-      } else {
-        for (int j = 0; j < jn; ++j) mask |= row[(jc + j) << 5] >= theta ? 1u << j : 0u;
-      }
-      const int c = __popc(mask);
-      int incl = c;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(kRowFull, incl, o);
-        incl += lane >= o ? y : 0;
-      }
-      int pos = n + incl - c;
-      while (mask) {
-        const int j = jc + __ffs(mask) - 1;
-        mask &= mask - 1u;
-        if (pos < p.cap) cand[pos] = make_comp(score_key(row[j << 5]), static_cast<uint32_t>(ulo + (j << 5) + lane));
-        ++pos;
-      }
-      n += __shfl_sync(kRowFull, incl, 31);
-    }
-    __syncwarp();
-    if (n <= p.cap) {
-      // 3. exact rank among n candidates; the selected block indices go to sel_idx (this row's staging area,
-      //    no longer read), then each one's output position = number of selected with a smaller index
-      int* sel_idx = reinterpret_cast<int*>(rows + static_cast<size_t>(g) * p.stride);
-      for (int e0 = 0; e0 < n; e0 += 32) {
-        const int e = e0 + lane;
-        const Comp x = e < n ? cand[e] : 0ull;
-        int rank = 0;
-#pragma unroll 4
-        for (int f = 0; f < n; ++f) rank += cand[f] > x ? 1 : 0;
-        const bool sel = e < n && rank < m;
-        const uint32_t bal = __ballot_sync(kRowFull, sel);
-        if (sel) sel_idx[nsel + __popc(bal & lt)] = static_cast<int>(comp_idx(x));
-        nsel += __popc(bal);
-      }
-      __syncwarp();
-      for (int e = lane; e < nsel; e += 32) {
-        const int idx = sel_idx[e];
-        int pos = 0;
-#pragma unroll 4
-        for (int f = 0; f < nsel; ++f) pos += sel_idx[f] < idx ? 1 : 0;
-        orow[rr.lo + pos] = idx;
-      }
-    } else {
-      // heavy ties: M rounds of warp argmax below the previous pick find the M-th best composite
-      Comp prev = ~0ull;
-      int found = 0;
-      for (int i = 0; i < m; ++i) {
-        Comp best = 0ull;
-        for (int j = 0; j < nj; ++j) {
-          const float x = row[j << 5];
-          if (x >= theta) {
-            const Comp cx = make_comp(score_key(x), static_cast<uint32_t>(ulo + (j << 5) + lane));
-            best = cx < prev && cx > best ? cx : best;
-          }
-        }
-        best = warp_max_comp(best);
-        if (best == 0ull) break;
-        prev = best;
-        ++found;
-      }
-      for (int j = 0; j < nj && found > 0; ++j) {
-        const float x = row[j << 5];
-        const int k = (j << 5) + lane;
-        const bool sel = x >= theta && make_comp(score_key(x), static_cast<uint32_t>(ulo + k)) >= prev;
-        const uint32_t bal = __ballot_sync(kRowFull, sel);
-        if (sel) orow[rr.lo + nsel + __popc(bal & lt)] = ulo + k;
-        nsel += __popc(bal);
-      }
-    }
-  }
-  // forced head, forced tail, -1 padding (disjoint from the selected positions [lo, lo + nsel))
-  const int tail = rr.nvp - rr.hi;
-  for (int q = lane; q < p.topk; q += 32) {
-    if (q < rr.lo) {
-      orow[q] = q;
-    } else if (q >= rr.lo + nsel) {
-      const int u = q - rr.lo - nsel;
-      orow[q] = u < tail ? rr.hi + u : -1;
-    }
-  }
+  row_select_warp(p, rows + static_cast<size_t>(g) * p.stride, cands + static_cast<size_t>(g) * p.cap, gmax + g * 32,
+                  ulo, span_pad >> 5, range[g] < range[G + g], rr, p.out + (t * p.n_heads + h) * p.topk, lane);
   if (trace != nullptr && threadIdx.x == 0) trace[2] = global_ns();
+}
+
+
+// Pipelined variant (persistent CTAs, W == G warps, rows of <= 32 * kPre blocks): a CTA walks work items
+// (G tokens of one head) item = blockIdx.x + gridDim.x * i. While the warps select the rows of item i, the
+// loads of item i + 1 are already in flight in registers (kPre values per thread), so the DRAM time of the
+// next item overlaps the selection of this one instead of every CTA loading, then selecting, in lockstep.
+// Rows are staged whole ([0, K) rounded up to 32; -inf outside each row's eligible range).
+template <typename T, int kPre>
+__device__ __forceinline__ void row_select_pipelined(const RowParams& p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int G = 1 << p.log_g;
+  const int tid = threadIdx.x;
+  float* rows = reinterpret_cast<float*>(smem_raw);
+  Comp* cands = reinterpret_cast<Comp*>(rows + static_cast<size_t>(G) * p.stride);
+  uint32_t* gmax = reinterpret_cast<uint32_t*>(cands + static_cast<size_t>(G) * p.cap);
+  const int gl = tid & (G - 1), kk = tid >> p.log_g;  // kk < 32: blockDim.x == 32 * G
+  const int span_pad = (p.n_blocks + 31) & ~31;
+  const int64_t n_groups = (p.q + G - 1) / G;
+  const int64_t n_items = n_groups * p.n_heads;
+  const int64_t step = 32 * p.q;
+  unsigned long long* trace = p.trace != nullptr ? p.trace + 3 * static_cast<size_t>(blockIdx.x) : nullptr;
+  if (trace != nullptr && tid == 0) trace[0] = global_ns();
+
+  float pre[kPre];
+  auto fetch = [&](int64_t item) {  // this thread's values of its row in `item` (k = kk + 32 u), -inf outside
+    const int64_t hh = item / n_groups;
+    const int64_t tl = (item - hh * n_groups) * G + gl;
+    int elo = 0, ehi = 0;
+    if (tl < p.q && p.m > 0) {
+      const RowRange rl = row_range(p.nvp != nullptr ? __ldg(p.nvp + tl) : p.nvp_scalar, p.n_blocks, p.fb, p.fe);
+      elo = rl.lo;
+      ehi = rl.hi;
+    }
+    const T* src = static_cast<const T*>(p.scores) + hh * p.n_blocks * p.q + (tl < p.q ? tl : 0) + kk * p.q;
+#pragma unroll
+    for (int u = 0; u < kPre; ++u) {
+      const int k = kk + 32 * u;
+      pre[u] = k >= elo && k < ehi ? row_load<T>(src + u * step) : -INFINITY;
+    }
+  };
+
+  if (tid < G * 32) gmax[tid] = 0u;
+  int64_t item = blockIdx.x;
+  if (item < n_items) fetch(item);
+  __syncthreads();
+  for (; item < n_items; item += gridDim.x) {
+    float* dst = rows + static_cast<size_t>(gl) * p.stride + kk;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int u = 0; u < kPre; ++u) {
+      const float x = fmaxf(pre[u], -INFINITY);  // NaN -> -inf
+      mx = fmaxf(mx, x);
+      if (kk + 32 * u < span_pad) dst[32 * u] = x;
+    }
+    if (mx > -INFINITY) atomicMax(gmax + gl * 32 + kk, score_key(mx));
+    __syncthreads();
+    if (trace != nullptr && tid == 0 && item == blockIdx.x) trace[1] = global_ns();
+    const int64_t next = item + gridDim.x;
+    if (next < n_items) fetch(next);  // in flight while this item's rows are selected
+    const int g = tid >> 5, lane = tid & 31;
+    const int64_t hh = item / n_groups;
+    const int64_t t = (item - hh * n_groups) * G + g;
+    if (t < p.q) {  // warp-uniform
+      const RowRange rr = row_range(p.nvp != nullptr ? __ldg(p.nvp + t) : p.nvp_scalar, p.n_blocks, p.fb, p.fe);
+      row_select_warp(p, rows + static_cast<size_t>(g) * p.stride, cands + static_cast<size_t>(g) * p.cap,
+                      gmax + g * 32, 0, span_pad >> 5, rr.lo < rr.hi, rr, p.out + (t * p.n_heads + hh) * p.topk,
+                      lane);
+    }
+    __syncthreads();  // staging area free for the next item
+  }
+  if (trace != nullptr && tid == 0) trace[2] = global_ns();
 }
 
 }  // namespace msa_topk
