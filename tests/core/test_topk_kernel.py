@@ -370,7 +370,7 @@ def test_plan_shapes(monkeypatch):
             assert p.cap >= m + p.threads_per_row
     assert plan(4, 64, 4096, 15, 132).path == "warp"  # many short rows
     assert plan(1, 1024, 4096, 15, 132).path == "row"  # 128K prefill: staged rows, one warp per row
-    assert plan(1, 1024, 4096, 15, 132).ctas == 256  # pipelined: 2 items per CTA
+    assert plan(1, 1024, 4096, 15, 132).ctas == 0  # pipelined kernel: opt-in only (no measured gain)
     assert plan(1, 1024, 4096, 15, 132, itemsize=2).log_g == 4  # bf16: 16 tokens = one 32-byte sector
     assert plan(4, 1024, 64, 15, 132).path == "row" and plan(4, 1024, 64, 15, 132).warps == 8  # decode
     assert plan(1, 1024, 4096, 65, 132).path == "block"  # M > 64: no row path
@@ -536,13 +536,16 @@ def test_row_launch_shapes(monkeypatch, g, warps, ctas):
         scores = make_scores("ties", 2, k_long, 50, dtype, gen).cuda()
         _check(scores, 64, None, 0, 0)
         _check(scores, 16, random_nvp(50, k_long, gen).cuda(), 2, 2)
-        scores = make_scores("randn", 2, 1024, 77, dtype, gen).cuda()
-        _check(scores, 16, None, 0, 1)
-        _check(scores, 48, random_nvp(77, 1024, gen).cuda(), 1, 1)
+        for total_q in (77, 96):  # 96: the 4-token vector staging (total_q % 4 == 0, G >= 4)
+            scores = make_scores("randn", 2, 1024, total_q, dtype, gen).cuda()
+            _check(scores, 16, None, 0, 1)
+            _check(scores, 48, random_nvp(total_q, 1024, gen).cuda(), 1, 1)
     for kind in ("nan", "ascending", "causal", "zeros_signed"):
-        scores = make_scores(kind, 3, 700, 70, torch.float32, gen).cuda()
-        _check(scores, 7, 650, 0, 0)
-        _check(scores, 33, None, 0, 0)
+        for total_q in (70, 72):
+            scores = make_scores(kind, 3, 700, total_q, torch.float32, gen).cuda()
+            _check(scores, 7, 650, 0, 0)
+            _check(scores, 33, None, 0, 0)
+            _check(scores, 16, random_nvp(total_q, 700, gen).cuda(), 1, 2)
     if g <= 2 and not ctas:  # long rows: 9000 blocks staged per row
         scores = make_scores("randn", 1, 9000, 37, torch.float32, gen).cuda()
         _check(scores, 16, None, 0, 1)

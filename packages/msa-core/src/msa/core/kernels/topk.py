@@ -224,12 +224,10 @@ def _row_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, 
 
 
 def _row_ctas(n_heads: int, n_blocks: int, total_q: int, g: int, warps: int, sm_count: int) -> int:
-    """Pipelined row kernel (2 CTAs per SM, each walking >= 2 items so the next item's loads overlap this
-    item's selection) where it applies: W == G <= 8, K <= 1024, and at least 2 items per CTA."""
-    items = -(-total_q // g) * n_heads
-    if warps != g or g > 8 or n_blocks > 1024 or items < 2 * sm_count:
-        return 0
-    return min(2 * sm_count, -(-items // 2))
+    """Pipelined row kernel by default: never. Measured on H100 (benchmarks/topk_notes.md): 128K H1 prefill
+    14.50 us at 264 CTAs vs 14.93 one CTA per item, H4 49.0 vs 48.2, 8K prefill 10.8 vs 7.2 -- the selection is
+    issue-bound, so overlapping the next item's loads buys little. Kept as an option (MSA_TOPK_CTAS)."""
+    return 0
 
 
 def _use_row_path(n_heads: int, n_blocks: int, total_q: int, m: int) -> bool:

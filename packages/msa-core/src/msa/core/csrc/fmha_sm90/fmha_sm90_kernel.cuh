@@ -737,57 +737,6 @@ __device__ void consumer_score_only(typename T::Params const& p, typename T::Sha
     if constexpr (T::kCausal) {
       n_mask_min = min(n_mask_min, max(0, floor_div(w.m_block * kBlockM + w.qo_offset + 1, kBlockN)));
     }
-#if defined(MSA_FMHA_SM90_SCORE_PIPELINE)
-    // Two S accumulators: the QK^T of tile n-1 is in flight while the row maxima of tile n are taken.
-    Tensor tSrS1 = partition_fragment_C(mma_qk, select<0, 1>(TileQK{}));
-    auto finish = [&](auto& s_cur, int n) {  // s_cur's GEMM has completed
-      if (n >= n_mask_min) { apply_mask<T::kCausal, kBlockM, kBlockN>(s_cur, tScS, w, n); }
-      tile_row_max(s_cur, tile_max);
-      store_max_score<T>(p, tScS, w, n, tile_max);
-    };
-    // issue(s, n): wait for K(n) and start S = Q K(n)^T; retire(s, n, more): wait for the older GEMM only
-    // when another is in flight, release its K stage, reduce it.
-    int n = w.n_block_max - 1;
-    PipeState<T::kStages> rd_prev = rd;
-    Mbar::wait(&ss.full_k[rd.index], rd.phase);
-    wg_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, rd.index), tSrS);
-    rd.advance();
-    CUTE_NO_UNROLL
-    while (true) {
-      bool more = n - 1 >= w.n_block_min;
-      PipeState<T::kStages> const rd_cur = rd_prev;
-      if (more) {
-        rd_prev = rd;
-        Mbar::wait(&ss.full_k[rd.index], rd.phase);
-        wg_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, rd.index), tSrS1);
-        rd.advance();
-        warpgroup_wait<1>();
-      } else {
-        warpgroup_wait<0>();
-      }
-      warpgroup_fence_operand(tSrS);
-      Mbar::arrive(&ss.empty_k[rd_cur.index]);
-      finish(tSrS, n);
-      if (!more) { break; }
-      --n;
-      more = n - 1 >= w.n_block_min;
-      PipeState<T::kStages> const rd_cur1 = rd_prev;
-      if (more) {
-        rd_prev = rd;
-        Mbar::wait(&ss.full_k[rd.index], rd.phase);
-        wg_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, rd.index), tSrS);
-        rd.advance();
-        warpgroup_wait<1>();
-      } else {
-        warpgroup_wait<0>();
-      }
-      warpgroup_fence_operand(tSrS1);
-      Mbar::arrive(&ss.empty_k[rd_cur1.index]);
-      finish(tSrS1, n);
-      if (!more) { break; }
-      --n;
-    }
-#else
     CUTE_NO_UNROLL
     for (int n = w.n_block_max - 1; n >= w.n_block_min; --n) {
       Mbar::wait(&ss.full_k[rd.index], rd.phase);
@@ -798,7 +747,6 @@ __device__ void consumer_score_only(typename T::Params const& p, typename T::Sha
       tile_row_max(tSrS, tile_max);
       store_max_score<T>(p, tScS, w, n, tile_max);
     }
-#endif
     named_barrier_arrive(kBarQueryEmpty, T::kNumMmaThreads + 32);
     next_work(next_item, next_w);
     if constexpr (!T::kFillWarps) {
