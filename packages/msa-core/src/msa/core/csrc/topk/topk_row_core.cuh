@@ -39,7 +39,6 @@ struct RowParams {
   int log_g;   // tokens per CTA = 1 << log_g (<= 32, <= warps)
   int stride;  // floats per staged row (row_stride)
   int cap;     // candidate entries per row (multiple of 32)
-  int vec;     // 1: stage 4 consecutive tokens per load (total_q % 4 == 0, 16-byte aligned fp32 / 8-byte bf16)
   unsigned long long* trace;  // diagnostic (nullptr = off): per CTA %globaltimer at start / staged / warp 0 done
 };
 
@@ -76,20 +75,6 @@ __device__ __forceinline__ Comp warp_max_comp(Comp x) {
   const uint32_t hi = __reduce_max_sync(kRowFull, static_cast<uint32_t>(x >> 32));
   const uint32_t lo = __reduce_max_sync(kRowFull, static_cast<uint32_t>(x >> 32) == hi ? static_cast<uint32_t>(x) : 0u);
   return (static_cast<Comp>(hi) << 32) | lo;
-}
-
-// 4 consecutive tokens' scores at one block (fp32: one 16-byte load; bf16: one 8-byte load)
-template <typename T>
-__device__ __forceinline__ float4 row_load4(const T* p);
-template <>
-__device__ __forceinline__ float4 row_load4<float>(const float* p) {
-  return __ldg(reinterpret_cast<const float4*>(p));
-}
-template <>
-__device__ __forceinline__ float4 row_load4<uint16_t>(const uint16_t* p) {
-  const uint2 w = __ldg(reinterpret_cast<const uint2*>(p));
-  return make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xFFFF0000u), __uint_as_float(w.y << 16),
-                     __uint_as_float(w.y & 0xFFFF0000u));
 }
 
 template <typename T>
@@ -238,7 +223,7 @@ __device__ __forceinline__ void row_select_warp(const RowParams& p, float* row_b
 }
 
 
-// kRowUnroll: scalar loads in flight per thread in phase 1 (the 4-token vector path keeps kRowUnroll / 2 x 4).
+// kRowUnroll: loads in flight per thread in phase 1.
 template <typename T, int kRowUnroll>
 __device__ __forceinline__ void row_select_cta(const RowParams& p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -262,86 +247,31 @@ __device__ __forceinline__ void row_select_cta(const RowParams& p) {
     elo = rl.lo;
     ehi = rl.hi;
   }
-  if (tid < G * 32) gmax[tid] = 0u;
-  if (tid < G) {  // (the first G threads are rows 0..G-1)
-    range[tid] = elo;
-    range[G + tid] = ehi;
-  }
-  __syncthreads();
+  // one thread per (row, group) when W == G: group maxima are plain stores, nothing to zero first
+  const bool own_groups = n_threads == 32 * G;
   int ulo = INT32_MAX, uhi = INT32_MIN;
-  for (int i = 0; i < G; ++i) {
-    const int a = range[i], b = range[G + i];
-    ulo = a < b ? imin32(ulo, a) : ulo;
-    uhi = a < b ? imax32(uhi, b) : uhi;
+  if (p.nvp == nullptr && own_groups) {
+    // one scalar nvp: every row with tokens has the same range; no shared table, no barrier before staging
+    const RowRange rs = row_range(p.nvp_scalar, p.n_blocks, p.fb, p.fe);
+    if (p.m > 0 && rs.lo < rs.hi) {
+      ulo = rs.lo;
+      uhi = rs.hi;
+    }
+  } else {
+    if (tid < G * 32) gmax[tid] = 0u;
+    if (tid < G) {  // (the first G threads are rows 0..G-1)
+      range[tid] = elo;
+      range[G + tid] = ehi;
+    }
+    __syncthreads();
+    for (int i = 0; i < G; ++i) {
+      const int a = range[i], b = range[G + i];
+      ulo = a < b ? imin32(ulo, a) : ulo;
+      uhi = a < b ? imax32(uhi, b) : uhi;
+    }
   }
   const int span = ulo < uhi ? uhi - ulo : 0;
   const int span_pad = (span + 31) & ~31;  // staged length: [span, span_pad) is -inf, so warps read whole lines
-  if (p.vec && G >= 4) {
-    // 4 tokens per thread and load: rows 4 * qd .. 4 * qd + 3 (G / 4 threads per k-row)
-    const int lq = p.log_g - 2;
-    const int qd = tid & ((G >> 2) - 1), kv = tid >> lq, perv = n_threads >> lq;
-    int lo4 = INT32_MIN, hi4 = INT32_MAX;  // the 4 rows' common range (unchecked loads), and their union
-    int lou = INT32_MAX, hiu = INT32_MIN;
-    for (int i = 0; i < 4; ++i) {
-      const int ra = range[4 * qd + i], rb = range[G + 4 * qd + i];
-      lo4 = imax32(lo4, ra - ulo);
-      hi4 = imin32(hi4, rb - ulo);
-      if (ra < rb) {
-        lou = imin32(lou, ra - ulo);
-        hiu = imax32(hiu, rb - ulo);
-      }
-    }
-    const int64_t t4 = t0 + 4 * qd;
-    const T* src = static_cast<const T*>(p.scores) + (static_cast<int64_t>(h) * p.n_blocks + (span ? ulo : 0)) * p.q +
-                   (t4 < p.q ? t4 : 0) + kv * p.q;
-    const int64_t step = static_cast<int64_t>(perv) * p.q;
-    float* dst = rows + static_cast<size_t>(4 * qd) * p.stride + kv;
-    float m0 = -INFINITY, m1 = -INFINITY, m2 = -INFINITY, m3 = -INFINITY;
-    constexpr int kU = kRowUnroll / 2;
-    for (int k0 = kv; k0 < span_pad; k0 += perv * kU) {
-      float4 v[kU];
-      if (k0 >= lo4 && k0 + perv * (kU - 1) < hi4) {
-#pragma unroll
-        for (int u = 0; u < kU; ++u) v[u] = row_load4<T>(src + u * step);
-      } else {
-#pragma unroll
-        for (int u = 0; u < kU; ++u) {
-          const int k = k0 + perv * u;
-          v[u] = make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
-          if (k >= lou && k < hiu) {
-            v[u] = row_load4<T>(src + u * step);
-            if (k < range[4 * qd] - ulo || k >= range[G + 4 * qd] - ulo) v[u].x = -INFINITY;
-            if (k < range[4 * qd + 1] - ulo || k >= range[G + 4 * qd + 1] - ulo) v[u].y = -INFINITY;
-            if (k < range[4 * qd + 2] - ulo || k >= range[G + 4 * qd + 2] - ulo) v[u].z = -INFINITY;
-            if (k < range[4 * qd + 3] - ulo || k >= range[G + 4 * qd + 3] - ulo) v[u].w = -INFINITY;
-          }
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kU; ++u) {
-        const int k = k0 + perv * u;
-        const float x0 = fmaxf(v[u].x, -INFINITY), x1 = fmaxf(v[u].y, -INFINITY);  // NaN -> -inf
-        const float x2 = fmaxf(v[u].z, -INFINITY), x3 = fmaxf(v[u].w, -INFINITY);
-        m0 = fmaxf(m0, x0);
-        m1 = fmaxf(m1, x1);
-        m2 = fmaxf(m2, x2);
-        m3 = fmaxf(m3, x3);
-        if (k < span_pad) {
-          dst[u * perv] = x0;
-          dst[p.stride + u * perv] = x1;
-          dst[2 * p.stride + u * perv] = x2;
-          dst[3 * p.stride + u * perv] = x3;
-        }
-      }
-      src += kU * step;
-      dst += kU * perv;
-    }
-    uint32_t* gm = gmax + 4 * qd * 32 + (kv & 31);
-    if (m0 > -INFINITY) atomicMax(gm, score_key(m0));
-    if (m1 > -INFINITY) atomicMax(gm + 32, score_key(m1));
-    if (m2 > -INFINITY) atomicMax(gm + 64, score_key(m2));
-    if (m3 > -INFINITY) atomicMax(gm + 96, score_key(m3));
-  } else {
   const int per = n_threads >> p.log_g;    // k-rows per pass
   const int kk = tid >> p.log_g;
   const int a = elo - ulo, b = ehi - ulo;   // this thread's row: loads only for offsets in [a, b)
@@ -378,7 +308,10 @@ __device__ __forceinline__ void row_select_cta(const RowParams& p) {
     dst += kRowUnroll * per;
   }
   // group maxima, groups = block offset mod 32 (any partition of the row works for the theta bound)
-  if (mx > -INFINITY) atomicMax(gmax + gl * 32 + (kk & 31), score_key(mx));
+  if (own_groups) {
+    gmax[gl * 32 + kk] = key_or_zero(mx);
+  } else if (mx > -INFINITY) {
+    atomicMax(gmax + gl * 32 + (kk & 31), score_key(mx));
   }
   __syncthreads();
   if (trace != nullptr && threadIdx.x == 0) trace[1] = global_ns();
@@ -390,7 +323,7 @@ __device__ __forceinline__ void row_select_cta(const RowParams& p) {
   if (t >= p.q) return;
   const RowRange rr = row_range(p.nvp != nullptr ? __ldg(p.nvp + t) : p.nvp_scalar, p.n_blocks, p.fb, p.fe);
   row_select_warp(p, rows + static_cast<size_t>(g) * p.stride, cands + static_cast<size_t>(g) * p.cap, gmax + g * 32,
-                  ulo, span_pad >> 5, range[g] < range[G + g], rr, p.out + (t * p.n_heads + h) * p.topk, lane);
+                  ulo, span_pad >> 5, rr.lo < rr.hi, rr, p.out + (t * p.n_heads + h) * p.topk, lane);
   if (trace != nullptr && threadIdx.x == 0) trace[2] = global_ns();
 }
 
