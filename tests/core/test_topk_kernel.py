@@ -371,7 +371,8 @@ def test_plan_shapes(monkeypatch):
     assert plan(4, 64, 4096, 15, 132).path == "warp"  # many short rows
     assert plan(1, 1024, 4096, 15, 132).path == "row"  # 128K prefill: staged rows, one warp per row
     assert plan(1, 1024, 4096, 15, 132).ctas == 0  # pipelined kernel: opt-in only (no measured gain)
-    assert plan(1, 1024, 4096, 15, 132, itemsize=2).log_g == 4  # bf16: 16 tokens = one 32-byte sector
+    assert plan(1, 1024, 4096, 15, 132).log_g == 4  # 16 tokens per CTA
+    assert plan(1, 2048, 4096, 15, 132).log_g == 3  # 16 staged rows of 2048 would exceed the smem budget
     assert plan(4, 1024, 64, 15, 132).path == "row" and plan(4, 1024, 64, 15, 132).warps == 8  # decode
     assert plan(1, 1024, 4096, 65, 132).path == "block"  # M > 64: no row path
     assert plan(1, 8192, 64, 15, 132).splits == 8

@@ -95,6 +95,7 @@ __device__ __forceinline__ void row_select_warp(const RowParams& p, float* row_b
                                                 int ulo, int nj, bool has, const RowRange& rr, int32_t* orow,
                                                 int lane) {
   const float* row = row_base + lane;  // this lane's offsets lane + 32 j
+  const bool pairs = (p.stride & 1) == 0;  // rows 8-byte aligned: the candidate scan reads float2
   const uint32_t gkey = gmax_row[lane];
   gmax_row[lane] = 0u;  // ready for the next rows staged here (pipelined kernel)
   const int m = p.m;
@@ -135,13 +136,23 @@ __device__ __forceinline__ void row_select_warp(const RowParams& p, float* row_b
     int n = 0;
     for (int jc = 0; jc < nj; jc += 32) {
       const int jn = imin32(32, nj - jc);
+      // bit b of this chunk (32 lines = 1024 offsets): offset (jc << 5) + chunk_offset(b)
       uint32_t mask = 0u;
-      if (jn == 32) {
+      if (jn == 32 && pairs) {
+        // 8-byte reads: lane holds offsets 64 i + 2 lane + {0, 1} (bits 2 i, 2 i + 1); half the load instructions
+        const float2* r2 = reinterpret_cast<const float2*>(row_base + (jc << 5)) + lane;
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+          const float2 x = r2[i << 5];
+          mask |= (x.x >= theta ? 1u << (2 * i) : 0u) | (x.y >= theta ? 2u << (2 * i) : 0u);
+        }
+      } else if (jn == 32) {
 #pragma unroll
         for (int j = 0; j < 32; ++j) mask |= row[(jc + j) << 5] >= theta ? 1u << j : 0u;
       } else {
         for (int j = 0; j < jn; ++j) mask |= row[(jc + j) << 5] >= theta ? 1u << j : 0u;
       }
+      const bool paired = jn == 32 && pairs;
       const int c = __popc(mask);
       int incl = c;
 #pragma unroll
@@ -151,9 +162,10 @@ __device__ __forceinline__ void row_select_warp(const RowParams& p, float* row_b
       }
       int pos = n + incl - c;
       while (mask) {
-        const int j = jc + __ffs(mask) - 1;
+        const int b = __ffs(mask) - 1;
         mask &= mask - 1u;
-        if (pos < p.cap) cand[pos] = make_comp(score_key(row[j << 5]), static_cast<uint32_t>(ulo + (j << 5) + lane));
+        const int k = (jc << 5) + (paired ? ((b >> 1) << 6) + 2 * lane + (b & 1) : (b << 5) + lane);
+        if (pos < p.cap) cand[pos] = make_comp(score_key(row_base[k]), static_cast<uint32_t>(ulo + k));
         ++pos;
       }
       n += __shfl_sync(kRowFull, incl, 31);
