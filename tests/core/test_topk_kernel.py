@@ -355,8 +355,9 @@ def test_plan_shapes(monkeypatch):
         for m in (1, 15, 33, 64):
             p = plan(n_heads, n_blocks, total_q, m, 132)
             assert p.splits >= 1
-            if p.path == "row":  # rows of up to 2048 blocks, M <= 64
-                assert n_blocks <= 2048 and 0 < m <= 64 and p.splits == 1
+            if p.path == "row":  # rows of up to 2048 blocks (8192 for decode-like shapes), M <= 64
+                assert n_blocks <= (8192 if total_q * n_heads < 16 * 132 else 2048) and 0 < m <= 64
+                assert p.splits == 1
                 assert row_smem_bytes(n_blocks, 1 << p.log_g, p.cap) <= 112 * 1024 and p.cap >= m
                 assert p.warps >= 1 << p.log_g and p.warps <= 32
                 continue
@@ -375,7 +376,9 @@ def test_plan_shapes(monkeypatch):
     assert plan(1, 2048, 4096, 15, 132).log_g == 3  # 16 staged rows of 2048 would exceed the smem budget
     assert plan(4, 1024, 64, 15, 132).path == "row" and plan(4, 1024, 64, 15, 132).warps == 8  # decode
     assert plan(1, 1024, 4096, 65, 132).path == "block"  # M > 64: no row path
-    assert plan(1, 8192, 64, 15, 132).splits == 8
+    assert plan(1, 8192, 64, 15, 132).path == "row" and plan(1, 8192, 64, 15, 132).log_g == 0  # 1M decode
+    assert plan(4, 8192, 64, 15, 132).log_g == 1 and plan(4, 8192, 64, 15, 132).warps == 16
+    assert plan(1, 16384, 64, 15, 132).splits > 1  # 2M decode: block path, split + merge
     assert plan(4, 8192, 64, 0, 132).splits == 1  # fb + fe == topk: nothing to merge
     monkeypatch.setenv("MSA_TOPK_PATH", "warp")
     p = plan(4, 8192, 4096, 15, 132)  # 1M context prefill: rows alone fill the GPU
@@ -563,9 +566,11 @@ def test_kernel_bench_shapes(n_heads, n_blocks, total_q):
 
 
 @pytest.mark.gpu
-def test_kernel_deterministic_and_out_reuse():
+@pytest.mark.parametrize("path", ["block", "row"])
+def test_kernel_deterministic_and_out_reuse(monkeypatch, path):
+    monkeypatch.setenv("MSA_TOPK_PATH", path)  # decode shape: block = split + merge, row = whole rows staged
     gen = torch.Generator().manual_seed(3)
-    scores = make_scores("ties", 4, 4096, 64, torch.float32, gen).cuda()  # decode shape: split + merge path
+    scores = make_scores("ties", 4, 4096, 64, torch.float32, gen).cuda()
     a = _kernel_call(scores, 16, None, 0, 1)
     b = _kernel_call(scores, 16, None, 0, 1)
     assert torch.equal(a, b)

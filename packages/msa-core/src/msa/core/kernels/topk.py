@@ -215,11 +215,15 @@ def _row_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, 
     decode = total_q * n_heads < sm_count * g  # fewer CTAs than SMs at G rows each
     if decode:
         g = 2
+        if n_blocks > ROW_MAX_BLOCKS and total_q * n_heads <= 128:
+            g = 1  # long rows, few of them: one row per CTA (512K H1: 7.3 us at G 1 vs 7.4 at G 2)
     while g > 1 and row_smem_bytes(n_blocks, g, cap) > ROW_SMEM_BUDGET:
         g //= 2
     if row_smem_bytes(n_blocks, g, cap) > ROW_SMEM_BUDGET:
         return None
     warps = max(8, g) if decode else g
+    if decode and n_blocks > ROW_MAX_BLOCKS:
+        warps = 16  # long decode rows: more loads in flight per CTA
     return TopkPlan(path="row", splits=1, cap=cap, warps=warps, log_g=g.bit_length() - 1,
                     ctas=_row_ctas(n_heads, n_blocks, total_q, g, warps, sm_count))
 
@@ -231,9 +235,17 @@ def _row_ctas(n_heads: int, n_blocks: int, total_q: int, g: int, warps: int, sm_
     return 0
 
 
-def _use_row_path(n_heads: int, n_blocks: int, total_q: int, m: int) -> bool:
-    """Rows of up to 2048 blocks (256K context) that fit shared memory; longer rows stream (block path)."""
-    return 0 < m <= ROW_MAX_M and n_blocks <= 2048
+ROW_MAX_BLOCKS = 2048  # prefill rows staged whole (256K context); longer rows stream (block path)
+ROW_MAX_BLOCKS_DECODE = 8192  # decode: a few long rows per CTA still fit (1M context at G <= 2)
+
+
+def _use_row_path(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int = 132) -> bool:
+    """Rows that fit shared memory: up to 2048 blocks, or 8192 for decode-like shapes (fewer rows than 16 per SM;
+    H100, session 2: 512K decode 7.3 / 9.7 us vs 10.1 / 12.3 split + merge, 1M H4 14.8 vs 16.4, 1M H1 even)."""
+    if not 0 < m <= ROW_MAX_M:
+        return False
+    decode = total_q * n_heads < 16 * sm_count
+    return n_blocks <= (ROW_MAX_BLOCKS_DECODE if decode else ROW_MAX_BLOCKS)
 
 
 def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, itemsize: int = 4) -> TopkPlan:
@@ -242,8 +254,8 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
     if not path:
         if _use_warp_path(n_heads, n_blocks, total_q):
             path = "warp"
-        elif _use_row_path(n_heads, n_blocks, total_q, m) and _row_plan(n_heads, n_blocks, total_q, m, sm_count,
-                                                                        itemsize):
+        elif _use_row_path(n_heads, n_blocks, total_q, m, sm_count) and _row_plan(n_heads, n_blocks, total_q, m,
+                                                                                  sm_count, itemsize):
             path = "row"
         else:
             path = "block"
