@@ -396,6 +396,13 @@ def fmha(
         per_head_scales=any(isinstance(s, torch.Tensor) for s in (q_scale, k_scale, v_scale, o_scale)),
         gqa_ratio=plan.num_qo_heads // max(plan.num_kv_heads, 1),
     )
+    if chosen == "sparse_decode":
+        from .kernels import sparse_decode  # noqa: PLC0415 - kernels load lazily (JIT, CUDA)
+
+        return sparse_decode.run(
+            q, k, v, plan, kv_indices=kv_indices, kv_block_indexes=kv_block_indexes, out=out, sm_scale=sm,
+            q_scale=q_scale, k_scale=k_scale, v_scale=v_scale, o_scale=o_scale, return_lse=return_lse,
+        )
     if chosen != "reference":
         from .kernels import fmha_sm90  # noqa: PLC0415 - kernels load lazily (JIT, CUDA)
 

@@ -14,6 +14,10 @@ _KERNEL_MODULES = {
     "sparse_topk_select": ("topk_cuda", "msa.core.kernels.topk"),
     "fmha": ("fmha_sm90", "msa.core.kernels.fmha_sm90"),
 }
+# Further kernels of an op, tried after the one above (supports() keeps them disjoint).
+_EXTRA_KERNELS = (
+    ("fmha", "sparse_decode", "msa.core.kernels.sparse_decode"),  # per-token block-sparse (kv_block_indexes)
+)
 
 
 def _hooks(module: str):
@@ -33,4 +37,6 @@ def _hooks(module: str):
 
 
 for _op, (_name, _module) in _KERNEL_MODULES.items():
+    dispatch.register_kernel(_op, _name, *_hooks(_module))
+for _op, _name, _module in _EXTRA_KERNELS:
     dispatch.register_kernel(_op, _name, *_hooks(_module))

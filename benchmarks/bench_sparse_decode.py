@@ -1,0 +1,107 @@
+"""Per-token block-sparse paged decode (msa.core.fmha with kv_block_indexes): bandwidth on the selected K/V.
+
+Bytes counted = every (token, KV head)'s selected K + V pages read once (k x 2 x 128 x 128 x 2 B = 64 KiB per
+block), i.e. no reuse between tokens: each token's blocks are drawn independently from a page pool much larger
+than L2 (the worst case for MTP, whose tokens share most blocks in practice). Contexts beyond the pool map their
+logical pages onto it at random (the page table is what a 1M context looks like; the bytes read are the same).
+Times are CUDA-graph replays (20 calls per graph) with CUDA events; the reference is a device-to-device copy
+(read + write bytes / time). Prints one line per shape: us/call, GB/s, fraction of the copy bandwidth.
+
+    python benchmarks/bench_sparse_decode.py           # the issue-7 bar shapes (Hq 64, Hkv 4, d128, k 16)
+    python benchmarks/bench_sparse_decode.py --quick   # small shapes only
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import msa.core as core
+import torch
+
+HQ, HKV, D, BLOCK = 64, 4, 128, 128
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * nbytes * 10 / (start.elapsed_time(end) * 1e-3)
+
+
+def graph_time(fn, calls: int = 20, reps: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e-3 / calls)
+    return best
+
+
+def run_shape(batch, q_len, context, topk, pool_pages, dtype=torch.bfloat16, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    n_blk = context // BLOCK
+    plan = core.fmha_plan([q_len] * batch, [context] * batch, HQ, HKV, page_size=BLOCK, kv_block_num=topk,
+                          device="cuda")
+    kv_indices = torch.randint(0, pool_pages, (plan.num_pages,), generator=gen, device="cuda", dtype=torch.int32)
+    k = torch.randn(pool_pages, HKV, BLOCK, D, generator=gen, device="cuda", dtype=dtype)
+    v = torch.randn(pool_pages, HKV, BLOCK, D, generator=gen, device="cuda", dtype=dtype)
+    total_q = plan.total_q
+    # k distinct random blocks per (token, head), the local (last) block always in, ascending
+    r = torch.rand(total_q * HKV, n_blk - 1, generator=gen, device="cuda")
+    pick = r.topk(topk - 1, dim=1).indices if topk > 1 else r[:, :0].long()
+    last = torch.full((total_q * HKV, 1), n_blk - 1, device="cuda", dtype=torch.long)
+    blocks = torch.cat([pick, last], 1).sort(dim=1).values.to(torch.int32).view(total_q, HKV, topk).contiguous()
+    q = torch.randn(total_q, HQ, D, generator=gen, device="cuda", dtype=dtype)
+    out = torch.empty_like(q)
+
+    def call():
+        core.fmha(q, k, v, plan, kv_indices=kv_indices, kv_block_indexes=blocks, out=out, backend="kernel")
+
+    t = graph_time(call)
+    nbytes = total_q * HKV * topk * 2 * BLOCK * D * q.element_size()
+    dp = plan.kernel["sparse_decode"]
+    return t, nbytes, dp.splits
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--pool-gib", type=float, default=24.0, help="K + V page pool size")
+    args = ap.parse_args()
+    name = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    print(f"# {name}; device copy bandwidth {bw / 1e9:.0f} GB/s (read + write); Hq {HQ} Hkv {HKV} d {D} bf16")
+    page_bytes = 2 * HKV * BLOCK * D * 2
+    pool = int(args.pool_gib * (1 << 30) // page_bytes)
+    shapes = [(4, 1, 8192, 16), (8, 4, 16384, 16)] if args.quick else [
+        (b, ql, ctx, 16) for ctx in (131072, 1048576) for ql in (1, 8) for b in (32, 64, 128)
+    ]
+    print(f"{'batch':>5} {'q_len':>5} {'context':>8} {'k':>3} {'splits':>6} {'us':>9} {'GB':>7} {'GB/s':>7} "
+          f"{'of copy':>7}")
+    for b, ql, ctx, topk in shapes:
+        t, nbytes, splits = run_shape(b, ql, ctx, topk, pool)
+        print(f"{b:>5} {ql:>5} {ctx:>8} {topk:>3} {splits:>6} {t * 1e6:>9.1f} {nbytes / 1e9:>7.3f} "
+              f"{nbytes / t / 1e9:>7.0f} {nbytes / t / bw:>7.1%}", flush=True)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Per-token block-sparse paged decode attention (``csrc/sparse_decode``): plan, build and launch.
+
+Serves ``msa.core.fmha`` calls with ``kv_block_indexes`` (issue 7's per-token block-sparse mode): bf16 / fp16,
+head dim 128 (Dqk = Dv), page size 128, Hq / Hkv <= 16, causal or not, optional LSE, float scales. Any q_len and
+any k work (each token is independent; k is cut into splits of <= 64 blocks); the kernel is tuned for decode /
+MTP (q_len 1..32, k <= 64). Everything else is refused by :func:`supports` and falls back to the reference.
+
+* :func:`plan` (host, once per length set; cached on the ``FmhaPlan``): per-token ``(first page-table slot,
+  visible key limit)`` as one int32 device tensor, the split count from a small wave model
+  (:func:`choose_splits`), and the fp32 partial-O / LSE workspace when splits > 1.
+* :func:`run` (device): no host synchronisation, no allocation when ``out`` (and ``lse``) are given; one launch,
+  plus a combine launch when splits > 1, both on the current stream (CUDA-graph safe).
+
+``MSA_SPARSE_DECODE_SPLITS`` overrides the split count (benchmark sweeps).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["DecodePlan", "plan", "run", "spec", "jit_specs", "available", "supports", "choose_splits", "STAGES"]
+
+FAMILY = "sparse_decode"
+SOURCES = ("sparse_decode.cu.jinja",)
+HEAD_DIM = 128
+PAGE_SIZE = 128
+MAX_GROUP = 16  # query heads per KV head packed into one m16 MMA tile
+MAX_BLOCKS_PER_SPLIT = 64
+STAGES = 3  # 16-key K+V chunks in flight per warp (8 KiB each): 96 KiB per CTA, 2 CTAs per SM
+CTAS_PER_SM = 2
+DTYPES = (torch.bfloat16, torch.float16)
+_SUPPORTED_CC = {(9, 0): "sm_90a", (10, 0): "sm_100a", (10, 3): "sm_103a"}
+_PRESET_DTYPES = {"bf16", "bfloat16", "fp16", "float16"}
+_LOG2E = 1.4426950408889634
+# Wave model (units: one 128-key K+V block streamed by one CTA slot): per CTA fixed cost (Q load, block list,
+# warp merge, output), per split the fp32 partial O written and read back (16 rows x 512 B x 2 = 1/4 block at
+# G = 16), and the combine launch.
+CTA_FIXED_COST = 0.5
+PARTIAL_COST_PER_ROW = 0.25 / 16
+COMBINE_COST = 0.6
+
+
+def spec(arch: str):
+    from msa.core.jit import JitSpec
+
+    return JitSpec(family=FAMILY, sources=SOURCES, params={"stages": STAGES}, arch=arch, use_cutlass=False)
+
+
+def jit_specs(preset: dict, arch: str) -> list:
+    """Warmup hook (msa.core.variants): one module per arch serves bf16 and fp16, causal or not."""
+    dtypes = preset.get("dtypes", ["bf16"])
+    dims = preset.get("head_dim", [HEAD_DIM])
+    if not any(d in _PRESET_DTYPES for d in dtypes) or HEAD_DIM not in dims:
+        return []
+    return [spec(arch)]
+
+
+@functools.lru_cache(maxsize=8)
+def _module_for_arch(arch: str):
+    return spec(arch).load()
+
+
+def load_module(device: torch.device):
+    from msa.core.jit import arch_for_device
+
+    return _module_for_arch(arch_for_device(device))
+
+
+def available(device) -> tuple[bool, str]:
+    """Cheap (no compilation): a CUDA device of a supported compute capability and tvm-ffi importable."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False, f"tensors are on {device}, sparse_decode needs CUDA"
+    if not torch.cuda.is_available():
+        return False, "torch.cuda is not available"
+    cc = torch.cuda.get_device_capability(device)
+    if cc not in _SUPPORTED_CC and not os.environ.get("MSA_CUDA_ARCH"):
+        return False, f"compute capability {cc[0]}.{cc[1]} is not one of {sorted(_SUPPORTED_CC)} (set MSA_CUDA_ARCH)"
+    try:
+        import tvm_ffi  # noqa: F401
+    except Exception as e:  # pragma: no cover - install problem
+        return False, f"apache-tvm-ffi is not importable: {e}"
+    return True, "ok"
+
+
+def supports(
+    *,
+    dtype=None,
+    head_dim_qk=None,
+    head_dim_v=None,
+    page_size=None,
+    output_o=True,
+    output_maxscore=False,
+    sparse=False,
+    per_head_scales=False,
+    gqa_ratio=None,
+    **_ignored,
+) -> tuple[bool, str]:
+    """Dispatch feature gate: only per-token sparse calls this kernel implements."""
+    if not sparse:
+        return False, "sparse_decode: serves per-token block-sparse calls (kv_block_indexes) only"
+    if dtype is not None and dtype not in DTYPES:
+        return False, f"sparse_decode: dtype {dtype} not built (bf16 / fp16)"
+    if head_dim_qk is not None and (head_dim_qk != HEAD_DIM or head_dim_v not in (None, HEAD_DIM)):
+        return False, f"sparse_decode: head dims {head_dim_qk}/{head_dim_v} not built (Dqk = Dv = {HEAD_DIM})"
+    if page_size != PAGE_SIZE:
+        return False, f"sparse_decode: page_size {page_size} not built (paged K/V, page {PAGE_SIZE})"
+    if not output_o or output_maxscore:
+        return False, "sparse_decode: max_score output / output_o=False not implemented"
+    if per_head_scales:
+        return False, "sparse_decode: per-head scale tensors not implemented"
+    if gqa_ratio is not None and not 1 <= gqa_ratio <= MAX_GROUP:
+        return False, f"sparse_decode: Hq / Hkv = {gqa_ratio} > {MAX_GROUP} not built"
+    return True, "ok"
+
+
+def choose_splits(pairs: int, topk: int, group: int, sm_count: int) -> int:
+    """Splits of each (token, KV head)'s k blocks minimising the modelled makespan: ceil(CTAs / slots) waves of
+    (blocks per split + fixed + partial cost) plus the combine launch when split; slots = CTAS_PER_SM per SM."""
+    slots = max(1, CTAS_PER_SM * sm_count)
+    lo = -(-topk // MAX_BLOCKS_PER_SPLIT)
+    best, best_cost = lo, math.inf
+    for s in range(lo, max(lo, topk) + 1):
+        bps = -(-topk // s)
+        if (s - 1) * bps >= topk:  # same blocks per split as a smaller s, with an empty split
+            continue
+        cost = -(-pairs * s // slots) * (bps + CTA_FIXED_COST)
+        if s > 1:
+            cost += -(-pairs * s // slots) * PARTIAL_COST_PER_ROW * group + COMBINE_COST
+        if cost < best_cost - 1e-9:
+            best, best_cost = s, cost
+    return best
+
+
+@dataclass(eq=False)
+class DecodePlan:
+    tok_info: torch.Tensor  # int32 [total_q, 2]: first page-table slot of the request, visible key limit
+    splits: int
+    blocks_per_split: int
+    part_o: torch.Tensor  # fp32 [total_q * Hq * splits * 128] (empty when splits == 1)
+    part_lse: torch.Tensor  # fp32 [total_q * Hq * splits]
+    lse_dummy: torch.Tensor
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def token_info(fplan) -> list[int]:
+    """Flat [total_q, 2] host list: (kv_page_indptr[b], exclusive visible key limit) per query token."""
+    info: list[int] = []
+    for b, (ql, kl) in enumerate(zip(fplan.qo_lens, fplan.kv_lens)):
+        base = fplan.kv_page_indptr_host[b]
+        for i in range(ql):
+            lim = min(kl, i + fplan.qo_offset_host[b] + 1) if fplan.causal else kl
+            info += [base, max(lim, 0)]
+    return info
+
+
+def plan(fplan, sm_count: int | None = None) -> DecodePlan:
+    """Kernel plan for an ``msa.core.api.FmhaPlan`` made with ``page_size=128`` and ``kv_block_num``."""
+    if fplan.page_size != PAGE_SIZE:
+        raise NotImplementedError(f"sparse_decode: page_size {fplan.page_size} is not built (page {PAGE_SIZE})")
+    if fplan.kv_block_num is None:
+        raise ValueError("plan: made without kv_block_num (not a per-token sparse plan)")
+    hq, hkv, topk = fplan.num_qo_heads, fplan.num_kv_heads, fplan.kv_block_num
+    if hq // hkv > MAX_GROUP:
+        raise NotImplementedError(f"sparse_decode: Hq / Hkv = {hq // hkv} > {MAX_GROUP} is not built")
+    device = fplan.device
+    if sm_count is None:
+        sm_count = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else 132
+    forced = os.environ.get("MSA_SPARSE_DECODE_SPLITS")
+    splits = int(forced) if forced else choose_splits(fplan.total_q * hkv, topk, hq // hkv, sm_count)
+    splits = max(-(-topk // MAX_BLOCKS_PER_SPLIT), min(splits, topk))
+    bps = -(-topk // splits)
+    splits = -(-topk // bps)  # no empty trailing split
+    tok = torch.tensor(token_info(fplan), dtype=torch.int32).view(-1, 2).to(device)
+    n = fplan.total_q * hq * splits if splits > 1 else 0
+    f32 = dict(dtype=torch.float32, device=device)
+    return DecodePlan(tok_info=tok, splits=splits, blocks_per_split=bps, part_o=torch.empty(n * HEAD_DIM, **f32),
+                      part_lse=torch.empty(n, **f32), lse_dummy=torch.empty(0, **f32))
+
+
+def _scalar(name: str, s) -> float:
+    if s is None:
+        return 1.0
+    if isinstance(s, torch.Tensor):
+        raise NotImplementedError(f"sparse_decode: {name} as a per-head tensor is not implemented")
+    return float(s)
+
+
+def run(q, k, v, fplan, *, kv_indices, kv_block_indexes, out=None, sm_scale=None, q_scale=None, k_scale=None,
+        v_scale=None, o_scale=None, return_lse=False, lse=None, output_o=True, output_maxscore=False,
+        max_score=None):
+    """Launch on arguments ``msa.core.fmha`` validated; returns ``(out, None)`` or ``(out, None, lse)``."""
+    if output_maxscore or max_score is not None or not output_o:
+        raise NotImplementedError("sparse_decode: max_score output / output_o=False is not implemented")
+    if q.dtype not in DTYPES:
+        raise NotImplementedError(f"sparse_decode: dtype {q.dtype} is not built (bf16 / fp16)")
+    if q.shape[-1] != HEAD_DIM or v.shape[-1] != HEAD_DIM:
+        raise NotImplementedError(f"sparse_decode: head dims {q.shape[-1]}/{v.shape[-1]} not built ({HEAD_DIM})")
+    dp = fplan.kernel.get("sparse_decode")
+    if dp is None:
+        dp = fplan.kernel["sparse_decode"] = plan(fplan)
+    scale = (1.0 / math.sqrt(HEAD_DIM) if sm_scale is None else float(sm_scale)) * _scalar("q_scale", q_scale) \
+        * _scalar("k_scale", k_scale)
+    out_scale = _scalar("v_scale", v_scale) * _scalar("o_scale", o_scale)
+    if out is None:
+        out = torch.empty(q.shape[0], q.shape[1], HEAD_DIM, dtype=q.dtype, device=q.device)
+    if return_lse and lse is None:
+        lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
+    if q.shape[0]:
+        load_module(q.device).sparse_decode(
+            q, k, v, kv_indices, kv_block_indexes, dp.tok_info, out, lse if return_lse else dp.lse_dummy,
+            dp.part_o, dp.part_lse, dp.splits, dp.blocks_per_split, scale * _LOG2E, out_scale, bool(return_lse),
+        )
+    return (out, None, lse) if return_lse else (out, None)

@@ -1,0 +1,320 @@
+"""Per-token block-sparse paged decode kernel (msa.core.kernels.sparse_decode).
+
+- CPU: the split model, the per-token limits, the dispatch gate and registration, plan workspaces.
+- compile (``-m compile``): the module builds for sm_90a and sm_100a, with a cubin for each.
+- GPU (``-m gpu``): ``msa.core.fmha(..., kv_block_indexes=...)`` on the kernel against the fp64 reference:
+  random inputs, NaN-poisoned outputs / LSE, NaN in every pool page no request references and past every
+  request's end, shuffled page tables, -1 tails (tokens with fewer than k blocks, tokens with none), blocks past
+  a token's causal limit and the partially visible last block, GQA 1/4/8/16, q_len 1/3/8/16, forced splits and
+  a CUDA-graph replay. Bounds: relative L2 error of O < 1.5e-2 (bf16) / 4e-3 (fp16), max abs error
+  < 4e-2 / 8e-3 (|O| <~ 3 here), LSE abs error <= 2e-3 * max(1, |lse|); rows that see no key are exactly 0 with
+  LSE -inf.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import struct
+import subprocess
+import zlib
+from pathlib import Path
+
+import msa.core as core
+import pytest
+import torch
+from msa.core import dispatch
+from msa.core.kernels import sparse_decode as sd
+from msa.core.reference import fmha_reference
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU
+
+
+def test_choose_splits_shapes():
+    # M3 decode, batch 32, q_len 1: 128 (token, KV head) pairs on 132 SMs -> split so ~2 CTAs per SM run
+    s = sd.choose_splits(32 * 4, 16, 16, 132)
+    assert s == 2
+    # batch 128, q_len 8: 4096 pairs already fill 15 waves -> no split (no combine traffic)
+    assert sd.choose_splits(128 * 8 * 4, 16, 16, 132) == 1
+    for pairs in (1, 4, 37, 128, 500, 4096):
+        for k in (1, 2, 7, 16, 33, 64, 65, 200):
+            s = sd.choose_splits(pairs, k, 16, 132)
+            bps = -(-k // s)
+            assert 1 <= s <= k and bps <= sd.MAX_BLOCKS_PER_SPLIT and (s - 1) * bps < k, (pairs, k, s)
+    assert sd.choose_splits(1, 16, 16, 132) > 1  # a single decode token spreads over the SMs
+
+
+def test_token_info_limits():
+    p = core.fmha_plan([1, 3, 2], [300, 129, 5], 8, 2, page_size=128, kv_block_num=2)
+    info = sd.token_info(p)
+    # bases: kv_page_indptr [0, 3, 5]; causal limits: 300; 127, 128, 129; 4, 5
+    assert info == [0, 300, 3, 127, 3, 128, 3, 129, 5, 4, 5, 5]
+    p = core.fmha_plan([2], [500], 8, 2, page_size=128, kv_block_num=2, causal=False)
+    assert sd.token_info(p) == [0, 500, 0, 500]
+    p = core.fmha_plan([2], [500], 8, 2, page_size=128, kv_block_num=2, qo_offset=-2)
+    assert sd.token_info(p) == [0, 0, 0, 0]  # query i sees keys j <= i - 2: none
+
+
+def test_plan_workspace_and_override(monkeypatch):
+    p = core.fmha_plan([1] * 3, [4096] * 3, 64, 4, page_size=128, kv_block_num=16)
+    dp = sd.plan(p, sm_count=132)
+    assert dp.splits > 1 and dp.splits * dp.blocks_per_split >= 16
+    assert dp.part_o.numel() == 3 * 64 * dp.splits * 128 and dp.part_lse.numel() == 3 * 64 * dp.splits
+    assert dp.tok_info.shape == (3, 2) and dp.tok_info.dtype == torch.int32
+    monkeypatch.setenv("MSA_SPARSE_DECODE_SPLITS", "1")
+    dp = sd.plan(p, sm_count=132)
+    assert dp.splits == 1 and dp.part_o.numel() == 0
+    monkeypatch.setenv("MSA_SPARSE_DECODE_SPLITS", "5")  # 16 blocks: 4 per split -> 4 splits, none empty
+    dp = sd.plan(p, sm_count=132)
+    assert (dp.splits, dp.blocks_per_split) == (4, 4)
+    p = core.fmha_plan([2], [40000], 8, 8, page_size=128, kv_block_num=100)
+    monkeypatch.setenv("MSA_SPARSE_DECODE_SPLITS", "1")
+    assert sd.plan(p, sm_count=132).blocks_per_split <= 64  # k > 64 is always split
+    p = core.fmha_plan([1], [128], 8, 8, page_size=64, kv_block_num=1)
+    with pytest.raises(NotImplementedError, match="page_size"):
+        sd.plan(p)
+
+
+def test_supports_gate():
+    ok = dict(dtype=torch.bfloat16, head_dim_qk=128, head_dim_v=128, page_size=128, sparse=True, gqa_ratio=16)
+    assert sd.supports(**ok) == (True, "ok")
+    assert sd.supports(**{**ok, "dtype": torch.float16})[0]
+    for bad, word in (
+        ({"sparse": False}, "sparse"),
+        ({"dtype": torch.float8_e4m3fn}, "dtype"),
+        ({"head_dim_qk": 64, "head_dim_v": 64}, "head dims"),
+        ({"page_size": 64}, "page_size"),
+        ({"page_size": None}, "page_size"),
+        ({"output_maxscore": True}, "max_score"),
+        ({"output_o": False}, "max_score"),
+        ({"per_head_scales": True}, "per-head"),
+        ({"gqa_ratio": 32}, "32"),
+    ):
+        res, why = sd.supports(**{**ok, **bad})
+        assert not res and word in why, (bad, why)
+
+
+def test_registered_for_fmha():
+    dispatch._load_builtin_kernels()
+    names = dispatch.registered_kernels("fmha")
+    assert "sparse_decode" in names and names.index("sparse_decode") > names.index("fmha_sm90")
+    ok, why = sd.available(torch.device("cpu"))
+    assert not ok and "CUDA" in why
+
+
+def test_jit_specs_hook():
+    assert [s.arch for s in sd.jit_specs({"dtypes": ["bf16"], "head_dim": [128]}, "sm_90a")] == ["sm_90a"]
+    assert sd.jit_specs({"dtypes": ["bf16"], "head_dim": [64]}, "sm_90a") == []
+    assert sd.jit_specs({"dtypes": ["fp8"], "head_dim": [128]}, "sm_100a") == []
+
+
+def _fatbin_elf_archs(path: Path) -> set[int]:
+    data = path.read_bytes()
+    magic = struct.pack("<I", 0xBA55ED50)
+    archs, i = set(), data.find(magic)
+    while i >= 0:
+        _version, header_size, files_size = struct.unpack_from("<HHQ", data, i + 4)
+        off, end = i + header_size, i + header_size + files_size
+        while off < end:
+            kind, _, entry_header, size = struct.unpack_from("<HHIQ", data, off)
+            if kind == 2:
+                archs.add(struct.unpack_from("<I", data, off + 28)[0])
+            off += entry_header + size
+        i = data.find(magic, end)
+    return archs
+
+
+@pytest.mark.compile
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,sm", [("sm_90a", 90), ("sm_100a", 100)])
+def test_module_builds_for_arch(arch, sm):
+    from msa.core.jit.toolchain import ToolchainError
+
+    try:
+        entry = sd.spec(arch).build()
+    except ToolchainError as e:
+        pytest.skip(f"no CUDA toolchain: {e}")
+    so = Path(entry.file("module.so"))
+    assert so.is_file()
+    assert sm in _fatbin_elf_archs(so), f"{so}: no sm_{sm} cubin (found {sorted(_fatbin_elf_archs(so))})"
+    tool = os.environ.get("CUDA_HOME", "/usr/local/cuda") + "/bin/cuobjdump"
+    tool = tool if os.access(tool, os.X_OK) else shutil.which("cuobjdump")
+    if tool:
+        listing = subprocess.run([tool, "--list-elf", str(so)], capture_output=True, text=True).stdout
+        assert f"{arch}.cubin" in listing, listing
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU
+
+
+def make_case(qo_lens, kv_lens, hq, hkv, topk, dtype, causal, seed, empty_rows=True, device="cuda"):
+    """Paged K/V in a shuffled pool with NaN everywhere no request may read, and per-token block lists."""
+    gen = torch.Generator().manual_seed(seed)
+    plan = core.fmha_plan(qo_lens, kv_lens, hq, hkv, page_size=128, causal=causal, kv_block_num=topk,
+                          device=device)
+    n_pages = plan.num_pages
+    pool = n_pages + 5
+    k = torch.full((pool, hkv, 128, 128), float("nan"))
+    v = torch.full((pool, hkv, 128, 128), float("nan"))
+    kv_indices = torch.randperm(pool, generator=gen)[:n_pages].to(torch.int32)
+    for b, kl in enumerate(kv_lens):
+        for j in range(-(-kl // 128)):
+            page = int(kv_indices[plan.kv_page_indptr_host[b] + j])
+            n = min(128, kl - j * 128)  # past the request's end stays NaN
+            k[page, :, :n] = torch.randn(hkv, n, 128, generator=gen)
+            v[page, :, :n] = torch.randn(hkv, n, 128, generator=gen)
+    total_q = plan.total_q
+    blocks = torch.full((total_q, hkv, topk), -1, dtype=torch.int32)
+    t = 0
+    for ql, kl in zip(qo_lens, kv_lens):
+        nb = -(-kl // 128)
+        for _ in range(ql):
+            for h in range(hkv):
+                r = torch.rand((), generator=gen).item()
+                if empty_rows and r < 0.05:
+                    continue  # all -1: the token sees nothing through this KV head
+                n_sel = min(nb, topk) if r < 0.5 else int(torch.randint(1, min(nb, topk) + 1, (), generator=gen))
+                pick = torch.randperm(nb, generator=gen)[:n_sel]
+                if r < 0.8:  # the local block (partially visible / past the causal limit for early tokens)
+                    pick[0] = nb - 1
+                pick = torch.unique(pick)
+                blocks[t, h, : len(pick)] = pick.to(torch.int32)
+            t += 1
+    q = torch.randn(total_q, hq, 128, generator=gen)
+    return plan, q.to(device, dtype), k.to(device, dtype), v.to(device, dtype), kv_indices.to(device), blocks.to(device)
+
+
+def reference(plan, q, k, v, kv_indices, blocks, sm_scale=None):
+    o, _, lse = fmha_reference(q, k, v, qo_lens=plan.qo_lens, kv_lens=plan.kv_lens, page_size=128,
+                               kv_indices=kv_indices, causal=plan.causal, kv_block_indexes=blocks, sm_scale=sm_scale,
+                               return_lse=True, compute_dtype=torch.float64, out_dtype=torch.float64)
+    return o, lse
+
+
+def check(out, lse, ref_o, ref_lse, dtype):
+    assert not torch.isnan(out).any(), "NaN in the output (unwritten poisoned elements or NaN pages read)"
+    assert not torch.isnan(lse).any(), "NaN in the LSE"
+    dead = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse) & (lse < 0), dead), "LSE must be -inf exactly where a row sees no key"
+    assert (out[dead] == 0).all(), "rows that see no key must output 0"
+    o = out.double()
+    rel = ((o - ref_o).norm() / ref_o.norm().clamp_min(1e-6)).item()
+    bound, abs_bound = (1.5e-2, 4e-2) if dtype == torch.bfloat16 else (4e-3, 8e-3)
+    assert rel < bound, f"rel L2 error {rel:.3e} >= {bound}"
+    err = (o - ref_o).abs().max().item()
+    assert err < abs_bound, f"max abs error {err:.3e} >= {abs_bound}"
+    live = ~dead
+    if live.any():
+        e = (lse[live].double() - ref_lse[live]).abs()
+        assert (e <= 2e-3 * ref_lse[live].abs().clamp_min(1.0)).all(), f"LSE max err {e.max().item():.3e}"
+
+
+def _need_kernel():
+    ok, why = sd.available(torch.device("cuda"))
+    if not ok:
+        pytest.skip(why)
+
+
+# (name, qo_lens, kv_lens, hq, hkv, topk, dtype, causal)
+CASES = [
+    ("decode-gqa16-k16", [1] * 6, [5000, 128, 300, 20000, 1, 2049], 64, 4, 16, torch.bfloat16, True),
+    ("mtp8-gqa16-k16", [8, 8, 3], [3000, 1030, 700], 32, 2, 16, torch.bfloat16, True),
+    ("mtp16-gqa16", [16, 1], [4000, 900], 16, 1, 8, torch.bfloat16, True),
+    ("q3-gqa8-k7", [3, 3, 1], [2000, 129, 640], 16, 2, 7, torch.bfloat16, True),
+    ("gqa4-k1", [1, 2, 3], [1000, 500, 260], 16, 4, 1, torch.bfloat16, True),
+    ("gqa1-k64", [1, 2], [9000, 16000], 4, 4, 64, torch.bfloat16, True),
+    ("k100-split", [2, 1], [20000, 13000], 16, 2, 100, torch.bfloat16, True),
+    ("noncausal-q8", [8, 1], [1500, 333], 64, 4, 16, torch.bfloat16, False),
+    ("fp16-decode", [1] * 4, [3000, 129, 7000, 256], 64, 4, 16, torch.float16, True),
+    ("fp16-mtp-noncausal", [3, 16], [900, 4100], 32, 4, 12, torch.float16, False),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("splits", [None, "1", "3"])
+def test_fmha_sparse_matches_reference(case, splits, monkeypatch):
+    _need_kernel()
+    name, qo, kv, hq, hkv, topk, dtype, causal = case
+    if splits:
+        monkeypatch.setenv("MSA_SPARSE_DECODE_SPLITS", splits)
+    plan, q, k, v, kv_indices, blocks = make_case(qo, kv, hq, hkv, topk, dtype, causal, seed=zlib.crc32(name.encode()) % 1000)
+    out = torch.full_like(q, float("nan"))
+    o, ms, lse = core.fmha(q, k, v, plan, kv_indices=kv_indices, kv_block_indexes=blocks, out=out, return_lse=True,
+                           backend="kernel", validate=True)
+    assert o is out and ms is None
+    assert plan.kernel["sparse_decode"].splits >= 1
+    ref_o, ref_lse = reference(plan, q, k, v, kv_indices, blocks)
+    check(out, lse, ref_o, ref_lse, dtype)
+
+
+@pytest.mark.gpu
+def test_scales_and_no_lse():
+    _need_kernel()
+    plan, q, k, v, kv_indices, blocks = make_case([2, 1], [3000, 777], 32, 4, 16, torch.bfloat16, True, seed=5)
+    scales = dict(sm_scale=0.05, q_scale=2.0, k_scale=0.5, v_scale=3.0, o_scale=0.5)
+    o, _ = core.fmha(q, k, v, plan, kv_indices=kv_indices, kv_block_indexes=blocks, backend="kernel", **scales)
+    ref_o, _, _ = fmha_reference(q, k, v, qo_lens=plan.qo_lens, kv_lens=plan.kv_lens, page_size=128,
+                                 kv_indices=kv_indices, kv_block_indexes=blocks, compute_dtype=torch.float64,
+                                 out_dtype=torch.float64, **scales)
+    rel = ((o.double() - ref_o).norm() / ref_o.norm()).item()
+    assert not torch.isnan(o).any() and rel < 1.5e-2, f"rel L2 error {rel:.3e}"
+
+
+def test_case_builder_and_reference_on_cpu():
+    """The GPU tests' inputs: valid block lists (value checks on), and the fp64 reference never touches the NaN
+    pages / tails (so a NaN in the kernel's output means the kernel read them)."""
+    plan, q, k, v, kv_indices, blocks = make_case([3, 1], [300, 129], 8, 2, 4, torch.bfloat16, True, seed=1,
+                                                  device="cpu")
+    assert torch.isnan(k.float()).any() and (blocks == -1).any()
+    o, _, lse = core.fmha(q, k, v, plan, kv_indices=kv_indices, kv_block_indexes=blocks, return_lse=True,
+                          validate=True)
+    ref_o, ref_lse = reference(plan, q, k, v, kv_indices, blocks)
+    assert not torch.isnan(ref_o).any() and not torch.isnan(ref_lse).any()
+    check(o, lse, ref_o, ref_lse, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay():
+    """Plan-sized workspace, no allocation with out / lse given, no host sync: capture and replay."""
+    _need_kernel()
+    plan, q, k, v, kv_indices, blocks = make_case([1] * 8, [4000] * 8, 64, 4, 16, torch.bfloat16, True, seed=9,
+                                                  empty_rows=False)
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device="cuda")
+
+    def step():
+        from msa.core.kernels import sparse_decode
+
+        sparse_decode.run(q, k, v, plan, kv_indices=kv_indices, kv_block_indexes=blocks, out=out, lse=lse,
+                          return_lse=True)
+
+    step()
+    torch.cuda.synchronize()
+    assert plan.kernel["sparse_decode"].splits > 1  # 32 pairs: split (exercises the combine in the graph)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    out.fill_(float("nan"))
+    lse.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    ref_o, ref_lse = reference(plan, q, k, v, kv_indices, blocks)
+    check(out, lse, ref_o, ref_lse, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_deterministic_and_matches_unsplit(monkeypatch):
+    _need_kernel()
+    plan, q, k, v, kv_indices, blocks = make_case([1] * 4, [8000] * 4, 64, 4, 32, torch.bfloat16, True, seed=3)
+    a = core.fmha(q, k, v, plan, kv_indices=kv_indices, kv_block_indexes=blocks, backend="kernel")[0]
+    b = core.fmha(q, k, v, plan, kv_indices=kv_indices, kv_block_indexes=blocks, backend="kernel")[0]
+    assert torch.equal(a, b)
+    monkeypatch.setenv("MSA_SPARSE_DECODE_SPLITS", "1")
+    plan.kernel.pop("sparse_decode")
+    c = core.fmha(q, k, v, plan, kv_indices=kv_indices, kv_block_indexes=blocks, backend="kernel")[0]
+    assert (a.float() - c.float()).abs().max().item() < 3e-2
+    assert math.isfinite(c.float().abs().sum().item())
