@@ -14,6 +14,7 @@ Times are CUDA-graph replays (20 calls per graph) with CUDA events; the referenc
 from __future__ import annotations
 
 import argparse
+import os
 
 import msa.core as core
 import torch
@@ -55,21 +56,20 @@ def graph_time(fn, calls: int = 20, reps: int = 5) -> float:
     return best
 
 
-def run_shape(batch, q_len, context, topk, pool_pages, dtype=torch.bfloat16, seed=0):
+def run_shape(batch, q_len, context, topk, k, v, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
+    pool_pages = k.shape[0]
     n_blk = context // BLOCK
     plan = core.fmha_plan([q_len] * batch, [context] * batch, HQ, HKV, page_size=BLOCK, kv_block_num=topk,
                           device="cuda")
     kv_indices = torch.randint(0, pool_pages, (plan.num_pages,), generator=gen, device="cuda", dtype=torch.int32)
-    k = torch.randn(pool_pages, HKV, BLOCK, D, generator=gen, device="cuda", dtype=dtype)
-    v = torch.randn(pool_pages, HKV, BLOCK, D, generator=gen, device="cuda", dtype=dtype)
     total_q = plan.total_q
     # k distinct random blocks per (token, head), the local (last) block always in, ascending
     r = torch.rand(total_q * HKV, n_blk - 1, generator=gen, device="cuda")
     pick = r.topk(topk - 1, dim=1).indices if topk > 1 else r[:, :0].long()
     last = torch.full((total_q * HKV, 1), n_blk - 1, device="cuda", dtype=torch.long)
     blocks = torch.cat([pick, last], 1).sort(dim=1).values.to(torch.int32).view(total_q, HKV, topk).contiguous()
-    q = torch.randn(total_q, HQ, D, generator=gen, device="cuda", dtype=dtype)
+    q = torch.randn(total_q, HQ, D, generator=gen, device="cuda", dtype=k.dtype)
     out = torch.empty_like(q)
 
     def call():
@@ -77,13 +77,18 @@ def run_shape(batch, q_len, context, topk, pool_pages, dtype=torch.bfloat16, see
 
     t = graph_time(call)
     nbytes = total_q * HKV * topk * 2 * BLOCK * D * q.element_size()
-    dp = plan.kernel["sparse_decode"]
-    return t, nbytes, dp.splits
+    # distinct (pool page, head) pairs actually read: tokens of one request share their local block
+    base = plan.kv_page_indptr[:-1].repeat_interleave(q_len).view(-1, 1, 1).long()
+    pages = kv_indices.long()[base + blocks.long()]
+    heads = torch.arange(HKV, device="cuda").view(1, -1, 1)
+    unique = int(torch.unique(pages * HKV + heads).numel()) * 2 * BLOCK * D * q.element_size()
+    return t, nbytes, unique, plan.kernel["sparse_decode"].splits
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the split count for batch 32 / 64, q_len 1")
     ap.add_argument("--pool-gib", type=float, default=24.0, help="K + V page pool size")
     args = ap.parse_args()
     name = torch.cuda.get_device_name()
@@ -91,17 +96,27 @@ def main():
     print(f"# {name}; device copy bandwidth {bw / 1e9:.0f} GB/s (read + write); Hq {HQ} Hkv {HKV} d {D} bf16")
     page_bytes = 2 * HKV * BLOCK * D * 2
     pool = int(args.pool_gib * (1 << 30) // page_bytes)
-    shapes = [(4, 1, 8192, 16), (8, 4, 16384, 16)] if args.quick else [
-        (b, ql, ctx, 16) for ctx in (131072, 1048576) for ql in (1, 8) for b in (32, 64, 128)
+    k = torch.randn(pool, HKV, BLOCK, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(pool, HKV, BLOCK, D, device="cuda", dtype=torch.bfloat16)
+    shapes = [(4, 1, 8192, 16, None, None), (8, 4, 16384, 16, None, None)] if args.quick else [
+        (b, ql, ctx, 16, None, None) for ctx in (131072, 1048576) for ql in (1, 8) for b in (32, 64, 128)
     ]
+    if args.sweep:
+        shapes += [(b, 1, ctx, 16, s, None) for ctx in (131072, 1048576) for b in (32, 64) for s in (1, 2, 4, 8)]
+        shapes += [(b, ql, ctx, 16, s, st) for st in (2, 4) for ctx in (131072, 1048576) for ql, b in
+                   ((1, 32), (1, 64), (1, 128), (8, 32)) for s in ((None, 4) if b == 32 and ql == 1 else (None,))]
+    print(f"# pool {pool} pages ({args.pool_gib:.0f} GiB K+V); 'uniq' = GB/s on distinct (page, head) bytes")
     print(f"{'batch':>5} {'q_len':>5} {'context':>8} {'k':>3} {'splits':>6} {'us':>9} {'GB':>7} {'GB/s':>7} "
-          f"{'of copy':>7}")
-    for b, ql, ctx, topk in shapes:
-        t, nbytes, splits = run_shape(b, ql, ctx, topk, pool)
-        print(f"{b:>5} {ql:>5} {ctx:>8} {topk:>3} {splits:>6} {t * 1e6:>9.1f} {nbytes / 1e9:>7.3f} "
-              f"{nbytes / t / 1e9:>7.0f} {nbytes / t / bw:>7.1%}", flush=True)
-        torch.cuda.empty_cache()
-
+          f"{'of copy':>7} {'uniq':>6} stages")
+    for b, ql, ctx, topk, splits, stages in shapes:
+        for var, val in (("MSA_SPARSE_DECODE_SPLITS", splits), ("MSA_SPARSE_DECODE_STAGES", stages)):
+            if val is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = str(val)
+        t, nbytes, unique, used = run_shape(b, ql, ctx, topk, k, v)
+        print(f"{b:>5} {ql:>5} {ctx:>8} {topk:>3} {used:>6} {t * 1e6:>9.1f} {nbytes / 1e9:>7.3f} "
+              f"{nbytes / t / 1e9:>7.0f} {nbytes / t / bw:>7.1%} {unique / t / 1e9:>6.0f} {stages or '-':>6}", flush=True)
 
 if __name__ == "__main__":
     main()

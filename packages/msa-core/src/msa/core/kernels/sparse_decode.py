@@ -11,7 +11,8 @@ MTP (q_len 1..32, k <= 64). Everything else is refused by :func:`supports` and f
 * :func:`run` (device): no host synchronisation, no allocation when ``out`` (and ``lse``) are given; one launch,
   plus a combine launch when splits > 1, both on the current stream (CUDA-graph safe).
 
-``MSA_SPARSE_DECODE_SPLITS`` overrides the split count (benchmark sweeps).
+``MSA_SPARSE_DECODE_SPLITS`` overrides the split count and ``MSA_SPARSE_DECODE_STAGES`` (2 | 3 | 4) the
+pipeline depth (benchmark sweeps; read at plan time).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ PAGE_SIZE = 128
 MAX_GROUP = 16  # query heads per KV head packed into one m16 MMA tile
 MAX_BLOCKS_PER_SPLIT = 64
 STAGES = 3  # 16-key K+V chunks in flight per warp (8 KiB each): 96 KiB per CTA, 2 CTAs per SM
-CTAS_PER_SM = 2
+STAGE_CHOICES = (2, 3, 4)  # MSA_SPARSE_DECODE_STAGES (experiments): 2 -> 64 KiB, 3 CTAs per SM; 4 -> 1 per SM
+SMEM_PER_SM = 228 * 1024
 DTYPES = (torch.bfloat16, torch.float16)
 _SUPPORTED_CC = {(9, 0): "sm_90a", (10, 0): "sm_100a", (10, 3): "sm_103a"}
 _PRESET_DTYPES = {"bf16", "bfloat16", "fp16", "float16"}
@@ -45,10 +47,27 @@ PARTIAL_COST_PER_ROW = 0.25 / 16
 COMBINE_COST = 0.6
 
 
-def spec(arch: str):
+def stages() -> int:
+    forced = os.environ.get("MSA_SPARSE_DECODE_STAGES")
+    n = int(forced) if forced else STAGES
+    if n not in STAGE_CHOICES:
+        raise ValueError(f"MSA_SPARSE_DECODE_STAGES: expected one of {STAGE_CHOICES}, got {forced!r}")
+    return n
+
+
+def smem_bytes(n_stages: int) -> int:
+    """Mirrors smem_bytes<kStages>() in sparse_decode_kernel.cuh."""
+    return max(4 * n_stages * 8192, 4 * 16 * 128 * 4) + 16 * 256 + 2 * 64 * 4 + 2 * 4 * 16 * 4 + 16
+
+
+def ctas_per_sm(n_stages: int) -> int:
+    return max(1, min(3, SMEM_PER_SM // (smem_bytes(n_stages) + 1024)))  # 3: the register bound (146 x 128)
+
+
+def spec(arch: str, n_stages: int = STAGES):
     from msa.core.jit import JitSpec
 
-    return JitSpec(family=FAMILY, sources=SOURCES, params={"stages": STAGES}, arch=arch, use_cutlass=False)
+    return JitSpec(family=FAMILY, sources=SOURCES, params={"stages": n_stages}, arch=arch, use_cutlass=False)
 
 
 def jit_specs(preset: dict, arch: str) -> list:
@@ -61,14 +80,14 @@ def jit_specs(preset: dict, arch: str) -> list:
 
 
 @functools.lru_cache(maxsize=8)
-def _module_for_arch(arch: str):
-    return spec(arch).load()
+def _module_for_arch(arch: str, n_stages: int):
+    return spec(arch, n_stages).load()
 
 
-def load_module(device: torch.device):
+def load_module(device: torch.device, n_stages: int = STAGES):
     from msa.core.jit import arch_for_device
 
-    return _module_for_arch(arch_for_device(device))
+    return _module_for_arch(arch_for_device(device), n_stages)
 
 
 def available(device) -> tuple[bool, str]:
@@ -119,10 +138,10 @@ def supports(
     return True, "ok"
 
 
-def choose_splits(pairs: int, topk: int, group: int, sm_count: int) -> int:
+def choose_splits(pairs: int, topk: int, group: int, sm_count: int, cta_per_sm: int = 2) -> int:
     """Splits of each (token, KV head)'s k blocks minimising the modelled makespan: ceil(CTAs / slots) waves of
-    (blocks per split + fixed + partial cost) plus the combine launch when split; slots = CTAS_PER_SM per SM."""
-    slots = max(1, CTAS_PER_SM * sm_count)
+    (blocks per split + fixed + partial cost) plus the combine launch when split; slots = cta_per_sm per SM."""
+    slots = max(1, cta_per_sm * sm_count)
     lo = -(-topk // MAX_BLOCKS_PER_SPLIT)
     best, best_cost = lo, math.inf
     for s in range(lo, max(lo, topk) + 1):
@@ -142,6 +161,7 @@ class DecodePlan:
     tok_info: torch.Tensor  # int32 [total_q, 2]: first page-table slot of the request, visible key limit
     splits: int
     blocks_per_split: int
+    stages: int
     part_o: torch.Tensor  # fp32 [total_q * Hq * splits * 128] (empty when splits == 1)
     part_lse: torch.Tensor  # fp32 [total_q * Hq * splits]
     lse_dummy: torch.Tensor
@@ -176,15 +196,17 @@ def plan(fplan, sm_count: int | None = None) -> DecodePlan:
     if sm_count is None:
         sm_count = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
             if device.type == "cuda" else 132
+    n_stages = stages()
     forced = os.environ.get("MSA_SPARSE_DECODE_SPLITS")
-    splits = int(forced) if forced else choose_splits(fplan.total_q * hkv, topk, hq // hkv, sm_count)
+    splits = int(forced) if forced else choose_splits(fplan.total_q * hkv, topk, hq // hkv, sm_count,
+                                                      ctas_per_sm(n_stages))
     splits = max(-(-topk // MAX_BLOCKS_PER_SPLIT), min(splits, topk))
     bps = -(-topk // splits)
     splits = -(-topk // bps)  # no empty trailing split
     tok = torch.tensor(token_info(fplan), dtype=torch.int32).view(-1, 2).to(device)
     n = fplan.total_q * hq * splits if splits > 1 else 0
     f32 = dict(dtype=torch.float32, device=device)
-    return DecodePlan(tok_info=tok, splits=splits, blocks_per_split=bps, part_o=torch.empty(n * HEAD_DIM, **f32),
+    return DecodePlan(tok_info=tok, splits=splits, blocks_per_split=bps, stages=n_stages, part_o=torch.empty(n * HEAD_DIM, **f32),
                       part_lse=torch.empty(n, **f32), lse_dummy=torch.empty(0, **f32))
 
 
@@ -217,7 +239,7 @@ def run(q, k, v, fplan, *, kv_indices, kv_block_indexes, out=None, sm_scale=None
     if return_lse and lse is None:
         lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
     if q.shape[0]:
-        load_module(q.device).sparse_decode(
+        load_module(q.device, dp.stages).sparse_decode(
             q, k, v, kv_indices, kv_block_indexes, dp.tok_info, out, lse if return_lse else dp.lse_dummy,
             dp.part_o, dp.part_lse, dp.splits, dp.blocks_per_split, scale * _LOG2E, out_scale, bool(return_lse),
         )
