@@ -104,6 +104,35 @@ def test_registered_for_fmha():
     assert not ok and "CUDA" in why
 
 
+def test_run_glue_passes_binding_arguments(monkeypatch):
+    """run() on CPU tensors with the module replaced: the 15 arguments of the C++ binding, in order, with the
+    folded scales, plan workspaces and output allocation (the GPU path differs only in the real module)."""
+    calls = []
+
+    class FakeModule:
+        def sparse_decode(self, *args):
+            calls.append(args)
+
+    monkeypatch.setattr(sd, "load_module", lambda device, n_stages=sd.STAGES: FakeModule())
+    monkeypatch.setenv("MSA_SPARSE_DECODE_SPLITS", "2")
+    plan = core.fmha_plan([1, 2], [300, 500], 8, 2, page_size=128, kv_block_num=4)
+    q = torch.randn(3, 8, 128, dtype=torch.bfloat16)
+    kv = torch.randn(9, 2, 128, 128, dtype=torch.bfloat16)
+    idx = torch.arange(plan.num_pages, dtype=torch.int32)
+    blocks = torch.zeros(3, 2, 4, dtype=torch.int32)
+    out, ms, lse = sd.run(q, kv, kv, plan, kv_indices=idx, kv_block_indexes=blocks, sm_scale=0.5, q_scale=2.0,
+                          v_scale=3.0, return_lse=True)
+    assert ms is None and out.shape == q.shape and lse.shape == (3, 8) and lse.dtype == torch.float32
+    (args,) = calls
+    assert len(args) == 15
+    dp = plan.kernel["sparse_decode"]
+    assert args[5] is dp.tok_info and args[6] is out and args[7] is lse and args[8] is dp.part_o
+    assert args[10:12] == (2, 2) and args[14] is True
+    assert args[12] == pytest.approx(1.0 * math.log2(math.e)) and args[13] == pytest.approx(3.0)
+    with pytest.raises(NotImplementedError, match="per-head"):
+        sd.run(q, kv, kv, plan, kv_indices=idx, kv_block_indexes=blocks, k_scale=torch.ones(2))
+
+
 def test_jit_specs_hook():
     assert [s.arch for s in sd.jit_specs({"dtypes": ["bf16"], "head_dim": [128]}, "sm_90a")] == ["sm_90a"]
     assert sd.jit_specs({"dtypes": ["bf16"], "head_dim": [64]}, "sm_90a") == []
