@@ -50,8 +50,9 @@ LOG2_E = 1.4426950408889634
 
 
 def available(device) -> tuple[bool, str]:
-    """Cheap: no compilation. Off unless MSA_CUTE_EXPERIMENTAL=1: on its first GPU run (H100, 2026-11-27) the
-    partial kernel hung (no test returned within 200 s), so it must not be reachable by default."""
+    """Cheap: no compilation. Off unless MSA_CUTE_EXPERIMENTAL=1: on its first GPU runs (H100, 2026-11-27) the
+    partial kernel hung (even on one work item; a launch with none returns), so it must not be reachable by
+    default."""
     if os.environ.get(EXPERIMENTAL_ENV, "0") != "1":
         return False, (f"not validated on a GPU: it hung on its first H100 run (set {EXPERIMENTAL_ENV}=1 to "
                        "use it anyway, for debugging only)")

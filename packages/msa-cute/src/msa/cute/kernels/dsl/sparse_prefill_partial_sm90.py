@@ -64,11 +64,12 @@ def frg_a_view(acc: cute.Tensor) -> cute.Tensor:
 
 
 class SparsePrefillPartialSm90:
-    def __init__(self, qhead_per_kv: int, paged: bool, partial_dtype: str):
+    def __init__(self, qhead_per_kv: int, paged: bool, partial_dtype: str, debug: bool = False):
         if qhead_per_kv < 1 or TILE_M % qhead_per_kv:
             raise ValueError(f"qhead_per_kv: expected a divisor of {TILE_M}, got {qhead_per_kv}")
         self.group = qhead_per_kv
         self.paged = paged
+        self.debug = debug  # diagnostic build: per-item printf, bounded K/V barrier wait (a hang becomes a message)
         self.partial_dtype = DTYPES[partial_dtype]
         self.dtype = BFloat16
 
@@ -176,10 +177,14 @@ class SparsePrefillPartialSm90:
         q_row0 = tidx // THREADS_PER_ROW
         q_chunk = tidx % THREADS_PER_ROW
 
-        phase = Int32(0)
-        item = bidx
         n_items = mWorkCount[0]
-        while item < n_items:
+        # A dynamic range loop, and the barrier phase derived from the trip count: no loop-carried variables.
+        # Still hangs on an H100 with a single work item (2026-11-27, session 2): a launch with zero items returns,
+        # the debug build's bounded K/V barrier wait does not end the hang, and no device printf is flushed -- so
+        # the stall is elsewhere in the item body (Q cp.async, a CTA barrier, or the wgmma waits). Next step: a
+        # build that skips stages one by one (see benchmarks/RESULTS.md, session 2).
+        for item in cutlass.range(bidx, n_items, gdim):
+            phase = ((item - bidx) // gdim) % 2
             h = mWork[item, 0]
             b = mWork[item, 2]
             blk = mWork[item, 3]
@@ -222,8 +227,20 @@ class SparsePrefillPartialSm90:
             cute.arch.cp_async_wait_group(0)
             cute.arch.fence_view_async_shared()  # cp.async (generic proxy) writes -> wgmma (async proxy) reads
             cute.arch.sync_threads()
-            cute.arch.mbarrier_wait(mbar, phase)
-            phase ^= 1
+            if const_expr(self.debug):
+                if tidx == 0:
+                    cute.printf("partial dbg: cta %d item %d/%d h %d b %d blk %d q_start %d q_count %d n_keys %d "
+                                "phase %d\n", bidx, item, n_items, h, b, blk, q_start, q_count, n_keys, phase)
+                done = cute.arch.mbarrier_try_wait(mbar, phase)
+                tries = Int32(0)
+                while not done and tries < 200000:
+                    done = cute.arch.mbarrier_try_wait(mbar, phase)
+                    tries += 1
+                if not done and tidx == 0:
+                    cute.printf("partial dbg: cta %d item %d: K/V barrier wait TIMED OUT (phase %d)\n", bidx, item,
+                                phase)
+            else:
+                cute.arch.mbarrier_wait(mbar, phase)
             if n_keys < BLOCK:  # partial block: V rows past the request's keys must be finite (zero)
                 first = cutlass.max(n_keys, 0)
                 for e in cutlass.range((BLOCK * HEAD_DIM) // THREADS, unroll=8):
@@ -283,11 +300,14 @@ class SparsePrefillPartialSm90:
                         if lane % 4 == 0:
                             mLsePart[slot, tok, hq] = row_lse[ri]
             cute.arch.sync_threads()  # smem is reused by the next item
-            item += gdim
+            if const_expr(self.debug):
+                if tidx == 0:
+                    cute.printf("partial dbg: cta %d item %d done\n", bidx, item)
 
 
-def partial(qhead_per_kv: int, paged: bool = False, partial_dtype: str = "bfloat16") -> CuteCompile:
-    """Factory of the SM90 partial kernel (bf16 Q/K/V, D = 128, block 128); arguments in the module docstring."""
+def partial(qhead_per_kv: int, paged: bool = False, partial_dtype: str = "bfloat16", debug: bool = False) -> CuteCompile:
+    """Factory of the SM90 partial kernel (bf16 Q/K/V, D = 128, block 128); arguments in the module docstring.
+    ``debug``: diagnostic build (device printf per item, K/V barrier wait bounded to ~200K polls)."""
     if partial_dtype not in ("bfloat16", "float32"):
         raise ValueError(f"partial_dtype: expected bfloat16 or float32, got {partial_dtype!r}")
     total_q, hq, hkv, nslots, batch, batch1 = sym(), sym(), sym(), sym(), sym(), sym()
@@ -319,7 +339,7 @@ def partial(qhead_per_kv: int, paged: bool = False, partial_dtype: str = "bfloat
         Int32(1),  # CTAs (persistent)
         cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
     )
-    return CuteCompile(SparsePrefillPartialSm90(qhead_per_kv, paged, partial_dtype), args)
+    return CuteCompile(SparsePrefillPartialSm90(qhead_per_kv, paged, partial_dtype, debug), args)
 
 
 partial.archs = ("sm_90a",)  # wgmma + TMA as used here are Hopper-only
