@@ -61,6 +61,7 @@ def smem_bytes(n_stages: int) -> int:
 
 
 def ctas_per_sm(n_stages: int) -> int:
+    """Resident CTAs per SM (occupancy; the split model no longer uses it: bandwidth is per SM, not per CTA)."""
     return max(1, min(3, SMEM_PER_SM // (smem_bytes(n_stages) + 1024)))  # 3: the register bound (146 x 128)
 
 
@@ -138,9 +139,12 @@ def supports(
     return True, "ok"
 
 
-def choose_splits(pairs: int, topk: int, group: int, sm_count: int, cta_per_sm: int = 2) -> int:
+def choose_splits(pairs: int, topk: int, group: int, sm_count: int, cta_per_sm: int = 1) -> int:
     """Splits of each (token, KV head)'s k blocks minimising the modelled makespan: ceil(CTAs / slots) waves of
-    (blocks per split + fixed + partial cost) plus the combine launch when split; slots = cta_per_sm per SM."""
+    (blocks per split + fixed + partial cost) plus the combine launch when split; slots = cta_per_sm per SM.
+    The unit is an SM's share of HBM bandwidth, so one slot per SM (H100 sweep, run 2: batch 32 / 64 q_len 1
+    stream at 86-87% / 92% of copy bandwidth unsplit vs 80% / 85% at 2 splits -- two CTAs on one SM do not
+    read faster than one)."""
     slots = max(1, cta_per_sm * sm_count)
     lo = -(-topk // MAX_BLOCKS_PER_SPLIT)
     best, best_cost = lo, math.inf
@@ -198,8 +202,7 @@ def plan(fplan, sm_count: int | None = None) -> DecodePlan:
             if device.type == "cuda" else 132
     n_stages = stages()
     forced = os.environ.get("MSA_SPARSE_DECODE_SPLITS")
-    splits = int(forced) if forced else choose_splits(fplan.total_q * hkv, topk, hq // hkv, sm_count,
-                                                      ctas_per_sm(n_stages))
+    splits = int(forced) if forced else choose_splits(fplan.total_q * hkv, topk, hq // hkv, sm_count)
     splits = max(-(-topk // MAX_BLOCKS_PER_SPLIT), min(splits, topk))
     bps = -(-topk // splits)
     splits = -(-topk // bps)  # no empty trailing split
