@@ -51,10 +51,12 @@ LOG2_E = 1.4426950408889634
 
 def available(device) -> tuple[bool, str]:
     """Cheap: no compilation. Off unless MSA_CUTE_EXPERIMENTAL=1: on its first GPU runs (H100, 2026-11-27) the
-    partial kernel hung (even on one work item; a launch with none returns), so it must not be reachable by
-    default."""
+    partial kernel hung. Root cause found with the diagnostic builds (a warp-collective TMA issue inside a
+    one-thread branch; see the partial kernel) and fixed in the source (SASS checked), but the fixed kernel has
+    not run on a GPU yet, so it stays opt-in."""
     if os.environ.get(EXPERIMENTAL_ENV, "0") != "1":
-        return False, (f"not validated on a GPU: it hung on its first H100 run (set {EXPERIMENTAL_ENV}=1 to "
+        return False, (f"not validated on a GPU: it hung on its first H100 runs; the cause is fixed in the source "
+                       f"but the fix has not run on a GPU yet (set {EXPERIMENTAL_ENV}=1 to "
                        "use it anyway, for debugging only)")
     device = torch.device(device)
     if device.type != "cuda":

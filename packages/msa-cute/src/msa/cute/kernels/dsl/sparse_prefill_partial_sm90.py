@@ -64,12 +64,15 @@ def frg_a_view(acc: cute.Tensor) -> cute.Tensor:
 
 
 class SparsePrefillPartialSm90:
-    def __init__(self, qhead_per_kv: int, paged: bool, partial_dtype: str, debug: bool = False):
+    def __init__(self, qhead_per_kv: int, paged: bool, partial_dtype: str, debug: int = 0):
         if qhead_per_kv < 1 or TILE_M % qhead_per_kv:
             raise ValueError(f"qhead_per_kv: expected a divisor of {TILE_M}, got {qhead_per_kv}")
         self.group = qhead_per_kv
         self.paged = paged
-        self.debug = debug  # diagnostic build: per-item printf, bounded K/V barrier wait (a hang becomes a message)
+        # diagnostic builds (bit mask; 0 = the product kernel): 1 per-item printf + bounded K/V barrier wait,
+        # 2 skip the K/V TMA and its wait, 4 skip the Q loads, 8 skip the partial-block V zeroing, 16 skip
+        # S = QK^T + softmax, 32 skip O = PV, 64 skip the epilogue stores (which stage hangs?)
+        self.debug = int(debug)
         self.partial_dtype = DTYPES[partial_dtype]
         self.dtype = BFloat16
 
@@ -179,10 +182,6 @@ class SparsePrefillPartialSm90:
 
         n_items = mWorkCount[0]
         # A dynamic range loop, and the barrier phase derived from the trip count: no loop-carried variables.
-        # Still hangs on an H100 with a single work item (2026-11-27, session 2): a launch with zero items returns,
-        # the debug build's bounded K/V barrier wait does not end the hang, and no device printf is flushed -- so
-        # the stall is elsewhere in the item body (Q cp.async, a CTA barrier, or the wgmma waits). Next step: a
-        # build that skips stages one by one (see benchmarks/RESULTS.md, session 2).
         for item in cutlass.range(bidx, n_items, gdim):
             phase = ((item - bidx) // gdim) % 2
             h = mWork[item, 0]
@@ -196,9 +195,13 @@ class SparsePrefillPartialSm90:
             key0 = blk * BLOCK
             n_keys = kv_len - key0  # keys of this block that exist for the request (may be <= 0 or > 128)
 
-            # ---- loads: K/V by TMA (one thread), Q rows by cp.async (all threads) ----
-            if tidx == 0:
-                cute.arch.mbarrier_arrive_and_expect_tx(mbar, kv_bytes)
+            # ---- loads: K/V by TMA (warp 0; one elected lane issues), Q rows by cp.async (all threads) ----
+            # The TMA copy is warp-collective (ELECT + WARPSYNC on the full warp in SASS): issued from a one-thread
+            # branch (`tidx == 0`, the first version) lane 0 waited at the WARPSYNC for lanes already parked at
+            # the CTA barrier below -- the hang of the first H100 runs.
+            if warp == 0 and const_expr(not self.debug & 2):
+                with cute.arch.elect_one():
+                    cute.arch.mbarrier_arrive_and_expect_tx(mbar, kv_bytes)
                 if const_expr(self.paged):
                     page = mPageTable[b, blk]
                     g_k = tma_k[None, None, h, page]
@@ -213,7 +216,7 @@ class SparsePrefillPartialSm90:
                     t_s, t_g = cpasync.tma_partition(atom, 0, cute.make_layout(1), cute.group_modes(s, 0, 2),
                                                      cute.group_modes(g, 0, 2))
                     cute.copy(atom, t_g, t_s, tma_bar_ptr=mbar)
-            for m in cutlass.range_constexpr(cute.size(tQsQ, mode=[1])):
+            for m in cutlass.range_constexpr(cute.size(tQsQ, mode=[1]) if not self.debug & 4 else 0):
                 r = m * ROWS_PER_PASS + q_row0
                 i = r // group
                 if i < q_count:
@@ -227,7 +230,9 @@ class SparsePrefillPartialSm90:
             cute.arch.cp_async_wait_group(0)
             cute.arch.fence_view_async_shared()  # cp.async (generic proxy) writes -> wgmma (async proxy) reads
             cute.arch.sync_threads()
-            if const_expr(self.debug):
+            if const_expr(self.debug & 2):
+                pass
+            elif const_expr(self.debug & 1):
                 if tidx == 0:
                     cute.printf("partial dbg: cta %d item %d/%d h %d b %d blk %d q_start %d q_count %d n_keys %d "
                                 "phase %d\n", bidx, item, n_items, h, b, blk, q_start, q_count, n_keys, phase)
@@ -241,7 +246,7 @@ class SparsePrefillPartialSm90:
                                 phase)
             else:
                 cute.arch.mbarrier_wait(mbar, phase)
-            if n_keys < BLOCK:  # partial block: V rows past the request's keys must be finite (zero)
+            if n_keys < BLOCK and const_expr(not self.debug & 8):  # partial block: V rows past kv_len -> zero
                 first = cutlass.max(n_keys, 0)
                 for e in cutlass.range((BLOCK * HEAD_DIM) // THREADS, unroll=8):
                     idx = e * THREADS + tidx
@@ -252,62 +257,65 @@ class SparsePrefillPartialSm90:
                 cute.arch.sync_threads()
 
             # ---- S = Q K^T, masked softmax over the block ----
-            warpgroup_gemm(mma_qk, acc_s, tSrQ, tSrK, zero_init=True)
-            for ri in cutlass.range_constexpr(n_rows):
-                r = s_coord[ri, 0][0]
-                i = r // group
-                limit = n_keys
-                if causal != 0:
-                    pos = mQSlot[h, q_start + cutlass.min(i, q_count - 1)] & ((1 << Q_SLOT_BITS) - 1)
-                    limit = cutlass.min(limit, pos + kv_len - q_len - key0 + 1)
-                limit -= col0
-                mx = -Float32.inf
-                for ci in cutlass.range_constexpr(cute.size(s_rows, mode=[1])):
-                    if s_coord0[ri, ci][1] >= limit:
-                        s_rows[ri, ci] = -Float32.inf
-                    mx = cute.arch.fmax(mx, s_rows[ri, ci])
-                mx = quad_max(mx)
-                m_scaled = mx * scale_log2 if mx != -Float32.inf else Float32(0.0)
-                total = Float32(0.0)
-                for ci in cutlass.range_constexpr(cute.size(s_rows, mode=[1])):
-                    p = cute.math.exp2(s_rows[ri, ci] * scale_log2 - m_scaled, fastmath=True)
-                    s_rows[ri, ci] = p
-                    total += p
-                total = quad_sum(total)
-                row_lse[ri] = -Float32.inf
-                row_inv[ri] = Float32(0.0)
-                if total > 0.0:
-                    row_lse[ri] = (m_scaled + cute.math.log2(total, fastmath=True)) * LN_2
-                    row_inv[ri] = cute.arch.rcp_approx(total)
+            if const_expr(not self.debug & 16):
+                warpgroup_gemm(mma_qk, acc_s, tSrQ, tSrK, zero_init=True)
+                for ri in cutlass.range_constexpr(n_rows):
+                    r = s_coord[ri, 0][0]
+                    i = r // group
+                    limit = n_keys
+                    if causal != 0:
+                        pos = mQSlot[h, q_start + cutlass.min(i, q_count - 1)] & ((1 << Q_SLOT_BITS) - 1)
+                        limit = cutlass.min(limit, pos + kv_len - q_len - key0 + 1)
+                    limit -= col0
+                    mx = -Float32.inf
+                    for ci in cutlass.range_constexpr(cute.size(s_rows, mode=[1])):
+                        if s_coord0[ri, ci][1] >= limit:
+                            s_rows[ri, ci] = -Float32.inf
+                        mx = cute.arch.fmax(mx, s_rows[ri, ci])
+                    mx = quad_max(mx)
+                    m_scaled = mx * scale_log2 if mx != -Float32.inf else Float32(0.0)
+                    total = Float32(0.0)
+                    for ci in cutlass.range_constexpr(cute.size(s_rows, mode=[1])):
+                        p = cute.math.exp2(s_rows[ri, ci] * scale_log2 - m_scaled, fastmath=True)
+                        s_rows[ri, ci] = p
+                        total += p
+                    total = quad_sum(total)
+                    row_lse[ri] = -Float32.inf
+                    row_inv[ri] = Float32(0.0)
+                    if total > 0.0:
+                        row_lse[ri] = (m_scaled + cute.math.log2(total, fastmath=True)) * LN_2
+                        row_inv[ri] = cute.arch.rcp_approx(total)
 
             # ---- O = P V (P from registers) ----
-            tOrP.store(frg_a_view(acc_s).load().to(self.dtype))
-            warpgroup_gemm(mma_pv, acc_o, tOrP, tOrVt, zero_init=True)
+            if const_expr(not self.debug & 32):
+                tOrP.store(frg_a_view(acc_s).load().to(self.dtype))
+                warpgroup_gemm(mma_pv, acc_o, tOrP, tOrVt, zero_init=True)
 
             # ---- epilogue: normalised partial O and LSE into the token's slot ----
-            for ri in cutlass.range_constexpr(n_rows):
-                r = o_coord[ri, 0][0]
-                i = r // group
-                if i < q_count:
-                    entry = mQSlot[h, q_start + i]
-                    slot = entry >> Q_SLOT_BITS
-                    tok = q_base + (entry & ((1 << Q_SLOT_BITS) - 1))
-                    hq = h * group + (r - i * group)
-                    if slot < topk:
-                        for ci in cutlass.range_constexpr(cute.size(o_rows, mode=[1])):
-                            mOPart[slot, tok, hq, o_coord[ri, ci][1]] = (o_rows[ri, ci] * row_inv[ri]).to(
-                                mOPart.element_type)
-                        if lane % 4 == 0:
-                            mLsePart[slot, tok, hq] = row_lse[ri]
+            if const_expr(not self.debug & 64):
+                for ri in cutlass.range_constexpr(n_rows):
+                    r = o_coord[ri, 0][0]
+                    i = r // group
+                    if i < q_count:
+                        entry = mQSlot[h, q_start + i]
+                        slot = entry >> Q_SLOT_BITS
+                        tok = q_base + (entry & ((1 << Q_SLOT_BITS) - 1))
+                        hq = h * group + (r - i * group)
+                        if slot < topk:
+                            for ci in cutlass.range_constexpr(cute.size(o_rows, mode=[1])):
+                                mOPart[slot, tok, hq, o_coord[ri, ci][1]] = (o_rows[ri, ci] * row_inv[ri]).to(
+                                    mOPart.element_type)
+                            if lane % 4 == 0:
+                                mLsePart[slot, tok, hq] = row_lse[ri]
             cute.arch.sync_threads()  # smem is reused by the next item
             if const_expr(self.debug):
                 if tidx == 0:
                     cute.printf("partial dbg: cta %d item %d done\n", bidx, item)
 
 
-def partial(qhead_per_kv: int, paged: bool = False, partial_dtype: str = "bfloat16", debug: bool = False) -> CuteCompile:
+def partial(qhead_per_kv: int, paged: bool = False, partial_dtype: str = "bfloat16", debug: int = 0) -> CuteCompile:
     """Factory of the SM90 partial kernel (bf16 Q/K/V, D = 128, block 128); arguments in the module docstring.
-    ``debug``: diagnostic build (device printf per item, K/V barrier wait bounded to ~200K polls)."""
+    ``debug``: diagnostic build bit mask (see ``SparsePrefillPartialSm90.__init__``); 0 = the product kernel."""
     if partial_dtype not in ("bfloat16", "float32"):
         raise ValueError(f"partial_dtype: expected bfloat16 or float32, got {partial_dtype!r}")
     total_q, hq, hkv, nslots, batch, batch1 = sym(), sym(), sym(), sym(), sym(), sym()
