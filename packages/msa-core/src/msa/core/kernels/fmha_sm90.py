@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from ._device import sm_count as _num_sms
+
 __all__ = [
     "HEAD_DIMS",
     "DTYPES",
@@ -167,9 +169,6 @@ def supports(
     return True, "ok"
 
 
-@functools.cache
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @dataclass(eq=False)

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ._device import cuda_kernel_available
+from ._device import sm_count as _sm_count
+
 __all__ = ["DecodePlan", "plan", "run", "spec", "jit_specs", "available", "supports", "choose_splits", "STAGES"]
 
 FAMILY = "sparse_decode"
@@ -36,7 +39,6 @@ STAGES = 3  # 16-key K+V chunks in flight per warp (8 KiB each): 96 KiB per CTA,
 STAGE_CHOICES = (2, 3, 4)  # MSA_SPARSE_DECODE_STAGES (experiments): 2 -> 64 KiB, 3 CTAs per SM; 4 -> 1 per SM
 SMEM_PER_SM = 228 * 1024
 DTYPES = (torch.bfloat16, torch.float16)
-_SUPPORTED_CC = {(9, 0): "sm_90a", (10, 0): "sm_100a", (10, 3): "sm_103a"}
 _PRESET_DTYPES = {"bf16", "bfloat16", "fp16", "float16"}
 _LOG2E = 1.4426950408889634
 # Wave model (units: one 128-key K+V block streamed by one CTA slot): per CTA fixed cost (Q load, block list,
@@ -93,19 +95,7 @@ def load_module(device: torch.device, n_stages: int = STAGES):
 
 def available(device) -> tuple[bool, str]:
     """Cheap (no compilation): a CUDA device of a supported compute capability and tvm-ffi importable."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return False, f"tensors are on {device}, sparse_decode needs CUDA"
-    if not torch.cuda.is_available():
-        return False, "torch.cuda is not available"
-    cc = torch.cuda.get_device_capability(device)
-    if cc not in _SUPPORTED_CC and not os.environ.get("MSA_CUDA_ARCH"):
-        return False, f"compute capability {cc[0]}.{cc[1]} is not one of {sorted(_SUPPORTED_CC)} (set MSA_CUDA_ARCH)"
-    try:
-        import tvm_ffi  # noqa: F401
-    except Exception as e:  # pragma: no cover - install problem
-        return False, f"apache-tvm-ffi is not importable: {e}"
-    return True, "ok"
+    return cuda_kernel_available(device, "sparse_decode")
 
 
 def supports(
@@ -171,9 +161,6 @@ class DecodePlan:
     lse_dummy: torch.Tensor
 
 
-@functools.lru_cache(maxsize=16)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def token_info(fplan) -> list[int]:

@@ -31,6 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ._device import cuda_kernel_available
+from ._device import sm_count as _sm_count
+
 __all__ = ["run", "available", "plan", "TopkPlan", "jit_specs", "spec", "BATCH", "BLOCK_V", "load_module", "launch_noop"]
 
 FAMILY = "topk"
@@ -40,7 +43,6 @@ BLOCK_V = 16  # block path: values per thread per chunk with prefetch (2 * BLOCK
 BLOCK_WIDE_MAX_THREADS = 256  # the V = 2 * BLOCK_V kernel's launch bound (registers for twice the values)
 MAX_WARPS = 8
 SMEM_LIMIT = 227 * 1024  # sm_90 / sm_100 opt-in shared memory per block
-_SUPPORTED_CC = {(9, 0): "sm_90a", (10, 0): "sm_100a", (10, 3): "sm_103a"}
 
 
 def spec(arch: str):
@@ -67,19 +69,7 @@ def load_module(device: torch.device):
 
 def available(device) -> tuple[bool, str]:
     """Cheap (no compilation): a CUDA device of a supported compute capability and tvm-ffi importable."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return False, f"tensors are on {device}, the top-k kernel needs CUDA"
-    if not torch.cuda.is_available():
-        return False, "torch.cuda is not available"
-    cc = torch.cuda.get_device_capability(device)
-    if cc not in _SUPPORTED_CC and not os.environ.get("MSA_CUDA_ARCH"):
-        return False, f"compute capability {cc[0]}.{cc[1]} is not one of {sorted(_SUPPORTED_CC)} (set MSA_CUDA_ARCH)"
-    try:
-        import tvm_ffi  # noqa: F401
-    except Exception as e:  # pragma: no cover - install problem
-        return False, f"apache-tvm-ffi is not importable: {e}"
-    return True, "ok"
+    return cuda_kernel_available(device, "the top-k kernel")
 
 
 @dataclass(frozen=True)
@@ -135,9 +125,6 @@ def block_smem_bytes(g: int, p: int, cap: int) -> int:  # mirrors topk_block_cor
     return 2 * cap * g * 8 + g * (p + 4) * 4 + g * 4 + 6 * g * 4 + 16
 
 
-@functools.lru_cache(maxsize=16)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _env_int(name: str) -> int | None:
@@ -302,13 +289,9 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
 
 
 @functools.lru_cache(maxsize=16)
-def _empty_i32(device: torch.device) -> torch.Tensor:
-    return torch.empty(0, dtype=torch.int32, device=device)
-
-
-@functools.lru_cache(maxsize=16)
-def _empty_i64(device: torch.device) -> torch.Tensor:
-    return torch.empty(0, dtype=torch.int64, device=device)
+def _empty(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A cached 0-element tensor: the binding's "not given" for optional tensor arguments."""
+    return torch.empty(0, dtype=dtype, device=device)
 
 
 def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, out, trace=None):
@@ -327,13 +310,13 @@ def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, 
     if isinstance(num_valid_pages, torch.Tensor):
         nvp, nvp_scalar = num_valid_pages, 0
     else:
-        nvp, nvp_scalar = _empty_i32(device), n_blocks if num_valid_pages is None else int(num_valid_pages)
+        nvp, nvp_scalar = _empty(device, torch.int32), n_blocks if num_valid_pages is None else int(num_valid_pages)
     words = p.workspace_words(n_heads, total_q, m)
-    ws = torch.empty(words, dtype=torch.int32, device=device) if words else _empty_i32(device)
+    ws = torch.empty(words, dtype=torch.int32, device=device) if words else _empty(device, torch.int32)
     module = load_module(device)
     if p.path == "row":
         module.topk_row_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out, p.log_g,
-                               p.warps, p.cap, p.ctas, _empty_i64(device) if trace is None else trace)
+                               p.warps, p.cap, p.ctas, _empty(device, torch.int64) if trace is None else trace)
     elif p.path == "block":
         module.topk_block_select(
             max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out, ws, p.splits, p.log_g,
