@@ -77,17 +77,6 @@ __device__ __forceinline__ Comp warp_max_comp(Comp x) {
   return (static_cast<Comp>(hi) << 32) | lo;
 }
 
-template <typename T>
-__device__ __forceinline__ float row_load(const T* p);
-template <>
-__device__ __forceinline__ float row_load<float>(const float* p) {
-  return __ldg(p);
-}
-template <>
-__device__ __forceinline__ float row_load<uint16_t>(const uint16_t* p) {  // bf16 bits -> the exact float
-  return __uint_as_float(static_cast<uint32_t>(__ldg(p)) << 16);
-}
-
 // Phase 2 for one row (one warp): row_base = the staged row (block ulo + k at offset k, -inf where not
 // eligible, nj lines of 32), cand = its candidate buffer, gmax_row = its 32 group-maxima keys (reset here),
 // has = the row has eligible blocks, orow = its output row.
@@ -296,7 +285,7 @@ __device__ __forceinline__ void row_select_cta(const RowParams& p) {
     float v[kRowUnroll];
     if (k0 >= a && k0 + per * (kRowUnroll - 1) < b) {  // whole chunk inside the row: no per-element checks
 #pragma unroll
-      for (int u = 0; u < kRowUnroll; ++u) v[u] = row_load<T>(src + u * step);
+      for (int u = 0; u < kRowUnroll; ++u) v[u] = ScoreLoad<T>::load(src + u * step);
 #pragma unroll
       for (int u = 0; u < kRowUnroll; ++u) {
         const float x = fmaxf(v[u], -INFINITY);  // NaN -> -inf (fmaxf returns the non-NaN operand)
@@ -307,7 +296,7 @@ __device__ __forceinline__ void row_select_cta(const RowParams& p) {
 #pragma unroll
       for (int u = 0; u < kRowUnroll; ++u) {
         const int k = k0 + per * u;
-        v[u] = k >= a && k < b ? row_load<T>(src + u * step) : -INFINITY;
+        v[u] = k >= a && k < b ? ScoreLoad<T>::load(src + u * step) : -INFINITY;
       }
 #pragma unroll
       for (int u = 0; u < kRowUnroll; ++u) {
@@ -375,7 +364,7 @@ __device__ __forceinline__ void row_select_pipelined(const RowParams& p) {
 #pragma unroll
     for (int u = 0; u < kPre; ++u) {
       const int k = kk + 32 * u;
-      pre[u] = k >= elo && k < ehi ? row_load<T>(src + u * step) : -INFINITY;
+      pre[u] = k >= elo && k < ehi ? ScoreLoad<T>::load(src + u * step) : -INFINITY;
     }
   };
 

@@ -41,6 +41,22 @@ struct Cand {
 };
 #endif
 
+#ifdef __CUDACC__
+// One score of max_score as fp32 (every CUDA path loads through this; the host replays read arrays).
+template <typename T>
+struct ScoreLoad;
+template <>
+struct ScoreLoad<float> {
+  static __device__ __forceinline__ float load(const float* p) { return __ldg(p); }
+};
+template <>
+struct ScoreLoad<uint16_t> {  // bf16 bits: the float with the same top 16 bits is the exact value
+  static __device__ __forceinline__ float load(const uint16_t* p) {
+    return __uint_as_float(static_cast<uint32_t>(__ldg(p)) << 16);
+  }
+};
+#endif
+
 MSA_TOPK_HD Cand make_cand(uint32_t key, uint32_t idx) {
   Cand c;
   c.x = key;
