@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import shutil
-import struct
 import subprocess
 from pathlib import Path
 
@@ -288,35 +286,10 @@ def test_block_emulated_long_rows(block_emulate):
 # compile-only: both archs
 
 
-def _fatbin_elf_archs(path: Path) -> set[int]:
-    """SM numbers of the ELF (cubin) entries of every fatbinary embedded in a shared object."""
-    data = path.read_bytes()
-    magic = struct.pack("<I", 0xBA55ED50)
-    archs = set()
-    i = data.find(magic)
-    while i >= 0:
-        _version, header_size, files_size = struct.unpack_from("<HHQ", data, i + 4)
-        off, end = i + header_size, i + header_size + files_size
-        while off < end:
-            kind, _, entry_header, size = struct.unpack_from("<HHIQ", data, off)
-            if kind == 2:
-                archs.add(struct.unpack_from("<I", data, off + 28)[0])
-            off += entry_header + size
-        i = data.find(magic, end)
-    return archs
-
-
-def _cuobjdump() -> str | None:
-    for cand in (os.environ.get("CUDA_HOME", "/usr/local/cuda") + "/bin/cuobjdump", shutil.which("cuobjdump")):
-        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
-            return cand
-    return None
-
-
 @pytest.mark.compile
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,sm", [("sm_90a", 90), ("sm_100a", 100)])
-def test_module_builds_for_arch(arch, sm):
+def test_module_builds_for_arch(arch, sm, module_arch_check):
     from msa.core.jit.toolchain import ToolchainError
     from msa.core.kernels import topk
 
@@ -325,13 +298,7 @@ def test_module_builds_for_arch(arch, sm):
     except ToolchainError as e:
         pytest.skip(f"no CUDA toolchain: {e}")
     so = entry.file("module.so") if hasattr(entry, "file") else Path(entry.path) / "module.so"
-    so = Path(so)
-    assert so.is_file()
-    assert sm in _fatbin_elf_archs(so), f"{so}: no sm_{sm} cubin (found {sorted(_fatbin_elf_archs(so))})"
-    tool = _cuobjdump()
-    if tool:
-        listing = subprocess.run([tool, "--list-elf", str(so)], capture_output=True, text=True).stdout
-        assert f"{arch}.cubin" in listing, listing
+    module_arch_check(Path(so), arch, sm)
 
 
 def test_plan_shapes(monkeypatch):
