@@ -149,12 +149,8 @@ MSA_TOPK_HD void block_select(const BlockParams& p, const BlockSmem& sm, Ops& op
   }
   if (tid == 0) *sm.flag = 0;
   ops.sync();
-  int ulo = INT32_MAX, uhi = INT32_MIN;  // the CTA's union of row ranges: the chunk loop is CTA-uniform
-  for (int i = 0; i < G; ++i) {
-    const int a = sm.range[i], b = sm.range[G + i];
-    ulo = a < b ? imin32(ulo, a) : ulo;
-    uhi = a < b ? imax32(uhi, b) : uhi;
-  }
+  int ulo, uhi;  // the CTA's union of row ranges: the chunk loop is CTA-uniform
+  union_of_ranges(sm.range, sm.range + G, G, &ulo, &uhi);
 
   const int span = P * V;
   float va[V], vb[V];

@@ -68,6 +68,11 @@ __device__ __forceinline__ unsigned long long global_ns() {
   return t;
 }
 
+// Row range of token t (per-token nvp tensor or the scalar).
+__device__ __forceinline__ RowRange token_row_range(const RowParams& p, int64_t t) {
+  return row_range(p.nvp != nullptr ? __ldg(p.nvp + t) : p.nvp_scalar, p.n_blocks, p.fb, p.fe);
+}
+
 __device__ __forceinline__ uint32_t key_or_zero(float v) { return v > -INFINITY ? score_key(v) : 0u; }
 
 // Warp max of a 64-bit composite (two 32-bit reductions; every lane gets the result).
@@ -244,7 +249,7 @@ __device__ __forceinline__ void row_select_cta(const RowParams& p) {
   const int64_t tl = t0 + gl;
   int elo = 0, ehi = 0;
   if (tl < p.q && p.m > 0) {
-    const RowRange rl = row_range(p.nvp != nullptr ? __ldg(p.nvp + tl) : p.nvp_scalar, p.n_blocks, p.fb, p.fe);
+    const RowRange rl = token_row_range(p, tl);
     elo = rl.lo;
     ehi = rl.hi;
   }
@@ -265,11 +270,7 @@ __device__ __forceinline__ void row_select_cta(const RowParams& p) {
       range[G + tid] = ehi;
     }
     __syncthreads();
-    for (int i = 0; i < G; ++i) {
-      const int a = range[i], b = range[G + i];
-      ulo = a < b ? imin32(ulo, a) : ulo;
-      uhi = a < b ? imax32(uhi, b) : uhi;
-    }
+    union_of_ranges(range, range + G, G, &ulo, &uhi);
   }
   const int span = ulo < uhi ? uhi - ulo : 0;
   const int span_pad = (span + 31) & ~31;  // staged length: [span, span_pad) is -inf, so warps read whole lines
@@ -322,7 +323,7 @@ __device__ __forceinline__ void row_select_cta(const RowParams& p) {
   if (g >= G) return;  // no barrier below
   const int64_t t = t0 + g;
   if (t >= p.q) return;
-  const RowRange rr = row_range(p.nvp != nullptr ? __ldg(p.nvp + t) : p.nvp_scalar, p.n_blocks, p.fb, p.fe);
+  const RowRange rr = token_row_range(p, t);
   row_select_warp(p, rows + static_cast<size_t>(g) * p.stride, cands + static_cast<size_t>(g) * p.cap, gmax + g * 32,
                   ulo, span_pad >> 5, rr.lo < rr.hi, rr, p.out + (t * p.n_heads + h) * p.topk, lane);
   if (trace != nullptr && threadIdx.x == 0) trace[2] = global_ns();
@@ -356,7 +357,7 @@ __device__ __forceinline__ void row_select_pipelined(const RowParams& p) {
     const int64_t tl = (item - hh * n_groups) * G + gl;
     int elo = 0, ehi = 0;
     if (tl < p.q && p.m > 0) {
-      const RowRange rl = row_range(p.nvp != nullptr ? __ldg(p.nvp + tl) : p.nvp_scalar, p.n_blocks, p.fb, p.fe);
+      const RowRange rl = token_row_range(p, tl);
       elo = rl.lo;
       ehi = rl.hi;
     }
@@ -390,7 +391,7 @@ __device__ __forceinline__ void row_select_pipelined(const RowParams& p) {
     const int64_t hh = item / n_groups;
     const int64_t t = (item - hh * n_groups) * G + g;
     if (t < p.q) {  // warp-uniform
-      const RowRange rr = row_range(p.nvp != nullptr ? __ldg(p.nvp + t) : p.nvp_scalar, p.n_blocks, p.fb, p.fe);
+      const RowRange rr = token_row_range(p, t);
       row_select_warp(p, rows + static_cast<size_t>(g) * p.stride, cands + static_cast<size_t>(g) * p.cap,
                       gmax + g * 32, 0, span_pad >> 5, rr.lo < rr.hi, rr, p.out + (t * p.n_heads + hh) * p.topk,
                       lane);

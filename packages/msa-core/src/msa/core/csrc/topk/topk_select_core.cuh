@@ -325,6 +325,18 @@ MSA_TOPK_HD RowRange row_range(int nvp, int n_blocks, int fb, int fe) {
   return r;
 }
 
+// Union [*lo, *hi) of the non-empty row ranges in a CTA's table (los[i], his[i]), i < n; empty: lo > hi.
+MSA_TOPK_HD void union_of_ranges(const int* los, const int* his, int n, int* lo, int* hi) {
+  int ulo = INT32_MAX, uhi = INT32_MIN;
+  for (int i = 0; i < n; ++i) {
+    const int a = los[i], b = his[i];
+    ulo = a < b ? imin32(ulo, a) : ulo;
+    uhi = a < b ? imax32(uhi, b) : uhi;
+  }
+  *lo = ulo;
+  *hi = uhi;
+}
+
 // Final row: forced head, selected (already ascending), forced tail, -1 padding.
 MSA_TOPK_HD void write_row(int32_t* row, int topk, const RowRange& r, const Cand* col, int cnt) {
   int e = 0;
