@@ -90,6 +90,18 @@ __device__ __forceinline__ WorkItem load_work(WorkItem const* work, int i) {
   return WorkItem{a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w, c.x, c.y, c.z, c.w};
 }
 
+// The consumers' (and fill warps') side of the producer's work-index ring: wait for the next published index,
+// free its slot, and load the descriptor when it is real work (index >= num_work ends the kernel).
+template <class T>
+__device__ __forceinline__ void read_work_ring(typename T::Params const& p, typename T::SharedStorage& ss,
+                                               PipeState<2>& rd, int& item, WorkItem& w) {
+  mbar_wait_mem(&ss.sched_full[rd.index], rd.phase);
+  item = ss.sched_item[rd.index];
+  mbar_arrive_mem(&ss.sched_empty[rd.index]);
+  rd.advance();
+  if (item < p.num_work) { w = load_work(p.work, item); }
+}
+
 
 // SM90 accumulator fragment ((2,2,V), MMA_M, MMA_N) viewed as (rows=(2,MMA_M), cols=(2,V,MMA_N)).
 template <class Layout>
@@ -546,13 +558,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
 
   // The next work item is read from the producer's ring before the current tile's epilogue, so the load of
   // its descriptor overlaps the epilogue instead of stalling the next tile's start.
-  auto next_work = [&](int& item, WorkItem& w) {
-    mbar_wait_mem(&ss.sched_full[sched_rd.index], sched_rd.phase);
-    item = ss.sched_item[sched_rd.index];
-    mbar_arrive_mem(&ss.sched_empty[sched_rd.index]);
-    sched_rd.advance();
-    if (item < p.num_work) { w = load_work(p.work, item); }
-  };
+  auto next_work = [&](int& item, WorkItem& w) { read_work_ring<T>(p, ss, sched_rd, item, w); };
   int item = 0;
   WorkItem w{};
   next_work(item, w);
@@ -671,12 +677,10 @@ __device__ void fill_warps(typename T::Params const& p, typename T::SharedStorag
   constexpr int kBlockM = T::kBlockM;
   PipeState<2> sched_rd;
   while (true) {
-    mbar_wait_mem(&ss.sched_full[sched_rd.index], sched_rd.phase);
-    int const item = ss.sched_item[sched_rd.index];
-    mbar_arrive_mem(&ss.sched_empty[sched_rd.index]);
-    sched_rd.advance();
+    int item = 0;
+    WorkItem w{};
+    read_work_ring<T>(p, ss, sched_rd, item, w);
     if (item >= p.num_work) { break; }
-    WorkItem const w = load_work(p.work, item);
     int const from = w.n_block_max <= 0 ? 0 : (w.n_block_min == 0 ? w.item_end : p.max_k_tiles);
     int const row0 = w.m_block * kBlockM;
     int const rows = min(kBlockM, w.qo_len - row0);
@@ -709,13 +713,7 @@ __device__ void consumer_score_only(typename T::Params const& p, typename T::Sha
   PipeState<T::kStages> rd;
   PipeState<2> sched_rd;
   int q_phase = 0;
-  auto next_work = [&](int& item, WorkItem& w) {
-    mbar_wait_mem(&ss.sched_full[sched_rd.index], sched_rd.phase);
-    item = ss.sched_item[sched_rd.index];
-    mbar_arrive_mem(&ss.sched_empty[sched_rd.index]);
-    sched_rd.advance();
-    if (item < p.num_work) { w = load_work(p.work, item); }
-  };
+  auto next_work = [&](int& item, WorkItem& w) { read_work_ring<T>(p, ss, sched_rd, item, w); };
   int item = 0;
   WorkItem w{};
   next_work(item, w);
