@@ -144,3 +144,40 @@ def test_plan_rejects_real_graph_capture():
         with pytest.raises(RuntimeError, match="CUDA graph capture"):
             with torch.cuda.graph(g, stream=s):
                 w.plan(page_table=pt, seqused_k=su, seqlen_q=1, max_seqlen_k=1)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_sparse_decode_kernel_adapter_metadata(monkeypatch, causal):
+    """The SM90 adapter's device-side metadata (launch stubbed; CPU): flat page list, [total_q, Hkv, k] blocks,
+    per-token (first slot, visible key limit) recomputed from the live seqused_k on every run."""
+    from msa.core.kernels import sparse_decode as core
+    from msa.cute.decode import _make_plan
+    from msa.cute.kernels import sparse_decode_sm90 as adapter
+
+    seen = {}
+
+    def fake_launch(q, k, v, kv_indices, blocks, dp, out, lse, scale_log2, out_scale):
+        seen.update(kv_indices=kv_indices.clone(), blocks=blocks.clone(), tok=dp.tok_info.clone(), lse=lse)
+
+    monkeypatch.setattr(core, "launch", fake_launch)
+    gen = torch.Generator().manual_seed(5)
+    batch, seqlen_q, hkv, topk = 3, 2, 2, 4
+    pages = torch.randperm(40, generator=gen)[:30].view(batch, 10).int()
+    su = torch.tensor([1000, 300, 129], dtype=torch.int32)
+    q2k = torch.tensor([0, 1, -1, -1], dtype=torch.int32).repeat(hkv, batch * seqlen_q, 1)
+    q2k[0, 0] = torch.tensor([0, 2, -1, -1])
+    plan = _make_plan(page_table=pages, seqused_k=su, seqlen_q=seqlen_q, max_seqlen_k=1280, q2k_indices=q2k,
+                      num_qo_heads=8, num_kv_heads=hkv, head_dim=128, blk_kv=128, causal=causal, validate=True)
+    q = torch.randn(batch * seqlen_q, 8, 128).bfloat16()
+    kv = torch.randn(40, hkv, 128, 128).bfloat16()
+    for step in range(2):
+        adapter.run(plan=plan, q=q, k=kv, v=kv, softmax_scale=0.1, return_softmax_lse=True, out=None, lse=None)
+        assert torch.equal(seen["kv_indices"], pages.reshape(-1))
+        assert torch.equal(seen["blocks"], q2k.permute(1, 0, 2))
+        assert seen["lse"] is not None
+        for t in range(batch * seqlen_q):
+            b, i = divmod(t, seqlen_q)
+            lim = int(su[b]) - (seqlen_q - 1 - i) if causal else int(su[b])
+            assert seen["tok"][t].tolist() == [b * 10, lim], (step, t)
+        su.sub_(7)  # in-place update between runs (graph replays) must be seen
+        q2k[1, 2] = torch.tensor([1, -1, -1, -1])

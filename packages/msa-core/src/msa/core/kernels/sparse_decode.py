@@ -27,7 +27,7 @@ import torch
 from ._device import cuda_kernel_available
 from ._device import sm_count as _sm_count
 
-__all__ = ["DecodePlan", "plan", "run", "spec", "jit_specs", "available", "supports", "choose_splits", "STAGES"]
+__all__ = ["DecodePlan", "plan", "plan_for_shape", "launch", "run", "spec", "jit_specs", "available", "supports", "choose_splits", "STAGES"]
 
 FAMILY = "sparse_decode"
 SOURCES = ("sparse_decode.cu.jinja",)
@@ -161,8 +161,6 @@ class DecodePlan:
     lse_dummy: torch.Tensor
 
 
-
-
 def token_info(fplan) -> list[int]:
     """Flat [total_q, 2] host list: (kv_page_indptr[b], exclusive visible key limit) per query token."""
     info: list[int] = []
@@ -180,24 +178,46 @@ def plan(fplan, sm_count: int | None = None) -> DecodePlan:
         raise NotImplementedError(f"sparse_decode: page_size {fplan.page_size} is not built (page {PAGE_SIZE})")
     if fplan.kv_block_num is None:
         raise ValueError("plan: made without kv_block_num (not a per-token sparse plan)")
-    hq, hkv, topk = fplan.num_qo_heads, fplan.num_kv_heads, fplan.kv_block_num
-    if hq // hkv > MAX_GROUP:
-        raise NotImplementedError(f"sparse_decode: Hq / Hkv = {hq // hkv} > {MAX_GROUP} is not built")
-    device = fplan.device
+    tok = torch.tensor(token_info(fplan), dtype=torch.int32).view(-1, 2).to(fplan.device)
+    return plan_for_shape(fplan.total_q, fplan.num_qo_heads, fplan.num_kv_heads, fplan.kv_block_num, tok,
+                          sm_count=sm_count)
+
+
+def plan_for_shape(total_q: int, hq: int, hkv: int, topk: int, tok_info: torch.Tensor,
+                   sm_count: int | None = None) -> DecodePlan:
+    """Kernel plan from the shapes alone (split count, workspaces) around a caller-owned ``tok_info`` int32
+    ``[total_q, 2]`` device tensor; callers that update ``tok_info`` in place (CUDA-graph replays with new
+    lengths) reuse the plan."""
+    if hq % hkv or hq // hkv > MAX_GROUP:
+        raise NotImplementedError(f"sparse_decode: Hq / Hkv = {hq}/{hkv} is not built (a divisor, ratio <= "
+                                  f"{MAX_GROUP})")
+    if tuple(tok_info.shape) != (total_q, 2) or tok_info.dtype != torch.int32:
+        raise ValueError(f"tok_info: expected int32 [{total_q}, 2], got {tok_info.dtype} {list(tok_info.shape)}")
+    device = tok_info.device
     if sm_count is None:
         sm_count = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
             if device.type == "cuda" else 132
     n_stages = stages()
     forced = os.environ.get("MSA_SPARSE_DECODE_SPLITS")
-    splits = int(forced) if forced else choose_splits(fplan.total_q * hkv, topk, hq // hkv, sm_count)
+    splits = int(forced) if forced else choose_splits(total_q * hkv, topk, hq // hkv, sm_count)
     splits = max(-(-topk // MAX_BLOCKS_PER_SPLIT), min(splits, topk))
     bps = -(-topk // splits)
     splits = -(-topk // bps)  # no empty trailing split
-    tok = torch.tensor(token_info(fplan), dtype=torch.int32).view(-1, 2).to(device)
-    n = fplan.total_q * hq * splits if splits > 1 else 0
+    n = total_q * hq * splits if splits > 1 else 0
     f32 = dict(dtype=torch.float32, device=device)
-    return DecodePlan(tok_info=tok, splits=splits, blocks_per_split=bps, stages=n_stages, part_o=torch.empty(n * HEAD_DIM, **f32),
-                      part_lse=torch.empty(n, **f32), lse_dummy=torch.empty(0, **f32))
+    return DecodePlan(tok_info=tok_info, splits=splits, blocks_per_split=bps, stages=n_stages,
+                      part_o=torch.empty(n * HEAD_DIM, **f32), part_lse=torch.empty(n, **f32),
+                      lse_dummy=torch.empty(0, **f32))
+
+
+def launch(q, k, v, kv_indices, kv_block_indexes, dp: DecodePlan, out, lse, scale_log2: float,
+           out_scale: float) -> None:
+    """One kernel launch (+ combine when split) on the current stream; arguments already validated."""
+    if q.shape[0]:
+        load_module(q.device, dp.stages).sparse_decode(
+            q, k, v, kv_indices, kv_block_indexes, dp.tok_info, out, dp.lse_dummy if lse is None else lse,
+            dp.part_o, dp.part_lse, dp.splits, dp.blocks_per_split, scale_log2, out_scale, lse is not None,
+        )
 
 
 def _scalar(name: str, s) -> float:
@@ -228,9 +248,5 @@ def run(q, k, v, fplan, *, kv_indices, kv_block_indexes, out=None, sm_scale=None
         out = torch.empty(q.shape[0], q.shape[1], HEAD_DIM, dtype=q.dtype, device=q.device)
     if return_lse and lse is None:
         lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
-    if q.shape[0]:
-        load_module(q.device, dp.stages).sparse_decode(
-            q, k, v, kv_indices, kv_block_indexes, dp.tok_info, out, lse if return_lse else dp.lse_dummy,
-            dp.part_o, dp.part_lse, dp.splits, dp.blocks_per_split, scale * _LOG2E, out_scale, bool(return_lse),
-        )
+    launch(q, k, v, kv_indices, kv_block_indexes, dp, out, lse if return_lse else None, scale * _LOG2E, out_scale)
     return (out, None, lse) if return_lse else (out, None)
