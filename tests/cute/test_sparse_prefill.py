@@ -163,6 +163,10 @@ def test_overflowing_token_is_poisoned_not_truncated(helpers):
     kw = dict(cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=2, max_seqlen_k=48, blk_kv=16)
     o = sparse_atten_func(q, k, k, rp, qi, 2, **kw)
     assert torch.isnan(o[0]).all() and torch.isfinite(o[1]).all()
+    o, lse, lse_t = sparse_atten_func(q, k, k, rp, qi, 2, return_softmax_lse=True, return_temperature_lse=True,
+                                      lse_temperature_scale=2.0, **kw)
+    assert torch.isnan(lse[0]).all() and torch.isnan(lse_t[0]).all()  # its LSEs too (the kernel's combine does)
+    assert torch.isfinite(lse[1]).all() and torch.isfinite(lse_t[1]).all()
     with pytest.raises(ValueError, match="k2q_q_indices.*topk=2"):
         sparse_atten_func(q, k, k, rp, qi, 2, validate=True, **kw)
 

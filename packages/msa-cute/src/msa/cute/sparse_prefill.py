@@ -203,8 +203,8 @@ def sparse_atten_func(
             under a bf16/fp16 q. ``Hq % Hkv == 0``. No quantisation scales are applied.
         k2q_row_ptr / k2q_q_indices: the CSR (``[Hkv, total_rows+1]``, ``[Hkv, >= total_q*topk]`` int32).
         topk: per-token selection bound, 1..64 (kernels: 4/8/16/32). A token listed in more than ``topk`` rows
-            is a contract violation: ``validate=True`` raises, otherwise its output row is NaN (never silently
-            truncated).
+            is a contract violation: ``validate=True`` raises, otherwise its output row and LSEs are NaN (never
+            silently truncated).
         cu_seqlens_q / cu_seqlens_k: ``[B+1]`` int32; ``max_seqlen_q/k`` host bounds.
         causal: bottom-right causal mask; ``seqused_k [B]`` int32 overrides the visible key count per request.
         softmax_scale: default ``D ** -0.5``. ``lse_temperature_scale`` > 0: the temperature LSE is the LSE of
@@ -272,6 +272,9 @@ def _reference(q, k, v, row_ptr, q_indices, topk, cu_q, cu_k, blk_kv, causal, sc
     # A token listed in more rows than topk breaks the kernel's slot layout: poison it instead of truncating.
     bad = overflow.t().repeat_interleave(group, dim=1)  # [T, Hq]
     o = torch.where(bad.unsqueeze(-1), torch.full_like(o, float("nan")), o)
+    lse = lse.masked_fill(bad, float("nan"))  # the kernel's combine poisons the LSEs of such tokens too
+    if lse_t is not None:
+        lse_t = lse_t.masked_fill(bad, float("nan"))
     return _pack(o.to(out_dtype), lse, lse_t, return_lse, return_temp)
 
 
