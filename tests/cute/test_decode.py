@@ -161,7 +161,7 @@ def test_sparse_decode_kernel_adapter_metadata(monkeypatch, causal):
 
     monkeypatch.setattr(core, "launch", fake_launch)
     gen = torch.Generator().manual_seed(5)
-    batch, seqlen_q, hkv, topk = 3, 2, 2, 4
+    batch, seqlen_q, hkv = 3, 2, 2
     pages = torch.randperm(40, generator=gen)[:30].view(batch, 10).int()
     su = torch.tensor([1000, 300, 129], dtype=torch.int32)
     q2k = torch.tensor([0, 1, -1, -1], dtype=torch.int32).repeat(hkv, batch * seqlen_q, 1)
