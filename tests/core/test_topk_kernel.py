@@ -305,6 +305,7 @@ def test_plan_shapes(monkeypatch):
     from msa.core.kernels.topk import (
         block_capacity,
         block_smem_bytes,
+        cluster_smem_bytes,
         column_capacity,
         plan,
         row_smem_bytes,
@@ -322,6 +323,11 @@ def test_plan_shapes(monkeypatch):
         for m in (1, 15, 33, 64):
             p = plan(n_heads, n_blocks, total_q, m, 132)
             assert p.splits >= 1
+            if p.path == "cluster":  # few long rows: K split over <= 8 CTAs of a cluster
+                assert n_blocks >= 1024 and total_q * n_heads <= 512 and 0 < m <= 64
+                assert 1 <= p.slices <= 8 and p.warps >= 1 << p.log_g and p.cap >= m
+                assert cluster_smem_bytes(n_blocks, 1 << p.log_g, p.slices, p.cap) <= 112 * 1024
+                continue
             if p.path == "row":  # rows of up to 2048 blocks (8192 for decode-like shapes), M <= 64
                 assert n_blocks <= (8192 if total_q * n_heads < 16 * 132 else 2048) and 0 < m <= 64
                 assert p.splits == 1
@@ -338,14 +344,17 @@ def test_plan_shapes(monkeypatch):
             assert p.cap >= m + p.threads_per_row
     assert plan(4, 64, 4096, 15, 132).path == "warp"  # many short rows
     assert plan(1, 1024, 4096, 15, 132).path == "row"  # 128K prefill: staged rows, one warp per row
-    assert plan(1, 1024, 4096, 15, 132).ctas == 0  # pipelined kernel: opt-in only (no measured gain)
     assert plan(1, 1024, 4096, 15, 132).log_g == 4  # 16 tokens per CTA
     assert plan(1, 2048, 4096, 15, 132).log_g == 3  # 16 staged rows of 2048 would exceed the smem budget
-    assert plan(4, 1024, 64, 15, 132).path == "row" and plan(4, 1024, 64, 15, 132).warps == 8  # decode
-    assert plan(1, 1024, 4096, 65, 132).path == "block"  # M > 64: no row path
-    assert plan(1, 8192, 64, 15, 132).path == "row" and plan(1, 8192, 64, 15, 132).log_g == 0  # 1M decode
-    assert plan(4, 8192, 64, 15, 132).log_g == 1 and plan(4, 8192, 64, 15, 132).warps == 16
-    assert plan(1, 16384, 64, 15, 132).splits > 1  # 2M decode: block path, split + merge
+    assert plan(4, 1024, 64, 15, 132).path == "cluster"  # 128K decode
+    assert plan(4, 512, 64, 15, 132).path == "row" and plan(4, 512, 64, 15, 132).warps == 8  # 64K decode
+    assert plan(1, 1024, 4096, 65, 132).path == "block"  # M > 64: no row or cluster path
+    p = plan(4, 8192, 64, 15, 132)  # 1M decode H4: 8 slices x 8 tokens x 4 heads = 256 CTAs
+    assert (p.path, p.slices, p.log_g, p.warps) == ("cluster", 8, 3, 8)
+    p = plan(1, 8192, 64, 15, 132)  # 1M decode H1: 4 tokens per CTA (128 CTAs)
+    assert (p.path, p.slices, p.log_g) == ("cluster", 8, 2)
+    assert plan(1, 16384, 64, 15, 132).path == "cluster"  # 2M decode: one launch, no workspace
+    assert plan(1, 8192, 64, 0, 132).path != "cluster"  # nothing to select: the forced rows only
     assert plan(4, 8192, 64, 0, 132).splits == 1  # fb + fe == topk: nothing to merge
     monkeypatch.setenv("MSA_TOPK_PATH", "warp")
     p = plan(4, 8192, 4096, 15, 132)  # 1M context prefill: rows alone fill the GPU
@@ -378,14 +387,24 @@ def test_plan_shapes(monkeypatch):
     monkeypatch.setenv("MSA_TOPK_WARPS", "8")
     p = plan(2, 1000, 50, 15, 132)
     assert (p.path, p.log_g, p.warps, p.splits) == ("row", 2, 8, 1)
-    monkeypatch.setenv("MSA_TOPK_CTAS", "5")
-    with pytest.raises(ValueError, match="MSA_TOPK_CTAS"):
-        plan(2, 1000, 50, 15, 132)  # G 4 != W 8
-    monkeypatch.delenv("MSA_TOPK_CTAS")
     monkeypatch.setenv("MSA_TOPK_WARPS", "2")
     with pytest.raises(ValueError, match="MSA_TOPK_WARPS"):
         plan(2, 1000, 50, 15, 132)
     with pytest.raises(ValueError, match="row: not applicable"):
+        plan(2, 1000, 50, 65, 132)
+    monkeypatch.setenv("MSA_TOPK_PATH", "cluster")
+    monkeypatch.setenv("MSA_TOPK_SLICES", "3")
+    monkeypatch.setenv("MSA_TOPK_WARPS", "4")
+    p = plan(2, 1000, 50, 15, 132)
+    assert (p.path, p.log_g, p.warps, p.slices) == ("cluster", 2, 4, 3)
+    monkeypatch.setenv("MSA_TOPK_SLICES", "9")
+    with pytest.raises(ValueError, match="MSA_TOPK_SLICES"):
+        plan(2, 1000, 50, 15, 132)
+    monkeypatch.setenv("MSA_TOPK_SLICES", "2")
+    monkeypatch.setenv("MSA_TOPK_WARPS", "2")
+    with pytest.raises(ValueError, match="MSA_TOPK_WARPS"):
+        plan(2, 1000, 50, 15, 132)
+    with pytest.raises(ValueError, match="cluster: not applicable"):
         plan(2, 1000, 50, 65, 132)
 
 
@@ -416,7 +435,7 @@ def _check(scores, topk, nvp=None, fb=0, fe=0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["block", "warp", "row"])
+@pytest.mark.parametrize("path", ["block", "warp", "row", "cluster"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("n_blocks", KS)
 @pytest.mark.parametrize("topk", TOPKS)
@@ -492,22 +511,20 @@ def test_block_launch_shapes(monkeypatch, g, p, splits, v):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("g,warps,ctas", [(1, 1, 0), (1, 8, 0), (2, 8, 0), (4, 4, 0), (8, 8, 0), (16, 16, 0),
-                                          (16, 32, 0), (2, 32, 0), (8, 8, 3), (4, 4, 7), (1, 1, 50), (8, 8, 1000)])
-def test_row_launch_shapes(monkeypatch, g, warps, ctas):
+@pytest.mark.parametrize("g,warps", [(1, 1), (1, 8), (2, 8), (4, 4), (8, 8), (16, 16), (16, 32), (2, 32)])
+def test_row_launch_shapes(monkeypatch, g, warps):
     """Row path: tokens per CTA x warps per CTA (env overrides), incl. the heavy-ties fallback (ties: more
     candidates than the buffer holds), M > 32 (second-largest group values), NaN / -inf and per-token nvp."""
     monkeypatch.setenv("MSA_TOPK_PATH", "row")
     monkeypatch.setenv("MSA_TOPK_G", str(g))
     monkeypatch.setenv("MSA_TOPK_WARPS", str(warps))
-    monkeypatch.setenv("MSA_TOPK_CTAS", str(ctas))
-    gen = torch.Generator().manual_seed(g * 100 + warps + ctas)
-    k_long = 1000 if ctas else 2000  # the pipelined kernel stages <= 1024 blocks
+    gen = torch.Generator().manual_seed(g * 100 + warps)
+    k_long = 2000
     for dtype in (torch.float32, torch.bfloat16):
         scores = make_scores("ties", 2, k_long, 50, dtype, gen).cuda()
         _check(scores, 64, None, 0, 0)
         _check(scores, 16, random_nvp(50, k_long, gen).cuda(), 2, 2)
-        for total_q in (77, 96):  # 96: the 4-token vector staging (total_q % 4 == 0, G >= 4)
+        for total_q in (77, 96):
             scores = make_scores("randn", 2, 1024, total_q, dtype, gen).cuda()
             _check(scores, 16, None, 0, 1)
             _check(scores, 48, random_nvp(total_q, 1024, gen).cuda(), 1, 1)
@@ -517,14 +534,43 @@ def test_row_launch_shapes(monkeypatch, g, warps, ctas):
             _check(scores, 7, 650, 0, 0)
             _check(scores, 33, None, 0, 0)
             _check(scores, 16, random_nvp(total_q, 700, gen).cuda(), 1, 2)
-    if g <= 2 and not ctas:  # long rows: 9000 blocks staged per row
+    if g <= 2:  # long rows: 9000 blocks staged per row
         scores = make_scores("randn", 1, 9000, 37, torch.float32, gen).cuda()
         _check(scores, 16, None, 0, 1)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("g,slices,warps", [(1, 1, 1), (1, 8, 8), (2, 8, 8), (4, 8, 8), (8, 8, 8), (8, 4, 16),
+                                            (16, 8, 16), (8, 3, 8), (2, 5, 4), (32, 2, 32)])
+def test_cluster_launch_shapes(monkeypatch, g, slices, warps):
+    """Cluster path: tokens per CTA x CTAs per cluster (slices of K) x warps (env overrides), incl. the heavy-ties
+    fallback over remote slices (ties), M > 32, NaN / -inf, per-token nvp, ranges that end inside a slice,
+    slices past K, and rows owned by a CTA that stages nothing of them."""
+    monkeypatch.setenv("MSA_TOPK_PATH", "cluster")
+    monkeypatch.setenv("MSA_TOPK_G", str(g))
+    monkeypatch.setenv("MSA_TOPK_SLICES", str(slices))
+    monkeypatch.setenv("MSA_TOPK_WARPS", str(warps))
+    gen = torch.Generator().manual_seed(g * 100 + slices * 10 + warps)
+    for dtype in (torch.float32, torch.bfloat16):
+        scores = make_scores("ties", 2, 2000, 50, dtype, gen).cuda()
+        _check(scores, 64, None, 0, 0)
+        _check(scores, 16, random_nvp(50, 2000, gen).cuda(), 2, 2)
+        scores = make_scores("randn", 2, 8192 if g <= 8 else 2048, 64, dtype, gen).cuda()
+        _check(scores, 16, None, 0, 1)
+        _check(scores, 48, random_nvp(64, scores.shape[1], gen).cuda(), 1, 1)
+    for kind in ("nan", "ascending", "causal", "zeros_signed"):
+        scores = make_scores(kind, 3, 1500, 70, torch.float32, gen).cuda()
+        _check(scores, 7, 650, 0, 0)
+        _check(scores, 33, None, 0, 0)
+        _check(scores, 16, random_nvp(70, 1500, gen).cuda(), 1, 2)
+    scores = make_scores("randn", 1, 100, 9, torch.float32, gen).cuda()  # slices past K (64-block minimum)
+    _check(scores, 16, None, 0, 1)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("n_heads,n_blocks,total_q", [(1, 1024, 64), (4, 1024, 64), (1, 8192, 64), (4, 8192, 64),
-                                                     (1, 1024, 4096), (4, 64, 4096), (1, 64, 4096), (2, 8192, 1500)])
+                                                     (1, 1024, 4096), (4, 64, 4096), (1, 64, 4096), (2, 8192, 1500),
+                                                     (1, 16384, 64), (4, 64, 64)])
 def test_kernel_bench_shapes(n_heads, n_blocks, total_q):
     """The benchmark's shapes under the default plan (whatever path and launch shape it picks)."""
     gen = torch.Generator().manual_seed(n_heads * n_blocks + total_q)
@@ -533,9 +579,10 @@ def test_kernel_bench_shapes(n_heads, n_blocks, total_q):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["block", "row"])
+@pytest.mark.parametrize("path", ["block", "row", "cluster"])
 def test_kernel_deterministic_and_out_reuse(monkeypatch, path):
-    monkeypatch.setenv("MSA_TOPK_PATH", path)  # decode shape: block = split + merge, row = whole rows staged
+    monkeypatch.setenv("MSA_TOPK_PATH", path)  # decode shape: block = split + merge, row = whole rows staged,
+    # cluster = K over 8 CTAs with remote appends in any order (ties: the fallback too)
     gen = torch.Generator().manual_seed(3)
     scores = make_scores("ties", 4, 4096, 64, torch.float32, gen).cuda()
     a = _kernel_call(scores, 16, None, 0, 1)

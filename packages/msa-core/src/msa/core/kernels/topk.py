@@ -1,6 +1,6 @@
 """CUDA glue for ``sparse_topk_select`` (csrc/topk): module build/load through JitSpec, launch configuration.
 
-``run`` takes arguments already validated by :func:`msa.core.topk.sparse_topk_select`. Two exact paths, picked by
+``run`` takes arguments already validated by :func:`msa.core.topk.sparse_topk_select`. Four exact paths, picked by
 :func:`plan` from the shapes only (never the data, never a host sync):
 
 - ``block`` (``csrc/topk/topk_block_core.cuh``): a CTA owns G tokens of one head and P threads per token; each
@@ -13,14 +13,18 @@
 - ``row`` (``csrc/topk/topk_row_core.cuh``): a CTA stages G whole rows in shared memory (coalesced transpose),
   then one warp selects one row with shuffles and ballots only (no CTA barriers in the selection). For rows that
   fit shared memory (K up to a few thousand blocks) and M <= 64: the issue-light path at 128K context.
+- ``cluster`` (``csrc/topk/topk_cluster_core.cuh``): few long rows (decode at 128K-1M context). A cluster of S <= 8
+  CTAs splits K; each CTA stages its slice of G rows, the row's bound comes from the union of the S slices' group
+  maxima (DSMEM), and each row's candidates are gathered in one owner CTA for the exact rank select. One launch,
+  no workspace, and H * S * ceil(total_q / G) CTAs instead of H * ceil(total_q / G).
 
-Both allocate at most one workspace (``2 * H * splits * M * ceil(total_q/32)*32`` int32 words, torch's caching
+The block and warp paths allocate at most one workspace (``2 * H * splits * M * ceil(total_q/32)*32`` int32 words, torch's caching
 allocator) and only when ``splits > 1``.
 
 Environment overrides (benchmark sweeps): ``MSA_TOPK_PATH`` (block | warp | row), ``MSA_TOPK_SPLITS``, ``MSA_TOPK_G``
 (tokens per CTA, block), ``MSA_TOPK_P`` (threads per token, block), ``MSA_TOPK_V`` (16 | 32, block),
 ``MSA_TOPK_WARPS`` (warp; row: warps per CTA), ``MSA_TOPK_MERGE_WARPS`` (warp); row:
-``MSA_TOPK_G`` (tokens per CTA), ``MSA_TOPK_CTAS`` (0 = one CTA per item; > 0 = the pipelined persistent kernel).
+``MSA_TOPK_G`` (tokens per CTA); cluster: ``MSA_TOPK_G``, ``MSA_TOPK_WARPS``, ``MSA_TOPK_SLICES`` (CTAs per cluster).
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ class TopkPlan:
     log_g: int = 3  # block / row path: 2**log_g tokens per CTA
     threads_per_row: int = 32  # block path: P
     values_per_thread: int = BLOCK_V  # block path: V per chunk (BLOCK_V prefetched, or 2 * BLOCK_V)
-    ctas: int = 0  # row path: > 0 = the pipelined persistent kernel with this many CTAs
+    slices: int = 1  # cluster path: CTAs per cluster along K
 
     def workspace_words(self, n_heads: int, total_q: int, m: int) -> int:
         if self.splits <= 1 or m <= 0:
@@ -211,15 +215,45 @@ def _row_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, 
     warps = max(8, g) if decode else g
     if decode and n_blocks > ROW_MAX_BLOCKS:
         warps = 16  # long decode rows: more loads in flight per CTA
-    return TopkPlan(path="row", splits=1, cap=cap, warps=warps, log_g=g.bit_length() - 1,
-                    ctas=_row_ctas(n_heads, n_blocks, total_q, g, warps, sm_count))
+    return TopkPlan(path="row", splits=1, cap=cap, warps=warps, log_g=g.bit_length() - 1)
 
 
-def _row_ctas(n_heads: int, n_blocks: int, total_q: int, g: int, warps: int, sm_count: int) -> int:
-    """Pipelined row kernel by default: never. Measured on H100 (benchmarks/topk_notes.md): 128K H1 prefill
-    14.50 us at 264 CTAs vs 14.93 one CTA per item, H4 49.0 vs 48.2, 8K prefill 10.8 vs 7.2 -- the selection is
-    issue-bound, so overlapping the next item's loads buys little. Kept as an option (MSA_TOPK_CTAS)."""
-    return 0
+CLUSTER_MAX_SLICES = 8  # portable cluster size (topk_cluster_core.cuh)
+CLUSTER_MIN_BLOCKS = 1024  # decode rows at least this long take the cluster path (128K context)
+CLUSTER_MAX_ROWS = 512  # ... when there are at most this many rows (total_q * H)
+
+
+def cluster_slice_len(n_blocks: int, slices: int) -> int:  # mirrors topk_cluster_select
+    return max(64, (-(-n_blocks // slices) + 31) // 32 * 32)
+
+
+def cluster_smem_bytes(n_blocks: int, g: int, slices: int, cap: int) -> int:  # mirrors topk_cluster_core.cuh
+    own = -(-g // slices)
+    return g * (cluster_slice_len(n_blocks, slices) + 32 // g) * 4 + own * cap * 8 + g * 32 * 4 + own * 4 + 2 * g * 4 + 8
+
+
+def _cluster_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> TopkPlan | None:
+    """Cluster path shape, or None where it does not apply (M > 64, slices too long for shared memory).
+    S = 8 slices (fewer for short rows: >= 128 blocks each); G = 8 tokens per CTA (whole 32-byte sectors of a K-row
+    in fp32), halved while fewer than half the SMs would get a CTA or the slice does not fit; W = max(G, 8) warps."""
+    if not 0 < m <= ROW_MAX_M:
+        return None
+    cap = row_capacity(m)
+    slices = CLUSTER_MAX_SLICES
+    while slices > 1 and n_blocks < 128 * slices:
+        slices //= 2
+    g = 8
+    while g > 1 and (-(-total_q // g) * n_heads * slices * 2 <= sm_count
+                     or cluster_smem_bytes(n_blocks, g, slices, cap) > ROW_SMEM_BUDGET):
+        g //= 2
+    if cluster_smem_bytes(n_blocks, g, slices, cap) > ROW_SMEM_BUDGET:
+        return None
+    return TopkPlan(path="cluster", splits=1, cap=cap, warps=max(8, g), log_g=g.bit_length() - 1, slices=slices)
+
+
+def _use_cluster_path(n_heads: int, n_blocks: int, total_q: int, m: int) -> bool:
+    """Few long rows: decode at >= 128K context (see _cluster_plan; predictions in benchmarks/topk_notes.md)."""
+    return 0 < m <= ROW_MAX_M and n_blocks >= CLUSTER_MIN_BLOCKS and total_q * n_heads <= CLUSTER_MAX_ROWS
 
 
 ROW_MAX_BLOCKS = 2048  # prefill rows staged whole (256K context); longer rows stream (block path)
@@ -241,13 +275,33 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
     if not path:
         if _use_warp_path(n_heads, n_blocks, total_q):
             path = "warp"
+        elif _use_cluster_path(n_heads, n_blocks, total_q, m) and _cluster_plan(n_heads, n_blocks, total_q, m,
+                                                                                sm_count):
+            path = "cluster"
         elif _use_row_path(n_heads, n_blocks, total_q, m, sm_count) and _row_plan(n_heads, n_blocks, total_q, m,
                                                                                   sm_count, itemsize):
             path = "row"
         else:
             path = "block"
-    if path not in ("block", "warp", "row"):
-        raise ValueError(f"MSA_TOPK_PATH: expected 'block', 'warp' or 'row', got {path!r}")
+    if path not in ("block", "warp", "row", "cluster"):
+        raise ValueError(f"MSA_TOPK_PATH: expected 'block', 'warp', 'row' or 'cluster', got {path!r}")
+    if path == "cluster":
+        pl = _cluster_plan(n_heads, n_blocks, total_q, m, sm_count)
+        if pl is None:
+            raise ValueError(f"MSA_TOPK_PATH=cluster: not applicable (M = {m} not in 1..{ROW_MAX_M} or K = {n_blocks} "
+                             "slices do not fit shared memory)")
+        g = _env_int("MSA_TOPK_G")
+        log_g = pl.log_g if g is None else g.bit_length() - 1
+        if g is not None and (g < 1 or g != 1 << log_g or g > 32):
+            raise ValueError(f"MSA_TOPK_G: expected a power of two in 1..32, got {g}")
+        slices = _env_int("MSA_TOPK_SLICES") or pl.slices
+        if not 1 <= slices <= CLUSTER_MAX_SLICES:
+            raise ValueError(f"MSA_TOPK_SLICES: expected 1..{CLUSTER_MAX_SLICES}, got {slices}")
+        warps = _env_int("MSA_TOPK_WARPS") or max(pl.warps, 1 << log_g)
+        if warps < (1 << log_g) or warps > 32:
+            raise ValueError(f"MSA_TOPK_WARPS: expected {1 << log_g}..32 for the cluster path with G = {1 << log_g}, "
+                             f"got {warps}")
+        return TopkPlan(path="cluster", splits=1, cap=pl.cap, warps=warps, log_g=log_g, slices=slices)
     if path == "row":
         pl = _row_plan(n_heads, n_blocks, total_q, m, sm_count, itemsize)
         if pl is None:
@@ -261,13 +315,7 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
         if warps < (1 << log_g) or warps > 32:
             raise ValueError(f"MSA_TOPK_WARPS: expected {1 << log_g}..32 for the row path with G = {1 << log_g}, "
                              f"got {warps}")
-        ctas = _env_int("MSA_TOPK_CTAS")
-        if ctas is None:
-            ctas = _row_ctas(n_heads, n_blocks, total_q, 1 << log_g, warps, sm_count)
-        elif ctas > 0 and (warps != 1 << log_g or log_g > 3 or n_blocks > 1024):
-            raise ValueError(f"MSA_TOPK_CTAS={ctas}: the pipelined row kernel needs warps == G <= 8 and K <= 1024 "
-                             f"(got warps {warps}, G {1 << log_g}, K {n_blocks})")
-        return TopkPlan(path="row", splits=1, cap=pl.cap, warps=warps, log_g=log_g, ctas=max(0, ctas))
+        return TopkPlan(path="row", splits=1, cap=pl.cap, warps=warps, log_g=log_g)
     if path == "warp":
         pl = _warp_plan(n_heads, n_blocks, total_q, m, sm_count)
         warps = min(_env_int("MSA_TOPK_WARPS") or pl.warps, MAX_WARPS)
@@ -316,7 +364,10 @@ def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, 
     module = load_module(device)
     if p.path == "row":
         module.topk_row_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out, p.log_g,
-                               p.warps, p.cap, p.ctas, _empty(device, torch.int64) if trace is None else trace)
+                               p.warps, p.cap, _empty(device, torch.int64) if trace is None else trace)
+    elif p.path == "cluster":
+        module.topk_cluster_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out,
+                                   p.log_g, p.slices, p.warps, p.cap)
     elif p.path == "block":
         module.topk_block_select(
             max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out, ws, p.splits, p.log_g,

@@ -82,6 +82,128 @@ __device__ __forceinline__ Comp warp_max_comp(Comp x) {
   return (static_cast<Comp>(hi) << 32) | lo;
 }
 
+// Exact top m of n candidate composites (one warp; n small): rank = number of greater candidates, rank < m is
+// selected; the selected block indices go to sel_idx (scratch of >= m ints), then each one is written at its
+// position among them in index order: orow_sel[pos]. Returns the number selected (min(m, n)).
+__device__ __forceinline__ int rank_select_write(const Comp* cand, int n, int m, int* sel_idx, int32_t* orow_sel,
+                                                 int lane) {
+  const uint32_t lt = lanemask_lt();
+  int nsel = 0;
+  for (int e0 = 0; e0 < n; e0 += 32) {
+    const int e = e0 + lane;
+    const Comp x = e < n ? cand[e] : 0ull;
+    int rank = 0;
+#pragma unroll 4
+    for (int f = 0; f < n; ++f) rank += cand[f] > x ? 1 : 0;
+    const bool sel = e < n && rank < m;
+    const uint32_t bal = __ballot_sync(kRowFull, sel);
+    if (sel) sel_idx[nsel + __popc(bal & lt)] = static_cast<int>(comp_idx(x));
+    nsel += __popc(bal);
+  }
+  __syncwarp();
+  for (int e = lane; e < nsel; e += 32) {
+    const int idx = sel_idx[e];
+    int pos = 0;
+#pragma unroll 4
+    for (int f = 0; f < nsel; ++f) pos += sel_idx[f] < idx ? 1 : 0;
+    orow_sel[pos] = idx;
+  }
+  return nsel;
+}
+
+// Forced head, forced tail, -1 padding of an output row (one warp), around the nsel selected blocks already
+// written at [lo, lo + nsel).
+__device__ __forceinline__ void write_forced(int32_t* orow, int topk, const RowRange& rr, int nsel, int lane) {
+  const int tail = rr.nvp - rr.hi;
+  for (int q = lane; q < topk; q += 32) {
+    if (q < rr.lo) {
+      orow[q] = q;
+    } else if (q >= rr.lo + nsel) {
+      const int u = q - rr.lo - nsel;
+      orow[q] = u < tail ? rr.hi + u : -1;
+    }
+  }
+}
+
+// This lane's group value for the theta bound of a row with m to select (row = the staged row + lane, nj lines):
+// m <= 32: gkey (the lane's group maximum, r = m); m <= 64: the second largest of offsets lane + 32 j (r =
+// ceil(m / 2)). r groups holding c = m <= 32 ? 1 : 2 values >= theta each give >= m values >= theta.
+__device__ __forceinline__ uint32_t theta_group_key(const float* row, uint32_t gkey, int nj, int m, int* r) {
+  if (m <= 32) {
+    *r = m;
+    return gkey;
+  }
+  float a1 = -INFINITY, b1 = -INFINITY;  // this lane's two largest
+  for (int j = 0; j < nj; ++j) {
+    const float x = row[j << 5];
+    b1 = fmaxf(b1, fminf(a1, x));
+    a1 = fmaxf(a1, x);
+  }
+  *r = (m + 1) >> 1;
+  return key_or_zero(b1);
+}
+
+// Bitonic sort of one key per lane across the warp: lane i ends with the i-th largest.
+__device__ __forceinline__ uint32_t warp_sort_desc(uint32_t key, int lane) {
+#pragma unroll
+  for (int kb = 2; kb <= 32; kb <<= 1) {
+#pragma unroll
+    for (int jb = kb >> 1; jb > 0; jb >>= 1) {
+      const uint32_t o = __shfl_xor_sync(kRowFull, key, jb);
+      const bool take_max = ((lane & jb) == 0) == ((lane & kb) == 0);  // descending overall
+      key = take_max ? umax32(key, o) : umin32(key, o);
+    }
+  }
+  return key;
+}
+
+// Candidates of a staged row (offsets k < 32 nj, block ulo + k): every value >= theta becomes a composite
+// appended to cand (a local or a cluster-remote buffer of cap entries; positions >= cap are counted, not
+// written). Per 32 lines: a per-lane bit mask, a warp prefix sum of the counts, and reserve(total) -> the
+// chunk's base position (warp-uniform), then each lane appends its own (lane-major order: ~1 per lane).
+template <class Reserve>
+__device__ __forceinline__ void scan_candidates(const float* row_base, int nj, bool pairs, float theta, int ulo,
+                                                Comp* cand, int cap, int lane, Reserve&& reserve) {
+  const float* row = row_base + lane;
+  for (int jc = 0; jc < nj; jc += 32) {
+    const int jn = imin32(32, nj - jc);
+    // bit b of this chunk (32 lines = 1024 offsets): offset (jc << 5) + chunk_offset(b)
+    uint32_t mask = 0u;
+    if (jn == 32 && pairs) {
+      // 8-byte reads: lane holds offsets 64 i + 2 lane + {0, 1} (bits 2 i, 2 i + 1); half the load instructions
+      const float2* r2 = reinterpret_cast<const float2*>(row_base + (jc << 5)) + lane;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const float2 x = r2[i << 5];
+        mask |= (x.x >= theta ? 1u << (2 * i) : 0u) | (x.y >= theta ? 2u << (2 * i) : 0u);
+      }
+    } else if (jn == 32) {
+#pragma unroll
+      for (int j = 0; j < 32; ++j) mask |= row[(jc + j) << 5] >= theta ? 1u << j : 0u;
+    } else {
+      for (int j = 0; j < jn; ++j) mask |= row[(jc + j) << 5] >= theta ? 1u << j : 0u;
+    }
+    const bool paired = jn == 32 && pairs;
+    const int c = __popc(mask);
+    int incl = c;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(kRowFull, incl, o);
+      incl += lane >= o ? y : 0;
+    }
+    const int total = __shfl_sync(kRowFull, incl, 31);
+    if (total == 0) continue;  // warp-uniform
+    int pos = reserve(total) + incl - c;
+    while (mask) {
+      const int b = __ffs(mask) - 1;
+      mask &= mask - 1u;
+      const int k = (jc << 5) + (paired ? ((b >> 1) << 6) + 2 * lane + (b & 1) : (b << 5) + lane);
+      if (pos < cap) cand[pos] = make_comp(score_key(row_base[k]), static_cast<uint32_t>(ulo + k));
+      ++pos;
+    }
+  }
+}
+
 // Phase 2 for one row (one warp): row_base = the staged row (block ulo + k at offset k, -inf where not
 // eligible, nj lines of 32), cand = its candidate buffer, gmax_row = its 32 group-maxima keys (reset here),
 // has = the row has eligible blocks, orow = its output row.
@@ -91,103 +213,28 @@ __device__ __forceinline__ void row_select_warp(const RowParams& p, float* row_b
   const float* row = row_base + lane;  // this lane's offsets lane + 32 j
   const bool pairs = (p.stride & 1) == 0;  // rows 8-byte aligned: the candidate scan reads float2
   const uint32_t gkey = gmax_row[lane];
-  gmax_row[lane] = 0u;  // ready for the next rows staged here (pipelined kernel)
   const int m = p.m;
   const uint32_t lt = lanemask_lt();
   int nsel = 0;
   if (m > 0 && has) {
     // 1. theta: the r-th largest of the 32 group values (bitonic sort of their keys across the warp)
-    uint32_t key;
     int r;
-    if (m <= 32) {
-      key = gkey;
-      r = m;
-    } else {
-      float a1 = -INFINITY, b1 = -INFINITY;  // this lane's two largest
-      for (int j = 0; j < nj; ++j) {
-        const float x = row[j << 5];
-        b1 = fmaxf(b1, fminf(a1, x));
-        a1 = fmaxf(a1, x);
-      }
-      key = key_or_zero(b1);
-      r = (m + 1) >> 1;
-    }
-#pragma unroll
-    for (int kb = 2; kb <= 32; kb <<= 1) {
-#pragma unroll
-      for (int jb = kb >> 1; jb > 0; jb >>= 1) {
-        const uint32_t o = __shfl_xor_sync(kRowFull, key, jb);
-        const bool take_max = ((lane & jb) == 0) == ((lane & kb) == 0);  // descending overall
-        key = take_max ? umax32(key, o) : umin32(key, o);
-      }
-    }
+    const uint32_t key = warp_sort_desc(theta_group_key(row, gkey, nj, m, &r), lane);
     const uint32_t theta_key = __shfl_sync(kRowFull, key, r - 1);
     // -inf never passes: with fewer than r group values every finite element is a candidate
     const float theta = theta_key ? key_value(theta_key) : -FLT_MAX;
 
-    // 2. candidates: a per-lane bit mask over 32 lines at a time, then each lane appends its own (lane-major
-    //    order, offsets from a warp prefix sum: ~1 candidate per lane, so ~2 rounds of the append loop)
+    // 2. candidates: appended lane-major at offsets from a running count
     int n = 0;
-    for (int jc = 0; jc < nj; jc += 32) {
-      const int jn = imin32(32, nj - jc);
-      // bit b of this chunk (32 lines = 1024 offsets): offset (jc << 5) + chunk_offset(b)
-      uint32_t mask = 0u;
-      if (jn == 32 && pairs) {
-        // 8-byte reads: lane holds offsets 64 i + 2 lane + {0, 1} (bits 2 i, 2 i + 1); half the load instructions
-        const float2* r2 = reinterpret_cast<const float2*>(row_base + (jc << 5)) + lane;
-#pragma unroll
-        for (int i = 0; i < 16; ++i) {
-          const float2 x = r2[i << 5];
-          mask |= (x.x >= theta ? 1u << (2 * i) : 0u) | (x.y >= theta ? 2u << (2 * i) : 0u);
-        }
-      } else if (jn == 32) {
-#pragma unroll
-        for (int j = 0; j < 32; ++j) mask |= row[(jc + j) << 5] >= theta ? 1u << j : 0u;
-      } else {
-        for (int j = 0; j < jn; ++j) mask |= row[(jc + j) << 5] >= theta ? 1u << j : 0u;
-      }
-      const bool paired = jn == 32 && pairs;
-      const int c = __popc(mask);
-      int incl = c;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(kRowFull, incl, o);
-        incl += lane >= o ? y : 0;
-      }
-      int pos = n + incl - c;
-      while (mask) {
-        const int b = __ffs(mask) - 1;
-        mask &= mask - 1u;
-        const int k = (jc << 5) + (paired ? ((b >> 1) << 6) + 2 * lane + (b & 1) : (b << 5) + lane);
-        if (pos < p.cap) cand[pos] = make_comp(score_key(row_base[k]), static_cast<uint32_t>(ulo + k));
-        ++pos;
-      }
-      n += __shfl_sync(kRowFull, incl, 31);
-    }
+    scan_candidates(row_base, nj, pairs, theta, ulo, cand, p.cap, lane, [&](int total) {
+      const int base = n;
+      n += total;
+      return base;
+    });
     __syncwarp();
     if (n <= p.cap) {
-      // 3. exact rank among n candidates; the selected block indices go to sel_idx (this row's staging area,
-      //    no longer read), then each one's output position = number of selected with a smaller index
-      int* sel_idx = reinterpret_cast<int*>(row_base);
-      for (int e0 = 0; e0 < n; e0 += 32) {
-        const int e = e0 + lane;
-        const Comp x = e < n ? cand[e] : 0ull;
-        int rank = 0;
-#pragma unroll 4
-        for (int f = 0; f < n; ++f) rank += cand[f] > x ? 1 : 0;
-        const bool sel = e < n && rank < m;
-        const uint32_t bal = __ballot_sync(kRowFull, sel);
-        if (sel) sel_idx[nsel + __popc(bal & lt)] = static_cast<int>(comp_idx(x));
-        nsel += __popc(bal);
-      }
-      __syncwarp();
-      for (int e = lane; e < nsel; e += 32) {
-        const int idx = sel_idx[e];
-        int pos = 0;
-#pragma unroll 4
-        for (int f = 0; f < nsel; ++f) pos += sel_idx[f] < idx ? 1 : 0;
-        orow[rr.lo + pos] = idx;
-      }
+      // 3. exact rank among n candidates (the staging area is no longer read: scratch for the selected indices)
+      nsel = rank_select_write(cand, n, m, reinterpret_cast<int*>(row_base), orow + rr.lo, lane);
     } else {
       // heavy ties: M rounds of warp argmax below the previous pick find the M-th best composite
       Comp prev = ~0ull;
@@ -216,18 +263,46 @@ __device__ __forceinline__ void row_select_warp(const RowParams& p, float* row_b
       }
     }
   }
-  // forced head, forced tail, -1 padding (disjoint from the selected positions [lo, lo + nsel))
-  const int tail = rr.nvp - rr.hi;
-  for (int q = lane; q < p.topk; q += 32) {
-    if (q < rr.lo) {
-      orow[q] = q;
-    } else if (q >= rr.lo + nsel) {
-      const int u = q - rr.lo - nsel;
-      orow[q] = u < tail ? rr.hi + u : -1;
-    }
-  }
+  write_forced(orow, p.topk, rr, nsel, lane);
 }
 
+// Phase-1 copy of one thread's share of a staged row: offsets k = kk + per * i < span_pad, read from src (the
+// score at offset kk; offset k + 1 is q elements further) and stored at dst[k - kk] (dst = the staged row + kk);
+// loads only offsets in [a, b) (-inf elsewhere; NaN -> -inf), kRowUnroll loads in flight. Returns the maximum.
+template <typename T, int kRowUnroll>
+__device__ __forceinline__ float stage_span(const T* src, int64_t q, int per, int kk, int a, int b, int span_pad,
+                                            float* dst) {
+  const int64_t step = static_cast<int64_t>(per) * q;
+  float mx = -INFINITY;
+  for (int k0 = kk; k0 < span_pad; k0 += per * kRowUnroll) {
+    float v[kRowUnroll];
+    if (k0 >= a && k0 + per * (kRowUnroll - 1) < b) {  // whole chunk inside the row: no per-element checks
+#pragma unroll
+      for (int u = 0; u < kRowUnroll; ++u) v[u] = ScoreLoad<T>::load(src + u * step);
+#pragma unroll
+      for (int u = 0; u < kRowUnroll; ++u) {
+        const float x = fmaxf(v[u], -INFINITY);  // NaN -> -inf (fmaxf returns the non-NaN operand)
+        mx = fmaxf(mx, x);
+        dst[u * per] = x;
+      }
+    } else {
+#pragma unroll
+      for (int u = 0; u < kRowUnroll; ++u) {
+        const int k = k0 + per * u;
+        v[u] = k >= a && k < b ? ScoreLoad<T>::load(src + u * step) : -INFINITY;
+      }
+#pragma unroll
+      for (int u = 0; u < kRowUnroll; ++u) {
+        const float x = fmaxf(v[u], -INFINITY);
+        mx = fmaxf(mx, x);
+        if (k0 + per * u < span_pad) dst[u * per] = x;
+      }
+    }
+    src += kRowUnroll * step;
+    dst += kRowUnroll * per;
+  }
+  return mx;
+}
 
 // kRowUnroll: loads in flight per thread in phase 1.
 template <typename T, int kRowUnroll>
@@ -277,38 +352,10 @@ __device__ __forceinline__ void row_select_cta(const RowParams& p) {
   const int per = n_threads >> p.log_g;    // k-rows per pass
   const int kk = tid >> p.log_g;
   const int a = elo - ulo, b = ehi - ulo;   // this thread's row: loads only for offsets in [a, b)
-  const int64_t step = static_cast<int64_t>(per) * p.q;
   const T* src = static_cast<const T*>(p.scores) + (static_cast<int64_t>(h) * p.n_blocks + (span ? ulo : 0)) * p.q +
                  (tl < p.q ? tl : 0) + kk * p.q;
-  float* dst = rows + static_cast<size_t>(gl) * p.stride + kk;
-  float mx = -INFINITY;
-  for (int k0 = kk; k0 < span_pad; k0 += per * kRowUnroll) {
-    float v[kRowUnroll];
-    if (k0 >= a && k0 + per * (kRowUnroll - 1) < b) {  // whole chunk inside the row: no per-element checks
-#pragma unroll
-      for (int u = 0; u < kRowUnroll; ++u) v[u] = ScoreLoad<T>::load(src + u * step);
-#pragma unroll
-      for (int u = 0; u < kRowUnroll; ++u) {
-        const float x = fmaxf(v[u], -INFINITY);  // NaN -> -inf (fmaxf returns the non-NaN operand)
-        mx = fmaxf(mx, x);
-        dst[u * per] = x;
-      }
-    } else {
-#pragma unroll
-      for (int u = 0; u < kRowUnroll; ++u) {
-        const int k = k0 + per * u;
-        v[u] = k >= a && k < b ? ScoreLoad<T>::load(src + u * step) : -INFINITY;
-      }
-#pragma unroll
-      for (int u = 0; u < kRowUnroll; ++u) {
-        const float x = fmaxf(v[u], -INFINITY);
-        mx = fmaxf(mx, x);
-        if (k0 + per * u < span_pad) dst[u * per] = x;
-      }
-    }
-    src += kRowUnroll * step;
-    dst += kRowUnroll * per;
-  }
+  const float mx = stage_span<T, kRowUnroll>(src, p.q, per, kk, a, b, span_pad,
+                                             rows + static_cast<size_t>(gl) * p.stride + kk);
   // group maxima, groups = block offset mod 32 (any partition of the row works for the theta bound)
   if (own_groups) {
     gmax[gl * 32 + kk] = key_or_zero(mx);
@@ -329,76 +376,5 @@ __device__ __forceinline__ void row_select_cta(const RowParams& p) {
   if (trace != nullptr && threadIdx.x == 0) trace[2] = global_ns();
 }
 
-
-// Pipelined variant (persistent CTAs, W == G warps, rows of <= 32 * kPre blocks): a CTA walks work items
-// (G tokens of one head) item = blockIdx.x + gridDim.x * i. While the warps select the rows of item i, the
-// loads of item i + 1 are already in flight in registers (kPre values per thread), so the DRAM time of the
-// next item overlaps the selection of this one instead of every CTA loading, then selecting, in lockstep.
-// Rows are staged whole ([0, K) rounded up to 32; -inf outside each row's eligible range).
-template <typename T, int kPre>
-__device__ __forceinline__ void row_select_pipelined(const RowParams& p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int G = 1 << p.log_g;
-  const int tid = threadIdx.x;
-  float* rows = reinterpret_cast<float*>(smem_raw);
-  Comp* cands = reinterpret_cast<Comp*>(rows + static_cast<size_t>(G) * p.stride);
-  uint32_t* gmax = reinterpret_cast<uint32_t*>(cands + static_cast<size_t>(G) * p.cap);
-  const int gl = tid & (G - 1), kk = tid >> p.log_g;  // kk < 32: blockDim.x == 32 * G
-  const int span_pad = (p.n_blocks + 31) & ~31;
-  const int64_t n_groups = (p.q + G - 1) / G;
-  const int64_t n_items = n_groups * p.n_heads;
-  const int64_t step = 32 * p.q;
-  unsigned long long* trace = p.trace != nullptr ? p.trace + 3 * static_cast<size_t>(blockIdx.x) : nullptr;
-  if (trace != nullptr && tid == 0) trace[0] = global_ns();
-
-  float pre[kPre];
-  auto fetch = [&](int64_t item) {  // this thread's values of its row in `item` (k = kk + 32 u), -inf outside
-    const int64_t hh = item / n_groups;
-    const int64_t tl = (item - hh * n_groups) * G + gl;
-    int elo = 0, ehi = 0;
-    if (tl < p.q && p.m > 0) {
-      const RowRange rl = token_row_range(p, tl);
-      elo = rl.lo;
-      ehi = rl.hi;
-    }
-    const T* src = static_cast<const T*>(p.scores) + hh * p.n_blocks * p.q + (tl < p.q ? tl : 0) + kk * p.q;
-#pragma unroll
-    for (int u = 0; u < kPre; ++u) {
-      const int k = kk + 32 * u;
-      pre[u] = k >= elo && k < ehi ? ScoreLoad<T>::load(src + u * step) : -INFINITY;
-    }
-  };
-
-  if (tid < G * 32) gmax[tid] = 0u;
-  int64_t item = blockIdx.x;
-  if (item < n_items) fetch(item);
-  __syncthreads();
-  for (; item < n_items; item += gridDim.x) {
-    float* dst = rows + static_cast<size_t>(gl) * p.stride + kk;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int u = 0; u < kPre; ++u) {
-      const float x = fmaxf(pre[u], -INFINITY);  // NaN -> -inf
-      mx = fmaxf(mx, x);
-      if (kk + 32 * u < span_pad) dst[32 * u] = x;
-    }
-    if (mx > -INFINITY) atomicMax(gmax + gl * 32 + kk, score_key(mx));
-    __syncthreads();
-    if (trace != nullptr && tid == 0 && item == blockIdx.x) trace[1] = global_ns();
-    const int64_t next = item + gridDim.x;
-    if (next < n_items) fetch(next);  // in flight while this item's rows are selected
-    const int g = tid >> 5, lane = tid & 31;
-    const int64_t hh = item / n_groups;
-    const int64_t t = (item - hh * n_groups) * G + g;
-    if (t < p.q) {  // warp-uniform
-      const RowRange rr = token_row_range(p, t);
-      row_select_warp(p, rows + static_cast<size_t>(g) * p.stride, cands + static_cast<size_t>(g) * p.cap,
-                      gmax + g * 32, 0, span_pad >> 5, rr.lo < rr.hi, rr, p.out + (t * p.n_heads + hh) * p.topk,
-                      lane);
-    }
-    __syncthreads();  // staging area free for the next item
-  }
-  if (trace != nullptr && tid == 0) trace[2] = global_ns();
-}
 
 }  // namespace msa_topk
