@@ -77,7 +77,7 @@ def emulate(q, k, v, row_ptr, q_indices, topk, cu_q, cu_k, *, causal, scale, pag
     hkv = k.shape[1]
     group = hq // hkv
     sched = sp._schedule(schedule, row_ptr, cu_k, q_indices.shape[1], group)
-    q_slot, n_slots = sp.slot_tables(row_ptr, q_indices, cu_q, cu_k, total_q)
+    q_slot, n_slots = sp.schedule_slot_tables(sched, row_ptr, q_indices, cu_q, cu_k, total_q)
     kv_len = seqused_k if seqused_k is not None else cu_k[1:] - cu_k[:-1]
     o_part = torch.full((topk, total_q, hq, d), float("nan"), dtype=torch.float64)  # poisoned: never initialised
     lse_part = torch.full((topk, total_q, hq), float("nan"), dtype=torch.float64)
@@ -188,6 +188,26 @@ def test_slot_tables_rank_blocks_in_token_order(helpers, seed):
                 seen[h, t, slot] = True
         assert int(q_slot[h, int(rp[h, -1]):].abs().sum()) == 0
     assert torch.equal(seen, q2k >= 0)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_csr_build_slot_tables_equal_slot_tables(helpers, seed):
+    """build_k2q_csr(return_schedule=True) derives q_slot / n_slots from its sort's permutation; they must equal
+    the second-sort derivation (slot_tables) that run() falls back to for a schedule without them."""
+    q_lens, kv_lens, hkv, topk = [40, 0, 75, 130], [700, 128, 1000, 260], 3, 6
+    gen = torch.Generator().manual_seed(seed)
+    q2k = helpers.random_selection(gen, q_lens, kv_lens, hkv, topk, BLOCK)
+    q2k[0, 3, 2:] = -1  # short lists too
+    cq, ck = helpers.cu(q_lens), helpers.cu(kv_lens)
+    rp, qi, sched = build_k2q_csr(q2k, cq, ck, BLOCK, total_k=sum(kv_lens), qhead_per_kv=4, return_schedule=True)
+    q_slot, n_slots = sp.slot_tables(rp, qi, cq, ck, sum(q_lens))
+    assert sched.q_slot is not None and sched.n_slots is not None
+    assert torch.equal(sched.q_slot, q_slot), (sched.q_slot != q_slot).nonzero()[:5].tolist()
+    assert torch.equal(sched.n_slots, n_slots)
+    got = sp.schedule_slot_tables(sched, rp, qi, cq, ck, sum(q_lens))
+    assert got[0] is sched.q_slot and got[1] is sched.n_slots
+    bare = type(sched)(sched.work, sched.work_count, sched.q_tile)
+    assert torch.equal(sp.schedule_slot_tables(bare, rp, qi, cq, ck, sum(q_lens))[0], q_slot)
 
 
 @pytest.mark.parametrize("topk,group,paged,causal", [

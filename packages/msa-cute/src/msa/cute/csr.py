@@ -36,6 +36,8 @@ __all__ = [
 
 # Work-list columns of K2qSchedule.work.
 SCHED_KV_HEAD, SCHED_ROW, SCHED_BATCH, SCHED_BLOCK, SCHED_Q_START, SCHED_Q_COUNT = range(6)
+Q_SLOT_BITS = 24  # q_slot packs q_local | slot << 24
+MAX_SLOT = 127  # slot << 24 stays a positive int32
 
 
 @dataclass
@@ -48,11 +50,19 @@ class K2qSchedule:
     so one item fills one 128-row MMA tile (GQA heads of a KV group packed along M). Items are ordered longest row
     first (ties: lower ``(kv_head, row)`` first); rows ``>= work_count`` are ``-1``. ``work_count [1]`` int32
     stays on the device (read it only when you may synchronise).
+
+    Built by :func:`build_k2q_csr` it also carries the sparse prefill kernel's slot tables (``None`` otherwise;
+    the kernel path then derives them from the CSR with an extra sort): ``q_slot [Hkv, nnz_cap]`` int32 =
+    ``q_local | slot << 24`` per CSR entry, ``slot`` = the block's rank among the token's selected blocks (its
+    position in the token's ascending list, clamped to 127), and ``n_slots [total_q, Hkv]`` int32 = blocks per
+    token. They come out of the CSR sort for free (its permutation names each entry's (token, list position)).
     """
 
     work: torch.Tensor
     work_count: torch.Tensor
     q_tile: int
+    q_slot: torch.Tensor | None = None
+    n_slots: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -204,15 +214,19 @@ def build_k2q_csr(
     if nnz_cap == 0 or hkv == 0 or batch == 0:
         q_indices = torch.full((hkv, nnz_cap), -1, dtype=torch.int32, device=dev)
         counts = torch.zeros(hkv, total_rows, dtype=torch.int64, device=dev)
+        q_slot = torch.zeros(hkv, nnz_cap, dtype=torch.int32, device=dev)
+        n_slots = torch.zeros(total_q, hkv, dtype=torch.int32, device=dev)
     else:
-        q_indices, counts = _invert(q2k_indices, cu_seqlens_q, cu_seqlens_k, block_size, total_rows, row_ptr)
+        q_indices, counts, q_slot, n_slots = _invert(q2k_indices, cu_seqlens_q, cu_seqlens_k, block_size, total_rows,
+                                                     row_ptr, with_slots=return_schedule)
     if not return_schedule:
         return row_ptr, q_indices
     schedule = _build_schedule(row_ptr, counts, cu_seqlens_k, block_size, nnz_cap, schedule_q_tile(qhead_per_kv))
+    schedule.q_slot, schedule.n_slots = q_slot, n_slots
     return row_ptr, q_indices, schedule
 
 
-def _invert(q2k, cu_q, cu_k, block_size, total_rows, row_ptr):
+def _invert(q2k, cu_q, cu_k, block_size, total_rows, row_ptr, with_slots=False):
     hkv, total_q, topk = q2k.shape
     dev = q2k.device
     cu_q64 = cu_q.to(torch.int64)
@@ -230,7 +244,12 @@ def _invert(q2k, cu_q, cu_k, block_size, total_rows, row_ptr):
     tok = torch.arange(total_q, device=dev, dtype=torch.int64).view(1, total_q, 1)
     sentinel = total_rows * total_q
     key = torch.where(valid, row * total_q + tok, torch.full_like(row, sentinel)).reshape(hkv, total_q * topk)
-    sorted_key = torch.sort(key, dim=1).values
+    if with_slots:
+        # The sort's permutation names each entry's source (token, list position); the slot is the position
+        # among the token's valid selections (= the position itself for a well-formed ascending, -1-tailed list).
+        sorted_key, src = torch.sort(key, dim=1, stable=True)
+    else:
+        sorted_key, src = torch.sort(key, dim=1).values, None
 
     # Histogram of rows (invalid selections land in the spare bucket total_rows).
     row_or_spare = torch.where(valid, row, torch.full_like(row, total_rows)).reshape(hkv, -1)
@@ -243,7 +262,14 @@ def _invert(q2k, cu_q, cu_k, block_size, total_rows, row_ptr):
     q_glob = torch.remainder(sorted_key, total_q)
     q_local = q_glob - cu_q64[tok_b_safe[q_glob]]
     q_indices = torch.where(is_valid, q_local, torch.full_like(q_local, -1)).to(torch.int32)
-    return q_indices, counts
+    if src is None:
+        return q_indices, counts, None, None
+    valid_flat = valid.reshape(hkv, total_q * topk)
+    rank = (torch.cumsum(valid.to(torch.int32), dim=-1) - 1).clamp(min=0, max=MAX_SLOT).reshape(hkv, -1)
+    slot = torch.gather(rank, 1, src).to(torch.int64)
+    q_slot = torch.where(is_valid, q_local | (slot << Q_SLOT_BITS), torch.zeros_like(q_local)).to(torch.int32)
+    n_slots = valid_flat.view(hkv, total_q, topk).sum(-1, dtype=torch.int32).t().contiguous()
+    return q_indices, counts, q_slot, n_slots
 
 
 def _build_schedule(row_ptr, counts, cu_k, block_size, nnz_cap, q_tile) -> K2qSchedule:

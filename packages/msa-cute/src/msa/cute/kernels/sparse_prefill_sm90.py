@@ -7,7 +7,8 @@ only building them needs cutlass-dsl. Pipeline of :func:`run`:
    ``128 // G`` queries of one KV block row, longest rows first);
 2. slot table (torch, no host sync): ``q_slot[h, e] = q_local | slot << 24`` for every CSR entry, where ``slot`` is
    the entry's rank among its token's entries (= the block's position in the token's ascending block list), and
-   ``n_slots[t, h]``;
+   ``n_slots[t, h]``; taken from the schedule when ``build_k2q_csr(return_schedule=True)`` made it (free there:
+   the CSR sort's permutation), else derived here with a second sort (:func:`slot_tables`);
 3. partial kernel (``sparse_prefill_partial_sm90``): per work item, per-slot normalised O + LSE;
 4. combine kernel (``sparse_prefill_combine``): LSE-weighted merge of each token's slots -> O (bf16), LSE.
 
@@ -22,6 +23,7 @@ import math
 import os
 
 import torch
+from msa.cute.csr import MAX_SLOT, Q_SLOT_BITS  # q_slot packing, shared with the CSR build
 from msa.cute.jit import CuteSpec
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "supports",
     "run",
     "slot_tables",
+    "schedule_slot_tables",
     "kernel_specs",
     "cute_specs",
     "PARTIAL",
@@ -42,8 +45,6 @@ EXPERIMENTAL_ENV = "MSA_CUTE_EXPERIMENTAL"
 HEAD_DIM = 128
 BLOCK = 128
 TILE_M = 128
-Q_SLOT_BITS = 24
-MAX_SLOT = 127  # slot << 24 must stay a positive int32
 CTAS_PER_SM = 2
 PARTIAL_DTYPES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
 LOG2_E = 1.4426950408889634
@@ -172,6 +173,15 @@ def slot_tables(row_ptr: torch.Tensor, q_indices: torch.Tensor, cu_seqlens_q: to
     return q_slot, n_slots
 
 
+def schedule_slot_tables(sched, row_ptr, q_indices, cu_seqlens_q, cu_seqlens_k, total_q):
+    """The schedule's slot tables when ``build_k2q_csr(return_schedule=True)`` made them, else :func:`slot_tables`."""
+    hkv, cap = q_indices.shape
+    if (sched.q_slot is not None and sched.n_slots is not None and tuple(sched.q_slot.shape) == (hkv, cap)
+            and tuple(sched.n_slots.shape) == (total_q, hkv)):
+        return sched.q_slot, sched.n_slots
+    return slot_tables(row_ptr, q_indices, cu_seqlens_q, cu_seqlens_k, total_q)
+
+
 def _schedule(schedule, row_ptr, cu_seqlens_k, nnz_cap: int, group: int):
     from msa.cute.csr import _build_schedule, schedule_q_tile
 
@@ -208,7 +218,7 @@ def run(*, q, k, v, k2q_row_ptr, k2q_q_indices, topk, cu_seqlens_q, cu_seqlens_k
         lse.fill_(-math.inf)
         return _pack(o, lse, return_softmax_lse, return_temperature_lse)
 
-    q_slot, n_slots = slot_tables(k2q_row_ptr, k2q_q_indices, cu_seqlens_q, cu_seqlens_k, total_q)
+    q_slot, n_slots = schedule_slot_tables(sched, k2q_row_ptr, k2q_q_indices, cu_seqlens_q, cu_seqlens_k, total_q)
     if seqused_k is not None:
         kv_len = seqused_k.to(torch.int32).contiguous()
     else:

@@ -75,6 +75,7 @@ class SparsePrefillPartialSm90:
         self.debug = int(debug)
         self.partial_dtype = DTYPES[partial_dtype]
         self.dtype = BFloat16
+        self.stage_o = partial_dtype == "bfloat16"  # bf16 O tile fits sQ: staged, coalesced epilogue
 
     @cute.jit
     def __call__(self, q: cute.Tensor, k: cute.Tensor, v: cute.Tensor, work: cute.Tensor, work_count: cute.Tensor,
@@ -177,14 +178,23 @@ class SparsePrefillPartialSm90:
 
         thr_copy_q = copy_q.get_slice(tidx)
         tQsQ = thr_copy_q.partition_D(sQ)
+        tOsO = thr_pv.partition_C(sQ)  # the O tile staged in sQ, in the accumulator's per-thread layout
+        store_atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), self.dtype, num_bits_per_copy=128)
         q_row0 = tidx // THREADS_PER_ROW
         q_chunk = tidx % THREADS_PER_ROW
 
         n_items = mWorkCount[0]
-        # A dynamic range loop, and the barrier phase derived from the trip count: no loop-carried variables.
-        for item in cutlass.range(bidx, n_items, gdim):
-            phase = ((item - bidx) // gdim) % 2
+        # Contiguous share of the work list per CTA: the schedule lists a row's chunks back to back, so consecutive
+        # items mostly share (KV head, block) and K/V stay in smem (reloaded only when the block changes).
+        first = (bidx * n_items) // gdim
+        end = ((bidx + 1) * n_items) // gdim
+        prev_h = Int32(-1)
+        prev_row = Int32(-1)
+        kv_loads = Int32(0)  # K/V loads so far: the barrier's phase
+        q_entries = cute.make_rmem_tensor((cute.size(tQsQ, mode=[1]),), Int32)
+        for item in cutlass.range(first, end, 1, unroll=1):
             h = mWork[item, 0]
+            row = mWork[item, 1]
             b = mWork[item, 2]
             blk = mWork[item, 3]
             q_start = mWork[item, 4]
@@ -194,12 +204,14 @@ class SparsePrefillPartialSm90:
             q_len = mCuQ[b + 1] - q_base
             key0 = blk * BLOCK
             n_keys = kv_len - key0  # keys of this block that exist for the request (may be <= 0 or > 128)
+            new_kv = (h - prev_h) | (row - prev_row)  # != 0: another block than the one in smem
+            phase = kv_loads % 2
 
             # ---- loads: K/V by TMA (warp 0; one elected lane issues), Q rows by cp.async (all threads) ----
             # The TMA copy is warp-collective (ELECT + WARPSYNC on the full warp in SASS): issued from a one-thread
             # branch (`tidx == 0`, the first version) lane 0 waited at the WARPSYNC for lanes already parked at
             # the CTA barrier below -- the hang of the first H100 runs.
-            if warp == 0 and const_expr(not self.debug & 2):
+            if warp == 0 and new_kv != 0 and const_expr(not self.debug & 2):
                 with cute.arch.elect_one():
                     cute.arch.mbarrier_arrive_and_expect_tx(mbar, kv_bytes)
                 if const_expr(self.paged):
@@ -219,8 +231,10 @@ class SparsePrefillPartialSm90:
             for m in cutlass.range_constexpr(cute.size(tQsQ, mode=[1]) if not self.debug & 4 else 0):
                 r = m * ROWS_PER_PASS + q_row0
                 i = r // group
+                q_entries[m] = Int32(0)
                 if i < q_count:
                     entry = mQSlot[h, q_start + i]
+                    q_entries[m] = entry
                     tok = q_base + (entry & ((1 << Q_SLOT_BITS) - 1))
                     src = mQ.iterator + cute.crd2idx((tok, h * group + (r - i * group), 0), mQ.layout)
                     src = cute.make_ptr(self.dtype, src.toint(), cute.AddressSpace.gmem, assumed_align=16)
@@ -230,31 +244,36 @@ class SparsePrefillPartialSm90:
             cute.arch.cp_async_wait_group(0)
             cute.arch.fence_view_async_shared()  # cp.async (generic proxy) writes -> wgmma (async proxy) reads
             cute.arch.sync_threads()
-            if const_expr(self.debug & 2):
-                pass
-            elif const_expr(self.debug & 1):
-                if tidx == 0:
-                    cute.printf("partial dbg: cta %d item %d/%d h %d b %d blk %d q_start %d q_count %d n_keys %d "
-                                "phase %d\n", bidx, item, n_items, h, b, blk, q_start, q_count, n_keys, phase)
-                done = cute.arch.mbarrier_try_wait(mbar, phase)
-                tries = Int32(0)
-                while not done and tries < 200000:
+            if new_kv != 0:
+                if const_expr(self.debug & 2):
+                    pass
+                elif const_expr(self.debug & 1):
+                    if tidx == 0:
+                        cute.printf("partial dbg: cta %d item %d/%d h %d b %d blk %d q_start %d q_count %d "
+                                    "n_keys %d phase %d\n", bidx, item, n_items, h, b, blk, q_start, q_count,
+                                    n_keys, phase)
                     done = cute.arch.mbarrier_try_wait(mbar, phase)
-                    tries += 1
-                if not done and tidx == 0:
-                    cute.printf("partial dbg: cta %d item %d: K/V barrier wait TIMED OUT (phase %d)\n", bidx, item,
-                                phase)
-            else:
-                cute.arch.mbarrier_wait(mbar, phase)
-            if n_keys < BLOCK and const_expr(not self.debug & 8):  # partial block: V rows past kv_len -> zero
-                first = cutlass.max(n_keys, 0)
-                for e in cutlass.range((BLOCK * HEAD_DIM) // THREADS, unroll=8):
-                    idx = e * THREADS + tidx
-                    rr = idx // HEAD_DIM
-                    if rr >= first:
-                        sV[rr, idx - rr * HEAD_DIM] = self.dtype(0.0)
-                cute.arch.fence_view_async_shared()
-                cute.arch.sync_threads()
+                    tries = Int32(0)
+                    while not done and tries < 200000:
+                        done = cute.arch.mbarrier_try_wait(mbar, phase)
+                        tries += 1
+                    if not done and tidx == 0:
+                        cute.printf("partial dbg: cta %d item %d: K/V barrier wait TIMED OUT (phase %d)\n", bidx,
+                                    item, phase)
+                else:
+                    cute.arch.mbarrier_wait(mbar, phase)
+                if n_keys < BLOCK and const_expr(not self.debug & 8):  # partial block: V rows past kv_len -> 0
+                    first_dead = cutlass.max(n_keys, 0)
+                    for e in cutlass.range((BLOCK * HEAD_DIM) // THREADS, unroll=8):
+                        idx = e * THREADS + tidx
+                        rr = idx // HEAD_DIM
+                        if rr >= first_dead:
+                            sV[rr, idx - rr * HEAD_DIM] = self.dtype(0.0)
+                    cute.arch.fence_view_async_shared()
+                    cute.arch.sync_threads()
+                kv_loads += 1
+            prev_h = h
+            prev_row = row
 
             # ---- S = Q K^T, masked softmax over the block ----
             if const_expr(not self.debug & 16):
@@ -293,20 +312,47 @@ class SparsePrefillPartialSm90:
 
             # ---- epilogue: normalised partial O and LSE into the token's slot ----
             if const_expr(not self.debug & 64):
-                for ri in cutlass.range_constexpr(n_rows):
+                for ri in cutlass.range_constexpr(n_rows):  # LSE: one lane of the row's quad
                     r = o_coord[ri, 0][0]
                     i = r // group
-                    if i < q_count:
+                    if i < q_count and lane % 4 == 0:
                         entry = mQSlot[h, q_start + i]
                         slot = entry >> Q_SLOT_BITS
-                        tok = q_base + (entry & ((1 << Q_SLOT_BITS) - 1))
-                        hq = h * group + (r - i * group)
                         if slot < topk:
-                            for ci in cutlass.range_constexpr(cute.size(o_rows, mode=[1])):
-                                mOPart[slot, tok, hq, o_coord[ri, ci][1]] = (o_rows[ri, ci] * row_inv[ri]).to(
-                                    mOPart.element_type)
-                            if lane % 4 == 0:
-                                mLsePart[slot, tok, hq] = row_lse[ri]
+                            tok = q_base + (entry & ((1 << Q_SLOT_BITS) - 1))
+                            mLsePart[slot, tok, h * group + (r - i * group)] = row_lse[ri]
+                if const_expr(self.stage_o):
+                    # bf16: stage the tile in sQ (free since S = QK^T; each warpgroup writes its own rows), then
+                    # 16-byte row-contiguous stores with the Q gather's thread map (a token's G heads are one
+                    # contiguous G x 256 B run of o_part).
+                    for ri in cutlass.range_constexpr(n_rows):
+                        for ci in cutlass.range_constexpr(cute.size(o_rows, mode=[1])):
+                            o_rows[ri, ci] = o_rows[ri, ci] * row_inv[ri]
+                    tOsO.store(acc_o.load().to(self.dtype))
+                    cute.arch.sync_threads()
+                    for m in cutlass.range_constexpr(cute.size(tQsQ, mode=[1])):
+                        r = m * ROWS_PER_PASS + q_row0
+                        i = r // group
+                        slot = q_entries[m] >> Q_SLOT_BITS
+                        if i < q_count and slot < topk:
+                            tok = q_base + (q_entries[m] & ((1 << Q_SLOT_BITS) - 1))
+                            dst = mOPart.iterator + cute.crd2idx((slot, tok, h * group + (r - i * group),
+                                                                  q_chunk * Q_CHUNK), mOPart.layout)
+                            dst = cute.make_ptr(self.dtype, dst.toint(), cute.AddressSpace.gmem, assumed_align=16)
+                            cute.copy(store_atom, tQsQ[None, m, 0], cute.make_tensor(dst, (Q_CHUNK,)))
+                else:
+                    for ri in cutlass.range_constexpr(n_rows):
+                        r = o_coord[ri, 0][0]
+                        i = r // group
+                        if i < q_count:
+                            entry = mQSlot[h, q_start + i]
+                            slot = entry >> Q_SLOT_BITS
+                            tok = q_base + (entry & ((1 << Q_SLOT_BITS) - 1))
+                            hq = h * group + (r - i * group)
+                            if slot < topk:
+                                for ci in cutlass.range_constexpr(cute.size(o_rows, mode=[1])):
+                                    mOPart[slot, tok, hq, o_coord[ri, ci][1]] = (o_rows[ri, ci] * row_inv[ri]).to(
+                                        mOPart.element_type)
             cute.arch.sync_threads()  # smem is reused by the next item
             if const_expr(self.debug):
                 if tidx == 0:
