@@ -12,6 +12,11 @@ Where the split-KV cost model cuts a case's tail, a "msa (no split)" row times t
 never splits (same process, interleaved): the A/B of split-KV. ``--maxscore`` adds the issue-7 modes on ragged
 cases (O + max_score, max_score only) with their time relative to O only.
     python benchmarks/bench_fmha.py --prebuild DIR   # no GPU: build every variant, copy the modules to DIR
+    python benchmarks/bench_fmha.py --fp8            # FP8 e4m3 cases: msa fp8 vs msa bf16 vs SDPA (bf16 / fp8)
+
+``--fp8`` times, per case and interleaved: the fp8 kernel (its V transpose pre-pass included), the bf16 kernel on
+the same shapes, SDPA cuDNN on bf16 and SDPA cuDNN on the fp8 tensors -- the last is reported as refused (with
+torch's message) where the installed torch has no fp8 SDPA.
 
 A GPU host without a compiler loads prebuilt modules with ``MSA_FMHA_SM90_PREBUILT=DIR`` (tests and this bench).
 """
@@ -246,6 +251,86 @@ def bench_case(
     return [(name, impl, ms, spread, flops / ms / 1e9 if ms == ms else float("nan")) for impl, ms, spread in rows]
 
 
+FP8_CASES = [
+    ("B2 H32 S8K noncausal", 2, 32, 32, 8192, False),
+    ("B2 H32 S8K causal", 2, 32, 32, 8192, True),
+]
+
+
+def bench_fp8(warmup: int, reps: int, peers: bool = True) -> list:
+    """Rows (case, impl, ms, spread, TFLOP/s) of the fp8 cases; see the module docstring."""
+    results = []
+    for case in FP8_CASES:
+        results += _bench_fp8_case(*case, warmup, reps, peers)
+        torch.cuda.empty_cache()
+    return results
+
+
+def _bench_fp8_case(name, batch, hq, hkv, seqlen, causal, warmup, reps, peers) -> list:
+    import msa.core as mc
+    from msa.core.kernels import fmha_sm90 as k90
+
+    dev = torch.device("cuda")
+    d = 128
+    results = []
+    torch.manual_seed(0)
+    tq = tk = batch * seqlen
+    q16 = torch.randn(tq, hq, d, device=dev, dtype=torch.bfloat16)
+    k16 = torch.randn(tk, hkv, d, device=dev, dtype=torch.bfloat16)
+    v16 = torch.randn(tk, hkv, d, device=dev, dtype=torch.bfloat16)
+    q8, k8, v8 = (x.to(torch.float8_e4m3fn) for x in (q16, k16, v16))
+    lens = [seqlen] * batch
+    plan = mc.fmha_plan(lens, lens, hq, hkv, causal=causal, device=dev)
+    out = torch.empty_like(q16)
+    flops = 4 * d * hq * batch * visible_pairs(seqlen, seqlen, causal)
+    impls = {
+        "msa fp8": lambda: k90.run(q8, k8, v8, plan, out=out, q_scale=0.5, k_scale=0.5, v_scale=0.5),
+        "msa bf16": lambda: k90.run(q16, k16, v16, plan, out=out),
+    }
+    failed = []
+    if peers:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def bhsd(x, h):
+            return x.view(batch, seqlen, h, d).transpose(1, 2)
+
+        for label, (qq, kk, vv) in (("sdpa cudnn bf16", (q16, k16, v16)), ("sdpa cudnn fp8", (q8, k8, v8))):
+
+            def sdpa(qq=qq, kk=kk, vv=vv):
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    return torch.nn.functional.scaled_dot_product_attention(
+                        bhsd(qq, hq), bhsd(kk, hkv), bhsd(vv, hkv), is_causal=causal, enable_gqa=hq != hkv
+                    )
+
+            try:
+                sdpa()
+                torch.cuda.synchronize()
+                impls[label] = sdpa
+            except Exception as e:  # torch without fp8 SDPA: reported, not fatal
+                failed.append((label, float("nan"), f"refused: {type(e).__name__}: {str(e)[:100]}"))
+    times = time_interleaved(impls, warmup, reps)
+    for label in impls:
+        ms, spread = times[label]
+        results.append((name, label, ms, spread, flops / ms / 1e9))
+    for label, ms, why in failed:
+        results.append((name, label, ms, why, float("nan")))
+    return results
+
+
+def print_fp8(results: list) -> None:
+    print(f"{'case':24s} {'impl':16s} {'ms':>9s} {'TFLOP/s':>8s} {'fp8 / this':>10s}")
+    by_case = {}
+    for r in results:
+        by_case.setdefault(r[0], {})[r[1]] = r
+    for name, impls in by_case.items():
+        fp8 = impls.get("msa fp8")
+        for impl, r in impls.items():
+            speedup = r[2] / fp8[2] if fp8 and r[2] == r[2] else float("nan")
+            note = f"  {r[3]}" if isinstance(r[3], str) else ""
+            print(f"{name:24s} {impl:16s} {r[2]:9.3f} {r[4]:8.0f} {speedup:10.2f}{note}")
+    print("fp8 / this = this impl's time / msa fp8 time (bar: >= 1.5 vs msa bf16, >= 0.9 vs sdpa cudnn fp8)")
+
+
 def prebuild(directory: str) -> int:
     """Build every variant the tests and this bench use (bf16 + fp16, d128, causal x paged; bf16 max-score modes)."""
     import shutil
@@ -283,6 +368,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compare", default=None, help="directory of alternative prebuilt modules: adds an A/B row")
     ap.add_argument("--prebuild", default=None, metavar="DIR", help="build all variants into DIR (no GPU) and exit")
     ap.add_argument("--maxscore", action="store_true", help="also time O + max_score and max_score-only (ragged)")
+    ap.add_argument("--fp8", action="store_true", help="only the fp8 e4m3 cases (see the module docstring)")
     ap.add_argument("--split-ab", default="", help='extra split-KV choices "k,s;k,s" timed where the plan splits')
     ap.add_argument(
         "--compare-maxscore", default=None, metavar="DIR", help="alternative max-score-mode modules (A/B rows)"
@@ -301,6 +387,13 @@ def main(argv=None) -> int:
         f"cudnn {torch.backends.cudnn.version()}"
     )
     print(f"bf16 matmul 8192^3: {mm:.0f} TFLOP/s")
+    if args.fp8:
+        fp8_rows = bench_fp8(args.warmup, args.reps, not args.no_peers)
+        print_fp8(fp8_rows)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": props.name, "matmul_tflops": mm, "rows": [list(map(str, r)) for r in fp8_rows]}, f)
+        return 0
     results = []
     for case in CASES[args.cases]:
         name, b, hq, hkv, s, causal, paged = case[:7]

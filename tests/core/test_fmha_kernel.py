@@ -199,7 +199,8 @@ def test_supports_names_what_is_missing():
         ok, why = k90.supports(dtype=torch.bfloat16, head_dim_qk=128, head_dim_v=128, output_o=o, output_maxscore=ms)
         assert ok == k90.MAX_SCORE_ENABLED, why
     for kwargs, word in [
-        ({"dtype": torch.float8_e4m3fn}, "dtype"),
+        ({"dtype": torch.float32}, "dtype"),
+        ({"dtype": torch.float8_e4m3fn, "page_size": 128}, "paged"),  # fp8: ragged only (test_fmha_fp8.py)
         ({"head_dim_qk": 64, "head_dim_v": 64}, "head dim"),
         ({"page_size": 64}, "page_size"),
         ({"output_maxscore": True, "dtype": torch.float16}, "max_score"),
@@ -262,7 +263,9 @@ def test_run_hands_each_mode_its_module_and_buffers(output_o, monkeypatch):
 def test_jit_specs_cover_the_preset_and_refuse_sm100():
     specs = k90.jit_specs({"dtypes": ["bf16", "fp8"], "head_dim": [64, 128]}, "sm_90a")
     names = sorted(s.name for s in specs)
-    assert len(names) == 4 and all("dtype=bfloat16" in n and "head_dim=128" in n for n in names)
+    assert len(names) == 6 and all("head_dim=128" in n for n in names)
+    assert sum("dtype=bfloat16" in n for n in names) == 4  # causal x paged
+    assert sum("dtype=float8_e4m3fn" in n and "paged=False" in n for n in names) == 2  # fp8: ragged only
     assert k90.jit_specs({"dtypes": ["bf16"], "head_dim": [128]}, "sm_100a") == []
     with pytest.raises(NotImplementedError, match="sm_90a"):
         k90.jit_spec("bfloat16", 128, True, False, arch="sm_100a")

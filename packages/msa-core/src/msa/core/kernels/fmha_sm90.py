@@ -13,8 +13,12 @@ Sources: ``msa/core/csrc/fmha_sm90`` (one tvm-ffi module per dtype x head dim x 
 * :func:`run` (device): no host synchronisation, and no allocation when ``out`` (and ``lse``) are given.
 
 Built so far: bf16 / fp16, head dim 128, ragged or paged K/V (page size 128), causal (bottom-right, per-request
-``qo_offset``) or not, any GQA ratio, optional LSE; modes O, O + max_score, max_score only (``MODES``). Other
-combinations raise :class:`NotImplementedError`. SM100 is refused at plan time (the template set is SM90-only).
+``qo_offset``) or not, any GQA ratio, optional LSE; modes O, O + max_score, max_score only (``MODES``).
+FP8 e4m3 (q, k, v all ``float8_e4m3fn``): ragged K/V, mode O (+ LSE), bf16 output, per-tensor or per-head
+``q_scale`` / ``k_scale`` / ``v_scale`` / ``o_scale``; wgmma e4m3 for both GEMMs. Its V goes through a pre-pass
+(launched by the module, same stream) into a plan-owned workspace ``[Hkv, D, 128 * tiles]``: V^T with each
+16-key group permuted to the order in which the kernel's P registers hold the keys. Other combinations raise
+:class:`NotImplementedError`. SM100 is refused at plan time (the template set is SM90-only).
 """
 
 from __future__ import annotations
@@ -48,8 +52,17 @@ BLOCK_M = 128  # query rows per work item
 BLOCK_N = 128  # keys per KV tile
 PAGE_SIZE = 128  # the paged variant's page size (one page = one KV tile)
 HEAD_DIMS = (128,)  # head dims built and validated so far (64 / 256 later)
-DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_PRESET_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16"}
+DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float8_e4m3fn: "float8_e4m3fn"}
+FP8_DTYPE = torch.float8_e4m3fn  # ragged, mode O only (see the module docstring)
+_PRESET_DTYPES = {
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "fp8": "float8_e4m3fn",
+    "e4m3": "float8_e4m3fn",
+    "float8_e4m3fn": "float8_e4m3fn",
+}
 # K+V bytes that one section of the work list (a group of KV heads of one request) may touch: sections are
 # consumed roughly one at a time by the persistent grid, so this keeps the K/V being read L2-resident.
 L2_SECTION_BYTES = 32 << 20
@@ -88,6 +101,10 @@ def jit_spec(dtype: str, head_dim: int, causal: bool, paged: bool, arch: str = "
         raise NotImplementedError(f"fmha_sm90: arch {arch!r} is not supported (the kernel uses sm_90a-only wgmma/TMA)")
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {sorted(MODES)}, got {mode!r}")
+    if dtype == DTYPES[FP8_DTYPE] and (paged or mode != "o"):
+        raise NotImplementedError(
+            f"fmha_sm90: fp8 is built for ragged K/V and mode 'o' only, got paged={paged}, mode={mode!r}"
+        )
     return JitSpec(
         family=FAMILY,
         sources=SOURCES,
@@ -115,6 +132,7 @@ def jit_specs(preset: dict, arch: str) -> list:
         for d in dims
         for causal in (True, False)
         for paged in (False, True)
+        if not (paged and dt == DTYPES[FP8_DTYPE])
     ]
 
 
@@ -155,7 +173,13 @@ def supports(
 ) -> tuple[bool, str]:
     """Whether this call is one the built kernels implement (``msa.core.dispatch`` feature gate)."""
     if dtype is not None and dtype not in DTYPES:
-        return False, f"fmha_sm90: dtype {dtype} not built (bf16 / fp16)"
+        return False, f"fmha_sm90: dtype {dtype} not built (bf16 / fp16 / float8_e4m3fn)"
+    if dtype == FP8_DTYPE:
+        if page_size is not None:
+            return False, "fmha_sm90: fp8 with paged K/V not built (ragged only)"
+        if output_maxscore or not output_o:
+            return False, "fmha_sm90: fp8 max_score / output_o=False not built (O + LSE only)"
+        per_head_scales = False  # the fp8 module reads per-head scales
     if head_dim_qk is not None and (head_dim_qk not in HEAD_DIMS or (head_dim_v not in (None, head_dim_qk))):
         return False, f"fmha_sm90: head dim {head_dim_qk}/{head_dim_v} not built (Dqk = Dv in {HEAD_DIMS})"
     if page_size is not None and page_size != PAGE_SIZE:
@@ -188,6 +212,13 @@ class KernelPlan:
     lse_dummy: torch.Tensor  # passed when LSE is not requested
     index_dummy: torch.Tensor  # passed as kv_indices when K/V are ragged
     combine: torch.Tensor | None = None  # int32 [num_split_items, 8] (0 rows: no split)
+    # FP8 plans (elem_size 1): per 128-token tile of the transposed V copy, (first source token, valid tokens);
+    # work[:, 11] holds each item's first tile. vt_len = 128 * tiles. The copy itself (uint8 [Hkv, D, vt_len])
+    # is allocated on first use per (Hkv, D) in fp8_vt; fp8_head_scales caches the float-scale table.
+    vt_tiles: torch.Tensor | None = None
+    vt_len: int = 0
+    fp8_vt: dict | None = None
+    fp8_head_scales: dict | None = None
     partial_o: torch.Tensor | None = None  # fp32 [slots, 128, D]: split pieces' normalised O
     partial_lse: torch.Tensor | None = None  # fp32 [slots, 128]: split pieces' LSE
     split: tuple[int, int] = (0, 1)  # (tail items split, pieces per item) chosen by choose_split
@@ -207,18 +238,21 @@ def build_work_list(
     causal: bool,
     head_dim: int,
     elem_size: int,
+    v_tile_starts: list[int] | None = None,
 ) -> torch.Tensor:
     """Host work list, int32 [num_work, 8] on the CPU (fields of ``WorkItem``).
 
     Items of one request are grouped in sections of consecutive KV heads whose K+V fit ``L2_SECTION_BYTES``;
     inside a section the query tiles run longest first (heads innermost, so the CTAs in flight share K/V);
     sections run longest first. Items whose tile sees no key (cost 0) sort last but still write O = 0 and
-    LSE = -inf.
+    LSE = -inf. ``v_tile_starts`` (FP8): each request's first tile in the transposed V copy, stored in field 11.
     """
     hpk = num_qo_heads // num_kv_heads
     q_start = 0
     sections: list[tuple[int, int, torch.Tensor]] = []  # (-max cost, order, rows)
-    for qo, kv, off, kv_start in zip(qo_lens, kv_lens, qo_offsets, kv_starts):
+    if v_tile_starts is None:
+        v_tile_starts = [0] * len(qo_lens)
+    for qo, kv, off, kv_start, v_tile0 in zip(qo_lens, kv_lens, qo_offsets, kv_starts, v_tile_starts):
         if qo == 0:
             continue
         m_blocks = torch.arange(_cdiv(qo, BLOCK_M), dtype=torch.int64)
@@ -251,7 +285,7 @@ def build_work_list(
                     torch.zeros_like(mm),  # n_block_min
                     torch.full_like(mm, -1),  # partial_slot: none
                     nn,  # item_end
-                    torch.zeros_like(mm),
+                    torch.full_like(mm, v_tile0),  # FP8: first tile of the transposed V copy
                 ],
                 dim=1,
             )
@@ -396,8 +430,21 @@ def plan(
     for n in kv_lens:
         starts.append(acc)
         acc += _cdiv(n, PAGE_SIZE) if paged else n
+    fp8 = elem_size == 1
+    vt_tiles, v_tile_starts = None, None
+    if fp8:
+        if paged:
+            raise NotImplementedError("fmha_sm90: fp8 with paged K/V is not built (ragged only)")
+        v_tile_starts, tiles, tile0 = [], [], 0
+        for kv, start in zip(kv_lens, starts):
+            v_tile_starts.append(tile0)
+            n = _cdiv(kv, BLOCK_N)
+            tiles += [[start + BLOCK_N * t, min(BLOCK_N, kv - BLOCK_N * t)] for t in range(n)]
+            tile0 += n
+        vt_tiles = torch.tensor(tiles, dtype=torch.int32).view(-1, 2)
     work = build_work_list(
-        qo_lens, kv_lens, list(qo_offset), starts, num_qo_heads, num_kv_heads, causal, head_dim, elem_size
+        qo_lens, kv_lens, list(qo_offset), starts, num_qo_heads, num_kv_heads, causal, head_dim, elem_size,
+        v_tile_starts,
     )
     any_keys = bool(work.shape[0] and int(work[:, 7].max()) > 0)
     if num_sms is None:
@@ -425,6 +472,10 @@ def plan(
         partial_o=torch.empty((max(slots, 1), BLOCK_M, head_dim), dtype=torch.float32, device=device),
         partial_lse=torch.empty((max(slots, 1), BLOCK_M), dtype=torch.float32, device=device),
         split=(k, s) if slots else (0, 1),
+        vt_tiles=vt_tiles.to(device) if fp8 else None,
+        vt_len=BLOCK_N * int(vt_tiles.shape[0]) if fp8 else 0,
+        fp8_vt={} if fp8 else None,
+        fp8_head_scales={} if fp8 else None,
     )
 
 
@@ -457,6 +508,78 @@ def _scalar_scale(name: str, value) -> float:
     if isinstance(value, torch.Tensor):
         raise NotImplementedError(f"fmha_sm90: per-head tensor {name} is not supported yet (pass a float)")
     return float(value)
+
+
+def _head_values(name: str, value, heads: int, device: torch.device) -> torch.Tensor | float:
+    """A scale as a float, or as an fp32 ``[heads]`` tensor on ``device`` (shape checked by the caller)."""
+    if value is None:
+        return 1.0
+    if isinstance(value, torch.Tensor):
+        if value.shape != (heads,):
+            raise ValueError(f"{name}: expected a [{heads}] tensor, got shape {tuple(value.shape)}")
+        return value.to(device=device, dtype=torch.float32)
+    return float(value)
+
+
+def fp8_head_scales(kp: KernelPlan, num_qo_heads: int, num_kv_heads: int, sm_scale: float, q_scale, k_scale,
+                    v_scale, o_scale, device: torch.device) -> torch.Tensor:
+    """fp32 ``[Hq, 2]``: per query head h, (sm_scale * q_scale[h] * k_scale[h // g], v_scale[h // g] * o_scale[h]).
+
+    Float scales: built once per value tuple and cached on the plan (no per-call work). Tensor scales: computed
+    on the device each call (no host synchronisation). A head whose softmax scale is not > 0 gets NaN (the kernel
+    tracks the row max of the raw logits, which is only right for a positive scale): its output is NaN, never a
+    silently wrong value; float scales are refused on the host instead.
+    """
+    scales = (q_scale, k_scale, v_scale, o_scale)
+    if not any(isinstance(x, torch.Tensor) for x in scales):
+        key = (float(sm_scale), *(1.0 if x is None else float(x) for x in scales))
+        table = kp.fp8_head_scales.get(key)
+        if table is None:
+            qk = key[0] * key[1] * key[2]
+            if not (qk > 0.0 and math.isfinite(qk)):
+                raise NotImplementedError(f"fmha_sm90: the softmax scale sm_scale*q_scale*k_scale must be > 0, got {qk}")
+            table = torch.tensor([[qk, key[3] * key[4]]] * num_qo_heads, dtype=torch.float32, device=device)
+            kp.fp8_head_scales[key] = table
+        return table
+    group = num_qo_heads // num_kv_heads
+    per_q = torch.arange(num_qo_heads, device=device) // group
+    qs = _head_values("q_scale", q_scale, num_qo_heads, device)
+    ks = _head_values("k_scale", k_scale, num_kv_heads, device)
+    vs = _head_values("v_scale", v_scale, num_kv_heads, device)
+    os_ = _head_values("o_scale", o_scale, num_qo_heads, device)
+    ones = torch.ones(num_qo_heads, dtype=torch.float32, device=device)
+    ks = ks[per_q] if isinstance(ks, torch.Tensor) else ks
+    vs = vs[per_q] if isinstance(vs, torch.Tensor) else vs
+    qk = ones * float(sm_scale) * qs * ks
+    qk = torch.where(qk > 0, qk, torch.full_like(qk, math.nan))
+    return torch.stack([qk, ones * vs * os_], dim=1).contiguous()
+
+
+def _run_fp8(q, k, v, kp: KernelPlan, causal: bool, out, lse, return_lse, head_scales):
+    """Launch the fp8 module (V pre-pass + attention + combine) into ``out`` (bf16) / ``lse``."""
+    hkv, d = k.shape[1], v.shape[-1]
+    vt = kp.fp8_vt.get((hkv, d))
+    if vt is None:
+        vt = torch.empty(hkv, d, max(kp.vt_len, BLOCK_N), dtype=torch.uint8, device=q.device)
+        kp.fp8_vt[(hkv, d)] = vt
+    mod = _module(DTYPES[FP8_DTYPE], q.shape[-1], bool(causal), False, "o")
+    mod.fmha_fwd(
+        q.view(torch.uint8),
+        k.view(torch.uint8),
+        v.view(torch.uint8),
+        out,
+        lse if return_lse else kp.lse_dummy,
+        kp.work,
+        kp.workspace,
+        kp.combine,
+        kp.partial_o,
+        kp.partial_lse,
+        vt,
+        kp.vt_tiles,
+        head_scales,
+        kp.num_ctas,
+        bool(return_lse),
+    )
 
 
 def run(
@@ -498,7 +621,14 @@ def run(
         raise ValueError("return_lse: needs output_o=True")
     mode = "o" if not output_maxscore else ("o_maxscore" if output_o else "maxscore")
     if q.dtype not in DTYPES:
-        raise NotImplementedError(f"fmha_sm90: q dtype {q.dtype} is not supported yet (bf16 / fp16)")
+        raise NotImplementedError(f"fmha_sm90: q dtype {q.dtype} is not supported yet (bf16 / fp16 / float8_e4m3fn)")
+    fp8 = q.dtype == FP8_DTYPE
+    if fp8:
+        for name, t in (("k", k), ("v", v)):
+            if t is None or t.dtype != FP8_DTYPE:
+                raise TypeError(f"{name}: expected float8_e4m3fn like q, got {None if t is None else t.dtype}")
+        if k.dim() != 3:
+            raise NotImplementedError("fmha_sm90: fp8 with paged K/V is not built (ragged only)")
     if v is None:
         if output_o:
             raise ValueError("v: required with output_o=True")
@@ -520,6 +650,26 @@ def run(
         causal = plan.causal
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
+    if fp8:
+        kp = _kernel_plan(plan, head_dim, 1, q.device)
+        if kp.vt_tiles is None:
+            raise ValueError("plan: a KernelPlan for fp8 inputs must be made with elem_size=1")
+        hs = fp8_head_scales(
+            kp, q.shape[1], k.shape[1], float(sm_scale), q_scale, k_scale, v_scale, o_scale, q.device
+        )
+        if out is None:
+            out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=torch.bfloat16, device=q.device)
+        elif out.dtype != torch.bfloat16:
+            raise TypeError(f"out: expected bfloat16 for fp8 inputs, got {out.dtype}")
+        if return_lse and lse is None:
+            lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
+        if not kp.any_keys:
+            out.zero_()
+            if return_lse:
+                lse.fill_(-math.inf)
+        elif kp.num_work:
+            _run_fp8(q, k, v, kp, bool(causal), out, lse, return_lse, hs)
+        return (out, None, lse) if return_lse else (out, None)
     scale = float(sm_scale) * _scalar_scale("q_scale", q_scale) * _scalar_scale("k_scale", k_scale)
     if not scale > 0.0:
         raise NotImplementedError(f"fmha_sm90: the softmax scale must be > 0, got {scale}")

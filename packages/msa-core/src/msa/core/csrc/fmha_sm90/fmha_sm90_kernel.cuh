@@ -137,6 +137,35 @@ __device__ __forceinline__ void convert_fragment(TA const& src, TB& dst) {
   }
 }
 
+// FP8: the S accumulator (fp32) -> the e4m3 A operand of the PV wgmma, without moving data between threads.
+// An e4m3 A fragment (k32 slice) holds, per thread, rows r and r+8 at columns 4t..4t+3 and 16+4t..16+4t+3;
+// the accumulator holds columns 2t, 2t+1 of each 8-column chunk. Read as logical column l of the A fragment,
+// this thread's accumulator value at physical key 8 * ((l % 4) / 2) + 2 * ((l % 16) / 4) + l % 2 of the same
+// 16-key group -- the V pre-pass stores V^T with its keys in exactly this order, so P V is unchanged.
+// a2acc: A fragment value i = k4 + 4 rh + 8 kh + 16 kb (k4 column, rh row half, kh k16 half, kb k32 block)
+// -> accumulator value (k4 % 2) + 2 rh + 4 (4 kb + 2 kh + k4 / 2). Checked on the host against CuTe's layouts
+// (tests/core/test_fmha_fp8.py::test_fp8_fragment_mapping).
+template <int kBlockN>
+using Fp8PLayout = Layout<Shape<Shape<_4, _2, _2>, _1, Int<kBlockN / 32>>>;
+template <int kBlockN>
+using Fp8PFromAcc = Layout<Shape<Shape<Shape<_2, _2>, _2, _2>, _1, Int<kBlockN / 32>>,
+                           Stride<Stride<Stride<_1, _4>, _2, _8>, _0, _16>>;
+
+template <int kBlockN, class TA, class TB>
+__device__ __forceinline__ void convert_p_fp8(TA const& acc, TB& p) {
+  static_assert(decltype(size(acc))::value == 2 * kBlockN / 4 && decltype(size(p))::value == 2 * kBlockN / 4);
+  constexpr Fp8PFromAcc<kBlockN> from_acc{};
+  uint32_t* dst = reinterpret_cast<uint32_t*>(raw_pointer_cast(p.data()));
+  CUTE_UNROLL
+  for (int i = 0; i < size(p); i += 4) {
+    // Values i, i+1 (and i+2, i+3) are neighbouring accumulator registers: one cvt.e4m3x2 each.
+    uint16_t lo, hi;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo) : "f"(acc(from_acc(i + 1))), "f"(acc(from_acc(i))));
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi) : "f"(acc(from_acc(i + 3))), "f"(acc(from_acc(i + 2))));
+    dst[i / 4] = uint32_t(lo) | (uint32_t(hi) << 16);
+  }
+}
+
 // Issue one warpgroup GEMM (all K slices) as one wgmma commit group; wait for <= kWait groups if kWait >= 0.
 template <bool kZeroInit, int kWait, class TiledMma, class TA, class TB, class TC>
 __device__ __forceinline__ void wg_gemm(TiledMma& mma, TA const& a, TB const& b, TC& c) {
@@ -160,7 +189,7 @@ __device__ __forceinline__ void wg_gemm(TiledMma& mma, TA const& a, TB const& b,
 // Online softmax over the rows a thread holds (2 rows of a 64x128 warpgroup tile; 4 threads share a row).
 // row_sum stays a per-thread partial sum until finalize (the quad reduction is only needed once).
 // ------------------------------------------------------------------------------------------------------------
-template <int kRows>
+template <int kRows, int kLog2PScale = 0>
 struct OnlineSoftmax {
   float row_max[kRows];
   float row_sum[kRows];
@@ -193,7 +222,7 @@ struct OnlineSoftmax {
         row_sum[mi] *= o_rescale[mi];
       }
       row_max[mi] = m;
-      float const m_scaled = m_safe * scale_log2;
+      float const m_scaled = m_safe * scale_log2 - float(kLog2PScale);  // P <= 2^kLog2PScale
       float sum[4] = {0.f, 0.f, 0.f, 0.f};
       CUTE_UNROLL
       for (int ni = 0; ni < kCols; ++ni) {
@@ -215,7 +244,7 @@ struct OnlineSoftmax {
       s += __shfl_xor_sync(0xffffffff, s, 2);
       bool const empty = !(s > 0.f);
       o_norm[mi] = empty ? 0.f : 1.f / s;
-      lse[mi] = empty ? -INFINITY : row_max[mi] * sm_scale + __logf(s);
+      lse[mi] = empty ? -INFINITY : row_max[mi] * sm_scale + __logf(s) - float(kLog2PScale) * 0.69314718f;
     }
   }
 };
@@ -330,8 +359,12 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
       if constexpr (T::kPaged) {
         return tma_v.partition_S(mVt(_, _, kv_head, _));
       } else {
-        return tma_v.partition_S(local_tile(domain_offset(make_coord(_0{}, w.kv_start), mVt(_, _, kv_head)),
-                                            Shape<Int<kD>, Int<kBlockN>>{}, make_coord(_0{}, _)));
+        if constexpr (T::kFp8) {
+          return tma_v.partition_S(local_tile(mVt(_, _, kv_head), Shape<Int<kD>, Int<kBlockN>>{}, make_coord(_0{}, _)));
+        } else {
+          return tma_v.partition_S(local_tile(domain_offset(make_coord(_0{}, w.kv_start), mVt(_, _, kv_head)),
+                                              Shape<Int<kD>, Int<kBlockN>>{}, make_coord(_0{}, _)));
+        }
       }
     }();
     // Paged: each lane holds one page id of a 32-tile window, fetched once per window and shuffled to the
@@ -358,7 +391,9 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
     auto load_v = [&](int tile, PipeState<T::kStages> const& s) {
       Mbar::wait(&ss.empty_v[s.index], s.phase);
       TxMbar::arrive_and_expect_tx(&ss.full_v[s.index], T::kTmaBytesV);
-      copy(p.tma_v.with(ss.full_v[s.index]), tVgV(_, _, _, tile), tVsV(_, _, _, s.index));
+      // FP8: the transposed copy holds the request's tiles from tile w.reserved on (128-token padded).
+      int const v_tile = T::kFp8 ? w.reserved + tile : tile;
+      copy(p.tma_v.with(ss.full_v[s.index]), tVgV(_, _, _, v_tile), tVsV(_, _, _, s.index));
     };
 
     int n = w.n_block_max - 1;
@@ -405,8 +440,8 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
 template <class T, class FragO>
 __device__ __forceinline__ void store_tile(typename T::Params const& p, typename T::SharedStorage& ss, FragO& o,
                                            float const (&o_norm)[2], float const (&lse)[2], WorkItem const& w,
-                                           int tid) {
-  using Element = typename T::Element;
+                                           int tid, float out_scale) {
+  using Element = typename T::ElementOut;
   constexpr int kD = T::kHeadDim, kStride = T::kSmemORowStride;
   int const wg = tid / 128, wg_tid = tid % 128;
   typename T::TiledMmaPV mma_pv;
@@ -420,7 +455,7 @@ __device__ __forceinline__ void store_tile(typename T::Params const& p, typename
     return p.out + int64_t(w.q_start + q_row) * p.out_stride_token + int64_t(w.head) * p.out_stride_head;
   };
   auto packed_pair = [&](int mi, int ni) {  // columns ni, ni+1 of a row are adjacent
-    float const f = o_norm[mi] * p.out_scale;
+    float const f = o_norm[mi] * out_scale;
     cutlass::Array<float, 2> in;
     in[0] = orc(mi, ni) * f;
     in[1] = orc(mi, ni + 1) * f;
@@ -530,6 +565,7 @@ __device__ __forceinline__ void fill_max_score_tail(typename T::Params const& p,
 template <class T>
 __device__ void consumer_warpgroups(typename T::Params const& p, typename T::SharedStorage& ss, int tid) {
   using Element = typename T::Element;
+  using Softmax = OnlineSoftmax<2, T::kLog2PScale>;
   constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN;
   using TileQK = typename T::TileQK;
   using TilePV = typename T::TilePV;
@@ -568,12 +604,20 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     WorkItem next_w = w;
     Tensor tOrO = partition_fragment_C(mma_pv, select<0, 1>(TilePV{}));
     float o_norm[2], lse[2];
+    // Softmax (natural log) and output scales of this item's head: per head in FP8 mode.
+    float sm_scale = p.sm_scale, scale_log2 = p.scale_log2, out_scale = p.out_scale;
+    if constexpr (T::kFp8) {
+      float2 const hs = __ldg(p.head_scales + w.head);
+      sm_scale = hs.x;
+      scale_log2 = hs.x * 1.4426950408889634f;
+      out_scale = hs.y;
+    }
     if (w.n_block_max <= 0) {  // no query row of this tile sees a key: O = 0, LSE = -inf
       next_work(next_item, next_w);
       clear(tOrO);
       o_norm[0] = o_norm[1] = 0.f;
       lse[0] = lse[1] = -INFINITY;
-      store_tile<T>(p, ss, tOrO, o_norm, lse, w, tid);
+      store_tile<T>(p, ss, tOrO, o_norm, lse, w, tid, out_scale);
       if constexpr (T::kMaxScore && !T::kFillWarps) { fill_max_score_tail<T>(p, w, 0, tid); }
       item = next_item;
       w = next_w;
@@ -581,8 +625,21 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     }
 
     Tensor tSrS = partition_fragment_C(mma_qk, select<0, 1>(TileQK{}));
-    Tensor tOrP = make_tensor<Element>(acc_as_a_operand(tSrS.layout()));
-    OnlineSoftmax<2> softmax{{-INFINITY, -INFINITY}, {0.f, 0.f}};
+    Tensor tOrP = [&] {
+      if constexpr (T::kFp8) {
+        return make_tensor<Element>(Fp8PLayout<kBlockN>{});
+      } else {
+        return make_tensor<Element>(acc_as_a_operand(tSrS.layout()));
+      }
+    }();
+    auto convert_p = [&] {
+      if constexpr (T::kFp8) {
+        convert_p_fp8<kBlockN>(tSrS, tOrP);
+      } else {
+        convert_fragment(tSrS, tOrP);
+      }
+    };
+    Softmax softmax{{-INFINITY, -INFINITY}, {0.f, 0.f}};
     float o_rescale[2] = {1.f, 1.f};
     float tile_max[2];
 
@@ -595,9 +652,9 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     wg_gemm<true, 0>(mma_qk, tSrQ, tSrK(_, _, _, rd.index), tSrS);
     Mbar::arrive(&ss.empty_k[rd.index]);
     apply_mask<T::kCausal, kBlockM, kBlockN>(tSrS, tScS, w, n);
-    softmax.template update<true, true, T::kMaxScore>(tSrS, p.scale_log2, o_rescale, tile_max);
+    softmax.template update<true, true, T::kMaxScore>(tSrS, scale_log2, o_rescale, tile_max);
     if constexpr (T::kMaxScore) { store_max_score<T>(p, tScS, w, n, tile_max); }
-    convert_fragment(tSrS, tOrP);
+    convert_p();
     clear(tOrO);
 
     // Tiles n >= n_mask_min need a mask: the ragged key end, and (causal) every tile reaching past the
@@ -621,7 +678,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       warpgroup_fence_operand(tSrS);
       Mbar::arrive(&ss.empty_k[rd.index]);
       if constexpr (kMasked) { apply_mask<T::kCausal, kBlockM, kBlockN>(tSrS, tScS, w, n_block); }
-      softmax.template update<false, kMasked, T::kMaxScore>(tSrS, p.scale_log2, o_rescale, tile_max);
+      softmax.template update<false, kMasked, T::kMaxScore>(tSrS, scale_log2, o_rescale, tile_max);
       if constexpr (T::kMaxScore) { store_max_score<T>(p, tScS, w, n_block, tile_max); }
       // ptxas hoists a bare wgmma wait above independent ALU work, which would serialise this softmax
       // behind the warpgroup's own PV GEMM. A shared-memory store of the row sums (which depend on every
@@ -630,7 +687,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
       Mbar::arrive(&ss.empty_v[rd_v.index]);
-      convert_fragment(tSrS, tOrP);
+      convert_p();
       // Once a row's max has settled the factor is exactly 1 (exp2(0)); most tiles then skip the 64 FMULs.
       if (__any_sync(0xffffffff, o_rescale[0] != 1.f || o_rescale[1] != 1.f)) { rescale_rows(tOrO, o_rescale); }
     };
@@ -650,7 +707,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     Mbar::wait(&ss.full_v[rd.index], rd.phase);
     wg_gemm<false, -1>(mma_pv, tOrP, tOrV(_, _, _, rd.index), tOrO);
     next_work(next_item, next_w);
-    softmax.finalize(p.sm_scale, o_norm, lse);
+    softmax.finalize(sm_scale, o_norm, lse);
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
     Mbar::arrive(&ss.empty_v[rd.index]);
@@ -659,7 +716,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     if (w.partial_slot >= 0) {
       store_partial<T>(p, tOrO, o_norm, lse, w, tid);
     } else {
-      store_tile<T>(p, ss, tOrO, o_norm, lse, w, tid);
+      store_tile<T>(p, ss, tOrO, o_norm, lse, w, tid, out_scale);
     }
     if constexpr (T::kMaxScore && !T::kFillWarps) {
       if (w.n_block_min == 0) { fill_max_score_tail<T>(p, w, w.item_end, tid); }
@@ -763,9 +820,10 @@ constexpr int kCombineRows = 16;  // rows per CTA (4 warps x 4 rows)
 
 template <class T>
 __global__ void __launch_bounds__(128) fmha_sm90_combine_kernel(CUTE_GRID_CONSTANT typename T::CombineParams const p) {
-  using Element = typename T::Element;
+  using Element = typename T::ElementOut;
   constexpr int kD = T::kHeadDim, kBlockM = T::kBlockM;
   CombineItem const c = p.items[blockIdx.x];
+  float const out_scale = T::kFp8 ? p.head_scales[c.head].y : p.out_scale;
   int const lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   for (int r = blockIdx.y * kCombineRows + warp; r < (blockIdx.y + 1) * kCombineRows; r += 4) {
     int const q_row = c.m_block * kBlockM + r;
@@ -792,7 +850,7 @@ __global__ void __launch_bounds__(128) fmha_sm90_combine_kernel(CUTE_GRID_CONSTA
         }
       }
     }
-    float const f = sum > 0.f ? p.out_scale / sum : 0.f;
+    float const f = sum > 0.f ? out_scale / sum : 0.f;
     Element* dst = p.out + int64_t(c.q_start + q_row) * p.out_stride_token + int64_t(c.head) * p.out_stride_head;
     CUTE_UNROLL
     for (int j = 0; j < kD / 128; ++j) {
@@ -805,6 +863,58 @@ __global__ void __launch_bounds__(128) fmha_sm90_combine_kernel(CUTE_GRID_CONSTA
     }
     if (p.lse != nullptr && lane == 0) {
       p.lse[int64_t(c.q_start + q_row) * p.lse_stride_token + c.head] = sum > 0.f ? m + __logf(sum) : -INFINITY;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// FP8 V pre-pass: vt[head, d, 128 * tile + 16 g + l] = v[src + 16 g + perm(l), head, d] for l in [0, 16), zero
+// past the tile's valid tokens, with perm(l) = 8 * ((l % 4) / 2) + 2 * (l / 4) + l % 2 (the key order in which
+// convert_p_fp8 leaves P). One CTA of 256 threads per (tile, KV head): the tile's 128 x D bytes are staged in
+// shared memory by 16-byte rows; then thread (g, d4) reads 4-byte words (4 dims) of the 16 keys of group g
+// (consecutive lanes take consecutive words: no bank conflicts), transposes them with byte permutes and writes 4
+// dims x 16 bytes.
+// ------------------------------------------------------------------------------------------------------------
+template <class T>
+__global__ void __launch_bounds__(256) fmha_sm90_vt_kernel(CUTE_GRID_CONSTANT typename T::VtParams const p) {
+  constexpr int kD = T::kHeadDim, kBlockN = T::kBlockN;
+  constexpr int kWordsPerRow = kD / 4;
+  static_assert(kWordsPerRow * (kBlockN / 16) % 256 == 0, "threads cover (group, 4-dim word) pairs exactly");
+  __shared__ alignas(16) uint32_t tile[kBlockN * kWordsPerRow];
+  int2 const t = p.tiles[blockIdx.x];
+  int const head = blockIdx.y;
+  uint8_t const* src = p.v + int64_t(t.x) * p.v_stride_token + int64_t(head) * p.v_stride_head;
+  constexpr int kVecPerRow = kD / 16;
+  CUTE_UNROLL
+  for (int i = threadIdx.x; i < kBlockN * kVecPerRow; i += 256) {
+    int const row = i / kVecPerRow, c = i % kVecPerRow;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (row < t.y) { v = __ldg(reinterpret_cast<uint4 const*>(src + int64_t(row) * p.v_stride_token) + c); }
+    reinterpret_cast<uint4*>(tile)[i] = v;
+  }
+  __syncthreads();
+  uint8_t* dst_tile = p.vt + int64_t(head) * kD * p.vt_len + int64_t(blockIdx.x) * kBlockN;
+  CUTE_UNROLL
+  for (int i = threadIdx.x; i < kWordsPerRow * (kBlockN / 16); i += 256) {
+    int const d4 = i % kWordsPerRow, g = i / kWordsPerRow;
+    uint32_t const* w = tile + g * 16 * kWordsPerRow + d4;
+    uint32_t out[4][4];  // [dim byte][output word]
+    CUTE_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      // Output word j of a dim row holds keys 2j, 2j+1, 8+2j, 9+2j of the group, in that byte order.
+      uint32_t const a = w[(2 * j) * kWordsPerRow], b = w[(2 * j + 1) * kWordsPerRow];
+      uint32_t const c = w[(8 + 2 * j) * kWordsPerRow], d = w[(9 + 2 * j) * kWordsPerRow];
+      uint32_t const ab_lo = __byte_perm(a, b, 0x5140), ab_hi = __byte_perm(a, b, 0x7362);
+      uint32_t const cd_lo = __byte_perm(c, d, 0x5140), cd_hi = __byte_perm(c, d, 0x7362);
+      out[0][j] = __byte_perm(ab_lo, cd_lo, 0x5410);
+      out[1][j] = __byte_perm(ab_lo, cd_lo, 0x7632);
+      out[2][j] = __byte_perm(ab_hi, cd_hi, 0x5410);
+      out[3][j] = __byte_perm(ab_hi, cd_hi, 0x7632);
+    }
+    CUTE_UNROLL
+    for (int b = 0; b < 4; ++b) {
+      *reinterpret_cast<uint4*>(dst_tile + int64_t(4 * d4 + b) * p.vt_len + 16 * g) =
+          make_uint4(out[b][0], out[b][1], out[b][2], out[b][3]);
     }
   }
 }

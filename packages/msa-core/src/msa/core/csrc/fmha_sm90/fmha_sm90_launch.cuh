@@ -42,6 +42,13 @@ struct FwdArgs {
   // max_score [Hq, max_k_tiles, total_q] fp32 (max-score modes only)
   float* max_score;
   int max_k_tiles;
+  // FP8: the transposed V workspace [Hkv, D, vt_len] (written here by the pre-pass), its tile map (int2 per
+  // 128-token tile: first source token, valid tokens) and the per-query-head scales (float2 [Hq]).
+  void* vt;
+  int64_t vt_len;
+  int2 const* vt_tiles;
+  int num_vt_tiles;
+  float2 const* head_scales;
 };
 
 template <class T>
@@ -67,6 +74,15 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
                              make_stride(_1{}, a.v_stride_2, a.v_stride_1, a.v_stride_0));
       tma_k = make_tma_copy(SM90_TMA_LOAD{}, gK, take<0, 2>(typename T::SmemLayoutK{}));
       tma_v = make_tma_copy(SM90_TMA_LOAD{}, gVt, take<0, 2>(typename T::SmemLayoutVt{}));
+    } else if constexpr (T::kFp8) {
+      shape_k = make_shape(int32_t(a.kv_dim0), int32_t(kD), int32_t(a.num_kv_heads));
+      shape_vt = make_shape(int32_t(kD), int32_t(a.vt_len), int32_t(a.num_kv_heads));
+      auto gK = make_tensor(make_gmem_ptr(static_cast<Element const*>(a.k)), shape_k,
+                            make_stride(a.k_stride_0, _1{}, a.k_stride_1));
+      auto gVt = make_tensor(make_gmem_ptr(static_cast<Element const*>(a.vt)), shape_vt,
+                             make_stride(a.vt_len, _1{}, int64_t(kD) * a.vt_len));
+      tma_k = make_tma_copy(SM90_TMA_LOAD{}, gK, take<0, 2>(typename T::SmemLayoutK{}));
+      tma_v = make_tma_copy(SM90_TMA_LOAD{}, gVt, take<0, 2>(typename T::SmemLayoutVt{}));
     } else {
       shape_k = make_shape(int32_t(a.kv_dim0), int32_t(kD), int32_t(a.num_kv_heads));
       shape_vt = make_shape(int32_t(kD), int32_t(a.kv_dim0), int32_t(a.num_kv_heads));
@@ -89,7 +105,7 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
       make_shape(int32_t(a.total_q), int32_t(kD), int32_t(a.num_q_heads)),
       shape_k,
       shape_vt,
-      static_cast<Element*>(a.out),
+      static_cast<typename T::ElementOut*>(a.out),
       a.out_stride_token,
       a.out_stride_head,
       a.lse,
@@ -108,18 +124,28 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
       int64_t(a.max_k_tiles) * a.total_q,
       int64_t(a.total_q),
       a.max_k_tiles,
+      a.head_scales,
   };
 
   auto kernel = fmha_sm90_kernel<T>;
   cudaError_t err = cudaMemsetAsync(a.work_counter, 0, sizeof(int), stream);
   if (err != cudaSuccess) { return err; }
+  if constexpr (T::kFp8) {  // V -> the transposed, key-permuted copy the PV GEMM reads (same stream, first)
+    typename T::VtParams vp{static_cast<uint8_t const*>(a.v), a.v_stride_0, a.v_stride_1,
+                            static_cast<uint8_t*>(a.vt), a.vt_len, a.vt_tiles};
+    fmha_sm90_vt_kernel<T><<<dim3(a.num_vt_tiles, a.num_kv_heads), dim3(256), 0, stream>>>(vp);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) { return err; }
+  }
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
   if (err != cudaSuccess) { return err; }
   kernel<<<dim3(num_ctas), dim3(T::kNumThreads), T::kSmemBytes, stream>>>(params);
   err = cudaGetLastError();
   if (err != cudaSuccess || a.num_combine == 0 || !T::kOutputO) { return err; }
-  typename T::CombineParams cp{a.combine,         a.partial_o, a.partial_lse, static_cast<Element*>(a.out),
-                               a.out_stride_token, a.out_stride_head, a.lse, a.lse_stride_token, a.out_scale};
+  typename T::CombineParams cp{a.combine,          a.partial_o,        a.partial_lse,
+                               static_cast<typename T::ElementOut*>(a.out),
+                               a.out_stride_token, a.out_stride_head, a.lse,
+                               a.lse_stride_token, a.out_scale,       a.head_scales};
   fmha_sm90_combine_kernel<T><<<dim3(a.num_combine, T::kBlockM / kCombineRows), dim3(128), 0, stream>>>(cp);
   return cudaGetLastError();
 }

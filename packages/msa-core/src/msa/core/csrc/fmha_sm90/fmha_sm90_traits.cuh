@@ -61,9 +61,20 @@ enum NamedBarrier : uint32_t {
   kBarEpilogue0 = 4,   // per-consumer-warpgroup epilogue barrier (kBarEpilogue0 + wg)
 };
 
+// Element_: bf16 / fp16, or cutlass::float_e4m3_t (FP8 mode: bf16 output, per-head scales, ragged O-only; V is
+// read from a transposed, token-permuted copy made by fmha_sm90_vt_kernel, see kFp8 below).
 template <class Element_, int kHeadDim_, bool kCausal_, bool kPaged_, int kMode_ = kModeO>
 struct FmhaTraits {
   using Element = Element_;
+  // FP8 e4m3: wgmma reads both operands K-major, so V (token-major in memory) must be transposed to [dim, token]
+  // for the PV GEMM's B operand (done by a pre-pass, see fmha_sm90_vt_kernel). Output is bf16.
+  static constexpr bool kFp8 = sizeof(Element_) == 1;
+  using ElementOut = std::conditional_t<kFp8, cutlass::bfloat16_t, Element_>;
+  // P = exp2(x - max + kLog2PScale) <= 2^kLog2PScale before its e4m3 conversion: scaled up so small
+  // probabilities stay out of e4m3's subnormal range, and <= 256 < 448 (e4m3's largest finite value) by
+  // construction -- the row max used is the running max including the current tile, so no P exceeds it.
+  // The row sum carries the same factor, so the normalisation cancels it; only the LSE subtracts it.
+  static constexpr int kLog2PScale = kFp8 ? 8 : 0;
   static constexpr int kMode = kMode_;
   static constexpr bool kOutputO = kMode_ != kModeMaxScore;
   static constexpr bool kMaxScore = kMode_ != kModeO;
@@ -92,7 +103,8 @@ struct FmhaTraits {
 #else
   // Default: O staged through shared memory and written with coalesced 16-byte stores; 2 K/V stages.
   static constexpr bool kStageO = true;
-  static constexpr int kStages = 2;
+  // FP8: a K/V tile is half the bytes and its GEMMs half the time, so a third stage keeps more loads in flight.
+  static constexpr int kStages = kFp8 ? 3 : 2;
 #endif
   static constexpr int kNumMmaWarpGroups = 2;
   static constexpr int kNumMmaThreads = 128 * kNumMmaWarpGroups;
@@ -102,7 +114,8 @@ struct FmhaTraits {
   static constexpr int kMmaRegs = 240;
 
   static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256, "head dim must be 64, 128, 192 or 256");
-  static_assert(sizeof(Element) == 2, "bf16 / fp16 only for now");
+  static_assert(sizeof(Element) == 2 || cute::is_same_v<Element, cutlass::float_e4m3_t>, "bf16, fp16 or e4m3");
+  static_assert(!kFp8 || (!kPaged && kMode == kModeO), "fp8: ragged K/V and O (+ LSE) only");
 
   using TileQK = Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>;  // S = Q K^T : (M, N, K=D)
   using TilePV = Shape<Int<kBlockM>, Int<kHeadDim>, Int<kBlockN>>;  // O = P V   : (M, N=D, K=BlockN)
@@ -110,9 +123,11 @@ struct FmhaTraits {
 
   using TiledMmaQK = decltype(make_tiled_mma(
       SM90::GMMA::ss_op_selector<Element, Element, float, TileQK>(), MmaWarpGroups{}));
-  // P comes from registers (RS); V^T is read MN-major straight from the TMA'd [token, dim] tile.
+  // P comes from registers (RS). 16-bit: V^T is read MN-major straight from the TMA'd [token, dim] tile.
+  // FP8: V^T is K-major (the pre-pass wrote [dim, token]).
   using TiledMmaPV = decltype(make_tiled_mma(
-      SM90::GMMA::rs_op_selector<Element, Element, float, TilePV, GMMA::Major::K, GMMA::Major::MN>(),
+      SM90::GMMA::rs_op_selector<Element, Element, float, TilePV, GMMA::Major::K,
+                                 kFp8 ? GMMA::Major::K : GMMA::Major::MN>(),
       MmaWarpGroups{}));
 
   // 128-byte swizzled shared-memory tiles, the layouts wgmma descriptors and TMA both understand.
@@ -120,10 +135,14 @@ struct FmhaTraits {
                                              Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   using SmemLayoutK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
                                              Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
-  // V^T view (dim, token, stage): same bytes as a K-major [token, dim] tile, read as an MN-major operand.
-  using SmemLayoutVt = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
-                                              Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{},
-                                              Step<_2, _1, _3>{}));
+  // V^T view (dim, token, stage). 16-bit: same bytes as a K-major [token, dim] tile, read as an MN-major
+  // operand. FP8: a K-major [dim, token] tile of the transposed copy.
+  using SmemLayoutVt = std::conditional_t<
+      kFp8,
+      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
+                             Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{})),
+      decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
+                             Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{}))>;
   // Output staging tile, row-major, padded by 16 bytes per row so the fragment stores are conflict-free.
   static constexpr int kSmemORowStride = kHeadDim + 8;
 
@@ -133,7 +152,10 @@ struct FmhaTraits {
   using StrideQ = Stride<int64_t, _1, int64_t>;
   using ShapeK = std::conditional_t<kPaged, Shape<int32_t, int32_t, int32_t, int32_t>, Shape<int32_t, int32_t, int32_t>>;
   using StrideK = std::conditional_t<kPaged, Stride<int64_t, _1, int64_t, int64_t>, Stride<int64_t, _1, int64_t>>;
-  using StrideVt = std::conditional_t<kPaged, Stride<_1, int64_t, int64_t, int64_t>, Stride<_1, int64_t, int64_t>>;
+  // FP8 v^T is the transposed copy [Hkv, D, padded tokens]: (dim, token, head) with the token stride 1.
+  using StrideVt = std::conditional_t<
+      kPaged, Stride<_1, int64_t, int64_t, int64_t>,
+      std::conditional_t<kFp8, Stride<int64_t, _1, int64_t>, Stride<_1, int64_t, int64_t>>>;
 
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{},
                                       make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), ShapeQ{}, StrideQ{}),
@@ -153,7 +175,7 @@ struct FmhaTraits {
     alignas(1024) Element smem_q[cosize_v<SmemLayoutQ>];
     alignas(1024) Element smem_k[cosize_v<SmemLayoutK>];
     alignas(1024) Element smem_v[cosize_v<SmemLayoutVt>];
-    alignas(128) Element smem_o[kStageO ? kBlockM * kSmemORowStride : 8];
+    alignas(128) ElementOut smem_o[kStageO ? kBlockM * kSmemORowStride : 8];
     alignas(8) uint64_t bar_q;
     alignas(8) uint64_t full_k[kStages];
     alignas(8) uint64_t empty_k[kStages];
@@ -176,7 +198,7 @@ struct FmhaTraits {
     ShapeQ shape_q;   // (total_q, D, Hq)
     ShapeK shape_k;   // (total_kv, D, Hkv) or (page_size, D, Hkv, pages)
     ShapeK shape_vt;  // (D, total_kv, Hkv) or (D, page_size, Hkv, pages)
-    Element* out;
+    ElementOut* out;
     int64_t out_stride_token;
     int64_t out_stride_head;
     float* lse;  // nullptr: not requested
@@ -197,18 +219,32 @@ struct FmhaTraits {
     int64_t max_score_stride_head;  // max_k_tiles * total_q
     int64_t max_score_stride_tile;  // total_q
     int max_k_tiles;
+    // FP8: per query head (natural-log softmax scale sm_scale * q_scale * k_scale, out scale v_scale * o_scale);
+    // replaces sm_scale / scale_log2 / out_scale.
+    float2 const* head_scales;
   };
 
   struct CombineParams {
     CombineItem const* items;
     float const* partial_o;
     float const* partial_lse;
-    Element* out;
+    ElementOut* out;
     int64_t out_stride_token;
     int64_t out_stride_head;
     float* lse;  // nullptr: not requested
     int64_t lse_stride_token;
     float out_scale;
+    float2 const* head_scales;  // FP8: per-head out scale (.y) instead of out_scale
+  };
+
+  // FP8 V pre-pass: v [total_kv, Hkv, D] -> vt [Hkv, D, vt_len], one CTA per (128-token tile, KV head).
+  struct VtParams {
+    uint8_t const* v;
+    int64_t v_stride_token;
+    int64_t v_stride_head;
+    uint8_t* vt;
+    int64_t vt_len;       // padded tokens per (head, dim) row: 128 * number of tiles
+    int2 const* tiles;    // per tile: (first source token, valid tokens 0..128)
   };
 };
 

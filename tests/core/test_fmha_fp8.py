@@ -1,0 +1,386 @@
+"""FP8 e4m3 mode of the SM90 dense FMHA (msa.core.kernels.fmha_sm90, issue 7).
+
+CPU: the plan's transposed-V tile map and per-item tile bases, the feature gate, the warmup specs, the per-head
+scale table, refusals. ``compile``: the fp8 module builds for sm_90a (and sm_100a is refused); a host program
+checks, against CuTe's own wgmma layouts, that the P register mapping (S accumulator -> e4m3 A operand) and the
+V pre-pass key permutation agree. ``gpu``: the kernel against an fp32 reference on the dequantized inputs
+(random inputs, NaN-poisoned outputs), per-tensor and per-head scales, causal / non-causal, GQA, ragged lengths
+including 1 and non-multiples of 128, rows that see no key, forced split-KV, and a sharp softmax (large logits:
+P close to 1 in one column, the case where a P scaled past e4m3's 448 would saturate).
+
+Error bounds (fp32 reference on the dequantized fp8 inputs, so only the kernel's own rounding counts):
+O rel. L2 over the whole output < 5e-2 -- P is rounded to e4m3 (3 mantissa bits: ~2.4% rms relative error per
+element, which O inherits about 1:1 for random V) before the PV GEMM. LSE |err| <= 2e-3 * max(1, |lse|) (the row
+sums are fp32 and use the unrounded P).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from msa.core.kernels import fmha_sm90 as k90
+
+FP8 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CPU: plan, gate, specs, scales
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fp8_plan_tile_map(causal):
+    qo = [5, 0, 300, 129]
+    kv = [1, 50, 1000, 128]
+    kp = k90.plan(qo, kv, 8, 2, causal=causal, elem_size=1, device="cpu", num_sms=132)
+    tiles = kp.vt_tiles.tolist()
+    assert kp.vt_len == 128 * len(tiles) == 128 * sum(_cdiv(n, 128) for n in kv)
+    # every source token appears exactly once, tiles of a request are consecutive and 128 apart
+    covered = []
+    for start, valid in tiles:
+        assert 1 <= valid <= 128
+        covered += list(range(start, start + valid))
+    assert covered == list(range(sum(kv)))
+    bases = [sum(_cdiv(n, 128) for n in kv[:b]) for b in range(len(kv))]
+    kv_starts = [sum(kv[:b]) for b in range(len(kv))]
+    for row in kp.work.tolist():
+        b = kv_starts.index(row[2]) if row[3] else None
+        if b is not None and row[7] > 0:
+            assert row[11] == bases[b], f"item {row}: V tile base {row[11]}, expected {bases[b]}"
+            assert tiles[row[11]][0] == row[2]
+
+
+def test_bf16_plan_has_no_fp8_state():
+    kp = k90.plan([300], [300], 4, 4, causal=True, device="cpu", num_sms=132)
+    assert kp.vt_tiles is None and kp.vt_len == 0
+    assert (kp.work[:, 11] == 0).all()
+
+
+def test_fp8_feature_gate():
+    assert k90.supports(dtype=FP8, head_dim_qk=128, head_dim_v=128)[0]
+    assert k90.supports(dtype=FP8, head_dim_qk=128, head_dim_v=128, per_head_scales=True)[0]
+    ok, why = k90.supports(dtype=FP8, head_dim_qk=128, page_size=128)
+    assert not ok and "paged" in why
+    ok, why = k90.supports(dtype=FP8, head_dim_qk=128, output_maxscore=True)
+    assert not ok and "max_score" in why
+    ok, why = k90.supports(dtype=FP8, head_dim_qk=64)
+    assert not ok and "head dim" in why
+    # bf16 keeps its own gate
+    assert not k90.supports(dtype=torch.bfloat16, head_dim_qk=128, per_head_scales=True)[0]
+
+
+def test_fp8_specs_and_refusals():
+    specs = k90.jit_specs({"dtypes": ["fp8"], "head_dim": [128]}, "sm_90a")
+    assert sorted((s.params["causal"], s.params["paged"]) for s in specs) == [(False, False), (True, False)]
+    assert all(s.params["dtype"] == "float8_e4m3fn" for s in specs)
+    assert k90.jit_specs({"dtypes": ["fp8"]}, "sm_100a") == []
+    with pytest.raises(NotImplementedError, match="sm_100a"):
+        k90.jit_spec("float8_e4m3fn", 128, True, False, arch="sm_100a")
+    with pytest.raises(NotImplementedError, match="ragged"):
+        k90.jit_spec("float8_e4m3fn", 128, True, True)
+    with pytest.raises(NotImplementedError, match="ragged"):
+        k90.jit_spec("float8_e4m3fn", 128, True, False, mode="o_maxscore")
+    with pytest.raises(NotImplementedError, match="paged"):
+        k90.plan([10], [10], 2, 2, causal=True, paged=True, elem_size=1, device="cpu", num_sms=4)
+
+
+def test_fp8_head_scale_table():
+    kp = k90.plan([10], [10], 4, 2, causal=True, elem_size=1, device="cpu", num_sms=4)
+    t = k90.fp8_head_scales(kp, 4, 2, 0.5, 2.0, 3.0, 5.0, 7.0, torch.device("cpu"))
+    assert torch.equal(t, torch.tensor([[3.0, 35.0]] * 4))
+    assert k90.fp8_head_scales(kp, 4, 2, 0.5, 2.0, 3.0, 5.0, 7.0, torch.device("cpu")) is t  # cached
+    qs = torch.tensor([1.0, 2.0, 3.0, -1.0])
+    ks = torch.tensor([10.0, 100.0])
+    vs = torch.tensor([0.5, 0.25])
+    t = k90.fp8_head_scales(kp, 4, 2, 0.5, qs, ks, vs, None, torch.device("cpu"))
+    expected_qk = torch.tensor([5.0, 10.0, 150.0, math.nan])
+    torch.testing.assert_close(t[:, 0], expected_qk, equal_nan=True)  # non-positive -> NaN (never silent)
+    torch.testing.assert_close(t[:, 1], torch.tensor([0.5, 0.5, 0.25, 0.25]))
+    with pytest.raises(NotImplementedError, match="must be > 0"):
+        k90.fp8_head_scales(kp, 4, 2, 0.5, -1.0, 1.0, 1.0, 1.0, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"k_scale: expected a \[2\] tensor"):
+        k90.fp8_head_scales(kp, 4, 2, 0.5, None, torch.ones(4), None, None, torch.device("cpu"))
+
+
+def test_fp8_cpu_tensors_use_the_reference():
+    """CPU fp8 inputs run the reference (the kernel is CUDA-only); output bf16."""
+    import msa.core as mc
+
+    torch.manual_seed(0)
+    q = torch.randn(5, 2, 128).to(FP8)
+    k = torch.randn(7, 2, 128).to(FP8)
+    v = torch.randn(7, 2, 128).to(FP8)
+    plan = mc.fmha_plan([5], [7], 2, 2, causal=True)
+    out, _ = mc.fmha(q, k, v, plan)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# compile
+# ---------------------------------------------------------------------------------------------------------
+
+_LAYOUT_CHECK = r"""
+#include <cstdio>
+#include <cute/tensor.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include "fmha_sm90_kernel.cuh"
+using namespace cute;
+int main() {
+  using E = cutlass::float_e4m3_t;
+  using T = msa_fmha_sm90::FmhaTraits<E, 128, true, false, 0>;
+  typename T::TiledMmaQK mqk;
+  typename T::TiledMmaPV mpv;
+  int bad = 0;
+  for (int tid = 0; tid < 256; ++tid) {
+    Tensor cS = mqk.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<_128, _128>{}));
+    Tensor cA = mpv.get_thread_slice(tid).partition_A(make_identity_tensor(Shape<_128, _128>{}));
+    constexpr msa_fmha_sm90::Fp8PFromAcc<128> from_acc{};
+    for (int i = 0; i < 64; ++i) {
+      int const l = get<1>(cA(i)), j = from_acc(i), l16 = l % 16;
+      int const key = (l / 16) * 16 + 8 * ((l16 % 4) / 2) + 2 * (l16 / 4) + l16 % 2;  // the V pre-pass order
+      if (int(get<0>(cA(i))) != int(get<0>(cS(j))) || int(get<1>(cS(j))) != key) { ++bad; }
+    }
+  }
+  printf("mismatches %d\n", bad);
+  return bad != 0;
+}
+"""
+
+
+def _nvcc():
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    path = Path(home) / "bin" / "nvcc"
+    return str(path) if path.is_file() else None
+
+
+@pytest.mark.compile
+@pytest.mark.slow
+def test_fp8_fragment_mapping(tmp_path):
+    """S accumulator value from_acc(i) sits at the (row, key) that A-operand value i stands for, with the key
+    order the V pre-pass writes (host program on CuTe's layouts; no GPU)."""
+    nvcc = _nvcc()
+    if nvcc is None or shutil.which("g++") is None:
+        pytest.skip("needs nvcc and a host compiler")
+    from msa.core.jit.cutlass import cutlass_include_dirs  # noqa: PLC0415
+
+    src = tmp_path / "layout_check.cu"
+    src.write_text(_LAYOUT_CHECK)
+    csrc = Path(k90.__file__).parents[1] / "csrc" / "fmha_sm90"
+    incs = [f"-I{d}" for d in cutlass_include_dirs()] + [f"-I{csrc}"]
+    exe = tmp_path / "layout_check"
+    subprocess.run(
+        [nvcc, "-std=c++17", "--expt-relaxed-constexpr", *incs, str(src), "-o", str(exe)],
+        check=True,
+        capture_output=True,
+    )
+    res = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "mismatches 0" in res.stdout
+
+
+@pytest.mark.compile
+@pytest.mark.slow
+def test_fp8_module_builds_for_sm90a(module_arch_check):
+    if _nvcc() is None:
+        pytest.skip("needs nvcc")
+    entry = k90.jit_spec("float8_e4m3fn", 128, True, False).build()
+    so = entry.file("module.so")
+    module_arch_check(so, "sm_90a", 90)
+    blob = Path(so).read_bytes()
+    assert b"fmha_fwd" in blob and b"fmha_sm90_vt_kernel" in blob and b"fmha_sm90_kernel" in blob
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU correctness
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _quantize(x, scale, heads_dim=1):
+    """x fp32 [tokens, H, D], scale float or [H] -> (e4m3 tensor, dequantized fp32 tensor)."""
+    s = scale if not isinstance(scale, torch.Tensor) else scale.view(1, -1, 1)
+    xq = (x / s).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
+    return xq, xq.float() * s
+
+
+def reference(q, k, v, qo_lens, kv_lens, qo_offsets, causal, sm_scale, o_scale):
+    """fp32 attention per request on dequantized inputs; o_scale float or [Hq]."""
+    hq, hkv = q.shape[1], k.shape[1]
+    g = hq // hkv
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:2], -math.inf, dtype=torch.float32, device=q.device)
+    qs = ks = 0
+    for qo, kv, off in zip(qo_lens, kv_lens, qo_offsets):
+        if qo and kv:
+            qb = q[qs : qs + qo].transpose(0, 1)
+            kb = k[ks : ks + kv].transpose(0, 1).repeat_interleave(g, 0)
+            vb = v[ks : ks + kv].transpose(0, 1).repeat_interleave(g, 0)
+            s = torch.matmul(qb, kb.transpose(1, 2)) * sm_scale
+            if causal:
+                i = torch.arange(qo, device=q.device)[:, None]
+                j = torch.arange(kv, device=q.device)[None, :]
+                s = s.masked_fill(j > i + off, -math.inf)
+            lb = torch.logsumexp(s, dim=-1)
+            p = torch.exp(s - lb[..., None]).nan_to_num(0.0)
+            out[qs : qs + qo] = torch.matmul(p, vb).transpose(0, 1)
+            lse[qs : qs + qo] = lb.transpose(0, 1)
+        qs += qo
+        ks += kv
+    o_s = o_scale if not isinstance(o_scale, torch.Tensor) else o_scale.view(1, -1, 1)
+    return out * o_s, lse
+
+
+O_BOUND = 5e-2
+
+
+def _check(out, lse, ref_o, ref_lse):
+    assert out.dtype == torch.bfloat16
+    assert not torch.isnan(out).any(), "unwritten (NaN-poisoned) output elements"
+    assert not torch.isnan(lse).any(), "unwritten (NaN-poisoned) LSE elements"
+    if out.numel():
+        rel = ((out.float() - ref_o).norm() / ref_o.norm().clamp_min(1e-6)).item()
+        assert rel < O_BOUND, f"rel L2 error {rel:.3e} >= {O_BOUND}"
+    dead = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse) & (lse < 0), dead), "LSE must be -inf exactly where a row sees no key"
+    assert (out[dead.unsqueeze(-1).expand_as(out)] == 0).all(), "rows that see no key must output 0"
+    live = ~dead
+    if live.any():
+        err = (lse[live] - ref_lse[live]).abs()
+        assert (err <= 2e-3 * ref_lse[live].abs().clamp_min(1.0)).all(), f"LSE max err {err.max().item():.3e}"
+
+
+CASES = [
+    # name, qo_lens, kv_lens, hq, hkv, causal, qo_offset (None: kv - qo), scales ("tensor" | "head"), sm_scale
+    ("single-odd", [77], [77], 4, 4, True, None, "tensor", None),
+    ("len1-and-multi", [1, 129, 256, 1000], [1, 129, 300, 1000], 8, 2, True, None, "tensor", None),
+    ("noncausal-ragged", [33, 500, 128], [700, 1, 257], 8, 8, False, None, "tensor", None),
+    ("gqa16-per-head", [200, 64], [2000, 4100], 16, 1, True, None, "head", None),
+    ("gqa4-empty-requests-per-head", [0, 300, 5, 0], [50, 0, 1000, 0], 8, 2, True, None, "head", None),
+    ("offset-unseen-rows", [300, 260], [300, 500], 4, 1, True, [-200, 17], "tensor", None),
+    ("noncausal-per-head", [64, 400], [5, 1000], 8, 4, False, None, "head", None),
+    ("sharp-softmax", [300, 1], [1000, 777], 4, 2, True, None, "tensor", 1.0),
+    ("long-gqa8", [2048], [4096], 16, 2, True, None, "head", None),
+]
+
+
+def _make_inputs(qo_lens, kv_lens, hq, hkv, scales, seed):
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(seed)
+    tq, tk, d = sum(qo_lens), sum(kv_lens), 128
+    qf = torch.randn(tq, hq, d, device=dev, generator=g) * 3.0
+    kf = torch.randn(tk, hkv, d, device=dev, generator=g) * 0.5
+    vf = torch.randn(tk, hkv, d, device=dev, generator=g) * 2.0
+    if scales == "tensor":
+        sc = {"q_scale": 3.0 * 4 / E4M3_MAX, "k_scale": 0.5 * 4 / E4M3_MAX, "v_scale": 2.0 * 4 / E4M3_MAX, "o_scale": 1.5}
+    else:  # per head: amax-based, different for every head
+        def amax(x):
+            return (x.abs().amax(dim=(0, 2)) / E4M3_MAX).clamp_min(1e-6) if x.numel() else torch.ones(x.shape[1], device=dev)
+
+        sc = {
+            "q_scale": amax(qf),
+            "k_scale": amax(kf) * 1.5,
+            "v_scale": amax(vf),
+            "o_scale": torch.rand(hq, device=dev, generator=g) + 0.5,
+        }
+    q, qd = _quantize(qf, sc["q_scale"])
+    k, kd = _quantize(kf, sc["k_scale"])
+    v, vd = _quantize(vf, sc["v_scale"])
+    return q, k, v, qd, kd, vd, sc
+
+
+def _run(case, seed=0, split_kv="auto"):
+    import msa.core as mc
+
+    _, qo_lens, kv_lens, hq, hkv, causal, qo_offset, scales, sm = case
+    dev = torch.device("cuda")
+    q, k, v, qd, kd, vd, sc = _make_inputs(qo_lens, kv_lens, hq, hkv, scales, seed)
+    offs = [b - a for a, b in zip(qo_lens, kv_lens)] if qo_offset is None else qo_offset
+    sm_scale = 1.0 / math.sqrt(128) if sm is None else sm
+    tq = sum(qo_lens)
+    out = torch.full((tq, hq, 128), float("nan"), device=dev, dtype=torch.bfloat16)
+    lse = torch.full((tq, hq), float("nan"), device=dev, dtype=torch.float32)
+    if split_kv == "auto":
+        plan = mc.fmha_plan(qo_lens, kv_lens, hq, hkv, causal=causal, qo_offset=qo_offset if causal else None, device=dev)
+        res = mc.fmha(q, k, v, plan, out=out, return_lse=True, sm_scale=sm, backend="kernel", **sc)
+        assert res[0] is out
+        lse = res[2]
+    else:
+        kp = k90.plan(qo_lens, kv_lens, hq, hkv, causal=causal, qo_offset=offs, split_kv=split_kv, elem_size=1, device=dev)
+        assert kp.combine.shape[0] > 0, "the forced split did not cut any item"
+        k90.run(q, k, v, kp, out=out, lse=lse, return_lse=True, causal=causal, sm_scale=sm_scale, **sc)
+    torch.cuda.synchronize()
+    ref_o, ref_lse = reference(qd, kd, vd, qo_lens, kv_lens, offs, causal, sm_scale, sc["o_scale"])
+    return out, lse, ref_o, ref_lse
+
+
+def _need_sm90():
+    ok, why = k90.available(torch.device("cuda")) if torch.cuda.is_available() else (False, "no CUDA device")
+    if not ok:
+        pytest.skip(why)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_fp8_matches_fp32_reference(case):
+    _need_sm90()
+    _check(*_run(case))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,split", [("len1-and-multi", (10**6, 2)), ("gqa16-per-head", (7, 4)),
+                                        ("noncausal-per-head", (10**6, 3))])
+def test_fp8_split_kv_matches_fp32_reference(name, split):
+    _need_sm90()
+    case = next(c for c in CASES if c[0] == name)
+    _check(*_run(case, split_kv=split))
+
+
+@pytest.mark.gpu
+def test_fp8_nonpositive_head_scale_gives_nan_not_garbage():
+    import msa.core as mc
+
+    _need_sm90()
+    dev = torch.device("cuda")
+    q = torch.randn(100, 2, 128, device=dev).to(FP8)
+    k = torch.randn(100, 2, 128, device=dev).to(FP8)
+    v = torch.randn(100, 2, 128, device=dev).to(FP8)
+    plan = mc.fmha_plan([100], [100], 2, 2, causal=True, device=dev)
+    out, _ = mc.fmha(q, k, v, plan, q_scale=torch.tensor([1.0, -1.0], device=dev), backend="kernel")
+    torch.cuda.synchronize()
+    assert torch.isfinite(out[:, 0].float()).all()
+    assert torch.isnan(out[:, 1].float()).all()
+
+
+@pytest.mark.gpu
+def test_fp8_replays_in_a_cuda_graph():
+    """Float scales (cached table), plan-owned V^T workspace: capture and replay give the eager result."""
+    _need_sm90()
+    dev = torch.device("cuda")
+    torch.manual_seed(3)
+    qo, kv, hq, hkv = [300, 5], [1000, 700], 8, 2
+    q = torch.randn(sum(qo), hq, 128, device=dev).to(FP8)
+    k = torch.randn(sum(kv), hkv, 128, device=dev).to(FP8)
+    v = torch.randn(sum(kv), hkv, 128, device=dev).to(FP8)
+    kp = k90.plan(qo, kv, hq, hkv, causal=True, elem_size=1, device=dev)
+    out = torch.full((sum(qo), hq, 128), float("nan"), device=dev, dtype=torch.bfloat16)
+    lse = torch.full((sum(qo), hq), float("nan"), device=dev)
+    kw = dict(out=out, lse=lse, return_lse=True, causal=True, q_scale=0.5, v_scale=2.0)
+    k90.run(q, k, v, kp, **kw)
+    eager_o, eager_lse = out.clone(), lse.clone()
+    out.fill_(float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        k90.run(q, k, v, kp, **kw)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager_o) and torch.equal(lse, eager_lse)
