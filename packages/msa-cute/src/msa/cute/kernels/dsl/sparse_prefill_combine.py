@@ -10,7 +10,9 @@ initialisation). Output: ``o [total_q, Hq, D]`` bf16 and ``lse [total_q, Hq]`` f
 A row with no slot, or whose slots all saw no key (every ``lse_s = -inf``), gets ``o = 0, lse = -inf``. A token
 whose count exceeds ``topk`` (a CSR that breaks the top-k contract) gets NaN, never a truncated result.
 
-One warp per (token, query head); lane ``l`` owns head-dim elements ``4l .. 4l+3`` (D = 128).
+16 threads per (token, query head) row, each owning 8 consecutive head-dim elements (one 16-byte load per slot
+for bf16 partials); a CTA of 256 threads covers 16 consecutive rows, i.e. 4 KiB contiguous of each slot's plane
+(bandwidth-bound: every slot load of the unrolled loop is independent, so several are in flight per thread).
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ import cutlass
 from cutlass import Float32, Int32
 
 HEAD_DIM = 128
-WARPS = 8
-ELEMS_PER_LANE = HEAD_DIM // 32
+THREADS = 256
+ELEMS_PER_THREAD = 8  # 16 bytes of bf16
+THREADS_PER_ROW = HEAD_DIM // ELEMS_PER_THREAD
+ROWS_PER_CTA = THREADS // THREADS_PER_ROW
+SLOTS_IN_FLIGHT = 4
 
 
 class SparsePrefillCombine:
@@ -35,8 +40,8 @@ class SparsePrefillCombine:
     def __call__(self, o_part: cute.Tensor, lse_part: cute.Tensor, n_slots: cute.Tensor, o: cute.Tensor,
                  lse: cute.Tensor, topk: Int32, stream):
         rows = cute.size(o, mode=[0]) * cute.size(o, mode=[1])
-        grid = cute.ceil_div(rows, WARPS)
-        self.kernel(o_part, lse_part, n_slots, o, lse, topk).launch(grid=[grid, 1, 1], block=[WARPS * 32, 1, 1],
+        grid = cute.ceil_div(rows, ROWS_PER_CTA)
+        self.kernel(o_part, lse_part, n_slots, o, lse, topk).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1],
                                                               stream=stream)
 
     @cute.kernel
@@ -44,30 +49,39 @@ class SparsePrefillCombine:
                lse: cute.Tensor, topk: Int32):
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
-        lane = tidx % 32
-        warp = tidx // 32
+        chunk = tidx % THREADS_PER_ROW
         num_heads = cute.size(o, mode=[1])
         total_q = cute.size(o, mode=[0])
-        row = bidx * WARPS + warp
+        row = bidx * ROWS_PER_CTA + tidx // THREADS_PER_ROW
         if row < total_q * num_heads:
             t = row // num_heads
             hq = row - t * num_heads
             group = num_heads // cute.size(n_slots, mode=[1])
             n = n_slots[t, hq // group]
             m = -Float32.inf
-            for s in cutlass.range(n, unroll=4):  # several loads in flight per warp
+            for s in cutlass.range(n, unroll=8):  # independent loads: several in flight per thread
                 m = cute.arch.fmax(m, lse_part[s, t, hq])
-            acc = cute.make_rmem_tensor((ELEMS_PER_LANE,), Float32)
+            acc = cute.make_rmem_tensor((ELEMS_PER_THREAD,), Float32)
             acc.fill(0.0)
             total = Float32(0.0)
             if m != -Float32.inf:
-                for s in cutlass.range(n, unroll=4):  # several loads in flight per warp
-                    w = cute.math.exp2((lse_part[s, t, hq] - m) * LOG2_E, fastmath=True)
-                    src = cute.local_tile(o_part[s, t, hq, None], (ELEMS_PER_LANE,), (lane,))
-                    vals = src.load().to(Float32)
-                    acc.store(acc.load() + vals * w)
-                    total += w
-            out = cute.make_rmem_tensor((ELEMS_PER_LANE,), o.element_type)
+                # SLOTS_IN_FLIGHT slots per step, all loads issued before any math (a plain unrolled loop kept only
+                # two 16-byte loads in flight); slots past n re-read slot n-1 (written) with weight 0.
+                parts = cute.make_rmem_tensor((SLOTS_IN_FLIGHT, ELEMS_PER_THREAD), o_part.element_type)
+                lses = cute.make_rmem_tensor((SLOTS_IN_FLIGHT,), Float32)
+                for s0 in cutlass.range(0, n, SLOTS_IN_FLIGHT, unroll=1):
+                    for j in cutlass.range_constexpr(SLOTS_IN_FLIGHT):
+                        s = cutlass.min(s0 + j, n - 1)
+                        lses[j] = lse_part[s, t, hq]
+                        src = cute.local_tile(o_part[s, t, hq, None], (ELEMS_PER_THREAD,), (chunk,))
+                        parts[j, None].store(src.load())
+                    for j in cutlass.range_constexpr(SLOTS_IN_FLIGHT):
+                        w = cute.math.exp2((lses[j] - m) * LOG2_E, fastmath=True)
+                        if s0 + j >= n:
+                            w = Float32(0.0)
+                        acc.store(acc.load() + parts[j, None].load().to(Float32) * w)
+                        total += w
+            out = cute.make_rmem_tensor((ELEMS_PER_THREAD,), o.element_type)
             row_lse = -Float32.inf
             if n > topk:
                 out.fill(Float32.nan)
@@ -78,9 +92,9 @@ class SparsePrefillCombine:
                 row_lse = m + cute.math.log2(total, fastmath=True) * LN_2
             else:
                 out.fill(0.0)
-            dst = cute.local_tile(o[t, hq, None], (ELEMS_PER_LANE,), (lane,))
+            dst = cute.local_tile(o[t, hq, None], (ELEMS_PER_THREAD,), (chunk,))
             dst.store(out.load())
-            if lane == 0:
+            if chunk == 0:
                 lse[t, hq] = row_lse
 
 
