@@ -4,13 +4,21 @@
 
 Selection: per (token, KV head) the local (diagonal) block plus ``topk - 1`` distinct random visible blocks (causal,
 bottom-right; fewer when fewer are visible), like MSA's forced-local top-k. Reported per case: the k2q CSR build
-(untimed in the public op's contract: it is the plan), the slot tables + schedule, the partial kernel, the combine,
-and the whole ``sparse_atten_func`` call, with
+with its schedule and slot tables (untimed in the public op's contract: it is the plan), the partial kernel, the
+combine, and the whole ``sparse_atten_func`` call given that plan, with
 
     effective TFLOP/s = 2 * (Dqk + Dv) * Hq/Hkv * selected / time,
 
 ``selected`` = causally visible keys of the selected blocks summed over tokens and KV heads (the same count as
 benchmarks/_harness/flops.py:sparse_selected_pairs). The project's bar: >= 550 at Hq/Hkv 64/4, S 32K and 128K.
+
+Bandwidth floor of the KV-outer design (see benchmarks/sparse_prefill_notes.md): per selected (token, query head,
+block) the partial kernel gathers one Q row (D x 2 B) and writes one partial O row (D x p B, p = 2 bf16 / 4 fp32)
+plus its LSE (4 B), which the combine reads back; the combine writes O (D x 2 B) + LSE once per (token, head);
+K/V are counted once per selected (KV head, block) (chunks of a row reuse them through L2 / smem). Each stage's
+floor is its bytes over the copy bandwidth measured here (read + write of a 2 GiB device copy); "of floor" =
+floor / measured time. The CSR build (plan, incl. schedule and slot tables) is reported apart, as in the op's
+contract; its bytes are not modelled.
 """
 
 from __future__ import annotations
@@ -53,6 +61,28 @@ def selected_keys(q2k: torch.Tensor, total: int) -> int:
     return int(((end - start).clamp(min=0) * (ids >= 0)).sum().item())
 
 
+def copy_bandwidth(reps: int = 5) -> float:
+    """Device copy bandwidth, bytes/s (read + write) over a 2 GiB copy."""
+    bufs = [torch.ones(1 << 30, dtype=torch.int16, device="cuda"), torch.empty(1 << 30, dtype=torch.int16,
+                                                                                device="cuda")]
+    ms = _time(lambda: bufs[1].copy_(bufs[0]), reps)
+    bufs.clear()
+    torch.cuda.empty_cache()
+    return 2 * (1 << 30) * 2 / (ms * 1e-3)
+
+
+def stage_bytes(q2k: torch.Tensor, total_q: int, hq: int, part_bytes: int) -> dict:
+    """Bytes each stage must move at least (the design's floor; see the module docstring)."""
+    hkv = q2k.shape[0]
+    g = hq // hkv
+    triples = int((q2k >= 0).sum().item()) * g  # selected (token, query head, block)
+    pair = q2k.to(torch.int64) * hkv + torch.arange(hkv, device=q2k.device).view(-1, 1, 1)
+    kv_blocks = int(torch.unique(pair[q2k >= 0]).numel())  # distinct selected (KV head, block)
+    partial = triples * (D * 2 + D * part_bytes + 4) + kv_blocks * 2 * BLOCK * D * 2
+    combine = triples * (D * part_bytes + 4) + total_q * hq * (D * 2 + 4)
+    return {"partial": partial, "combine": combine, "total": partial + combine, "triples": triples}
+
+
 def _time(fn, reps: int) -> float:
     for _ in range(3):
         fn()
@@ -67,7 +97,8 @@ def _time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def bench_case(seqlen: int, hq: int, hkv: int, topk: int, paged: bool, partial_dtype: torch.dtype, reps: int):
+def bench_case(seqlen: int, hq: int, hkv: int, topk: int, paged: bool, partial_dtype: torch.dtype, reps: int,
+               bandwidth: float):
     from msa.cute import build_k2q_csr, sparse_atten_func
 
     dev = torch.device("cuda")
@@ -89,20 +120,21 @@ def bench_case(seqlen: int, hq: int, hkv: int, topk: int, paged: bool, partial_d
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(nblk, device=dev)
         extra["page_table"] = inv.view(1, -1).to(torch.int32)
-    rp, qi = build_k2q_csr(q2k, cu, cu, BLOCK, total_k=seqlen, total_rows=nblk, qhead_per_kv=g)
-    csr_ms = _time(lambda: build_k2q_csr(q2k, cu, cu, BLOCK, total_k=seqlen, total_rows=nblk, qhead_per_kv=g), reps)
-    tables_ms = _time(lambda: (sp._schedule(None, rp, cu, qi.shape[1], g), sp.slot_tables(rp, qi, cu, cu, seqlen)),
-                      reps)
+    def plan():
+        return build_k2q_csr(q2k, cu, cu, BLOCK, total_k=seqlen, total_rows=nblk, qhead_per_kv=g,
+                             return_schedule=True)
+
+    rp, qi, sched = plan()
+    csr_ms = _time(plan, reps)  # CSR + schedule + slot tables (the plan; built once per selection)
 
     def call():
         return sparse_atten_func(q, k, v, rp, qi, topk, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=seqlen,
                                  max_seqlen_k=seqlen, causal=True, partial_dtype=partial_dtype, backend="kernel",
-                                 **extra)
+                                 schedule=sched, **extra)
 
     total_ms = _time(call, reps)
     # stage split: time the two kernels alone on prepared inputs
-    sched = sp._schedule(None, rp, cu, qi.shape[1], g)
-    q_slot, n_slots = sp.slot_tables(rp, qi, cu, cu, seqlen)
+    q_slot, n_slots = sched.q_slot, sched.n_slots
     part_fn, comb_fn = sp._kernels(g, paged, sp.PARTIAL_DTYPES[partial_dtype])
     o_part = torch.empty(topk, seqlen, hq, D, dtype=partial_dtype, device=dev)
     lse_part = torch.empty(topk, seqlen, hq, dtype=torch.float32, device=dev)
@@ -115,11 +147,17 @@ def bench_case(seqlen: int, hq: int, hkv: int, topk: int, paged: bool, partial_d
     lse = torch.empty(seqlen, hq, dtype=torch.float32, device=dev)
     combine_ms = _time(lambda: comb_fn(o_part, lse_part, n_slots, o, lse, topk), reps)
     flops = 2 * (D + D) * g * selected_keys(q2k, seqlen)
+    nbytes = stage_bytes(q2k, seqlen, hq, partial_dtype.itemsize)
+    floor = {key: nbytes[key] / bandwidth * 1e3 for key in ("partial", "combine", "total")}
     return {
         "seqlen": seqlen, "heads": f"{hq}/{hkv}", "topk": topk, "paged": paged, "partial": str(partial_dtype),
-        "csr_ms": csr_ms, "tables_ms": tables_ms, "partial_ms": partial_ms, "combine_ms": combine_ms,
+        "csr_ms": csr_ms, "partial_ms": partial_ms, "combine_ms": combine_ms,
         "total_ms": total_ms, "tflops": flops / (total_ms * 1e-3) / 1e12,
         "tflops_partial": flops / (partial_ms * 1e-3) / 1e12, "items": int(sched.work_count.item()),
+        "gbytes": nbytes["total"] / 1e9, "floor_ms": floor["total"],
+        "frac_partial": floor["partial"] / partial_ms, "frac_combine": floor["combine"] / combine_ms,
+        "frac_total": floor["total"] / total_ms, "tflops_floor": flops / (floor["total"] * 1e-3) / 1e12,
+        "csr_share": (csr_ms + combine_ms) / (csr_ms + total_ms),
     }
 
 
@@ -137,14 +175,21 @@ def main(argv=None):
     if not ok:
         raise SystemExit(f"sparse_prefill_sm90 unavailable: {why}")
     pdt = torch.bfloat16 if a.partial == "bf16" else torch.float32
-    print(f"{torch.cuda.get_device_name()}  Hq/Hkv {a.hq}/{a.hkv}  topk {a.topk}  paged {a.paged}  partial {a.partial}")
-    print(f"{'S':>7} {'items':>8} {'csr':>7} {'tables':>7} {'partial':>8} {'combine':>8} {'total':>8} "
-          f"{'TFLOP/s':>8} {'(partial)':>9}")
+    bw = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}  Hq/Hkv {a.hq}/{a.hkv}  topk {a.topk}  paged {a.paged}  partial {a.partial}"
+          f"  copy bandwidth {bw / 1e9:.0f} GB/s")
+    print(f"{'S':>7} {'items':>8} {'csr':>7} {'partial':>8} {'combine':>8} {'total':>8} {'TFLOP/s':>8} "
+          f"{'(partial)':>9} {'GB':>6} {'floor':>7} {'of floor':>8} {'part':>5} {'comb':>5} {'TF@floor':>8} "
+          f"{'csr+comb':>8}")
     for s in (int(x) for x in a.seqlen.split(",")):
-        r = bench_case(s, a.hq, a.hkv, a.topk, a.paged, pdt, a.reps)
-        print(f"{s:>7} {r['items']:>8} {r['csr_ms']:>7.3f} {r['tables_ms']:>7.3f} {r['partial_ms']:>8.3f} "
-              f"{r['combine_ms']:>8.3f} {r['total_ms']:>8.3f} {r['tflops']:>8.1f} {r['tflops_partial']:>9.1f}",
-              flush=True)
+        r = bench_case(s, a.hq, a.hkv, a.topk, a.paged, pdt, a.reps, bw)
+        print(f"{s:>7} {r['items']:>8} {r['csr_ms']:>7.3f} {r['partial_ms']:>8.3f} {r['combine_ms']:>8.3f} "
+              f"{r['total_ms']:>8.3f} {r['tflops']:>8.1f} {r['tflops_partial']:>9.1f} {r['gbytes']:>6.2f} "
+              f"{r['floor_ms']:>7.3f} {r['frac_total']:>8.2f} {r['frac_partial']:>5.2f} {r['frac_combine']:>5.2f} "
+              f"{r['tflops_floor']:>8.1f} {r['csr_share']:>8.2f}", flush=True)
+    print("times in ms; floor = modelled bytes / copy bandwidth; 'of floor' = floor / time (1.0 = at the floor); "
+          "TF@floor = effective TFLOP/s if the whole call ran at the floor; csr+comb = (csr + combine) / "
+          "(csr + total), the issue's <= 0.15 bar")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,13 @@ keys ``> pos + kv_len - q_len`` (bottom-right). Only the block's own 128 keys ar
 partial / diagonal blocks actually mask anything. V rows past ``kv_len`` are zeroed in smem before P @ V (a page
 tail may hold anything, and 0 * NaN would poison every row).
 
-CTA = 2 warpgroups (256 threads), each owns 64 of the 128 tile rows. Persistent: CTA ``c`` runs items ``c, c +
-grid, ...`` up to the device-side ``work_count``. Two CTAs fit an SM (96 KiB smem each), so one CTA's loads overlap
-the other's math. No warp specialisation yet (first version, optimised for being right).
+CTA = 2 warpgroups (256 threads), each owns 64 of the 128 tile rows. Persistent: CTA ``c`` of ``grid`` runs the
+contiguous items ``[c * n / grid, (c + 1) * n / grid)`` of the device-side ``work_count = n``; the schedule lists a
+row's chunks back to back, so K/V are loaded (TMA) only when (KV head, block) changes and otherwise stay in smem.
+bf16 partials: the normalised O tile is staged in sQ (free once S = Q K^T is done) and written with 16-byte
+row-contiguous stores (a token's G heads are one G x 256 B run of ``o_part``); fp32 partials store straight from
+the accumulators. Two CTAs fit an SM (96 KiB smem each), so one CTA's loads overlap the other's math. No warp
+specialisation / multi-stage pipeline yet (see benchmarks/sparse_prefill_notes.md).
 """
 
 from __future__ import annotations
