@@ -6,7 +6,7 @@ poisoned with NaN -> LSE combine), must equal the sparse_atten_func reference; a
 the warmup specs. Compile part (marker ``compile``): the kernels build for sm_90a through msa-cache, their
 exported signatures match exactly what ``run`` passes, and sm_100a is refused with a clear error.
 
-GPU part (marker ``gpu``; run with MSA_CUTE_EXPERIMENTAL=1 on an H100/H200 with a bundle holding the smoke +
+GPU part (marker ``gpu``; on an H100/H200 with a bundle holding the smoke +
 minimax-m3 variants): kernel vs the CPU reference over top-k x GQA x paged x causal x partial dtype with NaN-poisoned
 outputs and workspaces, no host sync. Bounds: bf16 O within 2^-7 x max|V| (P is rounded to bf16 before P @ V and O
 once more to bf16; with bf16 partials each slot is rounded too: 2^-6), LSE within 2e-3 absolute (fp32, exp2 fast
@@ -284,13 +284,13 @@ def test_emulated_kernel_poisons_topk_overflow(helpers):
 
 
 # ---- CPU: gating and warmup specs ---------------------------------------------------------------------------------
-def test_available_is_off_unless_experimental(monkeypatch):
-    monkeypatch.delenv(sp.EXPERIMENTAL_ENV, raising=False)
+def test_available_by_default_with_an_opt_out(monkeypatch):
+    monkeypatch.delenv(sp.DISABLE_ENV, raising=False)
     ok, why = sp.available(torch.device("cpu"))
-    assert not ok and "not validated on a GPU" in why and sp.EXPERIMENTAL_ENV in why
-    monkeypatch.setenv(sp.EXPERIMENTAL_ENV, "1")
+    assert not ok and "needs CUDA" in why  # on by default: only the device refuses here
+    monkeypatch.setenv(sp.DISABLE_ENV, "0")
     ok, why = sp.available(torch.device("cpu"))
-    assert not ok and "needs CUDA" in why
+    assert not ok and why == f"disabled by {sp.DISABLE_ENV}=0"
 
 
 def test_supports_matrix():
@@ -310,7 +310,7 @@ def test_supports_matrix():
 def test_dispatch_reports_the_gate(monkeypatch):
     from msa.core.dispatch import registered_kernels
 
-    monkeypatch.delenv(sp.EXPERIMENTAL_ENV, raising=False)
+    monkeypatch.delenv(sp.DISABLE_ENV, raising=False)
     import msa.cute.sparse_prefill  # noqa: F401  (registers the kernel module)
 
     assert "sparse_prefill_sm90" in registered_kernels("sparse_atten_func")
@@ -416,8 +416,8 @@ def test_partial_kernel_refuses_sm100(store):
 
 # ---- GPU ---------------------------------------------------------------------------------------------------------
 def _gpu_ready():
-    if os.environ.get(sp.EXPERIMENTAL_ENV) != "1":
-        pytest.skip(f"set {sp.EXPERIMENTAL_ENV}=1 to run the unvalidated kernel")
+    if os.environ.get(sp.DISABLE_ENV) == "0":
+        pytest.skip(f"{sp.DISABLE_ENV}=0: the sparse prefill kernel is switched off")
     ok, why = sp.available(torch.device("cuda"))
     if not ok:
         pytest.skip(why)

@@ -1,4 +1,4 @@
-"""Benchmark of the SM90 sparse prefill kernel, stage by stage (GPU; run with MSA_CUTE_EXPERIMENTAL=1).
+"""Benchmark of the SM90 sparse prefill kernel, stage by stage (GPU).
 
     python -m msa.cute.kernels.bench_sparse_prefill --hq 64 --hkv 4 --seqlen 32768,131072 --topk 16 [--paged]
 

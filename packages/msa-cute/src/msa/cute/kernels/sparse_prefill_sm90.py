@@ -12,8 +12,8 @@ only building them needs cutlass-dsl. Pipeline of :func:`run`:
 3. partial kernel (``sparse_prefill_partial_sm90``): per work item, per-slot normalised O + LSE;
 4. combine kernel (``sparse_prefill_combine``): LSE-weighted merge of each token's slots -> O (bf16), LSE.
 
-Not enabled by default: :func:`available` is False unless ``MSA_CUTE_EXPERIMENTAL=1`` until the kernel has been
-validated on a GPU (tests/cute/test_sparse_prefill_kernel.py, GPU part).
+On by default on SM90 (validated by tests/cute/test_sparse_prefill_kernel.py's GPU part); ``MSA_CUTE_SPARSE_PREFILL=0``
+turns it off (the op then runs the PyTorch reference), e.g. to A/B or to rule the kernel out.
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ __all__ = [
     "cute_specs",
     "PARTIAL",
     "COMBINE",
-    "EXPERIMENTAL_ENV",
+    "DISABLE_ENV",
 ]
 
 PARTIAL = "msa.cute.kernels.dsl.sparse_prefill_partial_sm90:partial"
 COMBINE = "msa.cute.kernels.dsl.sparse_prefill_combine:combine"
-EXPERIMENTAL_ENV = "MSA_CUTE_EXPERIMENTAL"
+DISABLE_ENV = "MSA_CUTE_SPARSE_PREFILL"  # "0": opt out (the op falls back to the reference)
 HEAD_DIM = 128
 BLOCK = 128
 TILE_M = 128
@@ -51,14 +51,9 @@ LOG2_E = 1.4426950408889634
 
 
 def available(device) -> tuple[bool, str]:
-    """Cheap: no compilation. Off unless MSA_CUTE_EXPERIMENTAL=1: on its first GPU runs (H100, 2026-11-27) the
-    partial kernel hung. Root cause found with the diagnostic builds (a warp-collective TMA issue inside a
-    one-thread branch; see the partial kernel) and fixed in the source (SASS checked), but the fixed kernel has
-    not run on a GPU yet, so it stays opt-in."""
-    if os.environ.get(EXPERIMENTAL_ENV, "0") != "1":
-        return False, (f"not validated on a GPU: it hung on its first H100 runs; the cause is fixed in the source "
-                       f"but the fix has not run on a GPU yet (set {EXPERIMENTAL_ENV}=1 to "
-                       "use it anyway, for debugging only)")
+    """Cheap: no compilation. On by default on SM90; ``MSA_CUTE_SPARSE_PREFILL=0`` opts out."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return False, f"disabled by {DISABLE_ENV}=0"
     device = torch.device(device)
     if device.type != "cuda":
         return False, f"tensors are on {device}, the SM90 sparse prefill kernel needs CUDA"
