@@ -14,8 +14,9 @@ partial / diagonal blocks actually mask anything. V rows past ``kv_len`` are zer
 tail may hold anything, and 0 * NaN would poison every row).
 
 CTA = 2 warpgroups (256 threads), each owns 64 of the 128 tile rows. Persistent: CTA ``c`` of ``grid`` runs the
-contiguous items ``[c * n / grid, (c + 1) * n / grid)`` of the device-side ``work_count = n``; the schedule lists a
-row's chunks back to back, so K/V are loaded (TMA) only when (KV head, block) changes and otherwise stay in smem.
+contiguous share (``n // grid`` items, one more for the first ``n % grid``) of the device-side ``work_count = n``;
+the schedule lists a row's chunks back to back, so K/V are loaded (TMA) only when (KV head, block) changes and
+otherwise stay in smem.
 bf16 partials: the normalised O tile is staged in sQ (free once S = Q K^T is done) and written with 16-byte
 row-contiguous stores (a token's G heads are one G x 256 B run of ``o_part``); fp32 partials store straight from
 the accumulators. Two CTAs fit an SM (96 KiB smem each), so one CTA's loads overlap the other's math. No warp
@@ -190,8 +191,10 @@ class SparsePrefillPartialSm90:
         n_items = mWorkCount[0]
         # Contiguous share of the work list per CTA: the schedule lists a row's chunks back to back, so consecutive
         # items mostly share (KV head, block) and K/V stay in smem (reloaded only when the block changes).
-        first = (bidx * n_items) // gdim
-        end = ((bidx + 1) * n_items) // gdim
+        per_cta = n_items // gdim  # (bidx * n_items) // gdim would overflow int32 past ~8M items (1M tokens)
+        extra = n_items - per_cta * gdim  # the first `extra` CTAs take one more
+        first = bidx * per_cta + cutlass.min(bidx, extra)
+        end = first + per_cta + cutlass.min(cutlass.max(extra - bidx, 0), 1)
         prev_h = Int32(-1)
         prev_row = Int32(-1)
         kv_loads = Int32(0)  # K/V loads so far: the barrier's phase
