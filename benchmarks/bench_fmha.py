@@ -16,7 +16,10 @@ cases (O + max_score, max_score only) with their time relative to O only.
 
 ``--fp8`` times, per case and interleaved: the fp8 kernel (its V transpose pre-pass included), the bf16 kernel on
 the same shapes, SDPA cuDNN on bf16 and SDPA cuDNN on the fp8 tensors -- the last is reported as refused (with
-torch's message) where the installed torch has no fp8 SDPA.
+torch's message) where the installed torch has no fp8 SDPA. ``--candidates "fp8:n192=DIR,bf16:n176=DIR"`` adds,
+to the same interleaved rotation, one row per alternative build (``msa fp8 n192`` ...): the module of the case is
+loaded from DIR (cases whose module DIR lacks are skipped), and its plan is made for the module's KV tile size
+(``block_n()``), so wide-tile builds run with matching plans.
 
 A GPU host without a compiler loads prebuilt modules with ``MSA_FMHA_SM90_PREBUILT=DIR`` (tests and this bench).
 """
@@ -257,16 +260,52 @@ FP8_CASES = [
 ]
 
 
-def bench_fp8(warmup: int, reps: int, peers: bool = True) -> list:
+def parse_candidates(spec: str) -> list:
+    """``"fp8:label=DIR,bf16:label=DIR"`` -> [(kind, label, DIR)]."""
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        kind, _, rest = item.partition(":")
+        label, _, directory = rest.partition("=")
+        if kind not in ("fp8", "bf16") or not label or not directory:
+            raise ValueError(f"--candidates: expected KIND:LABEL=DIR with KIND fp8 or bf16, got {item!r}")
+        out.append((kind, label, directory))
+    return out
+
+
+def bench_fp8(warmup: int, reps: int, peers: bool = True, candidates=()) -> list:
     """Rows (case, impl, ms, spread, TFLOP/s) of the fp8 cases; see the module docstring."""
     results = []
     for case in FP8_CASES:
-        results += _bench_fp8_case(*case, warmup, reps, peers)
+        results += _bench_fp8_case(*case, warmup, reps, peers, candidates)
         torch.cuda.empty_cache()
     return results
 
 
-def _bench_fp8_case(name, batch, hq, hkv, seqlen, causal, warmup, reps, peers) -> list:
+def _candidate_impl(k90, path, lens, hq, hkv, causal, elem_size, call):
+    """A timed call served by the module at ``path`` with a plan for its KV tile size."""
+    from pathlib import Path
+
+    import tvm_ffi
+
+    if not Path(path).is_file():
+        return None
+    mod = tvm_ffi.load_module(str(path))
+    kp = k90.plan(
+        lens, lens, hq, hkv, causal=causal, elem_size=elem_size, device="cuda", block_n=k90.module_block_n(mod)
+    )
+
+    def fn():
+        current = k90._module
+        k90._module = lambda *a: mod
+        try:
+            return call(kp)
+        finally:
+            k90._module = current
+
+    return fn
+
+
+def _bench_fp8_case(name, batch, hq, hkv, seqlen, causal, warmup, reps, peers, candidates=()) -> list:
     import msa.core as mc
     from msa.core.kernels import fmha_sm90 as k90
 
@@ -287,6 +326,16 @@ def _bench_fp8_case(name, batch, hq, hkv, seqlen, causal, warmup, reps, peers) -
         "msa fp8": lambda: k90.run(q8, k8, v8, plan, out=out, q_scale=0.5, k_scale=0.5, v_scale=0.5),
         "msa bf16": lambda: k90.run(q16, k16, v16, plan, out=out),
     }
+    for kind, label, directory in candidates:
+        fp8 = kind == "fp8"
+        tag = k90.variant_tag(k90.DTYPES[torch.float8_e4m3fn if fp8 else torch.bfloat16], d, causal, False)
+        if fp8:
+            call = lambda kp: k90.run(q8, k8, v8, kp, out=out, causal=causal, q_scale=0.5, k_scale=0.5, v_scale=0.5)  # noqa: E731
+        else:
+            call = lambda kp: k90.run(q16, k16, v16, kp, out=out, causal=causal)  # noqa: E731
+        fn = _candidate_impl(k90, f"{directory}/{tag}.so", lens, hq, hkv, causal, 1 if fp8 else 2, call)
+        if fn is not None:
+            impls[f"msa {kind} {label}"] = fn
     failed = []
     if peers:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -329,6 +378,15 @@ def print_fp8(results: list) -> None:
             note = f"  {r[3]}" if isinstance(r[3], str) else ""
             print(f"{name:24s} {impl:16s} {r[2]:9.3f} {r[4]:8.0f} {speedup:10.2f}{note}")
     print("fp8 / this = this impl's time / msa fp8 time (bar: >= 1.5 vs msa bf16, >= 0.9 vs sdpa cudnn fp8)")
+    bf16 = {name: impls.get("msa bf16") for name, impls in by_case.items()}
+    cands = [(name, impl, r) for name, impls in by_case.items() for impl, r in impls.items() if impl.startswith("msa")]
+    if any(i not in ("msa fp8", "msa bf16") for _, i, _ in cands):
+        print("\n==== candidates vs msa bf16 (default build) of the same case ====")
+        print(f"{'case':24s} {'impl':22s} {'ms':>9s} {'TFLOP/s':>8s} {'bf16 / this':>11s}")
+        for name, impl, r in cands:
+            base = bf16.get(name)
+            ratio = base[2] / r[2] if base and r[2] == r[2] else float("nan")
+            print(f"{name:24s} {impl:22s} {r[2]:9.3f} {r[4]:8.0f} {ratio:11.3f}")
 
 
 def prebuild(directory: str) -> int:
@@ -369,6 +427,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prebuild", default=None, metavar="DIR", help="build all variants into DIR (no GPU) and exit")
     ap.add_argument("--maxscore", action="store_true", help="also time O + max_score and max_score-only (ragged)")
     ap.add_argument("--fp8", action="store_true", help="only the fp8 e4m3 cases (see the module docstring)")
+    ap.add_argument("--candidates", default="", help='with --fp8: "fp8:LABEL=DIR,bf16:LABEL=DIR" alternative builds')
     ap.add_argument("--split-ab", default="", help='extra split-KV choices "k,s;k,s" timed where the plan splits')
     ap.add_argument(
         "--compare-maxscore", default=None, metavar="DIR", help="alternative max-score-mode modules (A/B rows)"
@@ -388,7 +447,7 @@ def main(argv=None) -> int:
     )
     print(f"bf16 matmul 8192^3: {mm:.0f} TFLOP/s")
     if args.fp8:
-        fp8_rows = bench_fp8(args.warmup, args.reps, not args.no_peers)
+        fp8_rows = bench_fp8(args.warmup, args.reps, not args.no_peers, parse_candidates(args.candidates))
         print_fp8(fp8_rows)
         if args.json:
             with open(args.json, "w") as f:

@@ -61,6 +61,87 @@ def test_fp8_plan_tile_map(causal):
             assert tiles[row[11]][0] == row[2]
 
 
+@pytest.mark.parametrize("block_n", [192, 224])
+def test_wide_tile_plan_counts_its_own_tiles(block_n):
+    """Plans for wide-tile A/B builds (-DMSA_FMHA_SM90_BLOCK_N): n_block_max, the V^T tile map and the tile bases
+    count block_n-key tiles; a KernelPlan whose tile differs from the module's is refused by name."""
+    qo, kv = [300, 129], [1000, 4100]
+    kp = k90.plan(qo, kv, 8, 2, causal=False, elem_size=1, device="cpu", num_sms=132, split_kv=None, block_n=block_n)
+    assert kp.block_n == block_n
+    tiles = kp.vt_tiles.tolist()
+    assert kp.vt_len == block_n * len(tiles) == block_n * sum(_cdiv(n, block_n) for n in kv)
+    assert all(1 <= valid <= block_n for _, valid in tiles)
+    assert sorted({int(x) for x in kp.work[:, 7]}) == sorted({_cdiv(n, block_n) for n in kv})
+    assert sorted({int(x) for x in kp.work[:, 11]}) == [0, _cdiv(kv[0], block_n)]
+    causal = k90.plan([300], [300], 2, 2, causal=True, device="cpu", num_sms=4, block_n=block_n)
+    assert sorted(int(x) for x in causal.work[:, 7]) == sorted([_cdiv(128, block_n)] * 2 + [_cdiv(256, block_n)] * 2
+                                                               + [_cdiv(300, block_n)] * 2)
+    paged = k90.plan([300], [300], 2, 2, causal=True, paged=True, device="cpu", num_sms=4, block_n=block_n)
+    assert paged.block_n == 128  # one page per tile, always
+    assert k90._kernel_plan(kp, 128, 1, torch.device("cpu"), block_n) is kp
+    with pytest.raises(ValueError, match=f"made for {block_n}-key KV tiles"):
+        k90._kernel_plan(kp, 128, 1, torch.device("cpu"), 128)
+    with pytest.raises(ValueError, match="block_n"):
+        k90.plan([10], [10], 2, 2, causal=False, device="cpu", num_sms=4, block_n=100)
+
+
+def test_plan_block_n_default_follows_the_environment(monkeypatch):
+    monkeypatch.setenv(k90.BLOCK_N_ENV, "192")
+    assert k90.plan([10], [10], 2, 2, causal=False, device="cpu", num_sms=4).block_n == 192
+    monkeypatch.delenv(k90.BLOCK_N_ENV)
+    assert k90.plan([10], [10], 2, 2, causal=False, device="cpu", num_sms=4).block_n == 128
+
+
+def test_module_block_n_of_old_and_new_modules():
+    class Old:
+        def implements_function(self, name):
+            return False
+
+    class New:
+        def implements_function(self, name):
+            return name == "block_n"
+
+        def block_n(self):
+            return 224
+
+    assert k90.module_block_n(Old()) == 128 and k90.module_block_n(New()) == 224
+
+
+def _exp2_poly_host(x):
+    """fmha_sm90_kernel.cuh's exp2_poly step by step in float32 (same constants, same rounding points)."""
+    import numpy as np
+
+    x = np.maximum(np.asarray(x, dtype=np.float32), np.float32(-126.0))
+    big = np.float32(12582912.0)
+    t = np.floor(x.astype(np.float64)) + 12582912.0  # __fadd_rd: exact here (|x| < 2^22), rounded toward -inf
+    t = t.astype(np.float32)
+    j = t - big
+    f = x - j
+    c = [np.float32(v) for v in (0.07802402973175049, 0.22606706619262695, 0.6958339810371399, 0.9999251365661621)]
+    p = ((c[0] * f + c[1]) * f + c[2]) * f + c[3]
+    bits = (p.view(np.int32).astype(np.int64) + (t.view(np.int32).astype(np.int64) << 23)) & 0xFFFFFFFF
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def test_exp2_poly_accuracy_over_the_softmax_range():
+    """The FMA-pipe exp2 (FA4's MUFU offload, -DMSA_FMHA_SM90_EXP2_EMU): relative error <= 1e-4 against exp2 over
+    [-125, 8] (fp8 P <= 2^8; 16-bit P <= 1; below, P is negligible next to the row max), monotone across integer
+    boundaries, tiny (not garbage) below -126."""
+    import numpy as np
+
+    x = np.concatenate([np.linspace(-125.0, 8.0, 400001, dtype=np.float32), np.arange(-125, 9, dtype=np.float32),
+                        np.arange(-124, 9, dtype=np.float32) - np.float32(1e-5)])
+    got = _exp2_poly_host(x).astype(np.float64)
+    ref = np.exp2(x.astype(np.float64))
+    rel = np.abs(got / ref - 1.0)
+    assert rel.max() <= 1e-4, f"max rel err {rel.max():.3e} at x={x[rel.argmax()]}"
+    xs = np.sort(np.linspace(-20.0, 8.0, 100001, dtype=np.float32))
+    ys = _exp2_poly_host(xs)
+    assert (np.diff(ys.astype(np.float64)) >= -1e-4 * ys[1:]).all(), "not monotone within its error"
+    low = _exp2_poly_host(np.array([-127.0, -200.0, -1e30], dtype=np.float32))
+    assert (low >= 0).all() and (low <= 2.0**-126).all()  # clamp at -126: never negative / NaN
+
+
 def test_bf16_plan_has_no_fp8_state():
     kp = k90.plan([300], [300], 4, 4, causal=True, device="cpu", num_sms=132)
     assert kp.vt_tiles is None and kp.vt_len == 0

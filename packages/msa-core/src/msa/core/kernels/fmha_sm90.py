@@ -49,7 +49,11 @@ __all__ = [
 FAMILY = "fmha_sm90"
 SOURCES = ("fmha_sm90_binding.cu.jinja",)
 BLOCK_M = 128  # query rows per work item
-BLOCK_N = 128  # keys per KV tile
+BLOCK_N = 128  # keys per KV tile of the default build (paged and max-score modules always use 128)
+# A/B builds with wider KV tiles (-DMSA_FMHA_SM90_BLOCK_N, ragged O-mode only) report theirs through the module's
+# block_n(); plans made through an FmhaPlan take it from there. A KernelPlan made directly by plan() uses
+# block_n=, else this environment variable, else BLOCK_N; run() refuses a plan whose tile differs from the module's.
+BLOCK_N_ENV = "MSA_FMHA_SM90_BLOCK_N"
 PAGE_SIZE = 128  # the paged variant's page size (one page = one KV tile)
 HEAD_DIMS = (128,)  # head dims built and validated so far (64 / 256 later)
 DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float8_e4m3fn: "float8_e4m3fn"}
@@ -212,8 +216,8 @@ class KernelPlan:
     lse_dummy: torch.Tensor  # passed when LSE is not requested
     index_dummy: torch.Tensor  # passed as kv_indices when K/V are ragged
     combine: torch.Tensor | None = None  # int32 [num_split_items, 8] (0 rows: no split)
-    # FP8 plans (elem_size 1): per 128-token tile of the transposed V copy, (first source token, valid tokens);
-    # work[:, 11] holds each item's first tile. vt_len = 128 * tiles. The copy itself (uint8 [Hkv, D, vt_len])
+    # FP8 plans (elem_size 1): per KV tile (block_n tokens) of the transposed V copy, (first source token, valid
+    # tokens); work[:, 11] holds each item's first tile. vt_len = block_n * tiles. The copy itself (uint8 [Hkv, D, vt_len])
     # is allocated on first use per (Hkv, D) in fp8_vt; fp8_head_scales caches the float-scale table.
     vt_tiles: torch.Tensor | None = None
     vt_len: int = 0
@@ -222,6 +226,7 @@ class KernelPlan:
     partial_o: torch.Tensor | None = None  # fp32 [slots, 128, D]: split pieces' normalised O
     partial_lse: torch.Tensor | None = None  # fp32 [slots, 128]: split pieces' LSE
     split: tuple[int, int] = (0, 1)  # (tail items split, pieces per item) chosen by choose_split
+    block_n: int = BLOCK_N  # keys per KV tile (must equal the module's block_n())
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -239,6 +244,7 @@ def build_work_list(
     head_dim: int,
     elem_size: int,
     v_tile_starts: list[int] | None = None,
+    block_n: int = BLOCK_N,
 ) -> torch.Tensor:
     """Host work list, int32 [num_work, 8] on the CPU (fields of ``WorkItem``).
 
@@ -246,6 +252,7 @@ def build_work_list(
     inside a section the query tiles run longest first (heads innermost, so the CTAs in flight share K/V);
     sections run longest first. Items whose tile sees no key (cost 0) sort last but still write O = 0 and
     LSE = -inf. ``v_tile_starts`` (FP8): each request's first tile in the transposed V copy, stored in field 11.
+    ``block_n``: keys per KV tile (the module's; n_block_max etc. count these tiles).
     """
     hpk = num_qo_heads // num_kv_heads
     q_start = 0
@@ -256,11 +263,11 @@ def build_work_list(
         if qo == 0:
             continue
         m_blocks = torch.arange(_cdiv(qo, BLOCK_M), dtype=torch.int64)
-        kv_blocks = _cdiv(kv, BLOCK_N)
+        kv_blocks = _cdiv(kv, block_n)
         if causal:
             last_row = torch.clamp((m_blocks + 1) * BLOCK_M, max=qo) - 1
             limit = last_row + off  # the tile's last row sees keys j <= limit
-            n_max = torch.where(limit < 0, torch.zeros_like(limit), torch.clamp(limit // BLOCK_N + 1, max=kv_blocks))
+            n_max = torch.where(limit < 0, torch.zeros_like(limit), torch.clamp(limit // block_n + 1, max=kv_blocks))
         else:
             n_max = torch.full_like(m_blocks, kv_blocks)
         order = torch.argsort(n_max, descending=True, stable=True)
@@ -406,6 +413,7 @@ def plan(
     device: torch.device | str = "cuda",
     split_kv: str | tuple[int, int] | None = "auto",
     num_sms: int | None = None,
+    block_n: int | None = None,
 ) -> KernelPlan:
     """Host planning for :func:`run` from plain lengths (``msa.core.fmha_plan`` plans call this lazily).
 
@@ -413,8 +421,16 @@ def plan(
     is the request's first slot in the flat ``kv_indices`` (``sum ceil(kv_len / 128)`` of earlier requests).
     ``split_kv``: ``"auto"`` (the cost model, :func:`choose_split`), ``None`` (never split) or ``(k, s)`` (cut
     the last ``k`` items into ``s`` pieces each; tests). ``num_sms`` overrides the device's SM count.
+    ``block_n``: keys per KV tile of the module this plan is for (default: ``$MSA_FMHA_SM90_BLOCK_N`` or 128;
+    paged plans always 128).
     """
     device = torch.device(device)
+    if block_n is None:
+        block_n = int(os.environ.get(BLOCK_N_ENV, BLOCK_N))
+    if paged and block_n != PAGE_SIZE:
+        block_n = PAGE_SIZE  # one page per KV tile: the paged modules are always built with 128
+    if block_n % 32 or not 0 < block_n <= 256:
+        raise ValueError(f"block_n: expected a multiple of 32 in [32, 256], got {block_n}")
     if device.type == "cuda":
         ok, why = available(device)
         if not ok:
@@ -438,13 +454,14 @@ def plan(
         v_tile_starts, tiles, tile0 = [], [], 0
         for kv, start in zip(kv_lens, starts):
             v_tile_starts.append(tile0)
-            n = _cdiv(kv, BLOCK_N)
-            tiles += [[start + BLOCK_N * t, min(BLOCK_N, kv - BLOCK_N * t)] for t in range(n)]
+            n = _cdiv(kv, block_n)
+            tiles += [[start + block_n * t, min(block_n, kv - block_n * t)] for t in range(n)]
             tile0 += n
         vt_tiles = torch.tensor(tiles, dtype=torch.int32).view(-1, 2)
     work = build_work_list(
         qo_lens, kv_lens, list(qo_offset), starts, num_qo_heads, num_kv_heads, causal, head_dim, elem_size,
         v_tile_starts,
+        block_n,
     )
     any_keys = bool(work.shape[0] and int(work[:, 7].max()) > 0)
     if num_sms is None:
@@ -473,17 +490,32 @@ def plan(
         partial_lse=torch.empty((max(slots, 1), BLOCK_M), dtype=torch.float32, device=device),
         split=(k, s) if slots else (0, 1),
         vt_tiles=vt_tiles.to(device) if fp8 else None,
-        vt_len=BLOCK_N * int(vt_tiles.shape[0]) if fp8 else 0,
+        vt_len=block_n * int(vt_tiles.shape[0]) if fp8 else 0,
         fp8_vt={} if fp8 else None,
         fp8_head_scales={} if fp8 else None,
+        block_n=block_n,
     )
 
 
-def _kernel_plan(fplan, head_dim: int, elem_size: int, device: torch.device) -> KernelPlan:
-    """The KernelPlan of an ``msa.core.api.FmhaPlan``, built on first use and cached in ``fplan.kernel``."""
+def module_block_n(mod) -> int:
+    """Keys per KV tile of a loaded module (modules built before block_n() existed: 128)."""
+    if hasattr(mod, "implements_function") and not mod.implements_function("block_n"):
+        return BLOCK_N
+    fn = getattr(mod, "block_n", None)
+    return BLOCK_N if fn is None else int(fn())
+
+
+def _kernel_plan(fplan, head_dim: int, elem_size: int, device: torch.device, block_n: int = BLOCK_N) -> KernelPlan:
+    """The KernelPlan of an ``msa.core.api.FmhaPlan``, built on first use and cached in ``fplan.kernel``.
+    A KernelPlan passed in must have been made for ``block_n``-key tiles (the module's)."""
     if isinstance(fplan, KernelPlan):
+        if fplan.block_n != block_n:
+            raise ValueError(
+                f"plan: made for {fplan.block_n}-key KV tiles, but the loaded module uses {block_n} "
+                f"(pass block_n={block_n} to plan() or set {BLOCK_N_ENV})"
+            )
         return fplan
-    key = (FAMILY, head_dim, elem_size, str(device))
+    key = (FAMILY, head_dim, elem_size, str(device), block_n)
     kp = fplan.kernel.get(key)
     if kp is None:
         kp = plan(
@@ -497,6 +529,7 @@ def _kernel_plan(fplan, head_dim: int, elem_size: int, device: torch.device) -> 
             head_dim=head_dim,
             elem_size=elem_size,
             device=device,
+            block_n=block_n,
         )
         fplan.kernel[key] = kp
     return kp
@@ -555,14 +588,13 @@ def fp8_head_scales(kp: KernelPlan, num_qo_heads: int, num_kv_heads: int, sm_sca
     return torch.stack([qk, ones * vs * os_], dim=1).contiguous()
 
 
-def _run_fp8(q, k, v, kp: KernelPlan, causal: bool, out, lse, return_lse, head_scales):
+def _run_fp8(mod, q, k, v, kp: KernelPlan, out, lse, return_lse, head_scales):
     """Launch the fp8 module (V pre-pass + attention + combine) into ``out`` (bf16) / ``lse``."""
     hkv, d = k.shape[1], v.shape[-1]
     vt = kp.fp8_vt.get((hkv, d))
     if vt is None:
-        vt = torch.empty(hkv, d, max(kp.vt_len, BLOCK_N), dtype=torch.uint8, device=q.device)
+        vt = torch.empty(hkv, d, max(kp.vt_len, kp.block_n), dtype=torch.uint8, device=q.device)
         kp.fp8_vt[(hkv, d)] = vt
-    mod = _module(DTYPES[FP8_DTYPE], q.shape[-1], bool(causal), False, "o")
     mod.fmha_fwd(
         q.view(torch.uint8),
         k.view(torch.uint8),
@@ -651,7 +683,8 @@ def run(
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
     if fp8:
-        kp = _kernel_plan(plan, head_dim, 1, q.device)
+        mod = _module(DTYPES[FP8_DTYPE], head_dim, bool(causal), False, "o")
+        kp = _kernel_plan(plan, head_dim, 1, q.device, module_block_n(mod))
         if kp.vt_tiles is None:
             raise ValueError("plan: a KernelPlan for fp8 inputs must be made with elem_size=1")
         hs = fp8_head_scales(
@@ -668,14 +701,15 @@ def run(
             if return_lse:
                 lse.fill_(-math.inf)
         elif kp.num_work:
-            _run_fp8(q, k, v, kp, bool(causal), out, lse, return_lse, hs)
+            _run_fp8(mod, q, k, v, kp, out, lse, return_lse, hs)
         return (out, None, lse) if return_lse else (out, None)
     scale = float(sm_scale) * _scalar_scale("q_scale", q_scale) * _scalar_scale("k_scale", k_scale)
     if not scale > 0.0:
         raise NotImplementedError(f"fmha_sm90: the softmax scale must be > 0, got {scale}")
     out_scale = _scalar_scale("v_scale", v_scale) * _scalar_scale("o_scale", o_scale)
 
-    kp = _kernel_plan(plan, head_dim, q.element_size(), q.device)
+    mod = _module(DTYPES[q.dtype], head_dim, bool(causal), paged, mode)
+    kp = _kernel_plan(plan, head_dim, q.element_size(), q.device, module_block_n(mod))
     if output_o and out is None:
         out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
     if return_lse and lse is None:
@@ -693,7 +727,6 @@ def run(
         if output_maxscore:
             max_score.fill_(-math.inf)
     elif kp.num_work:
-        mod = _module(DTYPES[q.dtype], head_dim, bool(causal), paged, mode)
         mod.fmha_fwd(
             q,
             k,

@@ -43,6 +43,22 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// 2^x on the FMA pipe (FA4's offload of part of the exp2s from MUFU): x = j + f with j = floor(x) (rounding add
+// of 1.5 * 2^23 leaves j in the low mantissa bits), 2^f for f in [0, 1) by a degree-3 minimax polynomial
+// (relative error <= 7.5e-5, continuous at integer x: p(1) = 2 p(0)), then j added to the exponent field.
+// 8 instructions (FMNMX, 3 FADD, 3 FFMA, LEA) instead of one MUFU.EX2 (8 cycles of the SM sub-partition's MUFU
+// unit per warp). Inputs below -126 give a value <= 2^-126 instead of 0 (the clamp keeps the exponent field
+// >= 0: at -127, p(0) < 1 would borrow into the sign bit); only unmasked tiles use it (no -inf).
+__device__ __forceinline__ float exp2_poly(float x) {
+  x = fmaxf(x, -126.f);
+  float const t = __fadd_rd(x, 12582912.f);  // 1.5 * 2^23 + floor(x)
+  float const j = t - 12582912.f;
+  float const f = x - j;
+  float const p = fmaf(fmaf(fmaf(0.07802402973175049f, f, 0.22606706619262695f), f, 0.6958339810371399f), f,
+                       0.9999251365661621f);
+  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
+}
+
 __device__ __forceinline__ int floor_div(int a, int b) {  // b > 0
   return a >= 0 ? a / b : -((-a + b - 1) / b);
 }
@@ -189,7 +205,8 @@ __device__ __forceinline__ void wg_gemm(TiledMma& mma, TA const& a, TB const& b,
 // Online softmax over the rows a thread holds (2 rows of a 64x128 warpgroup tile; 4 threads share a row).
 // row_sum stays a per-thread partial sum until finalize (the quad reduction is only needed once).
 // ------------------------------------------------------------------------------------------------------------
-template <int kRows, int kLog2PScale = 0>
+// kExp2EmuEvery > 0: every kExp2EmuEvery-th column of an unmasked tile (kCheckInf false) uses exp2_poly.
+template <int kRows, int kLog2PScale = 0, int kExp2EmuEvery = 0>
 struct OnlineSoftmax {
   float row_max[kRows];
   float row_sum[kRows];
@@ -226,7 +243,13 @@ struct OnlineSoftmax {
       float sum[4] = {0.f, 0.f, 0.f, 0.f};
       CUTE_UNROLL
       for (int ni = 0; ni < kCols; ++ni) {
-        float const e = fast_exp2(fmaf(sr(mi, ni), scale_log2, -m_scaled));
+        float const x = fmaf(sr(mi, ni), scale_log2, -m_scaled);
+        float e;
+        if constexpr (kExp2EmuEvery > 0 && !kCheckInf) {
+          e = (ni % kExp2EmuEvery == kExp2EmuEvery - 1) ? exp2_poly(x) : fast_exp2(x);
+        } else {
+          e = fast_exp2(x);
+        }
         sr(mi, ni) = e;
         sum[ni % 4] += e;
       }
@@ -565,7 +588,7 @@ __device__ __forceinline__ void fill_max_score_tail(typename T::Params const& p,
 template <class T>
 __device__ void consumer_warpgroups(typename T::Params const& p, typename T::SharedStorage& ss, int tid) {
   using Element = typename T::Element;
-  using Softmax = OnlineSoftmax<2, T::kLog2PScale>;
+  using Softmax = OnlineSoftmax<2, T::kLog2PScale, T::kExp2EmuEvery>;
   constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN;
   using TileQK = typename T::TileQK;
   using TilePV = typename T::TilePV;
@@ -879,7 +902,7 @@ template <class T>
 __global__ void __launch_bounds__(256) fmha_sm90_vt_kernel(CUTE_GRID_CONSTANT typename T::VtParams const p) {
   constexpr int kD = T::kHeadDim, kBlockN = T::kBlockN;
   constexpr int kWordsPerRow = kD / 4;
-  static_assert(kWordsPerRow * (kBlockN / 16) % 256 == 0, "threads cover (group, 4-dim word) pairs exactly");
+  static_assert(kBlockN % 16 == 0, "whole 16-key groups per tile");
   __shared__ alignas(16) uint32_t tile[kBlockN * kWordsPerRow];
   int2 const t = p.tiles[blockIdx.x];
   int const head = blockIdx.y;

@@ -93,7 +93,25 @@ struct FmhaTraits {
   static constexpr bool kPaged = kPaged_;
 
   static constexpr int kBlockM = 128;  // query rows per CTA tile (64 per consumer warpgroup)
-  static constexpr int kBlockN = 128;  // keys per KV tile (= page size for paged K/V)
+  // Keys per KV tile (= page size for paged K/V). MSA_FMHA_SM90_BLOCK_N (A/B builds, issue 6/7) widens the tile
+  // of ragged O-mode modules only: paged keeps one page per tile, max_score keeps 128-key tiles (API contract).
+  // A wider tile spreads each step's fixed latency (ping-pong barrier, QK^T completion, row-max shuffles, vote,
+  // P conversion start) over more keys; FA3 uses 128 x 176 for bf16 d128 non-causal and 128 x 224 for fp8 d128.
+  // The host plan takes the tile size from the module (block_n()), so a plan always matches its module.
+#if defined(MSA_FMHA_SM90_BLOCK_N)
+  static constexpr int kBlockN = (kPaged_ || kMode_ != kModeO) ? 128 : MSA_FMHA_SM90_BLOCK_N;
+#else
+  static constexpr int kBlockN = 128;
+#endif
+  static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "KV tile: a multiple of 16 keys, at most 256");
+  static_assert(!kFp8 || kBlockN % 32 == 0, "fp8 KV tile: a multiple of 32 keys (k32 wgmma slices of P)");
+  // Every kExp2EmuEvery-th column of an unmasked tile's exp2s runs as an FMA-pipe polynomial instead of MUFU.EX2
+  // (FA4's trick, MSA_FMHA_SM90_EXP2_EMU=k; 0 = all MUFU). See exp2_poly in fmha_sm90_kernel.cuh.
+#if defined(MSA_FMHA_SM90_EXP2_EMU)
+  static constexpr int kExp2EmuEvery = MSA_FMHA_SM90_EXP2_EMU;
+#else
+  static constexpr int kExp2EmuEvery = 0;
+#endif
 #if defined(MSA_FMHA_SM90_DIRECT_O)
   // Alternative kept for A/B timing: O goes straight from registers to global memory (4 lanes write each
   // row's 16 contiguous bytes per store), which frees the staging tile for a third K/V stage. On H100 it was
@@ -102,7 +120,9 @@ struct FmhaTraits {
   static constexpr int kStages = 3;
 #else
   // Default: O staged through shared memory and written with coalesced 16-byte stores; 2 K/V stages.
-  static constexpr bool kStageO = true;
+  // 16-bit tiles wider than 128 keys: 2 stages of K and V leave no room for the staging tile (176 keys: 208 KB
+  // of Q/K/V), so O goes straight from registers.
+  static constexpr bool kStageO = kFp8 || kBlockN <= 128;
   // FP8: a K/V tile is half the bytes and its GEMMs half the time, so a third stage keeps more loads in flight.
   static constexpr int kStages = kFp8 ? 3 : 2;
 #endif
@@ -137,9 +157,13 @@ struct FmhaTraits {
                                              Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
   // V^T view (dim, token, stage). 16-bit: same bytes as a K-major [token, dim] tile, read as an MN-major
   // operand. FP8: a K-major [dim, token] tile of the transposed copy.
+  // FP8 V^T is K-major along the keys: the widest swizzle whose atom (128 / 64 / 32 keys) divides the tile.
+  using Fp8VtAtom = std::conditional_t<
+      kBlockN % 128 == 0, GMMA::Layout_K_SW128_Atom<Element>,
+      std::conditional_t<kBlockN % 64 == 0, GMMA::Layout_K_SW64_Atom<Element>, GMMA::Layout_K_SW32_Atom<Element>>>;
   using SmemLayoutVt = std::conditional_t<
       kFp8,
-      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
+      decltype(tile_to_shape(Fp8VtAtom{},
                              Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{})),
       decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
                              Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{}))>;
