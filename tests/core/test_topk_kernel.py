@@ -297,7 +297,7 @@ def _cluster_emulator_lib(build_dir: str):
     f.restype = ctypes.c_int
     f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                  ctypes.c_uint64, ctypes.c_void_p]
+                  ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p]
     return f
 
 
@@ -305,7 +305,7 @@ def _cluster_emulator_lib(build_dir: str):
 def cluster_emulate(tmp_path_factory):
     f = _cluster_emulator_lib(str(tmp_path_factory.mktemp("topk_cluster_emulate")))
 
-    def run(scores, topk, nvp, fb, fe, *, g, slices, warps, cap, seed):
+    def run(scores, topk, nvp, fb, fe, *, g, slices, warps, cap, seed, flags=0):
         n_heads, n_blocks, total_q = scores.shape
         s32 = scores.float().contiguous()
         out = torch.full((total_q, n_heads, topk), POISON, dtype=torch.int32)
@@ -316,7 +316,7 @@ def cluster_emulate(tmp_path_factory):
         elif nvp is not None:
             nvp_scalar = int(nvp)
         rc = f(s32.data_ptr(), n_heads, n_blocks, total_q, topk, nvp_ptr, nvp_scalar, fb, fe, g.bit_length() - 1,
-               slices, warps, cap, seed, out.data_ptr())
+               slices, warps, cap, flags, seed, out.data_ptr())
         assert rc == 0, "cluster emulator rejected its arguments"
         return out
 
@@ -347,7 +347,8 @@ def test_cluster_emulated_matches_reference(cluster_emulate, case):
     m = topk - fb - fe
     g = pick((1, 2, 4, 8, 16))
     cap = row_capacity(m) if case % 2 else max(m, 1) + int(torch.randint(0, 8, (1,), generator=gen))
-    kw = dict(g=g, slices=pick((1, 2, 3, 5, 8)), warps=max(g, pick((1, 4, 8, 16))), cap=cap, seed=case)
+    kw = dict(g=g, slices=pick((1, 2, 3, 5, 8)), warps=max(g, pick((1, 4, 8, 16))), cap=cap, seed=case,
+              flags=4 if case % 7 == 3 else 0)  # sorted_merge: the v4 bound, an A/B variant
     want = reference(scores, topk, num_valid_pages=nvp, force_begin_blocks=fb, force_end_blocks=fe)
     got = cluster_emulate(scores, topk, nvp, fb, fe, **kw)
     assert torch.equal(got, want), f"{kind} topk={topk} K={n_blocks} q={total_q} fb={fb} fe={fe} {kw}"
@@ -361,8 +362,21 @@ def test_cluster_emulated_bound_is_tight(cluster_emulate):
     scores = make_scores("randn", 1, 8192, 8, torch.float32, gen)
     want = reference(scores, 16, force_end_blocks=1)
     for cap in (15, 31, 128):
-        got = cluster_emulate(scores, 16, None, 0, 1, g=8, slices=8, warps=8, cap=cap, seed=cap)
-        assert torch.equal(got, want), cap
+        for flags in (0, 4):
+            got = cluster_emulate(scores, 16, None, 0, 1, g=8, slices=8, warps=8, cap=cap, seed=cap, flags=flags)
+            assert torch.equal(got, want), (cap, flags)
+
+
+def test_cluster_emulated_m_zero(cluster_emulate):
+    """Every output forced (M = 0): nothing staged or selected, forced head / tail and -1 only (the GPU test
+    matrix forces the cluster path for topk 1 with one forced block)."""
+    gen = torch.Generator().manual_seed(13)
+    for n_blocks, nvp in ((5, None), (128, 3), (1000, random_nvp(70, 1000, gen))):
+        scores = make_scores("randn", 2, n_blocks, 70, torch.float32, gen)
+        for topk, fb, fe in ((1, 0, 1), (1, 1, 0), (4, 2, 2)):
+            want = reference(scores, topk, num_valid_pages=nvp, force_begin_blocks=fb, force_end_blocks=fe)
+            got = cluster_emulate(scores, topk, nvp, fb, fe, g=2, slices=1, warps=8, cap=128, seed=1)
+            assert torch.equal(got, want), (n_blocks, topk, fb, fe)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -407,7 +421,7 @@ def test_plan_shapes(monkeypatch):
             p = plan(n_heads, n_blocks, total_q, m, 132)
             assert p.splits >= 1
             if p.path == "cluster":  # few long rows: K split over <= 8 CTAs of a cluster
-                assert n_blocks >= 1024 and total_q * n_heads <= 512 and 0 < m <= 64
+                assert n_blocks >= 8192 and total_q * n_heads <= 512 and 0 < m <= 64
                 assert 1 <= p.slices <= 8 and p.warps >= 1 << p.log_g and p.cap >= m
                 assert cluster_smem_bytes(n_blocks, 1 << p.log_g, p.slices, p.cap) <= 112 * 1024
                 continue
@@ -429,7 +443,8 @@ def test_plan_shapes(monkeypatch):
     assert plan(1, 1024, 4096, 15, 132).path == "row"  # 128K prefill: staged rows, one warp per row
     assert plan(1, 1024, 4096, 15, 132).log_g == 4  # 16 tokens per CTA
     assert plan(1, 2048, 4096, 15, 132).log_g == 3  # 16 staged rows of 2048 would exceed the smem budget
-    assert plan(4, 1024, 64, 15, 132).path == "cluster"  # 128K decode
+    assert plan(4, 1024, 64, 15, 132).path == "row"  # 128K decode: the row path measured faster (H100)
+    assert plan(1, 4096, 64, 15, 132).path == "row"  # 512K decode: cluster unmeasured there
     assert plan(4, 512, 64, 15, 132).path == "row" and plan(4, 512, 64, 15, 132).warps == 8  # 64K decode
     assert plan(1, 1024, 4096, 65, 132).path == "block"  # M > 64: no row or cluster path
     p = plan(4, 8192, 64, 15, 132)  # 1M decode H4: 8 slices x 8 tokens x 4 heads = 256 CTAs
@@ -489,6 +504,20 @@ def test_plan_shapes(monkeypatch):
         plan(2, 1000, 50, 15, 132)
     with pytest.raises(ValueError, match="cluster: not applicable"):
         plan(2, 1000, 50, 65, 132)
+    for name in ("MSA_TOPK_G", "MSA_TOPK_SLICES", "MSA_TOPK_WARPS"):
+        monkeypatch.delenv(name, raising=False)
+    assert plan(2, 5, 70, 0, 132).path == "cluster"  # forced: M = 0 writes the forced blocks only
+    monkeypatch.delenv("MSA_TOPK_PATH")
+    from msa.core.kernels.topk import cluster_flags
+
+    monkeypatch.setenv("MSA_TOPK_CLUSTER_FLAGS", "always_exit_sync+sorted_merge")
+    assert cluster_flags() == 5
+    monkeypatch.setenv("MSA_TOPK_CLUSTER_FLAGS", "2")
+    assert cluster_flags() == 2
+    for bad in ("9", "fast"):
+        monkeypatch.setenv("MSA_TOPK_CLUSTER_FLAGS", bad)
+        with pytest.raises(ValueError, match="MSA_TOPK_CLUSTER_FLAGS"):
+            cluster_flags()
 
 
 # ---------------------------------------------------------------------------------------------------------------

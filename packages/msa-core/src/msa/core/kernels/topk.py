@@ -49,10 +49,15 @@ MAX_WARPS = 8
 SMEM_LIMIT = 227 * 1024  # sm_90 / sm_100 opt-in shared memory per block
 
 
-def spec(arch: str):
+def spec(arch: str, timeline: bool = False):
+    """The module for ``arch``; ``timeline`` (diagnostic) builds the variant whose cluster kernel records per-phase
+    clock stamps into a trace tensor (a separate module: the default build carries no stamping code)."""
     from msa.core.jit import JitSpec
 
-    return JitSpec(family=FAMILY, sources=SOURCES, params={"batch": BATCH, "block_v": BLOCK_V}, arch=arch, use_cutlass=False)
+    params = {"batch": BATCH, "block_v": BLOCK_V}
+    if timeline:
+        params["timeline"] = 1
+    return JitSpec(family=FAMILY, sources=SOURCES, params=params, arch=arch, use_cutlass=False)
 
 
 def jit_specs(preset: dict, arch: str) -> list:
@@ -61,14 +66,14 @@ def jit_specs(preset: dict, arch: str) -> list:
 
 
 @functools.lru_cache(maxsize=8)
-def _module_for_arch(arch: str):
-    return spec(arch).load()
+def _module_for_arch(arch: str, timeline: bool = False):
+    return spec(arch, timeline).load()
 
 
-def load_module(device: torch.device):
+def load_module(device: torch.device, timeline: bool = False):
     from msa.core.jit import arch_for_device
 
-    return _module_for_arch(arch_for_device(device))
+    return _module_for_arch(arch_for_device(device), timeline)
 
 
 def available(device) -> tuple[bool, str]:
@@ -219,7 +224,9 @@ def _row_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, 
 
 
 CLUSTER_MAX_SLICES = 8  # portable cluster size (topk_cluster_core.cuh)
-CLUSTER_MIN_BLOCKS = 1024  # decode rows at least this long take the cluster path (128K context)
+# decode rows at least this long take the cluster path: 1M context. H100 (session 3 run 2): 1M H1 / H4 9.54 /
+# 13.11 us vs row 11.88 / 15.43; 128K H1 / H4 7.82 / 9.47 vs row 4.35 / 5.35 (row kept there); 512K unmeasured
+CLUSTER_MIN_BLOCKS = 8192
 CLUSTER_MAX_ROWS = 512  # ... when there are at most this many rows (total_q * H)
 
 
@@ -229,14 +236,16 @@ def cluster_slice_len(n_blocks: int, slices: int) -> int:  # mirrors topk_cluste
 
 def cluster_smem_bytes(n_blocks: int, g: int, slices: int, cap: int) -> int:  # mirrors topk_cluster_core.cuh
     own = -(-g // slices)
-    return g * (cluster_slice_len(n_blocks, slices) + 32 // g) * 4 + own * cap * 8 + g * 32 * 4 + own * 4 + 2 * g * 4 + 8
+    return g * (cluster_slice_len(n_blocks, slices) + 32 // g) * 4 + own * cap * 8 + g * 32 * 4 + own * 4 + 2 * g * 4 + 16
 
 
 def _cluster_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> TopkPlan | None:
     """Cluster path shape, or None where it does not apply (M > 64, slices too long for shared memory).
     S = 8 slices (fewer for short rows: >= 128 blocks each); G = 8 tokens per CTA (whole 32-byte sectors of a K-row
-    in fp32), halved while fewer than half the SMs would get a CTA or the slice does not fit; W = max(G, 8) warps."""
-    if not 0 < m <= ROW_MAX_M:
+    in fp32), halved while fewer than half the SMs would get a CTA or the slice does not fit; W = max(G, 8) warps.
+    M = 0 (every output forced or -1) is valid when the path is forced: the kernel then stages and selects nothing
+    and writes the forced blocks only (the default plan never sends M = 0 here)."""
+    if not 0 <= m <= ROW_MAX_M:
         return None
     cap = row_capacity(m)
     slices = CLUSTER_MAX_SLICES
@@ -252,7 +261,8 @@ def _cluster_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: i
 
 
 def _use_cluster_path(n_heads: int, n_blocks: int, total_q: int, m: int) -> bool:
-    """Few long rows: decode at >= 128K context (see _cluster_plan; predictions in benchmarks/topk_notes.md)."""
+    """Few long rows: decode at >= 1M context, where it measured faster than the row path (see _cluster_plan and
+    benchmarks/topk_notes.md)."""
     return 0 < m <= ROW_MAX_M and n_blocks >= CLUSTER_MIN_BLOCKS and total_q * n_heads <= CLUSTER_MAX_ROWS
 
 
@@ -288,7 +298,7 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
     if path == "cluster":
         pl = _cluster_plan(n_heads, n_blocks, total_q, m, sm_count)
         if pl is None:
-            raise ValueError(f"MSA_TOPK_PATH=cluster: not applicable (M = {m} not in 1..{ROW_MAX_M} or K = {n_blocks} "
+            raise ValueError(f"MSA_TOPK_PATH=cluster: not applicable (M = {m} not in 0..{ROW_MAX_M} or K = {n_blocks} "
                              "slices do not fit shared memory)")
         g = _env_int("MSA_TOPK_G")
         log_g = pl.log_g if g is None else g.bit_length() - 1
@@ -342,10 +352,34 @@ def _empty(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype, device=device)
 
 
+CLUSTER_TIMELINE_SLOTS = 16  # u64 stamps per CTA in a timeline build (topk_cluster_core.cuh, kTimelineSlots)
+CLUSTER_FLAG_BITS = {"always_exit_sync": 1, "attr_for_one": 2, "sorted_merge": 4}  # kCluster* (A/B variants)
+
+
+def cluster_flags() -> int:
+    """Cluster-path A/B variant bits from ``MSA_TOPK_CLUSTER_FLAGS`` (an int, or names from CLUSTER_FLAG_BITS
+    joined by ``+``); 0 = the default kernel. Every variant is exact."""
+    v = os.environ.get("MSA_TOPK_CLUSTER_FLAGS", "").strip()
+    if not v:
+        return 0
+    if v.isdigit():
+        flags = int(v)
+    else:
+        try:
+            flags = sum(CLUSTER_FLAG_BITS[name] for name in v.split("+"))
+        except KeyError as e:
+            raise ValueError(f"MSA_TOPK_CLUSTER_FLAGS: unknown name {e.args[0]!r}, expected an int or names from "
+                             f"{sorted(CLUSTER_FLAG_BITS)} joined by '+'") from None
+    if not 0 <= flags < 8:
+        raise ValueError(f"MSA_TOPK_CLUSTER_FLAGS: expected 0..7, got {flags}")
+    return flags
+
+
 def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, out, trace=None):
     """Launch on validated arguments (see module doc); returns ``out`` ([total_q, H, topk] int32).
-    ``trace`` (diagnostic, row path only): int64 tensor of >= 3 * CTAs for each CTA's %globaltimer stamps
-    (start, rows staged, warp 0 done)."""
+    ``trace`` (diagnostic): row path: int64 tensor of >= 3 * CTAs for each CTA's %globaltimer stamps (start, rows
+    staged, warp 0 done); cluster path: int64 tensor of >= CLUSTER_TIMELINE_SLOTS * CTAs (zeroed by the caller)
+    for the per-phase stamps, recorded by the timeline build of the module (loaded for such a call)."""
     n_heads, n_blocks, total_q = max_score.shape
     device = max_score.device
     if out is None:
@@ -361,13 +395,14 @@ def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, 
         nvp, nvp_scalar = _empty(device, torch.int32), n_blocks if num_valid_pages is None else int(num_valid_pages)
     words = p.workspace_words(n_heads, total_q, m)
     ws = torch.empty(words, dtype=torch.int32, device=device) if words else _empty(device, torch.int32)
-    module = load_module(device)
+    module = load_module(device, timeline=trace is not None and p.path == "cluster")
     if p.path == "row":
         module.topk_row_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out, p.log_g,
                                p.warps, p.cap, _empty(device, torch.int64) if trace is None else trace)
     elif p.path == "cluster":
         module.topk_cluster_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out,
-                                   p.log_g, p.slices, p.warps, p.cap)
+                                   p.log_g, p.slices, p.warps, p.cap, cluster_flags(),
+                                   _empty(device, torch.int64) if trace is None else trace)
     elif p.path == "block":
         module.topk_block_select(
             max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out, ws, p.splits, p.log_g,

@@ -7,21 +7,30 @@
 // ceil(q / G) CTAs share the work and each row's selection is spread over S warps on S SMs.
 //
 // Per row (warp g of every CTA in the cluster does row g on its slice; no extra launch, no workspace):
-//  1. like the row path, the slice's 32 group values (group maxima, or second largest for M > 32) sorted
-//     descending across the warp, published in shared memory. Cluster barrier.
-//  2. theta = the r-th largest of the union of the S published lists (r = M, or ceil(M / 2) for second
-//     largest): lane i reads list s's i-th value (DSMEM), and S - 1 bitonic merges (elementwise max with the
-//     reversed other list, then a 5-step half-cleaner) keep the top 32 of the union. r groups each hold c >= 1
-//     (2) values >= theta, so >= M values of the row are >= theta: theta lower-bounds the row's M-th best over
-//     the whole row (S * 32 groups: ~M + M^2 / (2 * 32 S) candidates for iid scores, ~16 for M = 15, S = 8).
+//  1. like the row path, the slice's 32 group values (group maxima, or second largest for M > 32), published
+//     unsorted in shared memory. Cluster barrier.
+//  2. theta (default): lane i reads group i's value from all S slices at once (S independent DSMEM loads, one
+//     latency) and keeps their maximum: the value of the union group i (a partition of the whole row into 32
+//     groups; for M > 32 the maximum of the slices' second largest still has >= 2 elements >= it in the union
+//     group). theta = the r-th largest of the 32 union values (r = M, or ceil(M / 2)) by rank counting (32
+//     independent broadcasts, no dependent shuffle chain). r disjoint groups each hold c >= 1 (2) values >=
+//     theta, so >= M values of the row are >= theta (~M + M^2 / 64 candidates for iid scores, ~18 for M = 15).
+//     flag kClusterSortedMerge (A/B): the v4 bound -- every slice sorts its list (bitonic), and S - 1 bitonic
+//     merges keep the top 32 of the union of S * 32 groups (~16 candidates, a 6-shuffle chain per slice).
 //  3. the slice's candidates (>= theta) are appended to the row's owner CTA (rank g % S) through DSMEM: one
 //     remote atomicAdd per 32 lines reserves a warp's run, each lane writes its own composites (score key << 32
 //     | ~index: value desc, index asc). Cluster barrier.
 //  4. owner warp: n <= cap -> exact rank select among the n candidates (shared with the row path), output in
 //     index order. n > cap (heavy ties) -> M rounds of warp argmax below the previous pick over all S staged
 //     slices (DSMEM reads; exact, slow, rare), then one ordered pass over the slices in index order.
-//  5. forced head / tail / -1, and a final cluster barrier so no CTA's shared memory goes away while a
-//     fallback may still read it.
+//  5. forced head / tail / -1. A final cluster barrier (so no CTA's shared memory goes away while a fallback
+//     may still read it) only where a row of the cluster overflowed: the appender whose reservation passes cap
+//     sets a flag in every CTA of the cluster before barrier 2, so the decision is cluster-uniform (flag
+//     kClusterAlwaysExitSync: always, as v4).
+//
+// Timeline (compile-time MSA_TOPK_TIMELINE, a Jinja parameter of the module): lane 0 of warp (rank < G ? rank :
+// 0) -- the owner warp of row `rank` -- records %globaltimer / clock64 stamps per phase into p.trace
+// (kTimelineSlots u64 per CTA, slots below); .gpu/topk/cluster_timeline.py prints them per phase.
 // Exactness does not depend on the order of the remote appends: the owner ranks composite keys.
 #pragma once
 
@@ -33,10 +42,35 @@ namespace msa_topk {
 
 constexpr int kClusterMaxSlices = 8;  // portable cluster size
 
+// p.flags bits (MSA_TOPK_CLUSTER_FLAGS; A/B variants, every one exact)
+constexpr int kClusterAlwaysExitSync = 1;  // final cluster barrier even when no row overflowed (v4)
+constexpr int kClusterAttrForOne = 2;      // S == 1: launch with the cluster attribute (default: a plain launch)
+constexpr int kClusterSortedMerge = 4;     // the v4 bound: sorted lists + S - 1 bitonic union merges
+
+// Timeline slots (u64 per CTA; MSA_TOPK_TIMELINE builds only)
+constexpr int kTimelineSlots = 16;
+enum TimelineSlot {
+  kTlStartNs = 0,   // %globaltimer at entry
+  kTlStart = 1,     // clock64 at entry (pairs with slot 0)
+  kTlRanges = 2,    // row ranges known, loads about to be issued
+  kTlStaged = 3,    // every load landed and stored (after the CTA barrier)
+  kTlGroups = 4,    // group values published (before cluster barrier 1)
+  kTlSync1 = 5,     // after cluster barrier 1
+  kTlTheta = 6,     // theta known (remote group values read)
+  kTlAppended = 7,  // candidates appended to the owner (remote atomics + stores issued)
+  kTlSync2 = 8,     // after cluster barrier 2
+  kTlRanked = 9,    // owner: rank select + output written
+  kTlExit = 10,     // after the exit barrier (or its skip)
+  kTlEndNs = 11,    // %globaltimer at exit
+  kTlMeta = 12,     // smid | rank << 16 | exit barrier taken << 24 | candidates of the stamped row << 32
+  kTlEnd = 13,      // clock64 at exit (pairs with slot 11)
+};
+
 struct ClusterParams {
   const void* scores;  // max_score [H, K, Q] (fp32 or bf16)
   const int32_t* nvp;  // [Q] or nullptr -> nvp_scalar
   int32_t* out;        // [Q, H, topk]
+  unsigned long long* trace;  // MSA_TOPK_TIMELINE builds: kTimelineSlots per CTA, or nullptr
   int64_t q;
   int n_blocks, n_heads, topk, fb, fe, m, nvp_scalar;
   int log_g;      // tokens per CTA = 1 << log_g (<= warps)
@@ -44,21 +78,54 @@ struct ClusterParams {
   int slice_len;  // L: blocks per slice, a multiple of 32
   int stride;     // floats per staged row: L + 32 / G
   int cap;        // candidate entries per owned row
+  int flags;      // kCluster* bits
 };
 
 __host__ __device__ inline int cluster_owned_rows(int g, int slices) { return (g + slices - 1) / slices; }
 
 __host__ __device__ inline size_t cluster_smem_bytes(int slice_len, int g, int slices, int cap) {
-  // rows [G][L + 32 / G] f32 (a multiple of 32 floats), owned candidates [ceil(G / S)][cap] u64, sorted group
-  // keys [G][32] u32, owned counters [ceil(G / S)], ranges [2][G], staged window (ulo, lines) [2]
+  // rows [G][L + 32 / G] f32 (a multiple of 32 floats), owned candidates [ceil(G / S)][cap] u64, group keys
+  // [G][32] u32, owned counters [ceil(G / S)], ranges [2][G], staged window (ulo, lines) [2], overflow flag
+  // (+ 1 pad word)
   const size_t own = cluster_owned_rows(g, slices);
   return static_cast<size_t>(g) * (slice_len + 32 / g) * 4 + own * cap * 8 + static_cast<size_t>(g) * 32 * 4 +
-         own * 4 + 2 * static_cast<size_t>(g) * 4 + 2 * 4;
+         own * 4 + 2 * static_cast<size_t>(g) * 4 + 2 * 4 + 2 * 4;
 }
 
 __device__ __forceinline__ RowRange cluster_row_range(const ClusterParams& p, int64_t t) {
   return row_range(p.nvp != nullptr ? __ldg(p.nvp + t) : p.nvp_scalar, p.n_blocks, p.fb, p.fe);
 }
+
+// The r-th largest (1 <= r <= 32) of one key per lane, every lane gets it: lane i's rank = number of keys
+// greater than its own, ties broken by lane (a permutation of 0..31), by 32 independent broadcasts.
+__device__ __forceinline__ uint32_t warp_rth_largest(uint32_t key, int r, int lane) {
+  int rank = 0;
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+    const uint32_t o = __shfl_sync(kRowFull, key, j);
+    rank += (o > key || (o == key && j < lane)) ? 1 : 0;
+  }
+  const uint32_t hit = __ballot_sync(kRowFull, rank == r - 1);
+  return __shfl_sync(kRowFull, key, __ffs(hit) - 1);
+}
+
+// Exit guard: keeps this CTA's shared memory alive until every CTA of the cluster is past its remote reads.
+// Relaxed arrive: the guard orders nothing (the remote loads it waits for have been consumed before arriving),
+// so it does not wait for this CTA's output stores to be acknowledged as a release would.
+__device__ __forceinline__ void cluster_exit_guard() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
+}
+
+#ifdef MSA_TOPK_TIMELINE
+#define MSA_TOPK_TL(slot)                                    \
+  do {                                                       \
+    if (tl != nullptr) tl[slot] = clock64();                 \
+  } while (0)
+#else
+#define MSA_TOPK_TL(slot) \
+  do {                    \
+  } while (0)
+#endif
 
 template <typename T, int kUnroll>
 __device__ __forceinline__ void cluster_select_cta(const ClusterParams& p) {
@@ -75,28 +142,53 @@ __device__ __forceinline__ void cluster_select_cta(const ClusterParams& p) {
   int* counts = reinterpret_cast<int*>(gkeys + G * 32);
   int* range = counts + n_own;
   int* window = range + 2 * G;
+  int* overflow = window + 2;  // set remotely by an appender whose reservation passed cap
   const int64_t t0 = static_cast<int64_t>(blockIdx.y) * G;
+#ifdef MSA_TOPK_TIMELINE
+  const int stamp_warp = rank < G ? rank : 0;  // the owner warp of row `rank`
+  unsigned long long* tl = nullptr;
+  if (p.trace != nullptr && tid == stamp_warp * 32) {
+    tl = p.trace + kTimelineSlots * ((static_cast<size_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x +
+                                     blockIdx.x);
+    tl[kTlStartNs] = global_ns();
+    tl[kTlStart] = clock64();
+  }
+#endif
 
   // ---- phase 1: stage this slice's part of every row's eligible range
   const int ks = rank * p.slice_len, ke = imin32(ks + p.slice_len, p.n_blocks);
   const int gl = tid & (G - 1);
-  const int64_t tl = t0 + gl;
+  const int64_t tl_tok = t0 + gl;
+  const int per = n_threads >> p.log_g;
+  const int kk = tid >> p.log_g;
+  // one thread per (row, group) when per == 32: group values are plain stores, nothing to zero first
+  const bool own_groups = per == 32;
   int elo = 0, ehi = 0;
-  if (tl < p.q && p.m > 0) {
-    const RowRange rl = cluster_row_range(p, tl);
+  if (tl_tok < p.q && p.m > 0) {
+    const RowRange rl = cluster_row_range(p, tl_tok);
     elo = imax32(rl.lo, ks);
     ehi = imin32(rl.hi, ke);
     if (elo >= ehi) elo = ehi = 0;
   }
-  for (int i = tid; i < G * 32; i += n_threads) gkeys[i] = 0u;
-  if (tid < n_own) counts[tid] = 0;
-  if (tid < G) {
-    range[tid] = elo;
-    range[G + tid] = ehi;
+  if (tid < n_own) counts[tid] = 0;  // read / written remotely only after cluster barrier 1
+  if (tid == 0) *overflow = 0;
+  int ulo = INT32_MAX, uhi = INT32_MIN;
+  if (p.nvp == nullptr && own_groups) {
+    // one scalar nvp: every row with a token has the same range; no range table, no barrier before staging
+    const RowRange rs = row_range(p.nvp_scalar, p.n_blocks, p.fb, p.fe);
+    if (p.m > 0 && imax32(rs.lo, ks) < imin32(rs.hi, ke)) {
+      ulo = imax32(rs.lo, ks);
+      uhi = imin32(rs.hi, ke);
+    }
+  } else {
+    for (int i = tid; i < G * 32; i += n_threads) gkeys[i] = 0u;
+    if (tid < G) {
+      range[tid] = elo;
+      range[G + tid] = ehi;
+    }
+    __syncthreads();
+    union_of_ranges(range, range + G, G, &ulo, &uhi);
   }
-  __syncthreads();
-  int ulo, uhi;
-  union_of_ranges(range, range + G, G, &ulo, &uhi);
   const int span = ulo < uhi ? uhi - ulo : 0;
   if (span == 0) ulo = 0;
   const int span_pad = (span + 31) & ~31;
@@ -105,60 +197,90 @@ __device__ __forceinline__ void cluster_select_cta(const ClusterParams& p) {
     window[0] = ulo;
     window[1] = nj;
   }
-  const int per = n_threads >> p.log_g;
-  const int kk = tid >> p.log_g;
+  MSA_TOPK_TL(kTlRanges);
   const T* src = static_cast<const T*>(p.scores) + (static_cast<int64_t>(h) * p.n_blocks + ulo) * p.q +
-                 (tl < p.q ? tl : 0) + kk * p.q;
+                 (tl_tok < p.q ? tl_tok : 0) + kk * p.q;
   const float mx = stage_span<T, kUnroll>(src, p.q, per, kk, elo - ulo, ehi - ulo, span_pad,
                                           rows + static_cast<size_t>(gl) * p.stride + kk);
   // groups = kk mod 32 (any partition of the slice into 32 groups serves the bound)
-  if (mx > -INFINITY) atomicMax(gkeys + gl * 32 + (kk & 31), score_key(mx));
+  if (own_groups) {
+    gkeys[gl * 32 + kk] = key_or_zero(mx);
+  } else if (mx > -INFINITY) {
+    atomicMax(gkeys + gl * 32 + (kk & 31), score_key(mx));
+  }
   __syncthreads();
+  MSA_TOPK_TL(kTlStaged);
 
   // ---- phase 2: warp g works on row g
   const int warp = tid >> 5, lane = tid & 31;
   const int64_t t = t0 + warp;
-  const bool row_warp = warp < G && t < p.q && p.m > 0;  // warp-uniform
+  const bool row_warp = warp < G && t < p.q && p.m > 0;  // warp-uniform, and the same in every CTA of the cluster
+  const bool sorted_merge = (p.flags & kClusterSortedMerge) != 0;
   float* row_base = rows + static_cast<size_t>(imin32(warp, G - 1)) * p.stride;
   int r = 1;
   if (warp < G) {
     uint32_t key = 0u;
     if (row_warp) key = theta_group_key(row_base + lane, gkeys[warp * 32 + lane], nj, p.m, &r);
-    gkeys[warp * 32 + lane] = warp_sort_desc(key, lane);  // this warp alone reads / writes row warp's keys
+    // this warp alone reads / writes row warp's keys
+    gkeys[warp * 32 + lane] = sorted_merge ? warp_sort_desc(key, lane) : key;
   }
-  cluster.sync();  // every slice's sorted group keys are visible
+  MSA_TOPK_TL(kTlGroups);
+  cluster.sync();  // every slice's group keys are visible
+  MSA_TOPK_TL(kTlSync1);
 
   const int owner = warp % S, own_slot = warp / S;
   if (row_warp) {
-    // theta over the whole row: top 32 of the union of the S sorted lists
-    uint32_t top = *cluster.map_shared_rank(gkeys + warp * 32 + lane, 0);
-    for (int s = 1; s < S; ++s) {
-      const uint32_t x = *cluster.map_shared_rank(gkeys + warp * 32 + lane, s);
-      top = umax32(top, __shfl_sync(kRowFull, x, 31 - lane));  // bitonic: the union's top 32
+    // lane i: group i's value in every slice, all loads in flight at once (slots past S re-read this CTA's)
+    uint32_t gv[kClusterMaxSlices];
 #pragma unroll
-      for (int jb = 16; jb > 0; jb >>= 1) {
-        const uint32_t o = __shfl_xor_sync(kRowFull, top, jb);
-        top = (lane & jb) == 0 ? umax32(top, o) : umin32(top, o);
+    for (int s = 0; s < kClusterMaxSlices; ++s) gv[s] = *cluster.map_shared_rank(gkeys + warp * 32 + lane, s < S ? s : rank);
+    uint32_t theta_key;
+    if (!sorted_merge) {
+      uint32_t u = gv[0];
+#pragma unroll
+      for (int s = 1; s < kClusterMaxSlices; ++s) u = umax32(u, gv[s]);  // re-read own slots change nothing
+      theta_key = warp_rth_largest(u, r, lane);
+    } else {
+      uint32_t top = gv[0];  // v4: top 32 of the union of the S sorted lists
+#pragma unroll
+      for (int s = 1; s < kClusterMaxSlices; ++s) {
+        if (s >= S) break;
+        top = umax32(top, __shfl_sync(kRowFull, gv[s], 31 - lane));  // bitonic: the union's top 32
+#pragma unroll
+        for (int jb = 16; jb > 0; jb >>= 1) {
+          const uint32_t o = __shfl_xor_sync(kRowFull, top, jb);
+          top = (lane & jb) == 0 ? umax32(top, o) : umin32(top, o);
+        }
       }
+      theta_key = __shfl_sync(kRowFull, top, r - 1);
     }
-    const uint32_t theta_key = __shfl_sync(kRowFull, top, r - 1);
     const float theta = theta_key ? key_value(theta_key) : -FLT_MAX;  // -inf never passes
+    MSA_TOPK_TL(kTlTheta);
     Comp* dst = cluster.map_shared_rank(cands + static_cast<size_t>(own_slot) * p.cap, owner);
     int* cnt = cluster.map_shared_rank(counts + own_slot, owner);
     scan_candidates(row_base, nj, (p.stride & 1) == 0, theta, ulo, dst, p.cap, lane, [&](int total) {
       int base = 0;
-      if (lane == 0) base = atomicAdd(cnt, total);
+      if (lane == 0) {
+        base = atomicAdd(cnt, total);
+        if (base + total > p.cap) {  // this row goes to the fallback: every CTA keeps its slice until the end
+          for (int s = 0; s < S; ++s) *cluster.map_shared_rank(overflow, s) = 1;
+        }
+      }
       return __shfl_sync(kRowFull, base, 0);
     });
+    MSA_TOPK_TL(kTlAppended);
   }
-  cluster.sync();  // every candidate is in its owner's buffer
+  cluster.sync();  // every candidate is in its owner's buffer, every overflow flag is set
+  MSA_TOPK_TL(kTlSync2);
 
+  int n_stamped = 0;
   if (warp < G && owner == rank && t < p.q) {
     const RowRange rr = cluster_row_range(p, t);
     int32_t* orow = p.out + (t * p.n_heads + h) * p.topk;
     int nsel = 0;
     if (p.m > 0 && rr.lo < rr.hi) {
       const int n = counts[own_slot];
+      n_stamped = n;
       // the staged row of this CTA is read by no other CTA (only row warp's own owner reads row warp): scratch
       if (n <= p.cap) {
         nsel = rank_select_write(cands + static_cast<size_t>(own_slot) * p.cap, n, p.m,
@@ -204,7 +326,25 @@ __device__ __forceinline__ void cluster_select_cta(const ClusterParams& p) {
     }
     write_forced(orow, p.topk, rr, nsel, lane);
   }
-  cluster.sync();  // no CTA exits while a fallback may read its shared memory
+  MSA_TOPK_TL(kTlRanked);
+  // cluster-uniform: the flags are the same in every CTA, *overflow was written before barrier 2 in all of them
+  const bool guard = (p.flags & kClusterAlwaysExitSync) != 0 || *overflow != 0;
+  if (guard) cluster_exit_guard();  // no CTA exits while a fallback may read its shared memory
+#ifdef MSA_TOPK_TIMELINE
+  if (tl != nullptr) {
+    tl[kTlExit] = clock64();
+    tl[kTlEnd] = clock64();
+    tl[kTlEndNs] = global_ns();
+    unsigned smid;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+    tl[kTlMeta] = smid | (static_cast<unsigned long long>(rank) << 16) | (guard ? 1ull << 24 : 0ull) |
+                  (static_cast<unsigned long long>(n_stamped) << 32);
+  }
+#else
+  (void)n_stamped;
+#endif
 }
+
+#undef MSA_TOPK_TL
 
 }  // namespace msa_topk

@@ -3,8 +3,10 @@
 // The kernel's warp code (shuffles, DSMEM) is CUDA-only, so this replays its ALGORITHM step by step on the host
 // with the kernel's exact data layout and partitions: the slice / union-of-ranges staging (shared helpers
 // row_range, union_of_ranges), the group maxima over groups kk & 31 (kk = the staging thread's k-row,
-// per = threads / G k-rows apart), the second-largest-per-lane groups for M > 32, the warp bitonic sort and the
-// bitonic union-of-lists merge on 32-entry arrays (lane i = entry i, shuffles = array reads), theta, the
+// per = threads / G k-rows apart), the second-largest-per-lane groups for M > 32, the bound (default: lane i =
+// the maximum of group i's values over the slices, theta = the r-th largest of those 32 by rank counting;
+// sorted_merge: the v4 warp bitonic sort and bitonic union-of-lists merge on 32-entry arrays, lane i = entry i,
+// shuffles = array reads), theta, the
 // candidate scan in the kernel's order (per 32 lines, float2 pairs or lines, lane-major) with reservations
 // taken in a random slice order (the remote atomics' order is arbitrary), the capacity cut, the owner's rank
 // select, the heavy-ties fallback over all slices, and the forced head / tail.
@@ -59,13 +61,25 @@ void merge_top32(uint32_t* top, const uint32_t* x) {
   }
 }
 
+// The kernel's warp_rth_largest: lane i's rank = keys greater than a[i] + equal keys at lower lanes; the lane of
+// rank r - 1 holds the answer.
+uint32_t rth_largest32(const uint32_t* a, int r) {
+  for (int i = 0; i < 32; ++i) {
+    int rank = 0;
+    for (int j = 0; j < 32; ++j) rank += (a[j] > a[i] || (a[j] == a[i] && j < i)) ? 1 : 0;
+    if (rank == r - 1) return a[i];
+  }
+  return 0xFFFFFFFFu;  // unreachable: the ranks are a permutation of 0..31
+}
+
 }  // namespace
 
 // scores: float32 [H, K, Q] (bf16 inputs as their exact float values); nvp: int32 [Q] or null. slices, log_g,
-// warps, cap as the binding (topk_cluster_select); seed drives the append order. Returns 0, or -1 on bad arguments.
+// warps, cap as the binding (topk_cluster_select); flags: the kernel's kCluster* bits (4 = sorted_merge bound,
+// the others do not change the algorithm); seed drives the append order. Returns 0, or -1 on bad arguments.
 extern "C" int msa_topk_cluster_emulate(const float* scores, int n_heads, int n_blocks, int64_t q, int topk,
                                         const int32_t* nvp, int nvp_scalar, int fb, int fe, int log_g, int slices,
-                                        int warps, int cap, uint64_t seed, int32_t* out) {
+                                        int warps, int cap, int flags, uint64_t seed, int32_t* out) {
   const int m = topk - fb - fe;
   const int G = 1 << log_g, S = slices;
   if (m < 0 || m > 64 || log_g < 0 || log_g > 5 || S < 1 || S > 8 || warps < G || warps > 32 || cap < std::max(m, 1))
@@ -150,12 +164,22 @@ extern "C" int msa_topk_cluster_emulate(const float* scores, int n_heads, int n_
                 a[l] = key_or_zero_host(b1);
               }
             }
-            sort_desc32(a);
+            if (flags & 4) sort_desc32(a);
           }
-          uint32_t top[32];
-          std::copy(lists.begin(), lists.begin() + 32, top);
-          for (int s = 1; s < S; ++s) merge_top32(top, &lists[static_cast<size_t>(s) * 32]);
-          const uint32_t theta_key = top[r - 1];
+          uint32_t theta_key;
+          if (flags & 4) {  // v4: top 32 of the union of the sorted lists
+            uint32_t top[32];
+            std::copy(lists.begin(), lists.begin() + 32, top);
+            for (int s = 1; s < S; ++s) merge_top32(top, &lists[static_cast<size_t>(s) * 32]);
+            theta_key = top[r - 1];
+          } else {  // lane i: the union group's value = the maximum over the slices
+            uint32_t u[32];
+            for (int l = 0; l < 32; ++l) {
+              u[l] = 0u;
+              for (int s = 0; s < S; ++s) u[l] = umax32(u[l], lists[static_cast<size_t>(s) * 32 + l]);
+            }
+            theta_key = rth_largest32(u, r);
+          }
           const float theta = theta_key ? key_value(theta_key) : -FLT_MAX;
           // candidates: per slice, the kernel's scan order; reservations from the slices in a random order
           // per chunk round (any interleaving of the remote atomics is possible)
