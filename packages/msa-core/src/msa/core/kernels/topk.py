@@ -38,7 +38,8 @@ import torch
 from ._device import cuda_kernel_available
 from ._device import sm_count as _sm_count
 
-__all__ = ["run", "available", "plan", "TopkPlan", "jit_specs", "spec", "BATCH", "BLOCK_V", "load_module", "launch_noop"]
+__all__ = ["run", "available", "plan", "TopkPlan", "jit_specs", "spec", "BATCH", "BLOCK_V", "load_module", "launch_noop",
+           "launch_read"]
 
 FAMILY = "topk"
 SOURCES = ("topk_select.cu.jinja",)
@@ -414,6 +415,12 @@ def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, 
             p.merge_warps, p.cap,
         )
     return out
+
+
+def launch_read(x: torch.Tensor, sink: torch.Tensor, ctas: int = 0) -> None:
+    """Read every byte of ``x`` once at full parallelism (the benchmarks' measured-read floor); ``sink``: float32 of
+    >= the CTA count (``ctas`` <= 0: one CTA per 256 16-byte vectors, at most 8 per SM)."""
+    load_module(x.device).topk_read(x, sink, ctas)
 
 
 def launch_noop(like: torch.Tensor) -> None:
