@@ -429,8 +429,8 @@ def plan(
         block_n = int(os.environ.get(BLOCK_N_ENV, BLOCK_N))
     if paged and block_n != PAGE_SIZE:
         block_n = PAGE_SIZE  # one page per KV tile: the paged modules are always built with 128
-    if block_n % 32 or not 0 < block_n <= 256:
-        raise ValueError(f"block_n: expected a multiple of 32 in [32, 256], got {block_n}")
+    if block_n % 16 or not 0 < block_n <= 256:  # wgmma N (QK^T) and bf16 PV K step: 16; fp8 modules use 32s
+        raise ValueError(f"block_n: expected a multiple of 16 in [16, 256], got {block_n}")
     if device.type == "cuda":
         ok, why = available(device)
         if not ok:
