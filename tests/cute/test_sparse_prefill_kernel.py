@@ -321,13 +321,30 @@ def test_cute_specs_per_preset():
 
     smoke = sp.cute_specs(load_preset("smoke"), "sm_90a")
     names = {s.name for s in smoke}
-    assert len(smoke) == 6 and all(s.arch == "sm_90a" for s in smoke)
+    assert len(smoke) == 10 and all(s.arch == "sm_90a" for s in smoke)  # 2 x 4 partials (serial, ws) + 2 combines
     assert "cute.sparse_prefill_partial_sm90.partial[sm_90a,paged=True,partial_dtype=bfloat16,qhead_per_kv=4]" in names
+    assert ("cute.sparse_prefill_partial_sm90.partial[sm_90a,paged=True,partial_dtype=bfloat16,qhead_per_kv=4,"
+            "variant=ws]") in names
     assert "cute.sparse_prefill_combine.combine[sm_90a,partial_dtype=float32]" in names
     m3 = {s.name for s in sp.cute_specs(load_preset("minimax-m3"), "sm_90a")}
     assert "cute.sparse_prefill_partial_sm90.partial[sm_90a,paged=False,partial_dtype=bfloat16,qhead_per_kv=16]" in m3
     assert sp.cute_specs(load_preset("smoke"), "sm_100a") == []
     assert sp.cute_specs({"dtypes": ["fp8"], "heads": [{"hq": 8, "hkv": 1}]}, "sm_90a") == []
+
+
+def test_partial_variant_selection(monkeypatch):
+    monkeypatch.delenv(sp.VARIANT_ENV, raising=False)
+    assert sp.partial_variant() == sp.DEFAULT_VARIANT
+    monkeypatch.setenv(sp.VARIANT_ENV, "ws")
+    assert sp.partial_variant() == "ws" and sp.partial_variant("serial") == "serial"
+    monkeypatch.setenv(sp.VARIANT_ENV, "fast")
+    with pytest.raises(ValueError, match=r"MSA_CUTE_SPARSE_PREFILL_PARTIAL: expected one of \('serial', 'ws'\), "
+                                         r"got 'fast'"):
+        sp.partial_variant()
+    with pytest.raises(ValueError, match="variant: expected one of"):
+        sp.kernel_specs(4, False, "bfloat16", variant="pipelined")
+    assert sp.partial_ctas(132, 10**6, "serial") == 264 and sp.partial_ctas(132, 10**6, "ws") == 132
+    assert sp.partial_ctas(132, 7, "ws") == 7 and sp.partial_ctas(132, 0, "ws") == 1
 
 
 # ---- compile: the real kernels, GPU-less ----------------------------------------------------------------------------
@@ -377,8 +394,10 @@ def store(tmp_path, monkeypatch):
 
 @pytest.mark.compile
 @needs_dsl
-@pytest.mark.parametrize("paged,partial_dtype", [(False, torch.bfloat16), (True, torch.float32)])
-def test_kernels_build_for_sm90_and_take_runs_arguments(helpers, store, monkeypatch, paged, partial_dtype):
+@pytest.mark.parametrize("paged,partial_dtype,variant", [(False, torch.bfloat16, "serial"),
+                                                         (True, torch.float32, "serial"),
+                                                         (False, torch.bfloat16, "ws"), (True, torch.float32, "ws")])
+def test_kernels_build_for_sm90_and_take_runs_arguments(helpers, store, monkeypatch, paged, partial_dtype, variant):
     from msa.cute.jit import cubin_archs
 
     q_lens, kv_lens, hkv, group, topk = [20, 50], [300, 260], 2, 4, 4
@@ -387,21 +406,25 @@ def test_kernels_build_for_sm90_and_take_runs_arguments(helpers, store, monkeypa
     table = None
     if paged:
         k, v, table = _paged(k, v, kv_lens, 0)
-    part, comb = sp.kernel_specs(group, paged, sp.PARTIAL_DTYPES[partial_dtype])
+    part, comb = sp.kernel_specs(group, paged, sp.PARTIAL_DTYPES[partial_dtype], variant=variant)
     for spec in (part, comb):
         entry = spec.build(store)
         assert cubin_archs(entry.file("kernel.so")) == [90]
     calls = []
-    monkeypatch.setattr(sp, "_kernels", lambda *key: (lambda *a: calls.append(("partial", a)),
-                                                      lambda *a: calls.append(("combine", a))))
+    monkeypatch.setenv(sp.VARIANT_ENV, variant)
+    monkeypatch.setattr(sp, "_kernels", lambda *key: (calls.append(("key", key)) or (
+        lambda *a: calls.append(("partial", a)), lambda *a: calls.append(("combine", a)))))
     monkeypatch.setattr(sp, "_num_sms", lambda index: 132)
     sp.run(q=q, k=k, v=v, k2q_row_ptr=rp, k2q_q_indices=qi, topk=topk, cu_seqlens_q=cq, cu_seqlens_k=ck,
            max_seqlen_q=50, max_seqlen_k=300, blk_kv=128, causal=True, softmax_scale=0.1, lse_temperature_scale=1.0,
            return_temperature_lse=False, partial_dtype=partial_dtype, return_softmax_lse=True, page_table=table,
            seqused_k=None, schedule=None)
-    assert [c[0] for c in calls] == ["partial", "combine"]
-    _check_call(_signature(part.load()), calls[0][1])
-    _check_call(_signature(comb.load()), calls[1][1])
+    assert [c[0] for c in calls] == ["key", "partial", "combine"]
+    assert calls[0][1] == (group, paged, sp.PARTIAL_DTYPES[partial_dtype], "sm_90a", variant)
+    capacity = sp._schedule(None, rp, ck, qi.shape[1], group).capacity
+    assert calls[1][1][-1] == sp.partial_ctas(132, capacity, variant)  # the variant's persistent grid
+    _check_call(_signature(part.load()), calls[1][1])
+    _check_call(_signature(comb.load()), calls[2][1])
 
 
 @pytest.mark.compile
@@ -438,12 +461,15 @@ def poisoned_workspaces(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", sp.VARIANTS)
 @pytest.mark.parametrize("partial_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("topk,group", [(16, 16), (16, 4), (4, 4), (1, 16)])
-def test_gpu_kernel_matches_reference(helpers, poisoned_workspaces, topk, group, causal, paged, partial_dtype):
+def test_gpu_kernel_matches_reference(helpers, poisoned_workspaces, monkeypatch, topk, group, causal, paged,
+                                      partial_dtype, variant):
     _gpu_ready()
+    monkeypatch.setenv(sp.VARIANT_ENV, variant)
     hkv = 2
     q_lens, kv_lens = [300, 1, 0, 700], [2000, 129, 256, 700]
     q, k, v, q2k, cq, ck = _problem(helpers, topk + group, q_lens, kv_lens, hkv * group, hkv, 128, topk, causal)
@@ -465,10 +491,11 @@ def test_gpu_kernel_matches_reference(helpers, poisoned_workspaces, topk, group,
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", sp.VARIANTS)
 @pytest.mark.parametrize("ctas", [1, 3])
 @pytest.mark.parametrize("partial_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("paged", [False, True])
-def test_gpu_each_stage_matches_the_emulation(helpers, paged, partial_dtype, ctas):
+def test_gpu_each_stage_matches_the_emulation(helpers, paged, partial_dtype, ctas, variant):
     """partial alone (every written slot) and combine alone (fed the emulated partials): localises a failure.
     Few CTAs, so each runs a long contiguous item range: K/V kept in smem across a row's chunks, reloaded at each
     block change (G 16 -> 8 queries per item: rows of up to ~130 tokens are several items)."""
@@ -485,7 +512,7 @@ def test_gpu_each_stage_matches_the_emulation(helpers, paged, partial_dtype, cta
     g = [x.to(dev) for x in (q, k, v, rp, qi, cq, ck)]
     sched = sp._schedule(None, g[3], g[6], qi.shape[1], group)
     q_slot, n_slots = sp.slot_tables(g[3], g[4], g[5], g[6], q.shape[0])
-    part_fn, comb_fn = sp._kernels(group, paged, sp.PARTIAL_DTYPES[partial_dtype])
+    part_fn, comb_fn = sp._kernels(group, paged, sp.PARTIAL_DTYPES[partial_dtype], "sm_90a", variant)
     op = torch.full(o_part.shape, float("nan"), dtype=partial_dtype, device=dev)
     lp = torch.full(lse_part.shape, float("nan"), dtype=torch.float32, device=dev)
     kv_len = (g[6][1:] - g[6][:-1]).contiguous()
@@ -533,8 +560,10 @@ def test_gpu_combine_alone_matches_the_emulation(helpers):
 
 
 @pytest.mark.gpu
-def test_gpu_kernel_seqused_topk_overflow_and_no_host_sync(helpers, poisoned_workspaces):
+@pytest.mark.parametrize("variant", sp.VARIANTS)
+def test_gpu_kernel_seqused_topk_overflow_and_no_host_sync(helpers, poisoned_workspaces, monkeypatch, variant):
     _gpu_ready()
+    monkeypatch.setenv(sp.VARIANT_ENV, variant)
     q_lens, kv_lens, hkv, group = [90, 200], [1000, 1300], 4, 16
     q, k, v, q2k, cq, ck = _problem(helpers, 21, q_lens, kv_lens, hkv * group, hkv, 128, 8, True)
     kp, vp, table = _paged(k, v, kv_lens, 2)

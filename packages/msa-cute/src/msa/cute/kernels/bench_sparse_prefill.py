@@ -1,9 +1,25 @@
 """Benchmark of the SM90 sparse prefill kernel, stage by stage (GPU).
 
     python -m msa.cute.kernels.bench_sparse_prefill --hq 64 --hkv 4 --seqlen 32768,131072 --topk 16 [--paged]
+        [--variants serial,ws] [--selection random,correlated] [--corr-len 512]
 
-Selection: per (token, KV head) the local (diagonal) block plus ``topk - 1`` distinct random visible blocks (causal,
-bottom-right; fewer when fewer are visible), like MSA's forced-local top-k. Reported per case: the k2q CSR build
+Selections (``--selection``), per (token, KV head) the local (diagonal) block plus ``topk - 1`` visible blocks
+(causal, bottom-right; fewer when fewer are visible), like MSA's forced-local top-k:
+
+- ``random``: the ``topk - 1`` others uniformly at random, independently per token (the KV-outer design's best
+  case, a Q-outer tile's worst);
+- ``correlated``: the top ``topk - 1`` of smooth random index scores. Per (KV head, block) the score is value noise
+  in the token position: i.i.d. uniform values at anchors every ``corr_len`` tokens, linearly interpolated between
+  them, so a token's scores are a convex mix of two anchor rows and tokens closer than ``corr_len`` share most of
+  their blocks (the selection changes only where two blocks' interpolated scores cross). It models what makes real
+  MSA selections correlated: the indexer's scores are a smooth function of the query position (neighbouring
+  queries have similar index-query vectors) and the forced local block is shared by a whole 128-token block.
+
+For each selection the benchmark prints the measured union ``U`` of selected blocks per Q-outer tile (``128 // G``
+consecutive tokens x the G heads of one KV head; mean and 90th percentile of ``U / topk`` over tiles): the quantity
+that decides the Q-outer path's efficiency (``topk / U``, see benchmarks/sparse_prefill_notes.md section 4).
+
+Reported per case: the k2q CSR build
 with its schedule and slot tables (untimed in the public op's contract: it is the plan), the partial kernel, the
 combine, and the whole ``sparse_atten_func`` call given that plan, with
 
@@ -24,6 +40,8 @@ contract; its bytes are not modelled.
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import statistics
 
 import torch
@@ -51,6 +69,45 @@ def forced_local_selection(total: int, hkv: int, topk: int, device, seed: int = 
         ids = torch.where(ids == nblk, -1, ids).to(torch.int32)
         out[:, s:s + len(pos), :ids.shape[-1]] = ids
     return out
+
+
+def correlated_selection(total: int, hkv: int, topk: int, device, seed: int = 0, corr_len: int = 512,
+                         chunk: int = 4096):
+    """Like :func:`forced_local_selection`, but the ``topk - 1`` non-local blocks are the top scores of smooth value
+    noise in the token position (see the module docstring; correlation length ``corr_len`` tokens)."""
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    nblk = -(-total // BLOCK)
+    n_anchor = total // corr_len + 2
+    anchors = torch.rand(hkv, n_anchor, nblk, generator=gen, device=device)
+    out = torch.full((hkv, total, topk), -1, dtype=torch.int32, device=device)
+    blocks = torch.arange(nblk, device=device)
+    for s in range(0, total, chunk):
+        pos = torch.arange(s, min(total, s + chunk), device=device)
+        local = pos // BLOCK
+        a = pos // corr_len
+        frac = ((pos % corr_len).to(torch.float32) / corr_len).view(1, -1, 1)
+        score = anchors[:, a] * (1 - frac) + anchors[:, a + 1] * frac
+        score = torch.where(blocks.view(1, 1, -1) < local.view(1, -1, 1), score, -1.0)
+        score.scatter_(2, local.view(1, -1, 1).expand(hkv, -1, 1), 2.0)
+        top = torch.topk(score, min(topk, nblk), dim=-1)
+        ids = torch.where(top.values >= 0, top.indices, nblk)
+        ids = torch.sort(ids, dim=-1).values
+        ids = torch.where(ids == nblk, -1, ids).to(torch.int32)
+        out[:, s:s + len(pos), :ids.shape[-1]] = ids
+    return out
+
+
+def tile_union(q2k: torch.Tensor, tile: int) -> torch.Tensor:
+    """Distinct selected blocks per (KV head, tile of ``tile`` consecutive tokens) -> ``[Hkv * n_tiles]`` int64
+    (one request; the Q-outer path's per-tile block list length U)."""
+    hkv, total, _ = q2k.shape
+    n_tiles = -(-total // tile)
+    nblk = int(q2k.max().item()) + 1
+    ids = q2k.to(torch.int64)
+    tile_id = (torch.arange(total, device=q2k.device) // tile).view(1, -1, 1)
+    key = (torch.arange(hkv, device=q2k.device).view(-1, 1, 1) * n_tiles + tile_id) * nblk + ids
+    uniq = torch.unique(key[ids >= 0])
+    return torch.bincount(uniq // nblk, minlength=hkv * n_tiles)
 
 
 def selected_keys(q2k: torch.Tensor, total: int) -> int:
@@ -98,7 +155,7 @@ def _time(fn, reps: int) -> float:
 
 
 def bench_case(seqlen: int, hq: int, hkv: int, topk: int, paged: bool, partial_dtype: torch.dtype, reps: int,
-               bandwidth: float):
+               bandwidth: float, variants=("serial",), selection: str = "random", corr_len: int = 512):
     from msa.cute import build_k2q_csr, sparse_atten_func
 
     dev = torch.device("cuda")
@@ -107,7 +164,11 @@ def bench_case(seqlen: int, hq: int, hkv: int, topk: int, paged: bool, partial_d
     k = torch.randn(seqlen, hkv, D, device=dev, dtype=torch.bfloat16)
     v = torch.randn(seqlen, hkv, D, device=dev, dtype=torch.bfloat16)
     cu = torch.tensor([0, seqlen], dtype=torch.int32, device=dev)
-    q2k = forced_local_selection(seqlen, hkv, topk, dev)
+    if selection == "random":
+        q2k = forced_local_selection(seqlen, hkv, topk, dev)
+    else:
+        q2k = correlated_selection(seqlen, hkv, topk, dev, corr_len=corr_len)
+    union = tile_union(q2k, max(1, 128 // g)).to(torch.float64) / topk
     nblk = -(-seqlen // BLOCK)
     extra = {}
     if paged:
@@ -132,33 +193,46 @@ def bench_case(seqlen: int, hq: int, hkv: int, topk: int, paged: bool, partial_d
                                  max_seqlen_k=seqlen, causal=True, partial_dtype=partial_dtype, backend="kernel",
                                  schedule=sched, **extra)
 
-    total_ms = _time(call, reps)
-    # stage split: time the two kernels alone on prepared inputs
     q_slot, n_slots = sched.q_slot, sched.n_slots
-    part_fn, comb_fn = sp._kernels(g, paged, sp.PARTIAL_DTYPES[partial_dtype])
     o_part = torch.empty(topk, seqlen, hq, D, dtype=partial_dtype, device=dev)
     lse_part = torch.empty(topk, seqlen, hq, dtype=torch.float32, device=dev)
     kv_len = (cu[1:] - cu[:-1]).contiguous()
     pt = extra.get("page_table", torch.zeros(1, 1, dtype=torch.int32, device=dev))
-    ctas = min(sched.capacity, sp.CTAS_PER_SM * sp._num_sms(dev.index or 0))
-    partial_ms = _time(lambda: part_fn(q, k, v, sched.work, sched.work_count, q_slot, cu, cu, kv_len, pt, o_part,
-                                       lse_part, D ** -0.5 * sp.LOG2_E, 1, topk, ctas), reps)
     o = torch.empty(seqlen, hq, D, dtype=torch.bfloat16, device=dev)
     lse = torch.empty(seqlen, hq, dtype=torch.float32, device=dev)
-    combine_ms = _time(lambda: comb_fn(o_part, lse_part, n_slots, o, lse, topk), reps)
     flops = 2 * (D + D) * g * selected_keys(q2k, seqlen)
     nbytes = stage_bytes(q2k, seqlen, hq, partial_dtype.itemsize)
     floor = {key: nbytes[key] / bandwidth * 1e3 for key in ("partial", "combine", "total")}
-    return {
-        "seqlen": seqlen, "heads": f"{hq}/{hkv}", "topk": topk, "paged": paged, "partial": str(partial_dtype),
-        "csr_ms": csr_ms, "partial_ms": partial_ms, "combine_ms": combine_ms,
-        "total_ms": total_ms, "tflops": flops / (total_ms * 1e-3) / 1e12,
-        "tflops_partial": flops / (partial_ms * 1e-3) / 1e12, "items": int(sched.work_count.item()),
-        "gbytes": nbytes["total"] / 1e9, "floor_ms": floor["total"],
-        "frac_partial": floor["partial"] / partial_ms, "frac_combine": floor["combine"] / combine_ms,
-        "frac_total": floor["total"] / total_ms, "tflops_floor": flops / (floor["total"] * 1e-3) / 1e12,
-        "csr_share": (csr_ms + combine_ms) / (csr_ms + total_ms),
-    }
+    rows = []
+    for variant in variants:  # A/B on the same inputs and plan, same process
+        saved = os.environ.get(sp.VARIANT_ENV)
+        os.environ[sp.VARIANT_ENV] = variant
+        try:
+            total_ms = _time(call, reps)
+        finally:
+            if saved is None:
+                os.environ.pop(sp.VARIANT_ENV, None)
+            else:
+                os.environ[sp.VARIANT_ENV] = saved
+        # stage split: time the two kernels alone on prepared inputs
+        part_fn, comb_fn = sp._kernels(g, paged, sp.PARTIAL_DTYPES[partial_dtype], "sm_90a", variant)
+        ctas = sp.partial_ctas(sp._num_sms(dev.index or 0), sched.capacity, variant)
+        partial_ms = _time(functools.partial(part_fn, q, k, v, sched.work, sched.work_count, q_slot, cu, cu, kv_len,
+                                             pt, o_part, lse_part, D ** -0.5 * sp.LOG2_E, 1, topk, ctas), reps)
+        combine_ms = _time(functools.partial(comb_fn, o_part, lse_part, n_slots, o, lse, topk), reps)
+        rows.append({
+            "seqlen": seqlen, "heads": f"{hq}/{hkv}", "topk": topk, "paged": paged, "partial": str(partial_dtype),
+            "variant": variant, "selection": selection,
+            "union_mean": float(union.mean()), "union_p90": float(torch.quantile(union, 0.9)),
+            "csr_ms": csr_ms, "partial_ms": partial_ms, "combine_ms": combine_ms,
+            "total_ms": total_ms, "tflops": flops / (total_ms * 1e-3) / 1e12,
+            "tflops_partial": flops / (partial_ms * 1e-3) / 1e12, "items": int(sched.work_count.item()),
+            "gbytes": nbytes["total"] / 1e9, "floor_ms": floor["total"],
+            "frac_partial": floor["partial"] / partial_ms, "frac_combine": floor["combine"] / combine_ms,
+            "frac_total": floor["total"] / total_ms, "tflops_floor": flops / (floor["total"] * 1e-3) / 1e12,
+            "csr_share": (csr_ms + combine_ms) / (csr_ms + total_ms),
+        })
+    return rows
 
 
 def main(argv=None):
@@ -170,7 +244,15 @@ def main(argv=None):
     p.add_argument("--paged", action="store_true")
     p.add_argument("--partial", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--variants", default="serial", help=f"partial kernel builds to A/B, comma separated: {sp.VARIANTS}")
+    p.add_argument("--selection", default="random", help="comma separated: random, correlated")
+    p.add_argument("--corr-len", type=int, default=512, help="correlated selection: score correlation length, tokens")
     a = p.parse_args(argv)
+    variants = tuple(sp.partial_variant(x) for x in a.variants.split(","))
+    selections = a.selection.split(",")
+    for sel in selections:
+        if sel not in ("random", "correlated"):
+            raise SystemExit(f"--selection: expected random or correlated, got {sel!r}")
     ok, why = sp.available(torch.device("cuda"))
     if not ok:
         raise SystemExit(f"sparse_prefill_sm90 unavailable: {why}")
@@ -178,17 +260,20 @@ def main(argv=None):
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}  Hq/Hkv {a.hq}/{a.hkv}  topk {a.topk}  paged {a.paged}  partial {a.partial}"
           f"  copy bandwidth {bw / 1e9:.0f} GB/s")
-    print(f"{'S':>7} {'items':>8} {'csr':>7} {'partial':>8} {'combine':>8} {'total':>8} {'TFLOP/s':>8} "
-          f"{'(partial)':>9} {'GB':>6} {'floor':>7} {'of floor':>8} {'part':>5} {'comb':>5} {'TF@floor':>8} "
-          f"{'csr+comb':>8}")
-    for s in (int(x) for x in a.seqlen.split(",")):
-        r = bench_case(s, a.hq, a.hkv, a.topk, a.paged, pdt, a.reps, bw)
-        print(f"{s:>7} {r['items']:>8} {r['csr_ms']:>7.3f} {r['partial_ms']:>8.3f} {r['combine_ms']:>8.3f} "
-              f"{r['total_ms']:>8.3f} {r['tflops']:>8.1f} {r['tflops_partial']:>9.1f} {r['gbytes']:>6.2f} "
-              f"{r['floor_ms']:>7.3f} {r['frac_total']:>8.2f} {r['frac_partial']:>5.2f} {r['frac_combine']:>5.2f} "
-              f"{r['tflops_floor']:>8.1f} {r['csr_share']:>8.2f}", flush=True)
-    print("times in ms; floor = modelled bytes / copy bandwidth; 'of floor' = floor / time (1.0 = at the floor); "
-          "TF@floor = effective TFLOP/s if the whole call ran at the floor; csr+comb = (csr + combine) / "
+    print(f"{'sel':>10} {'U/k':>5} {'U90/k':>5} {'S':>7} {'variant':>7} {'items':>8} {'csr':>7} {'partial':>8} "
+          f"{'combine':>8} {'total':>8} {'TFLOP/s':>8} {'(partial)':>9} {'GB':>6} {'floor':>7} {'of floor':>8} "
+          f"{'part':>5} {'comb':>5} {'TF@floor':>8} {'csr+comb':>8}")
+    for sel in selections:
+        for s in (int(x) for x in a.seqlen.split(",")):
+            for r in bench_case(s, a.hq, a.hkv, a.topk, a.paged, pdt, a.reps, bw, variants, sel, a.corr_len):
+                print(f"{sel:>10} {r['union_mean']:>5.2f} {r['union_p90']:>5.2f} {s:>7} {r['variant']:>7} "
+                      f"{r['items']:>8} {r['csr_ms']:>7.3f} {r['partial_ms']:>8.3f} {r['combine_ms']:>8.3f} "
+                      f"{r['total_ms']:>8.3f} {r['tflops']:>8.1f} {r['tflops_partial']:>9.1f} {r['gbytes']:>6.2f} "
+                      f"{r['floor_ms']:>7.3f} {r['frac_total']:>8.2f} {r['frac_partial']:>5.2f} "
+                      f"{r['frac_combine']:>5.2f} {r['tflops_floor']:>8.1f} {r['csr_share']:>8.2f}", flush=True)
+    print("times in ms; U/k, U90/k = union of selected blocks per Q-outer tile (128/G tokens x G heads) over top-k, "
+          "mean and 90th percentile; floor = modelled bytes / copy bandwidth; 'of floor' = floor / time (1.0 = at "
+          "the floor); TF@floor = effective TFLOP/s if the whole call ran at the floor; csr+comb = (csr + combine) / "
           "(csr + total), the issue's <= 0.15 bar")
 
 

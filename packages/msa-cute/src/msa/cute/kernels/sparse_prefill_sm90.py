@@ -9,7 +9,10 @@ only building them needs cutlass-dsl. Pipeline of :func:`run`:
    the entry's rank among its token's entries (= the block's position in the token's ascending block list), and
    ``n_slots[t, h]``; taken from the schedule when ``build_k2q_csr(return_schedule=True)`` made it (free there:
    the CSR sort's permutation), else derived here with a second sort (:func:`slot_tables`);
-3. partial kernel (``sparse_prefill_partial_sm90``): per work item, per-slot normalised O + LSE;
+3. partial kernel (``sparse_prefill_partial_sm90``): per work item, per-slot normalised O + LSE; two builds with
+   the same arguments and results: "serial" (2 CTAs per SM, every phase in turn) and "ws" (warp-specialised: a
+   producer warpgroup gathers Q into a 4-stage ring and TMA-loads K/V ahead of two consumer warpgroups; 1 CTA per
+   SM). ``MSA_CUTE_SPARSE_PREFILL_PARTIAL=serial|ws`` picks one (default :data:`DEFAULT_VARIANT`);
 4. combine kernel (``sparse_prefill_combine``): LSE-weighted merge of each token's slots -> O (bf16), LSE.
 
 On by default on SM90 (validated by tests/cute/test_sparse_prefill_kernel.py's GPU part); ``MSA_CUTE_SPARSE_PREFILL=0``
@@ -37,6 +40,10 @@ __all__ = [
     "PARTIAL",
     "COMBINE",
     "DISABLE_ENV",
+    "VARIANT_ENV",
+    "VARIANTS",
+    "DEFAULT_VARIANT",
+    "partial_variant",
 ]
 
 PARTIAL = "msa.cute.kernels.dsl.sparse_prefill_partial_sm90:partial"
@@ -45,7 +52,11 @@ DISABLE_ENV = "MSA_CUTE_SPARSE_PREFILL"  # "0": opt out (the op falls back to th
 HEAD_DIM = 128
 BLOCK = 128
 TILE_M = 128
-CTAS_PER_SM = 2
+CTAS_PER_SM = 2  # serial variant (96 KiB smem per CTA)
+VARIANT_ENV = "MSA_CUTE_SPARSE_PREFILL_PARTIAL"  # partial kernel build: "serial" or "ws"
+VARIANTS = ("serial", "ws")
+DEFAULT_VARIANT = "serial"  # "ws" becomes the default once its GPU tests pass on an H100
+CTAS_PER_SM_OF = {"serial": 2, "ws": 1}  # ws: 192 KiB smem (4 Q stages + K/V), 384 threads
 PARTIAL_DTYPES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
 LOG2_E = 1.4426950408889634
 
@@ -89,16 +100,32 @@ def supports(*, q_dtype=None, kv_dtype=None, head_dim=None, head_dim_v=None, top
     return True, "ok"
 
 
+def partial_variant(variant: str | None = None) -> str:
+    """The partial kernel build to run: ``variant`` if given, else ``$MSA_CUTE_SPARSE_PREFILL_PARTIAL``, else
+    :data:`DEFAULT_VARIANT`."""
+    name = variant if variant is not None else os.environ.get(VARIANT_ENV, DEFAULT_VARIANT)
+    if name not in VARIANTS:
+        src = "variant" if variant is not None else VARIANT_ENV
+        raise ValueError(f"{src}: expected one of {VARIANTS}, got {name!r}")
+    return name
+
+
 # ---- specs (what warmup builds, what run loads) -----------------------------------------------------------------
-def kernel_specs(qhead_per_kv: int, paged: bool, partial_dtype: str, arch: str = "sm_90a") -> tuple[CuteSpec, CuteSpec]:
-    partial = CuteSpec(PARTIAL, {"qhead_per_kv": qhead_per_kv, "paged": paged, "partial_dtype": partial_dtype}, arch)
+def kernel_specs(qhead_per_kv: int, paged: bool, partial_dtype: str, arch: str = "sm_90a",
+                 variant: str = "serial") -> tuple[CuteSpec, CuteSpec]:
+    """(partial, combine) specs. The serial variant's name carries no variant parameter (its cache entries predate
+    the ws variant)."""
+    params = {"qhead_per_kv": qhead_per_kv, "paged": paged, "partial_dtype": partial_dtype}
+    if partial_variant(variant) != "serial":
+        params["variant"] = variant
+    partial = CuteSpec(PARTIAL, params, arch)
     combine = CuteSpec(COMBINE, {"partial_dtype": partial_dtype}, arch)
     return partial, combine
 
 
 def cute_specs(preset: dict, arch: str) -> list[CuteSpec]:
-    """Warmup: every (GQA ratio, ragged/paged, partial dtype) the preset's bf16 / d128 / block-128 shapes need.
-    SM90 only (other archs get nothing: the kernel is Hopper-specific)."""
+    """Warmup: every (GQA ratio, ragged/paged, partial dtype, partial variant) the preset's bf16 / d128 / block-128
+    shapes need. SM90 only (other archs get nothing: the kernel is Hopper-specific)."""
     if arch != "sm_90a":
         return []
     if "bf16" not in preset.get("dtypes", ["bf16"]) or HEAD_DIM not in preset.get("head_dim", [HEAD_DIM]):
@@ -112,16 +139,22 @@ def cute_specs(preset: dict, arch: str) -> list[CuteSpec]:
             continue
         for partial_dtype in ("bfloat16", "float32"):
             for paged in (False, True):
-                for spec in kernel_specs(group, paged, partial_dtype, arch):
-                    out.setdefault(spec.name, spec)
+                for variant in VARIANTS:
+                    for spec in kernel_specs(group, paged, partial_dtype, arch, variant):
+                        out.setdefault(spec.name, spec)
     return list(out.values())
 
 
 @functools.lru_cache(maxsize=64)
-def _kernels(group: int, paged: bool, partial_dtype: str, arch: str = "sm_90a"):
+def _kernels(group: int, paged: bool, partial_dtype: str, arch: str = "sm_90a", variant: str = "serial"):
     """(partial, combine) tvm-ffi functions, built or fetched from the cache once per process."""
-    partial, combine = kernel_specs(group, paged, partial_dtype, arch)
+    partial, combine = kernel_specs(group, paged, partial_dtype, arch, variant)
     return partial.load(), combine.load()
+
+
+def partial_ctas(num_sms: int, capacity: int, variant: str) -> int:
+    """Persistent grid of the partial kernel: its CTAs per SM times the SMs, at most one per work item."""
+    return max(1, min(capacity, CTAS_PER_SM_OF[variant] * num_sms))
 
 
 @functools.lru_cache(maxsize=16)
@@ -222,8 +255,9 @@ def run(*, q, k, v, k2q_row_ptr, k2q_q_indices, topk, cu_seqlens_q, cu_seqlens_k
     o_part = _empty(topk, total_q, hq, d, dtype=partial_dtype, device=dev)  # slots past n_slots are never read
     lse_part = _empty(topk, total_q, hq, dtype=torch.float32, device=dev)
     pt = page_table.contiguous() if paged else torch.zeros(1, 1, dtype=torch.int32, device=dev)
-    num_ctas = max(1, min(sched.capacity, CTAS_PER_SM * _num_sms(dev.index if dev.index is not None else 0)))
-    partial_fn, combine_fn = _kernels(group, paged, part_name)
+    variant = partial_variant()
+    num_ctas = partial_ctas(_num_sms(dev.index if dev.index is not None else 0), sched.capacity, variant)
+    partial_fn, combine_fn = _kernels(group, paged, part_name, "sm_90a", variant)
     partial_fn(_dense(q), _dense(k), _dense(v), sched.work, sched.work_count, q_slot, cu_seqlens_q.contiguous(),
                cu_seqlens_k.contiguous(), kv_len, pt, o_part, lse_part, float(softmax_scale) * LOG2_E,
                int(bool(causal)), int(topk), int(num_ctas))

@@ -16,9 +16,12 @@ import cutlass
 from cutlass import Float32
 
 
-def smem_layout_rows(dtype, rows: int, cols: int):
-    """Swizzled smem layout for a ``rows x cols`` tile whose ``cols`` are contiguous (K-major wgmma operand)."""
+def smem_layout_rows(dtype, rows: int, cols: int, stages: int = 0):
+    """Swizzled smem layout for a ``rows x cols`` tile whose ``cols`` are contiguous (K-major wgmma operand);
+    ``stages > 0``: a ring of them, ``(rows, cols, stages)`` with one whole tile per stage."""
     atom = warpgroup.make_smem_layout_atom(hopper.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, dtype, cols), dtype)
+    if stages:
+        return cute.tile_to_shape(atom, (rows, cols, stages), order=(0, 1, 2))
     return cute.tile_to_shape(atom, (rows, cols), order=(0, 1))
 
 

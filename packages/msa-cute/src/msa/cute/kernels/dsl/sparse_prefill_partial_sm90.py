@@ -366,11 +366,21 @@ class SparsePrefillPartialSm90:
                     cute.printf("partial dbg: cta %d item %d done\n", bidx, item)
 
 
-def partial(qhead_per_kv: int, paged: bool = False, partial_dtype: str = "bfloat16", debug: int = 0) -> CuteCompile:
+VARIANTS = ("serial", "ws")
+
+
+def partial(qhead_per_kv: int, paged: bool = False, partial_dtype: str = "bfloat16", debug: int = 0,
+            variant: str = "serial") -> CuteCompile:
     """Factory of the SM90 partial kernel (bf16 Q/K/V, D = 128, block 128); arguments in the module docstring.
-    ``debug``: diagnostic build bit mask (see ``SparsePrefillPartialSm90.__init__``); 0 = the product kernel."""
+    ``debug``: diagnostic build bit mask (see ``SparsePrefillPartialSm90.__init__``); 0 = the product kernel.
+    ``variant``: "serial" (this module's kernel: 2 CTAs per SM, every phase in turn) or "ws" (the warp-specialised
+    pipeline of :mod:`sparse_prefill_partial_ws_sm90`: 1 CTA per SM, same arguments and results)."""
     if partial_dtype not in ("bfloat16", "float32"):
         raise ValueError(f"partial_dtype: expected bfloat16 or float32, got {partial_dtype!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+    if variant == "ws" and debug:
+        raise ValueError("debug: the diagnostic builds exist for the serial variant only")
     total_q, hq, hkv, nslots, batch, batch1 = sym(), sym(), sym(), sym(), sym(), sym()
     bf16 = cutlass.BFloat16
     if paged:
@@ -400,6 +410,12 @@ def partial(qhead_per_kv: int, paged: bool = False, partial_dtype: str = "bfloat
         Int32(1),  # CTAs (persistent)
         cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
     )
+    if variant == "ws":
+        if qhead_per_kv < 1 or TILE_M % qhead_per_kv:
+            raise ValueError(f"qhead_per_kv: expected a divisor of {TILE_M}, got {qhead_per_kv}")
+        from msa.cute.kernels.dsl.sparse_prefill_partial_ws_sm90 import SparsePrefillPartialWsSm90
+
+        return CuteCompile(SparsePrefillPartialWsSm90(qhead_per_kv, paged, DTYPES[partial_dtype], frg_a_view), args)
     return CuteCompile(SparsePrefillPartialSm90(qhead_per_kv, paged, partial_dtype, debug), args)
 
 
