@@ -328,6 +328,18 @@ def test_cluster_emulated_matches_reference(cluster_emulate, case):
     """Cluster path algorithm (topk_cluster_emulate.cc) over the random matrix: heavy ties (-> the fallback over all
     slices when the candidates overflow cap), -inf / NaN, forced blocks, k 1..64, ragged nvp, bf16, slices past K,
     G x S x W launch shapes, tight capacities, random remote-append orders."""
+    _cluster_emulated_case(cluster_emulate, case, 4 if case % 7 == 3 else 0)  # sorted_merge: the v4 bound (A/B)
+
+
+@pytest.mark.parametrize("case", range(120, 200))
+def test_cluster_local_merge_emulated_matches_reference(cluster_emulate, case):
+    """Local-merge variant (flag 8): per slice the exact local top M (local fallback when the slice's candidates
+    overflow cap), the owner's bitonic merge tree of the S lists; the same random matrix (M > 32 takes the default
+    algorithm, as the binding does)."""
+    _cluster_emulated_case(cluster_emulate, case, 8 if case % 5 else 12)
+
+
+def _cluster_emulated_case(cluster_emulate, case, flags):
     from msa.core.kernels.topk import row_capacity
 
     gen = torch.Generator().manual_seed(9000 + case)
@@ -347,8 +359,7 @@ def test_cluster_emulated_matches_reference(cluster_emulate, case):
     m = topk - fb - fe
     g = pick((1, 2, 4, 8, 16))
     cap = row_capacity(m) if case % 2 else max(m, 1) + int(torch.randint(0, 8, (1,), generator=gen))
-    kw = dict(g=g, slices=pick((1, 2, 3, 5, 8)), warps=max(g, pick((1, 4, 8, 16))), cap=cap, seed=case,
-              flags=4 if case % 7 == 3 else 0)  # sorted_merge: the v4 bound, an A/B variant
+    kw = dict(g=g, slices=pick((1, 2, 3, 5, 8)), warps=max(g, pick((1, 4, 8, 16))), cap=cap, seed=case, flags=flags)
     want = reference(scores, topk, num_valid_pages=nvp, force_begin_blocks=fb, force_end_blocks=fe)
     got = cluster_emulate(scores, topk, nvp, fb, fe, **kw)
     assert torch.equal(got, want), f"{kind} topk={topk} K={n_blocks} q={total_q} fb={fb} fe={fe} {kw}"
@@ -362,7 +373,7 @@ def test_cluster_emulated_bound_is_tight(cluster_emulate):
     scores = make_scores("randn", 1, 8192, 8, torch.float32, gen)
     want = reference(scores, 16, force_end_blocks=1)
     for cap in (15, 31, 128):
-        for flags in (0, 4):
+        for flags in (0, 4, 8):
             got = cluster_emulate(scores, 16, None, 0, 1, g=8, slices=8, warps=8, cap=cap, seed=cap, flags=flags)
             assert torch.equal(got, want), (cap, flags)
 
@@ -514,7 +525,9 @@ def test_plan_shapes(monkeypatch):
     assert cluster_flags() == 5
     monkeypatch.setenv("MSA_TOPK_CLUSTER_FLAGS", "2")
     assert cluster_flags() == 2
-    for bad in ("9", "fast"):
+    monkeypatch.setenv("MSA_TOPK_CLUSTER_FLAGS", "local_merge+one_batch")
+    assert cluster_flags() == 24
+    for bad in ("32", "fast"):
         monkeypatch.setenv("MSA_TOPK_CLUSTER_FLAGS", bad)
         with pytest.raises(ValueError, match="MSA_TOPK_CLUSTER_FLAGS"):
             cluster_flags()
@@ -677,6 +690,38 @@ def test_cluster_launch_shapes(monkeypatch, g, slices, warps):
         _check(scores, 16, random_nvp(70, 1500, gen).cuda(), 1, 2)
     scores = make_scores("randn", 1, 100, 9, torch.float32, gen).cuda()  # slices past K (64-block minimum)
     _check(scores, 16, None, 0, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("flags", ["local_merge", "one_batch", "local_merge+one_batch"])
+@pytest.mark.parametrize("g,slices,warps", [(8, 8, 8), (4, 8, 8), (2, 5, 4), (1, 1, 1), (8, 3, 8)])
+def test_cluster_variants(monkeypatch, flags, g, slices, warps):
+    """Cluster A/B variants (MSA_TOPK_CLUSTER_FLAGS): local merge (per-slice exact top M -> owner lists through
+    DSMEM, one barrier, bitonic merge tree; its local heavy-ties fallback), one load batch (32 loads in flight);
+    M > 32 (the local merge falls back to the default algorithm), NaN / -inf, per-token nvp, slices past K."""
+    monkeypatch.setenv("MSA_TOPK_PATH", "cluster")
+    monkeypatch.setenv("MSA_TOPK_CLUSTER_FLAGS", flags)
+    monkeypatch.setenv("MSA_TOPK_G", str(g))
+    monkeypatch.setenv("MSA_TOPK_SLICES", str(slices))
+    monkeypatch.setenv("MSA_TOPK_WARPS", str(warps))
+    gen = torch.Generator().manual_seed(g * 100 + slices * 10 + warps + len(flags))
+    for dtype in (torch.float32, torch.bfloat16):
+        scores = make_scores("ties", 2, 2000, 50, dtype, gen).cuda()
+        _check(scores, 32, None, 0, 0)  # M = 32: a full list per slice
+        _check(scores, 16, random_nvp(50, 2000, gen).cuda(), 2, 2)
+        scores = make_scores("randn", 4, 8192, 64, dtype, gen).cuda()
+        _check(scores, 16, None, 0, 1)
+        _check(scores, 1, None, 0, 0)
+        _check(scores, 48, random_nvp(64, 8192, gen).cuda(), 1, 1)
+    for kind in ("nan", "ascending", "causal", "zeros_signed"):
+        scores = make_scores(kind, 3, 1500, 70, torch.float32, gen).cuda()
+        _check(scores, 7, 650, 0, 0)
+        _check(scores, 33, None, 0, 0)
+        _check(scores, 16, random_nvp(70, 1500, gen).cuda(), 1, 2)
+    scores = make_scores("randn", 1, 100, 9, torch.float32, gen).cuda()  # slices past K (64-block minimum)
+    _check(scores, 16, None, 0, 1)
+    scores = make_scores("ties", 4, 4096, 64, torch.float32, gen).cuda()
+    assert torch.equal(_check(scores, 16, None, 0, 1), _kernel_call(scores, 16, None, 0, 1))  # deterministic
 
 
 @pytest.mark.gpu

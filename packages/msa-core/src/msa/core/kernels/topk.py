@@ -24,7 +24,8 @@ allocator) and only when ``splits > 1``.
 Environment overrides (benchmark sweeps): ``MSA_TOPK_PATH`` (block | warp | row), ``MSA_TOPK_SPLITS``, ``MSA_TOPK_G``
 (tokens per CTA, block), ``MSA_TOPK_P`` (threads per token, block), ``MSA_TOPK_V`` (16 | 32, block),
 ``MSA_TOPK_WARPS`` (warp; row: warps per CTA), ``MSA_TOPK_MERGE_WARPS`` (warp); row:
-``MSA_TOPK_G`` (tokens per CTA); cluster: ``MSA_TOPK_G``, ``MSA_TOPK_WARPS``, ``MSA_TOPK_SLICES`` (CTAs per cluster).
+``MSA_TOPK_G`` (tokens per CTA); cluster: ``MSA_TOPK_G``, ``MSA_TOPK_WARPS``, ``MSA_TOPK_SLICES`` (CTAs per cluster),
+``MSA_TOPK_CLUSTER_FLAGS`` (A/B kernel variants, all exact; see ``CLUSTER_FLAG_BITS``).
 """
 
 from __future__ import annotations
@@ -354,7 +355,11 @@ def _empty(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 
 CLUSTER_TIMELINE_SLOTS = 16  # u64 stamps per CTA in a timeline build (topk_cluster_core.cuh, kTimelineSlots)
-CLUSTER_FLAG_BITS = {"always_exit_sync": 1, "attr_for_one": 2, "sorted_merge": 4}  # kCluster* (A/B variants)
+# kCluster* (A/B variants, topk_cluster_core.cuh): local_merge = per-slice exact top M -> owner lists, one cluster
+# barrier, bitonic merge tree (M <= 32; larger M runs the default algorithm); one_batch = 32 staging loads in
+# flight per thread (warps <= 8)
+CLUSTER_FLAG_BITS = {"always_exit_sync": 1, "attr_for_one": 2, "sorted_merge": 4, "local_merge": 8, "one_batch": 16}
+CLUSTER_FLAGS_END = 32
 
 
 def cluster_flags() -> int:
@@ -371,8 +376,8 @@ def cluster_flags() -> int:
         except KeyError as e:
             raise ValueError(f"MSA_TOPK_CLUSTER_FLAGS: unknown name {e.args[0]!r}, expected an int or names from "
                              f"{sorted(CLUSTER_FLAG_BITS)} joined by '+'") from None
-    if not 0 <= flags < 8:
-        raise ValueError(f"MSA_TOPK_CLUSTER_FLAGS: expected 0..7, got {flags}")
+    if not 0 <= flags < CLUSTER_FLAGS_END:
+        raise ValueError(f"MSA_TOPK_CLUSTER_FLAGS: expected 0..{CLUSTER_FLAGS_END - 1}, got {flags}")
     return flags
 
 

@@ -32,6 +32,24 @@
 // 0) -- the owner warp of row `rank` -- records %globaltimer / clock64 stamps per phase into p.trace
 // (kTimelineSlots u64 per CTA, slots below); .gpu/topk/cluster_timeline.py prints them per phase.
 // Exactness does not depend on the order of the remote appends: the owner ranks composite keys.
+//
+// Local-merge variant (template kLocal, A/B flag kClusterLocalMerge, M <= 32; session 3 after run 5): one cluster
+// barrier on the critical path instead of two, no DSMEM round trip (no remote loads, no remote atomics):
+//  0. every thread arrives (relaxed) on the cluster barrier at entry and waits on it after staging: by then every
+//     CTA of the cluster has long started, so the first remote store is legal and the wait costs ~nothing.
+//  1. staging and the slice's group maxima as above; each row warp selects its slice's exact top M on its own
+//     (the row path: local theta = the M-th largest of the slice's 32 group maxima, candidate scan into a local
+//     buffer, rank count; > cap candidates (heavy ties) -> M rounds of local warp argmax: exact, no DSMEM).
+//  2. the slice's best M, as a list of 32 composites (0 = empty), is stored into the owner CTA's list table
+//     lists[own][slice] through DSMEM: one 8-byte remote store per lane, in descending order for even slices
+//     and ascending for odd ones (so two neighbouring lists form a bitonic sequence). Cluster barrier.
+//  3. owner warp: lane i holds entry i of each of the S <= 8 lists (8 local loads in flight), a 3-level tree of
+//     bitonic merges (elementwise max of a descending and an ascending list = the top 32 of their union as a
+//     bitonic sequence, then 5 half-cleaner steps, alternating the output direction) leaves the row's top 32 in
+//     lane order; lanes < M with a nonzero composite are selected, output position = selected with a smaller
+//     index (shuffles). No remote read after the barrier: no exit guard.
+// The top M of the row is in the union of the slices' top M, so this is exact; DSMEM traffic per row = S * 256 B
+// of stores (vs group keys + candidates + an atomic per chunk), the owner's merge ~15 dependent shuffle steps.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -46,6 +64,10 @@ constexpr int kClusterMaxSlices = 8;  // portable cluster size
 constexpr int kClusterAlwaysExitSync = 1;  // final cluster barrier even when no row overflowed (v4)
 constexpr int kClusterAttrForOne = 2;      // S == 1: launch with the cluster attribute (default: a plain launch)
 constexpr int kClusterSortedMerge = 4;     // the v4 bound: sorted lists + S - 1 bitonic union merges
+constexpr int kClusterLocalMerge = 8;      // local exact top M per slice + one barrier + owner bitonic tree (M <= 32)
+constexpr int kClusterOneBatch = 16;       // every staging load of a thread in one batch (32 in flight, W <= 8)
+constexpr int kClusterFlagsEnd = 32;       // flags < this
+constexpr int kClusterLocalMaxM = 32;      // local merge: one 32-entry list per slice and row
 
 // Timeline slots (u64 per CTA; MSA_TOPK_TIMELINE builds only)
 constexpr int kTimelineSlots = 16;
@@ -92,6 +114,14 @@ __host__ __device__ inline size_t cluster_smem_bytes(int slice_len, int g, int s
          own * 4 + 2 * static_cast<size_t>(g) * 4 + 2 * 4 + 2 * 4;
 }
 
+// Local-merge variant: rows + local candidates [G][cap] u64 + owner lists [ceil(G / S)][S][32] u64 + group keys
+// [G][32] u32 + ranges [2][G] + window [2] + overflow (+ pad).
+__host__ __device__ inline size_t cluster_local_smem_bytes(int slice_len, int g, int slices, int cap) {
+  const size_t own = cluster_owned_rows(g, slices);
+  return static_cast<size_t>(g) * (slice_len + 32 / g) * 4 + static_cast<size_t>(g) * cap * 8 +
+         own * slices * 32 * 8 + static_cast<size_t>(g) * 32 * 4 + 2 * static_cast<size_t>(g) * 4 + 2 * 4 + 2 * 4;
+}
+
 __device__ __forceinline__ RowRange cluster_row_range(const ClusterParams& p, int64_t t) {
   return row_range(p.nvp != nullptr ? __ldg(p.nvp + t) : p.nvp_scalar, p.n_blocks, p.fb, p.fe);
 }
@@ -116,6 +146,39 @@ __device__ __forceinline__ void cluster_exit_guard() {
   asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
 }
 
+// Half-cleaner steps of a bitonic sequence of 32 composites (one per lane) -> sorted, descending or ascending.
+__device__ __forceinline__ Comp warp_bitonic_clean(Comp x, bool desc, int lane) {
+#pragma unroll
+  for (int jb = 16; jb > 0; jb >>= 1) {
+    const Comp o = __shfl_xor_sync(kRowFull, x, jb);
+    const bool take_max = ((lane & jb) == 0) == desc;
+    x = take_max ? (o > x ? o : x) : (o < x ? o : x);
+  }
+  return x;
+}
+
+// Local merge: lane i of list s is entry (s odd ? 31 - i : i) of the slice's best-first list, so that lists
+// 2j (descending) and 2j + 1 (ascending) form a bitonic pair.
+__device__ __forceinline__ int local_list_pos(int slice, int i) { return (slice & 1) ? 31 - i : i; }
+
+// The top 32 of the union of 8 lists (l[s] = lane's entry of list s; even s descending, odd s ascending across
+// the lanes; missing lists all 0), descending across the lanes: a 3-level tree of bitonic merges.
+__device__ __forceinline__ Comp warp_merge8_desc(const Comp (&l)[kClusterMaxSlices], int lane) {
+  Comp a[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // max(desc, asc) = the pair's top 32 (bitonic); outputs desc, asc, desc, asc
+    const Comp x = l[2 * i] > l[2 * i + 1] ? l[2 * i] : l[2 * i + 1];
+    a[i] = warp_bitonic_clean(x, (i & 1) == 0, lane);
+  }
+  Comp b[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const Comp x = a[2 * i] > a[2 * i + 1] ? a[2 * i] : a[2 * i + 1];
+    b[i] = warp_bitonic_clean(x, (i & 1) == 0, lane);
+  }
+  return warp_bitonic_clean(b[0] > b[1] ? b[0] : b[1], true, lane);
+}
+
 #ifdef MSA_TOPK_TIMELINE
 #define MSA_TOPK_TL(slot)                                    \
   do {                                                       \
@@ -127,7 +190,123 @@ __device__ __forceinline__ void cluster_exit_guard() {
   } while (0)
 #endif
 
-template <typename T, int kUnroll>
+// Local-merge variant after staging (kLocal): per row warp the slice's exact top M -> the owner's list table
+// through DSMEM, one cluster barrier, owner warp merges the S lists and writes the row. Every thread of the CTA
+// calls it (it holds the cluster barrier's second wait and its second phase).
+__device__ __forceinline__ void cluster_local_finish(const ClusterParams& p, cooperative_groups::cluster_group& cluster,
+                                                     float* rows, Comp* cands, Comp* lists, const uint32_t* gkeys,
+                                                     int ulo, int nj, int64_t t0, int rank
+#ifdef MSA_TOPK_TIMELINE
+                                                     , unsigned long long* tl
+#endif
+) {
+  const int G = 1 << p.log_g, S = p.slices, h = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t t = t0 + warp;
+  const bool row_warp = warp < G && t < p.q && p.m > 0;  // warp-uniform, the same in every CTA of the cluster
+  float* row_base = rows + static_cast<size_t>(imin32(warp, G - 1)) * p.stride;
+  const int owner = warp % S, own_slot = warp / S;
+  MSA_TOPK_TL(kTlGroups);
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");  // phase 0 (arrived at entry)
+  MSA_TOPK_TL(kTlSync1);
+  int n_stamped = 0;
+  if (row_warp) {
+    // 1. the slice's exact top M (row path: local theta, local candidates, rank count)
+    int r;
+    const uint32_t key = theta_group_key(row_base + lane, gkeys[warp * 32 + lane], nj, p.m, &r);
+    const uint32_t theta_key = warp_rth_largest(key, r, lane);
+    const float theta = theta_key ? key_value(theta_key) : -FLT_MAX;  // -inf never passes
+    MSA_TOPK_TL(kTlTheta);
+    Comp* cand = cands + static_cast<size_t>(warp) * p.cap;
+    int n = 0;
+    scan_candidates(row_base, nj, (p.stride & 1) == 0, theta, ulo, cand, p.cap, lane, [&](int total) {
+      const int base = n;
+      n += total;
+      return base;
+    });
+    __syncwarp();
+    n_stamped = n;
+    // 2. the list (best first, 0 = empty) into the owner's table at this slice's slot, lane order by parity
+    Comp* dst = cluster.map_shared_rank(lists + (static_cast<size_t>(own_slot) * S + rank) * 32, owner);
+    if (n <= p.cap) {
+      for (int e0 = 0; e0 < n; e0 += 32) {
+        const int e = e0 + lane;
+        const Comp x = e < n ? cand[e] : 0ull;
+        int rk = 0;
+#pragma unroll 4
+        for (int f = 0; f < n; ++f) rk += cand[f] > x ? 1 : 0;
+        if (e < n && rk < p.m) dst[local_list_pos(rank, rk)] = x;
+      }
+      if (lane >= imin32(n, p.m)) dst[local_list_pos(rank, lane)] = 0ull;
+    } else {
+      // heavy ties: M rounds of warp argmax below the previous pick over the local slice (exact, no DSMEM)
+      const float* row = row_base + lane;
+      Comp prev = ~0ull, mine = 0ull;
+      for (int i = 0; i < p.m; ++i) {
+        Comp best = 0ull;
+        for (int j = 0; j < nj; ++j) {
+          const float x = row[j << 5];
+          if (x >= theta) {
+            const Comp cx = make_comp(score_key(x), static_cast<uint32_t>(ulo + (j << 5) + lane));
+            best = cx < prev && cx > best ? cx : best;
+          }
+        }
+        best = warp_max_comp(best);
+        if (best == 0ull) break;
+        if (lane == i) mine = best;
+        prev = best;
+      }
+      dst[local_list_pos(rank, lane)] = mine;
+    }
+    MSA_TOPK_TL(kTlAppended);
+  }
+  cluster.sync();  // every slice's list is in its owner's table
+  MSA_TOPK_TL(kTlSync2);
+
+  if (warp < G && owner == rank && t < p.q) {
+    const RowRange rr = cluster_row_range(p, t);
+    int32_t* orow = p.out + (t * p.n_heads + h) * p.topk;
+    int nsel = 0;
+    if (p.m > 0 && rr.lo < rr.hi) {
+      // 3. the top 32 of the union of the S lists (missing slices: empty lists), then index order
+      const Comp* lst = lists + static_cast<size_t>(own_slot) * S * 32 + lane;
+      Comp l[kClusterMaxSlices];
+#pragma unroll
+      for (int s = 0; s < kClusterMaxSlices; ++s) l[s] = s < S ? lst[s * 32] : 0ull;
+      const Comp top = warp_merge8_desc(l, lane);
+      const bool sel = lane < p.m && top != 0ull;
+      const uint32_t bal = __ballot_sync(kRowFull, sel);
+      nsel = __popc(bal);
+      const uint32_t idx = comp_idx(top);
+      int pos = 0;
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        const uint32_t o = __shfl_sync(kRowFull, idx, j);
+        pos += ((bal >> j) & 1u) != 0u && o < idx ? 1 : 0;
+      }
+      if (sel) orow[rr.lo + pos] = static_cast<int32_t>(idx);
+    }
+    write_forced(orow, p.topk, rr, nsel, lane);
+  }
+  MSA_TOPK_TL(kTlRanked);
+  // no remote access after the barrier: no exit guard
+#ifdef MSA_TOPK_TIMELINE
+  if (tl != nullptr) {
+    tl[kTlExit] = clock64();
+    tl[kTlEnd] = clock64();
+    tl[kTlEndNs] = global_ns();
+    unsigned smid;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+    tl[kTlMeta] = smid | (static_cast<unsigned long long>(rank) << 16) |
+                  (static_cast<unsigned long long>(n_stamped) << 32);
+  }
+#else
+  (void)n_stamped;
+#endif
+}
+
+// kLocal: the local-merge variant (kClusterLocalMerge; M <= 32, see the header comment).
+template <typename T, int kUnroll, bool kLocal>
 __device__ __forceinline__ void cluster_select_cta(const ClusterParams& p) {
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
@@ -137,10 +316,12 @@ __device__ __forceinline__ void cluster_select_cta(const ClusterParams& p) {
   const int n_threads = blockDim.x, tid = threadIdx.x, h = blockIdx.z;
   const int n_own = cluster_owned_rows(G, S);
   float* rows = reinterpret_cast<float*>(smem_raw);
+  // candidates: [ceil(G / S)][cap] owned rows (default) or [G][cap] local rows (kLocal, then the owner lists)
   Comp* cands = reinterpret_cast<Comp*>(rows + static_cast<size_t>(G) * p.stride);
-  uint32_t* gkeys = reinterpret_cast<uint32_t*>(cands + static_cast<size_t>(n_own) * p.cap);
-  int* counts = reinterpret_cast<int*>(gkeys + G * 32);
-  int* range = counts + n_own;
+  Comp* lists = cands + static_cast<size_t>(kLocal ? G : n_own) * p.cap;  // kLocal: [ceil(G / S)][S][32]
+  uint32_t* gkeys = reinterpret_cast<uint32_t*>(kLocal ? lists + static_cast<size_t>(n_own) * S * 32 : lists);
+  int* counts = reinterpret_cast<int*>(gkeys + G * 32);  // default only
+  int* range = counts + (kLocal ? 0 : n_own);
   int* window = range + 2 * G;
   int* overflow = window + 2;  // set remotely by an appender whose reservation passed cap
   const int64_t t0 = static_cast<int64_t>(blockIdx.y) * G;
@@ -154,6 +335,11 @@ __device__ __forceinline__ void cluster_select_cta(const ClusterParams& p) {
     tl[kTlStart] = clock64();
   }
 #endif
+  if constexpr (kLocal) {
+    // phase 0 of the cluster barrier: waited on after staging, before the first remote store (every CTA of the
+    // cluster has started by then); relaxed: it orders nothing
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+  }
 
   // ---- phase 1: stage this slice's part of every row's eligible range
   const int ks = rank * p.slice_len, ke = imin32(ks + p.slice_len, p.n_blocks);
@@ -170,7 +356,7 @@ __device__ __forceinline__ void cluster_select_cta(const ClusterParams& p) {
     ehi = imin32(rl.hi, ke);
     if (elo >= ehi) elo = ehi = 0;
   }
-  if (tid < n_own) counts[tid] = 0;  // read / written remotely only after cluster barrier 1
+  if (!kLocal && tid < n_own) counts[tid] = 0;  // read / written remotely only after cluster barrier 1
   if (tid == 0) *overflow = 0;
   int ulo = INT32_MAX, uhi = INT32_MIN;
   if (p.nvp == nullptr && own_groups) {
@@ -210,6 +396,14 @@ __device__ __forceinline__ void cluster_select_cta(const ClusterParams& p) {
   }
   __syncthreads();
   MSA_TOPK_TL(kTlStaged);
+  if constexpr (kLocal) {
+    cluster_local_finish(p, cluster, rows, cands, lists, gkeys, ulo, nj, t0, rank
+#ifdef MSA_TOPK_TIMELINE
+                         , tl
+#endif
+    );
+    return;
+  }
 
   // ---- phase 2: warp g works on row g
   const int warp = tid >> 5, lane = tid & 31;

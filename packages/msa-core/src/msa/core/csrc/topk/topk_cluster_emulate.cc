@@ -10,6 +10,9 @@
 // candidate scan in the kernel's order (per 32 lines, float2 pairs or lines, lane-major) with reservations
 // taken in a random slice order (the remote atomics' order is arbitrary), the capacity cut, the owner's rank
 // select, the heavy-ties fallback over all slices, and the forced head / tail.
+// flags & 8 (kClusterLocalMerge, M <= 32): per slice the exact local top M (local theta = the M-th largest of the
+// slice's group keys, candidates, rank select; > cap -> M rounds of local argmax), stored as a 32-entry list in
+// lane order by the slice's parity, then the kernel's 3-level bitonic merge tree (warp_merge8_desc) on arrays.
 #include <float.h>
 #include <stdint.h>
 
@@ -70,6 +73,34 @@ uint32_t rth_largest32(const uint32_t* a, int r) {
     if (rank == r - 1) return a[i];
   }
   return 0xFFFFFFFFu;  // unreachable: the ranks are a permutation of 0..31
+}
+
+// warp_bitonic_clean on an array (lane i = a[i]): half-cleaner steps, descending or ascending.
+void bitonic_clean32(Comp* a, bool desc) {
+  for (int jb = 16; jb > 0; jb >>= 1) {
+    Comp b[32];
+    for (int l = 0; l < 32; ++l) {
+      const Comp o = a[l ^ jb];
+      const bool take_max = ((l & jb) == 0) == desc;
+      b[l] = take_max ? std::max(a[l], o) : std::min(a[l], o);
+    }
+    std::copy(b, b + 32, a);
+  }
+}
+
+// warp_merge8_desc: lists[s][lane] (even s descending, odd ascending), -> top (the union's top 32, descending).
+void merge8_desc(const Comp (*lists)[32], Comp* top) {
+  Comp a[4][32], b[2][32];
+  for (int i = 0; i < 4; ++i) {
+    for (int l = 0; l < 32; ++l) a[i][l] = std::max(lists[2 * i][l], lists[2 * i + 1][l]);
+    bitonic_clean32(a[i], (i & 1) == 0);
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int l = 0; l < 32; ++l) b[i][l] = std::max(a[2 * i][l], a[2 * i + 1][l]);
+    bitonic_clean32(b[i], (i & 1) == 0);
+  }
+  for (int l = 0; l < 32; ++l) top[l] = std::max(b[0][l], b[1][l]);
+  bitonic_clean32(top, true);
 }
 
 }  // namespace
@@ -166,6 +197,46 @@ extern "C" int msa_topk_cluster_emulate(const float* scores, int n_heads, int n_
             }
             if (flags & 4) sort_desc32(a);
           }
+          if ((flags & 8) && m <= 32) {  // local merge: per slice its exact top M, then the owner's merge tree
+            Comp lanes[8][32] = {};
+            for (int s = 0; s < S; ++s) {
+              const std::vector<float>& row = staged[s * G + g];
+              const uint32_t tk = rth_largest32(&lists[static_cast<size_t>(s) * 32], m);
+              const float th = tk ? key_value(tk) : -FLT_MAX;
+              std::vector<Comp> cs;
+              for (int k = 0; k < nj_of[s] * 32; ++k)
+                if (row[k] >= th) cs.push_back(make_comp(score_key(row[k]), static_cast<uint32_t>(ulo_of[s] + k)));
+              Comp best[32] = {};
+              const int n = static_cast<int>(cs.size());
+              if (n <= cap) {  // rank select
+                for (int e = 0; e < n; ++e) {
+                  int rk = 0;
+                  for (int f = 0; f < n; ++f) rk += cs[f] > cs[e] ? 1 : 0;
+                  if (rk < m) best[rk] = cs[e];
+                }
+              } else {  // local fallback: M rounds of argmax below the previous pick (elements >= theta)
+                Comp prev = ~0ull;
+                for (int i = 0; i < m; ++i) {
+                  Comp b = 0ull;
+                  for (const Comp c : cs) b = c < prev && c > b ? c : b;
+                  if (b == 0ull) break;
+                  best[i] = b;
+                  prev = b;
+                }
+              }
+              for (int i = 0; i < 32; ++i) lanes[s][(s & 1) ? 31 - i : i] = best[i];
+            }
+            if (rr.lo < rr.hi) {
+              Comp top[32];
+              merge8_desc(lanes, top);
+              std::vector<uint32_t> sel;
+              for (int l = 0; l < m; ++l)
+                if (top[l] != 0ull) sel.push_back(comp_idx(top[l]));
+              std::sort(sel.begin(), sel.end());
+              for (size_t e = 0; e < sel.size(); ++e) orow[rr.lo + e] = static_cast<int32_t>(sel[e]);
+              nsel = static_cast<int>(sel.size());
+            }
+          } else {
           uint32_t theta_key;
           if (flags & 4) {  // v4: top 32 of the union of the sorted lists
             uint32_t top[32];
@@ -262,6 +333,7 @@ extern "C" int msa_topk_cluster_emulate(const float* scores, int n_heads, int n_
                 }
             }
           }
+          }  // default / sorted_merge bound
         }
         const int tail = rr.nvp - rr.hi;
         for (int j = 0; j < topk; ++j) {
