@@ -79,6 +79,33 @@ __device__ __forceinline__ void pin_before_wait(float* scratch, float v) {
   asm volatile("st.shared.f32 [%0], %1;" ::"r"(cute::cast_smem_ptr_to_uint(scratch)), "f"(v) : "memory");
 }
 
+// Per-step timeline (diagnostic build, -DMSA_FMHA_SM90_TIMELINE; off by default): lane 0 of warp 0 of each consumer
+// warpgroup of CTAs [0, kTlCtas) stamps clock64() at kTlPoints points of each of the first kTlSteps unmasked-loop
+// steps of its CTA's second work item (the first runs cold). Read back by the module's timeline() export.
+constexpr int kTlCtas = 8, kTlSteps = 48, kTlPoints = 8;
+#if defined(MSA_FMHA_SM90_TIMELINE)
+__device__ long long g_fmha_timeline[kTlCtas][2][kTlSteps][kTlPoints];
+#endif
+struct Timeline {
+#if defined(MSA_FMHA_SM90_TIMELINE)
+  long long* row = nullptr;  // this step's kTlPoints stamps, or nullptr when this thread does not record
+  __device__ __forceinline__ void start(bool on, int wg, int item_no, int step) {
+    row = (on && item_no == 1 && step < kTlSteps && blockIdx.x < kTlCtas) ? g_fmha_timeline[blockIdx.x][wg][step]
+                                                                          : nullptr;
+  }
+  __device__ __forceinline__ void stamp(int point) {
+    if (row != nullptr) {
+      long long t;
+      asm volatile("mov.u64 %0, %%clock64;" : "=l"(t)::"memory");
+      row[point] = t;
+    }
+  }
+#else
+  __device__ __forceinline__ void start(bool, int, int, int) {}
+  __device__ __forceinline__ void stamp(int) {}
+#endif
+};
+
 using Mbar = cutlass::arch::ClusterBarrier;
 using TxMbar = cutlass::arch::ClusterTransactionBarrier;
 
@@ -206,7 +233,8 @@ __device__ __forceinline__ void wg_gemm(TiledMma& mma, TA const& a, TB const& b,
 // row_sum stays a per-thread partial sum until finalize (the quad reduction is only needed once).
 // ------------------------------------------------------------------------------------------------------------
 // kExp2EmuEvery > 0: every kExp2EmuEvery-th column of an unmasked tile (kCheckInf false) uses exp2_poly.
-template <int kRows, int kLog2PScale = 0, int kExp2EmuEvery = 0>
+// kRowPipe: row mi > 0 starts its max chain from a value that depends on row mi-1's first exp2 (see traits).
+template <int kRows, int kLog2PScale = 0, int kExp2EmuEvery = 0, bool kRowPipe = false>
 struct OnlineSoftmax {
   float row_max[kRows];
   float row_sum[kRows];
@@ -223,6 +251,15 @@ struct OnlineSoftmax {
     for (int mi = 0; mi < kRows; ++mi) {
       // Four independent max chains (a single 64-long FMNMX chain is latency-bound on the critical path).
       float mx[4] = {(kFirst || kTileMax) ? -INFINITY : row_max[mi], -INFINITY, -INFINITY, -INFINITY};
+      if constexpr (kRowPipe) {
+        if (mi > 0) {
+          // sr(mi - 1, 0) now holds an exp2 (>= 0 or NaN): e + inf is +inf or NaN, and fminf(x, +inf / NaN) = x,
+          // so the value is unchanged -- but ptxas must schedule this row's max after the previous row's first
+          // MUFU, i.e. inside that row's MUFU phase instead of ahead of it. (Applied to the running-max chain:
+          // fminf(-inf, y) would fold to a constant on the first tile, which is outside the loop anyway.)
+          mx[0] = fminf(mx[0], sr(mi - 1, 0) + INFINITY);
+        }
+      }
       CUTE_UNROLL
       for (int ni = 0; ni < kCols; ++ni) { mx[ni % 4] = fmaxf(mx[ni % 4], sr(mi, ni)); }
       float m = fmaxf(fmaxf(mx[0], mx[1]), fmaxf(mx[2], mx[3]));
@@ -588,7 +625,7 @@ __device__ __forceinline__ void fill_max_score_tail(typename T::Params const& p,
 template <class T>
 __device__ void consumer_warpgroups(typename T::Params const& p, typename T::SharedStorage& ss, int tid) {
   using Element = typename T::Element;
-  using Softmax = OnlineSoftmax<2, T::kLog2PScale, T::kExp2EmuEvery>;
+  using Softmax = OnlineSoftmax<2, T::kLog2PScale, T::kExp2EmuEvery, T::kRowPipe>;
   constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN;
   using TileQK = typename T::TileQK;
   using TilePV = typename T::TilePV;
@@ -609,7 +646,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
 
   // Q starts out free; warpgroup 0 holds the first issue token of the ping-pong.
   named_barrier_arrive(kBarQueryEmpty, T::kNumMmaThreads + 32);
-  if (wg == 0) { named_barrier_arrive(kBarSched0, T::kNumMmaThreads); }
+  if (T::kPingPong != 0 && wg == 0) { named_barrier_arrive(kBarSched0, T::kNumMmaThreads); }
 
   PipeState<T::kStages> rd;
   PipeState<2> sched_rd;
@@ -621,10 +658,15 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
   int item = 0;
   WorkItem w{};
   next_work(item, w);
+  Timeline tl;
+  int item_no = 0;  // items this warpgroup has processed (timeline build only)
+  bool const tl_on = (tid % 128) == 0;
 
   while (item < p.num_work) {
     int next_item = 0;
-    WorkItem next_w = w;
+    // kRegDiet: next_w starts empty (it is only read when next_work loaded it), so no second WorkItem copy is
+    // live across the KV loop.
+    WorkItem next_w = T::kRegDiet ? WorkItem{} : w;
     Tensor tOrO = partition_fragment_C(mma_pv, select<0, 1>(TilePV{}));
     float o_norm[2], lse[2];
     // Softmax (natural log) and output scales of this item's head: per head in FP8 mode.
@@ -687,17 +729,25 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       n_mask_min = min(n_mask_min, max(0, floor_div(w.m_block * kBlockM + w.qo_offset + 1, kBlockN)));
     }
 
+    int tl_step = 0;
     auto step = [&](int n_block, auto masked) {
       constexpr bool kMasked = decltype(masked)::value;
+      tl.start(tl_on && !kMasked, wg, item_no, kMasked ? kTlSteps : tl_step++);  // unmasked steps only
+      tl.stamp(0);  // step start
       PipeState<T::kStages> const rd_v = rd;  // V of the previous (higher) tile
       rd.advance();                           // K of this tile
       Mbar::wait(&ss.full_k[rd.index], rd.phase);
-      named_barrier_sync(kBarSched0 + wg, T::kNumMmaThreads);
+      tl.stamp(1);  // K(n) landed
+      if constexpr (T::kPingPong != 0) { named_barrier_sync(kBarSched0 + wg, T::kNumMmaThreads); }
+      tl.stamp(2);  // issue token held
       wg_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, rd.index), tSrS);
+      if constexpr (T::kPingPong == 2) { named_barrier_arrive(kBarSched0 + (1 - wg), T::kNumMmaThreads); }
       Mbar::wait(&ss.full_v[rd_v.index], rd_v.phase);
       wg_gemm<false, -1>(mma_pv, tOrP, tOrV(_, _, _, rd_v.index), tOrO);
-      named_barrier_arrive(kBarSched0 + (1 - wg), T::kNumMmaThreads);
+      if constexpr (T::kPingPong == 1) { named_barrier_arrive(kBarSched0 + (1 - wg), T::kNumMmaThreads); }
+      tl.stamp(3);  // both GEMMs issued
       warpgroup_wait<1>();  // S of this tile is ready; PV still running
+      tl.stamp(4);  // S ready
       warpgroup_fence_operand(tSrS);
       Mbar::arrive(&ss.empty_k[rd.index]);
       if constexpr (kMasked) { apply_mask<T::kCausal, kBlockM, kBlockN>(tSrS, tScS, w, n_block); }
@@ -707,12 +757,15 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       // behind the warpgroup's own PV GEMM. A shared-memory store of the row sums (which depend on every
       // exp2) right before the wait keeps the exp2s ahead of it.
       pin_before_wait(&ss.pin_scratch[tid], softmax.row_sum[0] + softmax.row_sum[1]);
+      tl.stamp(5);  // softmax done (row sums stored)
       warpgroup_wait<0>();
+      tl.stamp(6);  // PV done
       warpgroup_fence_operand(tOrO);
       Mbar::arrive(&ss.empty_v[rd_v.index]);
       convert_p();
       // Once a row's max has settled the factor is exactly 1 (exp2(0)); most tiles then skip the 64 FMULs.
       if (__any_sync(0xffffffff, o_rescale[0] != 1.f || o_rescale[1] != 1.f)) { rescale_rows(tOrO, o_rescale); }
+      tl.stamp(7);  // P converted, O rescaled
     };
 
     // A split-KV piece covers [n_block_min, n_block_max) only.
@@ -726,6 +779,9 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
 
     // Every QK^T of this tile has completed: the producer may load the next Q.
     named_barrier_arrive(kBarQueryEmpty, T::kNumMmaThreads + 32);
+    // kRegDiet: the epilogue re-reads the item (48 B, L1/L2-resident) instead of keeping its fields in registers
+    // through the KV loop, which only needs kv_len / m_block / qo_offset (masked steps).
+    if constexpr (T::kRegDiet) { w = load_work(p.work, item); }
 
     Mbar::wait(&ss.full_v[rd.index], rd.phase);
     wg_gemm<false, -1>(mma_pv, tOrP, tOrV(_, _, _, rd.index), tOrO);
@@ -746,6 +802,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     }
     item = next_item;
     w = next_w;
+    ++item_no;
   }
 }
 

@@ -126,6 +126,31 @@ struct FmhaTraits {
   // FP8: a K/V tile is half the bytes and its GEMMs half the time, so a third stage keeps more loads in flight.
   static constexpr int kStages = kFp8 ? 3 : 2;
 #endif
+  // Softmax / ping-pong A/B switches (issues 6 and 7, session 4; default = the measured design):
+  //   MSA_FMHA_SM90_ROW_PIPE: row 1's max starts only after row 0's first exp2 (a no-op data dependency), so
+  //     ptxas overlaps row 1's FMNMX / shuffle chain with row 0's MUFU phase instead of running both rows' maxima
+  //     before the first exp2 (SASS: the MUFU unit idles ~200 cycles per step at the start of each softmax).
+  //   MSA_FMHA_SM90_PINGPONG=0: no ping-pong barrier (each warpgroup issues its GEMMs when ready);
+  //     =2: the partner warpgroup gets the token right after this warpgroup's QK^T issue (before the PV issue).
+#if defined(MSA_FMHA_SM90_ROW_PIPE)
+  static constexpr bool kRowPipe = true;
+#else
+  static constexpr bool kRowPipe = false;
+#endif
+  //   MSA_FMHA_SM90_REG_DIET: fewer registers live across the KV loop (no WorkItem copies held through it); the
+  //     default consumers peak at R237 of 240, so any extra live value (e.g. EXP2_EMU's polynomial) makes ptxas
+  //     serialise the wgmmas (C7511) -- this is the headroom the exp2 offload needs.
+#if defined(MSA_FMHA_SM90_REG_DIET)
+  static constexpr bool kRegDiet = true;
+#else
+  static constexpr bool kRegDiet = false;
+#endif
+#if defined(MSA_FMHA_SM90_PINGPONG)
+  static constexpr int kPingPong = MSA_FMHA_SM90_PINGPONG;
+#else
+  static constexpr int kPingPong = 1;
+#endif
+  static_assert(kPingPong >= 0 && kPingPong <= 2, "MSA_FMHA_SM90_PINGPONG: 0, 1 or 2");
   static constexpr int kNumMmaWarpGroups = 2;
   static constexpr int kNumMmaThreads = 128 * kNumMmaWarpGroups;
   static constexpr int kNumThreads = kNumMmaThreads + 128;  // + one producer warpgroup (one warp issues TMA)
