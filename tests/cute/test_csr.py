@@ -112,3 +112,119 @@ def test_empty_inputs(helpers):
     rp, qi, s = build_k2q_csr(torch.full((1, 3, 2), -1, dtype=torch.int32), helpers.cu([3, 0]), helpers.cu([0, 10]),
                               16, total_k=10, return_schedule=True)
     assert rp.tolist() == [[0, 0]] and (qi == -1).all() and int(s.work_count) == 0
+
+
+# ---- the session-3 sort-based build (int64 keys, one sort per head, histogram; schedule by argsort): the oracle
+# the cheaper build must reproduce bit for bit, including the -1 / 0 tails and malformed (unvalidated) inputs.
+def legacy_plan(q2k, cu_q, cu_k, block, total_rows, q_tile):
+    from msa.cute.csr import MAX_SLOT, Q_SLOT_BITS, packed_row_offsets, token_batch_index
+
+    hkv, total_q, topk = q2k.shape
+    batch = cu_q.shape[0] - 1
+    row_ptr = torch.zeros(hkv, total_rows + 1, dtype=torch.int32)
+    cu_rows = packed_row_offsets(cu_k, block)
+    nblk = cu_rows[1:] - cu_rows[:-1]
+    tok_b = token_batch_index(cu_q, total_q)
+    tok_ok = tok_b < batch
+    tok_b_safe = tok_b.clamp(max=batch - 1)
+    blk = q2k.to(torch.int64)
+    row = cu_rows[tok_b_safe].view(1, total_q, 1) + blk
+    valid = (blk >= 0) & (blk < nblk[tok_b_safe].view(1, total_q, 1)) & tok_ok.view(1, total_q, 1)
+    valid &= row < total_rows
+    tok = torch.arange(total_q, dtype=torch.int64).view(1, total_q, 1)
+    sentinel = total_rows * total_q
+    key = torch.where(valid, row * total_q + tok, torch.full_like(row, sentinel)).reshape(hkv, total_q * topk)
+    sorted_key, src = torch.sort(key, dim=1, stable=True)
+    row_or_spare = torch.where(valid, row, torch.full_like(row, total_rows)).reshape(hkv, -1)
+    counts = torch.zeros(hkv, total_rows + 1, dtype=torch.int64)
+    counts.scatter_add_(1, row_or_spare, torch.ones_like(row_or_spare))
+    counts = counts[:, :total_rows]
+    row_ptr[:, 1:] = torch.cumsum(counts, dim=1).to(torch.int32)
+    is_valid = sorted_key < sentinel
+    q_glob = torch.remainder(sorted_key, total_q)
+    q_local = q_glob - cu_q.to(torch.int64)[tok_b_safe[q_glob]]
+    q_indices = torch.where(is_valid, q_local, torch.full_like(q_local, -1)).to(torch.int32)
+    rank = (torch.cumsum(valid.to(torch.int32), dim=-1) - 1).clamp(min=0, max=MAX_SLOT).reshape(hkv, -1)
+    slot = torch.gather(rank, 1, src).to(torch.int64)
+    q_slot = torch.where(is_valid, q_local | (slot << Q_SLOT_BITS), torch.zeros_like(q_local)).to(torch.int32)
+    n_slots = valid.sum(-1, dtype=torch.int32).t().contiguous()
+
+    n_items = hkv * total_rows
+    nnz_bound = hkv * total_q * topk
+    capacity = nnz_bound // q_tile + min(n_items, nnz_bound)
+    work = torch.full((capacity, 6), -1, dtype=torch.int32)
+    flat_counts = counts.reshape(-1)
+    order = torch.argsort(-flat_counts, stable=True)
+    chunks = torch.div(flat_counts[order] + (q_tile - 1), q_tile, rounding_mode="floor")
+    cum = torch.cumsum(chunks, 0)
+    w = torch.arange(capacity, dtype=torch.int64)
+    item_pos = torch.searchsorted(cum, w, right=True).clamp(max=n_items - 1)
+    live = w < cum[-1]
+    item = order[item_pos]
+    h = torch.div(item, total_rows, rounding_mode="floor")
+    r = item - h * total_rows
+    chunk = w - (cum[item_pos] - chunks[item_pos])
+    q_start = row_ptr.to(torch.int64)[h, r] + chunk * q_tile
+    q_count = torch.clamp(flat_counts[item] - chunk * q_tile, max=q_tile)
+    b = torch.searchsorted(cu_rows[1:], r, right=True).clamp(max=cu_rows.shape[0] - 2)
+    cols = torch.stack([h, r, b, r - cu_rows[b], q_start, q_count], dim=1)
+    work.copy_(torch.where(live.view(-1, 1), cols, torch.full_like(cols, -1)).to(torch.int32))
+    return row_ptr, q_indices, q_slot, n_slots, work, cum[-1:].to(torch.int32)
+
+
+def _plan_case(gen, q_lens, kv_lens, hkv, topk, block, malformed):
+    total_q = sum(q_lens)
+    q2k = torch.full((hkv, total_q, topk), -1, dtype=torch.int32)
+    t = 0
+    for ql, kl in zip(q_lens, kv_lens):
+        nblk = -(-kl // block)
+        for _ in range(ql):
+            for h in range(hkv):
+                n = int(torch.randint(0, min(topk, nblk) + 1, (1,), generator=gen)) if nblk else 0
+                q2k[h, t, :n] = torch.randperm(nblk, generator=gen)[:n].sort().values.to(torch.int32)
+            t += 1
+    if malformed and total_q:
+        # unvalidated inputs the build must still treat exactly like before: out-of-range ids (past the
+        # request's blocks), a -1 in the middle, unsorted lists, duplicates.
+        m = torch.rand(q2k.shape, generator=gen)
+        q2k = torch.where(m < 0.05, torch.randint(-1, 40, q2k.shape, generator=gen, dtype=torch.int32), q2k)
+        q2k[:, 0] = q2k[:, 0].flip(-1)
+    return q2k
+
+
+PLAN_CASES = [
+    # q_lens, kv_lens, hkv, topk, block, group, total_rows (None = exact, +n = exact + n spare, -n = too few), bad
+    ([37], [300], 2, 4, 32, 1, None, False),
+    ([5, 0, 19, 40], [70, 16, 129, 200], 3, 3, 16, 4, None, False),
+    ([5, 0, 19, 40], [70, 16, 129, 200], 3, 3, 16, 3, 7, False),
+    ([64, 9, 1], [64, 300, 0], 4, 16, 16, 16, None, False),
+    ([64, 9, 1], [64, 300, 0], 4, 16, 16, 16, -5, True),
+    ([130, 20], [2000, 160], 1, 130, 8, 1, None, False),  # topk > 127: clamped slots
+    ([50, 31], [900, 512], 2, 8, 64, 2, 3, True),
+    ([200], [4096], 4, 16, 128, 16, None, False),
+]
+
+
+@pytest.mark.parametrize("case", range(len(PLAN_CASES)))
+def test_plan_equals_legacy_sort_build(helpers, case):
+    """CSR, slot tables and schedule equal the old int64-key build bit for bit (tails, ties, malformed input)."""
+    from msa.cute.csr import rows_for
+
+    q_lens, kv_lens, hkv, topk, block, group, extra, malformed = PLAN_CASES[case]
+    gen = torch.Generator().manual_seed(100 + case)
+    q2k = _plan_case(gen, q_lens, kv_lens, hkv, topk, block, malformed)
+    cq, ck = helpers.cu(q_lens), helpers.cu(kv_lens)
+    total_rows = rows_for(kv_lens, block) + (extra or 0)
+    if malformed:  # also tokens past cu_seqlens_q[-1] (q2k has more rows than the batch has tokens)
+        cq = cq.clone()
+        cq[-1] -= 3
+    rp, qi, sched = build_k2q_csr(q2k, cq, ck, block, total_k=sum(kv_lens), total_rows=total_rows,
+                                  qhead_per_kv=group, return_schedule=True)
+    want = legacy_plan(q2k, cq, ck, block, total_rows, sched.q_tile)
+    got = (rp, qi, sched.q_slot, sched.n_slots, sched.work, sched.work_count)
+    for name, g, w in zip(("row_ptr", "q_indices", "q_slot", "n_slots", "work", "work_count"), got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape, (name, g.dtype, w.dtype, g.shape, w.shape)
+        assert torch.equal(g, w), (name, (g != w).nonzero()[:5].tolist())
+    assert int(sched.work_count) > 0
+    rp2, qi2 = build_k2q_csr(q2k, cq, ck, block, total_k=sum(kv_lens), total_rows=total_rows)
+    assert torch.equal(rp2, rp) and torch.equal(qi2, qi)  # the no-schedule path gathers q_local directly

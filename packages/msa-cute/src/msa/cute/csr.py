@@ -11,8 +11,10 @@ Note: upstream's (MiniMax fmha_sm100) packed rows are ordered block-major across
 request, then block 1, ...). The two orders agree for a single request; msa uses batch-major everywhere, and its
 schedule carries ``(batch, block)`` per work item so a kernel never has to invert the row order.
 
-The build is sort based: every valid selection becomes the int64 key ``row * total_q + t`` and one sort per head
-yields the whole payload in CSR order; ``row_ptr`` is a ``scatter_add`` histogram + ``cumsum``. All sizes come
+The build is one stable sort of small int32 keys ``h * (R+1) + row`` over q2k's flat (head, token, position)
+order (a token-ordered stable sort by row is the CSR order); ``row_ptr`` is a searchsorted of the row starts in
+the sorted keys, the slot tables come out of the same permutation, and the schedule sorts only the ``Hkv * R``
+row lengths. ~40 torch calls in all (the plan is launch / dispatch bound below ~10M selections). All sizes come
 from arguments (``total_rows``, tensor shapes), never from ``.item()``, so a CUDA build never waits on the host.
 """
 
@@ -210,98 +212,121 @@ def build_k2q_csr(
         _validate_q2k_values(q2k_indices, cu_seqlens_q, cu_seqlens_k, block_size, total_k, total_rows)
 
     nnz_cap = total_q * topk
-    row_ptr = torch.zeros(hkv, total_rows + 1, dtype=torch.int32, device=dev)
     if nnz_cap == 0 or hkv == 0 or batch == 0:
+        row_ptr = torch.zeros(hkv, total_rows + 1, dtype=torch.int32, device=dev)
         q_indices = torch.full((hkv, nnz_cap), -1, dtype=torch.int32, device=dev)
-        counts = torch.zeros(hkv, total_rows, dtype=torch.int64, device=dev)
         q_slot = torch.zeros(hkv, nnz_cap, dtype=torch.int32, device=dev)
         n_slots = torch.zeros(total_q, hkv, dtype=torch.int32, device=dev)
+        req = None
     else:
-        q_indices, counts, q_slot, n_slots = _invert(q2k_indices, cu_seqlens_q, cu_seqlens_k, block_size, total_rows,
-                                                     row_ptr, with_slots=return_schedule)
+        req = _request_tables(cu_seqlens_q, cu_seqlens_k, block_size, total_rows)
+        row_ptr, q_indices, q_slot, n_slots = _invert(q2k_indices, cu_seqlens_q, req, total_rows,
+                                                      with_slots=return_schedule)
     if not return_schedule:
         return row_ptr, q_indices
-    schedule = _build_schedule(row_ptr, counts, cu_seqlens_k, block_size, nnz_cap, schedule_q_tile(qhead_per_kv))
+    schedule = _build_schedule(row_ptr, cu_seqlens_k, block_size, nnz_cap, schedule_q_tile(qhead_per_kv),
+                               request_tables=req)
     schedule.q_slot, schedule.n_slots = q_slot, n_slots
     return row_ptr, q_indices, schedule
 
 
-def _invert(q2k, cu_q, cu_k, block_size, total_rows, row_ptr, with_slots=False):
+def _request_tables(cu_q, cu_k, block_size, total_rows):
+    """Per request ``b``: ``(table [B+1, 3] int32, first_row [B] int32, row_end [B] int32)``.
+
+    ``table[b] = (first packed row, usable blocks, first token)``; usable = ``min(nblk_b, total_rows - first
+    row)`` (a too small ``total_rows`` drops the rows past it; a negative count selects nothing). The extra entry ``b = B`` (zeros:
+    no usable blocks) serves tokens past ``cu_seqlens_q[-1]``, so no per-token validity mask is needed.
+    """
+    k_lens = torch.diff(cu_k).clamp_(min=0)
+    nblk = torch.div(k_lens + (block_size - 1), block_size, rounding_mode="floor")
+    row_end = torch.cumsum(nblk, 0, dtype=torch.int32)
+    first_row = row_end - nblk
+    usable = row_end.clamp(max=total_rows) - first_row  # < 0 past total_rows: selects nothing either
+    table = torch.nn.functional.pad(torch.stack([first_row, usable, cu_q[:-1]], 1), (0, 0, 0, 1))
+    return table, first_row, row_end
+
+
+def _invert(q2k, cu_q, req, total_rows, with_slots=False):
+    """One stable sort of small integer keys; the rest are elementwise ops, one gather and one searchsorted.
+
+    key = ``h * (R+1) + row`` (invalid selections: ``h * (R+1) + R``, after the head's valid rows), sorted as
+    one flat array: q2k's flat order is (head, token, list position), so the stable sort leaves every row's
+    tokens ascending (the CSR order) and heads in their own contiguous ranges of ``T * topk`` entries.
+    ``row_ptr`` = searchsorted of the row starts in the sorted keys (no histogram). The slot of an entry is its
+    rank among its token's valid selections (a per-token cumsum; = the list position for a well-formed
+    ascending, -1-tailed list), packed with ``q_local`` into one int32 payload before the gather.
+    """
     hkv, total_q, topk = q2k.shape
     dev = q2k.device
-    cu_q64 = cu_q.to(torch.int64)
-    batch = cu_q.shape[0] - 1
-    cu_rows = packed_row_offsets(cu_k, block_size)
-    nblk = cu_rows[1:] - cu_rows[:-1]
-    tok_b = token_batch_index(cu_q, total_q)  # [T]
-    tok_ok = tok_b < batch
-    tok_b_safe = tok_b.clamp(max=batch - 1)
-
-    blk = q2k.to(torch.int64)
-    row = cu_rows[tok_b_safe].view(1, total_q, 1) + blk
-    valid = (blk >= 0) & (blk < nblk[tok_b_safe].view(1, total_q, 1)) & tok_ok.view(1, total_q, 1)
-    valid &= row < total_rows
-    tok = torch.arange(total_q, device=dev, dtype=torch.int64).view(1, total_q, 1)
-    sentinel = total_rows * total_q
-    key = torch.where(valid, row * total_q + tok, torch.full_like(row, sentinel)).reshape(hkv, total_q * topk)
+    n = total_q * topk
+    table, _, _ = req
+    stride = total_rows + 1
+    key_dtype = torch.int32 if hkv * stride < 2**31 else torch.int64
+    tok = torch.arange(total_q, dtype=torch.int32, device=dev)
+    per_tok = table[torch.searchsorted(cu_q[1:], tok, right=True)]  # [T, 3]: tokens past cu_q[-1] -> zeros row
+    head_first = torch.arange(0, hkv * stride, stride, dtype=key_dtype, device=dev).view(hkv, 1, 1)  # row 0 key
+    sentinel = head_first + total_rows  # [Hkv, 1, 1] key of the head's invalid selections
+    valid = (q2k >= 0) & (q2k < per_tok[:, 1:2])  # [T, 1] columns broadcast over (head, list position)
+    key = torch.where(valid, q2k + (head_first + per_tok[:, 0:1]), sentinel)
+    sorted_key, src = torch.sort(key.view(-1), stable=True)
+    sorted_key = sorted_key.view(hkv, n)
+    row_starts = head_first.view(hkv, 1) + torch.arange(stride, dtype=key_dtype, device=dev)
+    row_ptr = torch.searchsorted(sorted_key, row_starts, out_int32=True)
+    in_csr = sorted_key < sentinel.view(hkv, 1)
+    q_local_tok = tok.view(total_q, 1) - per_tok[:, 2:3]  # [T, 1]
+    q_local = q_slot = n_slots = None
     if with_slots:
-        # The sort's permutation names each entry's source (token, list position); the slot is the position
-        # among the token's valid selections (= the position itself for a well-formed ascending, -1-tailed list).
-        sorted_key, src = torch.sort(key, dim=1, stable=True)
-    else:
-        sorted_key, src = torch.sort(key, dim=1).values, None
-
-    # Histogram of rows (invalid selections land in the spare bucket total_rows).
-    row_or_spare = torch.where(valid, row, torch.full_like(row, total_rows)).reshape(hkv, -1)
-    counts = torch.zeros(hkv, total_rows + 1, dtype=torch.int64, device=dev)
-    counts.scatter_add_(1, row_or_spare, torch.ones_like(row_or_spare))
-    counts = counts[:, :total_rows]
-    row_ptr[:, 1:] = torch.cumsum(counts, dim=1).to(torch.int32)
-
-    is_valid = sorted_key < sentinel
-    q_glob = torch.remainder(sorted_key, total_q)
-    q_local = q_glob - cu_q64[tok_b_safe[q_glob]]
-    q_indices = torch.where(is_valid, q_local, torch.full_like(q_local, -1)).to(torch.int32)
-    if src is None:
-        return q_indices, counts, None, None
-    valid_flat = valid.reshape(hkv, total_q * topk)
-    rank = (torch.cumsum(valid.to(torch.int32), dim=-1) - 1).clamp(min=0, max=MAX_SLOT).reshape(hkv, -1)
-    slot = torch.gather(rank, 1, src).to(torch.int64)
-    q_slot = torch.where(is_valid, q_local | (slot << Q_SLOT_BITS), torch.zeros_like(q_local)).to(torch.int32)
-    n_slots = valid_flat.view(hkv, total_q, topk).sum(-1, dtype=torch.int32).t().contiguous()
-    return q_indices, counts, q_slot, n_slots
+        rank1 = torch.cumsum(valid, dim=2, dtype=torch.int32)  # 1-based rank among the token's valid selections
+        n_slots = rank1[:, :, -1].t().contiguous()
+        if topk <= MAX_SLOT:  # rank - 1 <= 126: no clamp; (rank1 << 24) + (q_local - 2**24) folds the "- 1"
+            payload = (rank1 << Q_SLOT_BITS) + (q_local_tok - (1 << Q_SLOT_BITS))
+        else:
+            payload = ((rank1.clamp(max=MAX_SLOT + 1) - 1) << Q_SLOT_BITS) + q_local_tok
+        packed = payload.view(-1)[src].view(hkv, n)
+        q_slot = torch.where(in_csr, packed, 0)
+        if total_q <= 1 << Q_SLOT_BITS:  # every q_local fits the low 24 bits
+            q_local = packed & ((1 << Q_SLOT_BITS) - 1)
+    if q_local is None:
+        q_local = q_local_tok.expand(hkv, total_q, topk).reshape(-1)[src].view(hkv, n)
+    q_indices = torch.where(in_csr, q_local, -1)
+    return row_ptr, q_indices, q_slot, n_slots
 
 
-def _build_schedule(row_ptr, counts, cu_k, block_size, nnz_cap, q_tile) -> K2qSchedule:
-    hkv, total_rows = counts.shape
+def _build_schedule(row_ptr, cu_k, block_size, nnz_cap, q_tile, request_tables=None) -> K2qSchedule:
+    """Work list from ``row_ptr`` (see :class:`K2qSchedule`): rows sorted longest first (a stable sort of the
+    ``Hkv * R`` negated lengths: small), then every work row finds its item by one searchsorted over the
+    items' cumulative chunk counts and reads a per-item table ``(h, r, batch, block, q_start - w*q_tile,
+    q_end - w*q_tile)`` with one gather (``w*q_tile`` added back per work row)."""
+    hkv, total_rows = row_ptr.shape[0], row_ptr.shape[1] - 1
     dev = row_ptr.device
     n_items = hkv * total_rows
     nnz_bound = hkv * nnz_cap
     capacity = nnz_bound // q_tile + min(n_items, nnz_bound)
-    work = torch.full((capacity, 6), -1, dtype=torch.int32, device=dev)
-    work_count = torch.zeros(1, dtype=torch.int32, device=dev)
-    if capacity == 0 or n_items == 0:
-        return K2qSchedule(work, work_count, q_tile)
-    flat_counts = counts.reshape(-1)
-    order = torch.argsort(-flat_counts, stable=True)  # longest rows first
-    chunks = torch.div(flat_counts[order] + (q_tile - 1), q_tile, rounding_mode="floor")
-    cum = torch.cumsum(chunks, 0)
-    w = torch.arange(capacity, device=dev, dtype=torch.int64)
-    item_pos = torch.searchsorted(cum, w, right=True).clamp(max=n_items - 1)
-    live = w < cum[-1]
-    item = order[item_pos]
-    h = torch.div(item, total_rows, rounding_mode="floor")
-    r = item - h * total_rows
-    chunk = w - (cum[item_pos] - chunks[item_pos])
-    q_start = row_ptr.to(torch.int64)[h, r] + chunk * q_tile
-    q_count = torch.clamp(flat_counts[item] - chunk * q_tile, max=q_tile)
-    cu_rows = packed_row_offsets(cu_k, block_size)
-    b = torch.searchsorted(cu_rows[1:], r, right=True).clamp(max=cu_rows.shape[0] - 2)
-    block = r - cu_rows[b]
-    cols = torch.stack([h, r, b, block, q_start, q_count], dim=1)
-    work.copy_(torch.where(live.view(-1, 1), cols, torch.full_like(cols, -1)).to(torch.int32))
-    work_count.copy_(cum[-1:].to(torch.int32))
-    return K2qSchedule(work, work_count, q_tile)
+    batch = cu_k.shape[0] - 1
+    if capacity == 0 or n_items == 0 or batch == 0:
+        return K2qSchedule(torch.full((capacity, 6), -1, dtype=torch.int32, device=dev),
+                           torch.zeros(1, dtype=torch.int32, device=dev), q_tile)
+    if request_tables is None:
+        request_tables = _request_tables(cu_k, cu_k, block_size, total_rows)  # cu_q unused by the schedule
+    _, first_row, row_end = request_tables
+    neg_len, order = torch.sort(torch.diff(row_ptr, dim=1).view(-1).neg(), stable=True)  # ties: lower (h, r)
+    chunks = torch.div((q_tile - 1) - neg_len, q_tile, rounding_mode="floor")  # ceil(len / q_tile)
+    cum = torch.cumsum(chunks, 0, dtype=torch.int64)
+    begin_q = (cum - chunks) * q_tile  # first query of the item's first work row, relative to the row start
+    h = torch.div(order, total_rows, rounding_mode="floor")
+    r = order - h * total_rows
+    b = torch.searchsorted(row_end, r.to(torch.int32), right=True).clamp_(max=batch - 1)
+    block = r - first_row[b]
+    row_q0 = row_ptr.reshape(-1)[order + h]  # row_ptr[h, r]
+    items = torch.stack([h, r, b, block, row_q0 - begin_q, begin_q - neg_len], 1)
+    wq = torch.arange(0, capacity * q_tile, q_tile, dtype=torch.int64, device=dev)
+    cum_q = cum * q_tile
+    work = items[torch.searchsorted(cum_q, wq, right=True).clamp_(max=n_items - 1)]
+    work[:, 4].add_(wq)
+    q_count = work[:, 5:6]
+    q_count.sub_(wq.view(-1, 1)).clamp_(max=q_tile)  # <= 0 exactly on the rows past the last chunk
+    work = torch.where(q_count > 0, work, -1).to(torch.int32)
+    return K2qSchedule(work, cum[-1:].to(torch.int32), q_tile)
 
 
 def csr_capacity(total_q: int, topk: int) -> int:

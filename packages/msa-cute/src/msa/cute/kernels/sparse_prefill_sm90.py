@@ -219,8 +219,7 @@ def _schedule(schedule, row_ptr, cu_seqlens_k, nnz_cap: int, group: int):
             raise ValueError(f"schedule: built for q_tile {schedule.q_tile} but Hq/Hkv = {group} needs q_tile "
                              f"{q_tile} (pass qhead_per_kv={group} to build_k2q_csr)")
         return schedule
-    counts = (row_ptr[:, 1:] - row_ptr[:, :-1]).to(torch.int64)
-    return _build_schedule(row_ptr, counts, cu_seqlens_k, BLOCK, nnz_cap, q_tile)
+    return _build_schedule(row_ptr, cu_seqlens_k, BLOCK, nnz_cap, q_tile)
 
 
 def run(*, q, k, v, k2q_row_ptr, k2q_q_indices, topk, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
