@@ -228,3 +228,45 @@ def test_plan_equals_legacy_sort_build(helpers, case):
     assert int(sched.work_count) > 0
     rp2, qi2 = build_k2q_csr(q2k, cq, ck, block, total_k=sum(kv_lens), total_rows=total_rows)
     assert torch.equal(rp2, rp) and torch.equal(qi2, qi)  # the no-schedule path gathers q_local directly
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_lens,kv_lens,hkv,group", [
+    ([16384, 300], [262144, 4096], 4, 16),  # 1.07M selections (cub path), 8.3K schedule items (> bitonic limit)
+    ([8192], [1048576], 1, 16),  # chunked-prefill shape: 8192 rows, 8K queries
+])
+def test_plan_gpu_equals_cpu_at_bench_size(q_lens, kv_lens, hkv, group):
+    """The device build (radix sort, searchsorted, gathers) equals the CPU build bit for bit, without a host
+    sync, at sizes where torch takes its large-sort paths."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this host")
+    gen = torch.Generator().manual_seed(7)
+    topk, block = 16, 128
+    total_q = sum(q_lens)
+    nblk = [-(-n // block) for n in kv_lens]
+    q2k = torch.full((hkv, total_q, topk), -1, dtype=torch.int32)
+    t = 0
+    for ql, nb in zip(q_lens, nblk):  # one random block per stride: ascending, distinct, in range
+        step = nb // topk
+        q2k[:, t:t + ql] = (torch.arange(topk) * step + torch.randint(0, step, (hkv, ql, topk), generator=gen)).int()
+        t += ql
+    q2k[:, ::5, topk // 2:] = -1  # short lists too
+    cq = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    ck = torch.tensor([0] + torch.tensor(kv_lens).cumsum(0).tolist(), dtype=torch.int32)
+    rows = sum(nblk)
+    want = build_k2q_csr(q2k, cq, ck, block, total_k=sum(kv_lens), total_rows=rows, qhead_per_kv=group,
+                         return_schedule=True)
+    d = [x.cuda() for x in (q2k, cq, ck)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = build_k2q_csr(*d, block, total_k=sum(kv_lens), total_rows=rows, qhead_per_kv=group,
+                            return_schedule=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    pairs = [("row_ptr", got[0], want[0]), ("q_indices", got[1], want[1]), ("q_slot", got[2].q_slot, want[2].q_slot),
+             ("n_slots", got[2].n_slots, want[2].n_slots), ("work", got[2].work, want[2].work),
+             ("work_count", got[2].work_count, want[2].work_count)]
+    for name, g, w in pairs:
+        g = g.cpu()
+        assert torch.equal(g, w), (name, (g != w).nonzero()[:5].tolist())
