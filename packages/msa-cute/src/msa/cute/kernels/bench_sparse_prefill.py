@@ -155,7 +155,7 @@ def _time(fn, reps: int) -> float:
 
 
 def bench_case(seqlen: int, hq: int, hkv: int, topk: int, paged: bool, partial_dtype: torch.dtype, reps: int,
-               bandwidth: float, variants=("serial",), selection: str = "random", corr_len: int = 512):
+               bandwidth: float, variants=(sp.DEFAULT_VARIANT,), selection: str = "random", corr_len: int = 512):
     from msa.cute import build_k2q_csr, sparse_atten_func
 
     dev = torch.device("cuda")
@@ -244,11 +244,12 @@ def main(argv=None):
     p.add_argument("--paged", action="store_true")
     p.add_argument("--partial", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--variants", default="serial", help=f"partial kernel builds to A/B, comma separated: {sp.VARIANTS}")
+    p.add_argument("--variants", default=None,
+                   help=f"partial kernel builds to A/B, comma separated: {sp.VARIANTS} (default: the op's default)")
     p.add_argument("--selection", default="random", help="comma separated: random, correlated")
     p.add_argument("--corr-len", type=int, default=512, help="correlated selection: score correlation length, tokens")
     a = p.parse_args(argv)
-    variants = tuple(sp.partial_variant(x) for x in a.variants.split(","))
+    variants = tuple(sp.partial_variant(x) for x in a.variants.split(",")) if a.variants else (sp.partial_variant(),)
     selections = a.selection.split(",")
     for sel in selections:
         if sel not in ("random", "correlated"):
