@@ -59,6 +59,15 @@ __device__ __forceinline__ float exp2_poly(float x) {
   return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
 }
 
+// The consumer thread index, re-read from %tid.x: a volatile read cannot be hoisted out of the persistent item loop,
+// so the epilogue's ~40 thread-dependent addresses are recomputed per item instead of being held in registers
+// through every KV loop (REG_DIET; the default consumers peak at R237 of 240 largely because of them).
+__device__ __forceinline__ int fresh_consumer_tid() {
+  uint32_t t;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+  return int(t) - 128;
+}
+
 __device__ __forceinline__ int floor_div(int a, int b) {  // b > 0
   return a >= 0 ? a / b : -((-a + b - 1) / b);
 }
@@ -501,6 +510,7 @@ template <class T, class FragO>
 __device__ __forceinline__ void store_tile(typename T::Params const& p, typename T::SharedStorage& ss, FragO& o,
                                            float const (&o_norm)[2], float const (&lse)[2], WorkItem const& w,
                                            int tid, float out_scale) {
+  if constexpr (T::kRegDiet) { tid = fresh_consumer_tid(); }
   using Element = typename T::ElementOut;
   constexpr int kD = T::kHeadDim, kStride = T::kSmemORowStride;
   int const wg = tid / 128, wg_tid = tid % 128;
@@ -571,6 +581,7 @@ __device__ __forceinline__ void store_tile(typename T::Params const& p, typename
 template <class T, class FragO>
 __device__ __forceinline__ void store_partial(typename T::Params const& p, FragO& o, float const (&o_norm)[2],
                                               float const (&lse)[2], WorkItem const& w, int tid) {
+  if constexpr (T::kRegDiet) { tid = fresh_consumer_tid(); }
   constexpr int kD = T::kHeadDim, kBlockM = T::kBlockM;
   typename T::TiledMmaPV mma_pv;
   auto thr = mma_pv.get_thread_slice(tid);

@@ -137,7 +137,8 @@ struct FmhaTraits {
 #else
   static constexpr bool kRowPipe = false;
 #endif
-  //   MSA_FMHA_SM90_REG_DIET: fewer registers live across the KV loop (no WorkItem copies held through it); the
+  //   MSA_FMHA_SM90_REG_DIET: fewer registers live across the KV loop (no WorkItem copies held through it, the
+  //     epilogue's thread-dependent addresses recomputed per item instead of hoisted out of the persistent loop); the
   //     default consumers peak at R237 of 240, so any extra live value (e.g. EXP2_EMU's polynomial) makes ptxas
   //     serialise the wgmmas (C7511) -- this is the headroom the exp2 offload needs.
 #if defined(MSA_FMHA_SM90_REG_DIET)
