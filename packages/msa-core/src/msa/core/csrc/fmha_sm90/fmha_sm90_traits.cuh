@@ -132,10 +132,15 @@ struct FmhaTraits {
   //     before the first exp2 (SASS: the MUFU unit idles ~200 cycles per step at the start of each softmax).
   //   MSA_FMHA_SM90_PINGPONG=0: no ping-pong barrier (each warpgroup issues its GEMMs when ready);
   //     =2: the partner warpgroup gets the token right after this warpgroup's QK^T issue (before the PV issue).
-#if defined(MSA_FMHA_SM90_ROW_PIPE)
+  //   Default since session 3 run 12 (H100, interleaved): ON for mode O (bf16 non-causal 3.498 -> 3.427 ms = 0.987 ->
+  //   1.007x cuDNN; fp8 1.129 -> 1.162x and 1.138 -> 1.158x our bf16; bf16 causal SASS unchanged), off for the
+  //   max-score modes (not measured with it). MSA_FMHA_SM90_NO_ROW_PIPE turns it off for A/B.
+#if defined(MSA_FMHA_SM90_NO_ROW_PIPE)
+  static constexpr bool kRowPipe = false;
+#elif defined(MSA_FMHA_SM90_ROW_PIPE)
   static constexpr bool kRowPipe = true;
 #else
-  static constexpr bool kRowPipe = false;
+  static constexpr bool kRowPipe = kMode_ == kModeO;
 #endif
   //   MSA_FMHA_SM90_REG_DIET: fewer registers live across the KV loop (no WorkItem copies held through it, the
   //     epilogue's thread-dependent addresses recomputed per item instead of hoisted out of the persistent loop); the
