@@ -20,6 +20,7 @@ def store_dir(tmp_path, monkeypatch):
 
     get_store(refresh=True)
     yield tmp_path / "cache"
+    monkeypatch.undo()  # restore the environment BEFORE rebuilding the process-wide store (else it keeps tmp_path)
     get_store(refresh=True)
 
 

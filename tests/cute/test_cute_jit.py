@@ -36,6 +36,7 @@ def store(tmp_path, monkeypatch):
 
     s = get_store(refresh=True)
     yield s
+    monkeypatch.undo()  # restore the environment BEFORE rebuilding the process-wide store (else it keeps tmp_path)
     get_store(refresh=True)
 
 

@@ -389,6 +389,7 @@ def store(tmp_path, monkeypatch):
     from msa.cache import get_store
 
     yield get_store(refresh=True)
+    monkeypatch.undo()  # restore the environment BEFORE rebuilding the process-wide store (else it keeps tmp_path)
     get_store(refresh=True)
 
 
