@@ -85,9 +85,10 @@ SPLIT_MAX_PIECES_PER_SM = 4
 # CTAs do not finish their last full item in lockstep, which the simulation (equal finish times) cannot see.
 SPLIT_MIN_PIECE_TILES = 8
 # The max-score modes are served (supports() / run()) for the dtypes their GPU tests passed with on an H100
-# (bf16, 2026-11-27); others fall back to the reference. MSA_FMHA_SM90_MAX_SCORE=0 turns them off.
+# (bf16, session 2; fp16, session 3 run 15: 12 + 12 cases); fp8 falls back to the reference.
+# MSA_FMHA_SM90_MAX_SCORE=0 turns them off.
 MAX_SCORE_ENABLED = os.environ.get("MSA_FMHA_SM90_MAX_SCORE", "1") == "1"
-MAX_SCORE_DTYPES = (torch.bfloat16,)
+MAX_SCORE_DTYPES = (torch.bfloat16, torch.float16)
 # Test/bench hook: a directory of prebuilt modules named <variant_tag>.so (e.g. carried to a GPU host that has
 # no compiler); unset means build (or fetch from the msa-cache) through JitSpec.
 PREBUILT_ENV = "MSA_FMHA_SM90_PREBUILT"
@@ -189,7 +190,7 @@ def supports(
     if page_size is not None and page_size != PAGE_SIZE:
         return False, f"fmha_sm90: page_size {page_size} not built (ragged or {PAGE_SIZE})"
     if (output_maxscore or not output_o) and not (MAX_SCORE_ENABLED and dtype in (None, *MAX_SCORE_DTYPES)):
-        return False, f"fmha_sm90: max_score / output_o=False not enabled for dtype {dtype} (bf16 only)"
+        return False, f"fmha_sm90: max_score / output_o=False not enabled for dtype {dtype} (bf16 / fp16 only)"
     if sparse:
         return False, "fmha_sm90: per-token sparse (kv_block_indexes) not implemented yet"
     if per_head_scales:
@@ -644,7 +645,7 @@ def run(
     """
     output_maxscore = bool(output_maxscore or max_score is not None)
     if output_maxscore and not (MAX_SCORE_ENABLED and q.dtype in MAX_SCORE_DTYPES):
-        raise NotImplementedError(f"fmha_sm90: max_score output is not enabled for {q.dtype} (bf16 only)")
+        raise NotImplementedError(f"fmha_sm90: max_score output is not enabled for {q.dtype} (bf16 / fp16 only)")
     if kv_block_indexes is not None:
         raise NotImplementedError("fmha_sm90: per-token block-sparse attention is not implemented yet (issue 7)")
     if not output_o and not output_maxscore:
