@@ -93,82 +93,59 @@ def brute_force(scores: torch.Tensor, topk: int, nvp, fb: int, fe: int) -> list[
 # CPU replay of the kernel logic
 
 
-@functools.lru_cache(maxsize=1)
-def _emulator_lib(build_dir: str):
+@functools.lru_cache(maxsize=4)
+def _emulator_lib(build_dir: str, name: str, n_launch_ints: int, threads: bool = False):
+    """Build csrc/topk/<name>.cc into a shared library and return its ``msa_<name>`` entry point. Every emulator
+    takes (scores, H, K, total_q, topk, nvp*, nvp, force_begin, force_end, <n_launch_ints launch ints>, seed, out)."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler on this host (the CPU replay of the top-k kernel needs g++)")
-    so = Path(build_dir) / "topk_emulate.so"
-    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-Wno-unknown-pragmas", f"-I{CSRC}",
-           str(CSRC / "topk_emulate.cc"), "-o", str(so)]
+    so = Path(build_dir) / f"{name}.so"
+    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", *(["-pthread"] if threads else []), "-Wno-unknown-pragmas",
+           f"-I{CSRC}", str(CSRC / f"{name}.cc"), "-o", str(so)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, f"building the top-k emulator failed:\n{proc.stderr[-4000:]}"
-    lib = ctypes.CDLL(str(so))
-    f = lib.msa_topk_emulate
+    assert proc.returncode == 0, f"building the {name} emulator failed:\n{proc.stderr[-4000:]}"
+    f = getattr(ctypes.CDLL(str(so)), f"msa_{name}")
     f.restype = ctypes.c_int
     f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
-                  ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                  ctypes.c_uint64, ctypes.c_void_p]
+                  ctypes.c_int, ctypes.c_int, ctypes.c_int, *[ctypes.c_int] * n_launch_ints, ctypes.c_uint64,
+                  ctypes.c_void_p]
     return f
+
+
+def _emulator_io(scores, topk, nvp):
+    """(fp32 scores, poisoned out, nvp pointer or None, scalar nvp, the contiguous nvp kept alive for the call)."""
+    n_heads, n_blocks, total_q = scores.shape
+    s32 = scores.float().contiguous()  # bf16 -> its exact float value, as the kernel's loads do
+    out = torch.full((total_q, n_heads, topk), POISON, dtype=torch.int32)
+    if isinstance(nvp, torch.Tensor):
+        nvp = nvp.contiguous()
+        return s32, out, nvp.data_ptr(), n_blocks, nvp
+    return s32, out, None, (n_blocks if nvp is None else int(nvp)), None
 
 
 @pytest.fixture(scope="module")
 def emulate(tmp_path_factory):
-    f = _emulator_lib(str(tmp_path_factory.mktemp("topk_emulate")))
+    f = _emulator_lib(str(tmp_path_factory.mktemp("topk_emulate")), "topk_emulate", 4)
 
     def run(scores, topk, nvp, fb, fe, *, splits, warps, merge_warps, cap, seed):
-        n_heads, n_blocks, total_q = scores.shape
-        s32 = scores.float().contiguous()  # bf16 -> its exact float value, as the kernel's loads do
-        out = torch.full((total_q, n_heads, topk), POISON, dtype=torch.int32)
-        nvp_ptr, nvp_scalar = None, n_blocks
-        if isinstance(nvp, torch.Tensor):
-            nvp = nvp.contiguous()
-            nvp_ptr = nvp.data_ptr()
-        elif nvp is not None:
-            nvp_scalar = int(nvp)
-        rc = f(s32.data_ptr(), n_heads, n_blocks, total_q, topk, nvp_ptr, nvp_scalar, fb, fe, splits, warps,
-               merge_warps, cap, seed, out.data_ptr())
+        s32, out, nvp_ptr, nvp_scalar, _keep = _emulator_io(scores, topk, nvp)
+        rc = f(s32.data_ptr(), *scores.shape, topk, nvp_ptr, nvp_scalar, fb, fe, splits, warps, merge_warps, cap, seed,
+               out.data_ptr())
         assert rc == 0, "emulator rejected its arguments"
         return out
 
     return run
 
 
-@functools.lru_cache(maxsize=1)
-def _block_emulator_lib(build_dir: str):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler on this host (the CPU replay of the top-k kernel needs g++)")
-    so = Path(build_dir) / "topk_block_emulate.so"
-    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-pthread", "-Wno-unknown-pragmas", f"-I{CSRC}",
-           str(CSRC / "topk_block_emulate.cc"), "-o", str(so)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, f"building the block top-k emulator failed:\n{proc.stderr[-4000:]}"
-    lib = ctypes.CDLL(str(so))
-    f = lib.msa_topk_block_emulate
-    f.restype = ctypes.c_int
-    f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
-                  ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                  ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p]
-    return f
-
-
 @pytest.fixture(scope="module")
 def block_emulate(tmp_path_factory):
-    f = _block_emulator_lib(str(tmp_path_factory.mktemp("topk_block_emulate")))
+    f = _emulator_lib(str(tmp_path_factory.mktemp("topk_block_emulate")), "topk_block_emulate", 5, threads=True)
 
     def run(scores, topk, nvp, fb, fe, *, splits, g, p, cap, seed, v=16):
-        n_heads, n_blocks, total_q = scores.shape
-        s32 = scores.float().contiguous()
-        out = torch.full((total_q, n_heads, topk), POISON, dtype=torch.int32)
-        nvp_ptr, nvp_scalar = None, n_blocks
-        if isinstance(nvp, torch.Tensor):
-            nvp = nvp.contiguous()
-            nvp_ptr = nvp.data_ptr()
-        elif nvp is not None:
-            nvp_scalar = int(nvp)
-        rc = f(s32.data_ptr(), n_heads, n_blocks, total_q, topk, nvp_ptr, nvp_scalar, fb, fe, splits,
-               g.bit_length() - 1, p, cap, v, seed, out.data_ptr())
+        s32, out, nvp_ptr, nvp_scalar, _keep = _emulator_io(scores, topk, nvp)
+        rc = f(s32.data_ptr(), *scores.shape, topk, nvp_ptr, nvp_scalar, fb, fe, splits, g.bit_length() - 1, p, cap, v,
+               seed, out.data_ptr())
         assert rc == 0, "block emulator rejected its arguments"
         return out
 
@@ -283,40 +260,14 @@ def test_block_emulated_long_rows(block_emulate):
         assert torch.equal(got, want), (kind, v)
 
 
-@functools.lru_cache(maxsize=1)
-def _cluster_emulator_lib(build_dir: str):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler on this host (the CPU replay of the top-k kernel needs g++)")
-    so = Path(build_dir) / "topk_cluster_emulate.so"
-    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-Wno-unknown-pragmas", f"-I{CSRC}",
-           str(CSRC / "topk_cluster_emulate.cc"), "-o", str(so)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, f"building the cluster top-k emulator failed:\n{proc.stderr[-4000:]}"
-    f = ctypes.CDLL(str(so)).msa_topk_cluster_emulate
-    f.restype = ctypes.c_int
-    f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
-                  ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                  ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p]
-    return f
-
-
 @pytest.fixture(scope="module")
 def cluster_emulate(tmp_path_factory):
-    f = _cluster_emulator_lib(str(tmp_path_factory.mktemp("topk_cluster_emulate")))
+    f = _emulator_lib(str(tmp_path_factory.mktemp("topk_cluster_emulate")), "topk_cluster_emulate", 5)
 
     def run(scores, topk, nvp, fb, fe, *, g, slices, warps, cap, seed, flags=0):
-        n_heads, n_blocks, total_q = scores.shape
-        s32 = scores.float().contiguous()
-        out = torch.full((total_q, n_heads, topk), POISON, dtype=torch.int32)
-        nvp_ptr, nvp_scalar = None, n_blocks
-        if isinstance(nvp, torch.Tensor):
-            nvp = nvp.contiguous()
-            nvp_ptr = nvp.data_ptr()
-        elif nvp is not None:
-            nvp_scalar = int(nvp)
-        rc = f(s32.data_ptr(), n_heads, n_blocks, total_q, topk, nvp_ptr, nvp_scalar, fb, fe, g.bit_length() - 1,
-               slices, warps, cap, flags, seed, out.data_ptr())
+        s32, out, nvp_ptr, nvp_scalar, _keep = _emulator_io(scores, topk, nvp)
+        rc = f(s32.data_ptr(), *scores.shape, topk, nvp_ptr, nvp_scalar, fb, fe, g.bit_length() - 1, slices, warps, cap,
+               flags, seed, out.data_ptr())
         assert rc == 0, "cluster emulator rejected its arguments"
         return out
 
