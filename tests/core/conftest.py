@@ -6,9 +6,14 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # for msa_core_testutil (importlib import mode puts no test directory on sys.path)
+    sys.path.insert(0, str(HERE))
 
 
 def fatbin_elf_archs(path: Path) -> set[int]:
