@@ -190,6 +190,21 @@ __device__ __forceinline__ Comp warp_merge8_desc(const Comp (&l)[kClusterMaxSlic
   } while (0)
 #endif
 
+#ifdef MSA_TOPK_TIMELINE
+// Timeline builds: the exit stamps and the CTA's metadata word (smid | rank << 16 | exit barrier taken << 24 |
+// candidates of the stamped row << 32), written by both finishing paths.
+__device__ __forceinline__ void timeline_exit(unsigned long long* tl, int rank, bool guard, int n_stamped) {
+  if (tl == nullptr) return;
+  tl[kTlExit] = clock64();
+  tl[kTlEnd] = clock64();
+  tl[kTlEndNs] = global_ns();
+  unsigned smid;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+  tl[kTlMeta] = smid | (static_cast<unsigned long long>(rank) << 16) | (guard ? 1ull << 24 : 0ull) |
+                (static_cast<unsigned long long>(n_stamped) << 32);
+}
+#endif
+
 // Local-merge variant after staging (kLocal): per row warp the slice's exact top M -> the owner's list table
 // through DSMEM, one cluster barrier, owner warp merges the S lists and writes the row. Every thread of the CTA
 // calls it (it holds the cluster barrier's second wait and its second phase).
@@ -291,15 +306,7 @@ __device__ __forceinline__ void cluster_local_finish(const ClusterParams& p, coo
   MSA_TOPK_TL(kTlRanked);
   // no remote access after the barrier: no exit guard
 #ifdef MSA_TOPK_TIMELINE
-  if (tl != nullptr) {
-    tl[kTlExit] = clock64();
-    tl[kTlEnd] = clock64();
-    tl[kTlEndNs] = global_ns();
-    unsigned smid;
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
-    tl[kTlMeta] = smid | (static_cast<unsigned long long>(rank) << 16) |
-                  (static_cast<unsigned long long>(n_stamped) << 32);
-  }
+  timeline_exit(tl, rank, false, n_stamped);
 #else
   (void)n_stamped;
 #endif
@@ -525,15 +532,7 @@ __device__ __forceinline__ void cluster_select_cta(const ClusterParams& p) {
   const bool guard = (p.flags & kClusterAlwaysExitSync) != 0 || *overflow != 0;
   if (guard) cluster_exit_guard();  // no CTA exits while a fallback may read its shared memory
 #ifdef MSA_TOPK_TIMELINE
-  if (tl != nullptr) {
-    tl[kTlExit] = clock64();
-    tl[kTlEnd] = clock64();
-    tl[kTlEndNs] = global_ns();
-    unsigned smid;
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
-    tl[kTlMeta] = smid | (static_cast<unsigned long long>(rank) << 16) | (guard ? 1ull << 24 : 0ull) |
-                  (static_cast<unsigned long long>(n_stamped) << 32);
-  }
+  timeline_exit(tl, rank, guard, n_stamped);
 #else
   (void)n_stamped;
 #endif
