@@ -14,6 +14,7 @@ _LAZY = {
     "sparse_fmha": "msa.bridge.bridge",
     "SparseFmhaPlan": "msa.bridge.bridge",
     "page_table_from_kv_indices": "msa.bridge.bridge",
+    "QouterSchedule": "msa.bridge.bridge",
 }
 _SUBMODULES = ("bridge", "compat", "cli", "demo")
 

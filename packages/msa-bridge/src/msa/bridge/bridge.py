@@ -14,35 +14,130 @@ How the dense arguments map onto the sparse kernel contract:
 - paged K/V: the flat ``kv_indices`` page list becomes ``page_table [B, max_pages]`` (device ops, no sync);
 - scalar scales fold into ``softmax_scale`` and an output multiplier; per-head ``q_scale`` / ``k_scale`` are
   folded into Q (rounded to bf16, ~2^-9 relative), per-head ``v_scale`` / ``o_scale`` multiply output heads.
+
+Schedules (``sparse_fmha_plan(schedule=...)``): ``"kv_outer"`` = the k2q CSR path above for every token;
+``"q_outer"`` = every Q-outer item (``128 // G`` consecutive tokens x the G query heads of one KV head) runs
+flash attention over the union of its tokens' blocks (msa.cute.qouter tables; msa-core's SM90 Q-outer kernel);
+``"auto"`` (default) = items whose union has at most ``route_max`` blocks go Q-outer, the others KV-outer: their
+selections are kept for the KV-outer call and the routed items' (token, KV head) selections are set to -1 there
+(those rows come out 0 / -inf), then the Q-outer kernel overwrites exactly the routed rows of the same O / LSE.
+Q-outer needs ragged bf16/fp16 K/V, ``Hq/Hkv`` dividing 128 and (causal) the default ``qo_offset``; where it
+does not apply, ``"auto"`` is the KV-outer path and ``"q_outer"`` raises.
+
+``route_max`` default = ``ROUTE_FACTOR * topk`` with ROUTE_FACTOR = 2, from the cost model of
+benchmarks/sparse_prefill_notes.md: per item (128 rows) KV-outer moves ~776 B per selected (token, head, block),
+i.e. ``776 * 128 * topk`` B -> ``topk * 33`` ns at its 3.0 TB/s floor (``topk * 54`` ns at the measured ~155
+effective TFLOP/s), while Q-outer computes ``U`` whole blocks of ``4 * 128 * 128 * 128`` FLOP -> ``U * 14`` ns at
+a dense ~600 TFLOP/s. Break-even ``U / topk`` = 2.4 (KV-outer at its floor) to 3.9 (as measured); 2 keeps a margin
+for the Q-outer kernel running below the dense rate (masked rows, gathered K/V blocks).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass, field
 
 import torch
 from msa.core import FmhaPlan, fmha_plan
+from msa.core.dispatch import backend_mode, register_kernel, select_backend
 from msa.core.validation import check_int, check_tensor, validation_enabled
 from msa.cute import build_k2q_csr, sparse_atten_func
 from msa.cute.csr import check_selection_values
+from msa.cute.qouter import (
+    QOUTER_ROWS,
+    QouterItems,
+    build_qouter_unions,
+    default_umax,
+    qouter_items,
+    qouter_reference,
+)
 
-__all__ = ["SparseFmhaPlan", "sparse_fmha_plan", "sparse_fmha", "page_table_from_kv_indices", "BLOCK"]
+__all__ = [
+    "SparseFmhaPlan",
+    "QouterSchedule",
+    "sparse_fmha_plan",
+    "sparse_fmha",
+    "page_table_from_kv_indices",
+    "BLOCK",
+    "SCHEDULES",
+    "ROUTE_FACTOR",
+    "qouter_unions_for",
+]
 
 BLOCK = 128
+SCHEDULES = ("auto", "kv_outer", "q_outer")
+ROUTE_FACTOR = 2  # auto: an item goes Q-outer iff U <= ROUTE_FACTOR * topk (module docstring: the cost model)
+QOUTER_OP = "sparse_fmha_qouter"
+QOUTER_KERNEL_MODULE = "msa.core.kernels.fmha_sm90_qouter"  # msa-core's SM90 Q-outer kernel (plan / run)
+QOUTER_DTYPES = (torch.bfloat16, torch.float16)
+QOUTER_HEAD_DIM = 128  # what the kernel is built for (used when its module has no supports())
+
+
+def _qouter_module():
+    """The Q-outer kernel module, or ``(None, why)`` when it cannot be imported (CPU-only installs, older msa-core)."""
+    try:
+        return importlib.import_module(QOUTER_KERNEL_MODULE), ""
+    except Exception as e:  # a missing or broken kernel install must leave the reference / KV-outer paths working
+        return None, f"{QOUTER_KERNEL_MODULE} is not importable ({type(e).__name__}: {e})"
+
+
+def _qouter_available(device: torch.device) -> tuple[bool, str]:
+    mod, why = _qouter_module()
+    if mod is None:
+        return False, why
+    fn = getattr(mod, "available", None)
+    if fn is not None:
+        return fn(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False, "the Q-outer kernel needs CUDA"
+    cc = torch.cuda.get_device_capability(device)
+    return (True, "ok") if cc == (9, 0) else (False, f"compute capability {cc[0]}.{cc[1]}: SM90 only")
+
+
+def _qouter_supports(**features) -> tuple[bool, str]:
+    mod, why = _qouter_module()
+    if mod is None:
+        return False, why
+    fn = getattr(mod, "supports", None)
+    if fn is not None:
+        return fn(**features)
+    if features.get("head_dim") != QOUTER_HEAD_DIM or features.get("head_dim_v") != QOUTER_HEAD_DIM:
+        return False, (f"head dims {features.get('head_dim')}/{features.get('head_dim_v')}: the Q-outer kernel is "
+                       f"built for {QOUTER_HEAD_DIM}")
+    return True, "ok"
+
+
+register_kernel(QOUTER_OP, "fmha_sm90_qouter", _qouter_available, _qouter_supports)
+
+
+@dataclass(eq=False)
+class QouterSchedule:
+    """Q-outer part of a plan: the item tables (:func:`msa.cute.qouter.qouter_items`), the union capacity
+    ``umax``, ``route_max`` (None: every item routed) and the kernel's plan (built on first kernel use)."""
+
+    items: QouterItems
+    umax: int
+    route_max: int | None
+    kernel_plan: object = field(default=None, repr=False)
 
 
 @dataclass(eq=False)
 class SparseFmhaPlan:
     """``base``: the dense plan (host lists, device indptrs). Sparse-path extras: ``topk``, ``total_rows``
     (packed 128-token KV rows), ``seqused_k [B]`` int32 on the device (None when non-causal), and
-    ``max_pages`` (paged: the page-table width)."""
+    ``max_pages`` (paged: the page-table width). ``schedule``: the effective schedule ("kv_outer", "q_outer" or
+    "auto"; an "auto" request the plan cannot serve Q-outer becomes "kv_outer", ``schedule_note`` says why);
+    ``qouter``: the Q-outer tables (None for "kv_outer")."""
 
     base: FmhaPlan
     topk: int
     total_rows: int
     seqused_k: torch.Tensor | None = field(repr=False)
     max_pages: int
+    schedule: str = "kv_outer"
+    qouter: QouterSchedule | None = None
+    schedule_note: str = ""
 
     def __getattr__(self, name):  # read-through to the dense plan (qo_lens, total_q, num_qo_heads, ...)
         if name == "base":
@@ -62,10 +157,15 @@ def sparse_fmha_plan(
     qo_offset=None,
     output_maxscore: bool = False,
     device=None,
+    schedule: str = "auto",
+    route_max: int | None = None,
 ) -> SparseFmhaPlan:
     """Plan a sparse call (host work only). Same arguments as ``msa.core.fmha_plan``; ``kv_block_num`` (top-k,
     1..64) is required, ``page_size`` must be None (ragged) or 128, ``output_maxscore`` must be False (the sparse
-    path produces no max-score)."""
+    path produces no max-score).
+
+    ``schedule``: "auto" (default), "kv_outer" or "q_outer" (module docstring). ``route_max`` ("auto" only): route
+    an item to Q-outer iff its union has at most this many blocks (default ``ROUTE_FACTOR * kv_block_num``)."""
     topk = check_int("kv_block_num", kv_block_num, min=1, max=64)
     if page_size is not None and page_size != BLOCK:
         raise ValueError(f"page_size: expected None (ragged) or {BLOCK} (= the sparse block size), got {page_size}")
@@ -86,7 +186,48 @@ def sparse_fmha_plan(
         seqused = torch.tensor(used, dtype=torch.int32).to(base.device)
     total_rows = sum(-(-n // BLOCK) for n in base.kv_lens)
     max_pages = max((-(-n // BLOCK) for n in base.kv_lens), default=0)
-    return SparseFmhaPlan(base=base, topk=topk, total_rows=total_rows, seqused_k=seqused, max_pages=max_pages)
+    sched, qouter, note = _plan_schedule(base, topk, schedule, route_max)
+    return SparseFmhaPlan(base=base, topk=topk, total_rows=total_rows, seqused_k=seqused, max_pages=max_pages,
+                          schedule=sched, qouter=qouter, schedule_note=note)
+
+
+def _qouter_plan_blocker(base: FmhaPlan) -> str:
+    """Why this plan cannot run Q-outer ("" when it can)."""
+    g = base.num_qo_heads // base.num_kv_heads
+    if base.paged:
+        return "paged K/V (the Q-outer kernel reads ragged K/V)"
+    if QOUTER_ROWS % g:
+        return f"Hq/Hkv = {g} does not divide {QOUTER_ROWS} (the Q-outer tile is 128 // G tokens x G heads)"
+    if base.causal:
+        for b, (ql, kl, off) in enumerate(zip(base.qo_lens, base.kv_lens, base.qo_offset_host)):
+            if off != kl - ql:
+                return (f"qo_offset[{b}] = {off} differs from kv_len - qo_len = {kl - ql} (the Q-outer kernel is "
+                        "bottom-right causal against the whole KV)")
+    return ""
+
+
+def _plan_schedule(base: FmhaPlan, topk: int, schedule, route_max):
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule: expected one of {list(SCHEDULES)}, got {schedule!r}")
+    if route_max is not None:
+        route_max = check_int("route_max", route_max, min=0)
+        if schedule != "auto":
+            raise ValueError(f"route_max: only meaningful with schedule='auto', got schedule={schedule!r}")
+    if schedule == "kv_outer":
+        return "kv_outer", None, ""
+    why = _qouter_plan_blocker(base)
+    if why:
+        if schedule == "q_outer":
+            raise ValueError(f"schedule: 'q_outer' cannot serve this plan: {why}; use 'auto' or 'kv_outer'")
+        return "kv_outer", None, f"auto -> kv_outer: {why}"
+    g = base.num_qo_heads // base.num_kv_heads
+    items = qouter_items(base.qo_lens, base.num_kv_heads, g, kv_lens=base.kv_lens, device=base.device)
+    if schedule == "q_outer":
+        umax = default_umax(items.T, topk, items.max_blocks)
+    else:
+        route_max = ROUTE_FACTOR * topk if route_max is None else route_max
+        umax = default_umax(items.T, topk, items.max_blocks, route_max)
+    return schedule, QouterSchedule(items=items, umax=umax, route_max=None if schedule == "q_outer" else route_max), ""
 
 
 def page_table_from_kv_indices(kv_indices: torch.Tensor, kv_page_indptr: torch.Tensor, max_pages: int) -> torch.Tensor:
@@ -106,7 +247,8 @@ def page_table_from_kv_indices(kv_indices: torch.Tensor, kv_page_indptr: torch.T
     return torch.where(live, kv_indices.to(torch.int64)[idx], torch.zeros_like(idx)).to(torch.int32)
 
 
-def _selections_to_q2k(sel: torch.Tensor, plan: SparseFmhaPlan) -> torch.Tensor:
+def _selections(sel: torch.Tensor, plan: SparseFmhaPlan) -> torch.Tensor:
+    """``[total_q, Hkv, topk]`` (a view: the first query head of every GQA group for Hq-shaped selections)."""
     hq, hkv = plan.num_qo_heads, plan.num_kv_heads
     check_tensor("kv_block_indexes", sel, dtype=torch.int32, ndim=3, device=plan.device)
     if sel.shape[0] != plan.total_q or sel.shape[2] != plan.topk or sel.shape[1] not in (hkv, hq):
@@ -115,7 +257,7 @@ def _selections_to_q2k(sel: torch.Tensor, plan: SparseFmhaPlan) -> torch.Tensor:
                          f"([total_q, Hkv or Hq, kv_block_num]), got {list(sel.shape)}")
     if sel.shape[1] != hkv:
         sel = sel[:, :: hq // hkv]  # the first query head of every GQA group
-    return sel.transpose(0, 1).contiguous()
+    return sel
 
 
 def _fold_scales(q, plan, sm_scale, q_scale, k_scale, v_scale, o_scale):
@@ -202,23 +344,18 @@ def sparse_fmha(
     if out is not None:
         check_tensor("out", out, dtype=out_dtype, shape=[plan.total_q, plan.num_qo_heads, v.shape[-1]],
                      device=q.device)
-    q2k = _selections_to_q2k(kv_block_indexes, plan)
+    sel = _selections(kv_block_indexes, plan)
     if validation_enabled(validate):
         nblk = torch.tensor([-(-n // BLOCK) for n in plan.kv_lens], dtype=torch.int64)
         cu_q = torch.tensor(plan.qo_indptr_host, dtype=torch.int64)
-        check_selection_values("kv_block_indexes", q2k.cpu().to(torch.int64), cu_q, nblk)
+        check_selection_values("kv_block_indexes", sel.transpose(0, 1).cpu().to(torch.int64), cu_q, nblk)
     q_eff, scale, out_mult = _fold_scales(q, plan, sm_scale, q_scale, k_scale, v_scale, o_scale)
-    want_schedule = q.device.type == "cuda"
-    csr = build_k2q_csr(q2k, plan.qo_indptr, plan.kv_indptr, BLOCK, total_k=plan.total_kv, total_rows=plan.total_rows,
-                        max_seqlen_k=plan.max_kv_len, max_seqlen_q=plan.max_qo_len,
-                        qhead_per_kv=plan.num_qo_heads // hkv, return_schedule=want_schedule, validate=validate)
-    res = sparse_atten_func(
-        q_eff, k, v, csr[0], csr[1], plan.topk, cu_seqlens_q=plan.qo_indptr, cu_seqlens_k=plan.kv_indptr,
-        max_seqlen_q=plan.max_qo_len, max_seqlen_k=plan.max_kv_len, blk_kv=BLOCK, causal=plan.causal,
-        softmax_scale=scale, return_softmax_lse=return_lse, page_table=page_table, seqused_k=plan.seqused_k,
-        schedule=csr[2] if want_schedule else None, validate=validate, backend=backend,
-    )
-    o, lse = (res if return_lse else (res, None))
+    qpath = _qouter_path(plan, q_eff, k, v, backend)
+    if qpath is None:
+        o, lse = _kv_outer(q_eff, k, v, sel, plan, scale, return_lse, page_table, validate, backend)
+    else:
+        direct = out if (out is not None and isinstance(out_mult, float) and out_mult == 1.0) else None
+        o, lse = _with_qouter(qpath, q_eff, k, v, sel, plan, scale, direct, out_dtype, validate, backend)
     if isinstance(out_mult, torch.Tensor):
         o = (o.float() * out_mult.view(1, -1, 1)).to(out_dtype)
     elif out_mult != 1.0:
@@ -226,6 +363,102 @@ def sparse_fmha(
     else:
         o = o.to(out_dtype)
     if out is not None:
-        out.copy_(o)
+        if o is not out:
+            out.copy_(o)
         o = out
     return (o, None, lse) if return_lse else (o, None)
+
+
+def _kv_outer(q, k, v, sel, plan, scale, return_lse, page_table, validate, backend):
+    """KV-outer path: k2q CSR + ``msa.cute.sparse_atten_func`` -> ``(O, LSE or None)``."""
+    q2k = sel.transpose(0, 1).contiguous()
+    want_schedule = q.device.type == "cuda"
+    csr = build_k2q_csr(q2k, plan.qo_indptr, plan.kv_indptr, BLOCK, total_k=plan.total_kv, total_rows=plan.total_rows,
+                        max_seqlen_k=plan.max_kv_len, max_seqlen_q=plan.max_qo_len,
+                        qhead_per_kv=plan.num_qo_heads // plan.num_kv_heads, return_schedule=want_schedule,
+                        validate=validate)
+    res = sparse_atten_func(
+        q, k, v, csr[0], csr[1], plan.topk, cu_seqlens_q=plan.qo_indptr, cu_seqlens_k=plan.kv_indptr,
+        max_seqlen_q=plan.max_qo_len, max_seqlen_k=plan.max_kv_len, blk_kv=BLOCK, causal=plan.causal,
+        softmax_scale=scale, return_softmax_lse=return_lse, page_table=page_table, seqused_k=plan.seqused_k,
+        schedule=csr[2] if want_schedule else None, validate=validate, backend=backend,
+    )
+    return res if return_lse else (res, None)
+
+
+def _qouter_path(plan: SparseFmhaPlan, q, k, v, backend) -> str | None:
+    """How the Q-outer part runs: "kernel", "reference", or None (no Q-outer part: everything KV-outer).
+
+    "q_outer" follows msa.core.dispatch (MSA_BACKEND / ``backend``: CPU -> reference; CUDA without the kernel ->
+    reference with a one-time warning, or KernelUnavailableError under backend="kernel"). "auto" never falls back
+    to the slow reference on CUDA: without the kernel the call is all KV-outer."""
+    if plan.qouter is None:
+        return None
+    if q.dtype not in QOUTER_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        if plan.schedule == "q_outer":
+            raise ValueError(f"schedule: 'q_outer' needs bf16/fp16 Q = K = V (after scale folding), got q "
+                             f"{q.dtype}, k {k.dtype}, v {v.dtype}; use 'auto' or 'kv_outer'")
+        return None
+    features = dict(q_dtype=q.dtype, kv_dtype=k.dtype, head_dim=q.shape[-1], head_dim_v=v.shape[-1],
+                    qhead_per_kv=plan.num_qo_heads // plan.num_kv_heads, causal=plan.causal, paged=False)
+    if plan.schedule == "q_outer":
+        return "reference" if select_backend(QOUTER_OP, q.device, backend, **features) == "reference" else "kernel"
+    if q.device.type != "cuda" or backend_mode(backend) == "reference":
+        return "reference"
+    ok, _ = _qouter_available(q.device)
+    if ok:
+        ok, _ = _qouter_supports(**features)
+    return "kernel" if ok else None
+
+
+def _qouter_kernel_plan(plan: SparseFmhaPlan):
+    """msa-core's Q-outer plan for this sparse plan (built once; its item enumeration must be ours)."""
+    qs = plan.qouter
+    if qs.kernel_plan is None:
+        mod, why = _qouter_module()
+        if mod is None:
+            raise RuntimeError(f"Q-outer kernel: {why}")
+        kp = mod.plan(plan.qo_lens, plan.kv_lens, plan.num_qo_heads, plan.num_kv_heads, causal=plan.causal,
+                      device=plan.device)
+        if int(kp.T) != qs.items.T or int(kp.num_items) != qs.items.num_items:
+            raise RuntimeError(f"Q-outer kernel plan: T {kp.T} / {kp.num_items} items, but msa.cute.qouter_items "
+                               f"made T {qs.items.T} / {qs.items.num_items} items (item enumeration contract broken)")
+        qs.kernel_plan = kp
+    return qs.kernel_plan
+
+
+def qouter_unions_for(plan: SparseFmhaPlan, sel: torch.Tensor, validate: bool | None = None):
+    """The Q-outer tables of ``sel [total_q, Hkv, topk]`` under ``plan`` (:class:`msa.cute.qouter.QouterUnions`)."""
+    qs = plan.qouter
+    it = qs.items
+    return build_qouter_unions(sel, it.item_token0, it.item_ntok, it.item_kv_head, T=it.T, num_items=it.num_items,
+                               umax=qs.umax, route_max=qs.route_max, item_kv_blocks=it.item_kv_blocks,
+                               validate=validate)
+
+
+def _with_qouter(path, q, k, v, sel, plan, scale, direct_out, out_dtype, validate, backend):
+    """Schedule "q_outer": the Q-outer pass writes every row. "auto": KV-outer over the unrouted items' selections
+    (routed (token, KV head) selections set to -1: those rows come out 0 / -inf), then the Q-outer pass overwrites
+    exactly the routed rows of the same O / LSE."""
+    qs = plan.qouter
+    it = qs.items
+    total_q, hq = q.shape[0], q.shape[1]
+    kp = _qouter_kernel_plan(plan) if path == "kernel" else None
+    un = qouter_unions_for(plan, sel, validate)
+    if qs.route_max is None:  # every item is routed (U <= umax always): no KV-outer part, the kernel writes all rows
+        o = direct_out if direct_out is not None else torch.empty(total_q, hq, v.shape[-1], dtype=out_dtype,
+                                                                  device=q.device)
+        lse = torch.empty(total_q, hq, dtype=torch.float32, device=q.device)
+    else:
+        routed = (un.union_len >= 0).view(it.num_tiles, plan.num_kv_heads)[it.token_tile.long()]  # [total_q, Hkv]
+        sel_kv = torch.where(routed.unsqueeze(-1), -1, sel)
+        o, lse = _kv_outer(q, k, v, sel_kv, plan, scale, True, None, validate, backend)
+    if path == "kernel":
+        mod, _ = _qouter_module()
+        mod.run(kp, q, k, v, un.union, un.union_len, un.mask, un.order, out=o, lse=lse, sm_scale=scale)
+    else:
+        qouter_reference(q, k, v, un.union, un.union_len, un.mask, item_token0=it.item_token0,
+                         item_ntok=it.item_ntok, item_kv_head=it.item_kv_head, cu_seqlens_q=plan.qo_indptr,
+                         cu_seqlens_k=plan.kv_indptr, causal=plan.causal, T=it.T, sm_scale=scale,
+                         seqused_k=plan.seqused_k, out=o, lse=lse)
+    return o, lse

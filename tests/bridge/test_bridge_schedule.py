@@ -1,0 +1,211 @@
+"""msa.bridge.sparse_fmha ``schedule`` ("kv_outer" / "q_outer" / "auto") on CPU: every schedule equals
+msa.core.fmha(kv_block_indexes=...) (both fp32 references rounded once to bf16: within 2^-8 x max|V|, LSE 1e-4);
+"auto" hands the KV-outer call the unrouted items' selections only (routed (token, KV head) lists all -1) and the
+Q-outer pass the rest; plans and calls the Q-outer path cannot serve fall back ("auto") or raise ("q_outer")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from msa.bridge import bridge as br
+from msa.bridge import sparse_fmha, sparse_fmha_plan
+from msa.core import fmha, fmha_plan
+
+
+def _selections(gen, q_lens, kv_lens, hkv, topk, causal=True, correlated=False):
+    """Ascending, -1 tail; correlated: the tokens of a 16-token run share their picks (+ the local block)."""
+    out = torch.full((sum(q_lens), hkv, topk), -1, dtype=torch.int32)
+    t = 0
+    for ql, kl in zip(q_lens, kv_lens):
+        nblk = -(-kl // 128)
+        shared = {}
+        for i in range(ql):
+            vis = min(nblk, (i + kl - ql) // 128 + 1) if causal else nblk
+            for h in range(hkv):
+                if vis <= 0:
+                    continue
+                if correlated:
+                    key = (i // 16, h)
+                    if key not in shared:
+                        shared[key] = torch.randperm(vis, generator=gen)[:topk].tolist()
+                    pick = sorted(set([b for b in shared[key] if b < vis][: topk - 1] + [vis - 1]))
+                else:
+                    pick = sorted(torch.randperm(vis, generator=gen)[:topk].tolist())
+                if i % 5 == 2:
+                    pick = pick[:-1]  # short lists
+                out[t, h, : len(pick)] = torch.tensor(pick, dtype=torch.int32)
+            t += 1
+    return out
+
+
+def _problem(seed, q_lens, kv_lens, hq, hkv, topk, d=32, causal=True, correlated=False):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(q_lens), hq, d, generator=gen).bfloat16()
+    k = torch.randn(sum(kv_lens), hkv, d, generator=gen).bfloat16()
+    v = torch.randn(sum(kv_lens), hkv, d, generator=gen).bfloat16()
+    return q, k, v, _selections(gen, q_lens, kv_lens, hkv, topk, causal, correlated)
+
+
+def _close(o, lse, o_ref, lse_ref, v):
+    assert (o.float() - o_ref.float()).abs().max() <= 2**-8 * v.float().abs().max()
+    fin = torch.isfinite(lse_ref)
+    assert torch.equal(fin, torch.isfinite(lse))
+    assert (lse[fin] - lse_ref[fin]).abs().max() < 1e-4
+
+
+CASES = [
+    # q_lens, kv_lens, hq, hkv, topk, causal, correlated
+    ([1, 70, 45], [1, 900, 400], 8, 2, 3, True, True),  # G 4 (T 32), a 1-token request
+    ([130, 20], [1200, 300], 4, 4, 2, False, False),  # G 1 (T 128), non-causal
+    ([40], [2000], 16, 1, 4, True, True),  # G 16 (T 8)
+]
+
+
+@pytest.mark.parametrize("schedule,route_max", [("kv_outer", None), ("q_outer", None), ("auto", None), ("auto", 0),
+                                                ("auto", 5)])
+@pytest.mark.parametrize("q_lens,kv_lens,hq,hkv,topk,causal,correlated", CASES)
+def test_schedules_equal_core(schedule, route_max, q_lens, kv_lens, hq, hkv, topk, causal, correlated):
+    q, k, v, sel = _problem(sum(q_lens) + topk, q_lens, kv_lens, hq, hkv, topk, causal=causal, correlated=correlated)
+    dp = fmha_plan(q_lens, kv_lens, hq, hkv, causal=causal, kv_block_num=topk)
+    o_ref, _, lse_ref = fmha(q, k, v, dp, kv_block_indexes=sel, return_lse=True, validate=True)
+    sp = sparse_fmha_plan(q_lens, kv_lens, hq, hkv, causal=causal, kv_block_num=topk, schedule=schedule,
+                          route_max=route_max)
+    assert sp.schedule == schedule and (sp.qouter is None) == (schedule == "kv_outer")
+    out = torch.full_like(o_ref, float("nan"))
+    o, _, lse = sparse_fmha(q, k, v, sp, kv_block_indexes=sel, out=out, return_lse=True, validate=True)
+    assert o is out
+    _close(o, lse, o_ref, lse_ref, v)
+
+
+def test_auto_routes_by_union_size_and_masks_the_kv_outer_selections(monkeypatch):
+    q_lens, kv_lens, hq, hkv, topk = [64, 96], [600, 5000], 8, 2, 3  # request 0: <= 5 blocks, request 1: 40 blocks
+    q, k, v, sel = _problem(9, q_lens, kv_lens, hq, hkv, topk)
+    sp = sparse_fmha_plan(q_lens, kv_lens, hq, hkv, kv_block_num=topk)  # default: auto, route_max 2 * topk
+    assert sp.schedule == "auto" and sp.qouter.route_max == br.ROUTE_FACTOR * topk
+    un = br.qouter_unions_for(sp, sel)
+    it = sp.qouter.items
+    assert sp.qouter.umax == min(it.T * topk, it.max_blocks, 2 * topk)
+    routed = (un.union_len >= 0).view(it.num_tiles, hkv)[it.token_tile.long()]
+    assert bool(routed.any()) and bool((~routed).any()), "the case must mix both paths"
+    seen = {}
+    real_kv, real_ref = br._kv_outer, br.qouter_reference
+
+    def spy_kv(q_, k_, v_, sel_kv, *a, **kw):
+        seen["sel_kv"] = sel_kv.clone()
+        return real_kv(q_, k_, v_, sel_kv, *a, **kw)
+
+    def spy_q(*a, **kw):
+        seen["union_len"] = a[4].clone()
+        return real_ref(*a, **kw)
+
+    monkeypatch.setattr(br, "_kv_outer", spy_kv)
+    monkeypatch.setattr(br, "qouter_reference", spy_q)
+    o, _, lse = sparse_fmha(q, k, v, sp, kv_block_indexes=sel, return_lse=True)
+    r3 = routed.unsqueeze(-1).expand_as(sel)
+    assert (seen["sel_kv"][r3] == -1).all() and torch.equal(seen["sel_kv"][~r3], sel[~r3])
+    assert torch.equal(seen["union_len"], un.union_len)
+    dp = fmha_plan(q_lens, kv_lens, hq, hkv, kv_block_num=topk)
+    o_ref, _, lse_ref = fmha(q, k, v, dp, kv_block_indexes=sel, return_lse=True)
+    _close(o, lse, o_ref, lse_ref, v)
+
+
+def test_q_outer_makes_no_kv_outer_call(monkeypatch):
+    q, k, v, sel = _problem(2, [50], [700], 4, 2, 2)
+    sp = sparse_fmha_plan([50], [700], 4, 2, kv_block_num=2, schedule="q_outer")
+    assert sp.qouter.route_max is None and sp.qouter.umax == min(sp.qouter.items.T * 2, 6)
+    monkeypatch.setattr(br, "_kv_outer", lambda *a, **kw: pytest.fail("q_outer must not run the KV-outer path"))
+    o, _ = sparse_fmha(q, k, v, sp, kv_block_indexes=sel)
+    dp = fmha_plan([50], [700], 4, 2, kv_block_num=2)
+    o_ref, _ = fmha(q, k, v, dp, kv_block_indexes=sel)
+    assert (o.float() - o_ref.float()).abs().max() <= 2**-8 * v.float().abs().max()
+
+
+@pytest.mark.parametrize("schedule", ["q_outer", "auto"])
+def test_schedules_with_scales_and_hq_shaped_selections(schedule):
+    q_lens, kv_lens, hq, hkv, topk = [40], [300], 4, 2, 2
+    q, k, v, sel = _problem(4, q_lens, kv_lens, hq, hkv, topk, d=16)
+    scales = dict(sm_scale=0.2, q_scale=torch.tensor([1.0, 0.5, 2.0, 1.5]), k_scale=0.7,
+                  v_scale=torch.tensor([2.0, 0.25]), o_scale=0.5)
+    dp = fmha_plan(q_lens, kv_lens, hq, hkv, kv_block_num=topk)
+    o_ref, _ = fmha(q, k, v, dp, kv_block_indexes=sel, **scales)
+    sp = sparse_fmha_plan(q_lens, kv_lens, hq, hkv, kv_block_num=topk, schedule=schedule)
+    sel_q = sel.repeat_interleave(hq // hkv, dim=1).clone()
+    sel_q[:, 1::2] = -1  # only the first head of each GQA group is read
+    o, _ = sparse_fmha(q, k, v, sp, kv_block_indexes=sel_q, **scales)
+    assert (o.float() - o_ref.float()).abs().max() <= 2**-6 * o_ref.float().abs().max()
+
+
+def test_schedule_resolution_and_errors():
+    kw = dict(kv_block_num=2)
+    with pytest.raises(ValueError, match="schedule: expected one of"):
+        sparse_fmha_plan([4], [200], 2, 1, schedule="dense", **kw)
+    with pytest.raises(ValueError, match="route_max: only meaningful with schedule='auto'"):
+        sparse_fmha_plan([4], [200], 2, 1, schedule="q_outer", route_max=3, **kw)
+    with pytest.raises(ValueError, match="route_max"):
+        sparse_fmha_plan([4], [200], 2, 1, route_max=-1, **kw)
+    with pytest.raises(ValueError, match="'q_outer' cannot serve this plan: paged"):
+        sparse_fmha_plan([4], [200], 2, 1, page_size=128, schedule="q_outer", **kw)
+    with pytest.raises(ValueError, match=r"'q_outer' cannot serve this plan: qo_offset\[0\]"):
+        sparse_fmha_plan([4], [200], 2, 1, qo_offset=[100], schedule="q_outer", **kw)
+    with pytest.raises(ValueError, match="'q_outer' cannot serve this plan: Hq/Hkv = 3"):
+        sparse_fmha_plan([4], [200], 6, 2, schedule="q_outer", **kw)
+    p = sparse_fmha_plan([4], [200], 2, 1, page_size=128, **kw)
+    assert p.schedule == "kv_outer" and p.qouter is None and "paged" in p.schedule_note
+    p = sparse_fmha_plan([4], [200], 2, 1, qo_offset=[100], **kw)
+    assert p.schedule == "kv_outer" and "qo_offset" in p.schedule_note
+    p = sparse_fmha_plan([4], [200], 2, 1, causal=False, schedule="q_outer", **kw)
+    assert p.schedule == "q_outer"
+
+
+def test_fp8_kv_goes_kv_outer_under_auto_and_raises_under_q_outer(monkeypatch):
+    q, k, v, sel = _problem(6, [20], [300], 2, 1, 2, d=16)
+    q8, k8, v8 = (x.to(torch.float8_e4m3fn) for x in (q, k, v))
+    calls = []
+    real_kv = br._kv_outer
+    monkeypatch.setattr(br, "_kv_outer", lambda *a, **kw: calls.append(1) or real_kv(*a, **kw))
+    sp = sparse_fmha_plan([20], [300], 2, 1, kv_block_num=2)
+    o, _ = sparse_fmha(q8, k8, v8, sp, kv_block_indexes=sel)
+    assert calls and o.dtype == torch.bfloat16 and torch.isfinite(o.float()).all()
+    sp = sparse_fmha_plan([20], [300], 2, 1, kv_block_num=2, schedule="q_outer")
+    with pytest.raises(ValueError, match="'q_outer' needs bf16/fp16 Q = K = V"):
+        sparse_fmha(q8, k8, v8, sp, kv_block_indexes=sel)
+
+
+@pytest.mark.parametrize("schedule", ["q_outer", "auto"])
+def test_kernel_branch_wiring_with_a_stub_kernel(monkeypatch, schedule):
+    """The bridge's kernel branch on CPU: msa-core's real ``plan`` (its item enumeration must be msa.cute's) and a
+    stub ``run`` that checks the arguments as the kernel's contract states, then computes with the oracle."""
+    import types
+
+    from msa.cute.qouter import qouter_reference
+
+    qo = pytest.importorskip(br.QOUTER_KERNEL_MODULE)
+    runs = []
+
+    def run(kp, q, k, v, union, union_len, mask, order, *, out=None, lse=None, sm_scale=None):
+        n = kp.num_items
+        for name, t, shape in (("union", union, (n, union.shape[1])), ("union_len", union_len, (n,)),
+                               ("mask", mask, (n, union.shape[1], kp.mask_words)), ("order", order, (n,))):
+            assert t.dtype == torch.int32 and tuple(t.shape) == shape and t.is_contiguous(), name
+        assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == q.shape[:2]
+        runs.append(int((union_len >= 0).sum()))
+        cu_q = torch.tensor([0, *torch.tensor(kp.qo_lens).cumsum(0).tolist()], dtype=torch.int32)
+        cu_k = torch.tensor([0, *torch.tensor(kp.kv_lens).cumsum(0).tolist()], dtype=torch.int32)
+        qouter_reference(q, k, v, union, union_len, mask, item_token0=kp.item_token0, item_ntok=kp.item_ntok,
+                         item_kv_head=kp.item_kv_head, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=kp.causal,
+                         T=kp.T, sm_scale=sm_scale, out=out, lse=lse)
+        return out, lse
+
+    stub = types.SimpleNamespace(plan=lambda *a, **kw: qo.plan(*a, **{**kw, "device": "cpu"}), run=run)
+    monkeypatch.setattr(br, "_qouter_module", lambda: (stub, ""))
+    monkeypatch.setattr(br, "_qouter_path", lambda plan, *a: "kernel" if plan.qouter is not None else None)
+    q_lens, kv_lens, hq, hkv, topk = [1, 70, 45], [1, 900, 400], 8, 2, 3
+    q, k, v, sel = _problem(3, q_lens, kv_lens, hq, hkv, topk, correlated=True)
+    sp = sparse_fmha_plan(q_lens, kv_lens, hq, hkv, kv_block_num=topk, schedule=schedule)
+    o, _, lse = sparse_fmha(q, k, v, sp, kv_block_indexes=sel, return_lse=True)
+    assert len(runs) == 1 and runs[0] > 0 and sp.qouter.kernel_plan is not None
+    for name in ("item_token0", "item_ntok", "item_kv_head"):  # one item enumeration for the builder and the kernel
+        assert torch.equal(getattr(sp.qouter.kernel_plan, name), getattr(sp.qouter.items, name)), name
+    dp = fmha_plan(q_lens, kv_lens, hq, hkv, kv_block_num=topk)
+    o_ref, _, lse_ref = fmha(q, k, v, dp, kv_block_indexes=sel, return_lse=True)
+    _close(o, lse, o_ref, lse_ref, v)
