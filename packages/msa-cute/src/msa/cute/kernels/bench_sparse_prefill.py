@@ -2,6 +2,7 @@
 
     python -m msa.cute.kernels.bench_sparse_prefill --hq 64 --hkv 4 --seqlen 32768,131072 --topk 16 [--paged]
         [--variants serial,ws] [--selection random,correlated] [--corr-len 512]
+        [--schedules kv_outer,q_outer,auto] [--route-factor 2]
 
 Selections (``--selection``), per (token, KV head) the local (diagonal) block plus ``topk - 1`` visible blocks
 (causal, bottom-right; fewer when fewer are visible), like MSA's forced-local top-k:
@@ -35,6 +36,17 @@ K/V are counted once per selected (KV head, block) (chunks of a row reuse them t
 floor is its bytes over the copy bandwidth measured here (read + write of a 2 GiB device copy); "of floor" =
 floor / measured time. The CSR build (plan, incl. schedule and slot tables) is reported apart, as in the op's
 contract; its bytes are not modelled.
+
+Schedules (``--schedules``, default all three when msa-core's Q-outer kernel module imports, else kv_outer):
+``kv_outer`` = the table above; ``q_outer`` = every Q-outer item (128/G tokens x G heads of one KV head) through
+msa-core's SM90 Q-outer kernel (``msa.core.kernels.fmha_sm90_qouter``) over the union of its tokens' blocks;
+``auto`` = items with ``U <= route_factor * topk`` Q-outer, the rest KV-outer (their selections only; routed
+tokens' lists set to -1), as ``msa.bridge.sparse_fmha(schedule="auto")`` does. Reported per Q-outer row: ``build``
+(the union tables; for auto also the routing mask and the KV-outer CSR), ``q-outer`` (the Q-outer kernel alone),
+``kv-outer`` (auto: the KV-outer call on the unrouted selections), ``total`` = kernels (as the KV-outer table's
+total, plan excluded), TFLOP/s on it, TF+build = including the build (the per-call cost: tables depend on the
+selection), ``routed`` = share of items on Q-outer. Effective FLOPs are counted on selected blocks as above.
+Ragged K/V only (``--paged`` skips the Q-outer rows).
 """
 
 from __future__ import annotations
@@ -49,6 +61,8 @@ from msa.cute.kernels import sparse_prefill_sm90 as sp
 
 BLOCK = 128
 D = 128
+SCHEDULES = ("kv_outer", "q_outer", "auto")
+QOUTER_MODULE = "msa.core.kernels.fmha_sm90_qouter"
 
 
 def forced_local_selection(total: int, hkv: int, topk: int, device, seed: int = 0, chunk: int = 4096):
@@ -155,7 +169,8 @@ def _time(fn, reps: int) -> float:
 
 
 def bench_case(seqlen: int, hq: int, hkv: int, topk: int, paged: bool, partial_dtype: torch.dtype, reps: int,
-               bandwidth: float, variants=(sp.DEFAULT_VARIANT,), selection: str = "random", corr_len: int = 512):
+               bandwidth: float, variants=(sp.DEFAULT_VARIANT,), selection: str = "random", corr_len: int = 512,
+               schedules=("kv_outer",), route_factor: int = 2):
     from msa.cute import build_k2q_csr, sparse_atten_func
 
     dev = torch.device("cuda")
@@ -204,6 +219,14 @@ def bench_case(seqlen: int, hq: int, hkv: int, topk: int, paged: bool, partial_d
     nbytes = stage_bytes(q2k, seqlen, hq, partial_dtype.itemsize)
     floor = {key: nbytes[key] / bandwidth * 1e3 for key in ("partial", "combine", "total")}
     rows = []
+    common = {"seqlen": seqlen, "heads": f"{hq}/{hkv}", "topk": topk, "selection": selection,
+              "union_mean": float(union.mean()), "union_p90": float(torch.quantile(union, 0.9))}
+    for schedule in schedules:
+        if schedule != "kv_outer" and not paged:
+            rows.append({**common, **qouter_case(schedule, q, k, v, q2k, cu, topk, flops, reps, partial_dtype,
+                                                 route_factor)})
+    if "kv_outer" not in schedules:
+        return rows
     for variant in variants:  # A/B on the same inputs and plan, same process
         saved = os.environ.get(sp.VARIANT_ENV)
         os.environ[sp.VARIANT_ENV] = variant
@@ -221,6 +244,7 @@ def bench_case(seqlen: int, hq: int, hkv: int, topk: int, paged: bool, partial_d
                                              pt, o_part, lse_part, D ** -0.5 * sp.LOG2_E, 1, topk, ctas), reps)
         combine_ms = _time(functools.partial(comb_fn, o_part, lse_part, n_slots, o, lse, topk), reps)
         rows.append({
+            "schedule": "kv_outer",
             "seqlen": seqlen, "heads": f"{hq}/{hkv}", "topk": topk, "paged": paged, "partial": str(partial_dtype),
             "variant": variant, "selection": selection,
             "union_mean": float(union.mean()), "union_p90": float(torch.quantile(union, 0.9)),
@@ -233,6 +257,86 @@ def bench_case(seqlen: int, hq: int, hkv: int, topk: int, paged: bool, partial_d
             "csr_share": (csr_ms + combine_ms) / (csr_ms + total_ms),
         })
     return rows
+
+
+def qouter_case(schedule: str, q, k, v, q2k, cu, topk: int, flops: float, reps: int, partial_dtype,
+                route_factor: int) -> dict:
+    """Time one Q-outer schedule ("q_outer" or "auto", see the module docstring) on the given inputs."""
+    import importlib
+
+    from msa.cute import build_k2q_csr, sparse_atten_func
+    from msa.cute.qouter import build_qouter_unions, default_umax, qouter_items
+
+    qk = importlib.import_module(QOUTER_MODULE)
+    seqlen, hq, _ = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    dev = q.device
+    kp = qk.plan([seqlen], [seqlen], hq, hkv, causal=True, device=dev)
+    items = qouter_items([seqlen], hkv, g, kv_lens=[seqlen], device=dev)
+    if (kp.T, kp.num_items) != (items.T, items.num_items):
+        raise SystemExit(f"{QOUTER_MODULE}.plan: T {kp.T} / {kp.num_items} items, msa.cute.qouter_items: T {items.T} "
+                         f"/ {items.num_items} (item enumeration contract broken)")
+    route_max = None if schedule == "q_outer" else route_factor * topk
+    umax = default_umax(items.T, topk, items.max_blocks, route_max)
+    sel = q2k.transpose(0, 1)  # [total_q, Hkv, topk] view
+    nblk = -(-seqlen // BLOCK)
+    o = torch.empty_like(q)
+    lse = torch.empty(seqlen, hq, dtype=torch.float32, device=dev)
+
+    def unions():
+        return build_qouter_unions(sel, items.item_token0, items.item_ntok, items.item_kv_head, T=items.T,
+                                   num_items=items.num_items, umax=umax, route_max=route_max,
+                                   item_kv_blocks=items.item_kv_blocks)
+
+    def kv_plan(un):
+        routed = (un.union_len >= 0).view(items.num_tiles, hkv)[items.token_tile.long()]
+        q2k_kv = torch.where(routed.t().unsqueeze(-1), -1, q2k).contiguous()
+        return build_k2q_csr(q2k_kv, cu, cu, BLOCK, total_k=seqlen, total_rows=nblk, qhead_per_kv=g,
+                             return_schedule=True)
+
+    def build():
+        un = unions()
+        return un, (kv_plan(un) if route_max is not None else None)
+
+    un, csr = build()
+    build_ms = _time(build, reps)
+    qouter_ms = _time(lambda: qk.run(kp, q, k, v, un.union, un.union_len, un.mask, un.order, out=o, lse=lse,
+                                     sm_scale=D ** -0.5), reps)
+    kv_ms = 0.0
+    if csr is not None:
+        rp, qi, sched = csr
+        kv_ms = _time(lambda: sparse_atten_func(q, k, v, rp, qi, topk, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                                max_seqlen_q=seqlen, max_seqlen_k=seqlen, causal=True,
+                                                partial_dtype=partial_dtype, backend="kernel", schedule=sched,
+                                                return_softmax_lse=True), reps)
+
+    def whole():  # what one call costs: tables + KV-outer on the unrouted part + Q-outer over the same O / LSE
+        un_, csr_ = build()
+        out, lse_ = o, lse
+        if csr_ is not None:
+            out, lse_ = sparse_atten_func(q, k, v, csr_[0], csr_[1], topk, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                          max_seqlen_q=seqlen, max_seqlen_k=seqlen, causal=True,
+                                          partial_dtype=partial_dtype, backend="kernel", schedule=csr_[2],
+                                          return_softmax_lse=True)
+        qk.run(kp, q, k, v, un_.union, un_.union_len, un_.mask, un_.order, out=out, lse=lse_, sm_scale=D ** -0.5)
+
+    whole_ms = _time(whole, reps)
+    routed = float((un.union_len >= 0).float().mean())
+    total_ms = qouter_ms + kv_ms
+    return {"schedule": schedule, "routed": routed, "umax": umax, "build_ms": build_ms, "qouter_ms": qouter_ms,
+            "kv_ms": kv_ms, "total_ms": total_ms, "whole_ms": whole_ms, "tflops": flops / (total_ms * 1e-3) / 1e12,
+            "tflops_build": flops / (whole_ms * 1e-3) / 1e12, "items": items.num_items}
+
+
+def _qouter_importable() -> bool:
+    import importlib
+
+    try:
+        importlib.import_module(QOUTER_MODULE)
+    except Exception:
+        return False
+    return True
 
 
 def main(argv=None):
@@ -248,7 +352,20 @@ def main(argv=None):
                    help=f"partial kernel builds to A/B, comma separated: {sp.VARIANTS} (default: the op's default)")
     p.add_argument("--selection", default="random", help="comma separated: random, correlated")
     p.add_argument("--corr-len", type=int, default=512, help="correlated selection: score correlation length, tokens")
+    p.add_argument("--schedules", default=None,
+                   help="comma separated: kv_outer, q_outer, auto (default: all three when the Q-outer kernel "
+                        "module imports, else kv_outer)")
+    p.add_argument("--route-factor", type=int, default=2, help="auto: Q-outer iff U <= route_factor * topk")
     a = p.parse_args(argv)
+    if a.schedules is None:
+        schedules = SCHEDULES if _qouter_importable() else ("kv_outer",)
+    else:
+        schedules = tuple(a.schedules.split(","))
+    for sc in schedules:
+        if sc not in SCHEDULES:
+            raise SystemExit(f"--schedules: expected a subset of {SCHEDULES}, got {sc!r}")
+    if any(sc != "kv_outer" for sc in schedules) and not _qouter_importable():
+        raise SystemExit(f"--schedules {','.join(schedules)}: {QOUTER_MODULE} does not import")
     variants = tuple(sp.partial_variant(x) for x in a.variants.split(",")) if a.variants else (sp.partial_variant(),)
     selections = a.selection.split(",")
     for sel in selections:
@@ -264,14 +381,27 @@ def main(argv=None):
     print(f"{'sel':>10} {'U/k':>5} {'U90/k':>5} {'S':>7} {'variant':>7} {'items':>8} {'csr':>7} {'partial':>8} "
           f"{'combine':>8} {'total':>8} {'TFLOP/s':>8} {'(partial)':>9} {'GB':>6} {'floor':>7} {'of floor':>8} "
           f"{'part':>5} {'comb':>5} {'TF@floor':>8} {'csr+comb':>8}")
+    q_header = (f"{'sel':>10} {'U/k':>5} {'U90/k':>5} {'S':>7} {'schedule':>8} {'routed':>6} {'umax':>5} {'build':>7} "
+                f"{'q-outer':>8} {'kv-outer':>8} {'total':>8} {'TFLOP/s':>8} {'call':>8} {'TF+build':>8}")
     for sel in selections:
         for s in (int(x) for x in a.seqlen.split(",")):
-            for r in bench_case(s, a.hq, a.hkv, a.topk, a.paged, pdt, a.reps, bw, variants, sel, a.corr_len):
+            for r in bench_case(s, a.hq, a.hkv, a.topk, a.paged, pdt, a.reps, bw, variants, sel, a.corr_len,
+                                schedules, a.route_factor):
+                if r["schedule"] != "kv_outer":  # Q-outer rows: own columns, printed as they come
+                    print(f"{q_header}\n{sel:>10} {r['union_mean']:>5.2f} {r['union_p90']:>5.2f} {s:>7} "
+                          f"{r['schedule']:>8} {r['routed']:>6.2f} {r['umax']:>5} {r['build_ms']:>7.3f} "
+                          f"{r['qouter_ms']:>8.3f} {r['kv_ms']:>8.3f} {r['total_ms']:>8.3f} {r['tflops']:>8.1f} "
+                          f"{r['whole_ms']:>8.3f} {r['tflops_build']:>8.1f}", flush=True)
+                    continue
                 print(f"{sel:>10} {r['union_mean']:>5.2f} {r['union_p90']:>5.2f} {s:>7} {r['variant']:>7} "
                       f"{r['items']:>8} {r['csr_ms']:>7.3f} {r['partial_ms']:>8.3f} {r['combine_ms']:>8.3f} "
                       f"{r['total_ms']:>8.3f} {r['tflops']:>8.1f} {r['tflops_partial']:>9.1f} {r['gbytes']:>6.2f} "
                       f"{r['floor_ms']:>7.3f} {r['frac_total']:>8.2f} {r['frac_partial']:>5.2f} "
                       f"{r['frac_combine']:>5.2f} {r['tflops_floor']:>8.1f} {r['csr_share']:>8.2f}", flush=True)
+    if any(sc != "kv_outer" for sc in schedules):
+        print("Q-outer rows: build = union tables (+ routing mask + KV-outer CSR for auto); total = q-outer + kv-outer "
+              "kernels (plan excluded, as the KV-outer table); call = one whole call timed (build + kernels); "
+              "TF+build = effective TFLOP/s of the whole call; routed = share of items on Q-outer")
     print("times in ms; U/k, U90/k = union of selected blocks per Q-outer tile (128/G tokens x G heads) over top-k, "
           "mean and 90th percentile; floor = modelled bytes / copy bandwidth; 'of floor' = floor / time (1.0 = at "
           "the floor); TF@floor = effective TFLOP/s if the whole call ran at the floor; csr+comb = (csr + combine) / "
