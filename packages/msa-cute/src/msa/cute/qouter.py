@@ -270,13 +270,15 @@ def build_qouter_unions(
     union.scatter_(1, col, torch.where(head_of_run, blk, 0))
     union = union[:, :umax].contiguous()
 
-    bit = torch.where(keep, torch.bitwise_left_shift(torch.ones_like(t_of), t_of % MASK_BITS), 0)
+    # Bits in int64 math, wrapped to int32 (bit 31 -> -2^31) before the adds: a word's partial sums of distinct
+    # bits stay in [-2^31, 2^31) whatever the order, so the int32 scatter_add is exact and equals the OR.
+    bit = torch.bitwise_left_shift(torch.ones_like(t_of), t_of % MASK_BITS)
+    bit = torch.where(keep, torch.where(bit >= 2**31, bit - 2**32, bit), 0).to(torch.int32)
     word_col = torch.where(keep, pos, spare).to(torch.int64) * words + torch.div(t_of, MASK_BITS,
                                                                                  rounding_mode="floor")
-    mask64 = torch.zeros(num_items, (umax + 1) * words, dtype=torch.int64, device=dev)
-    mask64.scatter_add_(1, word_col, bit)  # one entry per (token, block) after the dedup: sum == OR
-    mask64 = mask64.view(num_items, umax + 1, words)[:, :umax]
-    mask = torch.where(mask64 >= 2**31, mask64 - 2**32, mask64).to(torch.int32).contiguous()
+    mask = torch.zeros(num_items, (umax + 1) * words, dtype=torch.int32, device=dev)
+    mask.scatter_add_(1, word_col, bit)  # one entry per (token, block) after the dedup: sum == OR
+    mask = mask.view(num_items, umax + 1, words)[:, :umax].contiguous()
 
     order = torch.sort(union_len, descending=True, stable=True).indices.to(torch.int32)
     return QouterUnions(union, union_len, mask, order)
