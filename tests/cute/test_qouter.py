@@ -234,6 +234,13 @@ def test_builder_arguments_checked():
         build_qouter_unions(sel, it.item_token0, it.item_ntok, bad, T=8, num_items=1, umax=4, validate=True)
 
 
+def test_builder_default_umax_is_t_times_topk():
+    sel = torch.tensor([[[0, 3]], [[1, 3]], [[2, 4]]], dtype=torch.int32)
+    it = qouter_items([3], 1, 16)
+    un = build_qouter_unions(sel, it.item_token0, it.item_ntok, it.item_kv_head, T=it.T, num_items=it.num_items)
+    assert un.union.shape == (1, 16) and un.union_len.tolist() == [5] and un.union[0, :6].tolist() == [0, 1, 2, 3, 4, 0]
+
+
 def test_builder_empty():
     it = qouter_items([0, 0], 2, 4)
     un = build(torch.zeros(0, 2, 3, dtype=torch.int32), it, 5)

@@ -188,7 +188,7 @@ def build_qouter_unions(
     *,
     T: int,
     num_items: int,
-    umax: int,
+    umax: int | None = None,
     route_max: int | None = None,
     item_kv_blocks: torch.Tensor | None = None,
     validate: bool | None = None,
@@ -201,7 +201,8 @@ def build_qouter_unions(
         item_token0 / item_ntok / item_kv_head: ``[num_items]`` int32 item tables (:func:`qouter_items`).
         T: tokens per item (mask rows; ``W = ceil(T / 32)`` words per union entry).
         num_items: item count (host int: sizes every output).
-        umax: union capacity; an item whose union has more than ``umax`` blocks is not routed.
+        umax: union capacity; an item whose union has more than ``umax`` blocks is not routed. None: ``T * topk``
+            (plans pass :func:`default_umax` with the longest request's block count and ``route_max``).
         route_max: route an item iff ``U <= route_max`` (None: every item that fits ``umax``).
         item_kv_blocks: optional ``[num_items]`` int32 block count of each item's request; ids ``>=`` it are
             ignored like ``-1`` (the KV-outer CSR build drops such ids too), so a malformed list can never make
@@ -215,7 +216,7 @@ def build_qouter_unions(
     dev = kv_block_indexes.device
     T = check_int("T", T, min=1)
     num_items = check_int("num_items", num_items, min=0)
-    umax = check_int("umax", umax, min=0)
+    umax = T * kv_block_indexes.shape[2] if umax is None else check_int("umax", umax, min=0)
     if route_max is not None:
         route_max = check_int("route_max", route_max, min=0)
     for name, t in (("item_token0", item_token0), ("item_ntok", item_ntok), ("item_kv_head", item_kv_head)):
