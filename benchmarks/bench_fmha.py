@@ -106,6 +106,11 @@ CASES = {
     "quick": [
         ("B2 H32 S8K causal", 2, 32, 32, 8192, True, False),
     ],
+    # the "paged within 5% of ragged" bar alone (each paged case also times ragged K/V interleaved)
+    "paged": [
+        ("B2 H32 S8K causal paged", 2, 32, 32, 8192, True, True),
+        ("B1 Hq64/Hkv4 S16K causal paged", 1, 64, 4, 16384, True, True),
+    ],
 }
 
 

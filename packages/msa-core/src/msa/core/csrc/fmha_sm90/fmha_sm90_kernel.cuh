@@ -142,6 +142,15 @@ __device__ __forceinline__ WorkItem load_work(WorkItem const* work, int i) {
   return WorkItem{a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w, c.x, c.y, c.z, c.w};
 }
 
+// An item's descriptor; sparse-Q: n_block_max is the item's union length from the device-built list (-1: the item
+// is not routed to this kernel and writes nothing; 0: its tokens selected nothing, O = 0 and LSE = -inf).
+template <class T>
+__device__ __forceinline__ WorkItem load_item(typename T::Params const& p, int item) {
+  WorkItem w = load_work(p.work, item);
+  if constexpr (T::kSparseQ) { w.n_block_max = __ldg(p.sq_union_len + item); }
+  return w;
+}
+
 // The consumers' (and fill warps') side of the producer's work-index ring: wait for the next published index,
 // free its slot, and load the descriptor when it is real work (index >= num_work ends the kernel).
 template <class T>
@@ -151,7 +160,7 @@ __device__ __forceinline__ void read_work_ring(typename T::Params const& p, type
   item = ss.sched_item[rd.index];
   mbar_arrive_mem(&ss.sched_empty[rd.index]);
   rd.advance();
-  if (item < p.num_work) { w = load_work(p.work, item); }
+  if (item < p.num_work) { w = load_item<T>(p, item); }
 }
 
 
@@ -249,9 +258,13 @@ struct OnlineSoftmax {
   float row_sum[kRows];
 
   // kTileMax: also return this tile's own row maxima (raw logits) in tile_max (max_score output).
-  template <bool kFirst, bool kCheckInf, bool kTileMax = false, class Frag>
+  // kRowSel (sparse-Q): bit mi of row_sel clear = row mi takes no weight from this tile. Such a row keeps its running
+  // max (its tile max is dropped) and its exp2 argument becomes -inf (m_scaled = +inf): P = 0 with two selects per
+  // row instead of a select per element; needs kCheckInf (a row may have seen no selected key yet).
+  template <bool kFirst, bool kCheckInf, bool kTileMax = false, bool kRowSel = false, class Frag>
   __device__ __forceinline__ void update(Frag& s, float scale_log2, float (&o_rescale)[kRows],
-                                         float* tile_max = nullptr) {
+                                         float* tile_max = nullptr, uint32_t row_sel = 0) {
+    static_assert(!kRowSel || (kCheckInf && !kTileMax), "row selection: check -inf rows, no tile max");
     Tensor sr = make_tensor(s.data(), acc_rowcol(s.layout()));
     static_assert(decltype(size<0>(sr))::value == kRows);
     constexpr int kCols = decltype(size<1>(sr))::value;
@@ -278,6 +291,10 @@ struct OnlineSoftmax {
         tile_max[mi] = m;
         if constexpr (!kFirst) { m = fmaxf(m, row_max[mi]); }
       }
+      bool const row_on = !kRowSel || ((row_sel >> mi) & 1u);
+      if constexpr (kRowSel) {
+        if (!row_on) { m = kFirst ? -INFINITY : row_max[mi]; }
+      }
       // A row that has seen only masked keys keeps max -inf; use 0 so exp2 gives 0 instead of NaN.
       float const m_safe = (kCheckInf && m == -INFINITY) ? 0.f : m;
       if constexpr (!kFirst) {
@@ -285,7 +302,10 @@ struct OnlineSoftmax {
         row_sum[mi] *= o_rescale[mi];
       }
       row_max[mi] = m;
-      float const m_scaled = m_safe * scale_log2 - float(kLog2PScale);  // P <= 2^kLog2PScale
+      float m_scaled = m_safe * scale_log2 - float(kLog2PScale);  // P <= 2^kLog2PScale
+      if constexpr (kRowSel) {
+        if (!row_on) { m_scaled = INFINITY; }  // fmaf(s, scale, -inf) = -inf for finite or -inf s: P = 0
+      }
       float sum[4] = {0.f, 0.f, 0.f, 0.f};
       CUTE_UNROLL
       for (int ni = 0; ni < kCols; ++ni) {
@@ -364,6 +384,27 @@ __device__ __forceinline__ void apply_mask(Frag& s, Coord const& coords, WorkIte
   }
 }
 
+// Sparse-Q: -inf for keys past kv_len and, when causal, past each row's token position, in KV block blk. Row r holds
+// token r % T of the item (rows are packed g * T + t; T a power of two).
+template <bool kCausal, class Frag, class Coord>
+__device__ __forceinline__ void apply_mask_sparse(Frag& s, Coord const& coords, WorkItem const& w, int blk, int tpt) {
+  Tensor sr = make_tensor(s.data(), acc_rowcol(s.layout()));
+  Tensor cr = make_tensor(coords.data(), acc_rowcol(coords.layout()));
+  int const col0 = blk * 128;
+  CUTE_UNROLL
+  for (int mi = 0; mi < size<0>(sr); ++mi) {
+    int limit = w.kv_len - col0;
+    if constexpr (kCausal) {
+      int const pos = w.m_block * tpt + (int(get<0>(cr(mi, 0))) & (tpt - 1));
+      limit = min(limit, pos + w.qo_offset + 1 - col0);
+    }
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(sr); ++ni) {
+      if (int(get<1>(cr(mi, ni))) >= limit) { sr(mi, ni) = -INFINITY; }
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // Producer: one warp; one elected lane issues every TMA and pipeline operation.
 // ------------------------------------------------------------------------------------------------------------
@@ -398,13 +439,22 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
     sched_wr.advance();
   };
 
-  int item = blockIdx.x;  // the grid never exceeds num_work
+  // Sparse-Q takes items in the device-built order (longest union first); the index published to the consumers is
+  // the item's own (num_work: stop).
+  auto item_at = [&](int seq) {
+    if constexpr (T::kSparseQ) {
+      return seq < p.num_work ? __ldg(p.sq_order + seq) : p.num_work;
+    } else {
+      return seq;
+    }
+  };
+  int item = item_at(blockIdx.x);  // the grid never exceeds num_work
   publish(item);
   while (item < p.num_work) {
-    WorkItem const w = load_work(p.work, item);
+    WorkItem const w = load_item<T>(p, item);
     int next = 0;
     if (leader) { next = atomicAdd(p.work_counter, 1) + int(gridDim.x); }
-    next = __shfl_sync(0xffffffff, next, 0);
+    next = item_at(__shfl_sync(0xffffffff, next, 0));
     if (w.n_block_max <= 0) {  // consumers write zeros without any load
       publish(next);
       item = next;
@@ -439,13 +489,15 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
     // Paged: each lane holds one page id of a 32-tile window, fetched once per window and shuffled to the
     // warp, so a page id's global load is not on the path of every TMA issue. Called by all lanes.
     int page_window = -1, page_of_lane = 0;
+    // Sparse-Q: the same windows over the item's union list (tile n of the item = KV block union[n]).
     auto tile_of = [&](int n) {
-      if constexpr (T::kPaged) {
+      if constexpr (T::kPaged || T::kSparseQ) {
         int const window = n >> 5;
         if (window != page_window) {
           page_window = window;
           int const t = (window << 5) + int(threadIdx.x % 32);
-          page_of_lane = t < w.n_block_max ? __ldg(p.kv_indices + w.kv_start + t) : 0;
+          int const* ids = T::kSparseQ ? p.sq_union + int64_t(item) * p.sq_umax : p.kv_indices + w.kv_start;
+          page_of_lane = t < w.n_block_max ? __ldg(ids + t) : 0;
         }
         return __shfl_sync(0xffffffff, page_of_lane, n & 31);
       } else {
@@ -473,7 +525,17 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
     named_barrier_sync(kBarQueryEmpty, T::kNumMmaThreads + 32);
     if (leader) {
       TxMbar::arrive_and_expect_tx(&ss.bar_q, T::kTmaBytesQ);
-      copy(p.tma_q.with(ss.bar_q), tQgQ, tQsQ);
+      if constexpr (T::kSparseQ) {
+        // (64 dims, T tokens, G heads) per box: smem rows g * T + t, one 128-row x 64-dim swizzled slab per box.
+        int const tok0 = w.q_start + w.m_block * p.sq_tokens_per_tile;
+        CUTE_UNROLL
+        for (int c = 0; c < kD / 64; ++c) {
+          SM90_TMA_LOAD_3D::copy(&p.tma_q_packed, &ss.bar_q, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
+                                 ss.smem_q + c * kBlockM * 64, c * 64, tok0, w.head);
+        }
+      } else {
+        copy(p.tma_q.with(ss.bar_q), tQgQ, tQsQ);
+      }
     }
     if constexpr (T::kOutputO) {
       // K runs one tile ahead of V: the consumers need K(n) for QK^T while they still use V(n+1).
@@ -521,8 +583,24 @@ __device__ __forceinline__ void store_tile(typename T::Params const& p, typename
   Tensor crc = make_tensor(cO.data(), acc_rowcol(cO.layout()));
   cutlass::NumericArrayConverter<Element, float, 2> cvt;
   int const row_base = w.m_block * T::kBlockM;
-  auto out_row = [&](int q_row) {
-    return p.out + int64_t(w.q_start + q_row) * p.out_stride_token + int64_t(w.head) * p.out_stride_head;
+  // Tile row r -> (token index in the request, query head); the token is valid iff < qo_len. Dense: row_base + r of
+  // head w.head. Sparse-Q: rows are packed g * T + t (token m_block * T + t of head w.head + g).
+  auto row_token = [&](int r) {
+    if constexpr (T::kSparseQ) {
+      return w.m_block * p.sq_tokens_per_tile + (r & (p.sq_tokens_per_tile - 1));
+    } else {
+      return row_base + r;
+    }
+  };
+  auto row_head = [&](int r) {
+    if constexpr (T::kSparseQ) {
+      return w.head + r / p.sq_tokens_per_tile;
+    } else {
+      return w.head;
+    }
+  };
+  auto out_row = [&](int r) {
+    return p.out + int64_t(w.q_start + row_token(r)) * p.out_stride_token + int64_t(row_head(r)) * p.out_stride_head;
   };
   auto packed_pair = [&](int mi, int ni) {  // columns ni, ni+1 of a row are adjacent
     float const f = o_norm[mi] * out_scale;
@@ -535,9 +613,9 @@ __device__ __forceinline__ void store_tile(typename T::Params const& p, typename
   if constexpr (!T::kStageO) {
     CUTE_UNROLL
     for (int mi = 0; mi < size<0>(orc); ++mi) {
-      int const q_row = row_base + int(get<0>(crc(mi, 0)));
-      if (q_row < w.qo_len) {
-        Element* dst = out_row(q_row);
+      int const r = int(get<0>(crc(mi, 0)));
+      if (row_token(r) < w.qo_len) {
+        Element* dst = out_row(r);
         CUTE_UNROLL
         for (int ni = 0; ni < size<1>(orc); ni += 2) {
           *reinterpret_cast<cutlass::Array<Element, 2>*>(dst + int(get<1>(crc(mi, ni)))) = packed_pair(mi, ni);
@@ -560,17 +638,17 @@ __device__ __forceinline__ void store_tile(typename T::Params const& p, typename
     for (int v = wg_tid; v < 64 * kVecPerRow; v += 128) {
       int const r = wg * 64 + v / kVecPerRow;
       int const c = (v % kVecPerRow) * (16 / int(sizeof(Element)));
-      if (row_base + r < w.qo_len) {
-        *reinterpret_cast<uint4*>(out_row(row_base + r) + c) = *reinterpret_cast<uint4 const*>(&ss.smem_o[r * kStride + c]);
+      if (row_token(r) < w.qo_len) {
+        *reinterpret_cast<uint4*>(out_row(r) + c) = *reinterpret_cast<uint4 const*>(&ss.smem_o[r * kStride + c]);
       }
     }
   }
   if (p.lse != nullptr) {
     CUTE_UNROLL
     for (int mi = 0; mi < size<0>(crc); ++mi) {
-      int const q_row = row_base + int(get<0>(crc(mi, 0)));
-      if (int(get<1>(crc(mi, 0))) == 0 && q_row < w.qo_len) {
-        p.lse[int64_t(w.q_start + q_row) * p.lse_stride_token + w.head] = lse[mi];
+      int const r = int(get<0>(crc(mi, 0)));
+      if (int(get<1>(crc(mi, 0))) == 0 && row_token(r) < w.qo_len) {
+        p.lse[int64_t(w.q_start + row_token(r)) * p.lse_stride_token + row_head(r)] = lse[mi];
       }
     }
   }
@@ -678,6 +756,14 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     // kRegDiet: next_w starts empty (it is only read when next_work loaded it), so no second WorkItem copy is
     // live across the KV loop.
     WorkItem next_w = T::kRegDiet ? WorkItem{} : w;
+    if constexpr (T::kSparseQ) {
+      if (w.n_block_max < 0) {  // routed to another kernel: nothing to write (the producer loaded nothing either)
+        next_work(next_item, next_w);
+        item = next_item;
+        w = next_w;
+        continue;
+      }
+    }
     Tensor tOrO = partition_fragment_C(mma_pv, select<0, 1>(TilePV{}));
     float o_norm[2], lse[2];
     // Softmax (natural log) and output scales of this item's head: per head in FP8 mode.
@@ -719,16 +805,46 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     float o_rescale[2] = {1.f, 1.f};
     float tile_max[2];
 
+    // Sparse-Q: offsets of this item's block list and of this thread's mask word (both rows' tokens share it: they
+    // differ by 8 within a 16-aligned group), the two rows' bit positions (bits 0-4 and 8-12) and the exclusive key
+    // limit of the item's first token: a block ending past it needs the causal / length mask.
+    int sq_list = 0, sq_word = 0, sq_bits = 0, sq_lim0 = 0;
+    if constexpr (T::kSparseQ) {
+      int const tpt = p.sq_tokens_per_tile;
+      Tensor cr = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+      int const t0 = int(get<0>(cr(0, 0))) & (tpt - 1), t1 = int(get<0>(cr(1, 0))) & (tpt - 1);
+      sq_list = item * p.sq_umax;
+      sq_word = sq_list * p.sq_mask_words + (t0 >> 5);
+      sq_bits = (t0 & 31) | ((t1 & 31) << 8);
+      sq_lim0 = T::kCausal ? min(w.kv_len, w.m_block * tpt + w.qo_offset + 1) : w.kv_len;
+    }
+    // Tile n of a sparse-Q item: its KV block and the selection bits of this thread's two rows (bit mi: row mi).
+    auto sq_tile = [&](int n, int& blk, uint32_t& sel) {
+      blk = __ldg(p.sq_union + sq_list + n);
+      uint32_t const word = uint32_t(__ldg(p.sq_mask + sq_word + n * p.sq_mask_words));
+      sel = ((word >> (sq_bits & 31)) & 1u) | (((word >> (sq_bits >> 8)) & 1u) << 1);
+    };
+
     Mbar::wait(&ss.bar_q, q_phase);
     q_phase ^= 1;
 
     // Last visible KV tile first (it carries the masks).
     int n = w.n_block_max - 1;
+    int blk_first = 0;
+    uint32_t sel_first = 0;
+    if constexpr (T::kSparseQ) { sq_tile(n, blk_first, sel_first); }
     Mbar::wait(&ss.full_k[rd.index], rd.phase);
     wg_gemm<true, 0>(mma_qk, tSrQ, tSrK(_, _, _, rd.index), tSrS);
     Mbar::arrive(&ss.empty_k[rd.index]);
-    apply_mask<T::kCausal, kBlockM, kBlockN>(tSrS, tScS, w, n);
-    softmax.template update<true, true, T::kMaxScore>(tSrS, scale_log2, o_rescale, tile_max);
+    if constexpr (T::kSparseQ) {
+      if ((blk_first + 1) * kBlockN > sq_lim0) {
+        apply_mask_sparse<T::kCausal>(tSrS, tScS, w, blk_first, p.sq_tokens_per_tile);
+      }
+      softmax.template update<true, true, false, true>(tSrS, scale_log2, o_rescale, nullptr, sel_first);
+    } else {
+      apply_mask<T::kCausal, kBlockM, kBlockN>(tSrS, tScS, w, n);
+      softmax.template update<true, true, T::kMaxScore>(tSrS, scale_log2, o_rescale, tile_max);
+    }
     if constexpr (T::kMaxScore) { store_max_score<T>(p, tScS, w, n, tile_max); }
     convert_p();
     clear(tOrO);
@@ -747,6 +863,9 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       tl.stamp(0);  // step start
       PipeState<T::kStages> const rd_v = rd;  // V of the previous (higher) tile
       rd.advance();                           // K of this tile
+      int sq_blk = 0;
+      uint32_t sq_sel = 0;
+      if constexpr (T::kSparseQ) { sq_tile(n_block, sq_blk, sq_sel); }  // L1-resident; needed after the QK^T
       Mbar::wait(&ss.full_k[rd.index], rd.phase);
       tl.stamp(1);  // K(n) landed
       if constexpr (T::kPingPong != 0) { named_barrier_sync(kBarSched0 + wg, T::kNumMmaThreads); }
@@ -761,8 +880,15 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       tl.stamp(4);  // S ready
       warpgroup_fence_operand(tSrS);
       Mbar::arrive(&ss.empty_k[rd.index]);
-      if constexpr (kMasked) { apply_mask<T::kCausal, kBlockM, kBlockN>(tSrS, tScS, w, n_block); }
-      softmax.template update<false, kMasked, T::kMaxScore>(tSrS, scale_log2, o_rescale, tile_max);
+      if constexpr (T::kSparseQ) {
+        if ((sq_blk + 1) * kBlockN > sq_lim0) {
+          apply_mask_sparse<T::kCausal>(tSrS, tScS, w, sq_blk, p.sq_tokens_per_tile);
+        }
+        softmax.template update<false, true, false, true>(tSrS, scale_log2, o_rescale, nullptr, sq_sel);
+      } else {
+        if constexpr (kMasked) { apply_mask<T::kCausal, kBlockM, kBlockN>(tSrS, tScS, w, n_block); }
+        softmax.template update<false, kMasked, T::kMaxScore>(tSrS, scale_log2, o_rescale, tile_max);
+      }
       if constexpr (T::kMaxScore) { store_max_score<T>(p, tScS, w, n_block, tile_max); }
       // ptxas hoists a bare wgmma wait above independent ALU work, which would serialise this softmax
       // behind the warpgroup's own PV GEMM. A shared-memory store of the row sums (which depend on every
@@ -783,16 +909,21 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     int const n_min = w.n_block_min;
     int const n_mask_lo = max(n_mask_min, n_min);
     --n;
-    CUTE_NO_UNROLL
-    for (; n >= n_mask_lo; --n) { step(n, cute::true_type{}); }
-    CUTE_NO_UNROLL
-    for (; n >= n_min; --n) { step(n, cute::false_type{}); }
+    if constexpr (T::kSparseQ) {  // one step kind: the mask is a per-block runtime choice, row selection always
+      CUTE_NO_UNROLL
+      for (; n >= 0; --n) { step(n, cute::false_type{}); }
+    } else {
+      CUTE_NO_UNROLL
+      for (; n >= n_mask_lo; --n) { step(n, cute::true_type{}); }
+      CUTE_NO_UNROLL
+      for (; n >= n_min; --n) { step(n, cute::false_type{}); }
+    }
 
     // Every QK^T of this tile has completed: the producer may load the next Q.
     named_barrier_arrive(kBarQueryEmpty, T::kNumMmaThreads + 32);
     // kRegDiet: the epilogue re-reads the item (48 B, L1/L2-resident) instead of keeping its fields in registers
     // through the KV loop, which only needs kv_len / m_block / qo_offset (masked steps).
-    if constexpr (T::kRegDiet) { w = load_work(p.work, item); }
+    if constexpr (T::kRegDiet) { w = load_item<T>(p, item); }
 
     Mbar::wait(&ss.full_v[rd.index], rd.phase);
     wg_gemm<false, -1>(mma_pv, tOrP, tOrV(_, _, _, rd.index), tOrO);
@@ -1024,6 +1155,7 @@ __global__ void __launch_bounds__(T::kNumThreads, 1) fmha_sm90_kernel(CUTE_GRID_
   int const warp = __shfl_sync(0xffffffff, int(threadIdx.x) / 32, 0);
   if (threadIdx.x == 0) {
     cute::prefetch_tma_descriptor(p.tma_q.get_tma_descriptor());
+    if constexpr (T::kSparseQ) { cute::prefetch_tma_descriptor(&p.tma_q_packed); }
     cute::prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
     cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
     Mbar::init(&ss.bar_q, 1);

@@ -49,6 +49,13 @@ struct FwdArgs {
   int2 const* vt_tiles;
   int num_vt_tiles;
   float2 const* head_scales;
+  // Sparse-Q (kModeSparseQ): the union builder's device tensors (see Params) and its plan-time sizes.
+  int const* sq_union;
+  int const* sq_union_len;
+  int const* sq_mask;
+  int const* sq_order;
+  int sq_umax;
+  int sq_mask_words;
 };
 
 template <class T>
@@ -125,7 +132,37 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
       int64_t(a.total_q),
       a.max_k_tiles,
       a.head_scales,
+      cute::TmaDescriptor{},  // sparse-Q fields: filled below for that mode
+      nullptr,
+      nullptr,
+      nullptr,
+      nullptr,
+      0,
+      0,
+      0,
   };
+  if constexpr (T::kSparseQ) {
+    // q viewed as (D, total_q, Hq) -- token and head strides in bytes -- read in (64, T, G) boxes: one box = the
+    // item's 128 packed rows x 64 dims, 128-byte swizzled like the dense Q tile.
+    int const group = a.num_q_heads / a.num_kv_heads;
+    int const tpt = T::kBlockM / group;
+    uint64_t dims[3] = {uint64_t(kD), uint64_t(a.total_q), uint64_t(a.num_q_heads)};
+    uint64_t strides[2] = {uint64_t(a.q_stride_token) * sizeof(Element), uint64_t(a.q_stride_head) * sizeof(Element)};
+    uint32_t box[3] = {64u, uint32_t(tpt), uint32_t(group)};
+    uint32_t elem_strides[3] = {1u, 1u, 1u};
+    CUresult res = CUTLASS_CUDA_DRIVER_WRAPPER_CALL(cuTensorMapEncodeTiled)(
+        &params.tma_q_packed, TMA::to_CUtensorMapDataType<Element>(), 3, const_cast<void*>(a.q), dims, strides, box,
+        elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (res != CUDA_SUCCESS) { return cudaErrorInvalidValue; }
+    params.sq_union = a.sq_union;
+    params.sq_union_len = a.sq_union_len;
+    params.sq_mask = a.sq_mask;
+    params.sq_order = a.sq_order;
+    params.sq_tokens_per_tile = tpt;
+    params.sq_umax = a.sq_umax;
+    params.sq_mask_words = a.sq_mask_words;
+  }
 
   auto kernel = fmha_sm90_kernel<T>;
   cudaError_t err = cudaMemsetAsync(a.work_counter, 0, sizeof(int), stream);

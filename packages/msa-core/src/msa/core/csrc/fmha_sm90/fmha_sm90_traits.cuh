@@ -51,8 +51,11 @@ struct CombineItem {
 static_assert(sizeof(CombineItem) == 32, "CombineItem must match the host's int32[8] rows");
 
 // What one launch computes. kModeO: O (+ LSE). kModeOMaxScore: O and max_score. kModeMaxScore: max_score only
-// (no V loads, no softmax, no PV GEMM: the MSA index pass).
-enum FmhaMode : int { kModeO = 0, kModeOMaxScore = 1, kModeMaxScore = 2 };
+// (no V loads, no softmax, no PV GEMM: the MSA index pass). kModeSparseQ: MSA sparse prefill, Q-outer -- an item
+// is T = 128 / G consecutive query tokens x the G query heads of one KV head (query rows packed as row =
+// g * T + t), run over the union of its tokens' selected KV blocks (device-built list, one block = one 128-key
+// tile); a row whose token did not select a block gets no weight from it (per-token bit masks). O (+ LSE) only.
+enum FmhaMode : int { kModeO = 0, kModeOMaxScore = 1, kModeMaxScore = 2, kModeSparseQ = 3 };
 
 // Named hardware barriers (0 is __syncthreads).
 enum NamedBarrier : uint32_t {
@@ -77,7 +80,8 @@ struct FmhaTraits {
   static constexpr int kLog2PScale = kFp8 ? 8 : 0;
   static constexpr int kMode = kMode_;
   static constexpr bool kOutputO = kMode_ != kModeMaxScore;
-  static constexpr bool kMaxScore = kMode_ != kModeO;
+  static constexpr bool kMaxScore = kMode_ == kModeOMaxScore || kMode_ == kModeMaxScore;
+  static constexpr bool kSparseQ = kMode_ == kModeSparseQ;
 #if defined(MSA_FMHA_SM90_NO_FILL_WARPS)
   // A/B alternative: the consumers write max_score's -inf tail tiles after each item's last PV.
   static constexpr bool kFillWarps = false;
@@ -140,7 +144,7 @@ struct FmhaTraits {
 #elif defined(MSA_FMHA_SM90_ROW_PIPE)
   static constexpr bool kRowPipe = true;
 #else
-  static constexpr bool kRowPipe = kMode_ == kModeO;
+  static constexpr bool kRowPipe = kMode_ == kModeO || kMode_ == kModeSparseQ;
 #endif
   //   MSA_FMHA_SM90_REG_DIET: fewer registers live across the KV loop (no WorkItem copies held through it, the
   //     epilogue's thread-dependent addresses recomputed per item instead of hoisted out of the persistent loop); the
@@ -167,6 +171,8 @@ struct FmhaTraits {
   static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256, "head dim must be 64, 128, 192 or 256");
   static_assert(sizeof(Element) == 2 || cute::is_same_v<Element, cutlass::float_e4m3_t>, "bf16, fp16 or e4m3");
   static_assert(!kFp8 || (!kPaged && kMode == kModeO), "fp8: ragged K/V and O (+ LSE) only");
+  static_assert(!kSparseQ || (!kPaged && !kFp8 && kBlockN == 128 && kHeadDim % 64 == 0),
+                "sparse-Q: 16-bit ragged K/V, 128-key blocks");
 
   using TileQK = Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>;  // S = Q K^T : (M, N, K=D)
   using TilePV = Shape<Int<kBlockM>, Int<kHeadDim>, Int<kBlockN>>;  // O = P V   : (M, N=D, K=BlockN)
@@ -277,6 +283,19 @@ struct FmhaTraits {
     // FP8: per query head (natural-log softmax scale sm_scale * q_scale * k_scale, out scale v_scale * o_scale);
     // replaces sm_scale / scale_log2 / out_scale.
     float2 const* head_scales;
+    // Sparse-Q (kModeSparseQ): Q of an item is loaded as one (64 dims, T tokens, G heads) box per 64 dims through
+    // this descriptor over q viewed as (D, total_q, Hq); the item's block list, its length and the token masks
+    // come from the union builder (int32, device): union [items, umax] ascending block ids, union_len [items]
+    // (-1: item not routed here, nothing written), mask [items, umax, mask_words] (bit t % 32 of word t / 32:
+    // token t selected the block), order [items] (the sequence the persistent CTAs take items in).
+    alignas(64) cute::TmaDescriptor tma_q_packed;
+    int const* sq_union;
+    int const* sq_union_len;
+    int const* sq_mask;
+    int const* sq_order;
+    int sq_tokens_per_tile;  // T = kBlockM / G
+    int sq_umax;
+    int sq_mask_words;
   };
 
   struct CombineParams {

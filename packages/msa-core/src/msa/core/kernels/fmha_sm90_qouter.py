@@ -1,0 +1,196 @@
+"""MSA sparse prefill, Q-outer, on the SM90 FMHA kernel (module mode ``"sparse_q"``).
+
+KV-outer sparse prefill (msa.cute.sparse_atten_func) never computes a block nobody selected, but it moves every
+selected (token, head, block) through fp32 partials and a combine. When neighbouring tokens select nearly the
+same blocks -- real MSA selections do -- a Q-outer item is cheaper: T = 128 / G consecutive query tokens of one
+request x the G = Hq / Hkv query heads of one KV head fill the 128 MMA rows (packed as row = g * T + t); the item
+runs the dense kernel's pipeline over the *union* U of its tokens' selected blocks, and a row whose token did
+not select block u takes no weight from it (per-token bit masks). Q is read once, O and LSE written once.
+Effective rate = dense rate x topk / |U|.
+
+Split like every msa kernel:
+
+* :func:`plan` (host, once per length set): one item per (T-token tile, KV head), request-major, then tile,
+  then KV head -- the enumeration the union builder (``msa.cute.qouter.build_qouter_unions``) follows -- as
+  the kernel's int32 work rows, plus the per-item tables the builder needs (``item_token0``, ``item_ntok``,
+  ``item_kv_head``).
+* :func:`run` (device, no host sync, no allocation when ``out`` / ``lse`` are given): one persistent launch over
+  the builder's ``union [items, umax]``, ``union_len [items]`` (-1 = item not routed here: nothing written),
+  ``mask [items, umax, ceil(T / 32)]`` and ``order [items]`` (longest union first).
+
+Semantics per routed (token, query head): softmax over the keys of the blocks its token selected (for the head's
+KV head), keys ``j >= kv_len`` masked, causal bottom-right (``j <= i + kv_len - qo_len``) when planned causal;
+natural-log LSE; a token that selected nothing gets O = 0, LSE = -inf. bf16 / fp16, head dim 128, ragged K/V.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import fmha_sm90 as _k90
+from ._device import sm_count as _num_sms
+
+__all__ = ["QOuterPlan", "plan", "run", "ITEM_ROWS", "MODE"]
+
+ITEM_ROWS = 128  # MMA rows per item: T tokens x G heads
+MODE = "sparse_q"
+BLOCK = 128  # keys per KV block (= the kernel's KV tile)
+
+
+@dataclass(eq=False)
+class QOuterPlan:
+    """Host plan of one Q-outer launch (device tables allocated once; see the module docstring)."""
+
+    qo_lens: tuple[int, ...]
+    kv_lens: tuple[int, ...]
+    num_qo_heads: int
+    num_kv_heads: int
+    causal: bool
+    group: int  # G = Hq / Hkv query heads per KV head
+    T: int  # tokens per item = 128 / G
+    num_items: int
+    work: torch.Tensor  # int32 [num_items, 12] (WorkItem rows; n_block_max is replaced by union_len on device)
+    item_token0: torch.Tensor  # int32 [num_items]: global index of the item's first token in q
+    item_ntok: torch.Tensor  # int32 [num_items]: tokens in the item (1..T)
+    item_kv_head: torch.Tensor  # int32 [num_items]
+    workspace: torch.Tensor  # int32 [1]: the dynamic scheduler's counter (zeroed on the stream per launch)
+    num_ctas: int
+    lse_dummy: torch.Tensor
+
+    @property
+    def mask_words(self) -> int:
+        return -(-self.T // 32)
+
+    @property
+    def total_q(self) -> int:
+        return sum(self.qo_lens)
+
+
+def _lens(name: str, v) -> tuple[int, ...]:
+    if isinstance(v, torch.Tensor):
+        v = v.tolist()
+    try:
+        out = tuple(int(x) for x in v)
+    except TypeError:
+        raise TypeError(f"{name}: expected a sequence of ints, got {type(v).__name__}") from None
+    if not out:
+        raise ValueError(f"{name}: expected at least one request, got an empty sequence")
+    if min(out) < 0:
+        raise ValueError(f"{name}: expected lengths >= 0, got {min(out)}")
+    return out
+
+
+def plan(qo_lens, kv_lens, num_qo_heads: int, num_kv_heads: int, *, causal: bool = True, device=None) -> QOuterPlan:
+    """Work items of a Q-outer launch for ragged requests (``qo_lens[b]`` queries over ``kv_lens[b]`` keys)."""
+    qo, kv = _lens("qo_lens", qo_lens), _lens("kv_lens", kv_lens)
+    if len(qo) != len(kv):
+        raise ValueError(f"kv_lens: expected {len(qo)} requests (len(qo_lens)), got {len(kv)}")
+    hq, hkv = int(num_qo_heads), int(num_kv_heads)
+    if hkv < 1 or hq < hkv or hq % hkv:
+        raise ValueError(f"num_qo_heads: expected a multiple of num_kv_heads={hkv}, got {hq}")
+    g = hq // hkv
+    if g > ITEM_ROWS or ITEM_ROWS % g:
+        raise ValueError(f"num_qo_heads / num_kv_heads: expected a power of two <= {ITEM_ROWS} (heads packed per "
+                         f"128-row tile), got {g}")
+    device = torch.device(device) if device is not None else torch.device("cuda")
+    t = ITEM_ROWS // g
+    rows = []
+    q_start = kv_start = 0
+    for qlen, klen in zip(qo, kv):
+        tiles = -(-qlen // t)
+        if tiles:
+            j = torch.arange(tiles, dtype=torch.int64).repeat_interleave(hkv)
+            h = torch.arange(hkv, dtype=torch.int64).repeat(tiles)
+            r = torch.zeros(tiles * hkv, 12, dtype=torch.int64)
+            r[:, 0] = q_start
+            r[:, 1] = qlen
+            r[:, 2] = kv_start
+            r[:, 3] = klen
+            r[:, 4] = j
+            r[:, 5] = h * g
+            r[:, 6] = klen - qlen if causal else 0
+            r[:, 9] = -1  # partial_slot: write out / lse
+            rows.append(r)
+        q_start += qlen
+        kv_start += klen
+    work = torch.cat(rows) if rows else torch.zeros(0, 12, dtype=torch.int64)
+    n = work.shape[0]
+    token0 = work[:, 0] + work[:, 4] * t
+    ntok = torch.clamp(work[:, 1] - work[:, 4] * t, max=t)
+    kv_head = work[:, 5] // g
+    num_ctas = 1
+    if device.type == "cuda" and n:
+        num_ctas = max(1, min(_num_sms(device.index if device.index is not None else torch.cuda.current_device()), n))
+
+    def dev32(x):
+        return x.to(torch.int32).contiguous().to(device)
+
+    return QOuterPlan(
+        qo_lens=qo, kv_lens=kv, num_qo_heads=hq, num_kv_heads=hkv, causal=bool(causal), group=g, T=t, num_items=n,
+        work=dev32(work), item_token0=dev32(token0), item_ntok=dev32(ntok), item_kv_head=dev32(kv_head),
+        workspace=torch.zeros(1, dtype=torch.int32, device=device), num_ctas=num_ctas,
+        lse_dummy=torch.empty(1, 1, dtype=torch.float32, device=device),
+    )
+
+
+def _check_i32(name: str, t, shape: tuple[int, ...], device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32 or tuple(t.shape) != shape or t.device != device or not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous int32 tensor of shape {list(shape)} on {device}, got "
+                         f"{t.dtype} {list(t.shape)} on {t.device}" + ("" if t.is_contiguous() else " (strided)"))
+
+
+def run(qplan: QOuterPlan, q, k, v, union, union_len, mask, order, *, out=None, lse=None, return_lse: bool = False,
+        sm_scale: float | None = None):
+    """Q-outer sparse attention of the routed items into ``out`` (rows of unrouted items are left untouched).
+
+    ``q [total_q, Hq, 128]``, ``k`` / ``v [total_kv, Hkv, 128]`` bf16 or fp16 (ragged, as planned);
+    union tensors as described in the module docstring. Returns ``out`` (and ``lse [total_q, Hq]`` fp32 when
+    ``return_lse`` or ``lse`` is given).
+    """
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"q: expected bfloat16 or float16, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: expected {q.dtype} (q's dtype), got {t.dtype}")
+        if t.dim() != 3:
+            raise ValueError(f"{name}: expected ragged [total_kv, Hkv, D], got shape {list(t.shape)}")
+    total_q, hq, d = q.shape
+    if d not in _k90.HEAD_DIMS:
+        raise ValueError(f"q: head dim {d} not built (expected one of {_k90.HEAD_DIMS})")
+    if total_q != qplan.total_q or hq != qplan.num_qo_heads or k.shape[1] != qplan.num_kv_heads:
+        raise ValueError(f"q/k: expected total_q={qplan.total_q}, Hq={qplan.num_qo_heads}, Hkv={qplan.num_kv_heads} "
+                         f"(the plan), got q {list(q.shape)}, k {list(k.shape)}")
+    if k.shape[0] < sum(qplan.kv_lens):
+        raise ValueError(f"k: expected at least {sum(qplan.kv_lens)} tokens (sum of kv_lens), got {k.shape[0]}")
+    dev = q.device
+    n = qplan.num_items
+    umax = union.shape[1] if union.dim() == 2 else -1
+    _check_i32("union", union, (n, umax), dev)
+    _check_i32("union_len", union_len, (n,), dev)
+    _check_i32("mask", mask, (n, umax, qplan.mask_words), dev)
+    _check_i32("order", order, (n,), dev)
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != dev:
+        raise ValueError(f"out: expected {q.dtype} {list(q.shape)} on {dev}, got {out.dtype} {list(out.shape)} on "
+                         f"{out.device}")
+    want_lse = return_lse or lse is not None
+    if want_lse and lse is None:
+        lse = torch.empty(total_q, hq, dtype=torch.float32, device=dev)
+    if lse is not None and (lse.shape != (total_q, hq) or lse.dtype != torch.float32):
+        raise ValueError(f"lse: expected float32 [{total_q}, {hq}], got {lse.dtype} {list(lse.shape)}")
+    scale = float(sm_scale) if sm_scale is not None else d**-0.5
+    if n:
+        mod = _k90._module(_k90.DTYPES[q.dtype], d, qplan.causal, False, MODE)
+        mod.fmha_fwd(q, k, v, out, lse if want_lse else qplan.lse_dummy, qplan.work, qplan.workspace, union,
+                     union_len, mask, order, qplan.num_ctas, scale, bool(want_lse))
+    return (out, lse) if want_lse else out
+
+
+def jit_specs(dtypes=("bfloat16",), causal=(True, False), arch: str = "sm_90a"):
+    """The module variants this path needs (for warmup / prebuilt bundles)."""
+    return [_k90.jit_spec(dt, 128, c, False, arch, mode=MODE) for dt in dtypes for c in causal]

@@ -1,0 +1,229 @@
+"""msa-core SM90 FMHA, mode "sparse_q" (MSA sparse prefill, Q-outer): plan tables on the CPU, the kernel on a GPU.
+
+The GPU tests build the per-item unions with a plain loop builder here (small shapes) and compare the kernel with
+an fp32 reference that attends every (token, query head) to the keys of exactly the blocks its token selected.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from msa.core.kernels import fmha_sm90 as k90
+from msa.core.kernels import fmha_sm90_qouter as qo
+from msa_core_testutil import check_fmha_output
+
+BLOCK = 128
+
+
+def _visible_blocks(i, qlen, klen, causal):
+    lim = min(klen, i + klen - qlen + 1) if causal else klen
+    return max(0, -(-lim // BLOCK))
+
+
+def make_selection(qo_lens, kv_lens, hkv, topk, causal, kind, seed=0):
+    """kv_block_indexes [total_q, Hkv, topk]: ascending, -1 tail. kind: random | correlated | empty-some."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for qlen, klen in zip(qo_lens, kv_lens):
+        base = None
+        for i in range(qlen):
+            nb = _visible_blocks(i, qlen, klen, causal)
+            per_head = []
+            for h in range(hkv):
+                if nb == 0 or (kind == "empty-some" and (i + h) % 5 == 0):
+                    ids = []
+                elif kind == "correlated":
+                    if base is None or i % 16 == 0:
+                        base = torch.randperm(10**6, generator=g)[: 4 * topk].tolist()
+                    pool = sorted({b % nb for b in base[h : h + topk]} | {nb - 1})
+                    ids = pool[-topk:]
+                else:
+                    ids = torch.randperm(nb, generator=g)[:topk].tolist()
+                    if nb - 1 not in ids and len(ids) == topk:
+                        ids[-1] = nb - 1  # the forced local block
+                    ids = sorted(set(ids) | {nb - 1})[-topk:] if len(ids) < topk else sorted(ids)
+                ids = sorted(ids)
+                per_head.append(ids + [-1] * (topk - len(ids)))
+            rows.append(per_head)
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1, hkv, topk)
+
+
+def loop_unions(qplan, sel, routed=None):
+    """The builder contract, by plain loops (small shapes): union, union_len, mask, order (int32, CPU)."""
+    n, w = qplan.num_items, qplan.mask_words
+    items = list(zip(qplan.item_token0.tolist(), qplan.item_ntok.tolist(), qplan.item_kv_head.tolist()))
+    lists = []
+    for tok0, ntok, h in items:
+        ids = sorted({int(b) for tok in range(tok0, tok0 + ntok) for b in sel[tok, h].tolist() if b >= 0})
+        lists.append(ids)
+    umax = max(1, max(len(x) for x in lists)) if lists else 1
+    union = torch.zeros(n, umax, dtype=torch.int32)
+    union_len = torch.zeros(n, dtype=torch.int32)
+    mask = torch.zeros(n, umax, w, dtype=torch.int64)
+    for i, ids in enumerate(lists):
+        union[i, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        union_len[i] = len(ids) if routed is None or routed[i] else -1
+        tok0, ntok, h = items[i]
+        for tt in range(ntok):
+            for b in sel[tok0 + tt, h].tolist():
+                if b >= 0:
+                    mask[i, ids.index(b), tt // 32] |= 1 << (tt % 32)
+    mask = torch.where(mask >= 2**31, mask - 2**32, mask).to(torch.int32)
+    order = torch.argsort(union_len.to(torch.int64), descending=True, stable=True).to(torch.int32)
+    return union, union_len, mask, order
+
+
+def reference(q, k, v, qo_lens, kv_lens, sel, causal, sm_scale):
+    """fp32 O / LSE: each (token, query head) over the keys of the blocks its token selected for its KV head."""
+    hq, hkv = q.shape[1], k.shape[1]
+    g = hq // hkv
+    out = torch.zeros(q.shape, dtype=torch.float32)
+    lse = torch.full(q.shape[:2], -math.inf)
+    qs = ks = 0
+    for qlen, klen in zip(qo_lens, kv_lens):
+        qf, kf, vf = q[qs : qs + qlen].float(), k[ks : ks + klen].float(), v[ks : ks + klen].float()
+        keypos = torch.arange(klen)
+        for i in range(qlen):
+            for h in range(hkv):
+                blocks = sel[qs + i, h]
+                allowed = torch.zeros(klen, dtype=torch.bool)
+                for b in blocks.tolist():
+                    if b >= 0:
+                        allowed |= (keypos // BLOCK) == b
+                if causal:
+                    allowed &= keypos <= i + klen - qlen
+                if not allowed.any():
+                    continue
+                s = (qf[i, h * g : (h + 1) * g] @ kf[allowed, h].T) * sm_scale  # [g, keys]
+                m = s.max(dim=-1, keepdim=True).values
+                p = torch.exp(s - m)
+                den = p.sum(-1, keepdim=True)
+                out[qs + i, h * g : (h + 1) * g] = (p / den) @ vf[allowed, h]
+                lse[qs + i, h * g : (h + 1) * g] = (m + den.log()).squeeze(-1)
+        qs += qlen
+        ks += klen
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------------- CPU: plan
+@pytest.mark.parametrize("hq,hkv", [(64, 4), (8, 2), (4, 4), (32, 1)])
+def test_plan_items_tile_every_token_once_per_kv_head(hq, hkv):
+    qo_lens, kv_lens = [1, 300, 0, 129], [128, 1000, 5, 129]
+    p = qo.plan(qo_lens, kv_lens, hq, hkv, causal=True, device="cpu")
+    g = hq // hkv
+    assert p.group == g and p.T == 128 // g
+    seen = torch.zeros(sum(qo_lens), hkv, dtype=torch.int64)
+    for i in range(p.num_items):
+        tok0, ntok, h = int(p.item_token0[i]), int(p.item_ntok[i]), int(p.item_kv_head[i])
+        assert 1 <= ntok <= p.T
+        seen[tok0 : tok0 + ntok, h] += 1
+        row = p.work[i].tolist()
+        assert row[5] == h * g and row[9] == -1
+        assert row[0] + row[4] * p.T == tok0  # q_start + m_block * T
+        assert row[6] == row[3] - row[1]  # causal bottom-right offset
+    assert (seen == 1).all()
+    # request-major, then tile, then KV head (the union builder's enumeration)
+    keys = [(int(p.item_token0[i]), int(p.item_kv_head[i])) for i in range(p.num_items)]
+    assert keys == sorted(keys)
+
+
+def test_plan_rejects_bad_head_ratios_and_lengths():
+    with pytest.raises(ValueError, match="num_qo_heads"):
+        qo.plan([8], [8], 6, 4, device="cpu")
+    with pytest.raises(ValueError, match="power of two"):
+        qo.plan([8], [8], 12, 1, device="cpu")
+    with pytest.raises(ValueError, match="kv_lens"):
+        qo.plan([8, 8], [8], 4, 1, device="cpu")
+    with pytest.raises(ValueError, match="qo_lens"):
+        qo.plan([-1], [8], 4, 1, device="cpu")
+
+
+def test_loop_builder_masks_match_selections():
+    qo_lens, kv_lens = [40, 7], [700, 300]
+    p = qo.plan(qo_lens, kv_lens, 16, 4, causal=True, device="cpu")
+    sel = make_selection(qo_lens, kv_lens, 4, 4, True, "random", seed=3)
+    union, union_len, mask, order = loop_unions(p, sel)
+    for i in range(p.num_items):
+        tok0, ntok, h = int(p.item_token0[i]), int(p.item_ntok[i]), int(p.item_kv_head[i])
+        u = union[i, : union_len[i]].tolist()
+        assert u == sorted(set(u))
+        for tt in range(ntok):
+            picked = {union[i, j].item() for j in range(union_len[i]) if (int(mask[i, j, tt // 32]) >> (tt % 32)) & 1}
+            assert picked == {b for b in sel[tok0 + tt, h].tolist() if b >= 0}
+    assert (union_len[order.long()][:-1] >= union_len[order.long()][1:]).all()
+
+
+# ---------------------------------------------------------------------------------------------------- GPU: kernel
+CASES = [
+    # name, qo_lens, kv_lens, hq, hkv, topk, causal, selection, dtype
+    ("g16-correlated", [300], [1000], 64, 4, 16, True, "correlated", torch.bfloat16),
+    ("g16-random-ragged", [1, 200, 77], [128, 900, 77], 32, 2, 8, True, "random", torch.bfloat16),
+    ("g4-random", [150, 64], [700, 512], 8, 2, 4, True, "random", torch.bfloat16),
+    ("g1-correlated-long", [260], [1300], 2, 2, 16, True, "correlated", torch.bfloat16),
+    ("g8-noncausal", [90, 33], [600, 257], 8, 1, 6, False, "random", torch.bfloat16),
+    ("g16-empty-some", [40, 9], [500, 200], 16, 1, 4, True, "empty-some", torch.bfloat16),
+    ("g2-fp16", [130], [640], 4, 2, 5, True, "random", torch.float16),
+    ("g16-topk1", [64], [256], 16, 1, 1, True, "random", torch.bfloat16),
+]
+
+
+def _gpu_or_skip():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    ok, why = k90.available(torch.device("cuda"))
+    if not ok:
+        pytest.skip(why)
+
+
+def _run(case, routed_every=None, seed=0):
+    _, qo_lens, kv_lens, hq, hkv, topk, causal, kind, dtype = case
+    dev = torch.device("cuda")
+    torch.manual_seed(seed)
+    tq, tk = sum(qo_lens), sum(kv_lens)
+    q = torch.randn(tq, hq, 128, dtype=dtype)
+    k = torch.randn(tk, hkv, 128, dtype=dtype)
+    v = torch.randn(tk, hkv, 128, dtype=dtype)
+    sel = make_selection(qo_lens, kv_lens, hkv, topk, causal, kind, seed=seed)
+    p = qo.plan(qo_lens, kv_lens, hq, hkv, causal=causal, device=dev)
+    routed = None if routed_every is None else [i % routed_every != 0 for i in range(p.num_items)]
+    tabs = [t.to(dev) for t in loop_unions(p, sel, routed)]
+    out = torch.full((tq, hq, 128), math.nan, dtype=dtype, device=dev)
+    lse = torch.full((tq, hq), math.nan, dtype=torch.float32, device=dev)
+    sm = 128**-0.5
+    qo.run(p, q.to(dev), k.to(dev), v.to(dev), *tabs, out=out, lse=lse, sm_scale=sm)
+    torch.cuda.synchronize()
+    ref_o, ref_lse = reference(q, k, v, qo_lens, kv_lens, sel, causal, sm)
+    return p, routed, out.cpu(), lse.cpu(), ref_o, ref_lse
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_sparse_q_matches_fp32_reference(case):
+    _gpu_or_skip()
+    _, _, out, lse, ref_o, ref_lse = _run(case)
+    check_fmha_output(out, lse, ref_o, ref_lse, 1.5e-2 if case[-1] == torch.bfloat16 else 4e-3)
+
+
+@pytest.mark.gpu
+def test_sparse_q_leaves_unrouted_items_untouched():
+    _gpu_or_skip()
+    case = CASES[1]
+    p, routed, out, lse, ref_o, ref_lse = _run(case, routed_every=3)
+    g = p.group
+    written = torch.zeros(out.shape[:2], dtype=torch.bool)
+    for i in range(p.num_items):
+        if routed[i]:
+            tok0, ntok, h = int(p.item_token0[i]), int(p.item_ntok[i]), int(p.item_kv_head[i])
+            written[tok0 : tok0 + ntok, h * g : (h + 1) * g] = True
+    assert torch.isnan(out[~written]).all() and torch.isnan(lse[~written]).all(), "unrouted rows were written"
+    check_fmha_output(out[written], lse[written], ref_o[written], ref_lse[written], 1.5e-2)
+
+
+@pytest.mark.gpu
+def test_sparse_q_is_deterministic():
+    _gpu_or_skip()
+    a = _run(CASES[0], seed=1)
+    b = _run(CASES[0], seed=1)
+    assert torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
