@@ -840,34 +840,28 @@ def test_split_launch_shapes(monkeypatch, vec, g, slices, warps):
 
 
 @pytest.mark.gpu
-def test_split_graph_replay():
-    """Split path under CUDA-graph capture on a fresh stream (the workspace is created and filled inside the
+def test_split_graph_replay(monkeypatch):
+    """Split path under CUDA-graph capture on a fresh stream (its workspace is created and filled inside the
     capture): every replay on new inputs (copied in place) matches the reference, and eager calls in between on
-    another stream do not disturb it."""
+    the default stream (its own workspace) do not disturb it."""
     import msa.core.kernels.topk as tk
 
+    monkeypatch.setenv("MSA_TOPK_PATH", "split")
     gen = torch.Generator().manual_seed(21)
     x = make_scores("randn", 4, 8192, 64, torch.float32, gen).cuda()
     out = torch.full((64, 4, 16), POISON, dtype=torch.int32, device="cuda")
-    old = os.environ.get("MSA_TOPK_PATH")
-    os.environ["MSA_TOPK_PATH"] = "split"
-    try:
-        stream = torch.cuda.Stream()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            tk.run(x, 16, None, 0, 1, out)
-        for i in range(4):
-            x.copy_(make_scores("ties" if i % 2 else "randn", 4, 8192, 64, torch.float32, gen).cuda())
-            graph.replay()
-            torch.cuda.synchronize()
-            want = reference(x.cpu(), 16, force_end_blocks=1)
-            assert torch.equal(out.cpu(), want), f"replay {i}"
-            assert torch.equal(_kernel_call(x, 16, None, 0, 1).cpu(), want)  # eager, current stream
-    finally:
-        if old is None:
-            os.environ.pop("MSA_TOPK_PATH")
-        else:
-            os.environ["MSA_TOPK_PATH"] = old
+    _kernel_call(x, 16, None, 0, 1)  # module loaded, shared-memory attribute raised before the capture
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        tk.run(x, 16, None, 0, 1, out)
+    for i in range(4):
+        x.copy_(make_scores("ties" if i % 2 else "randn", 4, 8192, 64, torch.float32, gen).cuda())
+        graph.replay()
+        torch.cuda.synchronize()
+        want = reference(x.cpu(), 16, force_end_blocks=1)
+        assert torch.equal(out.cpu(), want), f"replay {i}"
+        assert torch.equal(_kernel_call(x, 16, None, 0, 1).cpu(), want)  # eager, default stream
 
 
 @pytest.mark.gpu
