@@ -17,7 +17,7 @@ _LAZY = {
     "SparseDecodePagedAttentionWrapper": "msa.cute.decode",
     "fp4_indexer_block_scores": "msa.cute.indexer",
 }
-_SUBMODULES = ("quant", "reference", "csr", "sparse_prefill", "decode", "indexer", "variants", "runtime")
+_SUBMODULES = ("quant", "reference", "csr", "sparse_prefill", "qouter", "decode", "indexer", "variants", "runtime")
 
 __all__ = sorted(_LAZY) + list(_SUBMODULES)
 

@@ -32,7 +32,7 @@ import torch
 from . import fmha_sm90 as _k90
 from ._device import sm_count as _num_sms
 
-__all__ = ["QOuterPlan", "plan", "run", "ITEM_ROWS", "MODE"]
+__all__ = ["QOuterPlan", "plan", "run", "available", "supports", "ITEM_ROWS", "MODE"]
 
 ITEM_ROWS = 128  # MMA rows per item: T tokens x G heads
 MODE = "sparse_q"
@@ -66,6 +66,29 @@ class QOuterPlan:
     @property
     def total_q(self) -> int:
         return sum(self.qo_lens)
+
+
+def available(device: torch.device) -> tuple[bool, str]:
+    """Cheap dispatch check: an SM90 CUDA device (no compilation here)."""
+    return _k90.available(device)
+
+
+def supports(*, dtype=None, q_dtype=None, kv_dtype=None, head_dim=None, head_dim_v=None, paged=False, group=None,
+             qhead_per_kv=None, **_ignored) -> tuple[bool, str]:
+    """Whether the built sparse_q modules implement this call (``msa.core.dispatch`` feature gate)."""
+    dtype = dtype if dtype is not None else q_dtype
+    group = group if group is not None else qhead_per_kv
+    if dtype is not None and dtype not in (torch.bfloat16, torch.float16):
+        return False, f"fmha_sm90_qouter: dtype {dtype} not built (bf16 / fp16)"
+    if kv_dtype is not None and dtype is not None and kv_dtype != dtype:
+        return False, f"fmha_sm90_qouter: K/V dtype {kv_dtype} must equal Q's {dtype}"
+    if head_dim is not None and (head_dim not in _k90.HEAD_DIMS or head_dim_v not in (None, head_dim)):
+        return False, f"fmha_sm90_qouter: head dims {head_dim}/{head_dim_v} not built (Dqk = Dv in {_k90.HEAD_DIMS})"
+    if paged:
+        return False, "fmha_sm90_qouter: paged K/V not built (ragged only)"
+    if group is not None and (group < 1 or group > ITEM_ROWS or ITEM_ROWS % group):
+        return False, f"fmha_sm90_qouter: Hq/Hkv = {group} must be a power of two <= {ITEM_ROWS}"
+    return True, "ok"
 
 
 def _lens(name: str, v) -> tuple[int, ...]:
