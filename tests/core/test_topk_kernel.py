@@ -796,10 +796,10 @@ def test_cluster_variants(monkeypatch, flags, g, slices, warps):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("vec", [8, 4, 0])
-@pytest.mark.parametrize("g,slices,warps", [(8, 8, 8), (8, 16, 8), (4, 8, 8), (8, 4, 16), (2, 5, 4), (1, 1, 1),
-                                            (16, 3, 16), (4, 16, 4)])
-def test_split_launch_shapes(monkeypatch, vec, g, slices, warps):
+@pytest.mark.parametrize("g,slices,warps,vec", [(8, 8, 8, 8), (8, 8, 8, 4), (8, 8, 8, 0), (8, 16, 8, 8), (8, 16, 8, 0),
+                                                (4, 8, 8, 8), (8, 4, 16, 8), (2, 5, 4, 0), (1, 1, 1, 8), (16, 3, 16, 8),
+                                                (4, 16, 4, 4)])
+def test_split_launch_shapes(monkeypatch, g, slices, warps, vec):
     """Split path: tokens per CTA x slices x warps x staging (16-byte loads, 8 or 4 in flight, or scalar; vector
     staging falls back to scalar where G or total_q does not allow it), incl. the heavy-ties fallback in every
     slice (ties), M > 32 (<= 8 slices), NaN / -inf, per-token nvp, ranges that end inside a slice, slices past K,
@@ -835,8 +835,38 @@ def test_split_launch_shapes(monkeypatch, vec, g, slices, warps):
     flat[1:] = make_scores("randn", 2, 777, 28, torch.float32, gen).cuda().flatten()
     _check(flat[1:].view(2, 777, 28), 16, None, 0, 1)
     torch.cuda.synchronize()
-    for arrivals, lists in tk._SPLIT_WS.values():
+    for arrivals, lists in [*tk._SPLIT_WS.values(), *tk._SPLIT_WS_RETIRED]:
         assert int(arrivals.abs().sum()) == 0 and bool((lists == -1).all()), "workspace not restored"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("slices", [8, 16, 3])
+def test_split_trace_tickets(monkeypatch, slices):
+    """Split path diagnostic trace: per row exactly one slice took the last ticket (merged), the others published;
+    every CTA staged after it entered and every row warp finished after its list was ready; the result is exact."""
+    import msa.core.kernels.topk as tk
+
+    monkeypatch.setenv("MSA_TOPK_PATH", "split")
+    monkeypatch.setenv("MSA_TOPK_SLICES", str(slices))
+    gen = torch.Generator().manual_seed(22 + slices)
+    h, k, q = 4, 8192, 64
+    x = make_scores("randn", h, k, q, torch.float32, gen).cuda()
+    p = tk.plan(h, k, q, 15, tk._sm_count(0))
+    g = 1 << p.log_g
+    n_groups = -(-q // g)
+    trace = torch.zeros(tk.SPLIT_TRACE_SLOTS * p.slices * n_groups * h, dtype=torch.int64, device="cuda")
+    out = torch.full((q, h, 16), POISON, dtype=torch.int32, device="cuda")
+    tk.run(x, 16, None, 0, 1, out, trace=trace)
+    torch.cuda.synchronize()
+    assert torch.equal(out.cpu(), reference(x.cpu(), 16, force_end_blocks=1))
+    tr = trace.cpu().view(h, n_groups, p.slices, tk.SPLIT_TRACE_SLOTS)
+    assert bool((tr[..., 0] > 0).all()) and bool((tr[..., 1] >= tr[..., 0]).all())
+    ready = tr[..., 4:4 + 2 * g:2]
+    done = tr[..., 5:5 + 2 * g:2]
+    last = done < 0  # bit 63
+    done = done & ((1 << 63) - 1)
+    assert bool((ready >= tr[..., 1:2]).all()) and bool((done >= ready).all())
+    assert bool((last.sum(dim=2) == 1).all()), "every row: exactly one slice merges"
 
 
 @pytest.mark.gpu

@@ -392,6 +392,7 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
 
 SPLIT_MAX_SLICES = 16  # topk_split_core.cuh: kSplitMaxSlices (M <= 32); 8 for M > 32 (two-register lists)
 SPLIT_MAX_WARPS = 16
+SPLIT_TRACE_SLOTS = 68  # topk_split_core.cuh: kSplitTraceSlots (diagnostic per-CTA stamps)
 # decode rows at least this long take the split path in the default plan; None = never (opt-in until a GPU A/B
 # shows it ahead of the cluster / row paths)
 SPLIT_MIN_BLOCKS: int | None = None
@@ -443,18 +444,22 @@ def _use_split_path(n_heads: int, n_blocks: int, total_q: int, m: int) -> bool:
 
 
 _SPLIT_WS: dict = {}
+_SPLIT_WS_RETIRED: list = []  # outgrown workspaces: a captured CUDA graph may still use them, so never freed
 
 
 def _split_workspace(device: torch.device, rows: int, entries: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(arrivals int32 [>= rows] = 0, lists int64 [>= entries] = -1) for the current stream of ``device``, grown
     on demand (a new pair is filled on the current stream, so it is ready before the launch that needs it; under
-    CUDA-graph capture the fill is captured too, so every replay starts from the right state)."""
+    CUDA-graph capture the fill is captured too, so every replay starts from the right state). Every launch leaves
+    its workspace in this state, so one pair serves every later launch on the stream, graph replays included."""
     stream = torch.cuda.current_stream(device)
     key = (device.index, stream.cuda_stream)
     ws = _SPLIT_WS.get(key)
     if ws is None or ws[0].numel() < rows or ws[1].numel() < entries:
+        if ws is not None:
+            _SPLIT_WS_RETIRED.append(ws)
         n_rows = max(rows, 1024, 0 if ws is None else ws[0].numel())
-        n_entries = max(entries, 1 << 16, 0 if ws is None else ws[1].numel())
+        n_entries = max(entries, 1 << 16, 0 if ws is None else 2 * ws[1].numel())
         ws = (torch.zeros(n_rows, dtype=torch.int32, device=device),
               torch.full((n_entries,), -1, dtype=torch.int64, device=device))
         _SPLIT_WS[key] = ws
@@ -498,7 +503,8 @@ def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, 
     """Launch on validated arguments (see module doc); returns ``out`` ([total_q, H, topk] int32).
     ``trace`` (diagnostic): row path: int64 tensor of >= 3 * CTAs for each CTA's %globaltimer stamps (start, rows
     staged, warp 0 done); cluster path: int64 tensor of >= CLUSTER_TIMELINE_SLOTS * CTAs (zeroed by the caller)
-    for the per-phase stamps, recorded by the timeline build of the module (loaded for such a call)."""
+    for the per-phase stamps, recorded by the timeline build of the module (loaded for such a call); split path:
+    int64 tensor of >= SPLIT_TRACE_SLOTS * CTAs (zeroed by the caller; layout in topk_split_core.cuh)."""
     n_heads, n_blocks, total_q = max_score.shape
     device = max_score.device
     if out is None:
@@ -525,7 +531,8 @@ def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, 
         arrivals, lists = (_split_workspace(device, rows, rows * p.slices * m) if p.slices > 1 and m > 0
                            else (_empty(device, torch.int32), _empty(device, torch.int64)))
         module.topk_split_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out,
-                                 p.log_g, p.slices, p.warps, p.cap, p.vec, arrivals, lists)
+                                 p.log_g, p.slices, p.warps, p.cap, p.vec, arrivals, lists,
+                                 _empty(device, torch.int64) if trace is None else trace)
     elif p.path == "cluster":
         module.topk_cluster_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out,
                                    p.log_g, p.slices, p.warps, p.cap, cluster_flags(),

@@ -61,7 +61,13 @@ struct SplitParams {
   int slice_len;  // L: blocks per slice, a multiple of 32
   int stride;     // floats per staged row: L + 32 / G
   int cap;        // local candidate entries per row
+  unsigned long long* trace;  // diagnostic (nullptr = off): kSplitTraceSlots %globaltimer stamps per CTA
 };
+
+// Diagnostic trace, per CTA (CTA id = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x): [0] entry,
+// [1] staged (after the CTA barrier), [2] smid | slice << 16, [4 + 2 w] warp w's local list ready, [5 + 2 w] warp
+// w done (published, or merged and written) | last << 63. %globaltimer ns; 0 where a warp has no row.
+constexpr int kSplitTraceSlots = 4 + 2 * 32;
 
 __host__ __device__ inline size_t split_smem_bytes(int slice_len, int g, int cap) {
   // rows [G][L + 32 / G] f32 (a multiple of 32 floats), candidates [G][cap] u64, lists [G][64] u64, ranges [2][G]
@@ -110,11 +116,17 @@ __device__ __forceinline__ void split_slice_top(const float* row_base, int nj, b
   __syncwarp();
   if (nj == 0) return;
   const float* row = row_base + lane;
-  float a1 = -INFINITY, b1 = -INFINITY;  // this lane's two largest (lines lane + 32 j: a partition into 32 groups)
-  for (int j = 0; j < nj; ++j) {
-    const float x = row[j << 5];
-    b1 = fmaxf(b1, fminf(a1, x));
-    a1 = fmaxf(a1, x);
+  // this lane's group (lines lane + 32 j: a partition into 32 groups): its largest (m <= 32) or its second largest
+  float a1 = -INFINITY, b1 = -INFINITY;
+  if (m <= 32) {
+#pragma unroll 8
+    for (int j = 0; j < nj; ++j) a1 = fmaxf(a1, row[j << 5]);
+  } else {
+    for (int j = 0; j < nj; ++j) {
+      const float x = row[j << 5];
+      b1 = fmaxf(b1, fminf(a1, x));
+      a1 = fmaxf(a1, x);
+    }
   }
   // r groups holding c = 1 (2) values >= theta each: >= m values of the slice are >= theta
   const int r = m <= 32 ? m : (m + 1) >> 1;
@@ -284,15 +296,19 @@ __device__ __forceinline__ void split_stage_vec(const SplitParams& p, float* row
       const int k = k0 + per * u;
       if (k < span_pad) {
         const uint32_t w[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+        auto token = [&](int j) {  // bf16 pairs: token 2 i in the low half of word i
+          return VT == 4 ? __uint_as_float(w[j & 3])
+                         : __uint_as_float((j & 1) ? (w[j >> 1] & 0xFFFF0000u) : (w[j >> 1] << 16));
+        };
+        if (shared_range) {  // one range for every token: one test per vector
+          const bool in = k >= a[0] && k < b[0];
 #pragma unroll
-        for (int j = 0; j < VT; ++j) {
-          float x;
-          if constexpr (VT == 4) {
-            x = __uint_as_float(w[j]);
-          } else {  // bf16 pairs: token 2 i in the low half of word i
-            x = __uint_as_float((j & 1) ? (w[j >> 1] & 0xFFFF0000u) : (w[j >> 1] << 16));
+          for (int j = 0; j < VT; ++j) dst[j * p.stride + per * u] = in ? fmaxf(token(j), -INFINITY) : -INFINITY;
+        } else {
+#pragma unroll
+          for (int j = 0; j < VT; ++j) {
+            dst[j * p.stride + per * u] = k >= a[j] && k < b[j] ? fmaxf(token(j), -INFINITY) : -INFINITY;
           }
-          dst[j * p.stride + per * u] = k >= a[j] && k < b[j] ? fmaxf(x, -INFINITY) : -INFINITY;
         }
       }
     }
@@ -315,6 +331,16 @@ __device__ __forceinline__ void split_select_cta(const SplitParams& p) {
   int* range = reinterpret_cast<int*>(lists + static_cast<size_t>(G) * kSplitListMax);
   const int64_t t0 = static_cast<int64_t>(blockIdx.y) * G;
   const int ks = rank * p.slice_len, ke = imin32(ks + p.slice_len, p.n_blocks);
+  unsigned long long* trace =
+      p.trace == nullptr ? nullptr
+                         : p.trace + kSplitTraceSlots * ((static_cast<size_t>(blockIdx.z) * gridDim.y + blockIdx.y) *
+                                                             gridDim.x + blockIdx.x);
+  if (trace != nullptr && tid == 0) {
+    trace[0] = global_ns();
+    unsigned smid;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+    trace[2] = smid | static_cast<unsigned long long>(rank) << 16;
+  }
 
   // ---- phase 1: the union [ulo, uhi) of the rows' eligible ranges inside the slice, staged
   int ulo = INT32_MAX, uhi = INT32_MIN;
@@ -359,6 +385,7 @@ __device__ __forceinline__ void split_select_cta(const SplitParams& p) {
     stage_span<T, 16>(src, p.q, per, kk, a, b, span_pad, rows + static_cast<size_t>(gl) * p.stride + kk);
   }
   __syncthreads();  // the last CTA barrier: nothing below waits for another warp of this CTA
+  if (trace != nullptr && tid == 0) trace[1] = global_ns();
 
   // ---- phase 2: warp g, row t0 + g
   const int warp = tid >> 5, lane = tid & 31;
@@ -378,13 +405,15 @@ __device__ __forceinline__ void split_select_cta(const SplitParams& p) {
   split_slice_top(row_base, span_pad >> 5, (p.stride & 1) == 0, ulo, p.m, cands + static_cast<size_t>(warp) * p.cap,
                   p.cap, list, lane);
   const bool last = S == 1 || __shfl_sync(kRowFull, ticket, 0) == static_cast<unsigned int>(S - 1);
+  if (trace != nullptr && lane == 0) trace[4 + 2 * warp] = global_ns();
   Comp* pub = p.lists + row_id * S * p.m;  // this row's S lists
   if (!last) {
     for (int e = lane; e < p.m; e += 32) st_relaxed_gpu(pub + rank * p.m + e, list[e]);
-    return;
+  } else {
+    int* scratch = reinterpret_cast<int*>(row_base);  // the staged row is no longer read
+    split_merge_write<R, kSlots>(p, list, pub, rank, rr, orow, scratch, lane);
   }
-  int* scratch = reinterpret_cast<int*>(row_base);  // the staged row is no longer read
-  split_merge_write<R, kSlots>(p, list, pub, rank, rr, orow, scratch, lane);
+  if (trace != nullptr && lane == 0) trace[5 + 2 * warp] = global_ns() | (last ? 1ull << 63 : 0ull);
 }
 
 }  // namespace msa_topk
