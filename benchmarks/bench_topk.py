@@ -25,8 +25,7 @@ block path with splits > 1 launches twice). Bars: speedup >= 5x over torch (requ
 floor (columns "<=2x bytes" and "<=2x read").
 Also timed per case: the warp path's default plan (MSA_TOPK_PATH=warp), and an alternative path: for decode
 shapes the row path vs the cluster path (whichever the plan did not pick), for prefill the row path where the
-plan picked another (8K prefill H4 takes the warp path: many short rows, _use_warp_path); for decode shapes also
-the split path (opt-in: MSA_TOPK_PATH=split). --sweep times block, row and cluster launch shapes (MSA_TOPK_G
+plan picked another (8K prefill H4 takes the warp path: many short rows, _use_warp_path). --sweep times block, row and cluster launch shapes (MSA_TOPK_G
 tokens per CTA, MSA_TOPK_P threads per token, MSA_TOPK_SPLITS, MSA_TOPK_WARPS, MSA_TOPK_SLICES) and prints the
 best; --json is rewritten after every case, so a run cut short keeps what it measured.
 """
@@ -163,8 +162,8 @@ def check_correctness(device) -> list[str]:
         tag = f"H={n_heads} K={n_blocks} q={total_q} topk={topk} fb={fb} fe={fe} {dtype} {kind} nvp={nvp_kind}"
         dev_nvp = nvp.to(device) if isinstance(nvp, torch.Tensor) else nvp
         mismatch = False
-        for path in ("block", "warp", "row", "cluster", "split"):
-            if path in ("row", "cluster", "split") and topk - fb - fe > 64:
+        for path in ("block", "warp", "row", "cluster"):
+            if path in ("row", "cluster") and topk - fb - fe > 64:
                 continue
             out = torch.full((total_q, n_heads, topk), -7, dtype=torch.int32, device=device)
             with env_overrides(path=path):
@@ -210,7 +209,7 @@ def time_graph(fn, reps: int, calls_per_replay: int) -> float:
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):  # the warm-up's stream: per-stream workspaces exist already
+    with torch.cuda.graph(graph):
         fn()
     graph.replay()
     torch.cuda.synchronize()
@@ -269,19 +268,12 @@ def bench_case(n_heads, ctx, total_q, device, bw, l2, reps, sweep, failures):
                 t_alt = time_case(call, pairs, max(5, reps // 2))
         except ValueError:  # not applicable to this shape
             alt = None
-    t_split = None
-    if total_q < 1024 and p.path != "split":  # decode: the split path (opt-in) next to the plan's
-        try:
-            with env_overrides(path="split"):
-                t_split = time_case(call, pairs, max(5, reps // 2))
-        except ValueError:
-            t_split = None
     floor = score_bytes / bw * 1e6
     row = dict(H=n_heads, ctx=ctx, K=n_blocks, total_q=total_q, ours_us=t_ours, torch_us=t_torch,
                speedup=t_torch / t_ours, floor_us=floor, ours_over_floor=t_ours / floor, read_us=t_read,
                read_by=read_by, read_kernel_us=t_read_kernel, amax_us=t_amax,
                ours_over_read=t_ours / t_read, launch_us=t_launch,
-               ours_over_launch=t_ours / t_launch, warp_path_us=t_warp, alt_path=alt, alt_us=t_alt, split_us=t_split,
+               ours_over_launch=t_ours / t_launch, warp_path_us=t_warp, alt_path=alt, alt_us=t_alt,
                bytes=score_bytes, sets=n_sets,
                path=p.path, splits=p.splits, log_g=p.log_g, threads_per_row=p.threads_per_row,
                values_per_thread=p.values_per_thread, warps=p.warps, slices=p.slices)
@@ -352,7 +344,6 @@ def main(argv=None) -> int:
                 rows.append(bench_case(n_heads, ctx, total_q, device, bw, l2, reps, args.sweep, failures))
                 r = rows[-1]
                 alt = f", {r['alt_path']} path {r['alt_us']:.2f}" if r["alt_us"] is not None else ""
-                alt += f", split path {r['split_us']:.2f}" if r["split_us"] is not None else ""
                 print(f"  H={n_heads} ctx={ctx // 1024}K q={total_q}: ours {r['ours_us']:.2f} us ({r['path']}; "
                       f"warp path {r['warp_path_us']:.2f}{alt}, launch floor {r['launch_us']:.2f}, read kernel "
                       f"{r['read_kernel_us']:.2f}, amax {r['amax_us']:.2f}), torch {r['torch_us']:.2f}"
@@ -377,7 +368,6 @@ def main(argv=None) -> int:
         shape = (f"b{1 << r['log_g']},{r['threads_per_row']},{r['splits']},{r['values_per_thread']}"
                  if r["path"] == "block" else f"r{1 << r['log_g']},W{r['warps']}" if r["path"] == "row"
                  else f"c{1 << r['log_g']},S{r['slices']},W{r['warps']}" if r["path"] == "cluster"
-                 else f"s{1 << r['log_g']},S{r['slices']},W{r['warps']}" if r["path"] == "split"
                  else f"w S{r['splits']} W{r['warps']}")
         print(f"{r['H']:>2} {ctx:>6} {r['total_q']:>7} {r['ours_us']:>8.2f} {r['torch_us']:>9.2f} "
               f"{r['speedup']:>7.1f}x {r['floor_us']:>8.2f} {r['ours_over_floor']:>6.2f} {r['read_us']:>7.2f}{r['read_by']} "

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -342,77 +341,6 @@ def test_cluster_emulated_m_zero(cluster_emulate):
             assert torch.equal(got, want), (n_blocks, topk, fb, fe)
 
 
-@pytest.fixture(scope="module")
-def split_emulate(tmp_path_factory):
-    f = _emulator_lib(str(tmp_path_factory.mktemp("topk_split_emulate")), "topk_split_emulate", 3)
-
-    def run(scores, topk, nvp, fb, fe, *, g, slices, cap, seed):
-        s32, out, nvp_ptr, nvp_scalar, _keep = _emulator_io(scores, topk, nvp)
-        rc = f(s32.data_ptr(), *scores.shape, topk, nvp_ptr, nvp_scalar, fb, fe, g.bit_length() - 1, slices, cap, seed,
-               out.data_ptr())
-        assert rc != -2, "split emulator: workspace protocol broken (an entry read unwritten, written twice or not reset)"
-        assert rc == 0, "split emulator rejected its arguments"
-        return out
-
-    return run
-
-
-@pytest.mark.parametrize("case", range(160))
-def test_split_emulated_matches_reference(split_emulate, case):
-    """Split path algorithm (topk_split_emulate.cc): per-slice exact top M (local bound, rank select, heavy-ties
-    fallback), random arrival orders (which slice merges), the workspace protocol (lists written once, read after
-    they are written, reset; counters back to 0), the merge tree for S = 1..16 (M <= 32) / 1..8 (M > 32), forced
-    blocks, ragged nvp, NaN / -inf / ties, bf16, tight capacities, slices past K."""
-    from msa.core.kernels.topk import row_capacity
-
-    gen = torch.Generator().manual_seed(15000 + case)
-    pick = lambda seq: seq[int(torch.randint(0, len(seq), (1,), generator=gen))]  # noqa: E731
-    topk = pick((1, 7, 16, 33, 48, 64))
-    n_blocks = pick((1, 37, 300, 1000, 2500, 8192))
-    total_q = pick((1, 13, 64))
-    n_heads = pick((1, 2))
-    fb = int(torch.randint(0, topk + 1, (1,), generator=gen)) if case % 3 == 0 else 0
-    fe = int(torch.randint(0, topk - fb + 1, (1,), generator=gen)) if case % 4 < 2 else 0
-    if case % 17 == 0:
-        fe = topk - fb
-    kind = KINDS[case % len(KINDS)]
-    dtype = torch.bfloat16 if case % 5 == 0 else torch.float32
-    scores = make_scores(kind, n_heads, n_blocks, total_q, dtype, gen)
-    nvp = (None, int(torch.randint(0, n_blocks + 1, (1,), generator=gen)), random_nvp(total_q, n_blocks, gen))[case % 3]
-    m = topk - fb - fe
-    cap = row_capacity(m) if case % 2 else max(m, 1) + int(torch.randint(0, 8, (1,), generator=gen))
-    slices = pick((1, 2, 3, 5, 8, 11, 16)) if m <= 32 else pick((1, 2, 3, 5, 8))
-    kw = dict(g=pick((1, 2, 4, 8, 16)), slices=slices, cap=cap, seed=case)
-    want = reference(scores, topk, num_valid_pages=nvp, force_begin_blocks=fb, force_end_blocks=fe)
-    got = split_emulate(scores, topk, nvp, fb, fe, **kw)
-    assert torch.equal(got, want), f"{kind} topk={topk} K={n_blocks} q={total_q} fb={fb} fe={fe} {kw}"
-
-
-def test_split_emulated_shapes_and_orders(split_emulate):
-    """The 1M decode shape at the planner's slice counts and every arrival order seed: one answer; the smallest
-    legal cap (fallback in every slice) too."""
-    gen = torch.Generator().manual_seed(16)
-    for kind in ("randn", "ties"):
-        scores = make_scores(kind, 1, 8192, 8, torch.float32, gen)
-        for topk, fe in ((16, 1), (64, 0), (33, 2)):
-            want = reference(scores, topk, force_end_blocks=fe)
-            for slices in ((4, 8, 16) if topk - fe <= 32 else (4, 8)):
-                for seed, cap in ((0, 128), (1, 128), (2, topk - fe), (3, 256)):
-                    got = split_emulate(scores, topk, None, 0, fe, g=8, slices=slices, cap=cap, seed=seed)
-                    assert torch.equal(got, want), (kind, topk, slices, seed, cap)
-
-
-def test_split_emulated_m_zero(split_emulate):
-    """Every output forced (M = 0): no tickets or lists, slice 0 writes the forced head / tail and -1."""
-    gen = torch.Generator().manual_seed(17)
-    for n_blocks, nvp in ((5, None), (128, 3), (1000, random_nvp(70, 1000, gen))):
-        scores = make_scores("randn", 2, n_blocks, 70, torch.float32, gen)
-        for topk, fb, fe in ((1, 0, 1), (1, 1, 0), (4, 2, 2)):
-            want = reference(scores, topk, num_valid_pages=nvp, force_begin_blocks=fb, force_end_blocks=fe)
-            got = split_emulate(scores, topk, nvp, fb, fe, g=2, slices=4, cap=128, seed=1)
-            assert torch.equal(got, want), (n_blocks, topk, fb, fe)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # compile-only: both archs
 
@@ -556,54 +484,6 @@ def test_plan_shapes(monkeypatch):
             cluster_flags()
 
 
-def test_split_plan(monkeypatch):
-    from msa.core.kernels.topk import plan, split_smem_bytes
-
-    monkeypatch.delenv("MSA_TOPK_SPLIT_MIN_BLOCKS", raising=False)
-    assert plan(4, 8192, 64, 15, 132).path == "cluster"  # opt-in: the default plan is unchanged
-    monkeypatch.setenv("MSA_TOPK_PATH", "split")
-    p = plan(4, 8192, 64, 15, 132)  # 1M decode H4: 8 slices x 8 tokens x 4 heads = 256 CTAs, 16-byte staging
-    assert (p.path, p.slices, p.log_g, p.warps, p.vec) == ("split", 8, 3, 8, 8)
-    p = plan(1, 8192, 64, 15, 132)  # H1: 64 CTAs at 8 slices -> 16 slices (128 CTAs)
-    assert (p.slices, p.log_g) == (16, 3)
-    assert plan(1, 8192, 64, 40, 132).slices == 8  # M > 32: two-register lists, <= 8 slices
-    assert plan(4, 1024, 64, 15, 132).slices == 8 and plan(4, 512, 64, 15, 132).slices == 4  # >= 128 blocks each
-    assert plan(4, 8192, 63, 15, 132).vec == 0  # total_q not a multiple of 4: scalar staging
-    assert plan(4, 8192, 64, 15, 132, itemsize=2).vec == 8 and plan(4, 8192, 68, 15, 132, itemsize=2).vec == 0
-    for n_heads, n_blocks, total_q in ((4, 8192, 64), (1, 16384, 64), (2, 1000, 50), (1, 5, 3)):
-        for m in (0, 1, 15, 33, 64):
-            p = plan(n_heads, n_blocks, total_q, m, 132)
-            assert p.path == "split" and p.warps >= 1 << p.log_g and p.cap >= m
-            assert 1 <= p.slices <= (16 if m <= 32 else 8)
-            assert split_smem_bytes(n_blocks, 1 << p.log_g, p.slices, p.cap) <= 112 * 1024
-    monkeypatch.setenv("MSA_TOPK_SLICES", "16")
-    monkeypatch.setenv("MSA_TOPK_G", "4")
-    monkeypatch.setenv("MSA_TOPK_WARPS", "16")
-    monkeypatch.setenv("MSA_TOPK_SPLIT_VEC", "4")
-    p = plan(4, 8192, 64, 15, 132)
-    assert (p.slices, p.log_g, p.warps, p.vec) == (16, 2, 16, 4)
-    monkeypatch.setenv("MSA_TOPK_G", "2")  # fp32: a 16-byte vector holds 4 tokens > G -> scalar staging
-    assert plan(4, 8192, 64, 15, 132).vec == 0
-    for name, bad, match in (("MSA_TOPK_SLICES", "17", "MSA_TOPK_SLICES"), ("MSA_TOPK_WARPS", "32", "MSA_TOPK_WARPS"),
-                             ("MSA_TOPK_SPLIT_VEC", "2", "MSA_TOPK_SPLIT_VEC")):
-        old = os.environ.get(name)
-        monkeypatch.setenv(name, bad)
-        with pytest.raises(ValueError, match=match):
-            plan(4, 8192, 64, 15, 132)
-        monkeypatch.setenv(name, old)
-    monkeypatch.setenv("MSA_TOPK_SLICES", "16")
-    with pytest.raises(ValueError, match="MSA_TOPK_SLICES"):
-        plan(4, 8192, 64, 40, 132)  # M > 32: <= 8 slices
-    with pytest.raises(ValueError, match="split: not applicable"):
-        plan(2, 1000, 50, 65, 132)
-    for name in ("MSA_TOPK_PATH", "MSA_TOPK_SLICES", "MSA_TOPK_G", "MSA_TOPK_WARPS", "MSA_TOPK_SPLIT_VEC"):
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("MSA_TOPK_SPLIT_MIN_BLOCKS", "4096")  # the planner switch
-    assert plan(4, 8192, 64, 15, 132).path == "split" and plan(4, 4096, 64, 15, 132).path == "split"
-    assert plan(4, 2048, 64, 15, 132).path == "row" and plan(4, 8192, 4096, 15, 132).path != "split"
-    assert plan(4, 8192, 64, 0, 132).path != "split"  # nothing to select: the forced rows only
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # GPU
 
@@ -631,7 +511,7 @@ def _check(scores, topk, nvp=None, fb=0, fe=0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["block", "warp", "row", "cluster", "split"])
+@pytest.mark.parametrize("path", ["block", "warp", "row", "cluster"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("n_blocks", KS)
 @pytest.mark.parametrize("topk", TOPKS)
@@ -796,105 +676,6 @@ def test_cluster_variants(monkeypatch, flags, g, slices, warps):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("g,slices,warps,vec", [(8, 8, 8, 8), (8, 8, 8, 4), (8, 8, 8, 0), (8, 16, 8, 8), (8, 16, 8, 0),
-                                                (4, 8, 8, 8), (8, 4, 16, 8), (2, 5, 4, 0), (1, 1, 1, 8), (16, 3, 16, 8),
-                                                (4, 16, 4, 4)])
-def test_split_launch_shapes(monkeypatch, g, slices, warps, vec):
-    """Split path: tokens per CTA x slices x warps x staging (16-byte loads, 8 or 4 in flight, or scalar; vector
-    staging falls back to scalar where G or total_q does not allow it), incl. the heavy-ties fallback in every
-    slice (ties), M > 32 (<= 8 slices), NaN / -inf, per-token nvp, ranges that end inside a slice, slices past K,
-    total_q not a multiple of G, and the workspace left as found (counters 0, lists -1)."""
-    from msa.core.kernels import topk as tk
-
-    monkeypatch.setenv("MSA_TOPK_PATH", "split")
-    monkeypatch.setenv("MSA_TOPK_G", str(g))
-    monkeypatch.setenv("MSA_TOPK_SLICES", str(slices))
-    monkeypatch.setenv("MSA_TOPK_WARPS", str(warps))
-    monkeypatch.setenv("MSA_TOPK_SPLIT_VEC", str(vec))
-    gen = torch.Generator().manual_seed(g * 1000 + slices * 10 + warps + vec)
-    wide = slices <= 8  # M > 32 needs <= 8 slices
-    for dtype in (torch.float32, torch.bfloat16):
-        scores = make_scores("ties", 2, 2000, 48, dtype, gen).cuda()
-        _check(scores, 32, None, 0, 0)  # M = 32: full one-register lists
-        _check(scores, 16, random_nvp(48, 2000, gen).cuda(), 2, 2)
-        scores = make_scores("randn", 4, 8192, 64, dtype, gen).cuda()
-        _check(scores, 16, None, 0, 1)
-        _check(scores, 1, None, 0, 0)
-        if wide:
-            _check(scores, 48, random_nvp(64, 8192, gen).cuda(), 1, 1)
-            _check(make_scores("ties", 2, 3000, 40, dtype, gen).cuda(), 64, None, 0, 0)
-    for kind in ("nan", "ascending", "causal", "zeros_signed"):
-        scores = make_scores(kind, 3, 1500, 70, torch.float32, gen).cuda()
-        _check(scores, 7, 650, 0, 0)
-        if wide:
-            _check(scores, 33, None, 0, 0)
-        _check(scores, 16, random_nvp(70, 1500, gen).cuda(), 1, 2)
-    scores = make_scores("randn", 1, 100, 9, torch.float32, gen).cuda()  # slices past K (64-block minimum)
-    _check(scores, 16, None, 0, 1)
-    flat = torch.empty(2 * 777 * 28 + 1, device="cuda")  # contiguous at a 4-byte offset: scalar staging
-    flat[1:] = make_scores("randn", 2, 777, 28, torch.float32, gen).cuda().flatten()
-    _check(flat[1:].view(2, 777, 28), 16, None, 0, 1)
-    torch.cuda.synchronize()
-    for arrivals, lists in [*tk._SPLIT_WS.values(), *tk._SPLIT_WS_RETIRED]:
-        assert int(arrivals.abs().sum()) == 0 and bool((lists == -1).all()), "workspace not restored"
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("slices", [8, 16, 3])
-def test_split_trace_tickets(monkeypatch, slices):
-    """Split path diagnostic trace: per row exactly one slice took the last ticket (merged), the others published;
-    every CTA staged after it entered and every row warp finished after its list was ready; the result is exact."""
-    import msa.core.kernels.topk as tk
-
-    monkeypatch.setenv("MSA_TOPK_PATH", "split")
-    monkeypatch.setenv("MSA_TOPK_SLICES", str(slices))
-    gen = torch.Generator().manual_seed(22 + slices)
-    h, k, q = 4, 8192, 64
-    x = make_scores("randn", h, k, q, torch.float32, gen).cuda()
-    p = tk.plan(h, k, q, 15, tk._sm_count(0))
-    g = 1 << p.log_g
-    n_groups = -(-q // g)
-    trace = torch.zeros(tk.SPLIT_TRACE_SLOTS * p.slices * n_groups * h, dtype=torch.int64, device="cuda")
-    out = torch.full((q, h, 16), POISON, dtype=torch.int32, device="cuda")
-    tk.run(x, 16, None, 0, 1, out, trace=trace)
-    torch.cuda.synchronize()
-    assert torch.equal(out.cpu(), reference(x.cpu(), 16, force_end_blocks=1))
-    tr = trace.cpu().view(h, n_groups, p.slices, tk.SPLIT_TRACE_SLOTS)
-    assert bool((tr[..., 0] > 0).all()) and bool((tr[..., 1] >= tr[..., 0]).all())
-    ready = tr[..., 4:4 + 2 * g:2]
-    done = tr[..., 5:5 + 2 * g:2]
-    last = done < 0  # bit 63
-    done = done & ((1 << 63) - 1)
-    assert bool((ready >= tr[..., 1:2]).all()) and bool((done >= ready).all())
-    assert bool((last.sum(dim=2) == 1).all()), "every row: exactly one slice merges"
-
-
-@pytest.mark.gpu
-def test_split_graph_replay(monkeypatch):
-    """Split path under CUDA-graph capture on a fresh stream (its workspace is created and filled inside the
-    capture): every replay on new inputs (copied in place) matches the reference, and eager calls in between on
-    the default stream (its own workspace) do not disturb it."""
-    import msa.core.kernels.topk as tk
-
-    monkeypatch.setenv("MSA_TOPK_PATH", "split")
-    gen = torch.Generator().manual_seed(21)
-    x = make_scores("randn", 4, 8192, 64, torch.float32, gen).cuda()
-    out = torch.full((64, 4, 16), POISON, dtype=torch.int32, device="cuda")
-    _kernel_call(x, 16, None, 0, 1)  # module loaded, shared-memory attribute raised before the capture
-    stream = torch.cuda.Stream()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        tk.run(x, 16, None, 0, 1, out)
-    for i in range(4):
-        x.copy_(make_scores("ties" if i % 2 else "randn", 4, 8192, 64, torch.float32, gen).cuda())
-        graph.replay()
-        torch.cuda.synchronize()
-        want = reference(x.cpu(), 16, force_end_blocks=1)
-        assert torch.equal(out.cpu(), want), f"replay {i}"
-        assert torch.equal(_kernel_call(x, 16, None, 0, 1).cpu(), want)  # eager, default stream
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("n_heads,n_blocks,total_q", [(1, 1024, 64), (4, 1024, 64), (1, 8192, 64), (4, 8192, 64),
                                                      (1, 1024, 4096), (4, 64, 4096), (1, 64, 4096), (2, 8192, 1500),
                                                      (1, 16384, 64), (4, 64, 64)])
@@ -906,7 +687,7 @@ def test_kernel_bench_shapes(n_heads, n_blocks, total_q):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["block", "row", "cluster", "split"])
+@pytest.mark.parametrize("path", ["block", "row", "cluster"])
 def test_kernel_deterministic_and_out_reuse(monkeypatch, path):
     monkeypatch.setenv("MSA_TOPK_PATH", path)  # decode shape: block = split + merge, row = whole rows staged,
     # cluster = K over 8 CTAs with remote appends in any order (ties: the fallback too)

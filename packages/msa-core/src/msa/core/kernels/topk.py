@@ -17,10 +17,6 @@
   CTAs splits K; each CTA stages its slice of G rows, the row's bound comes from the union of the S slices' group
   maxima (DSMEM), and each row's candidates are gathered in one owner CTA for the exact rank select. One launch,
   no workspace, and H * S * ceil(total_q / G) CTAs instead of H * ceil(total_q / G).
-- ``split`` (``csrc/topk/topk_split_core.cuh``): the same decode shapes without a cluster: S CTAs split K (plain
-  launch), each computes its slice's exact top M per row, the slice that arrives last for a row (one atomic ticket
-  per row and slice) merges the S lists from a small global workspace and writes the row. No barrier after
-  staging. Opt-in (``MSA_TOPK_PATH=split``, or ``MSA_TOPK_SPLIT_MIN_BLOCKS``) until a GPU run shows it ahead.
 
 The block and warp paths allocate at most one workspace (``2 * H * splits * M * ceil(total_q/32)*32`` int32 words, torch's caching
 allocator) and only when ``splits > 1``.
@@ -29,19 +25,11 @@ Environment overrides (benchmark sweeps): ``MSA_TOPK_PATH`` (block | warp | row)
 (tokens per CTA, block), ``MSA_TOPK_P`` (threads per token, block), ``MSA_TOPK_V`` (16 | 32, block),
 ``MSA_TOPK_WARPS`` (warp; row: warps per CTA), ``MSA_TOPK_MERGE_WARPS`` (warp); row:
 ``MSA_TOPK_G`` (tokens per CTA); cluster: ``MSA_TOPK_G``, ``MSA_TOPK_WARPS``, ``MSA_TOPK_SLICES`` (CTAs per cluster),
-``MSA_TOPK_CLUSTER_FLAGS`` (A/B kernel variants, all exact; see ``CLUSTER_FLAG_BITS``); split: ``MSA_TOPK_G``,
-``MSA_TOPK_WARPS``, ``MSA_TOPK_SLICES`` (1..16, <= 8 when M > 32), ``MSA_TOPK_SPLIT_VEC`` (16-byte loads in flight
-per thread: 8 or 4; 0 = scalar staging), ``MSA_TOPK_SPLIT_MIN_BLOCKS`` (the planner sends decode rows at least this
-long to the split path; unset = ``SPLIT_MIN_BLOCKS``).
-
-The split path keeps one workspace per (device, stream) (``_split_workspace``): per-row arrival counters (0) and
-published lists (-1) that every launch returns to that state. Two split-path launches that run at the same time on
-one stream cannot happen; on different streams they use different workspaces.
+``MSA_TOPK_CLUSTER_FLAGS`` (A/B kernel variants, all exact; see ``CLUSTER_FLAG_BITS``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -105,8 +93,7 @@ class TopkPlan:
     log_g: int = 3  # block / row path: 2**log_g tokens per CTA
     threads_per_row: int = 32  # block path: P
     values_per_thread: int = BLOCK_V  # block path: V per chunk (BLOCK_V prefetched, or 2 * BLOCK_V)
-    slices: int = 1  # cluster path: CTAs per cluster along K; split path: CTAs along K
-    vec: int = 0  # split path: 16-byte loads in flight per thread while staging (0: scalar loads)
+    slices: int = 1  # cluster path: CTAs per cluster along K
 
     def workspace_words(self, n_heads: int, total_q: int, m: int) -> int:
         if self.splits <= 1 or m <= 0:
@@ -300,9 +287,6 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
     if not path:
         if _use_warp_path(n_heads, n_blocks, total_q):
             path = "warp"
-        elif _use_split_path(n_heads, n_blocks, total_q, m) and _split_plan(n_heads, n_blocks, total_q, m, sm_count,
-                                                                            itemsize):
-            path = "split"
         elif _use_cluster_path(n_heads, n_blocks, total_q, m) and _cluster_plan(n_heads, n_blocks, total_q, m,
                                                                                 sm_count):
             path = "cluster"
@@ -311,34 +295,8 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
             path = "row"
         else:
             path = "block"
-    if path not in ("block", "warp", "row", "cluster", "split"):
-        raise ValueError(f"MSA_TOPK_PATH: expected 'block', 'warp', 'row', 'cluster' or 'split', got {path!r}")
-    if path == "split":
-        pl = _split_plan(n_heads, n_blocks, total_q, m, sm_count, itemsize)
-        if pl is None:
-            raise ValueError(f"MSA_TOPK_PATH=split: not applicable (M = {m} not in 0..{ROW_MAX_M} or K = {n_blocks} "
-                             "slices do not fit shared memory)")
-        g = _env_int("MSA_TOPK_G")
-        log_g = pl.log_g if g is None else g.bit_length() - 1
-        if g is not None and (g < 1 or g != 1 << log_g or g > 32):
-            raise ValueError(f"MSA_TOPK_G: expected a power of two in 1..32, got {g}")
-        max_s = SPLIT_MAX_SLICES if m <= 32 else 8
-        slices = _env_int("MSA_TOPK_SLICES") or pl.slices
-        if not 1 <= slices <= max_s:
-            raise ValueError(f"MSA_TOPK_SLICES: expected 1..{max_s} for the split path with M = {m}, got {slices}")
-        warps = _env_int("MSA_TOPK_WARPS") or max(pl.warps, 1 << log_g)
-        if warps < (1 << log_g) or warps > SPLIT_MAX_WARPS:
-            raise ValueError(f"MSA_TOPK_WARPS: expected {1 << log_g}..{SPLIT_MAX_WARPS} for the split path with "
-                             f"G = {1 << log_g}, got {warps}")
-        vec = _env_int("MSA_TOPK_SPLIT_VEC")
-        if vec is not None and vec not in (0, 4, 8):
-            raise ValueError(f"MSA_TOPK_SPLIT_VEC: expected 0, 4 or 8, got {vec}")
-        vec_ok = split_vec_ok(1 << log_g, total_q, itemsize)
-        vec = (8 if vec_ok else 0) if vec is None else (vec if vec_ok else 0)  # falls back to scalar staging
-        if split_smem_bytes(n_blocks, 1 << log_g, slices, pl.cap) > SMEM_LIMIT:
-            raise ValueError(f"MSA_TOPK_PATH=split: G = {1 << log_g} x S = {slices} slices of K = {n_blocks} do not "
-                             "fit shared memory")
-        return TopkPlan(path="split", splits=1, cap=pl.cap, warps=warps, log_g=log_g, slices=slices, vec=vec)
+    if path not in ("block", "warp", "row", "cluster"):
+        raise ValueError(f"MSA_TOPK_PATH: expected 'block', 'warp', 'row' or 'cluster', got {path!r}")
     if path == "cluster":
         pl = _cluster_plan(n_heads, n_blocks, total_q, m, sm_count)
         if pl is None:
@@ -390,82 +348,6 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
                     threads_per_row=p, values_per_thread=v)
 
 
-SPLIT_MAX_SLICES = 16  # topk_split_core.cuh: kSplitMaxSlices (M <= 32); 8 for M > 32 (two-register lists)
-SPLIT_MAX_WARPS = 16
-SPLIT_TRACE_SLOTS = 68  # topk_split_core.cuh: kSplitTraceSlots (diagnostic per-CTA stamps)
-# decode rows at least this long take the split path in the default plan; None = never (opt-in until a GPU A/B
-# shows it ahead of the cluster / row paths)
-SPLIT_MIN_BLOCKS: int | None = None
-
-
-def split_slice_len(n_blocks: int, slices: int) -> int:  # mirrors topk_split_select
-    return max(64, (-(-n_blocks // slices) + 31) // 32 * 32)
-
-
-def split_smem_bytes(n_blocks: int, g: int, slices: int, cap: int) -> int:  # mirrors topk_split_core.cuh
-    return g * (split_slice_len(n_blocks, slices) + 32 // g) * 4 + g * cap * 8 + g * 64 * 8 + 2 * g * 4
-
-
-def split_vec_ok(g: int, total_q: int, itemsize: int) -> bool:
-    """16-byte staging: a vector holds 16 / itemsize tokens of one k-row, all inside one CTA's G and total_q."""
-    vt = 16 // itemsize
-    return g >= vt and total_q % vt == 0
-
-
-def _split_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, itemsize: int) -> TopkPlan | None:
-    """Split path shape, or None where it does not apply (M > 64, slices too long for shared memory).
-    G = 8 tokens per CTA (whole 32-byte sectors of a K-row in fp32); S = 8 slices (fewer for short rows: >= 128 blocks
-    each), doubled up to 16 while the grid has fewer CTAs than SMs (M <= 32); W = 8 warps; 16-byte staging with 8
-    loads in flight where the shape allows it."""
-    if not 0 <= m <= ROW_MAX_M:
-        return None
-    cap = row_capacity(m)
-    g = 8
-    max_s = SPLIT_MAX_SLICES if m <= 32 else 8
-    slices = 8
-    while slices > 1 and n_blocks < 128 * slices:
-        slices //= 2
-    groups = -(-total_q // g) * n_heads
-    while slices < max_s and groups * slices < sm_count and n_blocks >= 128 * 2 * slices:
-        slices *= 2
-    while g > 1 and split_smem_bytes(n_blocks, g, slices, cap) > ROW_SMEM_BUDGET:
-        g //= 2
-    if split_smem_bytes(n_blocks, g, slices, cap) > ROW_SMEM_BUDGET:
-        return None
-    vec = 8 if split_vec_ok(g, total_q, itemsize) else 0
-    return TopkPlan(path="split", splits=1, cap=cap, warps=max(8, g), log_g=g.bit_length() - 1, slices=slices, vec=vec)
-
-
-def _use_split_path(n_heads: int, n_blocks: int, total_q: int, m: int) -> bool:
-    v = os.environ.get("MSA_TOPK_SPLIT_MIN_BLOCKS")
-    min_blocks = int(v) if v else SPLIT_MIN_BLOCKS
-    return (min_blocks is not None and 0 < m <= ROW_MAX_M and n_blocks >= min_blocks
-            and total_q * n_heads <= CLUSTER_MAX_ROWS)
-
-
-_SPLIT_WS: dict = {}
-_SPLIT_WS_RETIRED: list = []  # outgrown workspaces: a captured CUDA graph may still use them, so never freed
-
-
-def _split_workspace(device: torch.device, rows: int, entries: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(arrivals int32 [>= rows] = 0, lists int64 [>= entries] = -1) for the current stream of ``device``, grown
-    on demand (a new pair is filled on the current stream, so it is ready before the launch that needs it; under
-    CUDA-graph capture the fill is captured too, so every replay starts from the right state). Every launch leaves
-    its workspace in this state, so one pair serves every later launch on the stream, graph replays included."""
-    stream = torch.cuda.current_stream(device)
-    key = (device.index, stream.cuda_stream)
-    ws = _SPLIT_WS.get(key)
-    if ws is None or ws[0].numel() < rows or ws[1].numel() < entries:
-        if ws is not None:
-            _SPLIT_WS_RETIRED.append(ws)
-        n_rows = max(rows, 1024, 0 if ws is None else ws[0].numel())
-        n_entries = max(entries, 1 << 16, 0 if ws is None else 2 * ws[1].numel())
-        ws = (torch.zeros(n_rows, dtype=torch.int32, device=device),
-              torch.full((n_entries,), -1, dtype=torch.int64, device=device))
-        _SPLIT_WS[key] = ws
-    return ws
-
-
 @functools.lru_cache(maxsize=16)
 def _empty(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A cached 0-element tensor: the binding's "not given" for optional tensor arguments."""
@@ -503,8 +385,7 @@ def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, 
     """Launch on validated arguments (see module doc); returns ``out`` ([total_q, H, topk] int32).
     ``trace`` (diagnostic): row path: int64 tensor of >= 3 * CTAs for each CTA's %globaltimer stamps (start, rows
     staged, warp 0 done); cluster path: int64 tensor of >= CLUSTER_TIMELINE_SLOTS * CTAs (zeroed by the caller)
-    for the per-phase stamps, recorded by the timeline build of the module (loaded for such a call); split path:
-    int64 tensor of >= SPLIT_TRACE_SLOTS * CTAs (zeroed by the caller; layout in topk_split_core.cuh)."""
+    for the per-phase stamps, recorded by the timeline build of the module (loaded for such a call)."""
     n_heads, n_blocks, total_q = max_score.shape
     device = max_score.device
     if out is None:
@@ -524,15 +405,6 @@ def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, 
     if p.path == "row":
         module.topk_row_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out, p.log_g,
                                p.warps, p.cap, _empty(device, torch.int64) if trace is None else trace)
-    elif p.path == "split":
-        if p.vec and max_score.data_ptr() % 16:
-            p = dataclasses.replace(p, vec=0)  # a view at an odd offset: scalar staging
-        rows = n_heads * total_q
-        arrivals, lists = (_split_workspace(device, rows, rows * p.slices * m) if p.slices > 1 and m > 0
-                           else (_empty(device, torch.int32), _empty(device, torch.int64)))
-        module.topk_split_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out,
-                                 p.log_g, p.slices, p.warps, p.cap, p.vec, arrivals, lists,
-                                 _empty(device, torch.int64) if trace is None else trace)
     elif p.path == "cluster":
         module.topk_cluster_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out,
                                    p.log_g, p.slices, p.warps, p.cap, cluster_flags(),
