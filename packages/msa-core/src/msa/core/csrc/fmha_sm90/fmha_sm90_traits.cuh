@@ -126,9 +126,13 @@ struct FmhaTraits {
   // Default: O staged through shared memory and written with coalesced 16-byte stores; 2 K/V stages.
   // 16-bit tiles wider than 128 keys: 2 stages of K and V leave no room for the staging tile (176 keys: 208 KB
   // of Q/K/V), so O goes straight from registers.
-  static constexpr bool kStageO = kFp8 || kBlockN <= 128;
+  // Sparse-Q: O straight from registers and the freed staging tile spent on a third K/V stage. Its KV tiles are
+  // scattered blocks (often L2 misses) and its items are short (~topk tiles), so load latency and the per-item
+  // epilogue weigh more than in dense attention: H100 A/B (session 4 run 5, interleaved, correlated top-16) 473 ->
+  // 541 eff TFLOP/s at 64/4 S32K, 487 -> 543 at 16/1 S32K, 458 -> 538 at 64/4 S128K, 472 -> 531 at 16/1 S128K.
+  static constexpr bool kStageO = !kSparseQ && (kFp8 || kBlockN <= 128);
   // FP8: a K/V tile is half the bytes and its GEMMs half the time, so a third stage keeps more loads in flight.
-  static constexpr int kStages = kFp8 ? 3 : 2;
+  static constexpr int kStages = (kFp8 || kSparseQ) ? 3 : 2;
 #endif
   // Softmax / ping-pong A/B switches (issues 6 and 7, session 4; default = the measured design):
   //   MSA_FMHA_SM90_ROW_PIPE: row 1's max starts only after row 0's first exp2 (a no-op data dependency), so
