@@ -510,6 +510,8 @@ class Bench:
             ("msa", lambda: msa_impls.fmha_impl(case, dev, r.caps, paged=True, sparse=True, output_mode="o",
                                                 flops=work[0], kv_bytes=kv_b), True),
             ("msa-bridge", lambda: msa_impls.bridge_sparse_impl(case, dev, r.caps, work[0], kv_b), True),
+            ("msa-bridge-paged", lambda: msa_impls.bridge_sparse_impl(case, dev, r.caps, work[0], kv_b, paged=True),
+             True),
         ]
         if case.section == "sparse_prefill":
             factories.append(("msa-cute", lambda: msa_impls.cute_sparse_prefill_impl(case, dev, r.caps, work[0],

@@ -157,11 +157,19 @@ def topk_impl(case: Case, device: torch.device, caps: RefCaps, score_bytes: floa
     return Impl(name, prepare, graph_ok=True, note=how)
 
 
+def _sparse_prefill_features(case: Case, paged: bool) -> dict:
+    """The features msa.cute.sparse_atten_func passes to its dispatch (without them the kernel's supports()
+    refuses and the row would be labelled -- and skipped as -- the reference)."""
+    return dict(q_dtype=torch.bfloat16, kv_dtype=torch.bfloat16, head_dim=case.d, head_dim_v=case.d, topk=case.topk,
+                qhead_per_kv=case.group, paged=paged, blk_kv=BLOCK, causal=case.causal, partial_dtype=torch.bfloat16)
+
+
 def cute_sparse_prefill_impl(case: Case, device: torch.device, caps: RefCaps, flops: float, kv_bytes: float) -> Impl:
     """msa.cute.sparse_atten_func on ragged K/V; the k2q CSR is built outside the timed call (it is the plan)."""
     func = _api("msa.cute", "sparse_atten_func")
     build = _api("msa.cute", "build_k2q_csr")
-    name, how = _label("sparse_atten_func", device, caps, flops, kv_bytes, base="msa-cute")
+    name, how = _label("sparse_atten_func", device, caps, flops, kv_bytes, base="msa-cute",
+                       features=_sparse_prefill_features(case, paged=False))
     if case.dtype != "bf16":
         raise Skip(f"msa-cute sparse prefill row is wired for bf16 only (asked {case.dtype})")
 
@@ -204,22 +212,31 @@ def cute_sparse_decode_impl(case: Case, device: torch.device, caps: RefCaps, flo
     return Impl(name, prepare, graph_ok=True, note=f"msa.cute.sparse_decode_atten_func; {how}")
 
 
-def bridge_sparse_impl(case: Case, device: torch.device, caps: RefCaps, flops: float, kv_bytes: float) -> Impl:
-    """msa.bridge.sparse_fmha with the same plan arguments and selection as the msa.core sparse row."""
+def bridge_sparse_impl(case: Case, device: torch.device, caps: RefCaps, flops: float, kv_bytes: float,
+                       paged: bool = False) -> Impl:
+    """msa.bridge.sparse_fmha (default schedule) with the same selection as the msa.core sparse row; ragged K/V
+    (the Q-outer path serves routed items) or, with ``paged``, the page-128 cache (KV-outer only). The per-call
+    work (union build / k2q CSR from the selection) is timed: the selection is a call argument."""
     fmha = _api("msa.bridge", "sparse_fmha")
     plan_fn = _api("msa.bridge", "sparse_fmha_plan")
-    name, how = _label("sparse_atten_func", device, caps, flops, kv_bytes, base="msa-bridge")
+    name, how = _label("sparse_atten_func", device, caps, flops, kv_bytes,
+                       base="msa-bridge-paged" if paged else "msa-bridge",
+                       features=_sparse_prefill_features(case, paged=paged))
 
     def prepare(inputs: dict) -> Prepared:
         b = case.batch
-        plan = plan_fn([case.q_len] * b, [case.kv_len] * b, case.hq, case.hkv, page_size=BLOCK,
+        plan = plan_fn([case.q_len] * b, [case.kv_len] * b, case.hq, case.hkv, page_size=BLOCK if paged else None,
                        causal=case.causal, kv_block_num=case.topk, device=device)
-        q, kp, vp = inputs["q"], inputs["k_pages"], inputs["v_pages"]
         out = torch.empty(case.total_q, case.hq, case.d, dtype=torch.bfloat16, device=device)
+        if paged:
+            q, kk, vv, extra = inputs["q"], inputs["k_pages"], inputs["v_pages"], {"kv_indices": inputs["kv_indices"]}
+        elif "k" not in inputs:
+            raise Skip("no contiguous K/V copy in this case (paged only): see the msa-bridge-paged row")
+        else:
+            q, kk, vv, extra = inputs["q"], inputs["k"], inputs["v"], {}
 
         def fn():
-            return fmha(q, kp, vp, plan, kv_indices=inputs["kv_indices"],
-                        kv_block_indexes=inputs["kv_block_indexes"], out=out)
+            return fmha(q, kk, vv, plan, kv_block_indexes=inputs["kv_block_indexes"], out=out, **extra)
 
         return Prepared(fn, lambda r: r[0] if isinstance(r, tuple) else r, lambda: out.fill_(float("nan")))
 
