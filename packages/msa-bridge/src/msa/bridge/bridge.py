@@ -21,6 +21,8 @@ flash attention over the union of its tokens' blocks (msa.cute.qouter tables; ms
 ``"auto"`` (default) = items whose union has at most ``route_max`` blocks go Q-outer, the others KV-outer: their
 selections are kept for the KV-outer call and the routed items' (token, KV head) selections are set to -1 there
 (those rows come out 0 / -inf), then the Q-outer kernel overwrites exactly the routed rows of the same O / LSE.
+Eager "auto" calls on CUDA read one count from the device (a sync) and skip the KV-outer pass when every item went
+Q-outer; under CUDA-graph capture, or with ``MSA_BRIDGE_AUTO_SYNC=0``, both passes always run (no sync).
 Q-outer needs ragged bf16/fp16 K/V, ``Hq/Hkv`` dividing 128 and (causal) the default ``qo_offset``; where it
 does not apply, ``"auto"`` is the KV-outer path and ``"q_outer"`` raises.
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +46,7 @@ from msa.core import FmhaPlan, fmha_plan
 from msa.core.dispatch import backend_mode, register_kernel, select_backend
 from msa.core.validation import check_int, check_tensor, validation_enabled
 from msa.cute import build_k2q_csr, sparse_atten_func
+from msa.cute._common import is_capturing
 from msa.cute.csr import check_selection_values
 from msa.cute.qouter import (
     QOUTER_ROWS,
@@ -67,6 +71,8 @@ __all__ = [
 
 BLOCK = 128
 SCHEDULES = ("auto", "kv_outer", "q_outer")
+# Eager "auto" calls may read one count from the device to skip the KV-outer pass when every item went Q-outer.
+AUTO_SKIP_SYNC = os.environ.get("MSA_BRIDGE_AUTO_SYNC", "1") != "0"
 ROUTE_FACTOR = 2  # auto: an item goes Q-outer iff U <= ROUTE_FACTOR * topk (module docstring: the cost model)
 QOUTER_OP = "sparse_fmha_qouter"
 QOUTER_KERNEL_MODULE = "msa.core.kernels.fmha_sm90_qouter"  # msa-core's SM90 Q-outer kernel (plan / run)
@@ -445,7 +451,13 @@ def _with_qouter(path, q, k, v, sel, plan, scale, direct_out, out_dtype, validat
     total_q, hq = q.shape[0], q.shape[1]
     kp = _qouter_kernel_plan(plan) if path == "kernel" else None
     un = qouter_unions_for(plan, sel, validate)
-    if qs.route_max is None:  # every item is routed (U <= umax always): no KV-outer part, the kernel writes all rows
+    everything_routed = qs.route_max is None  # "q_outer": U <= umax always
+    if not everything_routed and q.device.type == "cuda" and AUTO_SKIP_SYNC and not is_capturing(q.device):
+        # Eager "auto": one device read (a sync) tells whether any item is left for KV-outer; when none is, its k2q
+        # CSR build and combine (~2 ms at 64/4 S32K, H100) are skipped. Under CUDA-graph capture both passes are
+        # recorded (no sync); MSA_BRIDGE_AUTO_SYNC=0 never syncs.
+        everything_routed = not bool((un.union_len < 0).any())
+    if everything_routed:  # no KV-outer part: the Q-outer pass writes all rows
         o = direct_out if direct_out is not None else torch.empty(total_q, hq, v.shape[-1], dtype=out_dtype,
                                                                   device=q.device)
         lse = torch.empty(total_q, hq, dtype=torch.float32, device=q.device)
