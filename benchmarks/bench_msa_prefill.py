@@ -13,8 +13,11 @@ Per query chunk ``[s, e)`` against keys ``[0, e)`` (chunked prefill, as a servin
    dense kernel on the LAST chunk only and extrapolate (causal cost of chunk i is proportional to its visible key
    pairs, counted exactly), printed as "est.".
 
-Inputs are random (no trained index), so the selections are close to uniformly random among the visible blocks:
-the worst case for locality. Times are CUDA-event device times per stage, summed over chunks (median of --reps).
+``--inputs random`` (default): random index Q/K (no trained index), so the selections are close to uniformly random
+among the visible blocks -- the worst case for locality (the sparse step runs KV-outer). ``--inputs smooth``: the
+index queries vary smoothly with the position (linear interpolation between random anchors every ``--corr-len``
+tokens), as a trained indexer's do, so neighbouring tokens select nearly the same blocks (the sparse step's default
+"auto" schedule then runs them Q-outer). Q/K/V of the attention itself stay random in both modes. Times are CUDA-event device times per stage, summed over chunks (median of --reps).
 """
 
 from __future__ import annotations
@@ -55,14 +58,25 @@ def _pairs(s: int, e: int) -> int:
     return n * s + n * (n + 1) // 2
 
 
-def _chunk(s, e, k, v, ik, hq, hkv, topk, reps, gen, with_dense) -> dict:
+def _index_queries(s, e, hidx, gen, anchors, corr_len):
+    """Index queries of tokens [s, e): random, or (anchors given) interpolated between per-corr_len anchors."""
+    if anchors is None:
+        return None
+    pos = torch.arange(s, e, device=anchors.device)
+    a = pos // corr_len
+    f = ((pos % corr_len).to(torch.float32) / corr_len).view(-1, 1, 1)
+    return (anchors[a] * (1 - f) + anchors[a + 1] * f).to(torch.bfloat16)
+
+
+def _chunk(s, e, k, v, ik, hq, hkv, topk, reps, gen, with_dense, iq=None) -> dict:
     """Stage times (ms) of one query chunk [s, e) against keys [0, e)."""
     from msa.bridge import sparse_fmha, sparse_fmha_plan
     from msa.core import fmha, fmha_plan, sparse_topk_select
 
     dev, bf, n, hidx = k.device, torch.bfloat16, e - s, hkv
     q = torch.randn(n, hq, D, device=dev, dtype=bf, generator=gen)
-    iq = torch.randn(n, hidx, D, device=dev, dtype=bf, generator=gen)
+    if iq is None:
+        iq = torch.randn(n, hidx, D, device=dev, dtype=bf, generator=gen)
     iplan = fmha_plan([n], [e], hidx, 1, output_maxscore=True, device=dev)
     out = {}
     scores = [None]  # the index pass's max_score, dropped right after the top-k (1 GB per 8K-query chunk at 1M)
@@ -81,19 +95,23 @@ def _chunk(s, e, k, v, ik, hq, hkv, topk, reps, gen, with_dense) -> dict:
 
 
 def bench_context(seqlen: int, hq: int, hkv: int, topk: int, chunk: int, dense_max: int, reps: int,
-                  seed: int = 0, device: str = "cuda") -> dict:
+                  seed: int = 0, device: str = "cuda", inputs: str = "random", corr_len: int = 512) -> dict:
     dev = torch.device(device)
     gen = torch.Generator(device=dev).manual_seed(seed)
     hidx, bf = hkv, torch.bfloat16
     k = torch.randn(seqlen, hkv, D, device=dev, dtype=bf, generator=gen)
     v = torch.randn(seqlen, hkv, D, device=dev, dtype=bf, generator=gen)
     ik = torch.randn(seqlen, 1, D, device=dev, dtype=bf, generator=gen)
+    anchors = None
+    if inputs == "smooth":
+        anchors = torch.randn(seqlen // corr_len + 2, hidx, D, device=dev, dtype=torch.float32, generator=gen)
     chunks = [(s, min(seqlen, s + chunk)) for s in range(0, seqlen, chunk)]
     t = dict(index=0.0, topk=0.0, sparse=0.0, dense=0.0)
     dense_estimated = seqlen > dense_max
     for ci, (s, e) in enumerate(chunks):
         with_dense = not dense_estimated or ci == len(chunks) - 1
-        times = _chunk(s, e, k, v, ik, hq, hkv, topk, reps, gen, with_dense)
+        times = _chunk(s, e, k, v, ik, hq, hkv, topk, reps, gen, with_dense,
+                       _index_queries(s, e, hidx, gen, anchors, corr_len))
         for name, ms in times.items():
             if name == "dense" and dense_estimated:  # the last chunk, scaled by the exact pair count of the prefill
                 ms *= _pairs(0, seqlen) / _pairs(s, e)
@@ -101,7 +119,7 @@ def bench_context(seqlen: int, hq: int, hkv: int, topk: int, chunk: int, dense_m
     msa_ms = t["index"] + t["topk"] + t["sparse"]
     dense_flops = 4 * D * hq * _pairs(0, seqlen)
     return {
-        "seqlen": seqlen, "hq": hq, "hkv": hkv, "index_heads": hidx, "topk": topk, "chunk": chunk,
+        "seqlen": seqlen, "hq": hq, "hkv": hkv, "index_heads": hidx, "topk": topk, "chunk": chunk, "inputs": inputs,
         "index_ms": t["index"], "topk_ms": t["topk"], "sparse_ms": t["sparse"], "msa_ms": msa_ms,
         "dense_ms": t["dense"], "dense_estimated": dense_estimated, "speedup": t["dense"] / msa_ms,
         "dense_tflops": dense_flops / (t["dense"] * 1e-3) / 1e12,
@@ -118,6 +136,8 @@ def main(argv=None) -> None:
     p.add_argument("--dense-max", type=int, default=131072, help="longest context timed densely in full")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--json", default=None)
+    p.add_argument("--inputs", default="random", help="comma list: random, smooth (see the module docstring)")
+    p.add_argument("--corr-len", type=int, default=512, help="smooth inputs: anchor spacing of the index queries")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_msa_prefill: needs a CUDA device")
@@ -126,13 +146,18 @@ def main(argv=None) -> None:
     print(f"{torch.cuda.get_device_name()}  Hq/Hkv/index {a.hq}/{a.hkv}/{a.hkv}  topk {a.topk}  chunk {a.chunk}  "
           f"kernels: fmha {registered_kernels('fmha')}, sparse {registered_kernels('sparse_atten_func')}")
     rows = []
-    print(f"{'S':>8} {'index':>9} {'top-k':>8} {'sparse':>9} {'MSA':>9} {'dense':>10} {'dense/MSA':>9}  (ms)")
-    for s in [int(x) for x in a.seqlen.split(",")]:
-        r = bench_context(s, a.hq, a.hkv, a.topk, a.chunk, a.dense_max, a.reps)
-        rows.append(r)
-        est = " est." if r["dense_estimated"] else ""
-        print(f"{s:>8} {r['index_ms']:9.2f} {r['topk_ms']:8.2f} {r['sparse_ms']:9.2f} {r['msa_ms']:9.2f} "
-              f"{r['dense_ms']:10.1f}{est} {r['speedup']:8.1f}x", flush=True)
+    print(f"{'inputs':>7} {'S':>8} {'index':>9} {'top-k':>8} {'sparse':>9} {'MSA':>9} {'dense':>10} {'dense/MSA':>9}"
+          "  (ms)")
+    for inputs in a.inputs.split(","):
+        if inputs not in ("random", "smooth"):
+            raise SystemExit(f"--inputs: expected random and/or smooth, got {inputs!r}")
+        for s in [int(x) for x in a.seqlen.split(",")]:
+            r = bench_context(s, a.hq, a.hkv, a.topk, a.chunk, a.dense_max, a.reps, inputs=inputs,
+                              corr_len=a.corr_len)
+            rows.append(r)
+            est = " est." if r["dense_estimated"] else ""
+            print(f"{inputs:>7} {s:>8} {r['index_ms']:9.2f} {r['topk_ms']:8.2f} {r['sparse_ms']:9.2f} "
+                  f"{r['msa_ms']:9.2f} {r['dense_ms']:10.1f}{est} {r['speedup']:8.1f}x", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
