@@ -140,6 +140,26 @@ def test_plan_rejects_bad_head_ratios_and_lengths():
         qo.plan([-1], [8], 4, 1, device="cpu")
 
 
+def test_jit_specs_follow_the_preset_and_skip_sm100():
+    specs = qo.jit_specs({"dtypes": ["bf16", "fp8", "fp16"], "head_dim": [64, 128]}, "sm_90a")
+    names = sorted(s.name for s in specs)
+    assert len(names) == 4 and all("mode=3" in n and "head_dim=128" in n and "paged=False" in n for n in names)
+    assert sum("dtype=float16" in n for n in names) == 2  # causal and not
+    assert qo.jit_specs({"dtypes": ["bf16"], "head_dim": [128]}, "sm_100a") == []
+    with pytest.raises(NotImplementedError, match="ragged bf16 / fp16"):
+        k90.jit_spec("bfloat16", 128, True, True, mode="sparse_q")
+
+
+def test_supports_names_what_is_missing():
+    assert qo.supports(q_dtype=torch.bfloat16, kv_dtype=torch.bfloat16, head_dim=128, head_dim_v=128,
+                       qhead_per_kv=16)[0]
+    for kw, why in ((dict(q_dtype=torch.float8_e4m3fn), "dtype"), (dict(head_dim=64), "head dims"),
+                    (dict(paged=True), "paged"), (dict(qhead_per_kv=12), "power of two"),
+                    (dict(q_dtype=torch.float16, kv_dtype=torch.bfloat16), "K/V dtype")):
+        ok, msg = qo.supports(**kw)
+        assert not ok and why in msg, (kw, msg)
+
+
 def test_loop_builder_masks_match_selections():
     qo_lens, kv_lens = [40, 7], [700, 300]
     p = qo.plan(qo_lens, kv_lens, 16, 4, causal=True, device="cpu")

@@ -214,6 +214,15 @@ def run(qplan: QOuterPlan, q, k, v, union, union_len, mask, order, *, out=None, 
     return (out, lse) if want_lse else out
 
 
-def jit_specs(dtypes=("bfloat16",), causal=(True, False), arch: str = "sm_90a"):
-    """The module variants this path needs (for warmup / prebuilt bundles)."""
-    return [_k90.jit_spec(dt, 128, c, False, arch, mode=MODE) for dt in dtypes for c in causal]
+_PRESET_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16"}
+
+
+def jit_specs(preset: dict, arch: str) -> list:
+    """Warmup generator hook (``msa.core.variants``): the sparse_q modules a preset's dtypes x head dims need (16-bit
+    dtypes, causal and not; sm_90a only -- SM100 has no variant of this family)."""
+    if arch != "sm_90a":
+        return []
+    dtypes = [_PRESET_DTYPES[d] for d in preset.get("dtypes", ["bf16"]) if d in _PRESET_DTYPES]
+    dims = [d for d in preset.get("head_dim", list(_k90.HEAD_DIMS)) if d in _k90.HEAD_DIMS]
+    return [_k90.jit_spec(dt, d, c, False, arch, mode=MODE) for dt in dict.fromkeys(dtypes) for d in dims
+            for c in (True, False)]
