@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import Iterable
 
-KERNEL_MODULES = ("msa.core.kernels.topk", "msa.core.kernels.fmha_sm90", "msa.core.kernels.sparse_decode")
+KERNEL_MODULES = (
+    "msa.core.kernels.topk", "msa.core.kernels.fmha_sm90", "msa.core.kernels.sparse_decode",
+    "msa.core.kernels.qouter_union",
+)
 
 
 def _spec_params(spec) -> dict:

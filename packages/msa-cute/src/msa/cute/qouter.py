@@ -26,6 +26,7 @@ so it is CUDA-graph safe for fixed shapes):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -180,6 +181,29 @@ def _validate_items(kv_block_indexes, item_token0, item_ntok, item_kv_head, T):
                              f"kv head {int(hh[i])}")
 
 
+def _qouter_union_kernel():
+    from msa.core.kernels import qouter_union  # noqa: PLC0415 - JIT module, loaded on first CUDA call
+
+    return qouter_union
+
+
+def _use_cuda_builder(kv_block_indexes: torch.Tensor, T: int) -> bool:
+    """``MSA_QOUTER_UNION``: ``auto`` (default: the CUDA kernel for CUDA tensors when it is available), ``torch``
+    (always the torch ops below, the kernel's oracle) or ``cuda`` (the kernel or an error)."""
+    mode = os.environ.get("MSA_QOUTER_UNION", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "torch", "cuda"):
+        raise ValueError(f"MSA_QOUTER_UNION: expected auto, torch or cuda, got {mode!r}")
+    if mode == "torch" or (mode == "auto" and kv_block_indexes.device.type != "cuda"):
+        return False
+    qu = _qouter_union_kernel()
+    ok, why = qu.available(kv_block_indexes.device)
+    if ok and T > qu.MAX_T:
+        ok, why = False, f"T = {T} > {qu.MAX_T}"
+    if not ok and mode == "cuda":
+        raise RuntimeError(f"MSA_QOUTER_UNION=cuda: the CUDA union builder is not available ({why})")
+    return ok
+
+
 def build_qouter_unions(
     kv_block_indexes: torch.Tensor,
     item_token0: torch.Tensor,
@@ -193,7 +217,7 @@ def build_qouter_unions(
     item_kv_blocks: torch.Tensor | None = None,
     validate: bool | None = None,
 ) -> QouterUnions:
-    """Union tables of the Q-outer items (layout in the module docstring); torch ops, no host synchronisation.
+    """Union tables of the Q-outer items (layout in the module docstring); no host synchronisation.
 
     Args:
         kv_block_indexes: ``[total_q, Hkv, topk]`` int32 logical block ids per (token, KV head), ascending with a
@@ -208,6 +232,9 @@ def build_qouter_unions(
             ignored like ``-1`` (the KV-outer CSR build drops such ids too), so a malformed list can never make
             the kernel read past the request's keys.
         validate: host-side checks of the item tables (default ``MSA_VALIDATE``).
+
+    CUDA tensors go to the CUDA builder (``msa.core.kernels.qouter_union``, bit-for-bit the same tables) unless
+    ``MSA_QOUTER_UNION=torch``; the torch ops here are the CPU path and its test oracle.
 
     Returns :class:`QouterUnions` ``(union, union_len, mask, order)``.
     """
@@ -225,6 +252,10 @@ def build_qouter_unions(
         _check_item_table("item_kv_blocks", item_kv_blocks, num_items, dev)
     if validation_enabled(validate):
         _validate_items(kv_block_indexes, item_token0, item_ntok, item_kv_head, T)
+    if _use_cuda_builder(kv_block_indexes, T):
+        return QouterUnions(*_qouter_union_kernel().build(
+            kv_block_indexes, item_token0, item_ntok, item_kv_head, T=T, num_items=num_items, umax=umax,
+            route_max=route_max, item_kv_blocks=item_kv_blocks, validate=False))
     total_q, _, topk = kv_block_indexes.shape
     words = cdiv(T, MASK_BITS)
     cap = umax if route_max is None else min(umax, route_max)

@@ -1,0 +1,143 @@
+"""Q-outer union tables on the GPU (``csrc/qouter_union``): the CUDA twin of ``msa.cute.qouter.build_qouter_unions``.
+
+Same contract, bit for bit (see ``msa.cute.qouter``'s module docstring): per work item (``T`` tokens x one KV
+head) the ascending distinct selected block ids ``union [num_items, umax]`` (rest 0), ``union_len [num_items]``
+(``U``, or ``-1`` when ``U > min(umax, route_max)``: the item is not routed and its rows are all 0), the token bit
+mask ``mask [num_items, umax, ceil(T / 32)]`` and ``order [num_items]`` (items by ``union_len`` descending, stable).
+An entry counts iff its token is live (``t < item_ntok``), ``0 <= id < item_kv_blocks`` (when given) and
+``id < INT32_MAX // T``; duplicate ids collapse. Rows of ``kv_block_indexes`` are read at
+``clamp(item_token0 + t, 0, total_q - 1)`` like the torch builder; an item whose KV head is out of range (only
+possible with validation off) selects nothing instead of reading out of bounds.
+
+One warp per item, shared-memory bitmap over the item's id range (see ``qouter_union_kernel.cuh``); ``order`` is
+``torch.sort(stable=True)`` on the device. No host synchronisation (unless ``validate``), CUDA-graph safe for
+fixed shapes. Importing this module compiles nothing; the module is JIT-built on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from msa.core.validation import check_int, check_tensor, validation_enabled
+
+from ._device import cuda_kernel_available
+
+__all__ = ["build", "launch", "available", "spec", "jit_specs", "load_module", "BITMAP_WORDS"]
+
+FAMILY = "qouter_union"
+SOURCES = ("qouter_union.cu.jinja",)
+BITMAP_WORDS = 256  # 8192 ids per window: a whole 1M-token request in one pass
+MASK_BITS = 32
+INT32_MAX = 2**31 - 1
+MAX_T = 4096
+
+
+def spec(arch: str):
+    from msa.core.jit import JitSpec
+
+    return JitSpec(family=FAMILY, sources=SOURCES, params={"bitmap_words": BITMAP_WORDS}, arch=arch,
+                   use_cutlass=False)
+
+
+def jit_specs(preset: dict, arch: str) -> list:
+    """Warmup hook (msa.core.variants): one small module per arch serves every shape."""
+    return [spec(arch)]
+
+
+@functools.lru_cache(maxsize=8)
+def _module_for_arch(arch: str):
+    return spec(arch).load()
+
+
+def load_module(device: torch.device):
+    from msa.core.jit import arch_for_device
+
+    return _module_for_arch(arch_for_device(device))
+
+
+def available(device) -> tuple[bool, str]:
+    """Cheap (no compilation): a CUDA device of a supported compute capability and tvm-ffi importable."""
+    return cuda_kernel_available(device, "the Q-outer union builder")
+
+
+def _check_item_table(name: str, t, num_items: int, device) -> None:
+    check_tensor(name, t, dtype=torch.int32, ndim=1, shape=[num_items], device=device)
+
+
+def _validate_items(kv_block_indexes, item_token0, item_ntok, item_kv_head, T: int) -> None:
+    """Host check of the item tables' values (one device -> host copy; only when validation is on)."""
+    total_q, hkv, _ = kv_block_indexes.shape
+    t0 = item_token0.cpu().to(torch.int64)
+    nt = item_ntok.cpu().to(torch.int64)
+    hh = item_kv_head.cpu().to(torch.int64)
+    for name, bad, what in (
+        ("item_ntok", (nt < 1) | (nt > T), f"in [1, T = {T}]"),
+        ("item_token0", (t0 < 0) | (t0 + nt > total_q), f"with item_token0 + item_ntok <= total_q = {total_q}"),
+        ("item_kv_head", (hh < 0) | (hh >= hkv), f"in [0, Hkv = {hkv})"),
+    ):
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"{name}: expected values {what}; item {i} has token0 {int(t0[i])}, ntok {int(nt[i])}, "
+                             f"kv head {int(hh[i])}")
+
+
+def launch(kv_block_indexes, item_token0, item_ntok, item_kv_head, item_kv_blocks, union, union_len, mask, *,
+           T: int, umax: int, cap: int, in_place: bool = False) -> None:
+    """One kernel launch on the current stream writing ``union`` / ``union_len`` / ``mask`` whole; arguments
+    already validated (the binding re-checks shapes). ``in_place`` forces the global-memory row path (tests)."""
+    kv_blocks = item_kv_blocks if item_kv_blocks is not None else union_len
+    load_module(kv_block_indexes.device).qouter_union(
+        kv_block_indexes, item_token0, item_ntok, item_kv_head, kv_blocks, union, union_len, mask,
+        T, umax, cap, item_kv_blocks is not None, bool(in_place),
+    )
+
+
+def build(
+    kv_block_indexes: torch.Tensor,
+    item_token0: torch.Tensor,
+    item_ntok: torch.Tensor,
+    item_kv_head: torch.Tensor,
+    *,
+    T: int,
+    num_items: int,
+    umax: int | None = None,
+    route_max: int | None = None,
+    item_kv_blocks: torch.Tensor | None = None,
+    validate: bool | None = None,
+    in_place: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(union, union_len, mask, order)`` of the Q-outer items on the GPU; arguments as
+    ``msa.cute.qouter.build_qouter_unions`` (which calls this for CUDA tensors). ``kv_block_indexes`` may be any
+    strided int32 ``[total_q, Hkv, topk]`` view; the item tables must be contiguous on the same device."""
+    check_tensor("kv_block_indexes", kv_block_indexes, dtype=torch.int32, ndim=3)
+    dev = kv_block_indexes.device
+    ok, why = available(dev)
+    if not ok:
+        raise RuntimeError(f"kv_block_indexes: the Q-outer union kernel is not available ({why})")
+    T = check_int("T", T, min=1, max=MAX_T)
+    num_items = check_int("num_items", num_items, min=0)
+    umax = T * kv_block_indexes.shape[2] if umax is None else check_int("umax", umax, min=0)
+    cap = umax
+    if route_max is not None:
+        cap = min(umax, check_int("route_max", route_max, min=0))
+    for name, t in (("item_token0", item_token0), ("item_ntok", item_ntok), ("item_kv_head", item_kv_head)):
+        _check_item_table(name, t, num_items, dev)
+    if item_kv_blocks is not None:
+        _check_item_table("item_kv_blocks", item_kv_blocks, num_items, dev)
+    if validation_enabled(validate):
+        _validate_items(kv_block_indexes, item_token0, item_ntok, item_kv_head, T)
+    total_q, _, topk = kv_block_indexes.shape
+    words = -(-T // MASK_BITS)
+    i32 = dict(dtype=torch.int32, device=dev)
+    if num_items == 0 or total_q == 0 or topk == 0:  # as the torch builder: every item routed with U = 0
+        return (torch.zeros(num_items, umax, **i32), torch.zeros(num_items, **i32),
+                torch.zeros(num_items, umax, words, **i32), torch.arange(num_items, **i32))
+    union = torch.empty(num_items, umax, **i32)
+    union_len = torch.empty(num_items, **i32)
+    mask = torch.empty(num_items, umax, words, **i32)
+    tables = [t.contiguous() for t in (item_token0, item_ntok, item_kv_head)]
+    kvb = item_kv_blocks.contiguous() if item_kv_blocks is not None else None
+    launch(kv_block_indexes, *tables, kvb, union, union_len, mask, T=T, umax=umax, cap=cap, in_place=in_place)
+    order = torch.sort(union_len, descending=True, stable=True).indices.to(torch.int32)
+    return union, union_len, mask, order
