@@ -173,6 +173,7 @@ EMU_CASES = [
     ("g2-corr-smallumax", [70], [9000], 1, 2, 4, dict(umax=20)),
     ("g1-random-bad", [130, 1], [20000, 128], 1, 1, 3, dict(kind="random", bad=True)),
     ("g16-wide-nokvb", [16], [1 << 20], 2, 16, 16, dict(kind="random", causal=False, kv_blocks=False, bad=True)),
+    ("g8-umax0", [20, 1], [3000, 100], 1, 8, 4, dict(kind="random", umax=0)),
 ]
 
 
@@ -310,6 +311,7 @@ GPU_CASES = [
     ("g16-wide", [64], [1 << 20], 4, 16, 16, dict(kind="random", causal=False)),
     ("g16-wide-nokvb", [64], [1 << 20], 4, 16, 16, dict(kind="random", causal=False, kv_blocks=False, bad=True)),
     ("g8-smallumax", [300], [20000], 2, 8, 16, dict(umax=40)),
+    ("g8-umax0", [300, 1], [20000, 100], 2, 8, 16, dict(umax=0)),
 ]
 
 

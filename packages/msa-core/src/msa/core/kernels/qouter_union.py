@@ -12,6 +12,9 @@ possible with validation off) selects nothing instead of reading out of bounds.
 One warp per item, shared-memory bitmap over the item's id range (see ``qouter_union_kernel.cuh``); ``order`` is
 ``torch.sort(stable=True)`` on the device. No host synchronisation (unless ``validate``), CUDA-graph safe for
 fixed shapes. Importing this module compiles nothing; the module is JIT-built on first use.
+``msa.cute.qouter.build_qouter_unions`` calls :func:`build` for CUDA tensors (``MSA_QOUTER_UNION``: ``auto``
+default, ``torch`` forces the torch ops, ``cuda`` requires this kernel). Tests: tests/core/test_qouter_union.py
+(a host replay of the kernel code on CPU, the module on the GPU, both against the torch builder bit for bit).
 """
 
 from __future__ import annotations
