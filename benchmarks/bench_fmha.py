@@ -106,6 +106,11 @@ CASES = {
     "quick": [
         ("B2 H32 S8K causal", 2, 32, 32, 8192, True, False),
     ],
+    # the two B2 H32 S8K parity shapes alone (A/B of builds with --compare)
+    "parity": [
+        ("B2 H32 S8K noncausal", 2, 32, 32, 8192, False, False),
+        ("B2 H32 S8K causal", 2, 32, 32, 8192, True, False),
+    ],
     # the "paged within 5% of ragged" bar alone (each paged case also times ragged K/V interleaved)
     "paged": [
         ("B2 H32 S8K causal paged", 2, 32, 32, 8192, True, True),
