@@ -19,6 +19,7 @@ tests (tests/cute/test_qouter.py) check it against a plain Python loop of the co
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import subprocess
 import zlib
@@ -110,11 +111,20 @@ def case(seed, q_lens, kv_lens, hkv, g, topk, *, kind="correlated", route=False,
 
 
 def torch_build(sel, items, kw):
-    """The oracle: the torch builder on CPU copies."""
+    """The oracle: the torch builder on CPU copies (forced, whatever MSA_QOUTER_UNION a test set for the kernel:
+    "cuda" refuses CPU tensors by design)."""
     kvb = kw["item_kv_blocks"]
-    return qouter.build_qouter_unions(sel.cpu(), items.item_token0.cpu(), items.item_ntok.cpu(),
-                                      items.item_kv_head.cpu(), **{**kw, "item_kv_blocks": None if kvb is None
-                                                                   else kvb.cpu()})
+    saved = os.environ.get("MSA_QOUTER_UNION")
+    os.environ["MSA_QOUTER_UNION"] = "torch"
+    try:
+        return qouter.build_qouter_unions(sel.cpu(), items.item_token0.cpu(), items.item_ntok.cpu(),
+                                          items.item_kv_head.cpu(), **{**kw, "item_kv_blocks": None if kvb is None
+                                                                       else kvb.cpu()})
+    finally:
+        if saved is None:
+            os.environ.pop("MSA_QOUTER_UNION", None)
+        else:
+            os.environ["MSA_QOUTER_UNION"] = saved
 
 
 def assert_same(got, want, what=""):
