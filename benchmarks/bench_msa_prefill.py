@@ -68,7 +68,7 @@ def _index_queries(s, e, hidx, gen, anchors, corr_len):
     return (anchors[a] * (1 - f) + anchors[a + 1] * f).to(torch.bfloat16)
 
 
-def _chunk(s, e, k, v, ik, hq, hkv, topk, reps, gen, with_dense, iq=None) -> dict:
+def _chunk(s, e, k, v, ik, hq, hkv, topk, reps, gen, with_dense, iq=None, schedule="auto") -> dict:
     """Stage times (ms) of one query chunk [s, e) against keys [0, e)."""
     from msa.bridge import sparse_fmha, sparse_fmha_plan
     from msa.core import fmha, fmha_plan, sparse_topk_select
@@ -86,7 +86,7 @@ def _chunk(s, e, k, v, ik, hq, hkv, topk, reps, gen, with_dense, iq=None) -> dic
     out["topk"], sel = _event_time(
         lambda: sparse_topk_select(scores[0], topk, num_valid_pages=own, force_end_blocks=1), reps)
     scores[0] = None
-    splan = sparse_fmha_plan([n], [e], hq, hkv, kv_block_num=topk, device=dev)
+    splan = sparse_fmha_plan([n], [e], hq, hkv, kv_block_num=topk, device=dev, schedule=schedule)
     out["sparse"], _ = _event_time(lambda: sparse_fmha(q, k[:e], v[:e], splan, kv_block_indexes=sel), reps)
     if with_dense:
         dplan = fmha_plan([n], [e], hq, hkv, device=dev)
@@ -95,7 +95,8 @@ def _chunk(s, e, k, v, ik, hq, hkv, topk, reps, gen, with_dense, iq=None) -> dic
 
 
 def bench_context(seqlen: int, hq: int, hkv: int, topk: int, chunk: int, dense_max: int, reps: int,
-                  seed: int = 0, device: str = "cuda", inputs: str = "random", corr_len: int = 512) -> dict:
+                  seed: int = 0, device: str = "cuda", inputs: str = "random", corr_len: int = 512,
+                  schedule: str = "auto") -> dict:
     dev = torch.device(device)
     gen = torch.Generator(device=dev).manual_seed(seed)
     hidx, bf = hkv, torch.bfloat16
@@ -111,7 +112,7 @@ def bench_context(seqlen: int, hq: int, hkv: int, topk: int, chunk: int, dense_m
     for ci, (s, e) in enumerate(chunks):
         with_dense = not dense_estimated or ci == len(chunks) - 1
         times = _chunk(s, e, k, v, ik, hq, hkv, topk, reps, gen, with_dense,
-                       _index_queries(s, e, hidx, gen, anchors, corr_len))
+                       _index_queries(s, e, hidx, gen, anchors, corr_len), schedule)
         for name, ms in times.items():
             if name == "dense" and dense_estimated:  # the last chunk, scaled by the exact pair count of the prefill
                 ms *= _pairs(0, seqlen) / _pairs(s, e)
@@ -120,6 +121,7 @@ def bench_context(seqlen: int, hq: int, hkv: int, topk: int, chunk: int, dense_m
     dense_flops = 4 * D * hq * _pairs(0, seqlen)
     return {
         "seqlen": seqlen, "hq": hq, "hkv": hkv, "index_heads": hidx, "topk": topk, "chunk": chunk, "inputs": inputs,
+        "schedule": schedule,
         "index_ms": t["index"], "topk_ms": t["topk"], "sparse_ms": t["sparse"], "msa_ms": msa_ms,
         "dense_ms": t["dense"], "dense_estimated": dense_estimated, "speedup": t["dense"] / msa_ms,
         "dense_tflops": dense_flops / (t["dense"] * 1e-3) / 1e12,
@@ -138,6 +140,7 @@ def main(argv=None) -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--inputs", default="random", help="comma list: random, smooth (see the module docstring)")
     p.add_argument("--corr-len", type=int, default=512, help="smooth inputs: anchor spacing of the index queries")
+    p.add_argument("--schedule", default="auto", help="comma list of msa.bridge sparse schedules: auto, kv_outer, q_outer")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_msa_prefill: needs a CUDA device")
@@ -151,13 +154,15 @@ def main(argv=None) -> None:
     for inputs in a.inputs.split(","):
         if inputs not in ("random", "smooth"):
             raise SystemExit(f"--inputs: expected random and/or smooth, got {inputs!r}")
-        for s in [int(x) for x in a.seqlen.split(",")]:
-            r = bench_context(s, a.hq, a.hkv, a.topk, a.chunk, a.dense_max, a.reps, inputs=inputs,
-                              corr_len=a.corr_len)
-            rows.append(r)
-            est = " est." if r["dense_estimated"] else ""
-            print(f"{inputs:>7} {s:>8} {r['index_ms']:9.2f} {r['topk_ms']:8.2f} {r['sparse_ms']:9.2f} "
-                  f"{r['msa_ms']:9.2f} {r['dense_ms']:10.1f}{est} {r['speedup']:8.1f}x", flush=True)
+        for sched in a.schedule.split(","):
+            for s in [int(x) for x in a.seqlen.split(",")]:
+                r = bench_context(s, a.hq, a.hkv, a.topk, a.chunk, a.dense_max, a.reps, inputs=inputs,
+                                  corr_len=a.corr_len, schedule=sched)
+                rows.append(r)
+                est = " est." if r["dense_estimated"] else ""
+                tag = inputs if sched == "auto" else f"{inputs}/{sched}"
+                print(f"{tag:>7} {s:>8} {r['index_ms']:9.2f} {r['topk_ms']:8.2f} {r['sparse_ms']:9.2f} "
+                      f"{r['msa_ms']:9.2f} {r['dense_ms']:10.1f}{est} {r['speedup']:8.1f}x", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
