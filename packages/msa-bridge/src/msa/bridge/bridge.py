@@ -21,8 +21,9 @@ flash attention over the union of its tokens' blocks (msa.cute.qouter tables; ms
 ``"auto"`` (default) = items whose union has at most ``route_max`` blocks go Q-outer, the others KV-outer: their
 selections are kept for the KV-outer call and the routed items' (token, KV head) selections are set to -1 there
 (those rows come out 0 / -inf), then the Q-outer kernel overwrites exactly the routed rows of the same O / LSE.
-Eager "auto" calls on CUDA read one count from the device (a sync) and skip the KV-outer pass when every item went
-Q-outer; under CUDA-graph capture, or with ``MSA_BRIDGE_AUTO_SYNC=0``, both passes always run (no sync).
+Eager "auto" calls on CUDA read one count from the device (a sync): every item routed -> Q-outer alone; under half
+routed -> KV-outer alone (the hybrid's extra passes cost more than a few routed tiles save); else the hybrid. Under
+CUDA-graph capture, or with ``MSA_BRIDGE_AUTO_SYNC=0``, the hybrid always runs (no sync).
 Q-outer needs ragged bf16/fp16 K/V, ``Hq/Hkv`` dividing 128 and (causal) the default ``qo_offset``; where it
 does not apply, ``"auto"`` is the KV-outer path and ``"q_outer"`` raises.
 
@@ -73,6 +74,7 @@ BLOCK = 128
 SCHEDULES = ("auto", "kv_outer", "q_outer")
 # Eager "auto" calls may read one count from the device to skip the KV-outer pass when every item went Q-outer.
 AUTO_SKIP_SYNC = os.environ.get("MSA_BRIDGE_AUTO_SYNC", "1") != "0"
+AUTO_MIN_ROUTED = 0.5  # eager "auto": below this routed share, every item runs KV-outer
 ROUTE_FACTOR = 2  # auto: an item goes Q-outer iff U <= ROUTE_FACTOR * topk (module docstring: the cost model)
 QOUTER_OP = "sparse_fmha_qouter"
 QOUTER_KERNEL_MODULE = "msa.core.kernels.fmha_sm90_qouter"  # msa-core's SM90 Q-outer kernel (plan / run)
@@ -453,10 +455,16 @@ def _with_qouter(path, q, k, v, sel, plan, scale, direct_out, out_dtype, validat
     un = qouter_unions_for(plan, sel, validate)
     everything_routed = qs.route_max is None  # "q_outer": U <= umax always
     if not everything_routed and q.device.type == "cuda" and AUTO_SKIP_SYNC and not is_capturing(q.device):
-        # Eager "auto": one device read (a sync) tells whether any item is left for KV-outer; when none is, its k2q
-        # CSR build and combine (~2 ms at 64/4 S32K, H100) are skipped. Under CUDA-graph capture both passes are
-        # recorded (no sync); MSA_BRIDGE_AUTO_SYNC=0 never syncs.
-        everything_routed = not bool((un.union_len < 0).any())
+        # Eager "auto": one device read (a sync) of the routed item count picks the cheapest of the three: every item
+        # routed -> Q-outer alone (no k2q CSR build, no combine: ~2 ms saved at 64/4 S32K, H100); fewer than
+        # AUTO_MIN_ROUTED of them -> KV-outer alone on the original selections (the hybrid's extra passes cost more
+        # than the few routed tiles save: one MSA layer at 32K with random selections, 3-13% routed, ran 29.9 ms of
+        # sparse attention hybrid vs 25.2 KV-outer alone, session 4 run 9); otherwise the hybrid. Under CUDA-graph
+        # capture the hybrid is recorded (no sync); MSA_BRIDGE_AUTO_SYNC=0 never syncs.
+        routed = int((un.union_len >= 0).sum())
+        if routed < AUTO_MIN_ROUTED * it.num_items:
+            return _kv_outer(q, k, v, sel, plan, scale, True, None, validate, backend)
+        everything_routed = routed == it.num_items
     if everything_routed:  # no KV-outer part: the Q-outer pass writes all rows
         o = direct_out if direct_out is not None else torch.empty(total_q, hq, v.shape[-1], dtype=out_dtype,
                                                                   device=q.device)

@@ -116,23 +116,28 @@ struct FmhaTraits {
 #else
   static constexpr int kExp2EmuEvery = 0;
 #endif
+  // Epilogue and pipeline depth. Direct O: O goes straight from registers to global memory (4 lanes write each row's
+  // 16 contiguous bytes per store), and the freed staging tile becomes a third K/V stage. Staged O: O through a padded
+  // smem tile and coalesced 16-byte stores, 2 K/V stages.
+  // Default: direct O + 3 stages for 16-bit mode O with 128-key tiles (dense and sparse-Q); staged O for fp8 (3 stages:
+  // its tiles are half the bytes) and the max-score modes (2 stages, not re-measured). H100 A/Bs, interleaved call by
+  // call (session 4): sparse-Q +13-17% (run 5: 473 -> 541 eff TFLOP/s at 64/4 S32K correlated top-16; scattered blocks
+  // need the deeper pipeline); dense bf16 (run 9, 20 reps, every bench_fmha case) non-causal 3.565 -> 3.548 ms (1.00 ->
+  // 1.01x cuDNN), causal 1.889 -> 1.830 (1.01 -> 1.04x), S32K 13.408 -> 13.331, GQA S16K 6.966 -> 6.943, paged H32 2.007
+  // -> 1.968, paged GQA 7.445 -> 7.354, decode-shaped equal. (Session 3 run 3 compared them in separately timed rows:
+  // inconclusive under thermal drift.) A/B switches: MSA_FMHA_SM90_DIRECT_O forces direct O + 3 stages for every
+  // mode, MSA_FMHA_SM90_STAGED_O the staged epilogue + 2 stages (3 for fp8) for every mode.
+  // 16-bit tiles wider than 128 keys (MSA_FMHA_SM90_BLOCK_N): direct O with 2 stages (no room for a staging tile).
 #if defined(MSA_FMHA_SM90_DIRECT_O)
-  // Alternative kept for A/B timing: O goes straight from registers to global memory (4 lanes write each
-  // row's 16 contiguous bytes per store), which frees the staging tile for a third K/V stage. On H100 it was
-  // not measurably faster (within the +-5% thermal drift of one run) and lost to the default across runs.
   static constexpr bool kStageO = false;
   static constexpr int kStages = 3;
+#elif defined(MSA_FMHA_SM90_STAGED_O)
+  static constexpr bool kStageO = kFp8 || kBlockN <= 128;
+  static constexpr int kStages = kFp8 ? 3 : 2;
 #else
-  // Default: O staged through shared memory and written with coalesced 16-byte stores; 2 K/V stages.
-  // 16-bit tiles wider than 128 keys: 2 stages of K and V leave no room for the staging tile (176 keys: 208 KB
-  // of Q/K/V), so O goes straight from registers.
-  // Sparse-Q: O straight from registers and the freed staging tile spent on a third K/V stage. Its KV tiles are
-  // scattered blocks (often L2 misses) and its items are short (~topk tiles), so load latency and the per-item
-  // epilogue weigh more than in dense attention: H100 A/B (session 4 run 5, interleaved, correlated top-16) 473 ->
-  // 541 eff TFLOP/s at 64/4 S32K, 487 -> 543 at 16/1 S32K, 458 -> 538 at 64/4 S128K, 472 -> 531 at 16/1 S128K.
-  static constexpr bool kStageO = !kSparseQ && (kFp8 || kBlockN <= 128);
-  // FP8: a K/V tile is half the bytes and its GEMMs half the time, so a third stage keeps more loads in flight.
-  static constexpr int kStages = (kFp8 || kSparseQ) ? 3 : 2;
+  static constexpr bool kDirectO3 = !kFp8 && kBlockN == 128 && (kMode_ == kModeO || kMode_ == kModeSparseQ);
+  static constexpr bool kStageO = !kDirectO3 && (kFp8 || kBlockN <= 128);
+  static constexpr int kStages = (kFp8 || kDirectO3) ? 3 : 2;
 #endif
   // Softmax / ping-pong A/B switches (issues 6 and 7, session 4; default = the measured design):
   //   MSA_FMHA_SM90_ROW_PIPE: row 1's max starts only after row 0's first exp2 (a no-op data dependency), so
