@@ -119,8 +119,9 @@ struct FmhaTraits {
   // Epilogue and pipeline depth. Direct O: O goes straight from registers to global memory (4 lanes write each row's
   // 16 contiguous bytes per store), and the freed staging tile becomes a third K/V stage. Staged O: O through a padded
   // smem tile and coalesced 16-byte stores, 2 K/V stages.
-  // Default: direct O + 3 stages for 16-bit mode O with 128-key tiles (dense and sparse-Q); staged O for fp8 (3 stages:
-  // its tiles are half the bytes) and the max-score modes (2 stages, not re-measured). H100 A/Bs, interleaved call by
+  // Default: direct O + 3 stages for 16-bit modes that write O with 128-key tiles (O, O + max_score, sparse-Q); staged
+  // O for fp8 (3 stages: its tiles are half the bytes); score-only keeps 2 K stages (not re-measured). O + max_score
+  // follows O so that its cost ratio to O-only (issue 7: <= 1.10) compares like with like. H100 A/Bs, interleaved call by
   // call (session 4): sparse-Q +13-17% (run 5: 473 -> 541 eff TFLOP/s at 64/4 S32K correlated top-16; scattered blocks
   // need the deeper pipeline); dense bf16 (run 9, 20 reps, every bench_fmha case) non-causal 3.565 -> 3.548 ms (1.00 ->
   // 1.01x cuDNN), causal 1.889 -> 1.830 (1.01 -> 1.04x), S32K 13.408 -> 13.331, GQA S16K 6.966 -> 6.943, paged H32 2.007
@@ -135,7 +136,8 @@ struct FmhaTraits {
   static constexpr bool kStageO = kFp8 || kBlockN <= 128;
   static constexpr int kStages = kFp8 ? 3 : 2;
 #else
-  static constexpr bool kDirectO3 = !kFp8 && kBlockN == 128 && (kMode_ == kModeO || kMode_ == kModeSparseQ);
+  static constexpr bool kDirectO3 =
+      !kFp8 && kBlockN == 128 && (kMode_ == kModeO || kMode_ == kModeOMaxScore || kMode_ == kModeSparseQ);
   static constexpr bool kStageO = !kDirectO3 && (kFp8 || kBlockN <= 128);
   static constexpr int kStages = (kFp8 || kDirectO3) ? 3 : 2;
 #endif
