@@ -203,7 +203,9 @@ def test_supports_names_what_is_missing():
     for kwargs, word in [
         ({"dtype": torch.float32}, "dtype"),
         ({"dtype": torch.float8_e4m3fn, "page_size": 128}, "paged"),  # fp8: ragged only (test_fmha_fp8.py)
-        ({"head_dim_qk": 64, "head_dim_v": 64}, "head dim"),
+        ({"head_dim_qk": 256, "head_dim_v": 256}, "head dim"),
+        ({"head_dim_qk": 64, "head_dim_v": 64, "output_maxscore": True}, "head dim"),  # d64: mode O only
+        ({"head_dim_qk": 64, "head_dim_v": 64, "dtype": torch.float8_e4m3fn}, "head dim"),
         ({"page_size": 64}, "page_size"),
         ({"output_maxscore": True, "dtype": torch.float8_e4m3fn}, "max_score"),
         ({"output_o": False, "dtype": torch.float8_e4m3fn}, "output_o"),
@@ -226,7 +228,10 @@ def test_run_refuses_unimplemented_modes_before_touching_the_device():
     with pytest.raises(NotImplementedError, match="dtype"):
         k90.run(q.float(), k.float(), k.float(), kp, causal=True)
     with pytest.raises(NotImplementedError, match="head dims"):
-        k90.run(q[..., :64], k[..., :64], k[..., :64], kp, causal=True)
+        k90.run(q[..., :64], k[..., :64], k[..., :64], kp, causal=True, output_maxscore=True)
+    q256 = torch.zeros(4, 2, 256, dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="head dims"):
+        k90.run(q256, q256[:, :1], q256[:, :1], kp, causal=True)
     with pytest.raises(NotImplementedError, match="per-head"):
         k90.run(q, k, k, kp, causal=True, q_scale=torch.ones(2))
 
@@ -264,11 +269,13 @@ def test_run_hands_each_mode_its_module_and_buffers(output_o, monkeypatch):
 
 
 def test_jit_specs_cover_the_preset_and_refuse_sm100():
-    specs = k90.jit_specs({"dtypes": ["bf16", "fp8"], "head_dim": [64, 128]}, "sm_90a")
+    specs = k90.jit_specs({"dtypes": ["bf16", "fp8"], "head_dim": [64, 128, 256]}, "sm_90a")
     names = sorted(s.name for s in specs)
-    assert len(names) == 6 and all("head_dim=128" in n for n in names)
-    assert sum("dtype=bfloat16" in n for n in names) == 4  # causal x paged
-    assert sum("dtype=float8_e4m3fn" in n and "paged=False" in n for n in names) == 2  # fp8: ragged only
+    assert len(names) == 10 and not any("head_dim=256" in n for n in names)
+    assert sum("dtype=bfloat16" in n and "head_dim=128" in n for n in names) == 4  # causal x paged
+    assert sum("dtype=bfloat16" in n and "head_dim=64" in n for n in names) == 4
+    fp8 = [n for n in names if "dtype=float8_e4m3fn" in n]
+    assert len(fp8) == 2 and all("paged=False" in n and "head_dim=128" in n for n in fp8)  # fp8: ragged d128 only
     assert k90.jit_specs({"dtypes": ["bf16"], "head_dim": [128]}, "sm_100a") == []
     with pytest.raises(NotImplementedError, match="sm_90a"):
         k90.jit_spec("bfloat16", 128, True, False, arch="sm_100a")
@@ -354,15 +361,18 @@ CASES = [
     ("fp16-causal", [256, 1000], [600, 1000], 8, 2, True, False, torch.float16, None),
     ("fp16-paged-noncausal", [100, 300], [1000, 128], 4, 4, False, True, torch.float16, None),
     ("long-gqa8", [2048], [4096], 16, 2, True, False, torch.bfloat16, None),
+    # head dim 64 (10th field; default 128)
+    ("d64-causal-gqa", [1, 300, 1000], [129, 900, 1000], 8, 2, True, False, torch.bfloat16, None, 64),
+    ("d64-fp16-paged-noncausal", [64, 400], [5, 1000], 8, 8, False, True, torch.float16, None, 64),
 ]
 
 
-def _run_case(qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset, seed=0, via_api=True, split_kv="auto"):
+def _run_case(qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset, d=128, seed=0, via_api=True,
+              split_kv="auto"):
     import msa.core as mc
 
     dev = torch.device("cuda")
     torch.manual_seed(seed)
-    d = 128
     tq, tk = sum(qo_lens), sum(kv_lens)
     q = torch.randn(tq, hq, d, device=dev, dtype=dtype)
     k = torch.randn(tk, hkv, d, device=dev, dtype=dtype)
@@ -386,7 +396,8 @@ def _run_case(qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset, seed=0
     sm = 1.0 / math.sqrt(d)
     if split_kv != "auto":  # a KernelPlan with a forced split-KV choice
         kp = k90.plan(
-            qo_lens, kv_lens, hq, hkv, causal=causal, qo_offset=offs, paged=paged, split_kv=split_kv, device=dev
+            qo_lens, kv_lens, hq, hkv, causal=causal, qo_offset=offs, paged=paged, split_kv=split_kv, head_dim=d,
+            device=dev
         )
         assert split_kv is None or kp.combine.shape[0] > 0, "the forced split did not cut any item"
         k90.run(q, kk, vv, kp, kv_indices=idx, out=out, lse=lse, return_lse=True, causal=causal)
@@ -408,11 +419,11 @@ def _check_against_reference(out, lse, ref_o, ref_lse, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_matches_fp32_reference(case):
-    _, qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset = case
+    _, qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset, *d = case
     ok, why = k90.available(torch.device("cuda"))
     if not ok:
         pytest.skip(why)
-    out, lse, ref_o, ref_lse = _run_case(qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset)
+    out, lse, ref_o, ref_lse = _run_case(qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset, *d)
     _check_against_reference(out, lse, ref_o, ref_lse, dtype)
 
 
@@ -428,6 +439,7 @@ SPLIT_CASES = [
     ("fp16-causal", (10**6, 2)),
     ("fp16-paged-noncausal", (10**6, 4)),
     ("long-gqa8", (40, 7)),
+    ("d64-causal-gqa", (10**6, 3)),  # the combine kernel's 64-dim tail chunk
 ]
 
 
@@ -439,8 +451,9 @@ def test_split_kv_matches_fp32_reference(name, split):
     ok, why = k90.available(torch.device("cuda"))
     if not ok:
         pytest.skip(why)
-    _, qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset = next(c for c in CASES if c[0] == name)
-    out, lse, ref_o, ref_lse = _run_case(qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset, split_kv=split)
+    _, qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset, *d = next(c for c in CASES if c[0] == name)
+    out, lse, ref_o, ref_lse = _run_case(qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset, *d,
+                                         split_kv=split)
     _check_against_reference(out, lse, ref_o, ref_lse, dtype)
 
 

@@ -55,7 +55,8 @@ BLOCK_N = 128  # keys per KV tile of the default build (paged and max-score modu
 # block_n=, else this environment variable, else BLOCK_N; run() refuses a plan whose tile differs from the module's.
 BLOCK_N_ENV = "MSA_FMHA_SM90_BLOCK_N"
 PAGE_SIZE = 128  # the paged variant's page size (one page = one KV tile)
-HEAD_DIMS = (128,)  # head dims built and validated so far (64 / 256 later)
+HEAD_DIMS = (64, 128)  # head dims of the 16-bit O mode (ragged / paged); 256 later
+HEAD_DIMS_OTHER_MODES = (128,)  # fp8, the max-score modes and sparse-Q: d128 only (GPU-tested there)
 DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float8_e4m3fn: "float8_e4m3fn"}
 FP8_DTYPE = torch.float8_e4m3fn  # ragged, mode O only (see the module docstring)
 _PRESET_DTYPES = {
@@ -140,7 +141,7 @@ def jit_specs(preset: dict, arch: str) -> list:
         for d in dims
         for causal in (True, False)
         for paged in (False, True)
-        if not (paged and dt == DTYPES[FP8_DTYPE])
+        if not (paged and dt == DTYPES[FP8_DTYPE]) and (d in HEAD_DIMS_OTHER_MODES or dt != DTYPES[FP8_DTYPE])
     ]
 
 
@@ -188,8 +189,9 @@ def supports(
         if output_maxscore or not output_o:
             return False, "fmha_sm90: fp8 max_score / output_o=False not built (O + LSE only)"
         per_head_scales = False  # the fp8 module reads per-head scales
-    if head_dim_qk is not None and (head_dim_qk not in HEAD_DIMS or (head_dim_v not in (None, head_dim_qk))):
-        return False, f"fmha_sm90: head dim {head_dim_qk}/{head_dim_v} not built (Dqk = Dv in {HEAD_DIMS})"
+    dims = HEAD_DIMS if (dtype != FP8_DTYPE and output_o and not output_maxscore) else HEAD_DIMS_OTHER_MODES
+    if head_dim_qk is not None and (head_dim_qk not in dims or (head_dim_v not in (None, head_dim_qk))):
+        return False, f"fmha_sm90: head dim {head_dim_qk}/{head_dim_v} not built for this mode (Dqk = Dv in {dims})"
     if page_size is not None and page_size != PAGE_SIZE:
         return False, f"fmha_sm90: page_size {page_size} not built (ragged or {PAGE_SIZE})"
     if (output_maxscore or not output_o) and not (MAX_SCORE_ENABLED and dtype in (None, *MAX_SCORE_DTYPES)):
@@ -670,9 +672,11 @@ def run(
             raise ValueError("v: required with output_o=True")
         v = k
     head_dim = q.shape[-1]
-    if head_dim not in HEAD_DIMS or k.shape[-1] != head_dim or v.shape[-1] != head_dim:
+    dims = HEAD_DIMS if (not fp8 and output_o and not output_maxscore) else HEAD_DIMS_OTHER_MODES
+    if head_dim not in dims or k.shape[-1] != head_dim or v.shape[-1] != head_dim:
         raise NotImplementedError(
-            f"fmha_sm90: head dims (Dqk={head_dim}, Dv={v.shape[-1]}) are not built; built: Dqk = Dv in {HEAD_DIMS}"
+            f"fmha_sm90: head dims (Dqk={head_dim}, Dv={v.shape[-1]}) are not built for this mode; built: Dqk = Dv "
+            f"in {dims}"
         )
     paged = k.dim() == 4
     if paged and k.shape[2] != PAGE_SIZE:

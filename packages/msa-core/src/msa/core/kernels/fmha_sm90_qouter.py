@@ -82,8 +82,8 @@ def supports(*, dtype=None, q_dtype=None, kv_dtype=None, head_dim=None, head_dim
         return False, f"fmha_sm90_qouter: dtype {dtype} not built (bf16 / fp16)"
     if kv_dtype is not None and dtype is not None and kv_dtype != dtype:
         return False, f"fmha_sm90_qouter: K/V dtype {kv_dtype} must equal Q's {dtype}"
-    if head_dim is not None and (head_dim not in _k90.HEAD_DIMS or head_dim_v not in (None, head_dim)):
-        return False, f"fmha_sm90_qouter: head dims {head_dim}/{head_dim_v} not built (Dqk = Dv in {_k90.HEAD_DIMS})"
+    if head_dim is not None and (head_dim not in _k90.HEAD_DIMS_OTHER_MODES or head_dim_v not in (None, head_dim)):
+        return False, f"fmha_sm90_qouter: head dims {head_dim}/{head_dim_v} not built (Dqk = Dv in {_k90.HEAD_DIMS_OTHER_MODES})"
     if paged:
         return False, "fmha_sm90_qouter: paged K/V not built (ragged only)"
     if group is not None and (group < 1 or group > ITEM_ROWS or ITEM_ROWS % group):
@@ -182,8 +182,8 @@ def run(qplan: QOuterPlan, q, k, v, union, union_len, mask, order, *, out=None, 
         if t.dim() != 3:
             raise ValueError(f"{name}: expected ragged [total_kv, Hkv, D], got shape {list(t.shape)}")
     total_q, hq, d = q.shape
-    if d not in _k90.HEAD_DIMS:
-        raise ValueError(f"q: head dim {d} not built (expected one of {_k90.HEAD_DIMS})")
+    if d not in _k90.HEAD_DIMS_OTHER_MODES:
+        raise ValueError(f"q: head dim {d} not built (expected one of {_k90.HEAD_DIMS_OTHER_MODES})")
     if total_q != qplan.total_q or hq != qplan.num_qo_heads or k.shape[1] != qplan.num_kv_heads:
         raise ValueError(f"q/k: expected total_q={qplan.total_q}, Hq={qplan.num_qo_heads}, Hkv={qplan.num_kv_heads} "
                          f"(the plan), got q {list(q.shape)}, k {list(k.shape)}")
@@ -223,6 +223,6 @@ def jit_specs(preset: dict, arch: str) -> list:
     if arch != "sm_90a":
         return []
     dtypes = [_PRESET_DTYPES[d] for d in preset.get("dtypes", ["bf16"]) if d in _PRESET_DTYPES]
-    dims = [d for d in preset.get("head_dim", list(_k90.HEAD_DIMS)) if d in _k90.HEAD_DIMS]
+    dims = [d for d in preset.get("head_dim", list(_k90.HEAD_DIMS_OTHER_MODES)) if d in _k90.HEAD_DIMS_OTHER_MODES]
     return [_k90.jit_spec(dt, d, c, False, arch, mode=MODE) for dt in dict.fromkeys(dtypes) for d in dims
             for c in (True, False)]

@@ -1053,9 +1053,13 @@ __global__ void __launch_bounds__(128) fmha_sm90_combine_kernel(CUTE_GRID_CONSTA
     float m = -INFINITY;
     for (int i = 0; i < c.num_slots; ++i) { m = fmaxf(m, p.partial_lse[int64_t(c.first_slot + i) * kBlockM + r]); }
     float sum = 0.f;
-    float4 acc[kD / 128];
+    // Lane l holds dims 128 j + 4 l .. + 3 of chunk j (head dims that are a multiple of 64: lanes past the end of a
+    // 64-dim tail chunk idle).
+    constexpr int kChunks = (kD + 127) / 128;
+    auto in_dims = [&](int j) { return kD % 128 == 0 || j * 128 + lane * 4 < kD; };
+    float4 acc[kChunks];
     CUTE_UNROLL
-    for (int j = 0; j < kD / 128; ++j) { acc[j] = make_float4(0.f, 0.f, 0.f, 0.f); }
+    for (int j = 0; j < kChunks; ++j) { acc[j] = make_float4(0.f, 0.f, 0.f, 0.f); }
     if (m != -INFINITY) {
       for (int i = 0; i < c.num_slots; ++i) {
         int64_t const slot = c.first_slot + i;
@@ -1063,7 +1067,8 @@ __global__ void __launch_bounds__(128) fmha_sm90_combine_kernel(CUTE_GRID_CONSTA
         sum += wgt;
         float const* src = p.partial_o + (slot * kBlockM + r) * kD;
         CUTE_UNROLL
-        for (int j = 0; j < kD / 128; ++j) {
+        for (int j = 0; j < kChunks; ++j) {
+          if (!in_dims(j)) { continue; }
           float4 const o = *reinterpret_cast<float4 const*>(src + j * 128 + lane * 4);
           acc[j].x += wgt * o.x;
           acc[j].y += wgt * o.y;
@@ -1075,7 +1080,8 @@ __global__ void __launch_bounds__(128) fmha_sm90_combine_kernel(CUTE_GRID_CONSTA
     float const f = sum > 0.f ? out_scale / sum : 0.f;
     Element* dst = p.out + int64_t(c.q_start + q_row) * p.out_stride_token + int64_t(c.head) * p.out_stride_head;
     CUTE_UNROLL
-    for (int j = 0; j < kD / 128; ++j) {
+    for (int j = 0; j < kChunks; ++j) {
+      if (!in_dims(j)) { continue; }
       cutlass::Array<Element, 4> v;
       v[0] = Element(acc[j].x * f);
       v[1] = Element(acc[j].y * f);
