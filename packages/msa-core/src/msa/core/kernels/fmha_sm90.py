@@ -12,7 +12,7 @@ Sources: ``msa/core/csrc/fmha_sm90`` (one tvm-ffi module per dtype x head dim x 
   :func:`run` builds the plan lazily from an :class:`msa.core.api.FmhaPlan` and caches it on the plan.
 * :func:`run` (device): no host synchronisation, and no allocation when ``out`` (and ``lse``) are given.
 
-Built so far: bf16 / fp16, head dim 128, ragged or paged K/V (page size 128), causal (bottom-right, per-request
+Built so far: bf16 / fp16, head dim 128 (and 64 for mode O), ragged or paged K/V (page size 128), causal (bottom-right, per-request
 ``qo_offset``) or not, any GQA ratio, optional LSE; modes O, O + max_score, max_score only (``MODES``).
 FP8 e4m3 (q, k, v all ``float8_e4m3fn``): ragged K/V, mode O (+ LSE), bf16 output, per-tensor or per-head
 ``q_scale`` / ``k_scale`` / ``v_scale`` / ``o_scale``; wgmma e4m3 for both GEMMs. Its V goes through a pre-pass
