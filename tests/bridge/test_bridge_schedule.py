@@ -77,6 +77,39 @@ def test_schedules_equal_core(schedule, route_max, q_lens, kv_lens, hq, hkv, top
     _close(o, lse, o_ref, lse_ref, v)
 
 
+def _paged_cache(k, v, kv_lens, seed):
+    """Shuffled page-128 cache [pages, Hkv, 128, D] of ragged K/V + the flat kv_indices (request-major)."""
+    gen = torch.Generator().manual_seed(seed)
+    n_pages = [-(-n // 128) for n in kv_lens]
+    perm = torch.randperm(sum(n_pages), generator=gen)
+    kp = torch.full((sum(n_pages), k.shape[1], 128, k.shape[2]), float("nan"), dtype=k.dtype)
+    vp = torch.full_like(kp, float("nan"))
+    slot = tok = 0
+    for n, pages in zip(kv_lens, n_pages):
+        for j in range(pages):
+            rows = min(128, n - 128 * j)
+            kp[perm[slot], :, :rows] = k[tok + 128 * j : tok + 128 * j + rows].transpose(0, 1)
+            vp[perm[slot], :, :rows] = v[tok + 128 * j : tok + 128 * j + rows].transpose(0, 1)
+            slot += 1
+        tok += n
+    return kp, vp, perm.to(torch.int32)
+
+
+@pytest.mark.parametrize("schedule,route_max", [("q_outer", None), ("auto", None), ("auto", 5)])
+def test_paged_schedules_equal_core(schedule, route_max):
+    q_lens, kv_lens, hq, hkv, topk = [1, 70, 45], [1, 900, 400], 8, 2, 3
+    q, k, v, sel = _problem(17, q_lens, kv_lens, hq, hkv, topk, correlated=True)
+    dp = fmha_plan(q_lens, kv_lens, hq, hkv, kv_block_num=topk)
+    o_ref, _, lse_ref = fmha(q, k, v, dp, kv_block_indexes=sel, return_lse=True, validate=True)
+    kp, vp, kv_indices = _paged_cache(k, v, kv_lens, 3)
+    sp = sparse_fmha_plan(q_lens, kv_lens, hq, hkv, page_size=128, kv_block_num=topk, schedule=schedule,
+                          route_max=route_max)
+    assert sp.schedule == schedule and sp.qouter is not None
+    o, _, lse = sparse_fmha(q, kp, vp, sp, kv_block_indexes=sel, kv_indices=kv_indices, return_lse=True,
+                            validate=True)
+    _close(o, lse, o_ref, lse_ref, v)
+
+
 def test_auto_routes_by_union_size_and_masks_the_kv_outer_selections(monkeypatch):
     q_lens, kv_lens, hq, hkv, topk = [64, 96], [600, 5000], 8, 2, 3  # request 0: <= 5 blocks, request 1: 40 blocks
     q, k, v, sel = _problem(9, q_lens, kv_lens, hq, hkv, topk)
@@ -143,14 +176,13 @@ def test_schedule_resolution_and_errors():
         sparse_fmha_plan([4], [200], 2, 1, schedule="q_outer", route_max=3, **kw)
     with pytest.raises(ValueError, match="route_max"):
         sparse_fmha_plan([4], [200], 2, 1, route_max=-1, **kw)
-    with pytest.raises(ValueError, match="'q_outer' cannot serve this plan: paged"):
-        sparse_fmha_plan([4], [200], 2, 1, page_size=128, schedule="q_outer", **kw)
     with pytest.raises(ValueError, match=r"'q_outer' cannot serve this plan: qo_offset\[0\]"):
         sparse_fmha_plan([4], [200], 2, 1, qo_offset=[100], schedule="q_outer", **kw)
     with pytest.raises(ValueError, match="'q_outer' cannot serve this plan: Hq/Hkv = 3"):
         sparse_fmha_plan([4], [200], 6, 2, schedule="q_outer", **kw)
-    p = sparse_fmha_plan([4], [200], 2, 1, page_size=128, **kw)
-    assert p.schedule == "kv_outer" and p.qouter is None and "paged" in p.schedule_note
+    p = sparse_fmha_plan([4], [200], 2, 1, page_size=128, **kw)  # paged (page = block): Q-outer eligible
+    assert p.schedule == "auto" and p.qouter is not None
+    assert sparse_fmha_plan([4], [200], 2, 1, page_size=128, schedule="q_outer", **kw).schedule == "q_outer"
     p = sparse_fmha_plan([4], [200], 2, 1, qo_offset=[100], **kw)
     assert p.schedule == "kv_outer" and "qo_offset" in p.schedule_note
     p = sparse_fmha_plan([4], [200], 2, 1, causal=False, schedule="q_outer", **kw)

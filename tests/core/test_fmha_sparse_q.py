@@ -143,18 +143,19 @@ def test_plan_rejects_bad_head_ratios_and_lengths():
 def test_jit_specs_follow_the_preset_and_skip_sm100():
     specs = qo.jit_specs({"dtypes": ["bf16", "fp8", "fp16"], "head_dim": [64, 128]}, "sm_90a")
     names = sorted(s.name for s in specs)
-    assert len(names) == 4 and all("mode=3" in n and "head_dim=128" in n and "paged=False" in n for n in names)
-    assert sum("dtype=float16" in n for n in names) == 2  # causal and not
+    assert len(names) == 8 and all("mode=3" in n and "head_dim=128" in n for n in names)
+    assert sum("dtype=float16" in n for n in names) == 4  # causal x paged
+    assert sum("paged=True" in n for n in names) == 4
     assert qo.jit_specs({"dtypes": ["bf16"], "head_dim": [128]}, "sm_100a") == []
-    with pytest.raises(NotImplementedError, match="ragged bf16 / fp16"):
-        k90.jit_spec("bfloat16", 128, True, True, mode="sparse_q")
+    with pytest.raises(NotImplementedError, match="bf16 / fp16"):
+        k90.jit_spec("float8_e4m3fn", 128, True, False, mode="sparse_q")
 
 
 def test_supports_names_what_is_missing():
     assert qo.supports(q_dtype=torch.bfloat16, kv_dtype=torch.bfloat16, head_dim=128, head_dim_v=128,
                        qhead_per_kv=16)[0]
     for kw, why in ((dict(q_dtype=torch.float8_e4m3fn), "dtype"), (dict(head_dim=64), "head dims"),
-                    (dict(paged=True), "paged"), (dict(qhead_per_kv=12), "power of two"),
+                    (dict(qhead_per_kv=12), "power of two"),
                     (dict(q_dtype=torch.float16, kv_dtype=torch.bfloat16), "K/V dtype")):
         ok, msg = qo.supports(**kw)
         assert not ok and why in msg, (kw, msg)
@@ -186,6 +187,9 @@ CASES = [
     ("g16-empty-some", [40, 9], [500, 200], 16, 1, 4, True, "empty-some", torch.bfloat16),
     ("g2-fp16", [130], [640], 4, 2, 5, True, "random", torch.float16),
     ("g16-topk1", [64], [256], 16, 1, 1, True, "random", torch.bfloat16),
+    # paged K/V (page = block = 128, shuffled pages; 10th field)
+    ("g16-correlated-paged", [300], [1000], 64, 4, 16, True, "correlated", torch.bfloat16, True),
+    ("g4-random-ragged-paged", [150, 1, 64], [700, 300, 512], 8, 2, 4, True, "random", torch.bfloat16, True),
 ]
 
 
@@ -197,8 +201,28 @@ def _gpu_or_skip():
         pytest.skip(why)
 
 
+def _paged(k, v, kv_lens, seed):
+    """K/V copied into a shuffled page-128 cache [pages, Hkv, 128, D] + the flat page table (request-major)."""
+    g = torch.Generator().manual_seed(seed + 7)
+    n_pages = [-(-n // BLOCK) for n in kv_lens]
+    total = sum(n_pages)
+    perm = torch.randperm(total, generator=g)  # logical slot s lives in physical page perm[s]
+    kp = torch.full((total, k.shape[1], BLOCK, k.shape[2]), float("nan"), dtype=k.dtype)
+    vp = torch.full_like(kp, float("nan"))
+    slot = tok = 0
+    for n, pages in zip(kv_lens, n_pages):
+        for j in range(pages):
+            rows = min(BLOCK, n - j * BLOCK)
+            kp[perm[slot], :, :rows] = k[tok + j * BLOCK : tok + j * BLOCK + rows].transpose(0, 1)
+            vp[perm[slot], :, :rows] = v[tok + j * BLOCK : tok + j * BLOCK + rows].transpose(0, 1)
+            slot += 1
+        tok += n
+    return kp, vp, perm.to(torch.int32)
+
+
 def _run(case, routed_every=None, seed=0):
-    _, qo_lens, kv_lens, hq, hkv, topk, causal, kind, dtype = case
+    _, qo_lens, kv_lens, hq, hkv, topk, causal, kind, dtype, *rest = case
+    paged = bool(rest and rest[0])
     dev = torch.device("cuda")
     torch.manual_seed(seed)
     tq, tk = sum(qo_lens), sum(kv_lens)
@@ -206,13 +230,23 @@ def _run(case, routed_every=None, seed=0):
     k = torch.randn(tk, hkv, 128, dtype=dtype)
     v = torch.randn(tk, hkv, 128, dtype=dtype)
     sel = make_selection(qo_lens, kv_lens, hkv, topk, causal, kind, seed=seed)
-    p = qo.plan(qo_lens, kv_lens, hq, hkv, causal=causal, device=dev)
+    p = qo.plan(qo_lens, kv_lens, hq, hkv, causal=causal, paged=paged, device=dev)
+    kk, vv, extra = k, v, {}
+    if paged:
+        kk, vv, table = _paged(k, v, kv_lens, seed)
+        extra = {"kv_indices": table.to(dev)}
+        if len(kv_lens) > 1:  # the [B, max pages] page-table form instead of the flat list
+            n_pages = [-(-n // BLOCK) for n in kv_lens]
+            pt = torch.zeros(len(kv_lens), max(n_pages), dtype=torch.int32)
+            for b, (s0, n) in enumerate(zip([sum(n_pages[:i]) for i in range(len(n_pages))], n_pages)):
+                pt[b, :n] = table[s0 : s0 + n]
+            extra = {"page_table": pt.to(dev)}
     routed = None if routed_every is None else [i % routed_every != 0 for i in range(p.num_items)]
     tabs = [t.to(dev) for t in loop_unions(p, sel, routed)]
     out = torch.full((tq, hq, 128), math.nan, dtype=dtype, device=dev)
     lse = torch.full((tq, hq), math.nan, dtype=torch.float32, device=dev)
     sm = 128**-0.5
-    qo.run(p, q.to(dev), k.to(dev), v.to(dev), *tabs, out=out, lse=lse, sm_scale=sm)
+    qo.run(p, q.to(dev), kk.to(dev), vv.to(dev), *tabs, out=out, lse=lse, sm_scale=sm, **extra)
     torch.cuda.synchronize()
     ref_o, ref_lse = reference(q, k, v, qo_lens, kv_lens, sel, causal, sm)
     return p, routed, out.cpu(), lse.cpu(), ref_o, ref_lse
@@ -223,7 +257,7 @@ def _run(case, routed_every=None, seed=0):
 def test_sparse_q_matches_fp32_reference(case):
     _gpu_or_skip()
     _, _, out, lse, ref_o, ref_lse = _run(case)
-    check_fmha_output(out, lse, ref_o, ref_lse, 1.5e-2 if case[-1] == torch.bfloat16 else 4e-3)
+    check_fmha_output(out, lse, ref_o, ref_lse, 1.5e-2 if case[8] == torch.bfloat16 else 4e-3)
 
 
 @pytest.mark.gpu

@@ -202,8 +202,6 @@ def sparse_fmha_plan(
 def _qouter_plan_blocker(base: FmhaPlan) -> str:
     """Why this plan cannot run Q-outer ("" when it can)."""
     g = base.num_qo_heads // base.num_kv_heads
-    if base.paged:
-        return "paged K/V (the Q-outer kernel reads ragged K/V)"
     if QOUTER_ROWS % g:
         return f"Hq/Hkv = {g} does not divide {QOUTER_ROWS} (the Q-outer tile is 128 // G tokens x G heads)"
     if base.causal:
@@ -363,7 +361,8 @@ def sparse_fmha(
         o, lse = _kv_outer(q_eff, k, v, sel, plan, scale, return_lse, page_table, validate, backend)
     else:
         direct = out if (out is not None and isinstance(out_mult, float) and out_mult == 1.0) else None
-        o, lse = _with_qouter(qpath, q_eff, k, v, sel, plan, scale, direct, out_dtype, validate, backend)
+        o, lse = _with_qouter(qpath, q_eff, k, v, sel, plan, scale, direct, out_dtype, validate, backend,
+                              page_table)
     if isinstance(out_mult, torch.Tensor):
         o = (o.float() * out_mult.view(1, -1, 1)).to(out_dtype)
     elif out_mult != 1.0:
@@ -408,7 +407,7 @@ def _qouter_path(plan: SparseFmhaPlan, q, k, v, backend) -> str | None:
                              f"{q.dtype}, k {k.dtype}, v {v.dtype}; use 'auto' or 'kv_outer'")
         return None
     features = dict(q_dtype=q.dtype, kv_dtype=k.dtype, head_dim=q.shape[-1], head_dim_v=v.shape[-1],
-                    qhead_per_kv=plan.num_qo_heads // plan.num_kv_heads, causal=plan.causal, paged=False)
+                    qhead_per_kv=plan.num_qo_heads // plan.num_kv_heads, causal=plan.causal, paged=plan.paged)
     if plan.schedule == "q_outer":
         return "reference" if select_backend(QOUTER_OP, q.device, backend, **features) == "reference" else "kernel"
     if q.device.type != "cuda" or backend_mode(backend) == "reference":
@@ -427,7 +426,7 @@ def _qouter_kernel_plan(plan: SparseFmhaPlan):
         if mod is None:
             raise RuntimeError(f"Q-outer kernel: {why}")
         kp = mod.plan(plan.qo_lens, plan.kv_lens, plan.num_qo_heads, plan.num_kv_heads, causal=plan.causal,
-                      device=plan.device)
+                      paged=plan.paged, device=plan.device)
         if int(kp.T) != qs.items.T or int(kp.num_items) != qs.items.num_items:
             raise RuntimeError(f"Q-outer kernel plan: T {kp.T} / {kp.num_items} items, but msa.cute.qouter_items "
                                f"made T {qs.items.T} / {qs.items.num_items} items (item enumeration contract broken)")
@@ -444,7 +443,17 @@ def qouter_unions_for(plan: SparseFmhaPlan, sel: torch.Tensor, validate: bool | 
                                validate=validate)
 
 
-def _with_qouter(path, q, k, v, sel, plan, scale, direct_out, out_dtype, validate, backend):
+def _ragged_from_pages(t: torch.Tensor, page_table: torch.Tensor, plan: SparseFmhaPlan) -> torch.Tensor:
+    """A page-128 cache ``[pages, Hkv, 128, D]`` gathered into ragged ``[total_kv, Hkv, D]`` (the reference path)."""
+    lens = torch.tensor(plan.kv_lens, dtype=torch.int64, device=t.device)
+    req = torch.repeat_interleave(torch.arange(len(plan.kv_lens), device=t.device), lens)
+    start = torch.cumsum(lens, 0) - lens
+    tok = torch.arange(int(lens.sum()), device=t.device) - start[req]
+    page = page_table.long()[req, tok // BLOCK]
+    return t[page, :, tok % BLOCK]
+
+
+def _with_qouter(path, q, k, v, sel, plan, scale, direct_out, out_dtype, validate, backend, page_table=None):
     """Schedule "q_outer": the Q-outer pass writes every row. "auto": KV-outer over the unrouted items' selections
     (routed (token, KV head) selections set to -1: those rows come out 0 / -inf), then the Q-outer pass overwrites
     exactly the routed rows of the same O / LSE."""
@@ -463,7 +472,7 @@ def _with_qouter(path, q, k, v, sel, plan, scale, direct_out, out_dtype, validat
         # capture the hybrid is recorded (no sync); MSA_BRIDGE_AUTO_SYNC=0 never syncs.
         routed = int((un.union_len >= 0).sum())
         if routed < AUTO_MIN_ROUTED * it.num_items:
-            return _kv_outer(q, k, v, sel, plan, scale, True, None, validate, backend)
+            return _kv_outer(q, k, v, sel, plan, scale, True, page_table, validate, backend)
         everything_routed = routed == it.num_items
     if everything_routed:  # no KV-outer part: the Q-outer pass writes all rows
         o = direct_out if direct_out is not None else torch.empty(total_q, hq, v.shape[-1], dtype=out_dtype,
@@ -472,11 +481,14 @@ def _with_qouter(path, q, k, v, sel, plan, scale, direct_out, out_dtype, validat
     else:
         routed = (un.union_len >= 0).view(it.num_tiles, plan.num_kv_heads)[it.token_tile.long()]  # [total_q, Hkv]
         sel_kv = torch.where(routed.unsqueeze(-1), -1, sel)
-        o, lse = _kv_outer(q, k, v, sel_kv, plan, scale, True, None, validate, backend)
+        o, lse = _kv_outer(q, k, v, sel_kv, plan, scale, True, page_table, validate, backend)
     if path == "kernel":
         mod, _ = _qouter_module()
-        mod.run(kp, q, k, v, un.union, un.union_len, un.mask, un.order, out=o, lse=lse, sm_scale=scale)
+        paged = {"page_table": page_table} if plan.paged else {}
+        mod.run(kp, q, k, v, un.union, un.union_len, un.mask, un.order, out=o, lse=lse, sm_scale=scale, **paged)
     else:
+        if plan.paged:
+            k, v = _ragged_from_pages(k, page_table, plan), _ragged_from_pages(v, page_table, plan)
         qouter_reference(q, k, v, un.union, un.union_len, un.mask, item_token0=it.item_token0,
                          item_ntok=it.item_ntok, item_kv_head=it.item_kv_head, cu_seqlens_q=plan.qo_indptr,
                          cu_seqlens_k=plan.kv_indptr, causal=plan.causal, T=it.T, sm_scale=scale,

@@ -74,7 +74,7 @@ L2_SECTION_BYTES = 32 << 20
 WORK_FIELDS = 12  # int32 per work item, see WorkItem in fmha_sm90_traits.cuh
 COMBINE_FIELDS = 8  # int32 per split item, see CombineItem
 # Kernel modes (FmhaMode in fmha_sm90_traits.cuh): O (+ LSE); O and max_score; max_score only.
-# "sparse_q": MSA sparse prefill, Q-outer (kernels/fmha_sm90_qouter.py): ragged 16-bit K/V only.
+# "sparse_q": MSA sparse prefill, Q-outer (kernels/fmha_sm90_qouter.py): 16-bit K/V, ragged or paged (page 128).
 MODES = {"o": 0, "o_maxscore": 1, "maxscore": 2, "sparse_q": 3}
 # Split-KV cost model, in units of one 128x128 KV tile of one work item (~1.6 us on H100 at d128):
 SPLIT_ITEM_COST = 1.5  # per item / piece: Q load, first QK^T + softmax outside the ping-pong, epilogue
@@ -108,8 +108,8 @@ def jit_spec(dtype: str, head_dim: int, causal: bool, paged: bool, arch: str = "
         raise NotImplementedError(f"fmha_sm90: arch {arch!r} is not supported (the kernel uses sm_90a-only wgmma/TMA)")
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {sorted(MODES)}, got {mode!r}")
-    if mode == "sparse_q" and (paged or dtype == DTYPES[FP8_DTYPE]):
-        raise NotImplementedError(f"fmha_sm90: mode 'sparse_q' is built for ragged bf16 / fp16 K/V, got {dtype}, paged={paged}")
+    if mode == "sparse_q" and dtype == DTYPES[FP8_DTYPE]:
+        raise NotImplementedError(f"fmha_sm90: mode 'sparse_q' is built for bf16 / fp16, got {dtype}")
     if dtype == DTYPES[FP8_DTYPE] and (paged or mode != "o"):
         raise NotImplementedError(
             f"fmha_sm90: fp8 is built for ragged K/V and mode 'o' only, got paged={paged}, mode={mode!r}"

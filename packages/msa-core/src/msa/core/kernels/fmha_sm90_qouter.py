@@ -20,7 +20,10 @@ Split like every msa kernel:
 
 Semantics per routed (token, query head): softmax over the keys of the blocks its token selected (for the head's
 KV head), keys ``j >= kv_len`` masked, causal bottom-right (``j <= i + kv_len - qo_len``) when planned causal;
-natural-log LSE; a token that selected nothing gets O = 0, LSE = -inf. bf16 / fp16, head dim 128, ragged K/V.
+natural-log LSE; a token that selected nothing gets O = 0, LSE = -inf. bf16 / fp16, head dim 128, ragged K/V or a
+paged cache with page = block = 128 (``plan(paged=True)``; ``run`` then takes ``kv_indices``, the flat page table
+with each request's pages at ``kv_page_indptr``: the union's logical blocks are mapped to physical pages on the
+device, the kernel masks with the logical ids).
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ class QOuterPlan:
     item_token0: torch.Tensor  # int32 [num_items]: global index of the item's first token in q
     item_ntok: torch.Tensor  # int32 [num_items]: tokens in the item (1..T)
     item_kv_head: torch.Tensor  # int32 [num_items]
+    item_page0: torch.Tensor  # int32 [num_items]: paged -- the request's first slot in kv_indices (ragged: 0)
+    item_request: torch.Tensor  # int32 [num_items]: the item's request (row of a page_table)
+    paged: bool
     workspace: torch.Tensor  # int32 [1]: the dynamic scheduler's counter (zeroed on the stream per launch)
     num_ctas: int
     lse_dummy: torch.Tensor
@@ -73,7 +79,7 @@ def available(device: torch.device) -> tuple[bool, str]:
     return _k90.available(device)
 
 
-def supports(*, dtype=None, q_dtype=None, kv_dtype=None, head_dim=None, head_dim_v=None, paged=False, group=None,
+def supports(*, dtype=None, q_dtype=None, kv_dtype=None, head_dim=None, head_dim_v=None, group=None,
              qhead_per_kv=None, **_ignored) -> tuple[bool, str]:
     """Whether the built sparse_q modules implement this call (``msa.core.dispatch`` feature gate)."""
     dtype = dtype if dtype is not None else q_dtype
@@ -84,8 +90,6 @@ def supports(*, dtype=None, q_dtype=None, kv_dtype=None, head_dim=None, head_dim
         return False, f"fmha_sm90_qouter: K/V dtype {kv_dtype} must equal Q's {dtype}"
     if head_dim is not None and (head_dim not in _k90.HEAD_DIMS_OTHER_MODES or head_dim_v not in (None, head_dim)):
         return False, f"fmha_sm90_qouter: head dims {head_dim}/{head_dim_v} not built (Dqk = Dv in {_k90.HEAD_DIMS_OTHER_MODES})"
-    if paged:
-        return False, "fmha_sm90_qouter: paged K/V not built (ragged only)"
     if group is not None and (group < 1 or group > ITEM_ROWS or ITEM_ROWS % group):
         return False, f"fmha_sm90_qouter: Hq/Hkv = {group} must be a power of two <= {ITEM_ROWS}"
     return True, "ok"
@@ -105,8 +109,11 @@ def _lens(name: str, v) -> tuple[int, ...]:
     return out
 
 
-def plan(qo_lens, kv_lens, num_qo_heads: int, num_kv_heads: int, *, causal: bool = True, device=None) -> QOuterPlan:
-    """Work items of a Q-outer launch for ragged requests (``qo_lens[b]`` queries over ``kv_lens[b]`` keys)."""
+def plan(qo_lens, kv_lens, num_qo_heads: int, num_kv_heads: int, *, causal: bool = True, paged: bool = False,
+         device=None) -> QOuterPlan:
+    """Work items of a Q-outer launch (``qo_lens[b]`` queries over ``kv_lens[b]`` keys); ``paged``: K/V in a
+    page-128 cache whose flat page table holds request b's ``ceil(kv_lens[b] / 128)`` pages contiguously, in request
+    order (``msa.core.fmha_plan``'s ``kv_indices`` layout)."""
     qo, kv = _lens("qo_lens", qo_lens), _lens("kv_lens", kv_lens)
     if len(qo) != len(kv):
         raise ValueError(f"kv_lens: expected {len(qo)} requests (len(qo_lens)), got {len(kv)}")
@@ -120,8 +127,9 @@ def plan(qo_lens, kv_lens, num_qo_heads: int, num_kv_heads: int, *, causal: bool
     device = torch.device(device) if device is not None else torch.device("cuda")
     t = ITEM_ROWS // g
     rows = []
-    q_start = kv_start = 0
-    for qlen, klen in zip(qo, kv):
+    q_start = kv_start = page0 = 0
+    page0s, reqs = [], []
+    for b, (qlen, klen) in enumerate(zip(qo, kv)):
         tiles = -(-qlen // t)
         if tiles:
             j = torch.arange(tiles, dtype=torch.int64).repeat_interleave(hkv)
@@ -136,9 +144,14 @@ def plan(qo_lens, kv_lens, num_qo_heads: int, num_kv_heads: int, *, causal: bool
             r[:, 6] = klen - qlen if causal else 0
             r[:, 9] = -1  # partial_slot: write out / lse
             rows.append(r)
+            page0s.append(torch.full((tiles * hkv,), page0, dtype=torch.int64))
+            reqs.append(torch.full((tiles * hkv,), b, dtype=torch.int64))
         q_start += qlen
         kv_start += klen
+        page0 += -(-klen // BLOCK)
     work = torch.cat(rows) if rows else torch.zeros(0, 12, dtype=torch.int64)
+    item_page0 = torch.cat(page0s) if page0s else torch.zeros(0, dtype=torch.int64)
+    item_request = torch.cat(reqs) if reqs else torch.zeros(0, dtype=torch.int64)
     n = work.shape[0]
     token0 = work[:, 0] + work[:, 4] * t
     ntok = torch.clamp(work[:, 1] - work[:, 4] * t, max=t)
@@ -153,6 +166,8 @@ def plan(qo_lens, kv_lens, num_qo_heads: int, num_kv_heads: int, *, causal: bool
     return QOuterPlan(
         qo_lens=qo, kv_lens=kv, num_qo_heads=hq, num_kv_heads=hkv, causal=bool(causal), group=g, T=t, num_items=n,
         work=dev32(work), item_token0=dev32(token0), item_ntok=dev32(ntok), item_kv_head=dev32(kv_head),
+        item_page0=dev32(item_page0 if paged else torch.zeros_like(item_page0)), item_request=dev32(item_request),
+        paged=bool(paged),
         workspace=torch.zeros(1, dtype=torch.int32, device=device), num_ctas=num_ctas,
         lse_dummy=torch.empty(1, 1, dtype=torch.float32, device=device),
     )
@@ -167,19 +182,25 @@ def _check_i32(name: str, t, shape: tuple[int, ...], device) -> None:
 
 
 def run(qplan: QOuterPlan, q, k, v, union, union_len, mask, order, *, out=None, lse=None, return_lse: bool = False,
-        sm_scale: float | None = None):
+        sm_scale: float | None = None, kv_indices: torch.Tensor | None = None,
+        page_table: torch.Tensor | None = None):
     """Q-outer sparse attention of the routed items into ``out`` (rows of unrouted items are left untouched).
 
-    ``q [total_q, Hq, 128]``, ``k`` / ``v [total_kv, Hkv, 128]`` bf16 or fp16 (ragged, as planned);
-    union tensors as described in the module docstring. Returns ``out`` (and ``lse [total_q, Hq]`` fp32 when
-    ``return_lse`` or ``lse`` is given).
+    ``q [total_q, Hq, 128]``, ``k`` / ``v`` bf16 or fp16: ragged ``[total_kv, Hkv, 128]`` or, for a paged plan,
+    ``[pages, Hkv, 128, 128]`` with ``kv_indices`` (int32, the flat page table: request b's pages from its first slot,
+    in block order) or ``page_table`` (int32 ``[B, >= max pages]``, row b = request b's pages in block order). Union
+    tensors as described in the module docstring. Returns ``out`` (and ``lse [total_q, Hq]``
+    fp32 when ``return_lse`` or ``lse`` is given).
     """
     if q.dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"q: expected bfloat16 or float16, got {q.dtype}")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name}: expected {q.dtype} (q's dtype), got {t.dtype}")
-        if t.dim() != 3:
+        if qplan.paged and (t.dim() != 4 or t.shape[2] != BLOCK):
+            raise ValueError(f"{name}: expected a paged cache [pages, Hkv, {BLOCK}, D] (the plan is paged), got shape "
+                             f"{list(t.shape)}")
+        if not qplan.paged and t.dim() != 3:
             raise ValueError(f"{name}: expected ragged [total_kv, Hkv, D], got shape {list(t.shape)}")
     total_q, hq, d = q.shape
     if d not in _k90.HEAD_DIMS_OTHER_MODES:
@@ -187,9 +208,24 @@ def run(qplan: QOuterPlan, q, k, v, union, union_len, mask, order, *, out=None, 
     if total_q != qplan.total_q or hq != qplan.num_qo_heads or k.shape[1] != qplan.num_kv_heads:
         raise ValueError(f"q/k: expected total_q={qplan.total_q}, Hq={qplan.num_qo_heads}, Hkv={qplan.num_kv_heads} "
                          f"(the plan), got q {list(q.shape)}, k {list(k.shape)}")
-    if k.shape[0] < sum(qplan.kv_lens):
-        raise ValueError(f"k: expected at least {sum(qplan.kv_lens)} tokens (sum of kv_lens), got {k.shape[0]}")
     dev = q.device
+    if qplan.paged:
+        need = sum(-(-n // BLOCK) for n in qplan.kv_lens)
+        if page_table is not None:
+            width = max(-(-n // BLOCK) for n in qplan.kv_lens)
+            if (not isinstance(page_table, torch.Tensor) or page_table.dtype != torch.int32 or page_table.dim() != 2
+                    or page_table.shape[0] != len(qplan.kv_lens) or page_table.shape[1] < width
+                    or page_table.device != dev):
+                raise ValueError(f"page_table: expected int32 [{len(qplan.kv_lens)}, >= {width}] on {dev}, got "
+                                 f"{getattr(page_table, 'dtype', None)} {list(getattr(page_table, 'shape', []))}")
+        elif (not isinstance(kv_indices, torch.Tensor) or kv_indices.dtype != torch.int32 or kv_indices.dim() != 1
+              or kv_indices.numel() < need or kv_indices.device != dev):
+            raise ValueError(f"kv_indices: expected an int32 [>= {need}] page table on {dev} for the paged plan (or "
+                             f"page_table), got {None if kv_indices is None else (kv_indices.dtype, list(kv_indices.shape))}")
+    elif kv_indices is not None or page_table is not None:
+        raise ValueError("kv_indices / page_table: given, but the plan is ragged (plan(paged=False))")
+    elif k.shape[0] < sum(qplan.kv_lens):
+        raise ValueError(f"k: expected at least {sum(qplan.kv_lens)} tokens (sum of kv_lens), got {k.shape[0]}")
     n = qplan.num_items
     umax = union.shape[1] if union.dim() == 2 else -1
     _check_i32("union", union, (n, umax), dev)
@@ -207,10 +243,18 @@ def run(qplan: QOuterPlan, q, k, v, union, union_len, mask, order, *, out=None, 
     if lse is not None and (lse.shape != (total_q, hq) or lse.dtype != torch.float32):
         raise ValueError(f"lse: expected float32 [{total_q}, {hq}], got {lse.dtype} {list(lse.shape)}")
     scale = float(sm_scale) if sm_scale is not None else d**-0.5
+    union_phys = union
+    if qplan.paged and n:  # logical block -> physical page of the item's request (entries past U: any valid page)
+        if page_table is not None:
+            col = union.clamp(0, page_table.shape[1] - 1).long()
+            union_phys = page_table[qplan.item_request.long().view(-1, 1), col].contiguous()
+        else:
+            slots = (qplan.item_page0.view(-1, 1) + union).clamp_(0, kv_indices.numel() - 1).long()
+            union_phys = kv_indices[slots].to(torch.int32).contiguous()
     if n:
-        mod = _k90._module(_k90.DTYPES[q.dtype], d, qplan.causal, False, MODE)
+        mod = _k90._module(_k90.DTYPES[q.dtype], d, qplan.causal, qplan.paged, MODE)
         mod.fmha_fwd(q, k, v, out, lse if want_lse else qplan.lse_dummy, qplan.work, qplan.workspace, union,
-                     union_len, mask, order, qplan.num_ctas, scale, bool(want_lse))
+                     union_phys, union_len, mask, order, qplan.num_ctas, scale, bool(want_lse))
     return (out, lse) if want_lse else out
 
 
@@ -219,10 +263,10 @@ _PRESET_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",
 
 def jit_specs(preset: dict, arch: str) -> list:
     """Warmup generator hook (``msa.core.variants``): the sparse_q modules a preset's dtypes x head dims need (16-bit
-    dtypes, causal and not; sm_90a only -- SM100 has no variant of this family)."""
+    dtypes, causal and not, ragged and paged; sm_90a only -- SM100 has no variant of this family)."""
     if arch != "sm_90a":
         return []
     dtypes = [_PRESET_DTYPES[d] for d in preset.get("dtypes", ["bf16"]) if d in _PRESET_DTYPES]
     dims = [d for d in preset.get("head_dim", list(_k90.HEAD_DIMS_OTHER_MODES)) if d in _k90.HEAD_DIMS_OTHER_MODES]
-    return [_k90.jit_spec(dt, d, c, False, arch, mode=MODE) for dt in dict.fromkeys(dtypes) for d in dims
-            for c in (True, False)]
+    return [_k90.jit_spec(dt, d, c, paged, arch, mode=MODE) for dt in dict.fromkeys(dtypes) for d in dims
+            for c in (True, False) for paged in (False, True)]

@@ -489,14 +489,16 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
     // Paged: each lane holds one page id of a 32-tile window, fetched once per window and shuffled to the
     // warp, so a page id's global load is not on the path of every TMA issue. Called by all lanes.
     int page_window = -1, page_of_lane = 0;
-    // Sparse-Q: the same windows over the item's union list (tile n of the item = KV block union[n]).
+    // Sparse-Q: the same windows over the item's union list (tile n of the item = KV block union[n]; paged: the
+    // block's physical page, from the union's page-id twin -- the consumers mask with the logical id).
     auto tile_of = [&](int n) {
       if constexpr (T::kPaged || T::kSparseQ) {
         int const window = n >> 5;
         if (window != page_window) {
           page_window = window;
           int const t = (window << 5) + int(threadIdx.x % 32);
-          int const* ids = T::kSparseQ ? p.sq_union + int64_t(item) * p.sq_umax : p.kv_indices + w.kv_start;
+          int const* ids = T::kSparseQ ? (T::kPaged ? p.sq_union_phys : p.sq_union) + int64_t(item) * p.sq_umax
+                                       : p.kv_indices + w.kv_start;
           page_of_lane = t < w.n_block_max ? __ldg(ids + t) : 0;
         }
         return __shfl_sync(0xffffffff, page_of_lane, n & 31);

@@ -51,6 +51,7 @@ struct FwdArgs {
   float2 const* head_scales;
   // Sparse-Q (kModeSparseQ): the union builder's device tensors (see Params) and its plan-time sizes.
   int const* sq_union;
+  int const* sq_union_phys;
   int const* sq_union_len;
   int const* sq_mask;
   int const* sq_order;
@@ -137,6 +138,7 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
       nullptr,
       nullptr,
       nullptr,
+      nullptr,
       0,
       0,
       0,
@@ -156,6 +158,7 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     if (res != CUDA_SUCCESS) { return cudaErrorInvalidValue; }
     params.sq_union = a.sq_union;
+    params.sq_union_phys = a.sq_union_phys;
     params.sq_union_len = a.sq_union_len;
     params.sq_mask = a.sq_mask;
     params.sq_order = a.sq_order;

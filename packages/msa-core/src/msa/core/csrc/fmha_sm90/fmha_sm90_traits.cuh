@@ -182,8 +182,8 @@ struct FmhaTraits {
   static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256, "head dim must be 64, 128, 192 or 256");
   static_assert(sizeof(Element) == 2 || cute::is_same_v<Element, cutlass::float_e4m3_t>, "bf16, fp16 or e4m3");
   static_assert(!kFp8 || (!kPaged && kMode == kModeO), "fp8: ragged K/V and O (+ LSE) only");
-  static_assert(!kSparseQ || (!kPaged && !kFp8 && kBlockN == 128 && kHeadDim % 64 == 0),
-                "sparse-Q: 16-bit ragged K/V, 128-key blocks");
+  static_assert(!kSparseQ || (!kFp8 && kBlockN == 128 && kHeadDim % 64 == 0),
+                "sparse-Q: 16-bit K/V, 128-key blocks (= pages when paged)");
 
   using TileQK = Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>;  // S = Q K^T : (M, N, K=D)
   using TilePV = Shape<Int<kBlockM>, Int<kHeadDim>, Int<kBlockN>>;  // O = P V   : (M, N=D, K=BlockN)
@@ -296,11 +296,12 @@ struct FmhaTraits {
     float2 const* head_scales;
     // Sparse-Q (kModeSparseQ): Q of an item is loaded as one (64 dims, T tokens, G heads) box per 64 dims through
     // this descriptor over q viewed as (D, total_q, Hq); the item's block list, its length and the token masks
-    // come from the union builder (int32, device): union [items, umax] ascending block ids, union_len [items]
+    // come from the union builder (int32, device): union [items, umax] ascending (logical) block ids, union_len [items]
     // (-1: item not routed here, nothing written), mask [items, umax, mask_words] (bit t % 32 of word t / 32:
     // token t selected the block), order [items] (the sequence the persistent CTAs take items in).
     alignas(64) cute::TmaDescriptor tma_q_packed;
     int const* sq_union;
+    int const* sq_union_phys;  // paged: the union's physical page ids (same layout); the TMA reads these pages
     int const* sq_union_len;
     int const* sq_mask;
     int const* sq_order;
