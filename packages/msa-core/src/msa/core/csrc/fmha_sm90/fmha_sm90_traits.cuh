@@ -62,7 +62,6 @@ enum NamedBarrier : uint32_t {
   kBarQueryEmpty = 1,  // consumers -> producer warp: smem Q may be overwritten
   kBarSched0 = 2,      // ping-pong token of consumer warpgroup 0 (kBarSched0 + 1 for warpgroup 1)
   kBarEpilogue0 = 4,   // per-consumer-warpgroup epilogue barrier (kBarEpilogue0 + wg)
-  kBarVZero = 6,       // paged: both consumer warpgroups have zeroed their share of a V tile's rows past kv_len
 };
 
 // Element_: bf16 / fp16, or cutlass::float_e4m3_t (FP8 mode: bf16 output, per-head scales, ragged O-only; V is
