@@ -151,6 +151,17 @@ def test_jit_specs_follow_the_preset_and_skip_sm100():
         k90.jit_spec("float8_e4m3fn", 128, True, False, mode="sparse_q")
 
 
+def test_registered_for_warmup():
+    """`msa-cache warmup --preset ...` (and so an exported bundle for offline GPU hosts) builds the sparse_q modules."""
+    from msa.core import variants
+
+    specs = [s for s in variants.specs_for({"dtypes": ["bf16"], "head_dim": [128]}, ["sm_90a", "sm_100a"])
+             if s.family == "fmha_sm90" and s.params.get("mode") == 3]
+    assert sorted((s.params["causal"], s.params["paged"]) for s in specs) == [
+        (False, False), (False, True), (True, False), (True, True)]
+    assert all(s.arch == "sm_90a" for s in specs)
+
+
 def test_supports_names_what_is_missing():
     assert qo.supports(q_dtype=torch.bfloat16, kv_dtype=torch.bfloat16, head_dim=128, head_dim_v=128,
                        qhead_per_kv=16)[0]
