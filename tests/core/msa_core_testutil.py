@@ -20,3 +20,25 @@ def check_fmha_output(out, lse, ref_o, ref_lse, o_bound: float) -> None:
     if live.any():
         err = (lse[live] - ref_lse[live]).abs()
         assert (err <= 2e-3 * ref_lse[live].abs().clamp_min(1.0)).all(), f"LSE max err {err.max().item():.3e}"
+
+
+def paged_cache(k, v, kv_lens, page: int = 128, seed: int = 0, spare_pages: int = 0):
+    """Ragged K/V ``[total_kv, Hkv, D]`` scattered into a shuffled page pool ``[pages + spare_pages, Hkv, page, D]``
+    (request-major logical pages, each at a random physical page); slots no request owns hold random finite garbage.
+    Returns ``(k_pages, v_pages, kv_indices)`` (int32 flat page table, on k's device)."""
+    n_pages = sum(-(-n // page) for n in kv_lens)
+    pool = n_pages + spare_pages
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(pool, generator=g)[:n_pages].to(torch.int32)
+    hkv, d = k.shape[1], k.shape[2]
+    kp = torch.randn(pool, hkv, page, d, generator=g).to(k.device, k.dtype)
+    vp = torch.randn(pool, hkv, page, d, generator=g).to(k.device, k.dtype)
+    t = p = 0
+    for n in kv_lens:
+        for j in range(-(-n // page)):
+            rows = min(page, n - j * page)
+            kp[perm[p], :, :rows] = k[t + j * page : t + j * page + rows].transpose(0, 1)
+            vp[perm[p], :, :rows] = v[t + j * page : t + j * page + rows].transpose(0, 1)
+            p += 1
+        t += n
+    return kp, vp, perm.to(k.device)

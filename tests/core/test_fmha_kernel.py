@@ -21,7 +21,7 @@ import random
 import pytest
 import torch
 from msa.core.kernels import fmha_sm90 as k90
-from msa_core_testutil import check_fmha_output
+from msa_core_testutil import check_fmha_output, paged_cache
 
 BLOCK = 128
 
@@ -329,23 +329,8 @@ def reference(q, k, v, qo_lens, kv_lens, qo_offsets, causal, sm_scale):
 
 
 def _paged_copy(k, v, kv_lens, page=128, seed=0):
-    """Scatter ragged K/V into a shuffled page pool; returns (k_pages, v_pages, kv_indices)."""
-    n_pages = sum(_cdiv(n, page) for n in kv_lens)
-    pool = n_pages + 3  # a few pages nobody uses
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(pool, generator=g)[:n_pages].to(torch.int32)
-    hkv, d = k.shape[1], k.shape[2]
-    kp = torch.randn(pool, hkv, page, d, device=k.device, dtype=k.dtype)  # garbage in unused slots
-    vp = torch.randn(pool, hkv, page, d, device=k.device, dtype=k.dtype)
-    t = p = 0
-    for n in kv_lens:
-        for j in range(_cdiv(n, page)):
-            rows = min(page, n - j * page)
-            kp[perm[p], :, :rows] = k[t + j * page : t + j * page + rows].transpose(0, 1)
-            vp[perm[p], :, :rows] = v[t + j * page : t + j * page + rows].transpose(0, 1)
-            p += 1
-        t += n
-    return kp, vp, perm.to(k.device)
+    """Scatter ragged K/V into a shuffled page pool with a few pages nobody uses; (k_pages, v_pages, kv_indices)."""
+    return paged_cache(k, v, kv_lens, page=page, seed=seed, spare_pages=3)
 
 
 CASES = [

@@ -12,7 +12,7 @@ import pytest
 import torch
 from msa.core.kernels import fmha_sm90 as k90
 from msa.core.kernels import fmha_sm90_qouter as qo
-from msa_core_testutil import check_fmha_output
+from msa_core_testutil import check_fmha_output, paged_cache
 
 BLOCK = 128
 
@@ -213,24 +213,9 @@ def _gpu_or_skip():
 
 
 def _paged(k, v, kv_lens, seed):
-    """K/V copied into a shuffled page-128 cache [pages, Hkv, 128, D] + the flat page table (request-major). Slots no
-    request owns hold random finite garbage: like the dense paged kernel, the sparse-Q kernel requires finite values
-    there (P = 0 there, but 0 * NaN = NaN in the PV GEMM; clearing those V rows is future work)."""
-    g = torch.Generator().manual_seed(seed + 7)
-    n_pages = [-(-n // BLOCK) for n in kv_lens]
-    total = sum(n_pages)
-    perm = torch.randperm(total, generator=g)  # logical slot s lives in physical page perm[s]
-    kp = torch.randn((total, k.shape[1], BLOCK, k.shape[2]), generator=g).to(k.dtype)
-    vp = torch.randn((total, k.shape[1], BLOCK, k.shape[2]), generator=g).to(k.dtype)
-    slot = tok = 0
-    for n, pages in zip(kv_lens, n_pages):
-        for j in range(pages):
-            rows = min(BLOCK, n - j * BLOCK)
-            kp[perm[slot], :, :rows] = k[tok + j * BLOCK : tok + j * BLOCK + rows].transpose(0, 1)
-            vp[perm[slot], :, :rows] = v[tok + j * BLOCK : tok + j * BLOCK + rows].transpose(0, 1)
-            slot += 1
-        tok += n
-    return kp, vp, perm.to(torch.int32)
+    """K/V in a shuffled page-128 cache + its flat page table. Unowned slots hold random finite garbage: like the dense
+    paged kernel, the sparse-Q kernel needs finite values there (P = 0 there, but 0 * NaN = NaN in the PV GEMM)."""
+    return paged_cache(k, v, kv_lens, page=BLOCK, seed=seed + 7)
 
 
 def _run(case, routed_every=None, seed=0):

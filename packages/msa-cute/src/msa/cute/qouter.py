@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from msa.core.validation import check_int, check_tensor, validation_enabled
+from msa.core.kernels.qouter_union import check_item_tables
+from msa.core.validation import check_int, check_tensor
 
 from ._common import cdiv, check_compute_device
 
@@ -161,26 +162,6 @@ class QouterUnions(NamedTuple):
     order: torch.Tensor
 
 
-def _check_item_table(name, t, num_items, device):
-    check_tensor(name, t, dtype=torch.int32, ndim=1, shape=[num_items], device=device)
-
-
-def _validate_items(kv_block_indexes, item_token0, item_ntok, item_kv_head, T):
-    total_q, hkv, _ = kv_block_indexes.shape
-    t0 = item_token0.cpu().to(torch.int64)
-    nt = item_ntok.cpu().to(torch.int64)
-    hh = item_kv_head.cpu().to(torch.int64)
-    for name, bad, what in (
-        ("item_ntok", (nt < 1) | (nt > T), f"in [1, T = {T}]"),
-        ("item_token0", (t0 < 0) | (t0 + nt > total_q), f"with item_token0 + item_ntok <= total_q = {total_q}"),
-        ("item_kv_head", (hh < 0) | (hh >= hkv), f"in [0, Hkv = {hkv})"),
-    ):
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            raise ValueError(f"{name}: expected values {what}; item {i} has token0 {int(t0[i])}, ntok {int(nt[i])}, "
-                             f"kv head {int(hh[i])}")
-
-
 def _qouter_union_kernel():
     from msa.core.kernels import qouter_union  # noqa: PLC0415 - JIT module, loaded on first CUDA call
 
@@ -246,12 +227,8 @@ def build_qouter_unions(
     umax = T * kv_block_indexes.shape[2] if umax is None else check_int("umax", umax, min=0)
     if route_max is not None:
         route_max = check_int("route_max", route_max, min=0)
-    for name, t in (("item_token0", item_token0), ("item_ntok", item_ntok), ("item_kv_head", item_kv_head)):
-        _check_item_table(name, t, num_items, dev)
-    if item_kv_blocks is not None:
-        _check_item_table("item_kv_blocks", item_kv_blocks, num_items, dev)
-    if validation_enabled(validate):
-        _validate_items(kv_block_indexes, item_token0, item_ntok, item_kv_head, T)
+    check_item_tables(kv_block_indexes, item_token0, item_ntok, item_kv_head, item_kv_blocks, num_items=num_items,
+                      T=T, validate=validate)
     if _use_cuda_builder(kv_block_indexes, T):
         return QouterUnions(*_qouter_union_kernel().build(
             kv_block_indexes, item_token0, item_ntok, item_kv_head, T=T, num_items=num_items, umax=umax,

@@ -64,12 +64,20 @@ def available(device) -> tuple[bool, str]:
     return cuda_kernel_available(device, "the Q-outer union builder")
 
 
-def _check_item_table(name: str, t, num_items: int, device) -> None:
-    check_tensor(name, t, dtype=torch.int32, ndim=1, shape=[num_items], device=device)
+def check_item_tables(kv_block_indexes, item_token0, item_ntok, item_kv_head, item_kv_blocks, *, num_items: int,
+                      T: int, validate: bool | None = None) -> None:
+    """The Q-outer item tables' dtype / shape / device (always) and values (with validation on: one device -> host
+    copy). Shared by this kernel's :func:`build` and ``msa.cute.qouter.build_qouter_unions``."""
+    dev = kv_block_indexes.device
+    for name, t in (("item_token0", item_token0), ("item_ntok", item_ntok), ("item_kv_head", item_kv_head),
+                    ("item_kv_blocks", item_kv_blocks)):
+        if t is not None:
+            check_tensor(name, t, dtype=torch.int32, ndim=1, shape=[num_items], device=dev)
+    if validation_enabled(validate):
+        _validate_items(kv_block_indexes, item_token0, item_ntok, item_kv_head, T)
 
 
 def _validate_items(kv_block_indexes, item_token0, item_ntok, item_kv_head, T: int) -> None:
-    """Host check of the item tables' values (one device -> host copy; only when validation is on)."""
     total_q, hkv, _ = kv_block_indexes.shape
     t0 = item_token0.cpu().to(torch.int64)
     nt = item_ntok.cpu().to(torch.int64)
@@ -124,12 +132,8 @@ def build(
     cap = umax
     if route_max is not None:
         cap = min(umax, check_int("route_max", route_max, min=0))
-    for name, t in (("item_token0", item_token0), ("item_ntok", item_ntok), ("item_kv_head", item_kv_head)):
-        _check_item_table(name, t, num_items, dev)
-    if item_kv_blocks is not None:
-        _check_item_table("item_kv_blocks", item_kv_blocks, num_items, dev)
-    if validation_enabled(validate):
-        _validate_items(kv_block_indexes, item_token0, item_ntok, item_kv_head, T)
+    check_item_tables(kv_block_indexes, item_token0, item_ntok, item_kv_head, item_kv_blocks, num_items=num_items,
+                      T=T, validate=validate)
     total_q, _, topk = kv_block_indexes.shape
     words = -(-T // MASK_BITS)
     i32 = dict(dtype=torch.int32, device=dev)
