@@ -615,6 +615,18 @@ def test_row_launch_shapes(monkeypatch, g, warps):
         _check(scores, 16, None, 0, 1)
 
 
+def _check_cluster_edge_rows(gen):
+    """The cluster-path cases every launch shape / variant must pass: NaN, ascending, causal -inf tails and signed
+    zeros with a scalar / no / per-token nvp, then slices past K (64-block minimum)."""
+    for kind in ("nan", "ascending", "causal", "zeros_signed"):
+        scores = make_scores(kind, 3, 1500, 70, torch.float32, gen).cuda()
+        _check(scores, 7, 650, 0, 0)
+        _check(scores, 33, None, 0, 0)
+        _check(scores, 16, random_nvp(70, 1500, gen).cuda(), 1, 2)
+    scores = make_scores("randn", 1, 100, 9, torch.float32, gen).cuda()
+    _check(scores, 16, None, 0, 1)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("g,slices,warps", [(1, 1, 1), (1, 8, 8), (2, 8, 8), (4, 8, 8), (8, 8, 8), (8, 4, 16),
                                             (16, 8, 16), (8, 3, 8), (2, 5, 4), (32, 2, 32)])
@@ -634,13 +646,7 @@ def test_cluster_launch_shapes(monkeypatch, g, slices, warps):
         scores = make_scores("randn", 2, 8192 if g <= 8 else 2048, 64, dtype, gen).cuda()
         _check(scores, 16, None, 0, 1)
         _check(scores, 48, random_nvp(64, scores.shape[1], gen).cuda(), 1, 1)
-    for kind in ("nan", "ascending", "causal", "zeros_signed"):
-        scores = make_scores(kind, 3, 1500, 70, torch.float32, gen).cuda()
-        _check(scores, 7, 650, 0, 0)
-        _check(scores, 33, None, 0, 0)
-        _check(scores, 16, random_nvp(70, 1500, gen).cuda(), 1, 2)
-    scores = make_scores("randn", 1, 100, 9, torch.float32, gen).cuda()  # slices past K (64-block minimum)
-    _check(scores, 16, None, 0, 1)
+    _check_cluster_edge_rows(gen)
 
 
 @pytest.mark.gpu
@@ -664,13 +670,7 @@ def test_cluster_variants(monkeypatch, flags, g, slices, warps):
         _check(scores, 16, None, 0, 1)
         _check(scores, 1, None, 0, 0)
         _check(scores, 48, random_nvp(64, 8192, gen).cuda(), 1, 1)
-    for kind in ("nan", "ascending", "causal", "zeros_signed"):
-        scores = make_scores(kind, 3, 1500, 70, torch.float32, gen).cuda()
-        _check(scores, 7, 650, 0, 0)
-        _check(scores, 33, None, 0, 0)
-        _check(scores, 16, random_nvp(70, 1500, gen).cuda(), 1, 2)
-    scores = make_scores("randn", 1, 100, 9, torch.float32, gen).cuda()  # slices past K (64-block minimum)
-    _check(scores, 16, None, 0, 1)
+    _check_cluster_edge_rows(gen)
     scores = make_scores("ties", 4, 4096, 64, torch.float32, gen).cuda()
     assert torch.equal(_check(scores, 16, None, 0, 1), _kernel_call(scores, 16, None, 0, 1))  # deterministic
 
