@@ -92,8 +92,9 @@ def matmul_tflops(warmup: int, reps: int) -> float:
 
 
 CASES = {
-    # name: (batch, hq, hkv, seqlen, causal, paged[, qo_len]): qo_len (default seqlen) < seqlen is a decode- /
-    # chunk-shaped case (non-causal only: SDPA's is_causal aligns top-left when the lengths differ)
+    # name: (batch, hq, hkv, seqlen, causal, paged[, qo_len[, head_dim]]): paged is False, True (page 128) or a page
+    # size; qo_len (default seqlen) < seqlen is a decode- / chunk-shaped case (non-causal only: SDPA's is_causal
+    # aligns top-left when the lengths differ); head_dim defaults to 128
     "default": [
         ("B2 H32 S8K noncausal", 2, 32, 32, 8192, False, False),
         ("B2 H32 S8K causal", 2, 32, 32, 8192, True, False),
@@ -115,6 +116,16 @@ CASES = {
     "paged": [
         ("B2 H32 S8K causal paged", 2, 32, 32, 8192, True, True),
         ("B1 Hq64/Hkv4 S16K causal paged", 1, 64, 4, 16384, True, True),
+    ],
+    # page sizes other than 128 (one module; each case also times ragged K/V interleaved)
+    "pagesizes": [
+        (f"B2 H32 S8K causal paged{ps}", 2, 32, 32, 8192, True, ps) for ps in (16, 32, 64, 128, 256)
+    ],
+    # head dim 256 (64-key tiles): vs cuDNN / FA2 SDPA, and paged
+    "d256": [
+        ("B2 H16 S8K d256 noncausal", 2, 16, 16, 8192, False, False, None, 256),
+        ("B2 H16 S8K d256 causal", 2, 16, 16, 8192, True, False, None, 256),
+        ("B2 H16 S8K d256 causal paged", 2, 16, 16, 8192, True, True, None, 256),
     ],
 }
 
@@ -149,17 +160,18 @@ def bench_case(
     k = torch.randn(tk, hkv, d, device=dev, dtype=dtype)
     v = torch.randn(tk, hkv, d, device=dev, dtype=dtype)
     qlens, lens = [qo] * batch, [seqlen] * batch
-    plan = mc.fmha_plan(qlens, lens, hq, hkv, causal=causal, page_size=128 if paged else None, device=dev)
+    page = (128 if paged is True else int(paged)) if paged else None
+    plan = mc.fmha_plan(qlens, lens, hq, hkv, causal=causal, page_size=page, device=dev)
     kv_indices = None
     kk, vv = k, v
     if paged:
-        pages = batch * seqlen // 128
+        pages = batch * seqlen // page
         perm = torch.randperm(pages, device=dev).to(torch.int32)
-        # page perm[p] holds logical page p: [pages, Hkv, 128, D]
-        kk = torch.empty(pages, hkv, 128, d, device=dev, dtype=dtype)
+        # page perm[p] holds logical page p: [pages, Hkv, page, D]
+        kk = torch.empty(pages, hkv, page, d, device=dev, dtype=dtype)
         vv = torch.empty_like(kk)
-        kk[perm.long()] = k.view(pages, 128, hkv, d).transpose(1, 2)
-        vv[perm.long()] = v.view(pages, 128, hkv, d).transpose(1, 2)
+        kk[perm.long()] = k.view(pages, page, hkv, d).transpose(1, 2)
+        vv[perm.long()] = v.view(pages, page, hkv, d).transpose(1, 2)
         kv_indices = perm
     out = torch.empty_like(q)
     rows = []
@@ -180,17 +192,19 @@ def bench_case(
 
         impls["msa ragged (same run)"] = ours_ragged
     failed = []
-    kp = k90._kernel_plan(plan, d, q.element_size(), dev)
+    kp = k90._kernel_plan(plan, d, q.element_size(), dev, k90.default_block_n(d))
     if kp.split != (0, 1):
         print(f"  {name}: split-KV tail {kp.split} ({kp.combine.shape[0]} items cut)", flush=True)
-        kp_whole = k90.plan(qlens, lens, hq, hkv, causal=causal, paged=paged, split_kv=None, device=dev)
+        kp_whole = k90.plan(qlens, lens, hq, hkv, causal=causal, paged=bool(paged), page_size=page or 128,
+                            split_kv=None, head_dim=d, device=dev)
 
         def ours_no_split():
             k90.run(q, kk, vv, kp_whole, kv_indices=kv_indices, out=out, causal=causal)
 
         impls["msa (no split)"] = ours_no_split
         for ks in split_ab:  # other split choices on the same case: calibrates the cost model
-            kp_alt = k90.plan(qlens, lens, hq, hkv, causal=causal, paged=paged, split_kv=ks, device=dev)
+            kp_alt = k90.plan(qlens, lens, hq, hkv, causal=causal, paged=bool(paged), page_size=page or 128,
+                              split_kv=ks, head_dim=d, device=dev)
 
             def ours_alt_split(kp_alt=kp_alt):
                 k90.run(q, kk, vv, kp_alt, kv_indices=kv_indices, out=out, causal=causal)
@@ -217,7 +231,7 @@ def bench_case(
                 ("o_maxscore", "msa o+maxscore alt", ours_o_ms),
                 ("maxscore", "msa maxscore alt", ours_ms_only),
             ):
-                path = Path(compare_maxscore) / f"{k90.variant_tag(k90.DTYPES[dtype], d, causal, paged, mode)}.so"
+                path = Path(compare_maxscore) / f"{k90.variant_tag(k90.DTYPES[dtype], d, causal, bool(paged), mode)}.so"
                 if not path.is_file():
                     continue
                 alt_mod = tvm_ffi.load_module(str(path))
@@ -236,7 +250,7 @@ def bench_case(
 
         import tvm_ffi
 
-        tag = k90.variant_tag(k90.DTYPES[dtype], d, causal, paged)
+        tag = k90.variant_tag(k90.DTYPES[dtype], d, causal, bool(paged))
         path = Path(compare) / f"{tag}.so"
         if path.is_file():
             alt = tvm_ffi.load_module(str(path))
@@ -410,7 +424,8 @@ def print_fp8(results: list) -> None:
 
 
 def prebuild(directory: str) -> int:
-    """Build every variant the tests and this bench use (bf16 + fp16, d128, causal x paged; bf16 max-score modes)."""
+    """Build every variant the tests and this bench use (bf16 + fp16, d128, causal x paged; bf16 max-score modes;
+    bf16 d256)."""
     import shutil
     from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
@@ -423,6 +438,7 @@ def prebuild(directory: str) -> int:
     variants += [
         ("bfloat16", 128, c, pg, m) for m in ("o_maxscore", "maxscore") for c in (True, False) for pg in (False, True)
     ]
+    variants += [("bfloat16", 256, c, pg, "o") for c in (True, False) for pg in (False, True)]  # --cases d256
 
     def build(v):
         entry = k90.jit_spec(*v[:4], mode=v[4]).build()
@@ -485,7 +501,7 @@ def main(argv=None) -> int:
                 s,
                 causal,
                 paged,
-                128,
+                case[8] if len(case) > 8 else 128,
                 dtype,
                 args.warmup,
                 args.reps,

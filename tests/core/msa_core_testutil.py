@@ -24,15 +24,17 @@ def check_fmha_output(out, lse, ref_o, ref_lse, o_bound: float) -> None:
 
 def paged_cache(k, v, kv_lens, page: int = 128, seed: int = 0, spare_pages: int = 0):
     """Ragged K/V ``[total_kv, Hkv, D]`` scattered into a shuffled page pool ``[pages + spare_pages, Hkv, page, D]``
-    (request-major logical pages, each at a random physical page); slots no request owns hold random finite garbage.
+    (request-major logical pages, each at a random physical page). Slots no request owns (spare pages, the tail of a
+    request's last page) hold NaN: the kernels must mask K there and keep V there out of the PV GEMM (0 * NaN = NaN),
+    so any garbage that reaches an output shows up as NaN.
     Returns ``(k_pages, v_pages, kv_indices)`` (int32 flat page table, on k's device)."""
     n_pages = sum(-(-n // page) for n in kv_lens)
     pool = n_pages + spare_pages
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(pool, generator=g)[:n_pages].to(torch.int32)
     hkv, d = k.shape[1], k.shape[2]
-    kp = torch.randn(pool, hkv, page, d, generator=g).to(k.device, k.dtype)
-    vp = torch.randn(pool, hkv, page, d, generator=g).to(k.device, k.dtype)
+    kp = torch.full((pool, hkv, page, d), float("nan"), dtype=k.dtype, device=k.device)
+    vp = torch.full((pool, hkv, page, d), float("nan"), dtype=k.dtype, device=k.device)
     t = p = 0
     for n in kv_lens:
         for j in range(-(-n // page)):

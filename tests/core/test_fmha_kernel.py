@@ -188,6 +188,49 @@ def test_plan_sizes_the_split_workspace():
     assert none.split == (0, 1) and none.combine.shape[0] == 0 and none.num_work == 16
 
 
+@pytest.mark.parametrize("page", [16, 32, 64, 128, 256])
+def test_paged_plan_counts_pages_of_its_page_size(page):
+    """kv_start of a paged item = the request's first entry in the flat page table: sum ceil(kv_len / P) before it;
+    the tiles (n_block_max) stay 128-key tiles whatever the page size."""
+    kv = [129, 300, 1500, 1]
+    kp = k90.plan([1, 190, 700, 1], kv, 8, 1, causal=True, paged=True, page_size=page, device="cpu", split_kv=None)
+    assert kp.page_size == page and kp.block_n == 128
+    starts = [sum(-(-n // page) for n in kv[:i]) for i in range(len(kv))]
+    for row in kp.work.tolist():
+        req = next(i for i, n in enumerate(kv) if n == row[3])
+        assert row[2] == starts[req]
+        assert row[7] <= -(-kv[req] // 128)
+    ragged = k90.plan([1, 190, 700, 1], kv, 8, 1, causal=True, device="cpu", split_kv=None)
+    assert ragged.page_size is None
+    assert sorted(map(tuple, kp.work[:, [0, 3, 4, 5, 7]].tolist())) == sorted(
+        map(tuple, ragged.work[:, [0, 3, 4, 5, 7]].tolist())
+    )
+    with pytest.raises(ValueError, match="page_size"):
+        k90.plan([1], [1], 1, 1, causal=True, paged=True, page_size=48, device="cpu")
+
+
+def test_head_dim_256_plans_64_key_tiles():
+    kp = k90.plan([300], [1000], 4, 1, causal=True, head_dim=256, device="cpu", split_kv=None)
+    assert kp.block_n == k90.default_block_n(256) == 64
+    assert int(kp.work[:, 7].max()) == -(-1000 // 64)
+    assert k90.default_block_n(128) == k90.default_block_n(64) == 128
+    assert k90.default_block_n(128, 256) == k90.default_block_n(256, 64) == 64 and k90.default_block_n(64, 128) == 128
+    kp = k90.plan([100, 3], [20000, 9000], 8, 2, causal=False, device="cpu", num_sms=132, head_dim=128, head_dim_v=64)
+    assert kp.block_n == 128 and kp.partial_o.shape[1:] == (128, 64)  # split-KV partials at Dv
+
+
+def test_dqk_dv_variants_have_their_own_module_names():
+    assert k90.variant_tag("bfloat16", 128, True, False) == k90.variant_tag("bfloat16", 128, True, False, "o", 128)
+    assert k90.variant_tag("bfloat16", 128, True, False, "o", 64) == "fmha_sm90_bfloat16_d128v64_causal1_paged0"
+    same = k90.jit_spec("bfloat16", 128, True, False)
+    assert k90.jit_spec("bfloat16", 128, True, False, head_dim_v=128).name == same.name
+    assert "head_dim_v=64" in k90.jit_spec("bfloat16", 128, True, False, head_dim_v=64).name
+    with pytest.raises(NotImplementedError, match="Dqk != Dv"):
+        k90.jit_spec("bfloat16", 128, True, False, mode="o_maxscore", head_dim_v=64)
+    with pytest.raises(ValueError, match="head_dim_v"):
+        k90.jit_spec("bfloat16", 128, True, False, head_dim_v=96)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Feature gate and warmup specs
 # ---------------------------------------------------------------------------------------------------------
@@ -196,6 +239,9 @@ def test_plan_sizes_the_split_workspace():
 def test_supports_names_what_is_missing():
     ok, _ = k90.supports(dtype=torch.bfloat16, head_dim_qk=128, head_dim_v=128, page_size=None)
     assert ok
+    for dqk, dv, ps in ((256, 256, 16), (128, 64, 256), (64, 256, 32)):  # mode O: any pair of built dims, any page
+        ok, why = k90.supports(dtype=torch.float16, head_dim_qk=dqk, head_dim_v=dv, page_size=ps)
+        assert ok, why
     for o, ms in ((True, True), (False, True)):  # the max-score modes: GPU-tested with bf16 and fp16
         for dt in (torch.bfloat16, torch.float16):
             ok, why = k90.supports(dtype=dt, head_dim_qk=128, head_dim_v=128, output_o=o, output_maxscore=ms)
@@ -203,10 +249,15 @@ def test_supports_names_what_is_missing():
     for kwargs, word in [
         ({"dtype": torch.float32}, "dtype"),
         ({"dtype": torch.float8_e4m3fn, "page_size": 128}, "paged"),  # fp8: ragged only (test_fmha_fp8.py)
-        ({"head_dim_qk": 256, "head_dim_v": 256}, "head dim"),
+        ({"head_dim_qk": 256, "head_dim_v": 256, "output_maxscore": True}, "head dim"),  # d256: mode O only
+        ({"head_dim_qk": 256, "head_dim_v": 128, "output_maxscore": True}, "head dim"),  # Dqk != Dv: mode O only
+        ({"head_dim_qk": 128, "head_dim_v": 64, "dtype": torch.float8_e4m3fn}, "head dim"),
+        ({"head_dim_qk": 128, "head_dim_v": 192}, "head dim"),
+        ({"head_dim_qk": 192, "head_dim_v": 192}, "head dim"),
         ({"head_dim_qk": 64, "head_dim_v": 64, "output_maxscore": True}, "head dim"),  # d64: mode O only
         ({"head_dim_qk": 64, "head_dim_v": 64, "dtype": torch.float8_e4m3fn}, "head dim"),
-        ({"page_size": 64}, "page_size"),
+        ({"page_size": 8}, "page_size"),
+        ({"page_size": 512}, "page_size"),
         ({"output_maxscore": True, "dtype": torch.float8_e4m3fn}, "max_score"),
         ({"output_o": False, "dtype": torch.float8_e4m3fn}, "output_o"),
         ({"sparse": True}, "sparse"),
@@ -231,7 +282,10 @@ def test_run_refuses_unimplemented_modes_before_touching_the_device():
         k90.run(q[..., :64], k[..., :64], k[..., :64], kp, causal=True, output_maxscore=True)
     q256 = torch.zeros(4, 2, 256, dtype=torch.bfloat16)
     with pytest.raises(NotImplementedError, match="head dims"):
-        k90.run(q256, q256[:, :1], q256[:, :1], kp, causal=True)
+        k90.run(q256, q256[:, :1], q256[:, :1], kp, causal=True, output_maxscore=True)
+    q192 = torch.zeros(4, 2, 192, dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="head dims"):
+        k90.run(q192, q192[:, :1], q192[:, :1], kp, causal=True)
     with pytest.raises(NotImplementedError, match="per-head"):
         k90.run(q, k, k, kp, causal=True, q_scale=torch.ones(2))
 
@@ -256,7 +310,7 @@ def test_run_hands_each_mode_its_module_and_buffers(output_o, monkeypatch):
         q, k, k if output_o else None, kp, max_score=ms, output_o=output_o, output_maxscore=True, causal=True
     )
     key, args = calls
-    assert key == ("bfloat16", 128, True, False, "o_maxscore" if output_o else "maxscore")
+    assert key == ("bfloat16", 128, True, False, "o_maxscore" if output_o else "maxscore", None)
     assert got_ms is ms and args[11] is ms
     if output_o:
         assert out is not None and args[3] is out and args[8].shape[0] == kp.combine.shape[0] > 0
@@ -269,11 +323,11 @@ def test_run_hands_each_mode_its_module_and_buffers(output_o, monkeypatch):
 
 
 def test_jit_specs_cover_the_preset_and_refuse_sm100():
-    specs = k90.jit_specs({"dtypes": ["bf16", "fp8"], "head_dim": [64, 128, 256]}, "sm_90a")
+    specs = k90.jit_specs({"dtypes": ["bf16", "fp8"], "head_dim": [64, 128, 192, 256]}, "sm_90a")
     names = sorted(s.name for s in specs)
-    assert len(names) == 10 and not any("head_dim=256" in n for n in names)
-    assert sum("dtype=bfloat16" in n and "head_dim=128" in n for n in names) == 4  # causal x paged
-    assert sum("dtype=bfloat16" in n and "head_dim=64" in n for n in names) == 4
+    assert len(names) == 14 and not any("head_dim=192" in n for n in names)
+    for d in (64, 128, 256):  # causal x paged (one paged module serves every page size)
+        assert sum("dtype=bfloat16" in n and f"head_dim={d}," in n for n in names) == 4
     fp8 = [n for n in names if "dtype=float8_e4m3fn" in n]
     assert len(fp8) == 2 and all("paged=False" in n and "head_dim=128" in n for n in fp8)  # fp8: ragged d128 only
     assert k90.jit_specs({"dtypes": ["bf16"], "head_dim": [128]}, "sm_100a") == []
@@ -306,7 +360,7 @@ def reference(q, k, v, qo_lens, kv_lens, qo_offsets, causal, sm_scale):
     """fp32 attention per request (K/V already gathered to ragged [total_kv, Hkv, D])."""
     hq, hkv = q.shape[1], k.shape[1]
     g = hq // hkv
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    out = torch.zeros(*q.shape[:2], v.shape[-1], dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:2], -math.inf, dtype=torch.float32, device=q.device)
     qs = ks = 0
     for qo, kv, off in zip(qo_lens, kv_lens, qo_offsets):
@@ -334,7 +388,8 @@ def _paged_copy(k, v, kv_lens, page=128, seed=0):
 
 
 CASES = [
-    # name, qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset (None: kv - qo)
+    # name, qo_lens, kv_lens, hq, hkv, causal, paged (False, True = page 128, or a page size), dtype, qo_offset
+    # (None: kv - qo)
     ("single-odd", [77], [77], 4, 4, True, False, torch.bfloat16, None),
     ("prefill-multi", [1, 129, 256, 1000], [1, 129, 300, 1000], 8, 2, True, False, torch.bfloat16, None),
     ("noncausal-ragged", [33, 500, 128], [700, 1, 257], 8, 8, False, False, torch.bfloat16, None),
@@ -349,6 +404,26 @@ CASES = [
     # head dim 64 (10th field; default 128)
     ("d64-causal-gqa", [1, 300, 1000], [129, 900, 1000], 8, 2, True, False, torch.bfloat16, None, 64),
     ("d64-fp16-paged-noncausal", [64, 400], [5, 1000], 8, 8, False, True, torch.float16, None, 64),
+    # page sizes other than 128: a 128-key tile from 128 / P pages (P < 128, the last tile's missing pages repeat the
+    # last page), or part of a page (P = 256); lengths that end mid-page and mid-tile
+    ("paged16-causal", [1, 190, 700], [129, 300, 1500], 8, 1, True, 16, torch.bfloat16, None),
+    ("paged32-noncausal", [64, 400], [5, 1000], 8, 8, False, 32, torch.bfloat16, None),
+    ("paged64-fp16-causal-gqa", [300, 100], [700, 333], 8, 2, True, 64, torch.float16, None),
+    ("paged256-causal", [1, 190, 700], [129, 300, 1500], 8, 1, True, 256, torch.bfloat16, None),
+    ("paged256-noncausal", [64, 400], [5, 1000], 8, 8, False, 256, torch.bfloat16, None),
+    ("d64-fp16-paged16-noncausal", [64, 400], [5, 1000], 8, 8, False, 16, torch.float16, None, 64),
+    # head dim 256 (64-key tiles)
+    ("d256-causal-gqa", [1, 300, 1000], [129, 900, 1000], 8, 2, True, False, torch.bfloat16, None, 256),
+    ("d256-fp16-noncausal-ragged", [33, 500, 128], [700, 1, 257], 4, 4, False, False, torch.float16, None, 256),
+    ("d256-offset-unseen-rows", [300, 260], [300, 500], 4, 1, True, False, torch.bfloat16, [-200, 17], 256),
+    ("d256-paged-causal", [1, 190, 700], [129, 300, 1500], 8, 1, True, True, torch.bfloat16, None, 256),
+    ("d256-paged16-noncausal", [64, 400], [5, 1000], 8, 8, False, 16, torch.bfloat16, None, 256),
+    ("d256-paged256-causal", [300, 100], [700, 333], 8, 2, True, 256, torch.bfloat16, None, 256),
+    # Dqk != Dv (10th field (Dqk, Dv)): O, split-KV partials and the combine run at Dv
+    ("dqk128-dv64-causal-gqa", [1, 300, 1000], [129, 900, 1000], 8, 2, True, False, torch.bfloat16, None, (128, 64)),
+    ("dqk64-dv128-paged32-noncausal", [64, 400], [5, 1000], 8, 8, False, 32, torch.float16, None, (64, 128)),
+    ("dqk256-dv128-causal", [300, 260], [300, 500], 4, 1, True, False, torch.bfloat16, [-200, 17], (256, 128)),
+    ("dqk128-dv256-paged-causal", [1, 190, 700], [129, 300, 1500], 8, 1, True, True, torch.bfloat16, None, (128, 256)),
 ]
 
 
@@ -358,31 +433,33 @@ def _run_case(qo_lens, kv_lens, hq, hkv, causal, paged, dtype, qo_offset, d=128,
 
     dev = torch.device("cuda")
     torch.manual_seed(seed)
+    d, dv = d if isinstance(d, tuple) else (d, d)
     tq, tk = sum(qo_lens), sum(kv_lens)
     q = torch.randn(tq, hq, d, device=dev, dtype=dtype)
     k = torch.randn(tk, hkv, d, device=dev, dtype=dtype)
-    v = torch.randn(tk, hkv, d, device=dev, dtype=dtype)
+    v = torch.randn(tk, hkv, dv, device=dev, dtype=dtype)
     offs = [kv - qo for qo, kv in zip(qo_lens, kv_lens)] if qo_offset is None else qo_offset
+    page = (128 if paged is True else int(paged)) if paged else None
     plan = mc.fmha_plan(
         qo_lens,
         kv_lens,
         hq,
         hkv,
-        page_size=128 if paged else None,
+        page_size=page,
         causal=causal,
         qo_offset=qo_offset if causal else None,
         device=dev,
     )
     kk, vv, idx = (k, v, None)
     if paged:
-        kk, vv, idx = _paged_copy(k, v, kv_lens, seed=seed)
-    out = torch.full((tq, hq, d), float("nan"), device=dev, dtype=dtype)
+        kk, vv, idx = _paged_copy(k, v, kv_lens, page=page, seed=seed)
+    out = torch.full((tq, hq, dv), float("nan"), device=dev, dtype=dtype)
     lse = torch.full((tq, hq), float("nan"), device=dev, dtype=torch.float32)
     sm = 1.0 / math.sqrt(d)
     if split_kv != "auto":  # a KernelPlan with a forced split-KV choice
         kp = k90.plan(
-            qo_lens, kv_lens, hq, hkv, causal=causal, qo_offset=offs, paged=paged, split_kv=split_kv, head_dim=d,
-            device=dev
+            qo_lens, kv_lens, hq, hkv, causal=causal, qo_offset=offs, paged=bool(paged), page_size=page or 128,
+            split_kv=split_kv, head_dim=d, head_dim_v=dv, device=dev
         )
         assert split_kv is None or kp.combine.shape[0] > 0, "the forced split did not cut any item"
         k90.run(q, kk, vv, kp, kv_indices=idx, out=out, lse=lse, return_lse=True, causal=causal)
@@ -425,6 +502,12 @@ SPLIT_CASES = [
     ("fp16-paged-noncausal", (10**6, 4)),
     ("long-gqa8", (40, 7)),
     ("d64-causal-gqa", (10**6, 3)),  # the combine kernel's 64-dim tail chunk
+    ("paged16-causal", (10**6, 3)),
+    ("paged256-noncausal", (10**6, 5)),
+    ("d256-causal-gqa", (10**6, 3)),  # two 128-dim chunks per row in the combine
+    ("d256-paged16-noncausal", (10**6, 4)),
+    ("dqk128-dv64-causal-gqa", (10**6, 3)),  # partial O and the combine at Dv = 64
+    ("dqk128-dv256-paged-causal", (10**6, 2)),
 ]
 
 
@@ -494,6 +577,8 @@ MAX_SCORE_CASES = [
     ("causal-paged", [64, 400], [129, 1000], 8, 1, True, True, None, "auto"),
     ("noncausal-paged-split", [100, 300], [1000, 128], 4, 4, False, True, None, (10**6, 3)),
     ("causal-ragged-split", [256, 1000], [600, 1000], 8, 2, True, False, None, (10**6, 4)),
+    ("causal-paged32", [1, 190, 700], [129, 300, 1500], 8, 2, True, 32, None, "auto"),
+    ("noncausal-paged256-split", [64, 400], [5, 1000], 4, 4, False, 256, None, (10**6, 3)),
 ]
 
 
@@ -521,9 +606,11 @@ def test_max_score_matches_reference(case, output_o, dtype, monkeypatch):
     v = torch.randn(tk, hkv, d, device=dev, dtype=dtype)
     offs = [b - a for a, b in zip(qo_lens, kv_lens)] if qo_offset is None else qo_offset
     kk, vv, idx = (k, v, None)
+    page = (128 if paged is True else int(paged)) if paged else 128
     if paged:
-        kk, vv, idx = _paged_copy(k, v, kv_lens, seed=5)
-    kp = k90.plan(qo_lens, kv_lens, hq, hkv, causal=causal, qo_offset=offs, paged=paged, split_kv=split, device=dev)
+        kk, vv, idx = _paged_copy(k, v, kv_lens, page=page, seed=5)
+    kp = k90.plan(qo_lens, kv_lens, hq, hkv, causal=causal, qo_offset=offs, paged=bool(paged), page_size=page,
+                  split_kv=split, device=dev)
     tiles = default_max_k_tiles(max(kv_lens))
     ms = torch.full((hq, tiles, tq), float("nan"), device=dev, dtype=torch.float32)
     out = torch.full((tq, hq, d), float("nan"), device=dev, dtype=dtype) if output_o else None

@@ -18,6 +18,7 @@ import importlib
 
 import pytest
 import torch
+from msa.core.kernels.qouter_union import ORDER_TILE_MIN_ITEMS, item_order
 from msa.cute.qouter import (
     MASK_BITS,
     build_qouter_unions,
@@ -114,7 +115,9 @@ def py_unions(sel, items, umax, route_max):
                     w = mask[i][u][t // MASK_BITS] | (1 << (t % MASK_BITS))
                     mask[i][u][t // MASK_BITS] = w
     to32 = [[[w - (1 << 32) if w >= 1 << 31 else w for w in row] for row in it] for it in mask]
-    order = sorted(range(n), key=lambda i: -ulen[i])  # Python's sort is stable
+    order = sorted(range(n), key=lambda i: -ulen[i])  # Python's sort is stable: item_order's "lpt"
+    if n >= ORDER_TILE_MIN_ITEMS:  # item_order's "auto" for many items: the enumeration order
+        order = list(range(n))
     return (torch.tensor(union, dtype=torch.int32).view(n, umax), torch.tensor(ulen, dtype=torch.int32),
             torch.tensor(to32, dtype=torch.int32).view(n, umax, words), torch.tensor(order, dtype=torch.int32))
 
@@ -487,3 +490,25 @@ def test_gpu_kernel_fp16():
                                       causal=True, T=it.T, sm_scale=0.1)
     rows = torch.ones(sum(q_lens), hq, dtype=torch.bool, device=qd.device)
     _check_kernel(out, lse, o_ref, lse_ref, rows, 4e-3)
+
+
+def test_item_order_policies(monkeypatch):
+    """lpt: union_len descending, stable (unrouted -1 last); tile: enumeration order; auto: tile from
+    ORDER_TILE_MIN_ITEMS items on; the environment variable picks the default; a bad name is refused."""
+    g = torch.Generator().manual_seed(3)
+    small = torch.randint(-1, 40, (300,), generator=g, dtype=torch.int32)
+    lpt = item_order(small, "lpt")
+    assert lpt.dtype == torch.int32 and sorted(lpt.tolist()) == list(range(300))
+    vals = small[lpt.long()]
+    assert (vals[:-1] >= vals[1:]).all()
+    for a, b in zip(lpt[:-1].tolist(), lpt[1:].tolist()):  # stable among equal lengths
+        if small[a] == small[b]:
+            assert a < b
+    assert item_order(small, "tile").tolist() == list(range(300))
+    assert torch.equal(item_order(small, "auto"), lpt)
+    big = torch.randint(0, 40, (ORDER_TILE_MIN_ITEMS,), generator=g, dtype=torch.int32)
+    assert item_order(big).tolist() == list(range(ORDER_TILE_MIN_ITEMS))
+    monkeypatch.setenv("MSA_QOUTER_ORDER", "lpt")
+    assert torch.equal(item_order(big), item_order(big, "lpt"))
+    with pytest.raises(ValueError, match="MSA_QOUTER_ORDER"):
+        item_order(big, "random")

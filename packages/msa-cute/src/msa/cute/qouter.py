@@ -21,7 +21,9 @@ so it is CUDA-graph safe for fixed shapes):
   else ``-1`` (the kernel skips the item and writes nothing; its ``union`` / ``mask`` rows are all 0);
 - ``mask [num_items, umax, W]`` int32, ``W = ceil(T / 32)``: bit ``t % 32`` of word ``t // 32`` of ``[i, u]`` is
   set iff token ``t`` of item ``i`` selected ``union[i, u]`` (bit 31 makes the int32 negative);
-- ``order [num_items]`` int32: item indices by ``union_len`` descending (longest first, unrouted last), stable.
+- ``order [num_items]`` int32: the sequence the kernel's persistent CTAs take items in
+  (``msa.core.kernels.qouter_union.item_order``: enumeration order for many items -- L2 reuse of the blocks
+  neighbouring tokens share -- else ``union_len`` descending, stable).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from msa.core.kernels.qouter_union import check_item_tables
+from msa.core.kernels.qouter_union import check_item_tables, item_order
 from msa.core.validation import check_int, check_tensor
 
 from ._common import cdiv, check_compute_device
@@ -289,8 +291,7 @@ def build_qouter_unions(
     mask.scatter_add_(1, word_col, bit)  # one entry per (token, block) after the dedup: sum == OR
     mask = mask.view(num_items, umax + 1, words)[:, :umax].contiguous()
 
-    order = torch.sort(union_len, descending=True, stable=True).indices.to(torch.int32)
-    return QouterUnions(union, union_len, mask, order)
+    return QouterUnions(union, union_len, mask, item_order(union_len))
 
 
 def qouter_reference(

@@ -12,7 +12,8 @@ Sources: ``msa/core/csrc/fmha_sm90`` (one tvm-ffi module per dtype x head dim x 
   :func:`run` builds the plan lazily from an :class:`msa.core.api.FmhaPlan` and caches it on the plan.
 * :func:`run` (device): no host synchronisation, and no allocation when ``out`` (and ``lse``) are given.
 
-Built so far: bf16 / fp16, head dim 128 (and 64 for mode O), ragged or paged K/V (page size 128), causal (bottom-right, per-request
+Built so far: bf16 / fp16, head dim 128 (and 64 and 256 for mode O, where Dqk and Dv may differ), ragged or paged K/V (any power-of-two page size
+from 16 to 256: one module per (dtype, head dim, causal, mode), a KV tile filled from one or several pages), causal (bottom-right, per-request
 ``qo_offset``) or not, any GQA ratio, optional LSE; modes O, O + max_score, max_score only (``MODES``).
 FP8 e4m3 (q, k, v all ``float8_e4m3fn``): ragged K/V, mode O (+ LSE), bf16 output, per-tensor or per-head
 ``q_scale`` / ``k_scale`` / ``v_scale`` / ``o_scale``; wgmma e4m3 for both GEMMs. Its V goes through a pre-pass
@@ -49,13 +50,15 @@ __all__ = [
 FAMILY = "fmha_sm90"
 SOURCES = ("fmha_sm90_binding.cu.jinja",)
 BLOCK_M = 128  # query rows per work item
-BLOCK_N = 128  # keys per KV tile of the default build (paged and max-score modules always use 128)
+BLOCK_N = 128  # keys per KV tile of the default build at head dim <= 128 (max-score modules always use 128)
+BLOCK_N_D256 = 64  # ... and at head dim 256 (shared memory and registers; see fmha_sm90_traits.cuh)
 # A/B builds with wider KV tiles (-DMSA_FMHA_SM90_BLOCK_N, ragged O-mode only) report theirs through the module's
 # block_n(); plans made through an FmhaPlan take it from there. A KernelPlan made directly by plan() uses
 # block_n=, else this environment variable, else BLOCK_N; run() refuses a plan whose tile differs from the module's.
 BLOCK_N_ENV = "MSA_FMHA_SM90_BLOCK_N"
-PAGE_SIZE = 128  # the paged variant's page size (one page = one KV tile)
-HEAD_DIMS = (64, 128)  # head dims of the 16-bit O mode (ragged / paged); 256 later
+PAGE_SIZE = 128  # the default page size (paged sparse-Q needs page = block = 128)
+PAGE_SIZES = (16, 32, 64, 128, 256)  # page sizes the paged modules read (a runtime argument of one module)
+HEAD_DIMS = (64, 128, 256)  # head dims of the 16-bit O mode (ragged / paged)
 HEAD_DIMS_OTHER_MODES = (128,)  # fp8, the max-score modes and sparse-Q: d128 only (GPU-tested there)
 DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float8_e4m3fn: "float8_e4m3fn"}
 FP8_DTYPE = torch.float8_e4m3fn  # ragged, mode O only (see the module docstring)
@@ -96,12 +99,17 @@ MAX_SCORE_DTYPES = (torch.bfloat16, torch.float16)
 PREBUILT_ENV = "MSA_FMHA_SM90_PREBUILT"
 
 
-def variant_tag(dtype: str, head_dim: int, causal: bool, paged: bool, mode: str = "o") -> str:
+def variant_tag(dtype: str, head_dim: int, causal: bool, paged: bool, mode: str = "o",
+                head_dim_v: int | None = None) -> str:
     suffix = "" if mode == "o" else f"_{mode}"
-    return f"fmha_sm90_{dtype}_d{head_dim}_causal{int(causal)}_paged{int(paged)}{suffix}"
+    dv = "" if head_dim_v in (None, head_dim) else f"v{head_dim_v}"
+    return f"fmha_sm90_{dtype}_d{head_dim}{dv}_causal{int(causal)}_paged{int(paged)}{suffix}"
 
 
-def jit_spec(dtype: str, head_dim: int, causal: bool, paged: bool, arch: str = "sm_90a", mode: str = "o"):
+def jit_spec(dtype: str, head_dim: int, causal: bool, paged: bool, arch: str = "sm_90a", mode: str = "o",
+             head_dim_v: int | None = None):
+    """One module: ``head_dim`` is Dqk (q, k), ``head_dim_v`` Dv (v, out; default Dqk; a different Dv is built for
+    16-bit mode O only)."""
     from msa.core.jit import JitSpec
 
     if arch != "sm_90a":
@@ -114,16 +122,18 @@ def jit_spec(dtype: str, head_dim: int, causal: bool, paged: bool, arch: str = "
         raise NotImplementedError(
             f"fmha_sm90: fp8 is built for ragged K/V and mode 'o' only, got paged={paged}, mode={mode!r}"
         )
+    params = {"dtype": dtype, "head_dim": int(head_dim), "causal": bool(causal), "paged": bool(paged),
+              "mode": MODES[mode]}
+    if head_dim_v not in (None, head_dim):  # only then: equal-dim specs keep their names and keys
+        if dtype == DTYPES[FP8_DTYPE] or mode != "o":
+            raise NotImplementedError(f"fmha_sm90: Dqk != Dv is built for 16-bit mode 'o' only, got {dtype} {mode!r}")
+        if head_dim_v not in HEAD_DIMS:
+            raise ValueError(f"head_dim_v: expected one of {HEAD_DIMS}, got {head_dim_v}")
+        params["head_dim_v"] = int(head_dim_v)
     return JitSpec(
         family=FAMILY,
         sources=SOURCES,
-        params={
-            "dtype": dtype,
-            "head_dim": int(head_dim),
-            "causal": bool(causal),
-            "paged": bool(paged),
-            "mode": MODES[mode],
-        },
+        params=params,
         arch=arch,
         use_cutlass=True,
     )
@@ -146,16 +156,16 @@ def jit_specs(preset: dict, arch: str) -> list:
 
 
 @functools.cache
-def _module(dtype: str, head_dim: int, causal: bool, paged: bool, mode: str = "o"):
+def _module(dtype: str, head_dim: int, causal: bool, paged: bool, mode: str = "o", head_dim_v: int | None = None):
     prebuilt = os.environ.get(PREBUILT_ENV)
     if prebuilt:
         import tvm_ffi
 
-        path = Path(prebuilt) / f"{variant_tag(dtype, head_dim, causal, paged, mode)}.so"
+        path = Path(prebuilt) / f"{variant_tag(dtype, head_dim, causal, paged, mode, head_dim_v)}.so"
         if not path.is_file():
             raise FileNotFoundError(f"{PREBUILT_ENV}={prebuilt}: no prebuilt module {path.name}")
         return tvm_ffi.load_module(str(path))
-    return jit_spec(dtype, head_dim, causal, paged, mode=mode).load()
+    return jit_spec(dtype, head_dim, causal, paged, mode=mode, head_dim_v=head_dim_v).load()
 
 
 def available(device: torch.device) -> tuple[bool, str]:
@@ -189,11 +199,15 @@ def supports(
         if output_maxscore or not output_o:
             return False, "fmha_sm90: fp8 max_score / output_o=False not built (O + LSE only)"
         per_head_scales = False  # the fp8 module reads per-head scales
-    dims = HEAD_DIMS if (dtype != FP8_DTYPE and output_o and not output_maxscore) else HEAD_DIMS_OTHER_MODES
-    if head_dim_qk is not None and (head_dim_qk not in dims or (head_dim_v not in (None, head_dim_qk))):
-        return False, f"fmha_sm90: head dim {head_dim_qk}/{head_dim_v} not built for this mode (Dqk = Dv in {dims})"
-    if page_size is not None and page_size != PAGE_SIZE:
-        return False, f"fmha_sm90: page_size {page_size} not built (ragged or {PAGE_SIZE})"
+    mode_o16 = dtype != FP8_DTYPE and output_o and not output_maxscore
+    dims = HEAD_DIMS if mode_o16 else HEAD_DIMS_OTHER_MODES
+    if head_dim_qk is not None and (
+        head_dim_qk not in dims or head_dim_v not in (None, head_dim_qk, *(dims if mode_o16 else ()))
+    ):
+        why = "Dqk, Dv" if mode_o16 else "Dqk = Dv"
+        return False, f"fmha_sm90: head dim {head_dim_qk}/{head_dim_v} not built for this mode ({why} in {dims})"
+    if page_size is not None and page_size not in PAGE_SIZES:
+        return False, f"fmha_sm90: page_size {page_size} not built (ragged or one of {PAGE_SIZES})"
     if (output_maxscore or not output_o) and not (MAX_SCORE_ENABLED and dtype in (None, *MAX_SCORE_DTYPES)):
         return False, f"fmha_sm90: max_score / output_o=False not enabled for dtype {dtype} (bf16 / fp16 only)"
     if sparse:
@@ -233,6 +247,7 @@ class KernelPlan:
     partial_lse: torch.Tensor | None = None  # fp32 [slots, 128]: split pieces' LSE
     split: tuple[int, int] = (0, 1)  # (tail items split, pieces per item) chosen by choose_split
     block_n: int = BLOCK_N  # keys per KV tile (must equal the module's block_n())
+    page_size: int | None = None  # paged plans: the page size kv_start counts pages of (must equal k.shape[2])
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -414,7 +429,9 @@ def plan(
     causal: bool,
     qo_offset: list[int] | None = None,
     paged: bool = False,
+    page_size: int = PAGE_SIZE,
     head_dim: int = 128,
+    head_dim_v: int | None = None,
     elem_size: int = 2,
     device: torch.device | str = "cuda",
     split_kv: str | tuple[int, int] | None = "auto",
@@ -424,17 +441,19 @@ def plan(
     """Host planning for :func:`run` from plain lengths (``msa.core.fmha_plan`` plans call this lazily).
 
     ``qo_offset`` (causal) defaults to ``kv_len - qo_len`` per request. For paged K/V the item's ``kv_start``
-    is the request's first slot in the flat ``kv_indices`` (``sum ceil(kv_len / 128)`` of earlier requests).
+    is the request's first slot in the flat ``kv_indices`` (``sum ceil(kv_len / page_size)`` of earlier requests).
     ``split_kv``: ``"auto"`` (the cost model, :func:`choose_split`), ``None`` (never split) or ``(k, s)`` (cut
     the last ``k`` items into ``s`` pieces each; tests). ``num_sms`` overrides the device's SM count.
-    ``block_n``: keys per KV tile of the module this plan is for (default: ``$MSA_FMHA_SM90_BLOCK_N`` or 128;
-    paged plans always 128).
+    ``block_n``: keys per KV tile of the module this plan is for (default: ``$MSA_FMHA_SM90_BLOCK_N`` (ragged) or
+    :func:`default_block_n` of the head dims). ``page_size``: paged plans only, any of ``PAGE_SIZES``.
+    ``head_dim_v``: Dv (default ``head_dim``); sizes the split-KV partial O.
     """
     device = torch.device(device)
     if block_n is None:
-        block_n = int(os.environ.get(BLOCK_N_ENV, BLOCK_N))
-    if paged and block_n != PAGE_SIZE:
-        block_n = PAGE_SIZE  # one page per KV tile: the paged modules are always built with 128
+        env = os.environ.get(BLOCK_N_ENV)
+        block_n = int(env) if env and not paged else default_block_n(head_dim, head_dim_v)
+    if paged and page_size not in PAGE_SIZES:
+        raise ValueError(f"page_size: expected one of {PAGE_SIZES}, got {page_size}")
     if block_n % 16 or not 0 < block_n <= 256:  # wgmma N (QK^T) and bf16 PV K step: 16; fp8 modules use 32s
         raise ValueError(f"block_n: expected a multiple of 16 in [16, 256], got {block_n}")
     if device.type == "cuda":
@@ -451,7 +470,7 @@ def plan(
     starts, acc = [], 0
     for n in kv_lens:
         starts.append(acc)
-        acc += _cdiv(n, PAGE_SIZE) if paged else n
+        acc += _cdiv(n, page_size) if paged else n
     fp8 = elem_size == 1
     vt_tiles, v_tile_starts = None, None
     if fp8:
@@ -492,7 +511,7 @@ def plan(
         lse_dummy=torch.empty((1, 1), dtype=torch.float32, device=device),
         index_dummy=torch.zeros(1, dtype=torch.int32, device=device),
         combine=combine.to(device),
-        partial_o=torch.empty((max(slots, 1), BLOCK_M, head_dim), dtype=torch.float32, device=device),
+        partial_o=torch.empty((max(slots, 1), BLOCK_M, head_dim_v or head_dim), dtype=torch.float32, device=device),
         partial_lse=torch.empty((max(slots, 1), BLOCK_M), dtype=torch.float32, device=device),
         split=(k, s) if slots else (0, 1),
         vt_tiles=vt_tiles.to(device) if fp8 else None,
@@ -500,7 +519,14 @@ def plan(
         fp8_vt={} if fp8 else None,
         fp8_head_scales={} if fp8 else None,
         block_n=block_n,
+        page_size=page_size if paged else None,
     )
+
+
+def default_block_n(head_dim: int, head_dim_v: int | None = None) -> int:
+    """Keys per KV tile of the default build for Dqk ``head_dim`` and Dv ``head_dim_v`` (default Dqk): what the
+    module's block_n() reports."""
+    return BLOCK_N_D256 if max(head_dim, head_dim_v or head_dim) > 128 else BLOCK_N
 
 
 def module_block_n(mod) -> int:
@@ -511,7 +537,8 @@ def module_block_n(mod) -> int:
     return BLOCK_N if fn is None else int(fn())
 
 
-def _kernel_plan(fplan, head_dim: int, elem_size: int, device: torch.device, block_n: int = BLOCK_N) -> KernelPlan:
+def _kernel_plan(fplan, head_dim: int, elem_size: int, device: torch.device, block_n: int = BLOCK_N,
+                 head_dim_v: int | None = None) -> KernelPlan:
     """The KernelPlan of an ``msa.core.api.FmhaPlan``, built on first use and cached in ``fplan.kernel``.
     A KernelPlan passed in must have been made for ``block_n``-key tiles (the module's)."""
     if isinstance(fplan, KernelPlan):
@@ -521,7 +548,7 @@ def _kernel_plan(fplan, head_dim: int, elem_size: int, device: torch.device, blo
                 f"(pass block_n={block_n} to plan() or set {BLOCK_N_ENV})"
             )
         return fplan
-    key = (FAMILY, head_dim, elem_size, str(device), block_n)
+    key = (FAMILY, head_dim, head_dim_v or head_dim, elem_size, str(device), block_n)
     kp = fplan.kernel.get(key)
     if kp is None:
         kp = plan(
@@ -532,7 +559,9 @@ def _kernel_plan(fplan, head_dim: int, elem_size: int, device: torch.device, blo
             causal=fplan.causal,
             qo_offset=fplan.qo_offset_host,
             paged=fplan.page_size is not None,
+            page_size=fplan.page_size or PAGE_SIZE,
             head_dim=head_dim,
+            head_dim_v=head_dim_v,
             elem_size=elem_size,
             device=device,
             block_n=block_n,
@@ -671,16 +700,17 @@ def run(
         if output_o:
             raise ValueError("v: required with output_o=True")
         v = k
-    head_dim = q.shape[-1]
-    dims = HEAD_DIMS if (not fp8 and output_o and not output_maxscore) else HEAD_DIMS_OTHER_MODES
-    if head_dim not in dims or k.shape[-1] != head_dim or v.shape[-1] != head_dim:
+    head_dim, head_dim_v = q.shape[-1], v.shape[-1]
+    mode_o16 = not fp8 and output_o and not output_maxscore
+    dims = HEAD_DIMS if mode_o16 else HEAD_DIMS_OTHER_MODES
+    if head_dim not in dims or k.shape[-1] != head_dim or head_dim_v not in (head_dim, *(dims if mode_o16 else ())):
         raise NotImplementedError(
-            f"fmha_sm90: head dims (Dqk={head_dim}, Dv={v.shape[-1]}) are not built for this mode; built: Dqk = Dv "
-            f"in {dims}"
+            f"fmha_sm90: head dims (Dqk={head_dim}, Dv={head_dim_v}) are not built for this mode; built: "
+            + (f"Dqk, Dv in {dims}" if mode_o16 else f"Dqk = Dv in {dims}")
         )
     paged = k.dim() == 4
-    if paged and k.shape[2] != PAGE_SIZE:
-        raise NotImplementedError(f"fmha_sm90: page_size {k.shape[2]} is not built (page_size {PAGE_SIZE} only)")
+    if paged and k.shape[2] not in PAGE_SIZES:
+        raise NotImplementedError(f"fmha_sm90: page_size {k.shape[2]} is not built (one of {PAGE_SIZES})")
     if paged and kv_indices is None:
         raise ValueError("kv_indices: required with paged K/V")
     if isinstance(plan, KernelPlan):
@@ -716,8 +746,13 @@ def run(
         raise NotImplementedError(f"fmha_sm90: the softmax scale must be > 0, got {scale}")
     out_scale = _scalar_scale("v_scale", v_scale) * _scalar_scale("o_scale", o_scale)
 
-    mod = _module(DTYPES[q.dtype], head_dim, bool(causal), paged, mode)
-    kp = _kernel_plan(plan, head_dim, q.element_size(), q.device, module_block_n(mod))
+    dv = None if head_dim_v == head_dim else head_dim_v
+    mod = _module(DTYPES[q.dtype], head_dim, bool(causal), paged, mode, dv)
+    kp = _kernel_plan(plan, head_dim, q.element_size(), q.device, module_block_n(mod), dv)
+    if kp.partial_o.shape[-1] != head_dim_v:
+        raise ValueError(f"plan: a KernelPlan for Dv = {head_dim_v} must be made with head_dim_v={head_dim_v}")
+    if paged and kp.page_size not in (None, k.shape[2]):
+        raise ValueError(f"k: plan counts pages of {kp.page_size} slots, got k with page_size {k.shape[2]}")
     if output_o and out is None:
         out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
     if return_lse and lse is None:

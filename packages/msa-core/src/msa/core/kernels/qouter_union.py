@@ -3,14 +3,15 @@
 Same contract, bit for bit (see ``msa.cute.qouter``'s module docstring): per work item (``T`` tokens x one KV
 head) the ascending distinct selected block ids ``union [num_items, umax]`` (rest 0), ``union_len [num_items]``
 (``U``, or ``-1`` when ``U > min(umax, route_max)``: the item is not routed and its rows are all 0), the token bit
-mask ``mask [num_items, umax, ceil(T / 32)]`` and ``order [num_items]`` (items by ``union_len`` descending, stable).
+mask ``mask [num_items, umax, ceil(T / 32)]`` and ``order [num_items]`` (the sequence the kernel's persistent CTAs take
+items in: :func:`item_order`).
 An entry counts iff its token is live (``t < item_ntok``), ``0 <= id < item_kv_blocks`` (when given) and
 ``id < INT32_MAX // T``; duplicate ids collapse. Rows of ``kv_block_indexes`` are read at
 ``clamp(item_token0 + t, 0, total_q - 1)`` like the torch builder; an item whose KV head is out of range (only
 possible with validation off) selects nothing instead of reading out of bounds.
 
 One warp per item, shared-memory bitmap over the item's id range (see ``qouter_union_kernel.cuh``); ``order`` is
-``torch.sort(stable=True)`` on the device. No host synchronisation (unless ``validate``), CUDA-graph safe for
+:func:`item_order` on the device. No host synchronisation (unless ``validate``), CUDA-graph safe for
 fixed shapes. Importing this module compiles nothing; the module is JIT-built on first use.
 ``msa.cute.qouter.build_qouter_unions`` calls :func:`build` for CUDA tensors (``MSA_QOUTER_UNION``: ``auto``
 default, ``torch`` forces the torch ops, ``cuda`` requires this kernel). Tests: tests/core/test_qouter_union.py
@@ -26,7 +27,7 @@ from msa.core.validation import check_int, check_tensor, validation_enabled
 
 from ._device import cuda_kernel_available
 
-__all__ = ["build", "launch", "available", "spec", "jit_specs", "load_module", "BITMAP_WORDS"]
+__all__ = ["build", "launch", "available", "spec", "jit_specs", "load_module", "item_order", "BITMAP_WORDS"]
 
 FAMILY = "qouter_union"
 SOURCES = ("qouter_union.cu.jinja",)
@@ -34,6 +35,37 @@ BITMAP_WORDS = 256  # 8192 ids per window: a whole 1M-token request in one pass
 MASK_BITS = 32
 INT32_MAX = 2**31 - 1
 MAX_T = 4096
+
+
+ORDER_ENV = "MSA_QOUTER_ORDER"
+ORDERS = ("auto", "tile", "lpt")
+# auto: "tile" from this many items on (~15 waves of 132 SMs: the load-balance tail LPT saves is a small fraction of
+# the run there, while L2 reuse of the blocks neighbouring tokens share is worth more), "lpt" below it.
+ORDER_TILE_MIN_ITEMS = 2048
+
+
+def item_order(union_len: torch.Tensor, policy: str | None = None) -> torch.Tensor:
+    """The sequence (int32 ``[num_items]``) the Q-outer kernel's persistent CTAs take items in, on ``union_len``'s
+    device. ``policy`` (default ``$MSA_QOUTER_ORDER`` or ``"auto"``):
+
+    - ``"tile"``: the enumeration order (token tile major, KV head minor), so the CTAs in flight work on neighbouring
+      tokens, whose selections overlap: their blocks are read from HBM about once and then hit L2 (a 64/4 S128K
+      layer's K/V are ~270 MB, five times L2);
+    - ``"lpt"``: ``union_len`` descending, stable (longest first, unrouted last): the best load balance for few items;
+    - ``"auto"``: ``"tile"`` from ``ORDER_TILE_MIN_ITEMS`` items on, else ``"lpt"``.
+
+    Both builders (torch and CUDA) call this, so their outputs stay bit-identical."""
+    import os
+
+    policy = policy or os.environ.get(ORDER_ENV, "auto")
+    if policy not in ORDERS:
+        raise ValueError(f"{ORDER_ENV}: expected one of {ORDERS}, got {policy!r}")
+    n = int(union_len.shape[0])
+    if policy == "auto":
+        policy = "tile" if n >= ORDER_TILE_MIN_ITEMS else "lpt"
+    if policy == "tile":
+        return torch.arange(n, dtype=torch.int32, device=union_len.device)
+    return torch.sort(union_len, descending=True, stable=True).indices.to(torch.int32)
 
 
 def spec(arch: str):
@@ -146,5 +178,4 @@ def build(
     tables = [t.contiguous() for t in (item_token0, item_ntok, item_kv_head)]
     kvb = item_kv_blocks.contiguous() if item_kv_blocks is not None else None
     launch(kv_block_indexes, *tables, kvb, union, union_len, mask, T=T, umax=umax, cap=cap, in_place=in_place)
-    order = torch.sort(union_len, descending=True, stable=True).indices.to(torch.int32)
-    return union, union_len, mask, order
+    return union, union_len, mask, item_order(union_len)

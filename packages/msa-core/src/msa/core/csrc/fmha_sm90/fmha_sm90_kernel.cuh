@@ -410,7 +410,8 @@ __device__ __forceinline__ void apply_mask_sparse(Frag& s, Coord const& coords, 
 // ------------------------------------------------------------------------------------------------------------
 template <class T>
 __device__ void producer_warp(typename T::Params const& p, typename T::SharedStorage& ss) {
-  constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN, kD = T::kHeadDim;
+  using Element = typename T::Element;
+  constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN, kD = T::kHeadDim, kDV = T::kHeadDimV;
   bool const leader = (threadIdx.x % 32) == 0;  // issues every TMA / pipeline op; lane 0 broadcasts
 
   Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q), typename T::SmemLayoutQ{});
@@ -465,10 +466,11 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
     Tensor gQ = local_tile(domain_offset(make_coord(w.q_start, _0{}), mQ(_, _, w.head)),
                            Shape<Int<kBlockM>, Int<kD>>{}, make_coord(w.m_block, _0{}));
     Tensor tQgQ = tma_q.partition_S(gQ);
-    // (TMA, 1, 1, tile): tile is the request's KV tile (ragged) or the page id (paged).
+    // (TMA, 1, 1, tile): tile is the request's KV tile (ragged). Paged K/V go through raw 4-D descriptors instead
+    // (load_page_boxes below), so one module serves every page size.
     auto tKgK = [&] {
       if constexpr (T::kPaged) {
-        return tma_k.partition_S(mK(_, _, kv_head, _));
+        return 0;
       } else {
         return tma_k.partition_S(local_tile(domain_offset(make_coord(w.kv_start, _0{}), mK(_, _, kv_head)),
                                             Shape<Int<kBlockN>, Int<kD>>{}, make_coord(_, _0{})));
@@ -476,53 +478,95 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
     }();
     auto tVgV = [&] {
       if constexpr (T::kPaged) {
-        return tma_v.partition_S(mVt(_, _, kv_head, _));
+        return 0;
+      } else if constexpr (T::kFp8) {
+        return tma_v.partition_S(local_tile(mVt(_, _, kv_head), Shape<Int<kD>, Int<kBlockN>>{}, make_coord(_0{}, _)));
       } else {
-        if constexpr (T::kFp8) {
-          return tma_v.partition_S(local_tile(mVt(_, _, kv_head), Shape<Int<kD>, Int<kBlockN>>{}, make_coord(_0{}, _)));
-        } else {
-          return tma_v.partition_S(local_tile(domain_offset(make_coord(_0{}, w.kv_start), mVt(_, _, kv_head)),
-                                              Shape<Int<kD>, Int<kBlockN>>{}, make_coord(_0{}, _)));
-        }
+        return tma_v.partition_S(local_tile(domain_offset(make_coord(_0{}, w.kv_start), mVt(_, _, kv_head)),
+                                            Shape<Int<kDV>, Int<kBlockN>>{}, make_coord(_0{}, _)));
       }
     }();
-    // Paged: each lane holds one page id of a 32-tile window, fetched once per window and shuffled to the
-    // warp, so a page id's global load is not on the path of every TMA issue. Called by all lanes.
-    int page_window = -1, page_of_lane = 0;
-    // Sparse-Q: the same windows over the item's union list (tile n of the item = KV block union[n]; paged: the
-    // block's physical page, from the union's page-id twin -- the consumers mask with the logical id).
+    // Page ids (paged) and union entries (sparse-Q) are read in 32-entry windows: each lane holds one id of the
+    // window, fetched once per window and shuffled to where it is needed, so an id's global load is not on the path
+    // of every TMA issue. Called by all lanes; the window index must be the same in every lane.
+    //   Sparse-Q: tile n of the item = KV block union[n] (paged: its physical page, from the union's page-id twin --
+    //   the consumers mask with the logical id); every lane gets entry n.
+    //   Paged (dense): tile n (kBlockN keys) of a request with page size P covers pages n / (kBlockN / P) .. (P <
+    //   kBlockN: kBlockN / P pages, one per lane) or part of page n / (P / kBlockN) (P >= kBlockN: slots from
+    //   (n % (P / kBlockN)) * kBlockN); lane j < page_subs gets the physical page of its box. Pages past the request's
+    //   last one (a short last tile) repeat the last page: those keys are masked and their V rows zeroed.
+    int id_window = -1, id_of_lane = 0;
+    int const lane = int(threadIdx.x % 32);
     auto tile_of = [&](int n) {
       if constexpr (T::kPaged || T::kSparseQ) {
-        int const window = n >> 5;
-        if (window != page_window) {
-          page_window = window;
-          int const t = (window << 5) + int(threadIdx.x % 32);
-          int const* ids = T::kSparseQ ? (T::kPaged ? p.sq_union_phys : p.sq_union) + int64_t(item) * p.sq_umax
-                                       : p.kv_indices + w.kv_start;
-          page_of_lane = t < w.n_block_max ? __ldg(ids + t) : 0;
+        int q = n, bound = w.n_block_max;
+        int const* ids = nullptr;
+        if constexpr (T::kSparseQ) {
+          ids = (T::kPaged ? p.sq_union_phys : p.sq_union) + int64_t(item) * p.sq_umax;
+        } else {
+          bound = (w.kv_len + p.page_size - 1) / p.page_size;
+          q = p.page_subs == 1 ? n / p.tiles_per_page : min(n * p.page_subs + min(lane, p.page_subs - 1), bound - 1);
+          ids = p.kv_indices + w.kv_start;
         }
-        return __shfl_sync(0xffffffff, page_of_lane, n & 31);
+        int const window = q >> 5;
+        if (window != id_window) {
+          id_window = window;
+          int const t = (window << 5) + lane;
+          id_of_lane = t < bound ? __ldg(ids + t) : 0;
+        }
+        return __shfl_sync(0xffffffff, id_of_lane, q & 31);
       } else {
         return n;
       }
     };
-    auto load_k = [&](int tile, PipeState<T::kStages> const& s) {
-      Mbar::wait(&ss.empty_k[s.index], s.phase);
-      TxMbar::arrive_and_expect_tx(&ss.full_k[s.index], T::kTmaBytesK);
-      copy(p.tma_k.with(ss.full_k[s.index]), tKgK(_, _, _, tile), tKsK(_, _, _, s.index));
+    // Paged: the boxes of KV tile n (this lane's page `page`, from tile_of) into one smem stage: box j (lane j) holds
+    // page_rows slots at rows j * page_rows of the stage, one box per 64 dims (the stage is 64-dim slabs of kBlockN
+    // 128-byte swizzled rows, K and V^T alike; every box starts on a 1024-byte swizzle period since page_rows >= 16).
+    auto load_page_boxes = [&](auto dims, cute::TmaDescriptor const* desc, uint64_t* bar, Element* stage, int page,
+                               int n) {
+      if (lane < p.page_subs) {
+        int const slot0 = (n % p.tiles_per_page) * kBlockN;
+        Element* dst = stage + lane * p.page_rows * 64;
+        CUTE_UNROLL
+        for (int c = 0; c < decltype(dims)::value / 64; ++c) {
+          SM90_TMA_LOAD_4D::copy(desc, bar, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
+                                 dst + c * kBlockN * 64, c * 64, slot0, kv_head, page);
+        }
+      }
     };
-    auto load_v = [&](int tile, PipeState<T::kStages> const& s) {
-      Mbar::wait(&ss.empty_v[s.index], s.phase);
-      TxMbar::arrive_and_expect_tx(&ss.full_v[s.index], T::kTmaBytesV);
-      // FP8: the transposed copy holds the request's tiles from tile w.reserved on (128-token padded).
-      int const v_tile = T::kFp8 ? w.reserved + tile : tile;
-      copy(p.tma_v.with(ss.full_v[s.index]), tVgV(_, _, _, v_tile), tVsV(_, _, _, s.index));
+    // Called by all lanes (paged: several lanes issue boxes, after the leader's expect_tx).
+    auto load_k = [&](int tile, int n, PipeState<T::kStages> const& s) {
+      if (leader) {
+        Mbar::wait(&ss.empty_k[s.index], s.phase);
+        TxMbar::arrive_and_expect_tx(&ss.full_k[s.index], T::kTmaBytesK);
+      }
+      if constexpr (T::kPaged) {
+        __syncwarp();
+        load_page_boxes(Int<kD>{}, &p.tma_k_page, &ss.full_k[s.index], ss.smem_k + s.index * (kBlockN * kD), tile, n);
+      } else if (leader) {
+        copy(p.tma_k.with(ss.full_k[s.index]), tKgK(_, _, _, tile), tKsK(_, _, _, s.index));
+      }
+    };
+    auto load_v = [&](int tile, int n, PipeState<T::kStages> const& s) {
+      if (leader) {
+        Mbar::wait(&ss.empty_v[s.index], s.phase);
+        TxMbar::arrive_and_expect_tx(&ss.full_v[s.index], T::kTmaBytesV);
+      }
+      if constexpr (T::kPaged) {
+        __syncwarp();
+        load_page_boxes(Int<kDV>{}, &p.tma_v_page, &ss.full_v[s.index], ss.smem_v + s.index * (kBlockN * kDV), tile,
+                        n);
+      } else if (leader) {
+        // FP8: the transposed copy holds the request's tiles from tile w.reserved on (128-token padded).
+        int const v_tile = T::kFp8 ? w.reserved + tile : tile;
+        copy(p.tma_v.with(ss.full_v[s.index]), tVgV(_, _, _, v_tile), tVsV(_, _, _, s.index));
+      }
     };
 
     int n = w.n_block_max - 1;
     int const n_min = w.n_block_min;
     int tile = tile_of(n);
-    if (leader) { load_k(tile, wr); }
+    load_k(tile, n, wr);
     // Q of the previous tile must be fully consumed (its last QK^T done) before it is overwritten.
     named_barrier_sync(kBarQueryEmpty, T::kNumMmaThreads + 32);
     if (leader) {
@@ -546,17 +590,15 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
         wr.advance();
         int const prev = tile;
         tile = tile_of(n);
-        if (leader) {
-          load_k(tile, wr);
-          load_v(prev, wr_v);
-        }
+        load_k(tile, n, wr);
+        load_v(prev, n + 1, wr_v);
       }
-      if (leader) { load_v(tile, wr); }
+      load_v(tile, n + 1, wr);
     } else {  // score-only: K tiles alone
       for (--n; n >= n_min; --n) {
         wr.advance();
         tile = tile_of(n);
-        if (leader) { load_k(tile, wr); }
+        load_k(tile, n, wr);
       }
     }
     wr.advance();
@@ -576,7 +618,7 @@ __device__ __forceinline__ void store_tile(typename T::Params const& p, typename
                                            int tid, float out_scale) {
   if constexpr (T::kRegDiet) { tid = fresh_consumer_tid(); }
   using Element = typename T::ElementOut;
-  constexpr int kD = T::kHeadDim, kStride = T::kSmemORowStride;
+  constexpr int kD = T::kHeadDimV, kStride = T::kSmemORowStride;
   int const wg = tid / 128, wg_tid = tid % 128;
   typename T::TiledMmaPV mma_pv;
   auto thr = mma_pv.get_thread_slice(tid);
@@ -662,7 +704,7 @@ template <class T, class FragO>
 __device__ __forceinline__ void store_partial(typename T::Params const& p, FragO& o, float const (&o_norm)[2],
                                               float const (&lse)[2], WorkItem const& w, int tid) {
   if constexpr (T::kRegDiet) { tid = fresh_consumer_tid(); }
-  constexpr int kD = T::kHeadDim, kBlockM = T::kBlockM;
+  constexpr int kD = T::kHeadDimV, kBlockM = T::kBlockM;
   typename T::TiledMmaPV mma_pv;
   auto thr = mma_pv.get_thread_slice(tid);
   Tensor cO = thr.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
@@ -827,6 +869,22 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       sel = ((word >> (sq_bits & 31)) & 1u) | (((word >> (sq_bits >> 8)) & 1u) << 1);
     };
 
+    // Paged: a request's last page holds whatever the cache holds past kv_len (possibly NaN / Inf). P is 0 there, but
+    // 0 * NaN = NaN in the PV GEMM, so before a PV GEMM reads such a V tile both warpgroups zero its rows past kv_len
+    // in shared memory (ahead of the ping-pong section: a warpgroup holding the issue token must not wait for the
+    // other here). v_rows_pending: the valid rows of the V tile the next PV GEMM reads.
+    int v_rows_pending = kBlockN;
+    auto tile_rows = [&](int logical_tile) { return max(0, min(kBlockN, w.kv_len - logical_tile * kBlockN)); };
+    auto zero_v_tail = [&](int stage, uint32_t phase, int valid) {
+      Mbar::wait(&ss.full_v[stage], phase);
+      Tensor sV = make_tensor(make_smem_ptr(ss.smem_v), typename T::SmemLayoutVt{});  // (dim, key, stage)
+      constexpr int kD = T::kHeadDimV;
+      int const n = (kBlockN - valid) * kD;
+      for (int i = tid; i < n; i += T::kNumMmaThreads) { sV(i % kD, valid + i / kD, stage) = Element(0); }
+      cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> visible to wgmma's async proxy
+      named_barrier_sync(kBarVZero, T::kNumMmaThreads);
+    };
+
     Mbar::wait(&ss.bar_q, q_phase);
     q_phase ^= 1;
 
@@ -838,6 +896,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     Mbar::wait(&ss.full_k[rd.index], rd.phase);
     wg_gemm<true, 0>(mma_qk, tSrQ, tSrK(_, _, _, rd.index), tSrS);
     Mbar::arrive(&ss.empty_k[rd.index]);
+    if constexpr (T::kPaged) { v_rows_pending = tile_rows(T::kSparseQ ? blk_first : n); }
     if constexpr (T::kSparseQ) {
       if ((blk_first + 1) * kBlockN > sq_lim0) {
         apply_mask_sparse<T::kCausal>(tSrS, tScS, w, blk_first, p.sq_tokens_per_tile);
@@ -863,11 +922,15 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       constexpr bool kMasked = decltype(masked)::value;
       tl.start(tl_on && !kMasked, wg, item_no, kMasked ? kTlSteps : tl_step++);  // unmasked steps only
       tl.stamp(0);  // step start
+      if constexpr (T::kPaged) {  // the V tile this step's PV GEMM reads (the previous tile's): zero its tail rows
+        if (v_rows_pending < kBlockN) { zero_v_tail(rd.index, rd.phase, v_rows_pending); }
+      }
       PipeState<T::kStages> const rd_v = rd;  // V of the previous (higher) tile
       rd.advance();                           // K of this tile
       int sq_blk = 0;
       uint32_t sq_sel = 0;
       if constexpr (T::kSparseQ) { sq_tile(n_block, sq_blk, sq_sel); }  // L1-resident; needed after the QK^T
+      if constexpr (T::kPaged) { v_rows_pending = tile_rows(T::kSparseQ ? sq_blk : n_block); }
       Mbar::wait(&ss.full_k[rd.index], rd.phase);
       tl.stamp(1);  // K(n) landed
       if constexpr (T::kPingPong != 0) { named_barrier_sync(kBarSched0 + wg, T::kNumMmaThreads); }
@@ -927,6 +990,9 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     // through the KV loop, which only needs kv_len / m_block / qo_offset (masked steps).
     if constexpr (T::kRegDiet) { w = load_item<T>(p, item); }
 
+    if constexpr (T::kPaged) {
+      if (v_rows_pending < kBlockN) { zero_v_tail(rd.index, rd.phase, v_rows_pending); }
+    }
     Mbar::wait(&ss.full_v[rd.index], rd.phase);
     wg_gemm<false, -1>(mma_pv, tOrP, tOrV(_, _, _, rd.index), tOrO);
     next_work(next_item, next_w);
@@ -1045,7 +1111,7 @@ constexpr int kCombineRows = 16;  // rows per CTA (4 warps x 4 rows)
 template <class T>
 __global__ void __launch_bounds__(128) fmha_sm90_combine_kernel(CUTE_GRID_CONSTANT typename T::CombineParams const p) {
   using Element = typename T::ElementOut;
-  constexpr int kD = T::kHeadDim, kBlockM = T::kBlockM;
+  constexpr int kD = T::kHeadDimV, kBlockM = T::kBlockM;
   CombineItem const c = p.items[blockIdx.x];
   float const out_scale = T::kFp8 ? p.head_scales[c.head].y : p.out_scale;
   int const lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -1164,8 +1230,13 @@ __global__ void __launch_bounds__(T::kNumThreads, 1) fmha_sm90_kernel(CUTE_GRID_
   if (threadIdx.x == 0) {
     cute::prefetch_tma_descriptor(p.tma_q.get_tma_descriptor());
     if constexpr (T::kSparseQ) { cute::prefetch_tma_descriptor(&p.tma_q_packed); }
-    cute::prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
-    cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
+    if constexpr (T::kPaged) {
+      cute::prefetch_tma_descriptor(&p.tma_k_page);
+      cute::prefetch_tma_descriptor(&p.tma_v_page);
+    } else {
+      cute::prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
+      cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
+    }
     Mbar::init(&ss.bar_q, 1);
     CUTE_UNROLL
     for (int s = 0; s < T::kStages; ++s) {

@@ -22,6 +22,7 @@ struct FwdArgs {
   int64_t k_stride_0, k_stride_1, k_stride_2;
   int64_t v_stride_0, v_stride_1, v_stride_2;
   int kv_dim0;  // total_kv (ragged) or number of pages (paged)
+  int page_size;  // paged: slots per page (a power of two in [16, 256]); ragged: unused
   int num_kv_heads;
   void* out;
   int64_t out_stride_token, out_stride_head;
@@ -62,7 +63,7 @@ struct FwdArgs {
 template <class T>
 cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
   using Element = typename T::Element;
-  constexpr int kD = T::kHeadDim;
+  constexpr int kD = T::kHeadDim, kDV = T::kHeadDimV;
   if (a.num_work == 0) { return cudaSuccess; }
   int const num_ctas = a.num_ctas < a.num_work ? a.num_ctas : a.num_work;  // CTA c starts on item c
 
@@ -74,12 +75,15 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
   typename T::ShapeK shape_k, shape_vt;
   auto make_kv = [&](auto& tma_k, auto& tma_v) {
     if constexpr (T::kPaged) {
-      shape_k = make_shape(int32_t(T::kBlockN), int32_t(kD), int32_t(a.num_kv_heads), int32_t(a.kv_dim0));
-      shape_vt = make_shape(int32_t(kD), int32_t(T::kBlockN), int32_t(a.num_kv_heads), int32_t(a.kv_dim0));
+      // Unused by the kernel (it reads pages through tma_k_page / tma_v_page, below); encoded over one tile-sized
+      // view so that the parameter block stays well formed for every page size.
+      shape_k = make_shape(int32_t(T::kBlockN), int32_t(kD), int32_t(1), int32_t(1));
+      shape_vt = make_shape(int32_t(kDV), int32_t(T::kBlockN), int32_t(1), int32_t(1));
+      int64_t const tile = int64_t(T::kBlockN) * kD, tile_v = int64_t(T::kBlockN) * kDV;
       auto gK = make_tensor(make_gmem_ptr(static_cast<Element const*>(a.k)), shape_k,
-                            make_stride(a.k_stride_2, _1{}, a.k_stride_1, a.k_stride_0));
+                            make_stride(int64_t(kD), _1{}, tile, tile));
       auto gVt = make_tensor(make_gmem_ptr(static_cast<Element const*>(a.v)), shape_vt,
-                             make_stride(_1{}, a.v_stride_2, a.v_stride_1, a.v_stride_0));
+                             make_stride(_1{}, int64_t(kDV), tile_v, tile_v));
       tma_k = make_tma_copy(SM90_TMA_LOAD{}, gK, take<0, 2>(typename T::SmemLayoutK{}));
       tma_v = make_tma_copy(SM90_TMA_LOAD{}, gVt, take<0, 2>(typename T::SmemLayoutVt{}));
     } else if constexpr (T::kFp8) {
@@ -93,7 +97,7 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
       tma_v = make_tma_copy(SM90_TMA_LOAD{}, gVt, take<0, 2>(typename T::SmemLayoutVt{}));
     } else {
       shape_k = make_shape(int32_t(a.kv_dim0), int32_t(kD), int32_t(a.num_kv_heads));
-      shape_vt = make_shape(int32_t(kD), int32_t(a.kv_dim0), int32_t(a.num_kv_heads));
+      shape_vt = make_shape(int32_t(kDV), int32_t(a.kv_dim0), int32_t(a.num_kv_heads));
       auto gK = make_tensor(make_gmem_ptr(static_cast<Element const*>(a.k)), shape_k,
                             make_stride(a.k_stride_0, _1{}, a.k_stride_1));
       auto gVt = make_tensor(make_gmem_ptr(static_cast<Element const*>(a.v)), shape_vt,
@@ -142,6 +146,12 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
       0,
       0,
       0,
+      cute::TmaDescriptor{},  // paged fields: filled below for paged K/V
+      cute::TmaDescriptor{},
+      0,
+      0,
+      0,
+      0,
   };
   if constexpr (T::kSparseQ) {
     // q viewed as (D, total_q, Hq) -- token and head strides in bytes -- read in (64, T, G) boxes: one box = the
@@ -165,6 +175,33 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
     params.sq_tokens_per_tile = tpt;
     params.sq_umax = a.sq_umax;
     params.sq_mask_words = a.sq_mask_words;
+  }
+
+  if constexpr (T::kPaged) {
+    // k / v [pages, Hkv, P, D] viewed as (D, P, Hkv, pages); boxes of (64 dims, min(P, kBlockN) slots), 128-byte
+    // swizzled like the tiles they land in.
+    int const ps = a.page_size;
+    if (ps < 16 || ps > 256 || (ps & (ps - 1)) != 0) { return cudaErrorInvalidValue; }
+    int const rows = ps < T::kBlockN ? ps : T::kBlockN;
+    auto encode = [&](cute::TmaDescriptor* desc, void const* base, int dim, int64_t s0, int64_t s1, int64_t s2) {
+      uint64_t dims[4] = {uint64_t(dim), uint64_t(ps), uint64_t(a.num_kv_heads), uint64_t(a.kv_dim0)};
+      uint64_t strides[3] = {uint64_t(s2) * sizeof(Element), uint64_t(s1) * sizeof(Element),
+                             uint64_t(s0) * sizeof(Element)};
+      uint32_t box[4] = {64u, uint32_t(rows), 1u, 1u};
+      uint32_t elem_strides[4] = {1u, 1u, 1u, 1u};
+      return CUTLASS_CUDA_DRIVER_WRAPPER_CALL(cuTensorMapEncodeTiled)(
+          desc, TMA::to_CUtensorMapDataType<Element>(), 4, const_cast<void*>(base), dims, strides, box, elem_strides,
+          CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+          CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    };
+    if (encode(&params.tma_k_page, a.k, kD, a.k_stride_0, a.k_stride_1, a.k_stride_2) != CUDA_SUCCESS ||
+        encode(&params.tma_v_page, a.v, kDV, a.v_stride_0, a.v_stride_1, a.v_stride_2) != CUDA_SUCCESS) {
+      return cudaErrorInvalidValue;
+    }
+    params.page_size = ps;
+    params.page_rows = rows;
+    params.page_subs = T::kBlockN / rows;
+    params.tiles_per_page = ps > T::kBlockN ? ps / T::kBlockN : 1;
   }
 
   auto kernel = fmha_sm90_kernel<T>;

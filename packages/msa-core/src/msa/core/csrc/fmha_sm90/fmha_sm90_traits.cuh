@@ -62,11 +62,13 @@ enum NamedBarrier : uint32_t {
   kBarQueryEmpty = 1,  // consumers -> producer warp: smem Q may be overwritten
   kBarSched0 = 2,      // ping-pong token of consumer warpgroup 0 (kBarSched0 + 1 for warpgroup 1)
   kBarEpilogue0 = 4,   // per-consumer-warpgroup epilogue barrier (kBarEpilogue0 + wg)
+  kBarVZero = 6,       // paged: both consumer warpgroups have zeroed their share of a V tile's rows past kv_len
 };
 
 // Element_: bf16 / fp16, or cutlass::float_e4m3_t (FP8 mode: bf16 output, per-head scales, ragged O-only; V is
 // read from a transposed, token-permuted copy made by fmha_sm90_vt_kernel, see kFp8 below).
-template <class Element_, int kHeadDim_, bool kCausal_, bool kPaged_, int kMode_ = kModeO>
+// kHeadDim_ is the Q / K head dim (Dqk), kHeadDimV_ V's and O's (Dv; default Dqk, may differ in 16-bit mode O).
+template <class Element_, int kHeadDim_, bool kCausal_, bool kPaged_, int kMode_ = kModeO, int kHeadDimV_ = kHeadDim_>
 struct FmhaTraits {
   using Element = Element_;
   // FP8 e4m3: wgmma reads both operands K-major, so V (token-major in memory) must be transposed to [dim, token]
@@ -92,20 +94,24 @@ struct FmhaTraits {
   // O-only modules are unaffected (kMaxScore false).
   static constexpr bool kFillWarps = kMaxScore;
 #endif
-  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kHeadDim = kHeadDim_;    // Dqk
+  static constexpr int kHeadDimV = kHeadDimV_;  // Dv
+  static constexpr int kHeadDimMax = kHeadDim_ > kHeadDimV_ ? kHeadDim_ : kHeadDimV_;
   static constexpr bool kCausal = kCausal_;
   static constexpr bool kPaged = kPaged_;
 
   static constexpr int kBlockM = 128;  // query rows per CTA tile (64 per consumer warpgroup)
-  // Keys per KV tile (= page size for paged K/V). MSA_FMHA_SM90_BLOCK_N (A/B builds, issue 6/7) widens the tile
-  // of ragged O-mode modules only: paged keeps one page per tile, max_score keeps 128-key tiles (API contract).
+  // Keys per KV tile: 128, or 64 at head dim 256 (Q 64 KiB + two stages of 64 x 256 K and V = 192 KiB of shared
+  // memory, and a 64 x 256 fp32 O accumulator per warpgroup leaves registers for only a 64-key S tile). Paged K/V of
+  // any page size fill a tile from one or more pages (see Params::page_size). MSA_FMHA_SM90_BLOCK_N (A/B builds,
+  // issue 6/7) widens the tile of ragged O-mode modules only; max_score keeps 128-key tiles (API contract).
   // A wider tile spreads each step's fixed latency (ping-pong barrier, QK^T completion, row-max shuffles, vote,
   // P conversion start) over more keys; FA3 uses 128 x 176 for bf16 d128 non-causal and 128 x 224 for fp8 d128.
   // The host plan takes the tile size from the module (block_n()), so a plan always matches its module.
 #if defined(MSA_FMHA_SM90_BLOCK_N)
   static constexpr int kBlockN = (kPaged_ || kMode_ != kModeO) ? 128 : MSA_FMHA_SM90_BLOCK_N;
 #else
-  static constexpr int kBlockN = 128;
+  static constexpr int kBlockN = kHeadDimMax > 128 ? 64 : 128;
 #endif
   static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "KV tile: a multiple of 16 keys, at most 256");
   static_assert(!kFp8 || kBlockN % 32 == 0, "fp8 KV tile: a multiple of 32 keys (k32 wgmma slices of P)");
@@ -136,9 +142,10 @@ struct FmhaTraits {
   static constexpr bool kStageO = kFp8 || kBlockN <= 128;
   static constexpr int kStages = kFp8 ? 3 : 2;
 #else
-  static constexpr bool kDirectO3 =
-      !kFp8 && kBlockN == 128 && (kMode_ == kModeO || kMode_ == kModeOMaxScore || kMode_ == kModeSparseQ);
-  static constexpr bool kStageO = !kDirectO3 && (kFp8 || kBlockN <= 128);
+  static constexpr bool kDirectO3 = !kFp8 && kBlockN == 128 && kHeadDimMax <= 128 &&
+                                    (kMode_ == kModeO || kMode_ == kModeOMaxScore || kMode_ == kModeSparseQ);
+  // Head dim 256: direct O and 2 stages (a 128 x 264 staging tile would not fit next to them).
+  static constexpr bool kStageO = !kDirectO3 && kHeadDimMax <= 128 && (kFp8 || kBlockN <= 128);
   static constexpr int kStages = (kFp8 || kDirectO3) ? 3 : 2;
 #endif
   // Softmax / ping-pong A/B switches (issues 6 and 7, session 4; default = the measured design):
@@ -179,14 +186,17 @@ struct FmhaTraits {
   static constexpr int kProducerRegs = 24;
   static constexpr int kMmaRegs = 240;
 
-  static_assert(kHeadDim % 64 == 0 && kHeadDim <= 256, "head dim must be 64, 128, 192 or 256");
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "Dqk must be 64, 128 or 256");
+  static_assert(kHeadDimV == 64 || kHeadDimV == 128 || kHeadDimV == 256, "Dv must be 64, 128 or 256");
+  static_assert(kHeadDimMax <= 128 || (kMode == kModeO && !kFp8), "head dim 256: 16-bit mode O only");
+  static_assert(kHeadDimV == kHeadDim || (kMode == kModeO && !kFp8), "Dqk != Dv: 16-bit mode O only");
   static_assert(sizeof(Element) == 2 || cute::is_same_v<Element, cutlass::float_e4m3_t>, "bf16, fp16 or e4m3");
   static_assert(!kFp8 || (!kPaged && kMode == kModeO), "fp8: ragged K/V and O (+ LSE) only");
   static_assert(!kSparseQ || (!kFp8 && kBlockN == 128 && kHeadDim % 64 == 0),
                 "sparse-Q: 16-bit K/V, 128-key blocks (= pages when paged)");
 
   using TileQK = Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>;  // S = Q K^T : (M, N, K=D)
-  using TilePV = Shape<Int<kBlockM>, Int<kHeadDim>, Int<kBlockN>>;  // O = P V   : (M, N=D, K=BlockN)
+  using TilePV = Shape<Int<kBlockM>, Int<kHeadDimV>, Int<kBlockN>>;  // O = P V   : (M, N=Dv, K=BlockN)
   using MmaWarpGroups = Layout<Shape<Int<kNumMmaWarpGroups>, _1, _1>>;  // each warpgroup owns 64 rows
 
   using TiledMmaQK = decltype(make_tiled_mma(
@@ -212,11 +222,11 @@ struct FmhaTraits {
   using SmemLayoutVt = std::conditional_t<
       kFp8,
       decltype(tile_to_shape(Fp8VtAtom{},
-                             Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{})),
+                             Shape<Int<kHeadDimV>, Int<kBlockN>, Int<kStages>>{})),
       decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
-                             Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{}))>;
+                             Shape<Int<kHeadDimV>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{}))>;
   // Output staging tile, row-major, padded by 16 bytes per row so the fragment stores are conflict-free.
-  static constexpr int kSmemORowStride = kHeadDim + 8;
+  static constexpr int kSmemORowStride = kHeadDimV + 8;
 
   // Global tensors as TMA sees them. Ragged q/k: (token, dim, head); v^T: (dim, token, head).
   // Paged k: (slot, dim, head, page); v^T: (dim, slot, head, page).
@@ -241,7 +251,7 @@ struct FmhaTraits {
 
   static constexpr uint32_t kTmaBytesQ = kBlockM * kHeadDim * sizeof(Element);
   static constexpr uint32_t kTmaBytesK = kBlockN * kHeadDim * sizeof(Element);
-  static constexpr uint32_t kTmaBytesV = kBlockN * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kTmaBytesV = kBlockN * kHeadDimV * sizeof(Element);
 
   struct alignas(1024) SharedStorage {
     alignas(1024) Element smem_q[cosize_v<SmemLayoutQ>];
@@ -283,7 +293,7 @@ struct FmhaTraits {
     float scale_log2;  // sm_scale * log2(e): softmax runs on exp2
     float sm_scale;    // natural-log scale, for the LSE
     float out_scale;   // applied to O after normalisation (v_scale * o_scale)
-    // Split-KV pieces: normalised fp32 O [slot, kBlockM, kHeadDim] and natural-log LSE [slot, kBlockM].
+    // Split-KV pieces: normalised fp32 O [slot, kBlockM, kHeadDimV] and natural-log LSE [slot, kBlockM].
     float* partial_o;
     float* partial_lse;
     // max_score [Hq, max_k_tiles, total_q] fp32 (modes kModeOMaxScore / kModeMaxScore).
@@ -308,6 +318,15 @@ struct FmhaTraits {
     int sq_tokens_per_tile;  // T = kBlockM / G
     int sq_umax;
     int sq_mask_words;
+    // Paged K/V (any power-of-two page size P in [16, 256]): k and v viewed as (D, P, Hkv, pages), read in boxes of
+    // (64 dims, page_rows slots). A kBlockN-key tile is page_subs boxes from consecutive pages (P < kBlockN) or one
+    // box from slot (n % tiles_per_page) * kBlockN of one page (P >= kBlockN). tma_k / tma_v above are unused there.
+    alignas(64) cute::TmaDescriptor tma_k_page;
+    alignas(64) cute::TmaDescriptor tma_v_page;
+    int page_size;       // P
+    int page_rows;       // min(P, kBlockN)
+    int page_subs;       // kBlockN / page_rows
+    int tiles_per_page;  // max(1, P / kBlockN)
   };
 
   struct CombineParams {
