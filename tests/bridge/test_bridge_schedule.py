@@ -243,3 +243,47 @@ def test_kernel_branch_wiring_with_a_stub_kernel(monkeypatch, schedule):
     dp = fmha_plan(q_lens, kv_lens, hq, hkv, kv_block_num=topk)
     o_ref, _, lse_ref = fmha(q, k, v, dp, kv_block_indexes=sel, return_lse=True)
     _close(o, lse, o_ref, lse_ref, v)
+
+
+@pytest.mark.parametrize("route_max", [None, 0, 2, 3])  # all / none / 3 of 12 / 7 of 12 items routed
+def test_eager_auto_branches_with_a_stub_kernel(monkeypatch, route_max):
+    """Eager "auto" launches the Q-outer pass before it reads the routed item count, then: every item routed -> done
+    (one pass); fewer than AUTO_MIN_ROUTED -> KV-outer alone (it overwrites every row); else the hybrid (KV-outer,
+    then the Q-outer pass again). Whatever the branch, the output equals msa.core.fmha's."""
+    import types
+
+    from msa.cute.qouter import qouter_reference
+
+    qo = pytest.importorskip(br.QOUTER_KERNEL_MODULE)
+    runs, kv_calls = [], []
+
+    def run(kp, q, k, v, union, union_len, mask, order, *, out=None, lse=None, sm_scale=None):
+        runs.append(int((union_len >= 0).sum()))
+        cu_q = torch.tensor([0, *torch.tensor(kp.qo_lens).cumsum(0).tolist()], dtype=torch.int32)
+        cu_k = torch.tensor([0, *torch.tensor(kp.kv_lens).cumsum(0).tolist()], dtype=torch.int32)
+        qouter_reference(q, k, v, union, union_len, mask, item_token0=kp.item_token0, item_ntok=kp.item_ntok,
+                         item_kv_head=kp.item_kv_head, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=kp.causal,
+                         T=kp.T, sm_scale=sm_scale, out=out, lse=lse)
+        return out, lse
+
+    real_kv_outer = br._kv_outer
+    monkeypatch.setattr(br, "_kv_outer", lambda *a, **kw: kv_calls.append(1) or real_kv_outer(*a, **kw))
+    stub = types.SimpleNamespace(plan=lambda *a, **kw: qo.plan(*a, **{**kw, "device": "cpu"}), run=run)
+    monkeypatch.setattr(br, "_qouter_module", lambda: (stub, ""))
+    monkeypatch.setattr(br, "_qouter_path", lambda plan, *a: "kernel" if plan.qouter is not None else None)
+    monkeypatch.setattr(br, "AUTO_SKIP_SYNC", True)
+    q_lens, kv_lens, hq, hkv, topk = [1, 70, 45], [1, 900, 400], 8, 2, 3
+    q, k, v, sel = _problem(11, q_lens, kv_lens, hq, hkv, topk, correlated=True)
+    sp = sparse_fmha_plan(q_lens, kv_lens, hq, hkv, kv_block_num=topk, schedule="auto", route_max=route_max)
+    routed = int((br.qouter_unions_for(sp, sel).union_len >= 0).sum())
+    items = sp.qouter.items.num_items
+    o, _, lse = sparse_fmha(q, k, v, sp, kv_block_indexes=sel, return_lse=True)
+    if routed == items:
+        assert (len(runs), len(kv_calls)) == (1, 0)
+    elif routed < br.AUTO_MIN_ROUTED * items:
+        assert (len(runs), len(kv_calls)) == (1, 1)
+    else:
+        assert (len(runs), len(kv_calls)) == (2, 1)
+    dp = fmha_plan(q_lens, kv_lens, hq, hkv, kv_block_num=topk)
+    o_ref, _, lse_ref = fmha(q, k, v, dp, kv_block_indexes=sel, return_lse=True)
+    _close(o, lse, o_ref, lse_ref, v)

@@ -32,9 +32,9 @@ def paged_cache(k, v, kv_lens, page: int = 128, seed: int = 0, spare_pages: int 
     pool = n_pages + spare_pages
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(pool, generator=g)[:n_pages].to(torch.int32)
-    hkv, d = k.shape[1], k.shape[2]
-    kp = torch.full((pool, hkv, page, d), float("nan"), dtype=k.dtype, device=k.device)
-    vp = torch.full((pool, hkv, page, d), float("nan"), dtype=k.dtype, device=k.device)
+    hkv = k.shape[1]
+    kp = torch.full((pool, hkv, page, k.shape[2]), float("nan"), dtype=k.dtype, device=k.device)
+    vp = torch.full((pool, hkv, page, v.shape[2]), float("nan"), dtype=v.dtype, device=v.device)  # Dv may differ
     t = p = 0
     for n in kv_lens:
         for j in range(-(-n // page)):

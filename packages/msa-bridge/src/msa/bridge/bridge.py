@@ -460,6 +460,24 @@ def _ragged_from_pages(t: torch.Tensor, page_table: torch.Tensor, plan: SparseFm
     return t[page, :, tok % BLOCK]
 
 
+def _read_later(t: torch.Tensor):
+    """Start copying the 0-d tensor ``t`` to the host without blocking; returns a function that waits for it and gives
+    its value (CUDA: pinned buffer + event on the current stream; CPU: the value at once)."""
+    if t.device.type != "cuda":
+        value = int(t)
+        return lambda: value
+    host = torch.empty((), dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+
+    def wait():
+        ready.synchronize()
+        return int(host)
+
+    return wait
+
+
 def _with_qouter(path, q, k, v, sel, plan, scale, direct_out, out_dtype, validate, backend, page_table=None):
     """Schedule "q_outer": the Q-outer pass writes every row. "auto": KV-outer over the unrouted items' selections
     (routed (token, KV head) selections set to -1: those rows come out 0 / -inf), then the Q-outer pass overwrites
@@ -469,35 +487,54 @@ def _with_qouter(path, q, k, v, sel, plan, scale, direct_out, out_dtype, validat
     total_q, hq = q.shape[0], q.shape[1]
     kp = _qouter_kernel_plan(plan) if path == "kernel" else None
     un = qouter_unions_for(plan, sel, validate)
-    everything_routed = qs.route_max is None  # "q_outer": U <= umax always
-    if not everything_routed and q.device.type == "cuda" and AUTO_SKIP_SYNC and not is_capturing(q.device):
-        # Eager "auto": one device read (a sync) of the routed item count picks the cheapest of the three: every item
-        # routed -> Q-outer alone (no k2q CSR build, no combine: ~2 ms saved at 64/4 S32K, H100); fewer than
-        # AUTO_MIN_ROUTED of them -> KV-outer alone on the original selections (the hybrid's extra passes cost more
-        # than the few routed tiles save: one MSA layer at 32K with random selections, 3-13% routed, ran 29.9 ms of
-        # sparse attention hybrid vs 25.2 KV-outer alone, session 4 run 9); otherwise the hybrid. Under CUDA-graph
-        # capture the hybrid is recorded (no sync); MSA_BRIDGE_AUTO_SYNC=0 never syncs.
-        routed = int((un.union_len >= 0).sum())
-        if routed < AUTO_MIN_ROUTED * it.num_items:
-            return _kv_outer(q, k, v, sel, plan, scale, True, page_table, validate, backend)
-        everything_routed = routed == it.num_items
-    if everything_routed:  # no KV-outer part: the Q-outer pass writes all rows
+
+    def new_out():
         o = direct_out if direct_out is not None else torch.empty(total_q, hq, v.shape[-1], dtype=out_dtype,
                                                                   device=q.device)
-        lse = torch.empty(total_q, hq, dtype=torch.float32, device=q.device)
-    else:
+        return o, torch.empty(total_q, hq, dtype=torch.float32, device=q.device)
+
+    def qouter_pass(o, lse):  # writes exactly the routed items' rows
+        if path == "kernel":
+            mod, _ = _qouter_module()
+            paged = {"page_table": page_table} if plan.paged else {}
+            mod.run(kp, q, k, v, un.union, un.union_len, un.mask, un.order, out=o, lse=lse, sm_scale=scale, **paged)
+        else:
+            kk, vv = k, v
+            if plan.paged:
+                kk, vv = _ragged_from_pages(k, page_table, plan), _ragged_from_pages(v, page_table, plan)
+            qouter_reference(q, kk, vv, un.union, un.union_len, un.mask, item_token0=it.item_token0,
+                             item_ntok=it.item_ntok, item_kv_head=it.item_kv_head, cu_seqlens_q=plan.qo_indptr,
+                             cu_seqlens_k=plan.kv_indptr, causal=plan.causal, T=it.T, sm_scale=scale,
+                             seqused_k=plan.seqused_k, out=o, lse=lse)
+
+    def hybrid():  # KV-outer writes every row (routed ones 0 / -inf), then Q-outer overwrites the routed rows
         routed = (un.union_len >= 0).view(it.num_tiles, plan.num_kv_heads)[it.token_tile.long()]  # [total_q, Hkv]
-        sel_kv = torch.where(routed.unsqueeze(-1), -1, sel)
-        o, lse = _kv_outer(q, k, v, sel_kv, plan, scale, True, page_table, validate, backend)
-    if path == "kernel":
-        mod, _ = _qouter_module()
-        paged = {"page_table": page_table} if plan.paged else {}
-        mod.run(kp, q, k, v, un.union, un.union_len, un.mask, un.order, out=o, lse=lse, sm_scale=scale, **paged)
-    else:
-        if plan.paged:
-            k, v = _ragged_from_pages(k, page_table, plan), _ragged_from_pages(v, page_table, plan)
-        qouter_reference(q, k, v, un.union, un.union_len, un.mask, item_token0=it.item_token0,
-                         item_ntok=it.item_ntok, item_kv_head=it.item_kv_head, cu_seqlens_q=plan.qo_indptr,
-                         cu_seqlens_k=plan.kv_indptr, causal=plan.causal, T=it.T, sm_scale=scale,
-                         seqused_k=plan.seqused_k, out=o, lse=lse)
-    return o, lse
+        o, lse = _kv_outer(q, k, v, torch.where(routed.unsqueeze(-1), -1, sel), plan, scale, True, page_table,
+                           validate, backend)
+        qouter_pass(o, lse)
+        return o, lse
+
+    if qs.route_max is None:  # "q_outer": every item routed (U <= umax always)
+        o, lse = new_out()
+        qouter_pass(o, lse)
+        return o, lse
+    if path == "kernel" and AUTO_SKIP_SYNC and not is_capturing(q.device):
+        # Eager "auto": the routed item count (read once from the device) picks the cheapest of three -- every item
+        # routed -> Q-outer alone (no k2q CSR, no combine: ~2 ms saved at 64/4 S32K, H100); fewer than
+        # AUTO_MIN_ROUTED of them -> KV-outer alone on the original selections (the hybrid's extra passes cost more
+        # than the few routed tiles save: random selections at 32K, 3-13% routed, ran 29.9 ms hybrid vs 25.2 KV-outer
+        # alone, session 4 run 9); else the hybrid. The Q-outer pass is launched *before* the count is read (it only
+        # writes routed rows), so the host waits while the GPU runs it: the read costs no idle GPU time (it cost
+        # ~0.15 ms per call at 64/4 S32K when it sat between the union build and the kernel, session 5 run 1). When
+        # not every item routed, that pass is redone after the KV-outer part (or dropped: KV-outer alone overwrites
+        # every row). Under CUDA-graph capture the hybrid is recorded (no sync); MSA_BRIDGE_AUTO_SYNC=0 never syncs.
+        routed_count = _read_later((un.union_len >= 0).sum())
+        o, lse = new_out()
+        qouter_pass(o, lse)
+        routed = routed_count()
+        if routed == it.num_items:
+            return o, lse
+        if routed < AUTO_MIN_ROUTED * it.num_items:
+            return _kv_outer(q, k, v, sel, plan, scale, True, page_table, validate, backend)
+        return hybrid()
+    return hybrid()
