@@ -215,7 +215,7 @@ def cute_sparse_decode_impl(case: Case, device: torch.device, caps: RefCaps, flo
 def bridge_sparse_impl(case: Case, device: torch.device, caps: RefCaps, flops: float, kv_bytes: float,
                        paged: bool = False) -> Impl:
     """msa.bridge.sparse_fmha (default schedule) with the same selection as the msa.core sparse row; ragged K/V
-    (the Q-outer path serves routed items) or, with ``paged``, the page-128 cache (KV-outer only). The per-call
+    (the Q-outer path serves routed items) or, with ``paged``, the page-128 cache (same schedule). The per-call
     work (union build / k2q CSR from the selection) is timed: the selection is a call argument."""
     fmha = _api("msa.bridge", "sparse_fmha")
     plan_fn = _api("msa.bridge", "sparse_fmha_plan")

@@ -97,8 +97,6 @@ def _paged_cache(k, v, kv_lens, seed):
 
 @pytest.mark.parametrize("schedule,route_max", [("q_outer", None), ("auto", None), ("auto", 5)])
 def test_paged_schedules_equal_core(schedule, route_max):
-    if schedule == "auto":  # paged auto plans run KV-outer for now (Q-outer is opt-in there)
-        route_max = None
     q_lens, kv_lens, hq, hkv, topk = [1, 70, 45], [1, 900, 400], 8, 2, 3
     q, k, v, sel = _problem(17, q_lens, kv_lens, hq, hkv, topk, correlated=True)
     dp = fmha_plan(q_lens, kv_lens, hq, hkv, kv_block_num=topk)
@@ -106,7 +104,7 @@ def test_paged_schedules_equal_core(schedule, route_max):
     kp, vp, kv_indices = _paged_cache(k, v, kv_lens, 3)
     sp = sparse_fmha_plan(q_lens, kv_lens, hq, hkv, page_size=128, kv_block_num=topk, schedule=schedule,
                           route_max=route_max)
-    assert sp.schedule == ("q_outer" if schedule == "q_outer" else "kv_outer")
+    assert sp.schedule == schedule and sp.qouter is not None  # paged plans run Q-outer under "auto" too
     o, _, lse = sparse_fmha(q, kp, vp, sp, kv_block_indexes=sel, kv_indices=kv_indices, return_lse=True,
                             validate=True)
     _close(o, lse, o_ref, lse_ref, v)
@@ -182,8 +180,8 @@ def test_schedule_resolution_and_errors():
         sparse_fmha_plan([4], [200], 2, 1, qo_offset=[100], schedule="q_outer", **kw)
     with pytest.raises(ValueError, match="'q_outer' cannot serve this plan: Hq/Hkv = 3"):
         sparse_fmha_plan([4], [200], 6, 2, schedule="q_outer", **kw)
-    p = sparse_fmha_plan([4], [200], 2, 1, page_size=128, **kw)  # paged: Q-outer on request only (for now)
-    assert p.schedule == "kv_outer" and p.qouter is None and "paged" in p.schedule_note
+    p = sparse_fmha_plan([4], [200], 2, 1, page_size=128, **kw)  # paged (page 128): auto keeps the Q-outer part
+    assert p.schedule == "auto" and p.qouter is not None and p.schedule_note == ""
     assert sparse_fmha_plan([4], [200], 2, 1, page_size=128, schedule="q_outer", **kw).schedule == "q_outer"
     p = sparse_fmha_plan([4], [200], 2, 1, qo_offset=[100], **kw)
     assert p.schedule == "kv_outer" and "qo_offset" in p.schedule_note

@@ -226,11 +226,6 @@ def _plan_schedule(base: FmhaPlan, topk: int, schedule, route_max):
         if schedule == "q_outer":
             raise ValueError(f"schedule: 'q_outer' cannot serve this plan: {why}; use 'auto' or 'kv_outer'")
         return "kv_outer", None, f"auto -> kv_outer: {why}"
-    if base.paged and schedule == "auto":
-        # Paged Q-outer is opt-in (schedule="q_outer") until its partial-page GPU tests have run: on an H100 (session
-        # 4 run 12) it matched ragged Q-outer bit for bit on full pages; the tests with a partial last page held NaN
-        # in the cache's unused slots, which the kernel does not yet clear (see sparse_fmha's docstring).
-        return "kv_outer", None, "auto -> kv_outer: paged Q-outer is opt-in (schedule='q_outer')"
     g = base.num_qo_heads // base.num_kv_heads
     items = qouter_items(base.qo_lens, base.num_kv_heads, g, kv_lens=base.kv_lens, device=base.device)
     if schedule == "q_outer":
@@ -328,8 +323,8 @@ def sparse_fmha(
 
     ``kv_block_indexes [total_q, Hkv or Hq, kv_block_num]`` int32 is required (ascending, ``-1`` tail, as from
     ``sparse_topk_select``). Paged K/V take the flat ``kv_indices`` (or a ready ``page_table [B, max_pages]``).
-    Paged Q-outer (``schedule="q_outer"``; ``"auto"`` keeps paged plans KV-outer for now) needs finite values in the
-    cache slots past each request's ``kv_len`` in its last page (their probabilities are 0, but 0 * NaN = NaN).
+    Any value in a cache slot no request owns (NaN included) stays out of the output: the kernels mask those keys
+    and zero those V rows before the PV GEMM.
     """
     if not isinstance(plan, SparseFmhaPlan):
         raise TypeError(f"plan: expected a SparseFmhaPlan from sparse_fmha_plan(), got {type(plan).__name__}")
