@@ -504,8 +504,9 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
         if constexpr (T::kSparseQ) {
           ids = (T::kPaged ? p.sq_union_phys : p.sq_union) + int64_t(item) * p.sq_umax;
         } else {
-          bound = (w.kv_len + p.page_size - 1) / p.page_size;
-          q = p.page_subs == 1 ? n / p.tiles_per_page : min(n * p.page_subs + min(lane, p.page_subs - 1), bound - 1);
+          bound = (w.kv_len + p.page_size - 1) >> p.page_shift;  // powers of two: shifts, not divisions
+          q = p.page_subs == 1 ? n >> p.tiles_per_page_shift
+                               : min(n * p.page_subs + min(lane, p.page_subs - 1), bound - 1);
           ids = p.kv_indices + w.kv_start;
         }
         int const window = q >> 5;
@@ -525,7 +526,7 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
     auto load_page_boxes = [&](auto dims, cute::TmaDescriptor const* desc, uint64_t* bar, Element* stage, int page,
                                int n) {
       if (lane < p.page_subs) {
-        int const slot0 = (n % p.tiles_per_page) * kBlockN;
+        int const slot0 = (n & (p.tiles_per_page - 1)) * kBlockN;
         Element* dst = stage + lane * p.page_rows * 64;
         CUTE_UNROLL
         for (int c = 0; c < decltype(dims)::value / 64; ++c) {
@@ -871,10 +872,9 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
 
     // Paged: a request's last page holds whatever the cache holds past kv_len (possibly NaN / Inf). P is 0 there, but
     // 0 * NaN = NaN in the PV GEMM, so before a PV GEMM reads such a V tile both warpgroups zero its rows past kv_len
-    // in shared memory (ahead of the ping-pong section: a warpgroup holding the issue token must not wait for the
-    // other here). v_rows_pending: the valid rows of the V tile the next PV GEMM reads.
-    int v_rows_pending = kBlockN;
-    auto tile_rows = [&](int logical_tile) { return max(0, min(kBlockN, w.kv_len - logical_tile * kBlockN)); };
+    // in shared memory. Only an item's first tile can be partial (tiles run from the highest down, and a sparse-Q
+    // union is ascending, so the request's last block comes first), so this runs once, before the KV loop: the loop
+    // itself carries no paged-only work (a per-step check cost ~3% in session 5 run 3).
     auto zero_v_tail = [&](int stage, uint32_t phase, int valid) {
       Mbar::wait(&ss.full_v[stage], phase);
       Tensor sV = make_tensor(make_smem_ptr(ss.smem_v), typename T::SmemLayoutVt{});  // (dim, key, stage)
@@ -896,7 +896,6 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     Mbar::wait(&ss.full_k[rd.index], rd.phase);
     wg_gemm<true, 0>(mma_qk, tSrQ, tSrK(_, _, _, rd.index), tSrS);
     Mbar::arrive(&ss.empty_k[rd.index]);
-    if constexpr (T::kPaged) { v_rows_pending = tile_rows(T::kSparseQ ? blk_first : n); }
     if constexpr (T::kSparseQ) {
       if ((blk_first + 1) * kBlockN > sq_lim0) {
         apply_mask_sparse<T::kCausal>(tSrS, tScS, w, blk_first, p.sq_tokens_per_tile);
@@ -909,6 +908,10 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     if constexpr (T::kMaxScore) { store_max_score<T>(p, tScS, w, n, tile_max); }
     convert_p();
     clear(tOrO);
+    if constexpr (T::kPaged) {  // the first tile's V (the first PV GEMM reads it): zero its rows past kv_len
+      int const valid = w.kv_len - (T::kSparseQ ? blk_first : n) * kBlockN;
+      if (valid < kBlockN) { zero_v_tail(rd.index, rd.phase, max(valid, 0)); }
+    }
 
     // Tiles n >= n_mask_min need a mask: the ragged key end, and (causal) every tile reaching past the
     // diagonal of the tile's first query row.
@@ -922,15 +925,11 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       constexpr bool kMasked = decltype(masked)::value;
       tl.start(tl_on && !kMasked, wg, item_no, kMasked ? kTlSteps : tl_step++);  // unmasked steps only
       tl.stamp(0);  // step start
-      if constexpr (T::kPaged) {  // the V tile this step's PV GEMM reads (the previous tile's): zero its tail rows
-        if (v_rows_pending < kBlockN) { zero_v_tail(rd.index, rd.phase, v_rows_pending); }
-      }
       PipeState<T::kStages> const rd_v = rd;  // V of the previous (higher) tile
       rd.advance();                           // K of this tile
       int sq_blk = 0;
       uint32_t sq_sel = 0;
       if constexpr (T::kSparseQ) { sq_tile(n_block, sq_blk, sq_sel); }  // L1-resident; needed after the QK^T
-      if constexpr (T::kPaged) { v_rows_pending = tile_rows(T::kSparseQ ? sq_blk : n_block); }
       Mbar::wait(&ss.full_k[rd.index], rd.phase);
       tl.stamp(1);  // K(n) landed
       if constexpr (T::kPingPong != 0) { named_barrier_sync(kBarSched0 + wg, T::kNumMmaThreads); }
@@ -990,9 +989,6 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     // through the KV loop, which only needs kv_len / m_block / qo_offset (masked steps).
     if constexpr (T::kRegDiet) { w = load_item<T>(p, item); }
 
-    if constexpr (T::kPaged) {
-      if (v_rows_pending < kBlockN) { zero_v_tail(rd.index, rd.phase, v_rows_pending); }
-    }
     Mbar::wait(&ss.full_v[rd.index], rd.phase);
     wg_gemm<false, -1>(mma_pv, tOrP, tOrV(_, _, _, rd.index), tOrO);
     next_work(next_item, next_w);

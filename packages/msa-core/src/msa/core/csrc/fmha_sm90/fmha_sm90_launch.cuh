@@ -152,6 +152,8 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
       0,
       0,
       0,
+      0,
+      0,
   };
   if constexpr (T::kSparseQ) {
     // q viewed as (D, total_q, Hq) -- token and head strides in bytes -- read in (64, T, G) boxes: one box = the
@@ -202,6 +204,8 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
     params.page_rows = rows;
     params.page_subs = T::kBlockN / rows;
     params.tiles_per_page = ps > T::kBlockN ? ps / T::kBlockN : 1;
+    params.page_shift = __builtin_ctz(unsigned(ps));
+    params.tiles_per_page_shift = __builtin_ctz(unsigned(params.tiles_per_page));
   }
 
   auto kernel = fmha_sm90_kernel<T>;

@@ -327,6 +327,8 @@ struct FmhaTraits {
     int page_rows;       // min(P, kBlockN)
     int page_subs;       // kBlockN / page_rows
     int tiles_per_page;  // max(1, P / kBlockN)
+    int page_shift;            // log2(P)
+    int tiles_per_page_shift;  // log2(tiles_per_page)
   };
 
   struct CombineParams {
