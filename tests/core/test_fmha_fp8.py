@@ -78,7 +78,7 @@ def test_wide_tile_plan_counts_its_own_tiles(block_n):
     assert sorted(int(x) for x in causal.work[:, 7]) == sorted([_cdiv(128, block_n)] * 2 + [_cdiv(256, block_n)] * 2
                                                                + [_cdiv(300, block_n)] * 2)
     paged = k90.plan([300], [300], 2, 2, causal=True, paged=True, device="cpu", num_sms=4, block_n=block_n)
-    assert paged.block_n == 128  # one page per tile, always
+    assert paged.block_n == block_n  # an explicit block_n is the module's tile, paged or not (pages fill tiles)
     assert k90._kernel_plan(kp, 128, 1, torch.device("cpu"), block_n) is kp
     with pytest.raises(ValueError, match=f"made for {block_n}-key KV tiles"):
         k90._kernel_plan(kp, 128, 1, torch.device("cpu"), 128)
@@ -89,6 +89,8 @@ def test_wide_tile_plan_counts_its_own_tiles(block_n):
 def test_plan_block_n_default_follows_the_environment(monkeypatch):
     monkeypatch.setenv(k90.BLOCK_N_ENV, "192")
     assert k90.plan([10], [10], 2, 2, causal=False, device="cpu", num_sms=4).block_n == 192
+    # the wide-tile switch builds ragged O modules only: paged plans keep the default tile
+    assert k90.plan([10], [10], 2, 2, causal=False, paged=True, device="cpu", num_sms=4).block_n == 128
     monkeypatch.delenv(k90.BLOCK_N_ENV)
     assert k90.plan([10], [10], 2, 2, causal=False, device="cpu", num_sms=4).block_n == 128
 
