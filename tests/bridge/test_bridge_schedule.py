@@ -245,9 +245,10 @@ def test_kernel_branch_wiring_with_a_stub_kernel(monkeypatch, schedule):
 
 @pytest.mark.parametrize("route_max", [None, 0, 2, 3])  # all / none / 3 of 12 / 7 of 12 items routed
 def test_eager_auto_branches_with_a_stub_kernel(monkeypatch, route_max):
-    """Eager "auto" launches the Q-outer pass before it reads the routed item count, then: every item routed -> done
-    (one pass); fewer than AUTO_MIN_ROUTED -> KV-outer alone (it overwrites every row); else the hybrid (KV-outer,
-    then the Q-outer pass again). Whatever the branch, the output equals msa.core.fmha's."""
+    """Eager "auto" launches the Q-outer pass before it reads the routed item count (while the last call routed every
+    item), then: every item routed -> done (one pass); fewer than AUTO_MIN_ROUTED -> KV-outer alone (it overwrites
+    every row); else the hybrid (KV-outer, then the Q-outer pass again). After a call that did not route every item
+    the next reads the count first (no wasted pass). Whatever the branch, the output equals msa.core.fmha's."""
     import types
 
     from msa.cute.qouter import qouter_reference
@@ -270,18 +271,25 @@ def test_eager_auto_branches_with_a_stub_kernel(monkeypatch, route_max):
     monkeypatch.setattr(br, "_qouter_module", lambda: (stub, ""))
     monkeypatch.setattr(br, "_qouter_path", lambda plan, *a: "kernel" if plan.qouter is not None else None)
     monkeypatch.setattr(br, "AUTO_SKIP_SYNC", True)
+    monkeypatch.setitem(br._auto_state, "expect_all_routed", True)
     q_lens, kv_lens, hq, hkv, topk = [1, 70, 45], [1, 900, 400], 8, 2, 3
     q, k, v, sel = _problem(11, q_lens, kv_lens, hq, hkv, topk, correlated=True)
     sp = sparse_fmha_plan(q_lens, kv_lens, hq, hkv, kv_block_num=topk, schedule="auto", route_max=route_max)
     routed = int((br.qouter_unions_for(sp, sel).union_len >= 0).sum())
     items = sp.qouter.items.num_items
-    o, _, lse = sparse_fmha(q, k, v, sp, kv_block_indexes=sel, return_lse=True)
-    if routed == items:
-        assert (len(runs), len(kv_calls)) == (1, 0)
-    elif routed < br.AUTO_MIN_ROUTED * items:
-        assert (len(runs), len(kv_calls)) == (1, 1)
-    else:
-        assert (len(runs), len(kv_calls)) == (2, 1)
     dp = fmha_plan(q_lens, kv_lens, hq, hkv, kv_block_num=topk)
     o_ref, _, lse_ref = fmha(q, k, v, dp, kv_block_indexes=sel, return_lse=True)
-    _close(o, lse, o_ref, lse_ref, v)
+    # First call: optimistic (Q-outer launched before the count is read). Second call: read-first when the first did
+    # not route every item.
+    for call in (0, 1):
+        runs.clear(), kv_calls.clear()
+        o, _, lse = sparse_fmha(q, k, v, sp, kv_block_indexes=sel, return_lse=True)
+        optimistic = call == 0 or routed == items
+        if routed == items:
+            assert (len(runs), len(kv_calls)) == (1, 0)
+        elif routed < br.AUTO_MIN_ROUTED * items:
+            assert (len(runs), len(kv_calls)) == ((1, 1) if optimistic else (0, 1))
+        else:
+            assert (len(runs), len(kv_calls)) == ((2, 1) if optimistic else (1, 1))
+        assert br._auto_state["expect_all_routed"] == (routed == items)
+        _close(o, lse, o_ref, lse_ref, v)
