@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from msa.core.kernels.fmha_sm90_qouter import item_enumeration
 from msa.core.kernels.qouter_union import check_item_tables, item_order
 from msa.core.validation import check_int, check_tensor
 
@@ -116,23 +117,15 @@ def qouter_items(qo_lens, hkv: int, qhead_per_kv: int, *, kv_lens=None, device=N
         if len(kvl) != len(lens):
             raise ValueError(f"kv_lens: expected {len(lens)} entries (one per request of qo_lens), got {len(kvl)}")
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    q_len = torch.tensor(lens, dtype=torch.int64)
-    n_tiles_b = torch.div(q_len + (T - 1), T, rounding_mode="floor")
-    num_tiles = int(n_tiles_b.sum())
-    cu_q = torch.zeros(len(lens) + 1, dtype=torch.int64)
-    torch.cumsum(q_len, 0, out=cu_q[1:])
-    req = torch.repeat_interleave(torch.arange(len(lens)), n_tiles_b)  # request of every tile
-    cu_tiles = torch.cumsum(n_tiles_b, 0) - n_tiles_b
-    j = torch.arange(num_tiles) - cu_tiles[req]
-    tile_token0 = cu_q[req] + j * T
-    tile_ntok = torch.minimum(q_len[req] - j * T, torch.full_like(j, T))
-    total_q = int(cu_q[-1])
-    tok = torch.arange(total_q)
+    e = item_enumeration(lens, hkv, T)  # msa-core's enumeration: the kernel's plan uses the same one
+    req, cu_q, first_tile = e["tile_request"], e["cu_q"], e["first_tile"]
+    num_tiles = int(req.shape[0])
+    tok = torch.arange(int(cu_q[-1]))
     tok_req = torch.searchsorted(cu_q[1:], tok, right=True)
-    token_tile = cu_tiles[tok_req] + torch.div(tok - cu_q[tok_req], T, rounding_mode="floor")
+    token_tile = first_tile[tok_req] + torch.div(tok - cu_q[tok_req], T, rounding_mode="floor")
 
     def items_of(per_tile):  # tile-major, KV head minor
-        return per_tile.repeat_interleave(hkv).to(torch.int32).to(dev)
+        return per_tile[e["item_tile"]].to(torch.int32).to(dev)
 
     item_kv_blocks = max_blocks = None
     if kvl is not None:
@@ -141,8 +134,8 @@ def qouter_items(qo_lens, hkv: int, qhead_per_kv: int, *, kv_lens=None, device=N
         max_blocks = max((cdiv(n, BLOCK) for n in kvl), default=0)
     return QouterItems(
         T=T, num_items=num_tiles * hkv, num_tiles=num_tiles, num_kv_heads=hkv,
-        item_token0=items_of(tile_token0), item_ntok=items_of(tile_ntok),
-        item_kv_head=torch.arange(hkv, dtype=torch.int32).repeat(num_tiles).to(dev),
+        item_token0=items_of(e["tile_token0"]), item_ntok=items_of(e["tile_ntok"]),
+        item_kv_head=e["item_kv_head"].to(torch.int32).to(dev),
         token_tile=token_tile.to(torch.int32).to(dev), item_kv_blocks=item_kv_blocks, max_blocks=max_blocks,
     )
 

@@ -36,7 +36,7 @@ import torch
 from . import fmha_sm90 as _k90
 from ._device import sm_count as _num_sms
 
-__all__ = ["QOuterPlan", "plan", "run", "available", "supports", "ITEM_ROWS", "MODE"]
+__all__ = ["QOuterPlan", "plan", "run", "available", "supports", "item_enumeration", "ITEM_ROWS", "MODE"]
 
 ITEM_ROWS = 128  # MMA rows per item: T tokens x G heads
 MODE = "sparse_q"
@@ -110,6 +110,29 @@ def _lens(name: str, v) -> tuple[int, ...]:
     return out
 
 
+def item_enumeration(qo_lens, num_kv_heads: int, tokens_per_item: int) -> dict:
+    """The Q-outer item order (the one contract between this plan, ``msa.cute.qouter``'s union builder and the
+    kernel): request-major, then token tile ``j`` of the request (``T = tokens_per_item`` tokens; a request's last
+    tile may be shorter; requests with no query make none), then KV head. Host int64 tensors: per tile ``tile_request``,
+    ``tile_j``, ``tile_token0`` (global first token), ``tile_ntok``; per item (``tile * Hkv + h``) ``item_tile``,
+    ``item_kv_head``; per request ``cu_q`` ([B + 1]) and ``first_tile``."""
+    q_len = torch.tensor([int(x) for x in qo_lens], dtype=torch.int64)
+    hkv, t = int(num_kv_heads), int(tokens_per_item)
+    n_tiles_b = torch.div(q_len + (t - 1), t, rounding_mode="floor")
+    num_tiles = int(n_tiles_b.sum())
+    cu_q = torch.zeros(len(q_len) + 1, dtype=torch.int64)
+    torch.cumsum(q_len, 0, out=cu_q[1:])
+    req = torch.repeat_interleave(torch.arange(len(q_len)), n_tiles_b)
+    first_tile = torch.cumsum(n_tiles_b, 0) - n_tiles_b
+    j = torch.arange(num_tiles) - first_tile[req]
+    return dict(
+        tile_request=req, tile_j=j, tile_token0=cu_q[req] + j * t,
+        tile_ntok=torch.minimum(q_len[req] - j * t, torch.full_like(j, t)),
+        item_tile=torch.arange(num_tiles).repeat_interleave(hkv), item_kv_head=torch.arange(hkv).repeat(num_tiles),
+        cu_q=cu_q, first_tile=first_tile,
+    )
+
+
 def plan(qo_lens, kv_lens, num_qo_heads: int, num_kv_heads: int, *, causal: bool = True, paged: bool = False,
          device=None) -> QOuterPlan:
     """Work items of a Q-outer launch (``qo_lens[b]`` queries over ``kv_lens[b]`` keys); ``paged``: K/V in a
@@ -127,36 +150,27 @@ def plan(qo_lens, kv_lens, num_qo_heads: int, num_kv_heads: int, *, causal: bool
                          f"128-row tile), got {g}")
     device = torch.device(device) if device is not None else torch.device("cuda")
     t = ITEM_ROWS // g
-    rows = []
-    q_start = kv_start = page0 = 0
-    page0s, reqs = [], []
-    for b, (qlen, klen) in enumerate(zip(qo, kv)):
-        tiles = -(-qlen // t)
-        if tiles:
-            j = torch.arange(tiles, dtype=torch.int64).repeat_interleave(hkv)
-            h = torch.arange(hkv, dtype=torch.int64).repeat(tiles)
-            r = torch.zeros(tiles * hkv, 12, dtype=torch.int64)
-            r[:, 0] = q_start
-            r[:, 1] = qlen
-            r[:, 2] = kv_start
-            r[:, 3] = klen
-            r[:, 4] = j
-            r[:, 5] = h * g
-            r[:, 6] = klen - qlen if causal else 0
-            r[:, 9] = -1  # partial_slot: write out / lse
-            rows.append(r)
-            page0s.append(torch.full((tiles * hkv,), page0, dtype=torch.int64))
-            reqs.append(torch.full((tiles * hkv,), b, dtype=torch.int64))
-        q_start += qlen
-        kv_start += klen
-        page0 += -(-klen // BLOCK)
-    work = torch.cat(rows) if rows else torch.zeros(0, 12, dtype=torch.int64)
-    item_page0 = torch.cat(page0s) if page0s else torch.zeros(0, dtype=torch.int64)
-    item_request = torch.cat(reqs) if reqs else torch.zeros(0, dtype=torch.int64)
-    n = work.shape[0]
-    token0 = work[:, 0] + work[:, 4] * t
-    ntok = torch.clamp(work[:, 1] - work[:, 4] * t, max=t)
-    kv_head = work[:, 5] // g
+    e = item_enumeration(qo, hkv, t)
+    q_t, kv_t = torch.tensor(qo, dtype=torch.int64), torch.tensor(kv, dtype=torch.int64)
+    cu_kv = torch.cumsum(kv_t, 0) - kv_t
+    pages = torch.div(kv_t + (BLOCK - 1), BLOCK, rounding_mode="floor")
+    page0 = torch.cumsum(pages, 0) - pages
+    tile = e["item_tile"]
+    item_request = e["tile_request"][tile]
+    n = int(tile.shape[0])
+    work = torch.zeros(n, 12, dtype=torch.int64)
+    work[:, 0] = e["cu_q"][item_request]
+    work[:, 1] = q_t[item_request]
+    work[:, 2] = cu_kv[item_request]
+    work[:, 3] = kv_t[item_request]
+    work[:, 4] = e["tile_j"][tile]
+    work[:, 5] = e["item_kv_head"] * g
+    work[:, 6] = (work[:, 3] - work[:, 1]) if causal else 0
+    work[:, 9] = -1  # partial_slot: write out / lse
+    item_page0 = page0[item_request]
+    token0 = e["tile_token0"][tile]
+    ntok = e["tile_ntok"][tile]
+    kv_head = e["item_kv_head"]
     num_ctas = 1
     if device.type == "cuda" and n:
         num_ctas = max(1, min(_num_sms(device.index if device.index is not None else torch.cuda.current_device()), n))
