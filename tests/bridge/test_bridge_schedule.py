@@ -203,10 +203,10 @@ def test_fp8_kv_goes_kv_outer_under_auto_and_raises_under_q_outer(monkeypatch):
         sparse_fmha(q8, k8, v8, sp, kv_block_indexes=sel)
 
 
-@pytest.mark.parametrize("schedule", ["q_outer", "auto"])
-def test_kernel_branch_wiring_with_a_stub_kernel(monkeypatch, schedule):
-    """The bridge's kernel branch on CPU: msa-core's real ``plan`` (its item enumeration must be msa.cute's) and a
-    stub ``run`` that checks the arguments as the kernel's contract states, then computes with the oracle."""
+def _stub_qouter_kernel(monkeypatch) -> list:
+    """Install a stand-in for msa-core's Q-outer kernel module on the bridge: msa-core's real ``plan`` (its item
+    enumeration must be msa.cute's) and a ``run`` that checks its arguments as the kernel's contract states, then
+    computes with the oracle. Returns the list each run appends its routed item count to."""
     import types
 
     from msa.cute.qouter import qouter_reference
@@ -231,6 +231,14 @@ def test_kernel_branch_wiring_with_a_stub_kernel(monkeypatch, schedule):
     stub = types.SimpleNamespace(plan=lambda *a, **kw: qo.plan(*a, **{**kw, "device": "cpu"}), run=run)
     monkeypatch.setattr(br, "_qouter_module", lambda: (stub, ""))
     monkeypatch.setattr(br, "_qouter_path", lambda plan, *a: "kernel" if plan.qouter is not None else None)
+    return runs
+
+
+@pytest.mark.parametrize("schedule", ["q_outer", "auto"])
+def test_kernel_branch_wiring_with_a_stub_kernel(monkeypatch, schedule):
+    """The bridge's kernel branch on CPU: msa-core's real ``plan`` (its item enumeration must be msa.cute's) and a
+    stub ``run`` that checks the arguments as the kernel's contract states, then computes with the oracle."""
+    runs = _stub_qouter_kernel(monkeypatch)
     q_lens, kv_lens, hq, hkv, topk = [1, 70, 45], [1, 900, 400], 8, 2, 3
     q, k, v, sel = _problem(3, q_lens, kv_lens, hq, hkv, topk, correlated=True)
     sp = sparse_fmha_plan(q_lens, kv_lens, hq, hkv, kv_block_num=topk, schedule=schedule)
@@ -249,27 +257,9 @@ def test_eager_auto_branches_with_a_stub_kernel(monkeypatch, route_max):
     item), then: every item routed -> done (one pass); fewer than AUTO_MIN_ROUTED -> KV-outer alone (it overwrites
     every row); else the hybrid (KV-outer, then the Q-outer pass again). After a call that did not route every item
     the next reads the count first (no wasted pass). Whatever the branch, the output equals msa.core.fmha's."""
-    import types
-
-    from msa.cute.qouter import qouter_reference
-
-    qo = pytest.importorskip(br.QOUTER_KERNEL_MODULE)
-    runs, kv_calls = [], []
-
-    def run(kp, q, k, v, union, union_len, mask, order, *, out=None, lse=None, sm_scale=None):
-        runs.append(int((union_len >= 0).sum()))
-        cu_q = torch.tensor([0, *torch.tensor(kp.qo_lens).cumsum(0).tolist()], dtype=torch.int32)
-        cu_k = torch.tensor([0, *torch.tensor(kp.kv_lens).cumsum(0).tolist()], dtype=torch.int32)
-        qouter_reference(q, k, v, union, union_len, mask, item_token0=kp.item_token0, item_ntok=kp.item_ntok,
-                         item_kv_head=kp.item_kv_head, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=kp.causal,
-                         T=kp.T, sm_scale=sm_scale, out=out, lse=lse)
-        return out, lse
-
+    runs, kv_calls = _stub_qouter_kernel(monkeypatch), []
     real_kv_outer = br._kv_outer
     monkeypatch.setattr(br, "_kv_outer", lambda *a, **kw: kv_calls.append(1) or real_kv_outer(*a, **kw))
-    stub = types.SimpleNamespace(plan=lambda *a, **kw: qo.plan(*a, **{**kw, "device": "cpu"}), run=run)
-    monkeypatch.setattr(br, "_qouter_module", lambda: (stub, ""))
-    monkeypatch.setattr(br, "_qouter_path", lambda plan, *a: "kernel" if plan.qouter is not None else None)
     monkeypatch.setattr(br, "AUTO_SKIP_SYNC", True)
     monkeypatch.setitem(br._auto_state, "expect_all_routed", True)
     q_lens, kv_lens, hq, hkv, topk = [1, 70, 45], [1, 900, 400], 8, 2, 3

@@ -513,23 +513,36 @@ def _with_qouter(path, q, k, v, sel, plan, scale, direct_out, out_dtype, validat
         qouter_pass(o, lse)
         return o, lse
 
-    if qs.route_max is None:  # "q_outer": every item routed (U <= umax always)
+    def qouter_alone():
         o, lse = new_out()
         qouter_pass(o, lse)
         return o, lse
-    if path == "kernel" and AUTO_SKIP_SYNC and not is_capturing(q.device) and not _auto_state["expect_all_routed"]:
-        # The previous eager "auto" call did not route every item (e.g. near-random selections): read the count
-        # first, so the Q-outer pass runs only when its rows are kept (the optimistic order below would spend a
-        # whole Q-outer pass on them: 0.5-0.6 ms per call at 64/4 S8K-32K with random selections, session 5 run 7).
-        routed = int((un.union_len >= 0).sum())
+
+    if qs.route_max is None:  # "q_outer": every item routed (U <= umax always)
+        return qouter_alone()
+    if path == "kernel" and AUTO_SKIP_SYNC and not is_capturing(q.device):
+        # Eager "auto": the routed item count (read once from the device) picks the cheapest of three -- every item
+        # routed -> Q-outer alone (no k2q CSR, no combine: ~2 ms saved at 64/4 S32K, H100); fewer than
+        # AUTO_MIN_ROUTED of them -> KV-outer alone on the original selections (the hybrid's extra passes cost more
+        # than the few routed tiles save: random selections at 32K, 3-13% routed, ran 29.9 ms hybrid vs 25.2 KV-outer
+        # alone, session 4 run 9); else the hybrid. While the last eager call routed every item, the Q-outer pass is
+        # launched *before* the count is read (it only writes routed rows), so the host waits while the GPU runs it:
+        # the read costs no idle GPU time (~0.15 ms per call at 64/4 S32K when it sat between the union build and the
+        # kernel, session 5 run 1). After a call that did not, the count is read first, so no Q-outer pass is spent on
+        # rows that are then overwritten (0.5-0.6 ms per call at 64/4 S8K-32K with random selections, session 5 run
+        # 7). Under CUDA-graph capture the hybrid is recorded (no sync); MSA_BRIDGE_AUTO_SYNC=0 never syncs.
+        optimistic = _auto_state["expect_all_routed"]
+        routed_count = _read_later((un.union_len >= 0).sum())
+        if optimistic:
+            o, lse = qouter_alone()
+        routed = routed_count()
         _auto_state["expect_all_routed"] = routed == it.num_items
+        if routed == it.num_items:
+            return (o, lse) if optimistic else qouter_alone()
         if routed < AUTO_MIN_ROUTED * it.num_items:
             return _kv_outer(q, k, v, sel, plan, scale, True, page_table, validate, backend)
-        if routed == it.num_items:
-            o, lse = new_out()
-            qouter_pass(o, lse)
-            return o, lse
-        return hybrid()
+        return hybrid()  # (an optimistic pass is redone after the KV-outer part)
+    return hybrid()
     if path == "kernel" and AUTO_SKIP_SYNC and not is_capturing(q.device):
         # Eager "auto": the routed item count (read once from the device) picks the cheapest of three -- every item
         # routed -> Q-outer alone (no k2q CSR, no combine: ~2 ms saved at 64/4 S32K, H100); fewer than

@@ -21,6 +21,7 @@ default, ``torch`` forces the torch ops, ``cuda`` requires this kernel). Tests: 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from msa.core.validation import check_int, check_tensor, validation_enabled
@@ -55,8 +56,6 @@ def item_order(union_len: torch.Tensor, policy: str | None = None) -> torch.Tens
     - ``"auto"``: ``"tile"`` from ``ORDER_TILE_MIN_ITEMS`` items on, else ``"lpt"``.
 
     Both builders (torch and CUDA) call this, so their outputs stay bit-identical."""
-    import os
-
     policy = policy or os.environ.get(ORDER_ENV, "auto")
     if policy not in ORDERS:
         raise ValueError(f"{ORDER_ENV}: expected one of {ORDERS}, got {policy!r}")
