@@ -45,15 +45,18 @@ def test_fp8_plan_tile_map(causal):
     qo = [5, 0, 300, 129]
     kv = [1, 50, 1000, 128]
     kp = k90.plan(qo, kv, 8, 2, causal=causal, elem_size=1, device="cpu", num_sms=132)
+    # the default fp8 build: 192-key tiles non-causal, 128 causal (what the module's block_n() reports)
+    bn = 128 if causal else 192
+    assert kp.block_n == bn == k90.default_block_n(128, fp8=True, causal=causal)
     tiles = kp.vt_tiles.tolist()
-    assert kp.vt_len == 128 * len(tiles) == 128 * sum(_cdiv(n, 128) for n in kv)
-    # every source token appears exactly once, tiles of a request are consecutive and 128 apart
+    assert kp.vt_len == bn * len(tiles) == bn * sum(_cdiv(n, bn) for n in kv)
+    # every source token appears exactly once, tiles of a request are consecutive and bn apart
     covered = []
     for start, valid in tiles:
-        assert 1 <= valid <= 128
+        assert 1 <= valid <= bn
         covered += list(range(start, start + valid))
     assert covered == list(range(sum(kv)))
-    bases = [sum(_cdiv(n, 128) for n in kv[:b]) for b in range(len(kv))]
+    bases = [sum(_cdiv(n, bn) for n in kv[:b]) for b in range(len(kv))]
     kv_starts = [sum(kv[:b]) for b in range(len(kv))]
     for row in kp.work.tolist():
         b = kv_starts.index(row[2]) if row[3] else None

@@ -215,6 +215,8 @@ def test_head_dim_256_plans_64_key_tiles():
     assert int(kp.work[:, 7].max()) == -(-1000 // 64)
     assert k90.default_block_n(128) == k90.default_block_n(64) == 128
     assert k90.default_block_n(128, 256) == k90.default_block_n(256, 64) == 64 and k90.default_block_n(64, 128) == 128
+    assert k90.default_block_n(128, fp8=True, causal=False) == 192 and k90.default_block_n(128, fp8=True) == 128
+    assert k90.default_block_n(64, fp8=True, causal=False) == 128 == k90.default_block_n(128, fp8=True, causal=False, paged=True)
     kp = k90.plan([100, 3], [20000, 9000], 8, 2, causal=False, device="cpu", num_sms=132, head_dim=128, head_dim_v=64)
     assert kp.block_n == 128 and kp.partial_o.shape[1:] == (128, 64)  # split-KV partials at Dv
 

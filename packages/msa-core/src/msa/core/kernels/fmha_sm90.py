@@ -52,9 +52,10 @@ SOURCES = ("fmha_sm90_binding.cu.jinja",)
 BLOCK_M = 128  # query rows per work item
 BLOCK_N = 128  # keys per KV tile of the default build at head dim <= 128 (max-score modules always use 128)
 BLOCK_N_D256 = 64  # ... and at head dim 256 (shared memory and registers; see fmha_sm90_traits.cuh)
+BLOCK_N_FP8_WIDE = 192  # ... and for fp8 non-causal ragged O at head dim 128 (wider tiles amortise each step; traits)
 # A/B builds with wider KV tiles (-DMSA_FMHA_SM90_BLOCK_N, ragged O-mode only) report theirs through the module's
 # block_n(); plans made through an FmhaPlan take it from there. A KernelPlan made directly by plan() uses
-# block_n=, else this environment variable, else BLOCK_N; run() refuses a plan whose tile differs from the module's.
+# block_n=, else this environment variable, else default_block_n(); run() refuses a plan whose tile differs from the module's.
 BLOCK_N_ENV = "MSA_FMHA_SM90_BLOCK_N"
 PAGE_SIZE = 128  # the default page size (paged sparse-Q needs page = block = 128)
 PAGE_SIZES = (16, 32, 64, 128, 256)  # page sizes the paged modules read (a runtime argument of one module)
@@ -451,7 +452,8 @@ def plan(
     device = torch.device(device)
     if block_n is None:
         env = os.environ.get(BLOCK_N_ENV)
-        block_n = int(env) if env and not paged else default_block_n(head_dim, head_dim_v)
+        block_n = int(env) if env and not paged else default_block_n(head_dim, head_dim_v, fp8=elem_size == 1,
+                                                                     causal=causal, paged=paged)
     if paged and page_size not in PAGE_SIZES:
         raise ValueError(f"page_size: expected one of {PAGE_SIZES}, got {page_size}")
     if block_n % 16 or not 0 < block_n <= 256:  # wgmma N (QK^T) and bf16 PV K step: 16; fp8 modules use 32s
@@ -523,10 +525,16 @@ def plan(
     )
 
 
-def default_block_n(head_dim: int, head_dim_v: int | None = None) -> int:
+def default_block_n(head_dim: int, head_dim_v: int | None = None, *, fp8: bool = False, causal: bool = True,
+                    paged: bool = False) -> int:
     """Keys per KV tile of the default build for Dqk ``head_dim`` and Dv ``head_dim_v`` (default Dqk): what the
-    module's block_n() reports."""
-    return BLOCK_N_D256 if max(head_dim, head_dim_v or head_dim) > 128 else BLOCK_N
+    module's block_n() reports. fp8 non-causal ragged modules at head dim 128 use 192-key tiles (traits kFp8Wide)."""
+    dmax = max(head_dim, head_dim_v or head_dim)
+    if dmax > 128:
+        return BLOCK_N_D256
+    if fp8 and not causal and not paged and dmax == 128:
+        return BLOCK_N_FP8_WIDE
+    return BLOCK_N
 
 
 def module_block_n(mod) -> int:

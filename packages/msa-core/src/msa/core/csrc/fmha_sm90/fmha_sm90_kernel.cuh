@@ -932,7 +932,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       if constexpr (T::kSparseQ) { sq_tile(n_block, sq_blk, sq_sel); }  // L1-resident; needed after the QK^T
       Mbar::wait(&ss.full_k[rd.index], rd.phase);
       tl.stamp(1);  // K(n) landed
-      if constexpr (T::kPingPong != 0) { named_barrier_sync(kBarSched0 + wg, T::kNumMmaThreads); }
+      if constexpr (T::kPingPong == 1 || T::kPingPong == 2) { named_barrier_sync(kBarSched0 + wg, T::kNumMmaThreads); }
       tl.stamp(2);  // issue token held
       wg_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, rd.index), tSrS);
       if constexpr (T::kPingPong == 2) { named_barrier_arrive(kBarSched0 + (1 - wg), T::kNumMmaThreads); }
@@ -941,6 +941,15 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       if constexpr (T::kPingPong == 1) { named_barrier_arrive(kBarSched0 + (1 - wg), T::kNumMmaThreads); }
       tl.stamp(3);  // both GEMMs issued
       warpgroup_wait<1>();  // S of this tile is ready; PV still running
+      // kPingPong 3: the token orders the two warpgroups' exp2 phases instead of their GEMM issue (both share each
+      // sub-partition's MUFU unit; with short fp8 GEMMs the two softmaxes otherwise run at the same time).
+      float step_scale_log2 = scale_log2;
+      if constexpr (T::kPingPong == 3) {
+        named_barrier_sync(kBarSched0 + wg, T::kNumMmaThreads);
+        // A register-only MUFU phase could be scheduled above the barrier: route the scale through an asm
+        // statement after it, so every exp2 argument depends on the token.
+        asm volatile("mov.b32 %0, %0;" : "+f"(step_scale_log2));
+      }
       tl.stamp(4);  // S ready
       warpgroup_fence_operand(tSrS);
       Mbar::arrive(&ss.empty_k[rd.index]);
@@ -948,16 +957,18 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
         if ((sq_blk + 1) * kBlockN > sq_lim0) {
           apply_mask_sparse<T::kCausal>(tSrS, tScS, w, sq_blk, p.sq_tokens_per_tile);
         }
-        softmax.template update<false, true, false, true>(tSrS, scale_log2, o_rescale, nullptr, sq_sel);
+        softmax.template update<false, true, false, true>(tSrS, step_scale_log2, o_rescale, nullptr, sq_sel);
       } else {
         if constexpr (kMasked) { apply_mask<T::kCausal, kBlockM, kBlockN>(tSrS, tScS, w, n_block); }
-        softmax.template update<false, kMasked, T::kMaxScore>(tSrS, scale_log2, o_rescale, tile_max);
+        softmax.template update<false, kMasked, T::kMaxScore>(tSrS, step_scale_log2, o_rescale, tile_max);
       }
       if constexpr (T::kMaxScore) { store_max_score<T>(p, tScS, w, n_block, tile_max); }
       // ptxas hoists a bare wgmma wait above independent ALU work, which would serialise this softmax
       // behind the warpgroup's own PV GEMM. A shared-memory store of the row sums (which depend on every
       // exp2) right before the wait keeps the exp2s ahead of it.
       pin_before_wait(&ss.pin_scratch[tid], softmax.row_sum[0] + softmax.row_sum[1]);
+      // The row-sum store above depends on every exp2, so the partner's token follows the last MUFU.
+      if constexpr (T::kPingPong == 3) { named_barrier_arrive(kBarSched0 + (1 - wg), T::kNumMmaThreads); }
       tl.stamp(5);  // softmax done (row sums stored)
       warpgroup_wait<0>();
       tl.stamp(6);  // PV done

@@ -111,7 +111,11 @@ struct FmhaTraits {
 #if defined(MSA_FMHA_SM90_BLOCK_N)
   static constexpr int kBlockN = (kPaged_ || kMode_ != kModeO) ? 128 : MSA_FMHA_SM90_BLOCK_N;
 #else
-  static constexpr int kBlockN = kHeadDimMax > 128 ? 64 : 128;
+  // fp8 non-causal O: 192-key tiles (with kRegDiet and no ping-pong barrier, below). H100, session 6 runs 1-2,
+  // B2 H32 S8K d128, interleaved: 1.13x -> 1.21x our bf16 (128 -> 192 keys alone 1.12x: L1 spills in the loop
+  // without kRegDiet; 224 keys 1.19x; 160 keys 1.15x). Causal keeps 128 (192: 1.147x vs 1.143x, no gain).
+  static constexpr bool kFp8Wide = kFp8 && !kCausal_ && !kPaged_ && kMode_ == kModeO && kHeadDimMax == 128;
+  static constexpr int kBlockN = kHeadDimMax > 128 ? 64 : (kFp8Wide ? 192 : 128);
 #endif
   static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "KV tile: a multiple of 16 keys, at most 256");
   static_assert(!kFp8 || kBlockN % 32 == 0, "fp8 KV tile: a multiple of 32 keys (k32 wgmma slices of P)");
@@ -171,14 +175,18 @@ struct FmhaTraits {
 #if defined(MSA_FMHA_SM90_REG_DIET)
   static constexpr bool kRegDiet = true;
 #else
-  static constexpr bool kRegDiet = false;
+  static constexpr bool kRegDiet = kFp8 && kBlockN > 128;  // wide fp8 tiles: no spills in the KV loop only with it
 #endif
+  //   MSA_FMHA_SM90_PINGPONG=3 (session 6, not the default): the token orders the warpgroups' exp2 phases instead
+  //     of their GEMM issue. Measured slower (fp8 128 keys 1.136 -> 1.094x bf16, 192 keys 1.206 -> 1.181x; bf16
+  //     0.986x of the default): keeping the softmaxes apart costs more than their MUFU sharing.
+  //   Wide fp8 tiles run without the barrier (192 keys: ping-pong 1.194x, none 1.206-1.212x our bf16).
 #if defined(MSA_FMHA_SM90_PINGPONG)
   static constexpr int kPingPong = MSA_FMHA_SM90_PINGPONG;
 #else
-  static constexpr int kPingPong = 1;
+  static constexpr int kPingPong = (kFp8 && kBlockN > 128) ? 0 : 1;
 #endif
-  static_assert(kPingPong >= 0 && kPingPong <= 2, "MSA_FMHA_SM90_PINGPONG: 0, 1 or 2");
+  static_assert(kPingPong >= 0 && kPingPong <= 3, "MSA_FMHA_SM90_PINGPONG: 0, 1, 2 or 3");
   static constexpr int kNumMmaWarpGroups = 2;
   static constexpr int kNumMmaThreads = 128 * kNumMmaWarpGroups;
   static constexpr int kNumThreads = kNumMmaThreads + 128;  // + one producer warpgroup (one warp issues TMA)
