@@ -252,8 +252,13 @@ __device__ __forceinline__ void wg_gemm(TiledMma& mma, TA const& a, TB const& b,
 // ------------------------------------------------------------------------------------------------------------
 // kExp2EmuEvery > 0: every kExp2EmuEvery-th column of an unmasked tile (kCheckInf false) uses exp2_poly.
 // kRowPipe: row mi > 0 starts its max chain from a value that depends on row mi-1's first exp2 (see traits).
-template <int kRows, int kLog2PScale = 0, int kExp2EmuEvery = 0, bool kRowPipe = false>
+// kLazyMax: a row's running max moves only when the tile raises it by more than kMaxLag (log2 units of P), so most
+// steps keep the factor exactly 1 and skip the O rescale (the warp votes on it). P is then <= 2^(kLog2PScale +
+// kMaxLag): 2^8.75 = 431 < 448 for fp8 e4m3 (kLog2PScale 8), 2^8 for 16-bit P. The row sum and the LSE use the same
+// (lagging) max, so the result is unchanged up to rounding.
+template <int kRows, int kLog2PScale = 0, int kExp2EmuEvery = 0, bool kRowPipe = false, bool kLazyMax = false>
 struct OnlineSoftmax {
+  static constexpr float kMaxLag = kLog2PScale > 0 ? 0.75f : 8.f;
   float row_max[kRows];
   float row_sum[kRows];
 
@@ -294,6 +299,10 @@ struct OnlineSoftmax {
       bool const row_on = !kRowSel || ((row_sel >> mi) & 1u);
       if constexpr (kRowSel) {
         if (!row_on) { m = kFirst ? -INFINITY : row_max[mi]; }
+      }
+      if constexpr (kLazyMax && !kFirst) {
+        // m >= row_max here (m includes it); -inf - -inf is NaN, so a row without keys keeps -inf.
+        if ((m - row_max[mi]) * scale_log2 <= kMaxLag) { m = row_max[mi]; }
       }
       // A row that has seen only masked keys keeps max -inf; use 0 so exp2 gives 0 instead of NaN.
       float const m_safe = (kCheckInf && m == -INFINITY) ? 0.f : m;
@@ -759,7 +768,7 @@ __device__ __forceinline__ void fill_max_score_tail(typename T::Params const& p,
 template <class T>
 __device__ void consumer_warpgroups(typename T::Params const& p, typename T::SharedStorage& ss, int tid) {
   using Element = typename T::Element;
-  using Softmax = OnlineSoftmax<2, T::kLog2PScale, T::kExp2EmuEvery, T::kRowPipe>;
+  using Softmax = OnlineSoftmax<2, T::kLog2PScale, T::kExp2EmuEvery, T::kRowPipe, T::kLazyMax>;
   constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN;
   using TileQK = typename T::TileQK;
   using TilePV = typename T::TilePV;

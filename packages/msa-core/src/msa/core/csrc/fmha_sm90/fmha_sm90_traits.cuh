@@ -181,6 +181,18 @@ struct FmhaTraits {
   //     of their GEMM issue. Measured slower (fp8 128 keys 1.136 -> 1.094x bf16, 192 keys 1.206 -> 1.181x; bf16
   //     0.986x of the default): keeping the softmaxes apart costs more than their MUFU sharing.
   //   Wide fp8 tiles run without the barrier (192 keys: ping-pong 1.194x, none 1.206-1.212x our bf16).
+  //   Lazy row max (default; MSA_FMHA_SM90_LAZY_MAX=0 turns it off): the running row max lags the true max by up
+  //     to 0.75 (fp8) / 8 (16-bit) log2 units, so the O rescale (64 FMUL per thread, after the PV wait, on the
+  //     step's chain) runs only when the max jumps (OnlineSoftmax::kLazyMax). Before, some row of a warp moved its
+  //     max in ~55% of steps (ncu: 0.43-0.55 FMUL per S element). H100, session 6 runs 5 + 7, interleaved A/B:
+  //     bf16 B2 H32 S8K causal +3.9% (1.039x, both runs), non-causal +0.5-0.7%; fp8 non-causal 1.206 -> 1.228x bf16;
+  //     sparse-Q 64/4 S32K 519 -> 535-544 eff TFLOP/s, 64/4 S128K 509 -> 521-525, 16/1 S128K 514 -> 534. Results
+  //     differ from the eager max by rounding only (rel. L2 2.7e-3 of O in bf16, the tests' fp32 bounds hold).
+#if defined(MSA_FMHA_SM90_LAZY_MAX)
+  static constexpr bool kLazyMax = MSA_FMHA_SM90_LAZY_MAX != 0;
+#else
+  static constexpr bool kLazyMax = true;
+#endif
 #if defined(MSA_FMHA_SM90_PINGPONG)
   static constexpr int kPingPong = MSA_FMHA_SM90_PINGPONG;
 #else
