@@ -23,9 +23,9 @@ Two floors, printed side by side (the bar "within 2x of reading the score tensor
 Launch floor = the same graph of R calls with one empty kernel per call (what a one-launch op cannot beat; the
 block path with splits > 1 launches twice). Bars: speedup >= 5x over torch (required at 128K) and ours <= 2x
 floor (columns "<=2x bytes" and "<=2x read").
-Also timed per case: the warp path's default plan (MSA_TOPK_PATH=warp), and an alternative path: for decode
-shapes the row path vs the cluster path (whichever the plan did not pick), for prefill the row path where the
-plan picked another (8K prefill H4 takes the warp path: many short rows, _use_warp_path). --sweep times block, row and cluster launch shapes (MSA_TOPK_G
+Also timed per case: the warp path's default plan (MSA_TOPK_PATH=warp), and an alternative path: where the plan
+picks the reg path, the previous default plan (MSA_TOPK_REG=0); else for decode shapes the row path vs the cluster
+path (whichever the plan did not pick), for prefill the row path where the plan picked another (8K prefill H4 takes the warp path: many short rows, _use_warp_path). --sweep times block, row and cluster launch shapes (MSA_TOPK_G
 tokens per CTA, MSA_TOPK_P threads per token, MSA_TOPK_SPLITS, MSA_TOPK_WARPS, MSA_TOPK_SLICES) and prints the
 best; --json is rewritten after every case, so a run cut short keeps what it measured.
 """
@@ -162,8 +162,8 @@ def check_correctness(device) -> list[str]:
         tag = f"H={n_heads} K={n_blocks} q={total_q} topk={topk} fb={fb} fe={fe} {dtype} {kind} nvp={nvp_kind}"
         dev_nvp = nvp.to(device) if isinstance(nvp, torch.Tensor) else nvp
         mismatch = False
-        for path in ("block", "warp", "row", "cluster"):
-            if path in ("row", "cluster") and topk - fb - fe > 64:
+        for path in ("block", "warp", "row", "cluster", "reg"):
+            if path in ("row", "cluster", "reg") and topk - fb - fe > 64 or path == "reg" and n_blocks > 1024:
                 continue
             out = torch.full((total_q, n_heads, topk), -7, dtype=torch.int32, device=device)
             with env_overrides(path=path):
@@ -261,7 +261,12 @@ def bench_case(n_heads, ctx, total_q, device, bw, l2, reps, sweep, failures):
         t_warp = time_case(call, pairs, max(5, reps // 2))
     p = topk_kernel.plan(n_heads, n_blocks, total_q, TOPK - FB - FE, topk_kernel._sm_count(device.index or 0))
     t_alt, alt = None, None
-    if total_q < 1024 or p.path != "row":  # decode: the other of row / cluster; prefill: row (where it applies)
+    if p.path in ("reg", "net"):  # the previous default plan (MSA_TOPK_REG=0) as the alternative
+        with env_overrides(reg=0):
+            alt = "old " + topk_kernel.plan(n_heads, n_blocks, total_q, TOPK - FB - FE,
+                                            topk_kernel._sm_count(device.index or 0)).path
+            t_alt = time_case(call, pairs, max(5, reps // 2))
+    elif total_q < 1024 or p.path != "row":  # decode: the other of row / cluster; prefill: row (where it applies)
         alt = "row" if p.path != "row" else "cluster"
         try:
             with env_overrides(path=alt):
@@ -368,6 +373,7 @@ def main(argv=None) -> int:
         shape = (f"b{1 << r['log_g']},{r['threads_per_row']},{r['splits']},{r['values_per_thread']}"
                  if r["path"] == "block" else f"r{1 << r['log_g']},W{r['warps']}" if r["path"] == "row"
                  else f"c{1 << r['log_g']},S{r['slices']},W{r['warps']}" if r["path"] == "cluster"
+                 else f"g P{r['threads_per_row']}V{r['values_per_thread']}W{r['warps']}" if r["path"] == "reg"
                  else f"w S{r['splits']} W{r['warps']}")
         print(f"{r['H']:>2} {ctx:>6} {r['total_q']:>7} {r['ours_us']:>8.2f} {r['torch_us']:>9.2f} "
               f"{r['speedup']:>7.1f}x {r['floor_us']:>8.2f} {r['ours_over_floor']:>6.2f} {r['read_us']:>7.2f}{r['read_by']} "
@@ -379,7 +385,7 @@ def main(argv=None) -> int:
     print(f"failures: {len(failures)}", *failures[:20], sep="\n  ")
     print("(>=5x is required at 128K; bytes = max_score bytes / copy bandwidth; read = the faster of a minimal read"
           " kernel (k) and torch.amax (a) over max_score, timed like ours; launch = empty-kernel graph floor;"
-          " plan: b=block G,P,S,V r=row G,W c=cluster G,S,W w=warp)")
+          " plan: b=block G,P,S,V r=row G,W c=cluster G,S,W g=reg P lanes,V values,W warps w=warp)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=props.name, bw=bw, failures=failures, rows=rows), f, indent=1)

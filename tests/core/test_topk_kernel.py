@@ -1,7 +1,9 @@
 """sparse_topk_select CUDA kernel (msa.core.kernels.topk, csrc/topk).
 
 Three layers:
-- CPU replay (always runs where g++ exists): csrc/topk/topk_cluster_emulate.cc replays the cluster path's
+- CPU replay (always runs where g++ exists): csrc/topk/topk_reg_emulate.cc replays the reg path's algorithm (lane
+  partition, group values, bound, index-ordered candidates, rank / argmax-rounds fallback);
+  csrc/topk/topk_cluster_emulate.cc replays the cluster path's
   algorithm (its partitions, bitonic merges, scan order, random remote-append order, fallback); csrc/topk/topk_emulate.cc runs the warp path's lane code on the host
   with random warp votes, for many launch shapes (splits, warps, capacities) the GPU heuristic rarely picks;
   csrc/topk/topk_block_emulate.cc runs the block path's CTA code with one host thread per CUDA thread, real
@@ -341,6 +343,142 @@ def test_cluster_emulated_m_zero(cluster_emulate):
             assert torch.equal(got, want), (n_blocks, topk, fb, fe)
 
 
+@pytest.fixture(scope="module")
+def reg_emulate(tmp_path_factory):
+    f = _emulator_lib(str(tmp_path_factory.mktemp("topk_reg_emulate")), "topk_reg_emulate", 3)
+
+    def run(scores, topk, nvp, fb, fe, *, lanes, v, cap):
+        s32, out, nvp_ptr, nvp_scalar, _keep = _emulator_io(scores, topk, nvp)
+        rc = f(s32.data_ptr(), *scores.shape, topk, nvp_ptr, nvp_scalar, fb, fe, lanes, v, cap, 0, out.data_ptr())
+        assert rc == 0, "reg emulator rejected its arguments"
+        return out
+
+    return run
+
+
+def _reg_case(case: int):
+    gen = torch.Generator().manual_seed(20000 + case)
+    pick = lambda seq: seq[int(torch.randint(0, len(seq), (1,), generator=gen))]  # noqa: E731
+    topk = pick((1, 7, 15, 16, 33, 48, 64))
+    lanes = pick((4, 8, 16, 32))
+    v = pick(tuple(x for x in (2, 4, 8, 16, 32) if lanes * x >= 5))
+    n_blocks = max(1, min(lanes * v, pick((1, 5, 37, 64, 100, 256, 1000, lanes * v))))
+    total_q = pick((1, 13, 64))
+    n_heads = pick((1, 2))
+    fb = int(torch.randint(0, topk + 1, (1,), generator=gen)) if case % 3 == 0 else 0
+    fe = int(torch.randint(0, topk - fb + 1, (1,), generator=gen)) if case % 4 < 2 else 0
+    if case % 17 == 0:
+        fe = topk - fb
+    kind = KINDS[case % len(KINDS)]
+    dtype = torch.bfloat16 if case % 5 == 0 else torch.float32
+    scores = make_scores(kind, n_heads, n_blocks, total_q, dtype, gen)
+    nvp = (None, int(torch.randint(0, n_blocks + 1, (1,), generator=gen)), random_nvp(total_q, n_blocks, gen))[case % 3]
+    m = topk - fb - fe
+    cap = (max(n_blocks, m, 1), 128 if m <= 32 else 256, max(m, 1) + int(torch.randint(0, 8, (1,), generator=gen)))[case % 3]
+    return scores, topk, nvp, fb, fe, kind, dict(lanes=lanes, v=v, cap=cap)
+
+
+@pytest.mark.parametrize("case", range(160))
+def test_reg_emulated_matches_reference(reg_emulate, case):
+    """Reg path algorithm (topk_reg_emulate.cc): P lanes x V values per row, the 32-group bound (maxima or second
+    largest for M > 32), index-ordered candidates, rank select or (n > cap: heavy ties, tight caps) the argmax-rounds
+    fallback; -inf / NaN, forced blocks, ragged nvp, bf16, K not a multiple of P x V."""
+    scores, topk, nvp, fb, fe, kind, kw = _reg_case(case)
+    want = reference(scores, topk, num_valid_pages=nvp, force_begin_blocks=fb, force_end_blocks=fe)
+    got = reg_emulate(scores, topk, nvp, fb, fe, **kw)
+    h, k, q = scores.shape
+    assert torch.equal(got, want), f"{kind} topk={topk} K={k} q={q} H={h} fb={fb} fe={fe} {kw}"
+
+
+def test_reg_emulated_bench_shapes(reg_emulate, monkeypatch):
+    """The plan's reg shapes at the bench's sizes (8K prefill / decode, 128K decode), iid and tied scores."""
+    from msa.core.kernels.topk import plan
+
+    monkeypatch.setenv("MSA_TOPK_PATH", "reg")  # 8K prefill: net by default; 128K decode: row by default
+    gen = torch.Generator().manual_seed(21)
+    for n_heads, n_blocks, total_q in ((4, 64, 512), (1, 64, 4096), (1, 64, 64), (4, 1024, 64), (1, 256, 300)):
+        p = plan(n_heads, n_blocks, total_q, 15, 132)
+        assert p.path == "reg"
+        for kind in ("randn", "ties"):
+            scores = make_scores(kind, n_heads, n_blocks, total_q, torch.float32, gen)
+            want = reference(scores, 16, force_end_blocks=1)
+            got = reg_emulate(scores, 16, None, 0, 1, lanes=p.threads_per_row, v=p.values_per_thread, cap=p.cap)
+            assert torch.equal(got, want), (n_heads, n_blocks, total_q, kind)
+
+
+@pytest.fixture(scope="module")
+def net_emulate(tmp_path_factory):
+    f = _emulator_lib(str(tmp_path_factory.mktemp("topk_net_emulate")), "topk_net_emulate", 2)
+
+    def run(scores, topk, nvp, fb, fe, *, lanes, v):
+        s32, out, nvp_ptr, nvp_scalar, _keep = _emulator_io(scores, topk, nvp)
+        rc = f(s32.data_ptr(), *scores.shape, topk, nvp_ptr, nvp_scalar, fb, fe, lanes, v, 0, out.data_ptr())
+        assert rc == 0, f"net emulator: rc {rc} (-1 arguments, -2 lanes disagree on the list, <= -3 offsets / counts)"
+        return out
+
+    return run
+
+
+def _net_case(case: int):
+    gen = torch.Generator().manual_seed(30000 + case)
+    pick = lambda seq: seq[int(torch.randint(0, len(seq), (1,), generator=gen))]  # noqa: E731
+    topk = pick((1, 2, 7, 15, 16, 17, 20))
+    lanes = pick((1, 2, 4, 8, 16, 32))
+    v = pick((16, 32, 64))
+    n_blocks = max(1, min(lanes * v, pick((1, 5, 16, 17, 37, 64, 100, 256, lanes * v, lanes * v - 1))))
+    total_q = pick((1, 13, 40))
+    n_heads = pick((1, 2))
+    fb = int(torch.randint(0, topk + 1, (1,), generator=gen)) if case % 3 == 0 else 0
+    fe = int(torch.randint(0, topk - fb + 1, (1,), generator=gen)) if case % 4 < 2 else 0
+    if case % 17 == 0:
+        fe = topk - fb
+    if topk - fb - fe > 16:
+        fe = topk - fb - 16
+    kind = KINDS[case % len(KINDS)]
+    dtype = torch.bfloat16 if case % 5 == 0 else torch.float32
+    scores = make_scores(kind, n_heads, n_blocks, total_q, dtype, gen)
+    nvp = (None, int(torch.randint(0, n_blocks + 1, (1,), generator=gen)), random_nvp(total_q, n_blocks, gen))[case % 3]
+    return scores, topk, nvp, fb, fe, kind, dict(lanes=lanes, v=v)
+
+
+@pytest.mark.parametrize("case", range(200))
+def test_net_emulated_matches_reference(net_emulate, case):
+    """Net variant (topk_net_emulate.cc, the kernel's network functions): P lanes x V values per row, sorted top-16
+    lists merged in-lane and across lanes, T = the M-th largest, ge masks, tie quota by index; -inf / NaN / +inf,
+    forced blocks, ragged nvp, bf16 (ties), K not a multiple of P x V, M = 0."""
+    scores, topk, nvp, fb, fe, kind, kw = _net_case(case)
+    want = reference(scores, topk, num_valid_pages=nvp, force_begin_blocks=fb, force_end_blocks=fe)
+    got = net_emulate(scores, topk, nvp, fb, fe, **kw)
+    h, k, q = scores.shape
+    assert torch.equal(got, want), f"{kind} topk={topk} K={k} q={q} H={h} fb={fb} fe={fe} {kw}"
+
+
+def test_net_emulated_bench_shapes(net_emulate):
+    """The plan's net shapes at the bench's sizes (8K prefill H1 / H4) and the A/B candidates, iid and tied."""
+    from msa.core.kernels.topk import plan
+
+    gen = torch.Generator().manual_seed(31)
+    for n_heads, n_blocks, total_q in ((4, 64, 4096), (1, 64, 4096)):
+        p = plan(n_heads, n_blocks, total_q, 15, 132)
+        assert p.path == "net"
+        for lanes, v in {(p.threads_per_row, p.values_per_thread), (1, 64), (2, 32), (4, 16)}:
+            for kind, dtype in (("randn", torch.float32), ("ties", torch.bfloat16)):
+                scores = make_scores(kind, 1, n_blocks, 256, dtype, gen)
+                want = reference(scores, 16, force_end_blocks=1)
+                got = net_emulate(scores, 16, None, 0, 1, lanes=lanes, v=v)
+                assert torch.equal(got, want), (lanes, v, kind)
+
+
+def test_net_sort16_all_01_inputs(net_emulate):
+    """0-1 principle for the hard-coded 16-input sort and the top-16 merge (through random float lists)."""
+    gen = torch.Generator().manual_seed(32)
+    for kind in ("randn", "ties"):
+        scores = make_scores(kind, 1, 64, 500, torch.float32, gen)
+        want = reference(scores, 16)
+        assert torch.equal(net_emulate(scores, 16, None, 0, 0, lanes=1, v=64), want)
+        assert torch.equal(net_emulate(scores, 16, None, 0, 0, lanes=4, v=16), want)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # compile-only: both archs
 
@@ -367,6 +505,7 @@ def test_plan_shapes(monkeypatch):
         cluster_smem_bytes,
         column_capacity,
         plan,
+        reg_smem_bytes,
         row_smem_bytes,
         smem_bytes,
         threads_per_row_for,
@@ -382,6 +521,18 @@ def test_plan_shapes(monkeypatch):
         for m in (1, 15, 33, 64):
             p = plan(n_heads, n_blocks, total_q, m, 132)
             assert p.splits >= 1
+            if p.path == "net":  # short prefill rows or 128K-like decode rows, M <= 16
+                decode = total_q * n_heads < 16 * 132
+                assert (256 < n_blocks <= 1024 if decode else n_blocks <= 64) and 0 < m <= 16
+                assert p.threads_per_row in (1, 2, 4, 8, 16, 32) and p.values_per_thread in (16, 32, 64)
+                assert p.threads_per_row * p.values_per_thread >= n_blocks and 1 <= p.warps <= 8
+                continue
+            if p.path == "reg":  # rows in registers: K <= 256
+                assert n_blocks <= 256 and 0 < m <= 64
+                assert p.threads_per_row in (4, 8, 16, 32) and p.values_per_thread in (2, 4, 8, 16, 32)
+                assert p.threads_per_row * p.values_per_thread >= n_blocks and p.cap >= m and 1 <= p.warps <= 8
+                assert reg_smem_bytes(p.warps, p.threads_per_row, p.cap) <= 227 * 1024
+                continue
             if p.path == "cluster":  # few long rows: K split over <= 8 CTAs of a cluster
                 assert n_blocks >= 8192 and total_q * n_heads <= 512 and 0 < m <= 64
                 assert 1 <= p.slices <= 8 and p.warps >= 1 << p.log_g and p.cap >= m
@@ -401,13 +552,63 @@ def test_plan_shapes(monkeypatch):
             assert n_threads <= 1024 and n_threads % 32 == 0
             assert p.values_per_thread in (16, 32) and (p.values_per_thread == 16 or n_threads <= 256)
             assert p.cap >= m + p.threads_per_row
-    assert plan(4, 64, 4096, 15, 132).path == "warp"  # many short rows
+    # 8K prefill H1 / H4: net, 4 lanes x 16 values per row, 8 tokens per warp, one warp per CTA (H100 session 6:
+    # 3.72 / 6.07 us vs P2 V32 4.06 / 7.61, P1 V64 5.04 / 9.61)
+    for n_heads in (1, 4):
+        p = plan(n_heads, 64, 4096, 15, 132)
+        assert (p.path, p.threads_per_row, p.values_per_thread, p.warps) == ("net", 4, 16, 1)
+    # 128K decode H1 / H4: net, one warp per row (32 lanes x 32 values; 3.52 / 5.17 us vs row 4.35 / 5.43)
+    for n_heads in (1, 4):
+        p = plan(n_heads, 1024, 64, 15, 132)
+        assert (p.path, p.threads_per_row, p.values_per_thread, p.warps) == ("net", 32, 32, 1)
+    assert plan(4, 1024, 64, 17, 132).path == "row"  # M > 16: the row path as before
+    assert plan(4, 256, 64, 15, 132).path == "reg"  # K <= 256 decode: reg
+    assert plan(4, 2048, 64, 15, 132).path == "row"  # K > 1024 decode: unchanged
+    assert plan(1, 32, 4096, 15, 132).threads_per_row == 2 and plan(1, 32, 4096, 15, 132).values_per_thread == 16
+    assert plan(4, 64, 4096, 17, 132).path == "reg"  # M > 16: no net path
+    monkeypatch.setenv("MSA_TOPK_NET", "0")  # the reg shapes measured best on the H100 (session 5)
+    p = plan(4, 64, 4096, 15, 132)
+    assert (p.path, p.threads_per_row, p.values_per_thread) == ("reg", 8, 8)
+    p = plan(1, 64, 4096, 15, 132)
+    assert (p.path, p.threads_per_row, p.values_per_thread) == ("reg", 16, 4)
+    assert plan(4, 1024, 64, 15, 132).path == "row"  # 128K decode without net: the row path (faster than reg)
+    monkeypatch.delenv("MSA_TOPK_NET")
+    assert plan(1, 64, 64, 15, 132).path == "reg" and plan(1, 64, 64, 15, 132).threads_per_row == 32  # 8K decode
+    monkeypatch.setenv("MSA_TOPK_PATH", "net")
+    monkeypatch.setenv("MSA_TOPK_LANES", "4")
+    p = plan(1, 64, 64, 15, 132)
+    assert (p.path, p.threads_per_row, p.values_per_thread) == ("net", 4, 16)
+    with pytest.raises(ValueError, match="net: not applicable"):
+        plan(1, 64, 64, 17, 132)
+    monkeypatch.setenv("MSA_TOPK_V", "32")
+    with pytest.raises(ValueError, match="MSA_TOPK_LANES"):
+        plan(1, 1000, 64, 15, 132)
+    for name in ("MSA_TOPK_PATH", "MSA_TOPK_LANES", "MSA_TOPK_V"):
+        monkeypatch.delenv(name)
     assert plan(1, 1024, 4096, 15, 132).path == "row"  # 128K prefill: staged rows, one warp per row
     assert plan(1, 1024, 4096, 15, 132).log_g == 4  # 16 tokens per CTA
     assert plan(1, 2048, 4096, 15, 132).log_g == 3  # 16 staged rows of 2048 would exceed the smem budget
-    assert plan(4, 1024, 64, 15, 132).path == "row"  # 128K decode: the row path measured faster (H100)
     assert plan(1, 4096, 64, 15, 132).path == "row"  # 512K decode: cluster unmeasured there
+    monkeypatch.setenv("MSA_TOPK_REG", "0")  # the previous default plan (A/B switch)
+    assert plan(4, 64, 4096, 15, 132).path == "warp"  # many short rows
+    assert plan(4, 1024, 64, 15, 132).path == "row"  # 128K decode: the row path measured faster (H100)
     assert plan(4, 512, 64, 15, 132).path == "row" and plan(4, 512, 64, 15, 132).warps == 8  # 64K decode
+    monkeypatch.delenv("MSA_TOPK_REG")
+    monkeypatch.setenv("MSA_TOPK_PATH", "reg")
+    monkeypatch.setenv("MSA_TOPK_LANES", "8")
+    monkeypatch.setenv("MSA_TOPK_V", "4")
+    with pytest.raises(ValueError, match="MSA_TOPK_V"):
+        plan(2, 100, 50, 15, 132)
+    with pytest.raises(ValueError, match="MSA_TOPK_LANES"):
+        plan(2, 1000, 50, 15, 132)
+    monkeypatch.setenv("MSA_TOPK_V", "32")
+    monkeypatch.setenv("MSA_TOPK_CAP", "20")
+    p = plan(2, 100, 50, 15, 132)
+    assert (p.path, p.threads_per_row, p.values_per_thread, p.cap) == ("reg", 8, 32, 20)
+    with pytest.raises(ValueError, match="reg: not applicable"):
+        plan(2, 2000, 50, 15, 132)
+    for name in ("MSA_TOPK_PATH", "MSA_TOPK_LANES", "MSA_TOPK_V", "MSA_TOPK_CAP"):
+        monkeypatch.delenv(name)
     assert plan(1, 1024, 4096, 65, 132).path == "block"  # M > 64: no row or cluster path
     p = plan(4, 8192, 64, 15, 132)  # 1M decode H4: 8 slices x 8 tokens x 4 heads = 256 CTAs
     assert (p.path, p.slices, p.log_g, p.warps) == ("cluster", 8, 3, 8)
@@ -511,11 +712,15 @@ def _check(scores, topk, nvp=None, fb=0, fe=0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["block", "warp", "row", "cluster"])
+@pytest.mark.parametrize("path", ["block", "warp", "row", "cluster", "reg", "net"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("n_blocks", KS)
 @pytest.mark.parametrize("topk", TOPKS)
 def test_kernel_matches_reference(monkeypatch, topk, n_blocks, dtype, path):
+    if path == "reg" and n_blocks > 1024:
+        pytest.skip("reg path: K <= 1024")
+    if path == "net" and (n_blocks > 2048 or topk > 17):
+        pytest.skip("net path: K <= 2048, M <= 16")
     monkeypatch.setenv("MSA_TOPK_PATH", path)
     gen = torch.Generator().manual_seed(topk * 100003 + n_blocks)
     total_q = 70 if n_blocks < 16384 else 40
@@ -673,6 +878,111 @@ def test_cluster_variants(monkeypatch, flags, g, slices, warps):
     _check_cluster_edge_rows(gen)
     scores = make_scores("ties", 4, 4096, 64, torch.float32, gen).cuda()
     assert torch.equal(_check(scores, 16, None, 0, 1), _kernel_call(scores, 16, None, 0, 1))  # deterministic
+
+
+REG_SHAPES = [(4, 16, 4, 0), (8, 8, 2, 0), (16, 4, 1, 0), (32, 2, 1, 0), (32, 32, 1, 0), (32, 32, 2, 20), (4, 32, 8, 0),
+              (8, 32, 1, 0), (16, 16, 4, 0), (16, 32, 1, 0), (8, 16, 3, 17), (4, 8, 1, 0), (32, 8, 4, 0)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lanes,v,warps,cap", REG_SHAPES)
+def test_reg_launch_shapes(monkeypatch, lanes, v, warps, cap):
+    """Reg path: P lanes x V values per row x warps per CTA (env overrides), cap 0 = the plan's (MSA_TOPK_CAP: tight
+    caps force the argmax-rounds fallback): random, heavy ties, NaN / -inf / +inf, ascending, signed zeros, causal;
+    per-token / scalar / no nvp; forced head and tail; topk 1..64 (M > 32: second-largest bound); K from 1 to
+    P x V (rows shorter than the lanes); total_q not a multiple of the rows per CTA; fp32 and bf16."""
+    monkeypatch.setenv("MSA_TOPK_PATH", "reg")
+    monkeypatch.setenv("MSA_TOPK_LANES", str(lanes))
+    monkeypatch.setenv("MSA_TOPK_V", str(v))
+    monkeypatch.setenv("MSA_TOPK_WARPS", str(warps))
+    if cap:
+        monkeypatch.setenv("MSA_TOPK_CAP", str(cap))
+    gen = torch.Generator().manual_seed(lanes * 1000 + v * 10 + warps + cap)
+    kmax = lanes * v
+
+    def check(scores, topk, nvp, fb, fe):
+        if not cap or topk - fb - fe <= cap:  # the plan refuses cap < M
+            _check(scores, topk, nvp, fb, fe)
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for n_blocks in sorted({kmax, max(1, kmax - 3), max(1, kmax // 2 + 1), 5}):
+            for kind, total_q in (("randn", 77), ("ties", 50), ("nan", 33)):
+                scores = make_scores(kind, 2, n_blocks, total_q, dtype, gen).cuda()
+                for topk, fb, fe in ((16, 0, 1), (1, 0, 0), (64, 0, 0), (7, 2, 2), (48, 1, 1), (33, 0, 0)):
+                    check(scores, topk, None, fb, fe)
+                check(scores, 16, random_nvp(total_q, n_blocks, gen).cuda(), 1, 2)
+                check(scores, 40, max(0, n_blocks - 2), 0, 3)
+    for kind in ("ascending", "zeros_signed", "causal"):
+        scores = make_scores(kind, 3, kmax, 70, torch.float32, gen).cuda()
+        for topk, fb, fe in ((16, 0, 1), (32, 0, 0), (64, 3, 4)):
+            check(scores, topk, None, fb, fe)
+            check(scores, topk, random_nvp(70, kmax, gen).cuda(), fb, fe)
+    scores = make_scores("ties", 4, kmax, 64, torch.float32, gen).cuda()
+    a = _check(scores, 16, None, 0, 1)
+    assert torch.equal(a, _kernel_call(scores, 16, None, 0, 1))  # deterministic
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reg", ["1", "0"])
+@pytest.mark.parametrize("n_heads,n_blocks,total_q", [(1, 64, 64), (4, 64, 64), (1, 1024, 64), (4, 1024, 64),
+                                                     (1, 64, 4096), (4, 64, 4096), (2, 256, 1000), (3, 200, 3000)])
+def test_reg_default_plan_shapes(monkeypatch, reg, n_heads, n_blocks, total_q):
+    """The shapes the plan sends to the reg path (and the previous default with MSA_TOPK_REG=0): iid, ties,
+    per-token nvp."""
+    monkeypatch.setenv("MSA_TOPK_REG", reg)
+    gen = torch.Generator().manual_seed(n_heads * n_blocks + total_q)
+    scores = make_scores("randn", n_heads, n_blocks, total_q, torch.float32, gen).cuda()
+    _check(scores, 16, None, 0, 1)
+    _check(scores, 64, random_nvp(total_q, n_blocks, gen).cuda(), 1, 1)
+    scores = make_scores("ties", n_heads, n_blocks, total_q, torch.bfloat16, gen).cuda()
+    _check(scores, 16, None, 0, 1)
+
+
+NET_SHAPES = [(1, 64, 1), (1, 64, 4), (2, 32, 1), (2, 32, 2), (4, 16, 1), (4, 16, 8), (8, 16, 2), (1, 32, 2),
+              (1, 16, 1), (16, 64, 1), (32, 32, 1), (32, 64, 2), (8, 64, 3)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lanes,v,warps", NET_SHAPES)
+def test_net_launch_shapes(monkeypatch, lanes, v, warps):
+    """Net variant: P lanes x V values per row x warps per CTA (env overrides): random, heavy ties, NaN / -inf /
+    +inf, ascending, signed zeros, causal; per-token / scalar / no nvp; forced head and tail; M 0..16; K from 1 to
+    P x V; total_q not a multiple of the rows per CTA; fp32 and bf16."""
+    monkeypatch.setenv("MSA_TOPK_PATH", "net")
+    monkeypatch.setenv("MSA_TOPK_LANES", str(lanes))
+    monkeypatch.setenv("MSA_TOPK_V", str(v))
+    monkeypatch.setenv("MSA_TOPK_WARPS", str(warps))
+    gen = torch.Generator().manual_seed(lanes * 1000 + v * 10 + warps + 7)
+    kmax = lanes * v
+    for dtype in (torch.float32, torch.bfloat16):
+        for n_blocks in sorted({kmax, max(1, kmax - 3), max(1, kmax // 2 + 1), 5}):
+            for kind, total_q in (("randn", 77), ("ties", 50), ("nan", 33)):
+                scores = make_scores(kind, 2, n_blocks, total_q, dtype, gen).cuda()
+                for topk, fb, fe in ((16, 0, 1), (1, 0, 0), (16, 0, 0), (7, 2, 2), (20, 2, 2), (3, 1, 2)):
+                    _check(scores, topk, None, fb, fe)
+                _check(scores, 16, random_nvp(total_q, n_blocks, gen).cuda(), 1, 2)
+                _check(scores, 12, max(0, n_blocks - 2), 0, 3)
+    for kind in ("ascending", "zeros_signed", "causal"):
+        scores = make_scores(kind, 3, kmax, 70, torch.float32, gen).cuda()
+        for topk, fb, fe in ((16, 0, 1), (16, 0, 0), (20, 2, 4)):
+            _check(scores, topk, None, fb, fe)
+            _check(scores, topk, random_nvp(70, kmax, gen).cuda(), fb, fe)
+    scores = make_scores("ties", 4, kmax, 64, torch.float32, gen).cuda()
+    assert torch.equal(_check(scores, 16, None, 0, 1), _kernel_call(scores, 16, None, 0, 1))  # deterministic
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("net", ["1", "0"])
+@pytest.mark.parametrize("n_heads,total_q", [(1, 4096), (4, 4096), (3, 3000)])
+def test_net_default_plan_shapes(monkeypatch, net, n_heads, total_q):
+    """8K prefill under the default plan (net) and with MSA_TOPK_NET=0 (reg): iid, ties (bf16), per-token nvp."""
+    monkeypatch.setenv("MSA_TOPK_NET", net)
+    gen = torch.Generator().manual_seed(n_heads * 64 + total_q + int(net))
+    scores = make_scores("randn", n_heads, 64, total_q, torch.float32, gen).cuda()
+    _check(scores, 16, None, 0, 1)
+    _check(scores, 16, random_nvp(total_q, 64, gen).cuda(), 1, 1)
+    scores = make_scores("ties", n_heads, 64, total_q, torch.bfloat16, gen).cuda()
+    _check(scores, 16, None, 0, 1)
 
 
 @pytest.mark.gpu

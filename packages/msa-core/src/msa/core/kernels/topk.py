@@ -17,6 +17,16 @@
   CTAs splits K; each CTA stages its slice of G rows, the row's bound comes from the union of the S slices' group
   maxima (DSMEM), and each row's candidates are gathered in one owner CTA for the exact rank select. One launch,
   no workspace, and H * S * ceil(total_q / G) CTAs instead of H * ceil(total_q / G).
+- ``reg`` (``csrc/topk/topk_reg_core.cuh``): rows of K <= 1024 blocks held in registers: a warp = 32 / P rows of P
+  lanes x V values each (all loads issued up front, no shared-memory staging, no CTA barrier); per row a bound
+  from 32 group values (segment sort / lane count), candidates in index order to a small shared list, exact rank.
+  The default for short rows (K <= 256, any total_q: 8K-32K context) except where the net path applies;
+  ``MSA_TOPK_REG=0`` restores the previous default plan (A/B).
+- ``net`` (``csrc/topk/topk_net_core.cuh``): the reg path's layout (P lanes x V values per row, V = 16 / 32 / 64) with
+  the row's M-th largest value found by compare-exchange networks (sorted top-16 lists per lane, merged in-lane and
+  across the segment), then one mask per lane: no shared memory, no candidate list, no rank loop; M <= 16. The
+  default for short prefill rows (K <= 64, >= 16 rows per SM: 8K context; P4 V16) and for decode-like shapes with
+  256 < K <= 1024 (128K context; P32 V32); ``MSA_TOPK_NET=0`` = without it.
 
 The block and warp paths allocate at most one workspace (``2 * H * splits * M * ceil(total_q/32)*32`` int32 words, torch's caching
 allocator) and only when ``splits > 1``.
@@ -25,7 +35,11 @@ Environment overrides (benchmark sweeps): ``MSA_TOPK_PATH`` (block | warp | row)
 (tokens per CTA, block), ``MSA_TOPK_P`` (threads per token, block), ``MSA_TOPK_V`` (16 | 32, block),
 ``MSA_TOPK_WARPS`` (warp; row: warps per CTA), ``MSA_TOPK_MERGE_WARPS`` (warp); row:
 ``MSA_TOPK_G`` (tokens per CTA); cluster: ``MSA_TOPK_G``, ``MSA_TOPK_WARPS``, ``MSA_TOPK_SLICES`` (CTAs per cluster),
-``MSA_TOPK_CLUSTER_FLAGS`` (A/B kernel variants, all exact; see ``CLUSTER_FLAG_BITS``).
+``MSA_TOPK_CLUSTER_FLAGS`` (A/B kernel variants, all exact; see ``CLUSTER_FLAG_BITS``); reg: ``MSA_TOPK_LANES`` (P lanes per
+row: 4, 8, 16, 32), ``MSA_TOPK_V`` (values per lane), ``MSA_TOPK_WARPS`` (warps per CTA, 1..8), ``MSA_TOPK_CAP``
+(candidate entries per row; small values exercise the exact fallback); ``MSA_TOPK_REG=0``: the default plan without
+the reg path; net: ``MSA_TOPK_LANES`` (1, 2, 4, 8, 16, 32), ``MSA_TOPK_V`` (16, 32, 64), ``MSA_TOPK_WARPS`` (1..8);
+``MSA_TOPK_NET=0``: the default plan without the net path (``MSA_TOPK_REG=0`` turns off both).
 """
 
 from __future__ import annotations
@@ -85,14 +99,14 @@ def available(device) -> tuple[bool, str]:
 
 @dataclass(frozen=True)
 class TopkPlan:
-    path: str  # "block", "warp" or "row"
+    path: str  # "block", "warp", "row", "cluster", "reg" or "net"
     splits: int  # CTAs along K per (token group, head); > 1 adds the merge launch
     cap: int  # candidate entries per row (block: buffer; warp: column capacity)
     warps: int = 1  # warp path: warps per scan CTA, each a contiguous slice of the split
     merge_warps: int = 1
     log_g: int = 3  # block / row path: 2**log_g tokens per CTA
-    threads_per_row: int = 32  # block path: P
-    values_per_thread: int = BLOCK_V  # block path: V per chunk (BLOCK_V prefetched, or 2 * BLOCK_V)
+    threads_per_row: int = 32  # block path: P; reg path: P lanes per row
+    values_per_thread: int = BLOCK_V  # block path: V per chunk (BLOCK_V prefetched, or 2 * BLOCK_V); reg: V per lane
     slices: int = 1  # cluster path: CTAs per cluster along K
 
     def workspace_words(self, n_heads: int, total_q: int, m: int) -> int:
@@ -281,11 +295,110 @@ def _use_row_path(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: i
     return n_blocks <= (ROW_MAX_BLOCKS_DECODE if decode else ROW_MAX_BLOCKS)
 
 
+REG_MAX_BLOCKS = 1024  # reg path: K <= 32 lanes x 32 values
+REG_SHORT_BLOCKS = 256  # ... the default for every total_q up to here (8K-32K context); forced: up to 1024
+REG_LANES = (4, 8, 16, 32)
+REG_VALUES = (2, 4, 8, 16, 32)
+
+
+def reg_smem_bytes(warps: int, lanes: int, cap: int) -> int:  # mirrors topk_reg_select
+    return warps * (32 // lanes) * (cap + 1) * 8
+
+
+def _pow2_at_least(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _reg_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> TopkPlan | None:
+    """Reg path shape, or None where it does not apply (M > 64, K > 1024).
+    P lanes per row: decode-like shapes (fewer than 16 rows per SM) one warp per row (P = 32: shortest selection
+    chain, the bound by a lane count instead of a sort); prefill the smallest P (fewest instructions per row, G =
+    32 / P tokens per load instruction) that still gives >= 6 warps per SM. V = K / P rounded up to a power of two
+    (>= 2). Warps per CTA: doubled while >= 2 CTAs per SM remain. cap: every candidate of a row (K) for K <= 256
+    (no fallback), else row_capacity(m) (more candidates -> the exact argmax-rounds fallback)."""
+    if not 0 <= m <= ROW_MAX_M or not 1 <= n_blocks <= REG_MAX_BLOCKS:
+        return None
+    rows = total_q * n_heads
+    lanes_ok = [p for p in REG_LANES if p * 32 >= n_blocks]
+    if rows < 16 * sm_count:
+        lanes = 32
+    else:  # H100 (8K prefill, session 5): H4 P8 10.15 us (P4 11.3, P16 11.3), H1 P16 5.34 (P8 6.2, P4 8.4)
+        lanes = min(16, next((p for p in lanes_ok if rows * p // 32 >= 16 * sm_count), lanes_ok[-1]))
+    lanes = max(lanes, lanes_ok[0])
+    v = max(2, _pow2_at_least(-(-n_blocks // lanes)))
+    n_warps = -(-total_q // (32 // lanes)) * n_heads
+    warps = 1
+    while warps < 8 and n_warps // (2 * warps) >= 2 * sm_count:
+        warps *= 2
+    cap = max(n_blocks, m, 1) if n_blocks <= REG_SHORT_BLOCKS else row_capacity(m)
+    return TopkPlan(path="reg", splits=1, cap=cap, warps=warps, log_g=(32 // lanes).bit_length() - 1,
+                    threads_per_row=lanes, values_per_thread=v)
+
+
+def _use_reg_path(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int = 132) -> bool:
+    """Short rows (K <= 256) at any total_q (the net path takes K <= 64 prefill with M <= 16 first).
+    ``MSA_TOPK_REG=0`` turns it off (the previous default plan, for A/B)."""
+    if os.environ.get("MSA_TOPK_REG", "1") == "0" or not 0 < m <= ROW_MAX_M:
+        return False
+    # K <= 256 only: at 128K decode (K = 1024) one warp per row with 32 uncoalesced loads per lane lost to the row
+    # path's coalesced staging on the H100 (H1 4.67 vs 4.36 us, H4 5.81-6.34 vs 5.41); forced, it still runs there
+    return n_blocks <= REG_SHORT_BLOCKS
+
+
+NET_MAX_M = 16  # net path: sorted lists of 16 (topk_net_core.cuh)
+NET_LANES = (1, 2, 4, 8, 16, 32)
+NET_VALUES = (16, 32, 64)
+NET_MAX_BLOCKS = 64  # default plan: 8K context prefill (longer rows: the reg / row paths)
+
+
+def _net_lanes_values(n_blocks: int) -> tuple[int, int]:
+    """P lanes per row and V values per lane: as many lanes as give V >= 16 (the shortest per-lane chains, the most
+    warps; H100 session 6: 8K prefill P4 V16 3.72 / 6.07 us vs P2 V32 4.06 / 7.61 vs P1 V64 5.04 / 9.61; 128K decode
+    P32 V32 3.52 / 5.17 vs P16 V64 4.46 / 5.52), at most 32 lanes."""
+    lanes = min(NET_LANES[-1], _pow2_at_least(-(-n_blocks // NET_VALUES[0])))
+    v = min(NET_VALUES[-1], max(NET_VALUES[0], _pow2_at_least(-(-n_blocks // lanes))))
+    return lanes, v
+
+
+def _net_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> TopkPlan | None:
+    """Net path shape, or None where it does not apply (M > 16, K > 32 x 64). P, V: _net_lanes_values (8K: P4 V16,
+    128K: P32 V32). Warps per CTA: 1 (measured best at 8K prefill and 128K decode; no shared memory, so up to 32
+    one-warp CTAs per SM), doubled only while more than 16 warps per SM would remain."""
+    if not 0 <= m <= NET_MAX_M or not 1 <= n_blocks <= NET_LANES[-1] * NET_VALUES[-1]:
+        return None
+    lanes, v = _net_lanes_values(n_blocks)
+    n_warps = -(-total_q // (32 // lanes)) * n_heads
+    warps = 1
+    while warps < 8 and n_warps // warps > 16 * sm_count:
+        warps *= 2
+    return TopkPlan(path="net", splits=1, cap=max(m, 1), warps=warps, log_g=(32 // lanes).bit_length() - 1,
+                    threads_per_row=lanes, values_per_thread=v)
+
+
+NET_DECODE_MAX_BLOCKS = 1024  # decode-like shapes: net for REG_SHORT_BLOCKS < K <= this (128K context)
+
+
+def _use_net_path(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int = 132) -> bool:
+    """M <= 16 and either short prefill rows (K <= 64, >= 16 rows per SM: 8K context) or decode-like shapes (< 16
+    rows per SM) with 256 < K <= 1024 (128K context: P32 V32 measured 3.52 / 5.17 us vs row 4.35 / 5.43, H100).
+    ``MSA_TOPK_NET=0`` turns it off (A/B: the reg / row paths' plan); ``MSA_TOPK_REG=0`` too (the plan before both)."""
+    if "0" in (os.environ.get("MSA_TOPK_NET", "1"), os.environ.get("MSA_TOPK_REG", "1")) or not 0 < m <= NET_MAX_M:
+        return False
+    rows = total_q * n_heads
+    if rows >= 16 * sm_count:
+        return n_blocks <= NET_MAX_BLOCKS
+    return REG_SHORT_BLOCKS < n_blocks <= NET_DECODE_MAX_BLOCKS
+
+
 def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, itemsize: int = 4) -> TopkPlan:
     """Launch shape from the problem shape only (no data). ``itemsize``: bytes per score (4 fp32, 2 bf16)."""
     path = os.environ.get("MSA_TOPK_PATH")
     if not path:
-        if _use_warp_path(n_heads, n_blocks, total_q):
+        if _use_net_path(n_heads, n_blocks, total_q, m, sm_count):
+            path = "net"
+        elif _use_reg_path(n_heads, n_blocks, total_q, m, sm_count):
+            path = "reg"
+        elif _use_warp_path(n_heads, n_blocks, total_q):
             path = "warp"
         elif _use_cluster_path(n_heads, n_blocks, total_q, m) and _cluster_plan(n_heads, n_blocks, total_q, m,
                                                                                 sm_count):
@@ -295,8 +408,43 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
             path = "row"
         else:
             path = "block"
-    if path not in ("block", "warp", "row", "cluster"):
-        raise ValueError(f"MSA_TOPK_PATH: expected 'block', 'warp', 'row' or 'cluster', got {path!r}")
+    if path not in ("block", "warp", "row", "cluster", "reg", "net"):
+        raise ValueError(f"MSA_TOPK_PATH: expected 'block', 'warp', 'row', 'cluster', 'reg' or 'net', got {path!r}")
+    if path == "net":
+        pl = _net_plan(n_heads, n_blocks, total_q, m, sm_count)
+        if pl is None:
+            raise ValueError(f"MSA_TOPK_PATH=net: not applicable (M = {m} not in 0..{NET_MAX_M} or K = {n_blocks} > "
+                             f"{NET_LANES[-1] * NET_VALUES[-1]})")
+        lanes = _env_int("MSA_TOPK_LANES") or pl.threads_per_row
+        if lanes not in NET_LANES or lanes * NET_VALUES[-1] < n_blocks:
+            raise ValueError(f"MSA_TOPK_LANES: expected one of {NET_LANES} with 64 * lanes >= K = {n_blocks}, got {lanes}")
+        v = _env_int("MSA_TOPK_V") or min(NET_VALUES[-1], max(NET_VALUES[0], _pow2_at_least(-(-n_blocks // lanes))))
+        if v not in NET_VALUES or lanes * v < n_blocks:
+            raise ValueError(f"MSA_TOPK_V: expected one of {NET_VALUES} with lanes * v >= K = {n_blocks}, got {v}")
+        warps = _env_int("MSA_TOPK_WARPS") or pl.warps
+        if not 1 <= warps <= 8:
+            raise ValueError(f"MSA_TOPK_WARPS: expected 1..8 for the net path, got {warps}")
+        return TopkPlan(path="net", splits=1, cap=pl.cap, warps=warps, log_g=(32 // lanes).bit_length() - 1,
+                        threads_per_row=lanes, values_per_thread=v)
+    if path == "reg":
+        pl = _reg_plan(n_heads, n_blocks, total_q, m, sm_count)
+        if pl is None:
+            raise ValueError(f"MSA_TOPK_PATH=reg: not applicable (M = {m} not in 0..{ROW_MAX_M} or K = {n_blocks} > "
+                             f"{REG_MAX_BLOCKS})")
+        lanes = _env_int("MSA_TOPK_LANES") or pl.threads_per_row
+        if lanes not in REG_LANES or lanes * 32 < n_blocks:
+            raise ValueError(f"MSA_TOPK_LANES: expected one of {REG_LANES} with 32 * lanes >= K = {n_blocks}, got {lanes}")
+        v = _env_int("MSA_TOPK_V") or max(2, _pow2_at_least(-(-n_blocks // lanes)))
+        if v not in REG_VALUES or lanes * v < n_blocks:
+            raise ValueError(f"MSA_TOPK_V: expected one of {REG_VALUES} with lanes * v >= K = {n_blocks}, got {v}")
+        warps = _env_int("MSA_TOPK_WARPS") or pl.warps
+        if not 1 <= warps <= 8:
+            raise ValueError(f"MSA_TOPK_WARPS: expected 1..8 for the reg path, got {warps}")
+        cap = _env_int("MSA_TOPK_CAP") or (max(n_blocks, m, 1) if n_blocks <= REG_SHORT_BLOCKS else row_capacity(m))
+        if cap < max(m, 1) or reg_smem_bytes(warps, lanes, cap) > SMEM_LIMIT:
+            raise ValueError(f"MSA_TOPK_CAP: expected >= {max(m, 1)} and within shared memory, got {cap}")
+        return TopkPlan(path="reg", splits=1, cap=cap, warps=warps, log_g=(32 // lanes).bit_length() - 1,
+                        threads_per_row=lanes, values_per_thread=v)
     if path == "cluster":
         pl = _cluster_plan(n_heads, n_blocks, total_q, m, sm_count)
         if pl is None:
@@ -402,7 +550,13 @@ def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, 
     words = p.workspace_words(n_heads, total_q, m)
     ws = torch.empty(words, dtype=torch.int32, device=device) if words else _empty(device, torch.int32)
     module = load_module(device, timeline=trace is not None and p.path == "cluster")
-    if p.path == "row":
+    if p.path == "net":
+        module.topk_net_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out,
+                               p.threads_per_row, p.values_per_thread, p.warps)
+    elif p.path == "reg":
+        module.topk_reg_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out,
+                               p.threads_per_row, p.values_per_thread, p.warps, p.cap)
+    elif p.path == "row":
         module.topk_row_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out, p.log_g,
                                p.warps, p.cap, _empty(device, torch.int64) if trace is None else trace)
     elif p.path == "cluster":
