@@ -1,6 +1,6 @@
 """CUDA glue for ``sparse_topk_select`` (csrc/topk): module build/load through JitSpec, launch configuration.
 
-``run`` takes arguments already validated by :func:`msa.core.topk.sparse_topk_select`. Four exact paths, picked by
+``run`` takes arguments already validated by :func:`msa.core.topk.sparse_topk_select`. Six exact paths, picked by
 :func:`plan` from the shapes only (never the data, never a host sync):
 
 - ``block`` (``csrc/topk/topk_block_core.cuh``): a CTA owns G tokens of one head and P threads per token; each
