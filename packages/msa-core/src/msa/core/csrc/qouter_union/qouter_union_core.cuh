@@ -20,6 +20,8 @@
 #pragma once
 #include <stdint.h>
 
+#include "../common/bits.cuh"
+
 #ifdef __CUDACC__
 #define MSA_QU_HD __device__ __forceinline__
 #else
@@ -48,21 +50,8 @@ struct Params {
   int stage_words;           // per-warp staging words (kStaged): round4(umax) + round4(umax * words), else 0
 };
 
-MSA_QU_HD int popc32(uint32_t x) {
-#ifdef __CUDA_ARCH__
-  return __popc(x);
-#else
-  return __builtin_popcount(x);
-#endif
-}
-
-MSA_QU_HD int lowest_bit(uint32_t x) {  // x != 0
-#ifdef __CUDA_ARCH__
-  return __ffs(x) - 1;
-#else
-  return __builtin_ctz(x);
-#endif
-}
+using msa_bits::lowest_bit32;
+using msa_bits::popcount32;
 
 // Per-warp shared memory words: bitmap | word prefix | (kStaged) union row | mask row.
 MSA_QU_HD int warp_smem_words(int bitmap_words, int stage_words) { return 2 * bitmap_words + stage_words; }
@@ -168,13 +157,13 @@ MSA_QU_HD void build_item(const Params& p, long long item, int lane, uint32_t* w
     for (int w0 = 0; w0 < nw; w0 += kWarpSize) {
       const int w = w0 + lane;
       const uint32_t bits = w < nw ? bitmap[w] : 0u;
-      const int c = popc32(bits);
+      const int c = popcount32(bits);
       const int incl = ops.inclusive_sum(c);
       const int first = total + incl - c;
       if (w < nw) prefix[w] = first;
       uint32_t rest = bits;
       for (int pos = first; rest != 0 && pos < p.umax; ++pos) {
-        const int b = lowest_bit(rest);
+        const int b = lowest_bit32(rest);
         rest &= rest - 1;
         ops.store(u_row + pos, lo + w * 32 + b);
       }
@@ -190,7 +179,7 @@ MSA_QU_HD void build_item(const Params& p, long long item, int lane, uint32_t* w
       const uint32_t d = static_cast<uint32_t>(id) - static_cast<uint32_t>(lo);
       if (d >= static_cast<uint32_t>(kBitmapBits)) continue;
       const int w = static_cast<int>(d >> 5);
-      const int pos = prefix[w] + popc32(bitmap[w] & ((1u << (d & 31)) - 1u));
+      const int pos = prefix[w] + popcount32(bitmap[w] & ((1u << (d & 31)) - 1u));
       ops.atomic_or(reinterpret_cast<uint32_t*>(m_row + pos * p.words + (t >> 5)), 1u << (t & 31));
     }
     ops.sync();  // the bitmap / prefix are rewritten by the next window; the mask is read below

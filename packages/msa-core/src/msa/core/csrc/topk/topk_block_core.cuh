@@ -23,19 +23,13 @@
 // Exactness does not depend on the order of the atomic offsets: selection only compares composite keys.
 #pragma once
 
+#include "../common/bits.cuh"
 #include "topk_select_core.cuh"
 
 namespace msa_topk {
 
 using Comp = unsigned long long;
-
-MSA_TOPK_HD int popcount32(uint32_t x) {
-#ifdef __CUDA_ARCH__
-  return __popc(x);
-#else
-  return __builtin_popcount(x);
-#endif
-}
+using msa_bits::popcount32;
 
 MSA_TOPK_HD Comp make_comp(uint32_t key, uint32_t idx) {
   return (static_cast<Comp>(key) << 32) | static_cast<Comp>(~idx);
