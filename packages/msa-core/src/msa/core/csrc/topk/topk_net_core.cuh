@@ -31,6 +31,7 @@
 #include <float.h>
 
 #include "topk_block_core.cuh"
+#include "topk_lane_core.cuh"
 
 namespace msa_topk {
 
@@ -115,26 +116,6 @@ struct NetMask<64> {
   using type = unsigned long long;
 };
 
-template <int P>
-__device__ __forceinline__ unsigned net_seg_mask(int lane) {
-  if constexpr (P == 32) {
-    return 0xFFFFFFFFu;
-  } else {
-    return ((1u << P) - 1u) << (lane & ~(P - 1));
-  }
-}
-
-template <int P>
-__device__ __forceinline__ int net_seg_scan(int c, int r, unsigned smask) {  // inclusive, over the segment
-  int incl = c;
-#pragma unroll
-  for (int o = 1; o < P; o <<= 1) {
-    const int y = __shfl_up_sync(smask, incl, o, P);
-    incl += r >= o ? y : 0;
-  }
-  return incl;
-}
-
 template <typename T, int P, int V>
 __device__ __forceinline__ void net_select_warp(const NetParams& p, int64_t t0) {
   static_assert(V % kNetList == 0 && V <= 64, "V: 16, 32 or 64");
@@ -142,7 +123,7 @@ __device__ __forceinline__ void net_select_warp(const NetParams& p, int64_t t0) 
   using Mask = typename NetMask<V>::type;
   const int lane = threadIdx.x & 31;
   const int g = lane / P, r = lane % P;
-  const unsigned smask = net_seg_mask<P>(lane);
+  const unsigned smask = lane_seg_mask<P>(lane);
   const int h = blockIdx.y;
   const int64_t t = t0 + g;
   const bool valid = t < p.q;
@@ -152,32 +133,15 @@ __device__ __forceinline__ void net_select_warp(const NetParams& p, int64_t t0) 
   const int k0 = r * V;
 
   float v[V];
-  if (m > 0) {
-    const T* src = static_cast<const T*>(p.scores) + (static_cast<int64_t>(h) * p.n_blocks + k0) * p.q +
-                   (valid ? t : 0);
-    const int64_t q = p.q;
-    if (valid && k0 + V <= p.n_blocks) {
-#pragma unroll
-      for (int j = 0; j < V; ++j) v[j] = ScoreLoad<T>::load(src + j * q);
-    } else {
-#pragma unroll
-      for (int j = 0; j < V; ++j) v[j] = valid && k0 + j < p.n_blocks ? ScoreLoad<T>::load(src + j * q) : -INFINITY;
-    }
-  }
+  if (m > 0) lane_load_scores<T, V>(p.scores, p.n_blocks, p.q, h, t, valid, k0, v);
   const RowRange rr = row_range(nvp, p.n_blocks, p.fb, p.fe);
   int32_t* orow = p.out + (t * p.n_heads + h) * p.topk;
   int nsel = 0;
   if (m > 0) {
-    if (!(k0 >= rr.lo && k0 + V <= rr.hi)) {
-#pragma unroll
-      for (int j = 0; j < V; ++j) v[j] = k0 + j >= rr.lo && k0 + j < rr.hi ? v[j] : -INFINITY;
-    }
+    lane_mask_scores<V>(v, k0, rr);
     float w[NG][kNetList];
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      v[j] = fmaxf(v[j], -INFINITY);  // NaN -> -inf
-      w[j / kNetList][j % kNetList] = v[j];
-    }
+    for (int j = 0; j < V; ++j) w[j / kNetList][j % kNetList] = v[j];
     net_lane_top<NG>(w);
 #pragma unroll
     for (int o = 1; o < P; o <<= 1) {
@@ -194,7 +158,7 @@ __device__ __forceinline__ void net_select_warp(const NetParams& p, int64_t t0) 
     const int c = __popcll(static_cast<unsigned long long>(mk));
     int incl = c, ge = c;
     if constexpr (P > 1) {
-      incl = net_seg_scan<P>(c, r, smask);
+      incl = lane_seg_scan<P>(c, r, smask);
       ge = __shfl_sync(smask, incl, P - 1, P);
     }
     int start = incl - c;
@@ -207,7 +171,7 @@ __device__ __forceinline__ void net_select_warp(const NetParams& p, int64_t t0) 
       const int cgt = c - ceq;
       int incl2 = cgt | (ceq << 16), tot = incl2;
       if constexpr (P > 1) {
-        incl2 = net_seg_scan<P>(incl2, r, smask);
+        incl2 = lane_seg_scan<P>(incl2, r, smask);
         tot = __shfl_sync(smask, incl2, P - 1, P);
       }
       const int gt_excl = (incl2 & 0xFFFF) - cgt, eq_excl = (incl2 >> 16) - ceq;
@@ -231,14 +195,7 @@ __device__ __forceinline__ void net_select_warp(const NetParams& p, int64_t t0) 
       mk &= mk - 1;
     }
   }
-  if (valid) {
-    for (int qq = r; qq < rr.lo; qq += P) orow[qq] = qq;
-    const int tail = rr.nvp - rr.hi;
-    for (int qq = rr.lo + nsel + r; qq < p.topk; qq += P) {
-      const int u = qq - rr.lo - nsel;
-      orow[qq] = u < tail ? rr.hi + u : -1;
-    }
-  }
+  if (valid) lane_write_forced<P>(orow, rr, nsel, p.topk, r);
 }
 #endif
 

@@ -29,6 +29,7 @@
 
 #include <float.h>
 
+#include "topk_lane_core.cuh"
 #include "topk_row_core.cuh"
 
 namespace msa_topk {
@@ -44,15 +45,6 @@ struct RegParams {
 };
 
 constexpr int kRegMaxM = 64;
-
-template <int P>
-__device__ __forceinline__ unsigned reg_seg_mask(int lane) {
-  if constexpr (P == 32) {
-    return 0xFFFFFFFFu;
-  } else {
-    return ((1u << P) - 1u) << (lane & ~(P - 1));
-  }
-}
 
 // Bitonic sort, descending, of the 32 values of a segment of P lanes x Q = 32 / P registers (element e = r Q + i
 // of lane r, register i): element e ends with the e-th largest.
@@ -95,18 +87,6 @@ __device__ __forceinline__ Comp reg_seg_max_comp(Comp x, unsigned smask) {
   return (static_cast<Comp>(hi) << 32) | lo;
 }
 
-// Inclusive prefix sum over the segment's lanes (lane r of P).
-template <int P>
-__device__ __forceinline__ int reg_seg_scan(int c, int r, unsigned smask) {
-  int incl = c;
-#pragma unroll
-  for (int o = 1; o < P; o <<= 1) {
-    const int y = __shfl_up_sync(smask, incl, o, P);
-    incl += r >= o ? y : 0;
-  }
-  return incl;
-}
-
 // theta: the rr-th largest (rr in 1..32) of the segment's 32 group values gv (-inf allowed; no NaN), as the
 // candidate test's threshold (-FLT_MAX where it is -inf, so -inf never passes).
 template <int P>
@@ -139,7 +119,7 @@ __device__ __forceinline__ void reg_select_warp(const RegParams& p, Comp* cand_w
   constexpr int GS = V / QG;                // values per group (V, QG powers of two: QG * GS == V)
   const int lane = threadIdx.x & 31;
   const int g = lane / P, r = lane % P;
-  const unsigned smask = reg_seg_mask<P>(lane);
+  const unsigned smask = lane_seg_mask<P>(lane);
   const int h = blockIdx.y;
   const int64_t t = t0 + g;
   const bool valid = t < p.q;
@@ -149,29 +129,12 @@ __device__ __forceinline__ void reg_select_warp(const RegParams& p, Comp* cand_w
   const int k0 = r * V;
 
   float v[V];
-  if (m > 0) {
-    const T* src = static_cast<const T*>(p.scores) + (static_cast<int64_t>(h) * p.n_blocks + k0) * p.q +
-                   (valid ? t : 0);
-    const int64_t q = p.q;
-    if (valid && k0 + V <= p.n_blocks) {
-#pragma unroll
-      for (int j = 0; j < V; ++j) v[j] = ScoreLoad<T>::load(src + j * q);
-    } else {
-#pragma unroll
-      for (int j = 0; j < V; ++j) v[j] = valid && k0 + j < p.n_blocks ? ScoreLoad<T>::load(src + j * q) : -INFINITY;
-    }
-  }
+  if (m > 0) lane_load_scores<T, V>(p.scores, p.n_blocks, p.q, h, t, valid, k0, v);
   const RowRange rr = row_range(nvp, p.n_blocks, p.fb, p.fe);
   int32_t* orow = p.out + (t * p.n_heads + h) * p.topk;
   int nsel = 0;
   if (m > 0) {
-    // NaN -> -inf (fmaxf returns the non-NaN operand), ineligible -> -inf
-    if (!(k0 >= rr.lo && k0 + V <= rr.hi)) {
-#pragma unroll
-      for (int j = 0; j < V; ++j) v[j] = k0 + j >= rr.lo && k0 + j < rr.hi ? v[j] : -INFINITY;
-    }
-#pragma unroll
-    for (int j = 0; j < V; ++j) v[j] = fmaxf(v[j], -INFINITY);
+    lane_mask_scores<V>(v, k0, rr);
 
     // 1. theta
     float gv[Q];
@@ -197,7 +160,7 @@ __device__ __forceinline__ void reg_select_warp(const RegParams& p, Comp* cand_w
     int c = 0;
 #pragma unroll
     for (int j = 0; j < V; ++j) c += v[j] >= theta ? 1 : 0;
-    const int incl = reg_seg_scan<P>(c, r, smask);
+    const int incl = lane_seg_scan<P>(c, r, smask);
     const int n = __shfl_sync(smask, incl, P - 1, P);
     Comp* cand = cand_warp + g * p.stride;
     const uint32_t lt = (1u << r) - 1u;
@@ -250,7 +213,7 @@ __device__ __forceinline__ void reg_select_warp(const RegParams& p, Comp* cand_w
           sm |= s ? 1u << j : 0u;
         }
         const int cs = __popc(sm);
-        const int inc2 = reg_seg_scan<P>(cs, r, smask);
+        const int inc2 = lane_seg_scan<P>(cs, r, smask);
         int pos = rr.lo + inc2 - cs;
 #pragma unroll
         for (int j = 0; j < V; ++j) {
@@ -260,17 +223,7 @@ __device__ __forceinline__ void reg_select_warp(const RegParams& p, Comp* cand_w
       }
     }
   }
-  if (valid) {
-    const int tail = rr.nvp - rr.hi;
-    for (int qq = r; qq < p.topk; qq += P) {
-      if (qq < rr.lo) {
-        orow[qq] = qq;
-      } else if (qq >= rr.lo + nsel) {
-        const int u = qq - rr.lo - nsel;
-        orow[qq] = u < tail ? rr.hi + u : -1;
-      }
-    }
-  }
+  if (valid) lane_write_forced<P>(orow, rr, nsel, p.topk, r);
 }
 
 }  // namespace msa_topk
