@@ -469,6 +469,85 @@ def test_net_emulated_bench_shapes(net_emulate):
                 assert torch.equal(got, want), (lanes, v, kind)
 
 
+@pytest.fixture(scope="module")
+def coop_emulate(tmp_path_factory):
+    f = _emulator_lib(str(tmp_path_factory.mktemp("topk_coop_emulate")), "topk_coop_emulate", 3)
+
+    def run(scores, topk, nvp, fb, fe, *, tokens, warps, cap=64, seed=0):
+        """(out, number of rows that took the net fallback)."""
+        s32, out, nvp_ptr, nvp_scalar, _keep = _emulator_io(scores, topk, nvp)
+        rc = f(s32.data_ptr(), *scores.shape, topk, nvp_ptr, nvp_scalar, fb, fe, tokens, warps, cap, seed,
+               out.data_ptr())
+        assert rc >= 0, f"coop emulator: rc {rc} (-1 arguments, -2 bound ranks, -3 / -4 rank select, <= -10 net)"
+        return out, rc
+
+    return run
+
+
+COOP_SHAPES = [(1, 8), (2, 8), (4, 8), (2, 16), (4, 16), (8, 16)]
+
+
+def _coop_case(case: int):
+    gen = torch.Generator().manual_seed(40000 + case)
+    pick = lambda seq: seq[int(torch.randint(0, len(seq), (1,), generator=gen))]  # noqa: E731
+    topk = pick((1, 2, 7, 15, 16, 17, 20))
+    tokens, warps = COOP_SHAPES[case % len(COOP_SHAPES)]
+    n_blocks = pick((1, 5, 33, 257, 511, 1000, 1023, 1024))
+    total_q = pick((1, 7, 20))
+    n_heads = pick((1, 2))
+    fb = int(torch.randint(0, topk + 1, (1,), generator=gen)) if case % 3 == 0 else 0
+    fe = int(torch.randint(0, topk - fb + 1, (1,), generator=gen)) if case % 4 < 2 else 0
+    if case % 17 == 0:
+        fe = topk - fb
+    if topk - fb - fe > 16:
+        fe = topk - fb - 16
+    kind = KINDS[case % len(KINDS)]
+    dtype = torch.bfloat16 if case % 5 == 0 else torch.float32
+    scores = make_scores(kind, n_heads, n_blocks, total_q, dtype, gen)
+    nvp = (None, int(torch.randint(0, n_blocks + 1, (1,), generator=gen)), random_nvp(total_q, n_blocks, gen))[case % 3]
+    cap = (64, 32, 16)[case % 3]  # small caps send more rows to the fallback
+    return scores, topk, nvp, fb, fe, kind, dict(tokens=tokens, warps=warps, cap=cap, seed=case)
+
+
+def test_coop_emulated_matches_reference(coop_emulate):
+    """Coop path (topk_coop_emulate.cc, the kernel's helpers): supergroup bound, candidates in a random append order,
+    rank select + index order, the net fallback past cap; -inf / NaN / +inf, forced blocks, ragged nvp, bf16 ties,
+    K not a multiple of R x V, M = 0. Both branches must be taken."""
+    fallbacks = direct = 0
+    for case in range(240):
+        scores, topk, nvp, fb, fe, kind, kw = _coop_case(case)
+        want = reference(scores, topk, num_valid_pages=nvp, force_begin_blocks=fb, force_end_blocks=fe)
+        got, nfb = coop_emulate(scores, topk, nvp, fb, fe, **kw)
+        h, k, q = scores.shape
+        assert torch.equal(got, want), f"case {case}: {kind} topk={topk} K={k} q={q} H={h} fb={fb} fe={fe} {kw}"
+        fallbacks += nfb
+        direct += q * h - nfb
+    assert fallbacks > 0 and direct > fallbacks, (fallbacks, direct)
+
+
+def test_coop_emulated_bench_shapes(coop_emulate):
+    """128K decode (K = 1024) at the plan's shapes: iid, random-walk and ascending rows stay under the cap (the
+    interleaved supergroups), a row periodic in 32 blocks takes the fallback (still exact)."""
+    from msa.core.kernels.topk import plan
+
+    gen = torch.Generator().manual_seed(41)
+    for n_heads in (1, 4):
+        p = plan(n_heads, 1024, 64, 15, 132)
+        assert p.path == "coop", p
+        for tokens, warps in {(1 << p.log_g, p.warps), (1, 8), (8, 16)}:
+            for kind in ("randn", "walk", "ascending", "periodic"):
+                x = torch.randn((1, 1024, 64), generator=gen)
+                if kind == "walk":
+                    x = x.cumsum(1) * 0.2 + torch.randn((1, 1024, 64), generator=gen)
+                elif kind == "ascending":
+                    x = torch.arange(1024, dtype=torch.float32).view(1, 1024, 1).expand(1, 1024, 64).contiguous()
+                elif kind == "periodic":  # blocks 0-2 mod 32 high: 96 in 3 supergroups -> past the cap
+                    x = x + 10.0 * (torch.arange(1024) % 32 < 3).float().view(1, 1024, 1)
+                got, nfb = coop_emulate(x, 16, None, 0, 1, tokens=tokens, warps=warps)
+                assert torch.equal(got, reference(x, 16, force_end_blocks=1)), (tokens, warps, kind)
+                assert (nfb == 64) if kind == "periodic" else (nfb == 0), (tokens, warps, kind, nfb)
+
+
 def test_net_sort16_all_01_inputs(net_emulate):
     """0-1 principle for the hard-coded 16-input sort and the top-16 merge (through random float lists)."""
     gen = torch.Generator().manual_seed(32)
@@ -521,9 +600,12 @@ def test_plan_shapes(monkeypatch):
         for m in (1, 15, 33, 64):
             p = plan(n_heads, n_blocks, total_q, m, 132)
             assert p.splits >= 1
-            if p.path == "net":  # short prefill rows or 128K-like decode rows, M <= 16
-                decode = total_q * n_heads < 16 * 132
-                assert (256 < n_blocks <= 1024 if decode else n_blocks <= 64) and 0 < m <= 16
+            if p.path == "coop":  # 128K-like decode rows, M <= 16
+                assert total_q * n_heads < 16 * 132 and 256 < n_blocks <= 1024 and 0 < m <= 16
+                assert (1 << p.log_g, p.warps) in COOP_SHAPES and p.cap == 64
+                continue
+            if p.path == "net":  # short prefill rows, M <= 16
+                assert total_q * n_heads >= 16 * 132 and n_blocks <= 64 and 0 < m <= 16
                 assert p.threads_per_row in (1, 2, 4, 8, 16, 32) and p.values_per_thread in (16, 32, 64)
                 assert p.threads_per_row * p.values_per_thread >= n_blocks and 1 <= p.warps <= 8
                 continue
@@ -557,10 +639,26 @@ def test_plan_shapes(monkeypatch):
     for n_heads in (1, 4):
         p = plan(n_heads, 64, 4096, 15, 132)
         assert (p.path, p.threads_per_row, p.values_per_thread, p.warps) == ("net", 4, 16, 1)
-    # 128K decode H1 / H4: net, one warp per row (32 lanes x 32 values; 3.52 / 5.17 us vs row 4.35 / 5.43)
+    # 128K decode H1 / H4: coop, 8 warps per CTA, one row per CTA while the rows fit one CTA per SM, else two
+    for n_heads, g in ((1, 1), (4, 2)):
+        p = plan(n_heads, 1024, 64, 15, 132)
+        assert (p.path, 1 << p.log_g, p.warps) == ("coop", g, 8)
+    monkeypatch.setenv("MSA_TOPK_COOP", "0")  # without it: net, one warp per row (32 lanes x 32 values)
     for n_heads in (1, 4):
         p = plan(n_heads, 1024, 64, 15, 132)
         assert (p.path, p.threads_per_row, p.values_per_thread, p.warps) == ("net", 32, 32, 1)
+    monkeypatch.delenv("MSA_TOPK_COOP")
+    monkeypatch.setenv("MSA_TOPK_PATH", "coop")
+    monkeypatch.setenv("MSA_TOPK_G", "4")
+    monkeypatch.setenv("MSA_TOPK_WARPS", "4")
+    with pytest.raises(ValueError, match="coop path"):
+        plan(1, 1024, 64, 15, 132)
+    monkeypatch.setenv("MSA_TOPK_WARPS", "16")
+    assert (plan(1, 1024, 64, 15, 132).log_g, plan(1, 1024, 64, 15, 132).warps) == (2, 16)
+    with pytest.raises(ValueError, match="coop: not applicable"):
+        plan(1, 2048, 64, 15, 132)
+    for name in ("MSA_TOPK_PATH", "MSA_TOPK_G", "MSA_TOPK_WARPS"):
+        monkeypatch.delenv(name)
     assert plan(4, 1024, 64, 17, 132).path == "row"  # M > 16: the row path as before
     assert plan(4, 256, 64, 15, 132).path == "reg"  # K <= 256 decode: reg
     assert plan(4, 2048, 64, 15, 132).path == "row"  # K > 1024 decode: unchanged
@@ -712,11 +810,14 @@ def _check(scores, topk, nvp=None, fb=0, fe=0):
 
 
 def _path_applies(path: str, topk: int, n_blocks: int) -> bool:
-    """The reg path serves K <= 1024, the net path K <= 2048 with topk <= 17 (M <= 16 after a forced block)."""
+    """The reg path serves K <= 1024, the net path K <= 2048 with topk <= 17 (M <= 16 after a forced block), the coop
+    path K <= 1024 with topk <= 17."""
     if path == "reg":
         return n_blocks <= 1024
     if path == "net":
         return n_blocks <= 2048 and topk <= 17
+    if path == "coop":
+        return n_blocks <= 1024 and topk <= 17
     return True
 
 
@@ -724,7 +825,7 @@ def _path_applies(path: str, topk: int, n_blocks: int) -> bool:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize(
     "topk,n_blocks,path",
-    [(t, k, p) for t in TOPKS for k in KS for p in ("block", "warp", "row", "cluster", "reg", "net")
+    [(t, k, p) for t in TOPKS for k in KS for p in ("block", "warp", "row", "cluster", "reg", "net", "coop")
      if _path_applies(p, t, k)],
 )
 def test_kernel_matches_reference(monkeypatch, topk, n_blocks, dtype, path):
@@ -976,6 +1077,50 @@ def test_net_launch_shapes(monkeypatch, lanes, v, warps):
             _check(scores, topk, random_nvp(70, kmax, gen).cuda(), fb, fe)
     scores = make_scores("ties", 4, kmax, 64, torch.float32, gen).cuda()
     assert torch.equal(_check(scores, 16, None, 0, 1), _kernel_call(scores, 16, None, 0, 1))  # deterministic
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens,warps", COOP_SHAPES)
+def test_coop_launch_shapes(monkeypatch, tokens, warps):
+    """Coop path: G rows x W warps per CTA (env overrides): random, heavy ties, NaN / -inf / +inf, ascending (every
+    row through the net fallback), signed zeros, causal; per-token / scalar / no nvp; forced head and tail; M 0..16;
+    K from 1 to 1024; total_q not a multiple of G; fp32 and bf16; deterministic."""
+    monkeypatch.setenv("MSA_TOPK_PATH", "coop")
+    monkeypatch.setenv("MSA_TOPK_G", str(tokens))
+    monkeypatch.setenv("MSA_TOPK_WARPS", str(warps))
+    gen = torch.Generator().manual_seed(tokens * 1000 + warps + 11)
+    for dtype in (torch.float32, torch.bfloat16):
+        for n_blocks in (1024, 1021, 513, 300, 5):
+            for kind, total_q in (("randn", 77), ("ties", 50), ("nan", 33)):
+                scores = make_scores(kind, 2, n_blocks, total_q, dtype, gen).cuda()
+                for topk, fb, fe in ((16, 0, 1), (1, 0, 0), (16, 0, 0), (7, 2, 2), (20, 2, 2), (3, 1, 2)):
+                    _check(scores, topk, None, fb, fe)
+                _check(scores, 16, random_nvp(total_q, n_blocks, gen).cuda(), 1, 2)
+                _check(scores, 12, max(0, n_blocks - 2), 0, 3)
+    for kind in ("ascending", "zeros_signed", "causal"):
+        scores = make_scores(kind, 3, 1024, 70, torch.float32, gen).cuda()
+        for topk, fb, fe in ((16, 0, 1), (16, 0, 0), (20, 2, 4)):
+            _check(scores, topk, None, fb, fe)
+            _check(scores, topk, random_nvp(70, 1024, gen).cuda(), fb, fe)
+    scores = make_scores("ties", 4, 1024, 64, torch.float32, gen).cuda()
+    assert torch.equal(_check(scores, 16, None, 0, 1), _kernel_call(scores, 16, None, 0, 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("coop", ["1", "0"])
+@pytest.mark.parametrize("n_heads,total_q", [(1, 64), (4, 64), (3, 130)])
+def test_coop_default_plan_shapes(monkeypatch, coop, n_heads, total_q):
+    """128K decode under the default plan (coop) and with MSA_TOPK_COOP=0 (net): iid, ties (bf16), per-token nvp."""
+    from msa.core.kernels.topk import plan
+
+    monkeypatch.setenv("MSA_TOPK_COOP", coop)
+    assert plan(n_heads, 1024, total_q, 15, 132).path == ("coop" if coop == "1" else "net")
+    gen = torch.Generator().manual_seed(n_heads * 64 + total_q + int(coop))
+    scores = make_scores("randn", n_heads, 1024, total_q, torch.float32, gen).cuda()
+    _check(scores, 16, None, 0, 1)
+    _check(scores, 16, random_nvp(total_q, 1024, gen).cuda(), 1, 1)
+    scores = make_scores("ties", n_heads, 1024, total_q, torch.bfloat16, gen).cuda()
+    _check(scores, 16, None, 0, 1)
 
 
 @pytest.mark.gpu

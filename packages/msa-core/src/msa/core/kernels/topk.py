@@ -1,6 +1,6 @@
 """CUDA glue for ``sparse_topk_select`` (csrc/topk): module build/load through JitSpec, launch configuration.
 
-``run`` takes arguments already validated by :func:`msa.core.topk.sparse_topk_select`. Six exact paths, picked by
+``run`` takes arguments already validated by :func:`msa.core.topk.sparse_topk_select`. Seven exact paths, picked by
 :func:`plan` from the shapes only (never the data, never a host sync):
 
 - ``block`` (``csrc/topk/topk_block_core.cuh``): a CTA owns G tokens of one head and P threads per token; each
@@ -26,7 +26,11 @@
   the row's M-th largest value found by compare-exchange networks (sorted top-16 lists per lane, merged in-lane and
   across the segment), then one mask per lane: no shared memory, no candidate list, no rank loop; M <= 16. The
   default for short prefill rows (K <= 64, >= 16 rows per SM: 8K context; P4 V16) and for decode-like shapes with
-  256 < K <= 1024 (128K context; P32 V32); ``MSA_TOPK_NET=0`` = without it.
+  256 < K <= 1024 (128K context; P32 V32) where the coop path is off; ``MSA_TOPK_NET=0`` = without it.
+- ``coop`` (``csrc/topk/topk_coop_core.cuh``): decode-like rows of 256 < K <= 1024 blocks (128K context), M <= 16: the
+  W = 8 warps of a CTA share G = 1 or 2 rows, a few values per thread; the bound is the M-th largest of 32 supergroup
+  maxima, candidates go to a shared list, one warp ranks them (the net selection as the exact fallback for a row
+  with more than 128 candidates). ``MSA_TOPK_COOP=0`` = the net plan there.
 
 The block and warp paths allocate at most one workspace (``2 * H * splits * M * ceil(total_q/32)*32`` int32 words, torch's caching
 allocator) and only when ``splits > 1``.
@@ -39,7 +43,8 @@ Environment overrides (benchmark sweeps): ``MSA_TOPK_PATH`` (block | warp | row)
 row: 4, 8, 16, 32), ``MSA_TOPK_V`` (values per lane), ``MSA_TOPK_WARPS`` (warps per CTA, 1..8), ``MSA_TOPK_CAP``
 (candidate entries per row; small values exercise the exact fallback); ``MSA_TOPK_REG=0``: the default plan without
 the reg path; net: ``MSA_TOPK_LANES`` (1, 2, 4, 8, 16, 32), ``MSA_TOPK_V`` (16, 32, 64), ``MSA_TOPK_WARPS`` (1..8);
-``MSA_TOPK_NET=0``: the default plan without the net path (``MSA_TOPK_REG=0`` turns off both).
+``MSA_TOPK_NET=0``: the default plan without the net path (``MSA_TOPK_REG=0`` turns off both); coop: ``MSA_TOPK_G``
+(rows per CTA) and ``MSA_TOPK_WARPS`` from ``COOP_SHAPES``; ``MSA_TOPK_COOP=0``: without the coop path.
 """
 
 from __future__ import annotations
@@ -99,7 +104,7 @@ def available(device) -> tuple[bool, str]:
 
 @dataclass(frozen=True)
 class TopkPlan:
-    path: str  # "block", "warp", "row", "cluster", "reg" or "net"
+    path: str  # "block", "warp", "row", "cluster", "reg", "net" or "coop"
     splits: int  # CTAs along K per (token group, head); > 1 adds the merge launch
     cap: int  # candidate entries per row (block: buffer; warp: column capacity)
     warps: int = 1  # warp path: warps per scan CTA, each a contiguous slice of the split
@@ -390,11 +395,37 @@ def _use_net_path(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: i
     return REG_SHORT_BLOCKS < n_blocks <= NET_DECODE_MAX_BLOCKS
 
 
+COOP_MAX_M = 16  # coop path (topk_coop_core.cuh, kCoopMaxM)
+COOP_CAP = 64  # candidates per row before the net fallback (kCoopCap)
+COOP_SHAPES = ((1, 8), (2, 8), (4, 8), (2, 16), (4, 16), (8, 16))  # (G tokens, W warps) per CTA; V = 32 G / W
+
+
+def _use_coop_path(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int = 132) -> bool:
+    """Decode-like shapes (< 16 rows per SM) with 256 < K <= 1024 (128K context) and M <= 16: the coop path instead
+    of net P32 V32 (one warp per row). ``MSA_TOPK_COOP=0`` turns it off (A/B: the net plan); so do ``MSA_TOPK_NET=0``
+    and ``MSA_TOPK_REG=0`` (the older plans)."""
+    if "0" in (os.environ.get("MSA_TOPK_COOP", "1"), os.environ.get("MSA_TOPK_NET", "1"),
+               os.environ.get("MSA_TOPK_REG", "1")) or not 0 < m <= COOP_MAX_M:
+        return False
+    return total_q * n_heads < 16 * sm_count and REG_SHORT_BLOCKS < n_blocks <= NET_DECODE_MAX_BLOCKS
+
+
+def _coop_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> TopkPlan | None:
+    """Coop path shape, or None where it does not apply (M > 16, K > 1024): one row per CTA of 8 warps while the
+    rows fit one CTA per SM, else two rows per CTA (half the CTAs; each load instruction reads 16 K-rows x 2 tokens)."""
+    if not 0 <= m <= COOP_MAX_M or not 1 <= n_blocks <= NET_DECODE_MAX_BLOCKS:
+        return None
+    g = 1 if total_q * n_heads <= sm_count else 2
+    return TopkPlan(path="coop", splits=1, cap=COOP_CAP, warps=8, log_g=g.bit_length() - 1)
+
+
 def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, itemsize: int = 4) -> TopkPlan:
     """Launch shape from the problem shape only (no data). ``itemsize``: bytes per score (4 fp32, 2 bf16)."""
     path = os.environ.get("MSA_TOPK_PATH")
     if not path:
-        if _use_net_path(n_heads, n_blocks, total_q, m, sm_count):
+        if _use_coop_path(n_heads, n_blocks, total_q, m, sm_count):
+            path = "coop"
+        elif _use_net_path(n_heads, n_blocks, total_q, m, sm_count):
             path = "net"
         elif _use_reg_path(n_heads, n_blocks, total_q, m, sm_count):
             path = "reg"
@@ -408,8 +439,20 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
             path = "row"
         else:
             path = "block"
-    if path not in ("block", "warp", "row", "cluster", "reg", "net"):
-        raise ValueError(f"MSA_TOPK_PATH: expected 'block', 'warp', 'row', 'cluster', 'reg' or 'net', got {path!r}")
+    if path not in ("block", "warp", "row", "cluster", "reg", "net", "coop"):
+        raise ValueError(f"MSA_TOPK_PATH: expected 'block', 'warp', 'row', 'cluster', 'reg', 'net' or 'coop', got "
+                         f"{path!r}")
+    if path == "coop":
+        pl = _coop_plan(n_heads, n_blocks, total_q, m, sm_count)
+        if pl is None:
+            raise ValueError(f"MSA_TOPK_PATH=coop: not applicable (M = {m} not in 0..{COOP_MAX_M} or K = {n_blocks} > "
+                             f"{NET_DECODE_MAX_BLOCKS})")
+        g = _env_int("MSA_TOPK_G") or 1 << pl.log_g
+        warps = _env_int("MSA_TOPK_WARPS") or pl.warps
+        if (g, warps) not in COOP_SHAPES:
+            raise ValueError(f"MSA_TOPK_G / MSA_TOPK_WARPS: expected (tokens, warps) in {COOP_SHAPES} for the coop path, "
+                             f"got ({g}, {warps})")
+        return TopkPlan(path="coop", splits=1, cap=pl.cap, warps=warps, log_g=g.bit_length() - 1)
     if path == "net":
         pl = _net_plan(n_heads, n_blocks, total_q, m, sm_count)
         if pl is None:
@@ -502,6 +545,7 @@ def _empty(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype, device=device)
 
 
+NET_TIMELINE_SLOTS = 6  # u64 stamps per CTA, net / coop timeline builds (topk_net_core.cuh, kNetTimelineSlots)
 CLUSTER_TIMELINE_SLOTS = 16  # u64 stamps per CTA in a timeline build (topk_cluster_core.cuh, kTimelineSlots)
 # kCluster* (A/B variants, topk_cluster_core.cuh): local_merge = per-slice exact top M -> owner lists, one cluster
 # barrier, bitonic merge tree (M <= 32; larger M runs the default algorithm); one_batch = 32 staging loads in
@@ -533,7 +577,8 @@ def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, 
     """Launch on validated arguments (see module doc); returns ``out`` ([total_q, H, topk] int32).
     ``trace`` (diagnostic): row path: int64 tensor of >= 3 * CTAs for each CTA's %globaltimer stamps (start, rows
     staged, warp 0 done); cluster path: int64 tensor of >= CLUSTER_TIMELINE_SLOTS * CTAs (zeroed by the caller)
-    for the per-phase stamps, recorded by the timeline build of the module (loaded for such a call)."""
+    for the per-phase stamps, recorded by the timeline build of the module (loaded for such a call); net / coop
+    paths: int64 tensor of >= NET_TIMELINE_SLOTS * CTAs (the same build; topk_net_core.cuh, NetTimelineSlot)."""
     n_heads, n_blocks, total_q = max_score.shape
     device = max_score.device
     if out is None:
@@ -549,10 +594,14 @@ def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, 
         nvp, nvp_scalar = _empty(device, torch.int32), n_blocks if num_valid_pages is None else int(num_valid_pages)
     words = p.workspace_words(n_heads, total_q, m)
     ws = torch.empty(words, dtype=torch.int32, device=device) if words else _empty(device, torch.int32)
-    module = load_module(device, timeline=trace is not None and p.path == "cluster")
-    if p.path == "net":
+    module = load_module(device, timeline=trace is not None and p.path in ("cluster", "net", "coop"))
+    if p.path == "coop":
+        module.topk_coop_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out,
+                                1 << p.log_g, p.warps, _empty(device, torch.int64) if trace is None else trace)
+    elif p.path == "net":
         module.topk_net_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out,
-                               p.threads_per_row, p.values_per_thread, p.warps)
+                               p.threads_per_row, p.values_per_thread, p.warps,
+                               _empty(device, torch.int64) if trace is None else trace)
     elif p.path == "reg":
         module.topk_reg_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out,
                                p.threads_per_row, p.values_per_thread, p.warps, p.cap)

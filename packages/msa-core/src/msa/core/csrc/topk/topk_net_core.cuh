@@ -105,7 +105,41 @@ struct NetParams {
   int32_t* out;        // [Q, H, topk]
   int64_t q;
   int n_blocks, n_heads, topk, fb, fe, m, nvp_scalar;
+  unsigned long long* trace;  // MSA_TOPK_TIMELINE builds: kNetTimelineSlots per CTA, or nullptr
 };
+
+// Timeline (diagnostic, MSA_TOPK_TIMELINE builds of the module): thread 0 of each CTA records %globaltimer at
+// entry, when its loads have landed, after the bound / network, after the candidates / masks, after its output.
+enum NetTimelineSlot : int { kNtEntry = 0, kNtLanded = 1, kNtBound = 2, kNtCandidates = 3, kNtOut = 4, kNtSm = 5 };
+constexpr int kNetTimelineSlots = 6;
+
+// Stamp `slot` once `dep` (a value computed from the phase's results) exists.
+__device__ __forceinline__ void net_stamp(const NetParams& p, int slot, float dep) {
+#ifdef MSA_TOPK_TIMELINE
+  asm volatile("" ::"f"(dep));
+  if (p.trace != nullptr && threadIdx.x == 0) {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    unsigned long long* tl = p.trace + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kNetTimelineSlots;
+    tl[slot] = t;
+    if (slot == kNtEntry) {
+      unsigned sm;
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+      tl[kNtSm] = sm;
+    }
+  }
+#endif
+}
+
+template <int V>
+__device__ __forceinline__ float net_sum(const float (&v)[V]) {
+  float s = 0.f;
+#ifdef MSA_TOPK_TIMELINE
+#pragma unroll
+  for (int j = 0; j < V; ++j) s += v[j];
+#endif
+  return s;
+}
 
 template <int V>
 struct NetMask {
@@ -131,6 +165,7 @@ __device__ __forceinline__ void net_select_warp(const NetParams& p, int64_t t0) 
   int nvp = valid ? p.nvp_scalar : 0;
   if (p.nvp != nullptr && valid) nvp = __ldg(p.nvp + t);
   const int k0 = r * V;
+  net_stamp(p, kNtEntry, 0.f);
 
   float v[V];
   if (m > 0) lane_load_scores<T, V>(p.scores, p.n_blocks, p.q, h, t, valid, k0, v);
@@ -139,6 +174,7 @@ __device__ __forceinline__ void net_select_warp(const NetParams& p, int64_t t0) 
   int nsel = 0;
   if (m > 0) {
     lane_mask_scores<V>(v, k0, rr);
+    net_stamp(p, kNtLanded, net_sum(v));
     float w[NG][kNetList];
 #pragma unroll
     for (int j = 0; j < V; ++j) w[j / kNetList][j % kNetList] = v[j];
@@ -151,6 +187,7 @@ __device__ __forceinline__ void net_select_warp(const NetParams& p, int64_t t0) 
       net_merge_top(w[0], y);
     }
     const float tv = net_pick(w[0], m);
+    net_stamp(p, kNtBound, tv);
     const float thr = tv > -INFINITY ? tv : -FLT_MAX;  // -inf: every finite value (fewer than M of them)
     Mask mk = 0;
 #pragma unroll
@@ -162,6 +199,7 @@ __device__ __forceinline__ void net_select_warp(const NetParams& p, int64_t t0) 
       ge = __shfl_sync(smask, incl, P - 1, P);
     }
     int start = incl - c;
+    net_stamp(p, kNtCandidates, static_cast<float>(ge));
     nsel = ge;
     if (ge > m) {  // ties at tv (> -inf) beyond the M-th: segment-uniform, rare for continuous scores
       Mask em = 0;
@@ -196,6 +234,7 @@ __device__ __forceinline__ void net_select_warp(const NetParams& p, int64_t t0) 
     }
   }
   if (valid) lane_write_forced<P>(orow, rr, nsel, p.topk, r);
+  net_stamp(p, kNtOut, static_cast<float>(nsel));
 }
 #endif
 

@@ -1,0 +1,195 @@
+// "coop" path of sparse_topk_select (M <= 16, decode-like rows of 256 < K <= 1024 blocks): the W warps of one CTA
+// select G rows together; every value stays in the register of the thread that loaded it.
+//
+// Why: the net path gives a 1024-block row to one warp (P32 V32). ncu on an H200 (session 7, 128K decode H1: 64
+// warps on 64 SMs) shows the row's ~1600-instruction network chain, issued by that single warp at ~4.3 cycles per
+// instruction, after one load round trip: ~2 us of a 3.6 us call whose read-once kernel takes 1.4. Here a row's
+// 1024 values are spread over 32 W / G threads (V = 4 or 8 each) and the selection is a short chain of CTA steps,
+// so the time after the loads is a few hundred cycles instead of thousands.
+//
+// Layout: CTA = G consecutive tokens (rows) of one head, W warps; lane bits below log2(G) pick the row, so a warp
+// load instruction reads 32 / G distinct K-rows with G consecutive tokens each. Thread i (0 .. R - 1, R = 32 W / G)
+// of a row holds blocks i + R j (j < V = 1024 / R; past K, NaN and outside [lo, hi) -> -inf).
+// Per row (exact; composite order = value descending, then block index ascending):
+//  1. bound: 32 supergroups, supergroup e = the threads i = e (mod 32), i.e. the blocks b = e (mod 32) -- interleaved,
+//     so a run of neighbouring good blocks (correlated scores) lands in many supergroups; theta = the M-th largest
+//     of the 32 supergroup maxima (thread maxima through shared memory, rank by shuffles). M distinct blocks are
+//     >= theta, so theta <= T, the row's M-th largest value. Candidates on iid / random-walk / ascending rows of
+//     1024 blocks (M = 15): median 19 / 18 / 15 (contiguous supergroups: 19 / 135 / 449).
+//  2. candidates: values >= theta (theta = -inf: values > -inf), appended as (score key, index) composites to the
+//     row's list in shared memory in any order (one shared atomicAdd per thread with candidates).
+//  3. n <= kCoopCap: warp g ranks the row's candidates (fully unrolled broadcast reads) and keeps rank < M, then
+//     orders the kept block indices ascending (shuffles) and writes them after the forced head; n > kCoopCap
+//     (heavy ties, adversarial periodic rows): that warp runs the net selection (net_select_warp P32 V32) on the
+//     row instead -- exact, slower.
+// CPU replay with the same helpers: topk_coop_emulate.cc.
+#pragma once
+
+#include "topk_net_core.cuh"
+
+namespace msa_topk {
+
+constexpr int kCoopGroups = 32;  // supergroups per row (the bound)
+constexpr int kCoopCap = 64;     // candidates kept per row (2 per lane of the ranking warp); more -> net fallback
+constexpr int kCoopMaxM = 16;
+constexpr int kCoopRowBlocks = 1024;  // R threads x V values per row
+
+// Composite order of the bound: (a, ia) ranks before (b, ib).
+MSA_TOPK_HD bool coop_before(float a, int ia, float b, int ib) { return a > b || (a == b && ia < ib); }
+
+// The rank of supergroup e among the 32 supergroup maxima sg[0 .. 32) (CPU replay; the kernel ranks by shuffles).
+MSA_TOPK_HD int coop_rank_of(const float* sg, int e) {
+  int r = 0;
+  for (int j = 0; j < kCoopGroups; ++j) r += coop_before(sg[j], j, sg[e], e) ? 1 : 0;
+  return r;
+}
+
+// Candidate test against the bound.
+MSA_TOPK_HD bool coop_is_candidate(float x, float theta) { return theta > -INFINITY ? x >= theta : x > -INFINITY; }
+
+// Block held as value j by thread i of a row of R threads, and the supergroup of thread i.
+MSA_TOPK_HD int coop_block(int i, int j, int threads_per_row) { return i + threads_per_row * j; }
+MSA_TOPK_HD int coop_group(int i) { return i % kCoopGroups; }
+
+#ifdef __CUDACC__
+template <int G, int R>
+struct CoopSmem {
+  float tmax[G][R];             // thread maxima
+  Comp cand[G][kCoopCap];       // candidates: make_comp(score_key(value), block)
+  int sel[G][kCoopMaxM];        // kept block indices by rank
+  int cnt[G];
+};
+
+template <typename T, int G, int W>
+__device__ __forceinline__ void coop_select_cta(const NetParams& p, CoopSmem<G, 32 * W / G>& sm) {
+  constexpr int R = 32 * W / G;           // threads per row
+  constexpr int V = kCoopRowBlocks / R;   // values per thread
+  constexpr int S = R / kCoopGroups;      // threads per supergroup
+  constexpr int U = 32 / G;               // lanes of a row in one warp
+  static_assert(G >= 1 && G <= W && 32 % G == 0 && S >= 1 && R * V == kCoopRowBlocks, "coop layout");
+  const unsigned full = 0xFFFFFFFFu;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane % G, u = lane / G;
+  const int i = warp * U + u;
+  const int h = blockIdx.y;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * G + g;
+  const bool valid = t < p.q;
+  const int m = p.m;
+  int nvp = valid ? p.nvp_scalar : 0;
+  if (p.nvp != nullptr && valid) nvp = __ldg(p.nvp + t);
+  net_stamp(p, kNtEntry, 0.f);
+  float v[V];
+  if (m > 0) {  // every load issued before any is used
+    const T* src = static_cast<const T*>(p.scores) + (static_cast<int64_t>(h) * p.n_blocks + i) * p.q + (valid ? t : 0);
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      v[j] = valid && coop_block(i, j, R) < p.n_blocks ? ScoreLoad<T>::load(src + static_cast<int64_t>(R) * j * p.q)
+                                                       : -INFINITY;
+  }
+  if (tid < G) sm.cnt[tid] = 0;
+  if (m > 0) {
+    const RowRange rr = row_range(nvp, p.n_blocks, p.fb, p.fe);
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int b = coop_block(i, j, R);
+      v[j] = b >= rr.lo && b < rr.hi ? fmaxf(v[j], -INFINITY) : -INFINITY;  // NaN -> -inf
+      mx = fmaxf(mx, v[j]);
+    }
+    net_stamp(p, kNtLanded, mx);
+    sm.tmax[g][i] = mx;
+    __syncthreads();
+    // This lane's supergroups e = u + U c (c < G) of row g: the maxima of threads e + 32 s (s < S).
+    float sgv[G];
+#pragma unroll
+    for (int c = 0; c < G; ++c) {
+      float x = sm.tmax[g][u + U * c];
+#pragma unroll
+      for (int s2 = 1; s2 < S; ++s2) x = fmaxf(x, sm.tmax[g][u + U * c + kCoopGroups * s2]);
+      sgv[c] = x;
+    }
+    // Ranks among the row's 32 (supergroup u2 + U c2 sits in register c2 of lane g + G u2); rank m - 1 is theta.
+    int rk[G];
+#pragma unroll
+    for (int c = 0; c < G; ++c) rk[c] = 0;
+#pragma unroll
+    for (int c2 = 0; c2 < G; ++c2) {
+#pragma unroll
+      for (int u2 = 0; u2 < U; ++u2) {
+        const float y = __shfl_sync(full, sgv[c2], g + G * u2);
+#pragma unroll
+        for (int c = 0; c < G; ++c) rk[c] += coop_before(y, u2 + U * c2, sgv[c], u + U * c) ? 1 : 0;
+      }
+    }
+    float mine = -INFINITY;
+    bool has = false;
+#pragma unroll
+    for (int c = 0; c < G; ++c) {
+      if (rk[c] == m - 1) {
+        has = true;
+        mine = sgv[c];
+      }
+    }
+    unsigned row_lanes = 0;
+#pragma unroll
+    for (int l = 0; l < 32; l += G) row_lanes |= 1u << l;
+    const int src_lane = __ffs(__ballot_sync(full, has) & (row_lanes << g)) - 1;
+    const float theta = __shfl_sync(full, mine, src_lane);
+    net_stamp(p, kNtBound, theta);
+    int c = 0;
+#pragma unroll
+    for (int j = 0; j < V; ++j) c += coop_is_candidate(v[j], theta) ? 1 : 0;
+    if (c > 0) {
+      int pos = atomicAdd(&sm.cnt[g], c);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        if (coop_is_candidate(v[j], theta)) {
+          if (pos < kCoopCap) sm.cand[g][pos] = make_comp(score_key(v[j]), static_cast<uint32_t>(coop_block(i, j, R)));
+          ++pos;
+        }
+      }
+    }
+  }
+  __syncthreads();
+  net_stamp(p, kNtCandidates, 0.f);
+  if (warp >= G) return;
+  // Warp `warp` finishes row `warp` (token tw); lane `warp` holds that row's nvp (g = lane % G).
+  const int64_t tw = static_cast<int64_t>(blockIdx.x) * G + warp;
+  const int nvp_w = __shfl_sync(full, nvp, warp);
+  if (tw >= p.q) return;
+  const RowRange rr = row_range(nvp_w, p.n_blocks, p.fb, p.fe);
+  int32_t* orow = p.out + (tw * p.n_heads + h) * p.topk;
+  int nsel = 0;
+  if (m > 0) {
+    const int n = sm.cnt[warp];
+    if (n > kCoopCap) {
+      net_select_warp<T, 32, 32>(p, tw);  // writes the whole row
+      return;
+    }
+    const Comp x0 = lane < n ? sm.cand[warp][lane] : 0, x1 = lane + 32 < n ? sm.cand[warp][lane + 32] : 0;
+    int r0 = 0, r1 = 0;
+    for (int base = 0; base < n; base += 32) {  // warp-uniform, at most kCoopCap / 32 trips
+#pragma unroll
+      for (int jj = 0; jj < 32; ++jj) {
+        const Comp y = sm.cand[warp][base + jj];  // broadcast; entries past n are masked
+        const bool live = base + jj < n;
+        r0 += live && y > x0 ? 1 : 0;
+        r1 += live && y > x1 ? 1 : 0;
+      }
+    }
+    if (lane < n && r0 < m) sm.sel[warp][r0] = static_cast<int>(comp_idx(x0));
+    if (lane + 32 < n && r1 < m) sm.sel[warp][r1] = static_cast<int>(comp_idx(x1));
+    nsel = n < m ? n : m;
+    __syncwarp();
+    const int mine = lane < nsel ? sm.sel[warp][lane] : INT32_MAX;
+    int pos = 0;
+#pragma unroll
+    for (int j = 0; j < kCoopMaxM; ++j) pos += __shfl_sync(full, mine, j) < mine ? 1 : 0;
+    if (lane < nsel) orow[rr.lo + pos] = mine;
+  }
+  lane_write_forced<32>(orow, rr, nsel, p.topk, lane);
+  net_stamp(p, kNtOut, static_cast<float>(nsel));
+}
+#endif
+
+}  // namespace msa_topk
