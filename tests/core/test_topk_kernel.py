@@ -639,10 +639,11 @@ def test_plan_shapes(monkeypatch):
     for n_heads in (1, 4):
         p = plan(n_heads, 64, 4096, 15, 132)
         assert (p.path, p.threads_per_row, p.values_per_thread, p.warps) == ("net", 4, 16, 1)
-    # 128K decode H1 / H4: coop, 8 warps per CTA, one row per CTA while the rows fit one CTA per SM, else two
-    for n_heads, g in ((1, 1), (4, 2)):
-        p = plan(n_heads, 1024, 64, 15, 132)
-        assert (p.path, 1 << p.log_g, p.warps) == ("coop", g, 8)
+    # 128K decode: coop; one row per 8-warp CTA while the rows fit one CTA per SM, two rows per 16-warp CTA while
+    # those fit, else two rows per 8-warp CTA (H200 session 7)
+    for n_heads, total_q, g, w in ((1, 64, 1, 8), (4, 64, 2, 16), (4, 128, 2, 8), (2, 64, 1, 8)):
+        p = plan(n_heads, 1024, total_q, 15, 132)
+        assert (p.path, 1 << p.log_g, p.warps) == ("coop", g, w), (n_heads, total_q)
     monkeypatch.setenv("MSA_TOPK_COOP", "0")  # without it: net, one warp per row (32 lanes x 32 values)
     for n_heads in (1, 4):
         p = plan(n_heads, 1024, 64, 15, 132)

@@ -28,9 +28,9 @@
   default for short prefill rows (K <= 64, >= 16 rows per SM: 8K context; P4 V16) and for decode-like shapes with
   256 < K <= 1024 (128K context; P32 V32) where the coop path is off; ``MSA_TOPK_NET=0`` = without it.
 - ``coop`` (``csrc/topk/topk_coop_core.cuh``): decode-like rows of 256 < K <= 1024 blocks (128K context), M <= 16: the
-  W = 8 warps of a CTA share G = 1 or 2 rows, a few values per thread; the bound is the M-th largest of 32 supergroup
-  maxima, candidates go to a shared list, one warp ranks them (the net selection as the exact fallback for a row
-  with more than 128 candidates). ``MSA_TOPK_COOP=0`` = the net plan there.
+  W = 8 or 16 warps of a CTA share G = 1 or 2 rows, a few values per thread; the bound is the M-th largest of 32
+  interleaved supergroup maxima, candidates go to a shared list and are ranked by all warps (the net selection as
+  the exact fallback for a row with more than 64 candidates). ``MSA_TOPK_COOP=0`` = the net plan there.
 
 The block and warp paths allocate at most one workspace (``2 * H * splits * M * ceil(total_q/32)*32`` int32 words, torch's caching
 allocator) and only when ``splits > 1``.
@@ -411,12 +411,15 @@ def _use_coop_path(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: 
 
 
 def _coop_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> TopkPlan | None:
-    """Coop path shape, or None where it does not apply (M > 16, K > 1024): one row per CTA of 8 warps while the
-    rows fit one CTA per SM, else two rows per CTA (half the CTAs; each load instruction reads 16 K-rows x 2 tokens)."""
+    """Coop path shape, or None where it does not apply (M > 16, K > 1024). H200 (session 7, us per call at 128K
+    decode): rows <= SMs -> one row per CTA of 8 warps (H1 q64: G1W8 3.00 vs G2W8 3.43, G2W16 3.42); two-row CTAs
+    <= SMs -> two rows per CTA of 16 warps (H4 q64: G2W16 4.40 vs G2W8 4.53, G1W8 4.87); more rows -> two rows per
+    CTA of 8 warps (H4 q128: G2W8 5.60 vs G2W16 7.65, whose 512-thread CTAs fit one per SM)."""
     if not 0 <= m <= COOP_MAX_M or not 1 <= n_blocks <= NET_DECODE_MAX_BLOCKS:
         return None
-    g = 1 if total_q * n_heads <= sm_count else 2
-    return TopkPlan(path="coop", splits=1, cap=COOP_CAP, warps=8, log_g=g.bit_length() - 1)
+    rows = total_q * n_heads
+    g, w = (1, 8) if rows <= sm_count else (2, 16) if -(-rows // 2) <= sm_count else (2, 8)
+    return TopkPlan(path="coop", splits=1, cap=COOP_CAP, warps=w, log_g=g.bit_length() - 1)
 
 
 def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, itemsize: int = 4) -> TopkPlan:
@@ -545,7 +548,7 @@ def _empty(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype, device=device)
 
 
-NET_TIMELINE_SLOTS = 6  # u64 stamps per CTA, net / coop timeline builds (topk_net_core.cuh, kNetTimelineSlots)
+NET_TIMELINE_SLOTS = 9  # u64 stamps per CTA, net / coop timeline builds (topk_net_core.cuh, kNetTimelineSlots)
 CLUSTER_TIMELINE_SLOTS = 16  # u64 stamps per CTA in a timeline build (topk_cluster_core.cuh, kTimelineSlots)
 # kCluster* (A/B variants, topk_cluster_core.cuh): local_merge = per-slice exact top M -> owner lists, one cluster
 # barrier, bitonic merge tree (M <= 32; larger M runs the default algorithm); one_batch = 32 staging loads in

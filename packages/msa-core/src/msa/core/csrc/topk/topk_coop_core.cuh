@@ -13,13 +13,15 @@
 // Per row (exact; composite order = value descending, then block index ascending):
 //  1. bound: 32 supergroups, supergroup e = the threads i = e (mod 32), i.e. the blocks b = e (mod 32) -- interleaved,
 //     so a run of neighbouring good blocks (correlated scores) lands in many supergroups; theta = the M-th largest
-//     of the 32 supergroup maxima (thread maxima through shared memory, rank by shuffles). M distinct blocks are
+//     of the 32 supergroup maxima (thread maxima through shared memory, ranks counted by all warps: each compares
+//     against a share of the partners and adds its partial ranks with shared atomics). M distinct blocks are
 //     >= theta, so theta <= T, the row's M-th largest value. Candidates on iid / random-walk / ascending rows of
 //     1024 blocks (M = 15): median 19 / 18 / 15 (contiguous supergroups: 19 / 135 / 449).
 //  2. candidates: values >= theta (theta = -inf: values > -inf), appended as (score key, index) composites to the
 //     row's list in shared memory in any order (one shared atomicAdd per thread with candidates).
-//  3. n <= kCoopCap: warp g ranks the row's candidates (fully unrolled broadcast reads) and keeps rank < M, then
-//     orders the kept block indices ascending (shuffles) and writes them after the forced head; n > kCoopCap
+//  3. n <= kCoopCap: the candidates' ranks are counted by all warps (a share of the partners each, partial ranks
+//     added with shared atomics); warp g keeps rank < M, orders the kept block indices ascending (shuffles) and
+//     writes them after the forced head; n > kCoopCap
 //     (heavy ties, adversarial periodic rows): that warp runs the net selection (net_select_warp P32 V32) on the
 //     row instead -- exact, slower.
 // CPU replay with the same helpers: topk_coop_emulate.cc.
@@ -55,7 +57,9 @@ MSA_TOPK_HD int coop_group(int i) { return i % kCoopGroups; }
 template <int G, int R>
 struct CoopSmem {
   float tmax[G][R];             // thread maxima
+  int grank[G][kCoopGroups];    // supergroup ranks (partial sums from every warp)
   Comp cand[G][kCoopCap];       // candidates: make_comp(score_key(value), block)
+  int crank[G][kCoopCap];       // candidate ranks (partial sums from every warp)
   int sel[G][kCoopMaxM];        // kept block indices by rank
   int cnt[G];
 };
@@ -87,6 +91,19 @@ __device__ __forceinline__ void coop_select_cta(const NetParams& p, CoopSmem<G, 
                                                        : -INFINITY;
   }
   if (tid < G) sm.cnt[tid] = 0;
+  for (int x = tid; x < G * kCoopGroups; x += 32 * W) sm.grank[x / kCoopGroups][x % kCoopGroups] = 0;
+  for (int x = tid; x < G * kCoopCap; x += 32 * W) sm.crank[x / kCoopCap][x % kCoopCap] = 0;
+  // The all-pairs rank counts of the bound (32 x 32 per row) and of the candidates (n x n) are split over the W
+  // warps by partner: warp w compares against partners [w P, w P + P) and adds its partial ranks with shared
+  // atomics (a single warp doing all of them was ~1 us of dependent issue at 128K decode, H200 timeline).
+  constexpr int GP = kCoopGroups / W;      // bound partners per warp (each lane of row g ranks its G supergroups)
+  constexpr int RW = W / G;                // warps per row for the candidate ranks (warp w: row w % G)
+  constexpr int CP = kCoopCap / RW;        // candidate partners per warp
+  static_assert(GP >= 1 && CP >= 1 && kCoopGroups % W == 0, "coop rank split");
+  float theta = -INFINITY;
+  int e_of[G];
+#pragma unroll
+  for (int c = 0; c < G; ++c) e_of[c] = u + U * c;  // this lane's supergroups of row g
   if (m > 0) {
     const RowRange rr = row_range(nvp, p.n_blocks, p.fb, p.fe);
     float mx = -INFINITY;
@@ -99,33 +116,38 @@ __device__ __forceinline__ void coop_select_cta(const NetParams& p, CoopSmem<G, 
     net_stamp(p, kNtLanded, mx);
     sm.tmax[g][i] = mx;
     __syncthreads();
-    // This lane's supergroups e = u + U c (c < G) of row g: the maxima of threads e + 32 s (s < S).
+    // Supergroup maxima of this lane's G supergroups (threads e + 32 s, s < S).
     float sgv[G];
 #pragma unroll
     for (int c = 0; c < G; ++c) {
-      float x = sm.tmax[g][u + U * c];
+      float x = sm.tmax[g][e_of[c]];
 #pragma unroll
-      for (int s2 = 1; s2 < S; ++s2) x = fmaxf(x, sm.tmax[g][u + U * c + kCoopGroups * s2]);
+      for (int s2 = 1; s2 < S; ++s2) x = fmaxf(x, sm.tmax[g][e_of[c] + kCoopGroups * s2]);
       sgv[c] = x;
     }
-    // Ranks among the row's 32 (supergroup u2 + U c2 sits in register c2 of lane g + G u2); rank m - 1 is theta.
+    // Partial ranks against partners [warp GP, warp GP + GP); partner j sits in register j / U of lane g + G (j % U).
     int rk[G];
 #pragma unroll
     for (int c = 0; c < G; ++c) rk[c] = 0;
 #pragma unroll
-    for (int c2 = 0; c2 < G; ++c2) {
+    for (int q2 = 0; q2 < GP; ++q2) {
+      const int j = warp * GP + q2;
+      float mine_j = sgv[0];
 #pragma unroll
-      for (int u2 = 0; u2 < U; ++u2) {
-        const float y = __shfl_sync(full, sgv[c2], g + G * u2);
+      for (int c2 = 1; c2 < G; ++c2) mine_j = j / U == c2 ? sgv[c2] : mine_j;
+      const float y = __shfl_sync(full, mine_j, g + G * (j % U));
 #pragma unroll
-        for (int c = 0; c < G; ++c) rk[c] += coop_before(y, u2 + U * c2, sgv[c], u + U * c) ? 1 : 0;
-      }
+      for (int c = 0; c < G; ++c) rk[c] += coop_before(y, j, sgv[c], e_of[c]) ? 1 : 0;
     }
+#pragma unroll
+    for (int c = 0; c < G; ++c)
+      if (rk[c] > 0) atomicAdd(&sm.grank[g][e_of[c]], rk[c]);
+    __syncthreads();
     float mine = -INFINITY;
     bool has = false;
 #pragma unroll
     for (int c = 0; c < G; ++c) {
-      if (rk[c] == m - 1) {
+      if (sm.grank[g][e_of[c]] == m - 1) {
         has = true;
         mine = sgv[c];
       }
@@ -134,7 +156,7 @@ __device__ __forceinline__ void coop_select_cta(const NetParams& p, CoopSmem<G, 
 #pragma unroll
     for (int l = 0; l < 32; l += G) row_lanes |= 1u << l;
     const int src_lane = __ffs(__ballot_sync(full, has) & (row_lanes << g)) - 1;
-    const float theta = __shfl_sync(full, mine, src_lane);
+    theta = __shfl_sync(full, mine, src_lane);
     net_stamp(p, kNtBound, theta);
     int c = 0;
 #pragma unroll
@@ -152,6 +174,27 @@ __device__ __forceinline__ void coop_select_cta(const NetParams& p, CoopSmem<G, 
   }
   __syncthreads();
   net_stamp(p, kNtCandidates, 0.f);
+  const int gr = warp % G;  // the row whose candidates this warp ranks against partners [(warp / G) CP, + CP)
+  const int n_r = m > 0 ? sm.cnt[gr] : 0;
+  if (n_r <= kCoopCap) {
+    const Comp x0 = lane < n_r ? sm.cand[gr][lane] : 0, x1 = lane + 32 < n_r ? sm.cand[gr][lane + 32] : 0;
+    int r0 = 0, r1 = 0;
+    const int j0 = (warp / G) * CP;
+    if (j0 < n_r) {
+#pragma unroll
+      for (int jj = 0; jj < CP; ++jj) {
+        const Comp y = sm.cand[gr][j0 + jj];  // broadcast; entries past n are masked
+        const bool live = j0 + jj < n_r;
+        r0 += live && y > x0 ? 1 : 0;
+        r1 += live && y > x1 ? 1 : 0;
+      }
+    }
+    if (lane < n_r && r0 > 0) atomicAdd(&sm.crank[gr][lane], r0);
+    if (lane + 32 < n_r && r1 > 0) atomicAdd(&sm.crank[gr][lane + 32], r1);
+    net_stamp(p, kNtRanked, static_cast<float>(r0 + r1));
+  }
+  __syncthreads();
+  net_stamp(p, kNtRanksIn, 0.f);
   if (warp >= G) return;
   // Warp `warp` finishes row `warp` (token tw); lane `warp` holds that row's nvp (g = lane % G).
   const int64_t tw = static_cast<int64_t>(blockIdx.x) * G + warp;
@@ -166,25 +209,21 @@ __device__ __forceinline__ void coop_select_cta(const NetParams& p, CoopSmem<G, 
       net_select_warp<T, 32, 32>(p, tw);  // writes the whole row
       return;
     }
-    const Comp x0 = lane < n ? sm.cand[warp][lane] : 0, x1 = lane + 32 < n ? sm.cand[warp][lane + 32] : 0;
-    int r0 = 0, r1 = 0;
-    for (int base = 0; base < n; base += 32) {  // warp-uniform, at most kCoopCap / 32 trips
-#pragma unroll
-      for (int jj = 0; jj < 32; ++jj) {
-        const Comp y = sm.cand[warp][base + jj];  // broadcast; entries past n are masked
-        const bool live = base + jj < n;
-        r0 += live && y > x0 ? 1 : 0;
-        r1 += live && y > x1 ? 1 : 0;
-      }
+    if (lane < n) {
+      const int r0 = sm.crank[warp][lane];
+      if (r0 < m) sm.sel[warp][r0] = static_cast<int>(comp_idx(sm.cand[warp][lane]));
     }
-    if (lane < n && r0 < m) sm.sel[warp][r0] = static_cast<int>(comp_idx(x0));
-    if (lane + 32 < n && r1 < m) sm.sel[warp][r1] = static_cast<int>(comp_idx(x1));
+    if (lane + 32 < n) {
+      const int r1 = sm.crank[warp][lane + 32];
+      if (r1 < m) sm.sel[warp][r1] = static_cast<int>(comp_idx(sm.cand[warp][lane + 32]));
+    }
     nsel = n < m ? n : m;
     __syncwarp();
     const int mine = lane < nsel ? sm.sel[warp][lane] : INT32_MAX;
     int pos = 0;
 #pragma unroll
     for (int j = 0; j < kCoopMaxM; ++j) pos += __shfl_sync(full, mine, j) < mine ? 1 : 0;
+    net_stamp(p, kNtOrdered, static_cast<float>(pos));
     if (lane < nsel) orow[rr.lo + pos] = mine;
   }
   lane_write_forced<32>(orow, rr, nsel, p.topk, lane);

@@ -110,8 +110,19 @@ struct NetParams {
 
 // Timeline (diagnostic, MSA_TOPK_TIMELINE builds of the module): thread 0 of each CTA records %globaltimer at
 // entry, when its loads have landed, after the bound / network, after the candidates / masks, after its output.
-enum NetTimelineSlot : int { kNtEntry = 0, kNtLanded = 1, kNtBound = 2, kNtCandidates = 3, kNtOut = 4, kNtSm = 5 };
-constexpr int kNetTimelineSlots = 6;
+// coop only: after its candidate partial ranks, after the rank barrier, after ordering the kept indices.
+enum NetTimelineSlot : int {
+  kNtEntry = 0,
+  kNtLanded = 1,
+  kNtBound = 2,
+  kNtCandidates = 3,
+  kNtOut = 4,
+  kNtSm = 5,
+  kNtRanked = 6,
+  kNtRanksIn = 7,
+  kNtOrdered = 8
+};
+constexpr int kNetTimelineSlots = 9;
 
 // Stamp `slot` once `dep` (a value computed from the phase's results) exists.
 __device__ __forceinline__ void net_stamp(const NetParams& p, int slot, float dep) {
