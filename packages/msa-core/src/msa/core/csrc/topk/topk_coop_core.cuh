@@ -1,11 +1,11 @@
 // "coop" path of sparse_topk_select (M <= 16, decode-like rows of 256 < K <= 1024 blocks): the W warps of one CTA
 // select G rows together; every value stays in the register of the thread that loaded it.
 //
-// Why: the net path gives a 1024-block row to one warp (P32 V32). ncu on an H200 (session 7, 128K decode H1: 64
-// warps on 64 SMs) shows the row's ~1600-instruction network chain, issued by that single warp at ~4.3 cycles per
-// instruction, after one load round trip: ~2 us of a 3.6 us call whose read-once kernel takes 1.4. Here a row's
-// 1024 values are spread over 32 W / G threads (V = 4 or 8 each) and the selection is a short chain of CTA steps,
-// so the time after the loads is a few hundred cycles instead of thousands.
+// Why: the net path gives a 1024-block row to one warp (P32 V32): one warp issues all 32 x 32-line loads (they land
+// ~1.25 us after entry at 128K decode H1, H200 timeline) and then a ~1600-instruction network chain at ~4.3 cycles
+// per instruction (~0.9 us, ncu). Here a row's 1024 values are spread over 32 W / G threads (V = 4 or 8 each): the
+// loads land ~0.3 us earlier and the selection is a chain of CTA steps (~1.3 us after the loads vs ~1.45 for net,
+// H200 timeline; every barrier phase costs ~250 ns there): 3.6 -> 3.0 us per call at 128K decode H1.
 //
 // Layout: CTA = G consecutive tokens (rows) of one head, W warps; lane bits below log2(G) pick the row, so a warp
 // load instruction reads 32 / G distinct K-rows with G consecutive tokens each. Thread i (0 .. R - 1, R = 32 W / G)
