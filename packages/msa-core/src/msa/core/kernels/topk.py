@@ -314,6 +314,11 @@ def _pow2_at_least(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def _reg_values(n_blocks: int, lanes: int) -> int:
+    """Reg path: V values per lane for P = lanes (the smallest power of two >= K / P, at least 2)."""
+    return max(2, _pow2_at_least(-(-n_blocks // lanes)))
+
+
 def _reg_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> TopkPlan | None:
     """Reg path shape, or None where it does not apply (M > 64, K > 1024).
     P lanes per row: decode-like shapes (fewer than 16 rows per SM) one warp per row (P = 32: shortest selection
@@ -330,7 +335,7 @@ def _reg_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) 
     else:  # H100 (8K prefill, session 5): H4 P8 10.15 us (P4 11.3, P16 11.3), H1 P16 5.34 (P8 6.2, P4 8.4)
         lanes = min(16, next((p for p in lanes_ok if rows * p // 32 >= 16 * sm_count), lanes_ok[-1]))
     lanes = max(lanes, lanes_ok[0])
-    v = max(2, _pow2_at_least(-(-n_blocks // lanes)))
+    v = _reg_values(n_blocks, lanes)
     n_warps = -(-total_q // (32 // lanes)) * n_heads
     warps = 1
     while warps < 8 and n_warps // (2 * warps) >= 2 * sm_count:
@@ -361,8 +366,12 @@ def _net_lanes_values(n_blocks: int) -> tuple[int, int]:
     warps; H100 session 6: 8K prefill P4 V16 3.72 / 6.07 us vs P2 V32 4.06 / 7.61 vs P1 V64 5.04 / 9.61; 128K decode
     P32 V32 3.52 / 5.17 vs P16 V64 4.46 / 5.52), at most 32 lanes."""
     lanes = min(NET_LANES[-1], _pow2_at_least(-(-n_blocks // NET_VALUES[0])))
-    v = min(NET_VALUES[-1], max(NET_VALUES[0], _pow2_at_least(-(-n_blocks // lanes))))
-    return lanes, v
+    return lanes, _net_values(n_blocks, lanes)
+
+
+def _net_values(n_blocks: int, lanes: int) -> int:
+    """Net path: V values per lane for P = lanes (the smallest of NET_VALUES covering K / P, at most 64)."""
+    return min(NET_VALUES[-1], max(NET_VALUES[0], _pow2_at_least(-(-n_blocks // lanes))))
 
 
 def _net_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> TopkPlan | None:
@@ -464,7 +473,7 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
         lanes = _env_int("MSA_TOPK_LANES") or pl.threads_per_row
         if lanes not in NET_LANES or lanes * NET_VALUES[-1] < n_blocks:
             raise ValueError(f"MSA_TOPK_LANES: expected one of {NET_LANES} with 64 * lanes >= K = {n_blocks}, got {lanes}")
-        v = _env_int("MSA_TOPK_V") or min(NET_VALUES[-1], max(NET_VALUES[0], _pow2_at_least(-(-n_blocks // lanes))))
+        v = _env_int("MSA_TOPK_V") or _net_values(n_blocks, lanes)
         if v not in NET_VALUES or lanes * v < n_blocks:
             raise ValueError(f"MSA_TOPK_V: expected one of {NET_VALUES} with lanes * v >= K = {n_blocks}, got {v}")
         warps = _env_int("MSA_TOPK_WARPS") or pl.warps
@@ -480,7 +489,7 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
         lanes = _env_int("MSA_TOPK_LANES") or pl.threads_per_row
         if lanes not in REG_LANES or lanes * 32 < n_blocks:
             raise ValueError(f"MSA_TOPK_LANES: expected one of {REG_LANES} with 32 * lanes >= K = {n_blocks}, got {lanes}")
-        v = _env_int("MSA_TOPK_V") or max(2, _pow2_at_least(-(-n_blocks // lanes)))
+        v = _env_int("MSA_TOPK_V") or _reg_values(n_blocks, lanes)
         if v not in REG_VALUES or lanes * v < n_blocks:
             raise ValueError(f"MSA_TOPK_V: expected one of {REG_VALUES} with lanes * v >= K = {n_blocks}, got {v}")
         warps = _env_int("MSA_TOPK_WARPS") or pl.warps
