@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "topk_block_core.cuh"
+#include "topk_emulate_rows.h"
 
 using namespace msa_topk;
 
@@ -335,15 +336,7 @@ extern "C" int msa_topk_cluster_emulate(const float* scores, int n_heads, int n_
           }
           }  // default / sorted_merge bound
         }
-        const int tail = rr.nvp - rr.hi;
-        for (int j = 0; j < topk; ++j) {
-          if (j < rr.lo) {
-            orow[j] = j;
-          } else if (j >= rr.lo + nsel) {
-            const int u = j - rr.lo - nsel;
-            orow[j] = u < tail ? rr.hi + u : -1;
-          }
-        }
+        emulate_write_forced(orow, rr, nsel, topk);
       }
     }
   return 0;

@@ -12,6 +12,7 @@
 #include <random>
 
 #include "topk_coop_core.cuh"
+#include "topk_emulate_rows.h"
 
 extern "C" int msa_topk_coop_emulate(const float* scores, int n_heads, int n_blocks, int64_t q, int topk,
                                      const int32_t* nvp, int nvp_scalar, int fb, int fe, int tokens, int warps,
@@ -34,11 +35,7 @@ extern "C" int msa_topk_coop_emulate(const float* scores, int n_heads, int n_blo
       int32_t* orow = out + (t * n_heads + h) * topk;
       int nsel = 0;
       if (m > 0) {
-        for (int k = 0; k < kCoopRowBlocks; ++k) {
-          float s = k < n_blocks ? scores[(static_cast<int64_t>(h) * n_blocks + k) * q + t] : -INFINITY;
-          if (s != s || k < rr.lo || k >= rr.hi) s = -INFINITY;
-          x[k] = s;
-        }
+        emulate_row_scores(scores, h, n_blocks, q, t, rr, kCoopRowBlocks, x.data());
         float sg[kCoopGroups];
         for (int e = 0; e < kCoopGroups; ++e) sg[e] = -INFINITY;
         for (int i = 0; i < R; ++i)
@@ -85,12 +82,7 @@ extern "C" int msa_topk_coop_emulate(const float* scores, int n_heads, int n_blo
           orow[rr.lo + pos] = sel[l];
         }
       }
-      for (int qq = 0; qq < rr.lo; ++qq) orow[qq] = qq;
-      const int tail = rr.nvp - rr.hi;
-      for (int qq = rr.lo + nsel; qq < topk; ++qq) {
-        const int u = qq - rr.lo - nsel;
-        orow[qq] = u < tail ? rr.hi + u : -1;
-      }
+      emulate_write_forced(orow, rr, nsel, topk);
     }
   return fallbacks;
 }

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "topk_emulate_rows.h"
 #include "topk_net_core.cuh"
 
 using namespace msa_topk;
@@ -46,11 +47,7 @@ extern "C" int msa_topk_net_emulate(const float* scores, int n_heads, int n_bloc
       int32_t* orow = out + (t * n_heads + h) * topk;
       int nsel = 0;
       if (m > 0) {
-        for (int k = 0; k < P * V; ++k) {
-          float s = k < n_blocks ? scores[(static_cast<int64_t>(h) * n_blocks + k) * q + t] : -INFINITY;
-          if (s != s || k < rr.lo || k >= rr.hi) s = -INFINITY;
-          x[k] = s;
-        }
+        emulate_row_scores(scores, h, n_blocks, q, t, rr, P * V, x.data());
         for (int r = 0; r < P; ++r) {
           float l[kNetList];
           if (V == 16) lane_list<16>(&x[r * V], l);
@@ -106,12 +103,7 @@ extern "C" int msa_topk_net_emulate(const float* scores, int n_heads, int n_bloc
           if (nsel != m) return -5;
         }
       }
-      for (int qq = 0; qq < rr.lo; ++qq) orow[qq] = qq;
-      const int tail = rr.nvp - rr.hi;
-      for (int qq = rr.lo + nsel; qq < topk; ++qq) {
-        const int u = qq - rr.lo - nsel;
-        orow[qq] = u < tail ? rr.hi + u : -1;
-      }
+      emulate_write_forced(orow, rr, nsel, topk);
     }
   return 0;
 }

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "topk_block_core.cuh"
+#include "topk_emulate_rows.h"
 
 using namespace msa_topk;
 
@@ -37,11 +38,7 @@ extern "C" int msa_topk_reg_emulate(const float* scores, int n_heads, int n_bloc
       int32_t* orow = out + (t * n_heads + h) * topk;
       int nsel = 0;
       if (m > 0) {
-        for (int k = 0; k < P * V; ++k) {
-          float s = k < n_blocks ? scores[(static_cast<int64_t>(h) * n_blocks + k) * q + t] : -INFINITY;
-          if (s != s || k < rr.lo || k >= rr.hi) s = -INFINITY;
-          x[k] = s;
-        }
+        emulate_row_scores(scores, h, n_blocks, q, t, rr, P * V, x.data());
         const bool two = m > 32;
         std::vector<float> gv(32, -INFINITY);
         for (int r = 0; r < P; ++r)
@@ -82,15 +79,7 @@ extern "C" int msa_topk_reg_emulate(const float* scores, int n_heads, int n_bloc
               if (c >= prev) orow[rr.lo + nsel++] = static_cast<int32_t>(comp_idx(c));
         }
       }
-      const int tail = rr.nvp - rr.hi;
-      for (int qq = 0; qq < topk; ++qq) {
-        if (qq < rr.lo) {
-          orow[qq] = qq;
-        } else if (qq >= rr.lo + nsel) {
-          const int u = qq - rr.lo - nsel;
-          orow[qq] = u < tail ? rr.hi + u : -1;
-        }
-      }
+      emulate_write_forced(orow, rr, nsel, topk);
     }
   return 0;
 }
