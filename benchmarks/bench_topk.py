@@ -261,13 +261,8 @@ def bench_case(n_heads, ctx, total_q, device, bw, l2, reps, sweep, failures):
         t_warp = time_case(call, pairs, max(5, reps // 2))
     p = topk_kernel.plan(n_heads, n_blocks, total_q, TOPK - FB - FE, topk_kernel._sm_count(device.index or 0))
     t_alt, alt = None, None
-    if p.path == "coop":  # the net plan it replaced (MSA_TOPK_COOP=0) as the alternative
-        with env_overrides(coop=0):
-            alt = "old " + topk_kernel.plan(n_heads, n_blocks, total_q, TOPK - FB - FE,
-                                            topk_kernel._sm_count(device.index or 0)).path
-            t_alt = time_case(call, pairs, max(5, reps // 2))
-    elif p.path in ("reg", "net"):  # the previous default plan (MSA_TOPK_REG=0) as the alternative
-        with env_overrides(reg=0):
+    if p.path in ("coop", "reg", "net"):  # the plan each replaced (MSA_TOPK_COOP=0 / MSA_TOPK_REG=0) as the alternative
+        with env_overrides(**({"coop": 0} if p.path == "coop" else {"reg": 0})):
             alt = "old " + topk_kernel.plan(n_heads, n_blocks, total_q, TOPK - FB - FE,
                                             topk_kernel._sm_count(device.index or 0)).path
             t_alt = time_case(call, pairs, max(5, reps // 2))
