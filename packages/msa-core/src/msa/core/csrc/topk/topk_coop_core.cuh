@@ -6,6 +6,11 @@
 // per instruction (~0.9 us, ncu). Here a row's 1024 values are spread over 32 W / G threads (V = 4 or 8 each): the
 // loads land ~0.3 us earlier and the selection is a chain of CTA steps (~1.3 us after the loads vs ~1.45 for net,
 // H200 timeline; every barrier phase costs ~250 ns there): 3.6 -> 3.0 us per call at 128K decode H1.
+// Session 8 (H200, RESULTS session 8 runs 1-2): the candidate ranks by one warp instead of all warps (one CTA
+// barrier and the partial-rank atomics fewer) measured the same per call (3.03-3.08 / 4.29); a mask-and-compact
+// variant (candidate bits, one warp compacting in block order) was slower (3.23): the single-warp chain of
+// dependent shared-memory steps costs what the barrier saved. The remaining time is mostly the loads (1024
+// scattered 32-byte sectors per row, all on the row's SM: ~0.85 us until they land) -- see benchmarks/topk_notes.md.
 //
 // Layout: CTA = G consecutive tokens (rows) of one head, W warps; lane bits below log2(G) pick the row, so a warp
 // load instruction reads 32 / G distinct K-rows with G consecutive tokens each. Thread i (0 .. R - 1, R = 32 W / G)
@@ -19,9 +24,10 @@
 //     1024 blocks (M = 15): median 19 / 18 / 15 (contiguous supergroups: 19 / 135 / 449).
 //  2. candidates: values >= theta (theta = -inf: values > -inf), appended as (score key, index) composites to the
 //     row's list in shared memory in any order (one shared atomicAdd per thread with candidates).
-//  3. n <= kCoopCap: the candidates' ranks are counted by all warps (a share of the partners each, partial ranks
-//     added with shared atomics); warp g keeps rank < M, orders the kept block indices ascending (shuffles) and
-//     writes them after the forced head; n > kCoopCap
+//  3. warp g alone finishes row g (one CTA barrier fewer than session 7's version, where all warps added partial
+//     candidate ranks with shared atomics): every list entry is ranked by composite against the list (16-byte
+//     broadcast loads, four in flight per trip), rank < M is kept (ballot positions into a kept list), each kept
+//     index's output slot = the kept indices below it (shuffles), written after the forced head. n > kCoopCap
 //     (heavy ties, adversarial periodic rows): that warp runs the net selection (net_select_warp P32 V32) on the
 //     row instead -- exact, slower.
 // CPU replay with the same helpers: topk_coop_emulate.cc.
@@ -58,9 +64,8 @@ template <int G, int R>
 struct CoopSmem {
   float tmax[G][R];             // thread maxima
   int grank[G][kCoopGroups];    // supergroup ranks (partial sums from every warp)
-  Comp cand[G][kCoopCap];       // candidates: make_comp(score_key(value), block)
-  int crank[G][kCoopCap];       // candidate ranks (partial sums from every warp)
-  int sel[G][kCoopMaxM];        // kept block indices by rank
+  alignas(16) Comp cand[G][kCoopCap];  // candidates: make_comp(score_key(value), block); read in pairs
+  int kept[G][kCoopMaxM];       // kept block indices (list order)
   int cnt[G];
 };
 
@@ -92,14 +97,11 @@ __device__ __forceinline__ void coop_select_cta(const NetParams& p, CoopSmem<G, 
   }
   if (tid < G) sm.cnt[tid] = 0;
   for (int x = tid; x < G * kCoopGroups; x += 32 * W) sm.grank[x / kCoopGroups][x % kCoopGroups] = 0;
-  for (int x = tid; x < G * kCoopCap; x += 32 * W) sm.crank[x / kCoopCap][x % kCoopCap] = 0;
-  // The all-pairs rank counts of the bound (32 x 32 per row) and of the candidates (n x n) are split over the W
-  // warps by partner: warp w compares against partners [w P, w P + P) and adds its partial ranks with shared
-  // atomics (a single warp doing all of them was ~1 us of dependent issue at 128K decode, H200 timeline).
+  // The all-pairs rank counts of the bound (32 x 32 per row) are split over the W warps by partner: warp w
+  // compares against partners [w GP, w GP + GP) and adds its partial ranks with shared atomics (a single warp
+  // doing all of them was ~1 us of dependent issue at 128K decode, H200 timeline).
   constexpr int GP = kCoopGroups / W;      // bound partners per warp (each lane of row g ranks its G supergroups)
-  constexpr int RW = W / G;                // warps per row for the candidate ranks (warp w: row w % G)
-  constexpr int CP = kCoopCap / RW;        // candidate partners per warp
-  static_assert(GP >= 1 && CP >= 1 && kCoopGroups % W == 0, "coop rank split");
+  static_assert(GP >= 1 && kCoopGroups % W == 0, "coop rank split");
   float theta = -INFINITY;
   int e_of[G];
 #pragma unroll
@@ -174,29 +176,8 @@ __device__ __forceinline__ void coop_select_cta(const NetParams& p, CoopSmem<G, 
   }
   __syncthreads();
   net_stamp(p, kNtCandidates, 0.f);
-  const int gr = warp % G;  // the row whose candidates this warp ranks against partners [(warp / G) CP, + CP)
-  const int n_r = m > 0 ? sm.cnt[gr] : 0;
-  if (n_r <= kCoopCap) {
-    const Comp x0 = lane < n_r ? sm.cand[gr][lane] : 0, x1 = lane + 32 < n_r ? sm.cand[gr][lane + 32] : 0;
-    int r0 = 0, r1 = 0;
-    const int j0 = (warp / G) * CP;
-    if (j0 < n_r) {
-#pragma unroll
-      for (int jj = 0; jj < CP; ++jj) {
-        const Comp y = sm.cand[gr][j0 + jj];  // broadcast; entries past n are masked
-        const bool live = j0 + jj < n_r;
-        r0 += live && y > x0 ? 1 : 0;
-        r1 += live && y > x1 ? 1 : 0;
-      }
-    }
-    if (lane < n_r && r0 > 0) atomicAdd(&sm.crank[gr][lane], r0);
-    if (lane + 32 < n_r && r1 > 0) atomicAdd(&sm.crank[gr][lane + 32], r1);
-    net_stamp(p, kNtRanked, static_cast<float>(r0 + r1));
-  }
-  __syncthreads();
-  net_stamp(p, kNtRanksIn, 0.f);
   if (warp >= G) return;
-  // Warp `warp` finishes row `warp` (token tw); lane `warp` holds that row's nvp (g = lane % G).
+  // Warp `warp` finishes row `warp` (token tw) alone: no further CTA phase. Lane `warp` holds that row's nvp.
   const int64_t tw = static_cast<int64_t>(blockIdx.x) * G + warp;
   const int nvp_w = __shfl_sync(full, nvp, warp);
   if (tw >= p.q) return;
@@ -205,21 +186,38 @@ __device__ __forceinline__ void coop_select_cta(const NetParams& p, CoopSmem<G, 
   int nsel = 0;
   if (m > 0) {
     const int n = sm.cnt[warp];
-    if (n > kCoopCap) {
-      net_select_warp<T, 32, 32>(p, tw);  // writes the whole row
+    if (n > kCoopCap) {  // heavy ties / adversarial rows: the exact net selection writes the whole row
+      net_select_warp<T, 32, 32>(p, tw);
       return;
     }
-    if (lane < n) {
-      const int r0 = sm.crank[warp][lane];
-      if (r0 < m) sm.sel[warp][r0] = static_cast<int>(comp_idx(sm.cand[warp][lane]));
+    // Ranks by composite (value descending, then block ascending) against the whole list: lane l holds entries l
+    // and l + 32; the partners are read two at a time (16-byte broadcast loads), four pairs per trip, so the
+    // loads of a trip are in flight together (a one-entry loop was ~16 ns per entry, H200 timeline).
+    const Comp x0 = lane < n ? sm.cand[warp][lane] : 0, x1 = lane + 32 < n ? sm.cand[warp][lane + 32] : 0;
+    int r0 = 0, r1 = 0;
+    const ulonglong2* pairs = reinterpret_cast<const ulonglong2*>(sm.cand[warp]);
+    for (int j = 0; j < n; j += 8) {
+      ulonglong2 y[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) y[k] = pairs[j / 2 + k];  // entries past n: stale or unset, masked below
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const bool l0 = j + 2 * k < n, l1 = j + 2 * k + 1 < n;
+        r0 += (l0 && y[k].x > x0 ? 1 : 0) + (l1 && y[k].y > x0 ? 1 : 0);
+        r1 += (l0 && y[k].x > x1 ? 1 : 0) + (l1 && y[k].y > x1 ? 1 : 0);
+      }
     }
-    if (lane + 32 < n) {
-      const int r1 = sm.crank[warp][lane + 32];
-      if (r1 < m) sm.sel[warp][r1] = static_cast<int>(comp_idx(sm.cand[warp][lane + 32]));
-    }
+    net_stamp(p, kNtRanked, static_cast<float>(r0 + r1));
+    // Entries are distinct, so exactly nsel = min(n, M) have rank < M: their block indices go to kept[0 .. nsel)
+    // (list order, by ballot), then each kept index's output slot = kept indices below it (shuffles).
+    const bool k0 = lane < n && r0 < m, k1 = lane + 32 < n && r1 < m;
+    const unsigned b0 = __ballot_sync(full, k0), b1 = __ballot_sync(full, k1);
+    const unsigned below = (1u << lane) - 1u;
+    if (k0) sm.kept[warp][__popc(b0 & below)] = static_cast<int>(comp_idx(x0));
+    if (k1) sm.kept[warp][__popc(b0) + __popc(b1 & below)] = static_cast<int>(comp_idx(x1));
     nsel = n < m ? n : m;
     __syncwarp();
-    const int mine = lane < nsel ? sm.sel[warp][lane] : INT32_MAX;
+    const int mine = lane < nsel ? sm.kept[warp][lane] : INT32_MAX;
     int pos = 0;
 #pragma unroll
     for (int j = 0; j < kCoopMaxM; ++j) pos += __shfl_sync(full, mine, j) < mine ? 1 : 0;

@@ -5,7 +5,8 @@
 // coop_group(i); theta = the supergroup maximum of rank M - 1 (coop_rank_of); candidates (coop_is_candidate)
 // appended thread by thread in a random order (the kernel's shared atomics); n > cap -> the net selection on the
 // row (the kernel's fallback warp: the net replay, P32 V32); else every candidate ranked by its composite key
-// (make_comp(score_key(value), block)), rank < M kept, output by ascending block index; forced head / tail.
+// (make_comp(score_key(value), block)), rank < M kept, output by ascending block index (the kernel: kept in list
+// order, slot = kept indices below); forced head / tail.
 // Returns the number of rows that took the fallback (>= 0), or < 0 on a broken invariant.
 #include "topk_net_emulate.cc"  // msa_topk_net_emulate: the fallback rows (one translation unit)
 
