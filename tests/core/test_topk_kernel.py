@@ -711,8 +711,11 @@ def test_plan_shapes(monkeypatch):
     assert plan(1, 1024, 4096, 65, 132).path == "block"  # M > 64: no row or cluster path
     p = plan(4, 8192, 64, 15, 132)  # 1M decode H4: 8 slices x 8 tokens x 4 heads = 256 CTAs
     assert (p.path, p.slices, p.log_g, p.warps) == ("cluster", 8, 3, 8)
-    p = plan(1, 8192, 64, 15, 132)  # 1M decode H1: 4 tokens per CTA (128 CTAs)
-    assert (p.path, p.slices, p.log_g) == ("cluster", 8, 2)
+    assert p.flags == 0  # the default kernel
+    p = plan(1, 8192, 64, 15, 132)  # 1M decode H1: 8 tokens per CTA (64 CTAs), local merge + one load batch
+    assert (p.path, p.slices, p.log_g, p.warps, p.flags) == ("cluster", 8, 3, 8, 24)
+    p = plan(1, 8192, 64, 40, 132)  # M > 32: no local merge -> the default kernel, 4 tokens per CTA (128 CTAs)
+    assert (p.path, p.slices, p.log_g, p.flags) == ("cluster", 8, 2, 0)
     assert plan(1, 16384, 64, 15, 132).path == "cluster"  # 2M decode: one launch, no workspace
     assert plan(1, 8192, 64, 0, 132).path != "cluster"  # nothing to select: the forced rows only
     assert plan(4, 8192, 64, 0, 132).splits == 1  # fb + fe == topk: nothing to merge
@@ -989,6 +992,31 @@ def test_cluster_variants(monkeypatch, flags, g, slices, warps):
     assert torch.equal(_check(scores, 16, None, 0, 1), _kernel_call(scores, 16, None, 0, 1))  # deterministic
 
 
+# Launch-shape tests of the register paths (reg, net, coop): the same input grid, each path's own topk cases.
+M16_CASES = ((16, 0, 1), (1, 0, 0), (16, 0, 0), (7, 2, 2), (20, 2, 2), (3, 1, 2))  # (topk, fb, fe), M <= 16
+M16_SHAPED = ((16, 0, 1), (16, 0, 0), (20, 2, 4))
+
+
+def _launch_shape_grid(gen, block_counts, kmax, cases, shaped, nvp_topk=16, scalar_topk=12, check=None):
+    """fp32 / bf16 x K in block_counts x random / heavy ties / NaN-inf rows: every (topk, fb, fe) in cases, plus
+    per-token nvp (nvp_topk) and a scalar nvp (scalar_topk); ascending / signed-zero / causal rows of K = kmax:
+    every case in shaped with and without per-token nvp. check defaults to _check (kernel vs reference)."""
+    check = check or _check
+    for dtype in (torch.float32, torch.bfloat16):
+        for n_blocks in block_counts:
+            for kind, total_q in (("randn", 77), ("ties", 50), ("nan", 33)):
+                scores = make_scores(kind, 2, n_blocks, total_q, dtype, gen).cuda()
+                for topk, fb, fe in cases:
+                    check(scores, topk, None, fb, fe)
+                check(scores, nvp_topk, random_nvp(total_q, n_blocks, gen).cuda(), 1, 2)
+                check(scores, scalar_topk, max(0, n_blocks - 2), 0, 3)
+    for kind in ("ascending", "zeros_signed", "causal"):
+        scores = make_scores(kind, 3, kmax, 70, torch.float32, gen).cuda()
+        for topk, fb, fe in shaped:
+            check(scores, topk, None, fb, fe)
+            check(scores, topk, random_nvp(70, kmax, gen).cuda(), fb, fe)
+
+
 REG_SHAPES = [(4, 16, 4, 0), (8, 8, 2, 0), (16, 4, 1, 0), (32, 2, 1, 0), (32, 32, 1, 0), (32, 32, 2, 20), (4, 32, 8, 0),
               (8, 32, 1, 0), (16, 16, 4, 0), (16, 32, 1, 0), (8, 16, 3, 17), (4, 8, 1, 0), (32, 8, 4, 0)]
 
@@ -1013,19 +1041,9 @@ def test_reg_launch_shapes(monkeypatch, lanes, v, warps, cap):
         if not cap or topk - fb - fe <= cap:  # the plan refuses cap < M
             _check(scores, topk, nvp, fb, fe)
 
-    for dtype in (torch.float32, torch.bfloat16):
-        for n_blocks in sorted({kmax, max(1, kmax - 3), max(1, kmax // 2 + 1), 5}):
-            for kind, total_q in (("randn", 77), ("ties", 50), ("nan", 33)):
-                scores = make_scores(kind, 2, n_blocks, total_q, dtype, gen).cuda()
-                for topk, fb, fe in ((16, 0, 1), (1, 0, 0), (64, 0, 0), (7, 2, 2), (48, 1, 1), (33, 0, 0)):
-                    check(scores, topk, None, fb, fe)
-                check(scores, 16, random_nvp(total_q, n_blocks, gen).cuda(), 1, 2)
-                check(scores, 40, max(0, n_blocks - 2), 0, 3)
-    for kind in ("ascending", "zeros_signed", "causal"):
-        scores = make_scores(kind, 3, kmax, 70, torch.float32, gen).cuda()
-        for topk, fb, fe in ((16, 0, 1), (32, 0, 0), (64, 3, 4)):
-            check(scores, topk, None, fb, fe)
-            check(scores, topk, random_nvp(70, kmax, gen).cuda(), fb, fe)
+    _launch_shape_grid(gen, sorted({kmax, max(1, kmax - 3), max(1, kmax // 2 + 1), 5}), kmax,
+                       ((16, 0, 1), (1, 0, 0), (64, 0, 0), (7, 2, 2), (48, 1, 1), (33, 0, 0)),
+                       ((16, 0, 1), (32, 0, 0), (64, 3, 4)), scalar_topk=40, check=check)
     scores = make_scores("ties", 4, kmax, 64, torch.float32, gen).cuda()
     a = _check(scores, 16, None, 0, 1)
     assert torch.equal(a, _kernel_call(scores, 16, None, 0, 1))  # deterministic
@@ -1063,19 +1081,7 @@ def test_net_launch_shapes(monkeypatch, lanes, v, warps):
     monkeypatch.setenv("MSA_TOPK_WARPS", str(warps))
     gen = torch.Generator().manual_seed(lanes * 1000 + v * 10 + warps + 7)
     kmax = lanes * v
-    for dtype in (torch.float32, torch.bfloat16):
-        for n_blocks in sorted({kmax, max(1, kmax - 3), max(1, kmax // 2 + 1), 5}):
-            for kind, total_q in (("randn", 77), ("ties", 50), ("nan", 33)):
-                scores = make_scores(kind, 2, n_blocks, total_q, dtype, gen).cuda()
-                for topk, fb, fe in ((16, 0, 1), (1, 0, 0), (16, 0, 0), (7, 2, 2), (20, 2, 2), (3, 1, 2)):
-                    _check(scores, topk, None, fb, fe)
-                _check(scores, 16, random_nvp(total_q, n_blocks, gen).cuda(), 1, 2)
-                _check(scores, 12, max(0, n_blocks - 2), 0, 3)
-    for kind in ("ascending", "zeros_signed", "causal"):
-        scores = make_scores(kind, 3, kmax, 70, torch.float32, gen).cuda()
-        for topk, fb, fe in ((16, 0, 1), (16, 0, 0), (20, 2, 4)):
-            _check(scores, topk, None, fb, fe)
-            _check(scores, topk, random_nvp(70, kmax, gen).cuda(), fb, fe)
+    _launch_shape_grid(gen, sorted({kmax, max(1, kmax - 3), max(1, kmax // 2 + 1), 5}), kmax, M16_CASES, M16_SHAPED)
     scores = make_scores("ties", 4, kmax, 64, torch.float32, gen).cuda()
     assert torch.equal(_check(scores, 16, None, 0, 1), _kernel_call(scores, 16, None, 0, 1))  # deterministic
 
@@ -1090,19 +1096,7 @@ def test_coop_launch_shapes(monkeypatch, tokens, warps):
     monkeypatch.setenv("MSA_TOPK_G", str(tokens))
     monkeypatch.setenv("MSA_TOPK_WARPS", str(warps))
     gen = torch.Generator().manual_seed(tokens * 1000 + warps + 11)
-    for dtype in (torch.float32, torch.bfloat16):
-        for n_blocks in (1024, 1021, 513, 300, 5):
-            for kind, total_q in (("randn", 77), ("ties", 50), ("nan", 33)):
-                scores = make_scores(kind, 2, n_blocks, total_q, dtype, gen).cuda()
-                for topk, fb, fe in ((16, 0, 1), (1, 0, 0), (16, 0, 0), (7, 2, 2), (20, 2, 2), (3, 1, 2)):
-                    _check(scores, topk, None, fb, fe)
-                _check(scores, 16, random_nvp(total_q, n_blocks, gen).cuda(), 1, 2)
-                _check(scores, 12, max(0, n_blocks - 2), 0, 3)
-    for kind in ("ascending", "zeros_signed", "causal"):
-        scores = make_scores(kind, 3, 1024, 70, torch.float32, gen).cuda()
-        for topk, fb, fe in ((16, 0, 1), (16, 0, 0), (20, 2, 4)):
-            _check(scores, topk, None, fb, fe)
-            _check(scores, topk, random_nvp(70, 1024, gen).cuda(), fb, fe)
+    _launch_shape_grid(gen, (1024, 1021, 513, 300, 5), 1024, M16_CASES, M16_SHAPED)
     scores = make_scores("ties", 4, 1024, 64, torch.float32, gen).cuda()
     assert torch.equal(_check(scores, 16, None, 0, 1), _kernel_call(scores, 16, None, 0, 1))
 

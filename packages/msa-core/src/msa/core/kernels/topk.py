@@ -113,6 +113,7 @@ class TopkPlan:
     threads_per_row: int = 32  # block path: P; reg path: P lanes per row
     values_per_thread: int = BLOCK_V  # block path: V per chunk (BLOCK_V prefetched, or 2 * BLOCK_V); reg: V per lane
     slices: int = 1  # cluster path: CTAs per cluster along K
+    flags: int = 0  # cluster path: kernel variant bits (CLUSTER_FLAG_BITS); MSA_TOPK_CLUSTER_FLAGS overrides
 
     def workspace_words(self, n_heads: int, total_q: int, m: int) -> int:
         if self.splits <= 1 or m <= 0:
@@ -245,6 +246,7 @@ def _row_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, 
 
 
 CLUSTER_MAX_SLICES = 8  # portable cluster size (topk_cluster_core.cuh)
+CLUSTER_LOCAL_MAX_M = 32  # the local-merge variant's lists (topk_cluster_core.cuh, kLocal)
 # decode rows at least this long take the cluster path: 1M context. H100 (session 3 run 2): 1M H1 / H4 9.54 /
 # 13.11 us vs row 11.88 / 15.43; 128K H1 / H4 7.82 / 9.47 vs row 4.35 / 5.35 (row kept there); 512K unmeasured
 CLUSTER_MIN_BLOCKS = 8192
@@ -264,6 +266,8 @@ def _cluster_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: i
     """Cluster path shape, or None where it does not apply (M > 64, slices too long for shared memory).
     S = 8 slices (fewer for short rows: >= 128 blocks each); G = 8 tokens per CTA (whole 32-byte sectors of a K-row
     in fp32), halved while fewer than half the SMs would get a CTA or the slice does not fit; W = max(G, 8) warps.
+    Where G = 8 leaves more than half the SMs idle (1M decode H1 q64) and M <= 32: G = 8, W = 8 with the
+    local-merge + one-batch kernel instead of halving G (flags; H200: 6.63 vs 7.36 us).
     M = 0 (every output forced or -1) is valid when the path is forced: the kernel then stages and selects nothing
     and writes the forced blocks only (the default plan never sends M = 0 here)."""
     if not 0 <= m <= ROW_MAX_M:
@@ -273,6 +277,12 @@ def _cluster_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: i
     while slices > 1 and n_blocks < 128 * slices:
         slices //= 2
     g = 8
+    if (-(-total_q // g) * n_heads * slices * 2 <= sm_count and 0 < m <= CLUSTER_LOCAL_MAX_M
+            and cluster_smem_bytes(n_blocks, g, slices, cap) <= ROW_SMEM_BUDGET):
+        # Few rows (1M decode H1 q64: 64 CTAs): whole sectors, one load batch, per-slice exact top M merged at
+        # the owner (H200, session 8 run 5: 6.63 us vs 7.36 for G4 with the default kernel).
+        return TopkPlan(path="cluster", splits=1, cap=cap, warps=8, log_g=3, slices=slices,
+                        flags=CLUSTER_FLAG_BITS["local_merge"] + CLUSTER_FLAG_BITS["one_batch"])
     while g > 1 and (-(-total_q // g) * n_heads * slices * 2 <= sm_count
                      or cluster_smem_bytes(n_blocks, g, slices, cap) > ROW_SMEM_BUDGET):
         g //= 2
@@ -516,7 +526,8 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
         if warps < (1 << log_g) or warps > 32:
             raise ValueError(f"MSA_TOPK_WARPS: expected {1 << log_g}..32 for the cluster path with G = {1 << log_g}, "
                              f"got {warps}")
-        return TopkPlan(path="cluster", splits=1, cap=pl.cap, warps=warps, log_g=log_g, slices=slices)
+        return TopkPlan(path="cluster", splits=1, cap=pl.cap, warps=warps, log_g=log_g, slices=slices,
+                        flags=pl.flags if warps <= 8 else 0)
     if path == "row":
         pl = _row_plan(n_heads, n_blocks, total_q, m, sm_count, itemsize)
         if pl is None:
@@ -622,7 +633,8 @@ def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, 
                                p.warps, p.cap, _empty(device, torch.int64) if trace is None else trace)
     elif p.path == "cluster":
         module.topk_cluster_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out,
-                                   p.log_g, p.slices, p.warps, p.cap, cluster_flags(),
+                                   p.log_g, p.slices, p.warps, p.cap,
+                                   cluster_flags() if os.environ.get("MSA_TOPK_CLUSTER_FLAGS", "").strip() else p.flags,
                                    _empty(device, torch.int64) if trace is None else trace)
     elif p.path == "block":
         module.topk_block_select(

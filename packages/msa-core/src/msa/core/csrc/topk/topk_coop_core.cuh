@@ -187,7 +187,13 @@ __device__ __forceinline__ void coop_select_cta(const NetParams& p, CoopSmem<G, 
   if (m > 0) {
     const int n = sm.cnt[warp];
     if (n > kCoopCap) {  // heavy ties / adversarial rows: the exact net selection writes the whole row
+#ifdef MSA_TOPK_TIMELINE
+      NetParams pf = p;
+      pf.trace = nullptr;  // the fallback's own stamps would overwrite this CTA's coop stamps (timeline builds)
+      net_select_warp<T, 32, 32>(pf, tw);
+#else
       net_select_warp<T, 32, 32>(p, tw);
+#endif
       return;
     }
     // Ranks by composite (value descending, then block ascending) against the whole list: lane l holds entries l
