@@ -639,9 +639,10 @@ def test_plan_shapes(monkeypatch):
     for n_heads in (1, 4):
         p = plan(n_heads, 64, 4096, 15, 132)
         assert (p.path, p.threads_per_row, p.values_per_thread, p.warps) == ("net", 4, 16, 1)
-    # 128K decode: coop; one row per 8-warp CTA while the rows fit one CTA per SM, two rows per 16-warp CTA while
-    # those fit, else two rows per 8-warp CTA (H200 session 7)
-    for n_heads, total_q, g, w in ((1, 64, 1, 8), (4, 64, 2, 16), (4, 128, 2, 8), (2, 64, 1, 8)):
+    # 128K decode: coop; one row per 8-warp CTA while the rows leave half the SMs free, two rows per 16-warp CTA
+    # while those fit one per SM, then four rows per 16-warp CTA, else two rows per 8-warp CTA (H200 session 8)
+    for n_heads, total_q, g, w in ((1, 64, 1, 8), (4, 64, 2, 16), (4, 128, 4, 16), (2, 64, 2, 16), (1, 66, 1, 8),
+                                   (1, 67, 2, 16), (8, 128, 2, 8)):
         p = plan(n_heads, 1024, total_q, 15, 132)
         assert (p.path, 1 << p.log_g, p.warps) == ("coop", g, w), (n_heads, total_q)
     monkeypatch.setenv("MSA_TOPK_COOP", "0")  # without it: net, one warp per row (32 lanes x 32 values)
@@ -1103,7 +1104,7 @@ def test_coop_launch_shapes(monkeypatch, tokens, warps):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("coop", ["1", "0"])
-@pytest.mark.parametrize("n_heads,total_q", [(1, 64), (4, 64), (3, 130)])
+@pytest.mark.parametrize("n_heads,total_q", [(1, 64), (4, 64), (2, 64), (4, 128), (3, 130), (8, 128)])
 def test_coop_default_plan_shapes(monkeypatch, coop, n_heads, total_q):
     """128K decode under the default plan (coop) and with MSA_TOPK_COOP=0 (net): iid, ties (bf16), per-token nvp."""
     from msa.core.kernels.topk import plan

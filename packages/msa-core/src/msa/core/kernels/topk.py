@@ -430,14 +430,22 @@ def _use_coop_path(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: 
 
 
 def _coop_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> TopkPlan | None:
-    """Coop path shape, or None where it does not apply (M > 16, K > 1024). H200 (session 7, us per call at 128K
-    decode): rows <= SMs -> one row per CTA of 8 warps (H1 q64: G1W8 3.00 vs G2W8 3.43, G2W16 3.42); two-row CTAs
-    <= SMs -> two rows per CTA of 16 warps (H4 q64: G2W16 4.40 vs G2W8 4.53, G1W8 4.87); more rows -> two rows per
-    CTA of 8 warps (H4 q128: G2W8 5.60 vs G2W16 7.65, whose 512-thread CTAs fit one per SM)."""
+    """Coop path shape, or None where it does not apply (M > 16, K > 1024). H200 (session 8 run 7, us per call at
+    128K decode, the ballot-ranked bound): rows <= SMs / 2 -> one row per CTA of 8 warps (H1 q64: G1W8 3.04 vs G2W16
+    3.13); two-row CTAs <= SMs -> two rows per CTA of 16 warps (H2 q64: 3.45 vs G1W8 3.59; H4 q64: 4.02 vs G2W8 4.20);
+    four-row CTAs <= SMs -> four rows per CTA of 16 warps (H4 q128: G4W16 4.56 vs G2W8 5.15, G2W16 6.92); more rows
+    -> two rows per CTA of 8 warps (unmeasured since the bound change)."""
     if not 0 <= m <= COOP_MAX_M or not 1 <= n_blocks <= NET_DECODE_MAX_BLOCKS:
         return None
     rows = total_q * n_heads
-    g, w = (1, 8) if rows <= sm_count else (2, 16) if -(-rows // 2) <= sm_count else (2, 8)
+    if 2 * rows <= sm_count:
+        g, w = 1, 8
+    elif -(-rows // 2) <= sm_count:
+        g, w = 2, 16
+    elif -(-rows // 4) <= sm_count:
+        g, w = 4, 16
+    else:
+        g, w = 2, 8
     return TopkPlan(path="coop", splits=1, cap=COOP_CAP, warps=w, log_g=g.bit_length() - 1)
 
 

@@ -18,8 +18,8 @@
 // Per row (exact; composite order = value descending, then block index ascending):
 //  1. bound: 32 supergroups, supergroup e = the threads i = e (mod 32), i.e. the blocks b = e (mod 32) -- interleaved,
 //     so a run of neighbouring good blocks (correlated scores) lands in many supergroups; theta = the M-th largest
-//     of the 32 supergroup maxima (thread maxima through shared memory, ranks counted by all warps: each compares
-//     against a share of the partners and adds its partial ranks with shared atomics). M distinct blocks are
+//     of the 32 supergroup maxima (thread maxima through shared memory; each warp ranks 32 G / W of them by one
+//     ballot each, the one of rank M - 1 is published: two CTA barriers, no atomics). M distinct blocks are
 //     >= theta, so theta <= T, the row's M-th largest value. Candidates on iid / random-walk / ascending rows of
 //     1024 blocks (M = 15): median 19 / 18 / 15 (contiguous supergroups: 19 / 135 / 449).
 //  2. candidates: values >= theta (theta = -inf: values > -inf), appended as (score key, index) composites to the
@@ -63,7 +63,7 @@ MSA_TOPK_HD int coop_group(int i) { return i % kCoopGroups; }
 template <int G, int R>
 struct CoopSmem {
   float tmax[G][R];             // thread maxima
-  int grank[G][kCoopGroups];    // supergroup ranks (partial sums from every warp)
+  float theta[G];               // the rows' bounds
   alignas(16) Comp cand[G][kCoopCap];  // candidates: make_comp(score_key(value), block); read in pairs
   int kept[G][kCoopMaxM];       // kept block indices (list order)
   int cnt[G];
@@ -96,16 +96,7 @@ __device__ __forceinline__ void coop_select_cta(const NetParams& p, CoopSmem<G, 
                                                        : -INFINITY;
   }
   if (tid < G) sm.cnt[tid] = 0;
-  for (int x = tid; x < G * kCoopGroups; x += 32 * W) sm.grank[x / kCoopGroups][x % kCoopGroups] = 0;
-  // The all-pairs rank counts of the bound (32 x 32 per row) are split over the W warps by partner: warp w
-  // compares against partners [w GP, w GP + GP) and adds its partial ranks with shared atomics (a single warp
-  // doing all of them was ~1 us of dependent issue at 128K decode, H200 timeline).
-  constexpr int GP = kCoopGroups / W;      // bound partners per warp (each lane of row g ranks its G supergroups)
-  static_assert(GP >= 1 && kCoopGroups % W == 0, "coop rank split");
   float theta = -INFINITY;
-  int e_of[G];
-#pragma unroll
-  for (int c = 0; c < G; ++c) e_of[c] = u + U * c;  // this lane's supergroups of row g
   if (m > 0) {
     const RowRange rr = row_range(nvp, p.n_blocks, p.fb, p.fe);
     float mx = -INFINITY;
@@ -118,47 +109,27 @@ __device__ __forceinline__ void coop_select_cta(const NetParams& p, CoopSmem<G, 
     net_stamp(p, kNtLanded, mx);
     sm.tmax[g][i] = mx;
     __syncthreads();
-    // Supergroup maxima of this lane's G supergroups (threads e + 32 s, s < S).
-    float sgv[G];
+    // Warp w ranks the supergroups e = w / G + (W / G) k (k < 32 G / W) of row rw = w % G: lane j holds supergroup
+    // j's maximum (its S thread maxima), the rank of e is the popcount of the lanes ordered before it, and the one
+    // (row, e) of rank M - 1 publishes theta. No atomics (session 7 added partial ranks with shared atomics, W adds
+    // per address: the bound phase took ~0.6 us at G2W16 on the H200 timeline).
+    {
+      constexpr int EW = kCoopGroups * G / W;  // supergroups ranked per warp
+      static_assert(EW >= 1 && (kCoopGroups * G) % W == 0 && W % G == 0, "coop bound split");
+      const int rw = warp % G;
+      float sj = sm.tmax[rw][lane];
 #pragma unroll
-    for (int c = 0; c < G; ++c) {
-      float x = sm.tmax[g][e_of[c]];
+      for (int s2 = 1; s2 < S; ++s2) sj = fmaxf(sj, sm.tmax[rw][lane + kCoopGroups * s2]);
 #pragma unroll
-      for (int s2 = 1; s2 < S; ++s2) x = fmaxf(x, sm.tmax[g][e_of[c] + kCoopGroups * s2]);
-      sgv[c] = x;
-    }
-    // Partial ranks against partners [warp GP, warp GP + GP); partner j sits in register j / U of lane g + G (j % U).
-    int rk[G];
-#pragma unroll
-    for (int c = 0; c < G; ++c) rk[c] = 0;
-#pragma unroll
-    for (int q2 = 0; q2 < GP; ++q2) {
-      const int j = warp * GP + q2;
-      float mine_j = sgv[0];
-#pragma unroll
-      for (int c2 = 1; c2 < G; ++c2) mine_j = j / U == c2 ? sgv[c2] : mine_j;
-      const float y = __shfl_sync(full, mine_j, g + G * (j % U));
-#pragma unroll
-      for (int c = 0; c < G; ++c) rk[c] += coop_before(y, j, sgv[c], e_of[c]) ? 1 : 0;
-    }
-#pragma unroll
-    for (int c = 0; c < G; ++c)
-      if (rk[c] > 0) atomicAdd(&sm.grank[g][e_of[c]], rk[c]);
-    __syncthreads();
-    float mine = -INFINITY;
-    bool has = false;
-#pragma unroll
-    for (int c = 0; c < G; ++c) {
-      if (sm.grank[g][e_of[c]] == m - 1) {
-        has = true;
-        mine = sgv[c];
+      for (int k = 0; k < EW; ++k) {
+        const int e = warp / G + (W / G) * k;
+        const float y = __shfl_sync(full, sj, e);
+        const unsigned before = __ballot_sync(full, coop_before(sj, lane, y, e));
+        if (lane == 0 && __popc(before) == m - 1) sm.theta[rw] = y;
       }
     }
-    unsigned row_lanes = 0;
-#pragma unroll
-    for (int l = 0; l < 32; l += G) row_lanes |= 1u << l;
-    const int src_lane = __ffs(__ballot_sync(full, has) & (row_lanes << g)) - 1;
-    theta = __shfl_sync(full, mine, src_lane);
+    __syncthreads();
+    theta = sm.theta[g];
     net_stamp(p, kNtBound, theta);
     int c = 0;
 #pragma unroll
