@@ -28,9 +28,9 @@
   default for short prefill rows (K <= 64, >= 16 rows per SM: 8K context; P4 V16) and for decode-like shapes with
   256 < K <= 1024 (128K context; P32 V32) where the coop path is off; ``MSA_TOPK_NET=0`` = without it.
 - ``coop`` (``csrc/topk/topk_coop_core.cuh``): decode-like rows of 256 < K <= 1024 blocks (128K context), M <= 16: the
-  W = 8 or 16 warps of a CTA share G = 1 or 2 rows, a few values per thread; the bound is the M-th largest of 32
-  interleaved supergroup maxima, candidates go to a shared list and are ranked by all warps (the net selection as
-  the exact fallback for a row with more than 64 candidates). ``MSA_TOPK_COOP=0`` = the net plan there.
+  W = 8 or 16 warps of a CTA share G = 1, 2 or 4 rows, a few values per thread; the bound is the M-th largest of 32
+  interleaved supergroup maxima (ballot ranks), candidates go to a shared list that the row's warp ranks (the net
+  selection as the exact fallback for a row with more than 64 candidates). ``MSA_TOPK_COOP=0`` = the net plan there.
 
 The block and warp paths allocate at most one workspace (``2 * H * splits * M * ceil(total_q/32)*32`` int32 words, torch's caching
 allocator) and only when ``splits > 1``.
@@ -585,12 +585,12 @@ CLUSTER_FLAG_BITS = {"always_exit_sync": 1, "attr_for_one": 2, "sorted_merge": 4
 CLUSTER_FLAGS_END = 32
 
 
-def cluster_flags() -> int:
+def cluster_flags(default: int = 0) -> int:
     """Cluster-path A/B variant bits from ``MSA_TOPK_CLUSTER_FLAGS`` (an int, or names from CLUSTER_FLAG_BITS
-    joined by ``+``); 0 = the default kernel. Every variant is exact."""
+    joined by ``+``); unset: ``default`` (the plan's flags; 0 = the default kernel). Every variant is exact."""
     v = os.environ.get("MSA_TOPK_CLUSTER_FLAGS", "").strip()
     if not v:
-        return 0
+        return default
     if v.isdigit():
         flags = int(v)
     else:
@@ -641,8 +641,7 @@ def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, 
                                p.warps, p.cap, _empty(device, torch.int64) if trace is None else trace)
     elif p.path == "cluster":
         module.topk_cluster_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out,
-                                   p.log_g, p.slices, p.warps, p.cap,
-                                   cluster_flags() if os.environ.get("MSA_TOPK_CLUSTER_FLAGS", "").strip() else p.flags,
+                                   p.log_g, p.slices, p.warps, p.cap, cluster_flags(p.flags),
                                    _empty(device, torch.int64) if trace is None else trace)
     elif p.path == "block":
         module.topk_block_select(
