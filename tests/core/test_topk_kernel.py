@@ -548,6 +548,82 @@ def test_coop_emulated_bench_shapes(coop_emulate):
                 assert (nfb == 64) if kind == "periodic" else (nfb == 0), (tokens, warps, kind, nfb)
 
 
+@pytest.fixture(scope="module")
+def ccoop_emulate(tmp_path_factory):
+    f = _emulator_lib(str(tmp_path_factory.mktemp("topk_ccoop_emulate")), "topk_ccoop_emulate", 3)
+
+    def run(scores, topk, nvp, fb, fe, *, tokens, warps, cap=64, seed=0):
+        """(out, number of rows that took the fallback)."""
+        s32, out, nvp_ptr, nvp_scalar, _keep = _emulator_io(scores, topk, nvp)
+        rc = f(s32.data_ptr(), *scores.shape, topk, nvp_ptr, nvp_scalar, fb, fe, tokens, warps, cap, seed,
+               out.data_ptr())
+        assert rc >= 0, (f"ccoop emulator: rc {rc} (-1 arguments, -2 bound ranks, -3 / -4 rank select / kept, "
+                         "-6 supergroups)")
+        return out, rc
+
+    return run
+
+
+CCOOP_SHAPES = [(2, 8), (4, 8), (4, 16), (8, 16)]
+
+
+def _ccoop_case(case: int):
+    gen = torch.Generator().manual_seed(50000 + case)
+    pick = lambda seq: seq[int(torch.randint(0, len(seq), (1,), generator=gen))]  # noqa: E731
+    topk = pick((1, 2, 7, 15, 16, 17, 20))
+    n_blocks = pick((1025, 1500, 2048, 3000, 4097, 8192))
+    shapes = [sh for sh in CCOOP_SHAPES if sh[0] <= -(-n_blocks // 1024)]
+    tokens, warps = shapes[case % len(shapes)]
+    total_q = pick((1, 7, 20))
+    n_heads = pick((1, 2))
+    fb = int(torch.randint(0, topk + 1, (1,), generator=gen)) if case % 3 == 0 else 0
+    fe = int(torch.randint(0, topk - fb + 1, (1,), generator=gen)) if case % 4 < 2 else 0
+    if case % 17 == 0:
+        fe = topk - fb
+    if topk - fb - fe > 16:
+        fe = topk - fb - 16
+    kind = KINDS[case % len(KINDS)]
+    dtype = torch.bfloat16 if case % 5 == 0 else torch.float32
+    scores = make_scores(kind, n_heads, n_blocks, total_q, dtype, gen)
+    nvp = (None, int(torch.randint(0, n_blocks + 1, (1,), generator=gen)), random_nvp(total_q, n_blocks, gen))[case % 3]
+    cap = (64, 32, 16)[case % 3]  # small caps send more rows to the fallback
+    return scores, topk, nvp, fb, fe, kind, dict(tokens=tokens, warps=warps, cap=cap, seed=case)
+
+
+def test_ccoop_emulated_matches_reference(ccoop_emulate):
+    """Ccoop path (topk_ccoop_emulate.cc, the kernel's helpers): K split over 2-8 slices of 1024 blocks, supergroup
+    bound over all slices, candidates in a random append order, rank select, the argmax-rounds fallback past cap;
+    -inf / NaN / +inf, forced blocks, ragged nvp, bf16 ties, K not a multiple of 1024, M = 0. Both branches taken."""
+    fallbacks = direct = 0
+    for case in range(160):
+        scores, topk, nvp, fb, fe, kind, kw = _ccoop_case(case)
+        want = reference(scores, topk, num_valid_pages=nvp, force_begin_blocks=fb, force_end_blocks=fe)
+        got, nfb = ccoop_emulate(scores, topk, nvp, fb, fe, **kw)
+        h, k, q = scores.shape
+        assert torch.equal(got, want), f"case {case}: {kind} topk={topk} K={k} q={q} H={h} fb={fb} fe={fe} {kw}"
+        fallbacks += nfb
+        direct += q * h - nfb
+    assert fallbacks > 0 and direct > fallbacks, (fallbacks, direct)
+
+
+def test_ccoop_emulated_bench_shapes(ccoop_emulate):
+    """1M decode (K = 8192): iid, random-walk and ascending rows stay under the cap (the supergroups interleave
+    across the slices), a row periodic in 32 blocks takes the fallback (still exact)."""
+    gen = torch.Generator().manual_seed(51)
+    for tokens, warps in CCOOP_SHAPES:
+        for kind in ("randn", "walk", "ascending", "periodic"):
+            x = torch.randn((1, 8192, 16), generator=gen)
+            if kind == "walk":
+                x = x.cumsum(1) * 0.2 + torch.randn((1, 8192, 16), generator=gen)
+            elif kind == "ascending":
+                x = torch.arange(8192, dtype=torch.float32).view(1, 8192, 1).expand(1, 8192, 16).contiguous()
+            elif kind == "periodic":  # blocks 0-2 mod 32 high: 768 in 3 supergroups -> past the cap
+                x = x + 10.0 * (torch.arange(8192) % 32 < 3).float().view(1, 8192, 1)
+            got, nfb = ccoop_emulate(x, 16, None, 0, 1, tokens=tokens, warps=warps)
+            assert torch.equal(got, reference(x, 16, force_end_blocks=1)), (tokens, warps, kind)
+            assert (nfb == 16) if kind == "periodic" else (nfb == 0), (tokens, warps, kind, nfb)
+
+
 def test_net_sort16_all_01_inputs(net_emulate):
     """0-1 principle for the hard-coded 16-input sort and the top-16 merge (through random float lists)."""
     gen = torch.Generator().manual_seed(32)
@@ -1100,6 +1176,44 @@ def test_coop_launch_shapes(monkeypatch, tokens, warps):
     _launch_shape_grid(gen, (1024, 1021, 513, 300, 5), 1024, M16_CASES, M16_SHAPED)
     scores = make_scores("ties", 4, 1024, 64, torch.float32, gen).cuda()
     assert torch.equal(_check(scores, 16, None, 0, 1), _kernel_call(scores, 16, None, 0, 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens,warps", CCOOP_SHAPES)
+def test_ccoop_launch_shapes(monkeypatch, tokens, warps):
+    """Ccoop path (experimental, MSA_TOPK_PATH=ccoop): G rows per cluster of ceil(K / 1024) CTAs of W warps: random,
+    heavy ties (-> the argmax-rounds fallback), NaN / -inf / +inf, ascending, signed zeros, causal; per-token / scalar
+    / no nvp; forced head and tail; M 0..16; K from 1025 to 8192; total_q not a multiple of G; fp32 and bf16;
+    deterministic."""
+    monkeypatch.setenv("MSA_TOPK_PATH", "ccoop")
+    monkeypatch.setenv("MSA_TOPK_G", str(tokens))
+    monkeypatch.setenv("MSA_TOPK_WARPS", str(warps))
+    gen = torch.Generator().manual_seed(tokens * 1000 + warps + 13)
+    counts = [k for k in (8192, 8191, 5000, 2049, 1025) if tokens <= -(-k // 1024)]
+    _launch_shape_grid(gen, counts, 8192, M16_CASES, M16_SHAPED)
+    scores = make_scores("ties", 4, 8192, 64, torch.float32, gen).cuda()
+    assert torch.equal(_check(scores, 16, None, 0, 1), _kernel_call(scores, 16, None, 0, 1))
+
+
+def test_ccoop_plan_env(monkeypatch):
+    """The experimental ccoop path is opt-in only (MSA_TOPK_PATH=ccoop): its shapes, slices and refusals."""
+    from msa.core.kernels.topk import plan
+
+    assert plan(1, 8192, 64, 15, 132).path != "ccoop"
+    monkeypatch.setenv("MSA_TOPK_PATH", "ccoop")
+    p = plan(1, 8192, 64, 15, 132)
+    assert (p.path, 1 << p.log_g, p.warps, p.slices) == ("ccoop", 4, 16, 8)
+    assert plan(4, 5000, 64, 15, 132).slices == 5
+    with pytest.raises(ValueError, match="ccoop: not applicable"):
+        plan(1, 1024, 64, 15, 132)
+    with pytest.raises(ValueError, match="ccoop: not applicable"):
+        plan(1, 8192, 64, 17, 132)
+    monkeypatch.setenv("MSA_TOPK_G", "8")
+    with pytest.raises(ValueError, match="tokens <= ceil"):
+        plan(1, 2000, 64, 15, 132)
+    monkeypatch.setenv("MSA_TOPK_WARPS", "8")
+    with pytest.raises(ValueError, match="for the ccoop path"):
+        plan(1, 8192, 64, 15, 132)
 
 
 @pytest.mark.gpu

@@ -28,9 +28,13 @@
   default for short prefill rows (K <= 64, >= 16 rows per SM: 8K context; P4 V16) and for decode-like shapes with
   256 < K <= 1024 (128K context; P32 V32) where the coop path is off; ``MSA_TOPK_NET=0`` = without it.
 - ``coop`` (``csrc/topk/topk_coop_core.cuh``): decode-like rows of 256 < K <= 1024 blocks (128K context), M <= 16: the
-  W = 8 or 16 warps of a CTA share G = 1 or 2 rows, a few values per thread; the bound is the M-th largest of 32
-  interleaved supergroup maxima, candidates go to a shared list and are ranked by all warps (the net selection as
-  the exact fallback for a row with more than 64 candidates). ``MSA_TOPK_COOP=0`` = the net plan there.
+  W = 8 or 16 warps of a CTA share G = 1, 2 or 4 rows, a few values per thread; the bound is the M-th largest of 32
+  interleaved supergroup maxima (ballot ranks), candidates go to a shared list that the row's warp ranks (the net
+  selection as the exact fallback for a row with more than 64 candidates). ``MSA_TOPK_COOP=0`` = the net plan there.
+- ``ccoop`` (``csrc/topk/topk_ccoop_core.cuh``; EXPERIMENTAL, opt-in only: ``MSA_TOPK_PATH=ccoop`` with
+  ``MSA_TOPK_G`` / ``MSA_TOPK_WARPS`` from ``CCOOP_SHAPES``): the coop layout with K split over a cluster of
+  ceil(K / 1024) <= 8 CTAs (1024 < K <= 8192, M <= 16): supergroup maxima exchanged through DSMEM, candidates
+  appended to the row's owner CTA, exact argmax-rounds fallback. CPU replay only so far (no GPU run yet).
 
 The block and warp paths allocate at most one workspace (``2 * H * splits * M * ceil(total_q/32)*32`` int32 words, torch's caching
 allocator) and only when ``splits > 1``.
@@ -104,7 +108,7 @@ def available(device) -> tuple[bool, str]:
 
 @dataclass(frozen=True)
 class TopkPlan:
-    path: str  # "block", "warp", "row", "cluster", "reg", "net" or "coop"
+    path: str  # "block", "warp", "row", "cluster", "reg", "net", "coop" or "ccoop" (experimental, opt-in)
     splits: int  # CTAs along K per (token group, head); > 1 adds the merge launch
     cap: int  # candidate entries per row (block: buffer; warp: column capacity)
     warps: int = 1  # warp path: warps per scan CTA, each a contiguous slice of the split
@@ -417,6 +421,10 @@ def _use_net_path(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: i
 COOP_MAX_M = 16  # coop path (topk_coop_core.cuh, kCoopMaxM)
 COOP_CAP = 64  # candidates per row before the net fallback (kCoopCap)
 COOP_SHAPES = ((1, 8), (2, 8), (4, 8), (2, 16), (4, 16), (8, 16))  # (G tokens, W warps) per CTA; V = 32 G / W
+COOP_ROW_BLOCKS = 1024  # coop / ccoop: blocks per CTA and row (topk_coop_core.cuh, kCoopRowBlocks)
+# ccoop (experimental, opt-in: MSA_TOPK_PATH=ccoop): a cluster of ceil(K / 1024) <= 8 CTAs per G rows
+CCOOP_MAX_SLICES = 8
+CCOOP_SHAPES = ((2, 8), (4, 8), (4, 16), (8, 16))  # (G tokens per cluster, W warps per CTA); G <= slices
 
 
 def _use_coop_path(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int = 132) -> bool:
@@ -469,9 +477,20 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
             path = "row"
         else:
             path = "block"
-    if path not in ("block", "warp", "row", "cluster", "reg", "net", "coop"):
-        raise ValueError(f"MSA_TOPK_PATH: expected 'block', 'warp', 'row', 'cluster', 'reg', 'net' or 'coop', got "
+    if path not in ("block", "warp", "row", "cluster", "reg", "net", "coop", "ccoop"):
+        raise ValueError(f"MSA_TOPK_PATH: expected 'block', 'warp', 'row', 'cluster', 'reg', 'net', 'coop' or 'ccoop', got "
                          f"{path!r}")
+    if path == "ccoop":
+        if not 0 <= m <= COOP_MAX_M or not COOP_ROW_BLOCKS < n_blocks <= CCOOP_MAX_SLICES * COOP_ROW_BLOCKS:
+            raise ValueError(f"MSA_TOPK_PATH=ccoop: not applicable (M = {m} not in 0..{COOP_MAX_M} or K = {n_blocks} "
+                             f"not in {COOP_ROW_BLOCKS + 1}..{CCOOP_MAX_SLICES * COOP_ROW_BLOCKS})")
+        g = _env_int("MSA_TOPK_G") or 4
+        warps = _env_int("MSA_TOPK_WARPS") or 16
+        slices = -(-n_blocks // COOP_ROW_BLOCKS)
+        if (g, warps) not in CCOOP_SHAPES or g > slices:
+            raise ValueError(f"MSA_TOPK_G / MSA_TOPK_WARPS: expected (tokens, warps) in {CCOOP_SHAPES} with tokens <= "
+                             f"ceil(K / {COOP_ROW_BLOCKS}) = {slices} for the ccoop path, got ({g}, {warps})")
+        return TopkPlan(path="ccoop", splits=1, cap=COOP_CAP, warps=warps, log_g=g.bit_length() - 1, slices=slices)
     if path == "coop":
         pl = _coop_plan(n_heads, n_blocks, total_q, m, sm_count)
         if pl is None:
@@ -626,7 +645,10 @@ def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, 
     words = p.workspace_words(n_heads, total_q, m)
     ws = torch.empty(words, dtype=torch.int32, device=device) if words else _empty(device, torch.int32)
     module = load_module(device, timeline=trace is not None and p.path in ("cluster", "net", "coop"))
-    if p.path == "coop":
+    if p.path == "ccoop":
+        module.topk_ccoop_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out,
+                                 1 << p.log_g, p.warps)
+    elif p.path == "coop":
         module.topk_coop_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out,
                                 1 << p.log_g, p.warps, _empty(device, torch.int64) if trace is None else trace)
     elif p.path == "net":
