@@ -1200,6 +1200,12 @@ def test_ccoop_plan_env(monkeypatch):
     from msa.core.kernels.topk import plan
 
     assert plan(1, 8192, 64, 15, 132).path != "ccoop"
+    monkeypatch.setenv("MSA_TOPK_CCOOP", "1")  # A/B switch: decode-like 1M shapes to ccoop, nothing else
+    p = plan(4, 8192, 64, 15, 132)
+    assert (p.path, 1 << p.log_g, p.warps, p.slices) == ("ccoop", 4, 16, 8)
+    assert (plan(1, 2000, 64, 15, 132).log_g, plan(1, 2000, 64, 15, 132).warps) == (1, 8)
+    assert plan(1, 8192, 4096, 15, 132).path != "ccoop" and plan(1, 1024, 64, 15, 132).path == "coop"
+    monkeypatch.delenv("MSA_TOPK_CCOOP")
     monkeypatch.setenv("MSA_TOPK_PATH", "ccoop")
     p = plan(1, 8192, 64, 15, 132)
     assert (p.path, 1 << p.log_g, p.warps, p.slices) == ("ccoop", 4, 16, 8)

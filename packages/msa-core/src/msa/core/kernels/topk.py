@@ -437,6 +437,22 @@ def _use_coop_path(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: 
     return total_q * n_heads < 16 * sm_count and REG_SHORT_BLOCKS < n_blocks <= NET_DECODE_MAX_BLOCKS
 
 
+def _use_ccoop_path(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int = 132) -> bool:
+    """Experimental: ``MSA_TOPK_CCOOP=1`` sends decode-like shapes (< 16 rows per SM) with 1024 < K <= 8192 and
+    M <= 16 to the ccoop path (A/B against the cluster path; off by default until measured on a GPU)."""
+    if os.environ.get("MSA_TOPK_CCOOP", "0") != "1" or not 0 < m <= COOP_MAX_M:
+        return False
+    return (total_q * n_heads < 16 * sm_count
+            and COOP_ROW_BLOCKS < n_blocks <= CCOOP_MAX_SLICES * COOP_ROW_BLOCKS)
+
+
+def _ccoop_shape(n_blocks: int) -> tuple[int, int]:
+    """(G, W) for the ccoop path: four rows per cluster of 16-warp CTAs (a coop G4W16 CTA per slice), fewer rows when
+    there are fewer slices than rows (one owner CTA per row)."""
+    slices = -(-n_blocks // COOP_ROW_BLOCKS)
+    return (4, 16) if slices >= 4 else (2, 8)
+
+
 def _coop_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> TopkPlan | None:
     """Coop path shape, or None where it does not apply (M > 16, K > 1024). H200 (session 8 run 7, us per call at
     128K decode, the ballot-ranked bound): rows <= SMs / 2 -> one row per CTA of 8 warps (H1 q64: G1W8 3.04 vs G2W16
@@ -463,6 +479,8 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
     if not path:
         if _use_coop_path(n_heads, n_blocks, total_q, m, sm_count):
             path = "coop"
+        elif _use_ccoop_path(n_heads, n_blocks, total_q, m, sm_count):
+            path = "ccoop"
         elif _use_net_path(n_heads, n_blocks, total_q, m, sm_count):
             path = "net"
         elif _use_reg_path(n_heads, n_blocks, total_q, m, sm_count):
@@ -484,9 +502,9 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
         if not 0 <= m <= COOP_MAX_M or not COOP_ROW_BLOCKS < n_blocks <= CCOOP_MAX_SLICES * COOP_ROW_BLOCKS:
             raise ValueError(f"MSA_TOPK_PATH=ccoop: not applicable (M = {m} not in 0..{COOP_MAX_M} or K = {n_blocks} "
                              f"not in {COOP_ROW_BLOCKS + 1}..{CCOOP_MAX_SLICES * COOP_ROW_BLOCKS})")
-        g = _env_int("MSA_TOPK_G") or 4
-        warps = _env_int("MSA_TOPK_WARPS") or 16
         slices = -(-n_blocks // COOP_ROW_BLOCKS)
+        g = _env_int("MSA_TOPK_G") or _ccoop_shape(n_blocks)[0]
+        warps = _env_int("MSA_TOPK_WARPS") or _ccoop_shape(n_blocks)[1]
         if (g, warps) not in CCOOP_SHAPES or g > slices:
             raise ValueError(f"MSA_TOPK_G / MSA_TOPK_WARPS: expected (tokens, warps) in {CCOOP_SHAPES} with tokens <= "
                              f"ceil(K / {COOP_ROW_BLOCKS}) = {slices} for the ccoop path, got ({g}, {warps})")
