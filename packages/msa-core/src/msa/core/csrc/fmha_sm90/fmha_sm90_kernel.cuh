@@ -56,7 +56,11 @@ __device__ __forceinline__ float exp2_poly(float x) {
   float const f = x - j;
   float const p = fmaf(fmaf(fmaf(0.07802402973175049f, f, 0.22606706619262695f), f, 0.6958339810371399f), f,
                        0.9999251365661621f);
-  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
+  // The float add of +0 (exact: the result is > 0) matters: when the value entering S / P comes straight from an
+  // integer instruction, ptxas serialises every wgmma of the kernel (C7511, "insufficient register resources"; 60
+  // WARPGROUP ops instead of 12 in the fp8 192-key module) -- found in session 8 by bisecting the ptxas remarks
+  // (float-only variants and this one compile without it; the integer insert alone, as LEA or IMAD, triggers it).
+  return __fadd_rn(__int_as_float(__float_as_int(p) + (__float_as_int(t) << 23)), 0.0f);
 }
 
 // The consumer thread index, re-read from %tid.x: a volatile read cannot be hoisted out of the persistent item loop,
