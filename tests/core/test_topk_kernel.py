@@ -419,15 +419,9 @@ def net_emulate(tmp_path_factory):
     return run
 
 
-def _net_case(case: int):
-    gen = torch.Generator().manual_seed(30000 + case)
-    pick = lambda seq: seq[int(torch.randint(0, len(seq), (1,), generator=gen))]  # noqa: E731
-    topk = pick((1, 2, 7, 15, 16, 17, 20))
-    lanes = pick((1, 2, 4, 8, 16, 32))
-    v = pick((16, 32, 64))
-    n_blocks = max(1, min(lanes * v, pick((1, 5, 16, 17, 37, 64, 100, 256, lanes * v, lanes * v - 1))))
-    total_q = pick((1, 13, 40))
-    n_heads = pick((1, 2))
+def _m16_case_rows(gen, case: int, topk: int, n_heads: int, n_blocks: int, total_q: int):
+    """The rest of a random M <= 16 replay case (net, coop, ccoop): forced blocks with M = topk - fb - fe <= 16, the case's
+    score kind and dtype, the scores, and no / scalar / per-token nvp. Returns (scores, fb, fe, kind, nvp)."""
     fb = int(torch.randint(0, topk + 1, (1,), generator=gen)) if case % 3 == 0 else 0
     fe = int(torch.randint(0, topk - fb + 1, (1,), generator=gen)) if case % 4 < 2 else 0
     if case % 17 == 0:
@@ -438,6 +432,19 @@ def _net_case(case: int):
     dtype = torch.bfloat16 if case % 5 == 0 else torch.float32
     scores = make_scores(kind, n_heads, n_blocks, total_q, dtype, gen)
     nvp = (None, int(torch.randint(0, n_blocks + 1, (1,), generator=gen)), random_nvp(total_q, n_blocks, gen))[case % 3]
+    return scores, fb, fe, kind, nvp
+
+
+def _net_case(case: int):
+    gen = torch.Generator().manual_seed(30000 + case)
+    pick = lambda seq: seq[int(torch.randint(0, len(seq), (1,), generator=gen))]  # noqa: E731
+    topk = pick((1, 2, 7, 15, 16, 17, 20))
+    lanes = pick((1, 2, 4, 8, 16, 32))
+    v = pick((16, 32, 64))
+    n_blocks = max(1, min(lanes * v, pick((1, 5, 16, 17, 37, 64, 100, 256, lanes * v, lanes * v - 1))))
+    total_q = pick((1, 13, 40))
+    n_heads = pick((1, 2))
+    scores, fb, fe, kind, nvp = _m16_case_rows(gen, case, topk, n_heads, n_blocks, total_q)
     return scores, topk, nvp, fb, fe, kind, dict(lanes=lanes, v=v)
 
 
@@ -495,16 +502,7 @@ def _coop_case(case: int):
     n_blocks = pick((1, 5, 33, 257, 511, 1000, 1023, 1024))
     total_q = pick((1, 7, 20))
     n_heads = pick((1, 2))
-    fb = int(torch.randint(0, topk + 1, (1,), generator=gen)) if case % 3 == 0 else 0
-    fe = int(torch.randint(0, topk - fb + 1, (1,), generator=gen)) if case % 4 < 2 else 0
-    if case % 17 == 0:
-        fe = topk - fb
-    if topk - fb - fe > 16:
-        fe = topk - fb - 16
-    kind = KINDS[case % len(KINDS)]
-    dtype = torch.bfloat16 if case % 5 == 0 else torch.float32
-    scores = make_scores(kind, n_heads, n_blocks, total_q, dtype, gen)
-    nvp = (None, int(torch.randint(0, n_blocks + 1, (1,), generator=gen)), random_nvp(total_q, n_blocks, gen))[case % 3]
+    scores, fb, fe, kind, nvp = _m16_case_rows(gen, case, topk, n_heads, n_blocks, total_q)
     cap = (64, 32, 16)[case % 3]  # small caps send more rows to the fallback
     return scores, topk, nvp, fb, fe, kind, dict(tokens=tokens, warps=warps, cap=cap, seed=case)
 
@@ -576,16 +574,7 @@ def _ccoop_case(case: int):
     tokens, warps = shapes[case % len(shapes)]
     total_q = pick((1, 7, 20))
     n_heads = pick((1, 2))
-    fb = int(torch.randint(0, topk + 1, (1,), generator=gen)) if case % 3 == 0 else 0
-    fe = int(torch.randint(0, topk - fb + 1, (1,), generator=gen)) if case % 4 < 2 else 0
-    if case % 17 == 0:
-        fe = topk - fb
-    if topk - fb - fe > 16:
-        fe = topk - fb - 16
-    kind = KINDS[case % len(KINDS)]
-    dtype = torch.bfloat16 if case % 5 == 0 else torch.float32
-    scores = make_scores(kind, n_heads, n_blocks, total_q, dtype, gen)
-    nvp = (None, int(torch.randint(0, n_blocks + 1, (1,), generator=gen)), random_nvp(total_q, n_blocks, gen))[case % 3]
+    scores, fb, fe, kind, nvp = _m16_case_rows(gen, case, topk, n_heads, n_blocks, total_q)
     cap = (64, 32, 16)[case % 3]  # small caps send more rows to the fallback
     return scores, topk, nvp, fb, fe, kind, dict(tokens=tokens, warps=warps, cap=cap, seed=case)
 

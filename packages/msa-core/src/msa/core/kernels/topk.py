@@ -622,12 +622,12 @@ CLUSTER_FLAG_BITS = {"always_exit_sync": 1, "attr_for_one": 2, "sorted_merge": 4
 CLUSTER_FLAGS_END = 32
 
 
-def cluster_flags() -> int:
+def cluster_flags(default: int = 0) -> int:
     """Cluster-path A/B variant bits from ``MSA_TOPK_CLUSTER_FLAGS`` (an int, or names from CLUSTER_FLAG_BITS
-    joined by ``+``); 0 = the default kernel. Every variant is exact."""
+    joined by ``+``); unset: ``default`` (the plan's flags; 0 = the default kernel). Every variant is exact."""
     v = os.environ.get("MSA_TOPK_CLUSTER_FLAGS", "").strip()
     if not v:
-        return 0
+        return default
     if v.isdigit():
         flags = int(v)
     else:
@@ -681,8 +681,7 @@ def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, 
                                p.warps, p.cap, _empty(device, torch.int64) if trace is None else trace)
     elif p.path == "cluster":
         module.topk_cluster_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out,
-                                   p.log_g, p.slices, p.warps, p.cap,
-                                   cluster_flags() if os.environ.get("MSA_TOPK_CLUSTER_FLAGS", "").strip() else p.flags,
+                                   p.log_g, p.slices, p.warps, p.cap, cluster_flags(p.flags),
                                    _empty(device, torch.int64) if trace is None else trace)
     elif p.path == "block":
         module.topk_block_select(
