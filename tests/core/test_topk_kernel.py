@@ -753,7 +753,8 @@ def test_plan_shapes(monkeypatch):
     assert plan(1, 1024, 4096, 15, 132).path == "row"  # 128K prefill: staged rows, one warp per row
     assert plan(1, 1024, 4096, 15, 132).log_g == 4  # 16 tokens per CTA
     assert plan(1, 2048, 4096, 15, 132).log_g == 3  # 16 staged rows of 2048 would exceed the smem budget
-    assert plan(1, 4096, 64, 15, 132).path == "row"  # 512K decode: cluster unmeasured there
+    assert plan(4, 4096, 64, 15, 132).path == "row"  # 512K decode, many rows: cluster unmeasured there
+    assert plan(1, 4096, 64, 15, 132).path == "ccoop"  # 512K decode, few rows: ccoop (4 slices x 16 clusters)
     monkeypatch.setenv("MSA_TOPK_REG", "0")  # the previous default plan (A/B switch)
     assert plan(4, 64, 4096, 15, 132).path == "warp"  # many short rows
     assert plan(4, 1024, 64, 15, 132).path == "row"  # 128K decode: the row path measured faster (H100)
@@ -778,8 +779,11 @@ def test_plan_shapes(monkeypatch):
     p = plan(4, 8192, 64, 15, 132)  # 1M decode H4: 8 slices x 8 tokens x 4 heads = 256 CTAs
     assert (p.path, p.slices, p.log_g, p.warps) == ("cluster", 8, 3, 8)
     assert p.flags == 0  # the default kernel
+    assert plan(1, 8192, 64, 15, 132).path == "ccoop"  # 1M decode H1: ccoop (test_ccoop_plan_env)
+    monkeypatch.setenv("MSA_TOPK_CCOOP", "0")  # without it: the cluster path
     p = plan(1, 8192, 64, 15, 132)  # 1M decode H1: 8 tokens per CTA (64 CTAs), local merge + one load batch
     assert (p.path, p.slices, p.log_g, p.warps, p.flags) == ("cluster", 8, 3, 8, 24)
+    monkeypatch.delenv("MSA_TOPK_CCOOP")
     p = plan(1, 8192, 64, 40, 132)  # M > 32: no local merge -> the default kernel, 4 tokens per CTA (128 CTAs)
     assert (p.path, p.slices, p.log_g, p.flags) == ("cluster", 8, 2, 0)
     assert plan(1, 16384, 64, 15, 132).path == "cluster"  # 2M decode: one launch, no workspace
@@ -1185,19 +1189,28 @@ def test_ccoop_launch_shapes(monkeypatch, tokens, warps):
 
 
 def test_ccoop_plan_env(monkeypatch):
-    """The experimental ccoop path is opt-in only (MSA_TOPK_PATH=ccoop): its shapes, slices and refusals."""
+    """ccoop is the default for decode with few rows at 256K-1M context (smallest G whose grid fills <= half the SMs);
+    MSA_TOPK_CCOOP=0 turns it off; MSA_TOPK_PATH=ccoop forces it: its shapes, slices and refusals."""
     from msa.core.kernels.topk import plan
 
-    assert plan(1, 8192, 64, 15, 132).path != "ccoop"
-    monkeypatch.setenv("MSA_TOPK_CCOOP", "1")  # A/B switch: decode-like 1M shapes to ccoop, nothing else
-    p = plan(4, 8192, 64, 15, 132)
-    assert (p.path, 1 << p.log_g, p.warps, p.slices) == ("ccoop", 4, 16, 8)
-    assert (plan(1, 2000, 64, 15, 132).log_g, plan(1, 2000, 64, 15, 132).warps) == (1, 8)
-    assert plan(1, 8192, 4096, 15, 132).path != "ccoop" and plan(1, 1024, 64, 15, 132).path == "coop"
+    def shape(*a):
+        p = plan(*a)
+        return p.path, 1 << p.log_g, p.warps, p.slices
+
+    assert shape(1, 8192, 64, 15, 132) == ("ccoop", 8, 16, 8)  # 8 slices x 8 clusters = 64 CTAs
+    assert shape(1, 8192, 32, 15, 132) == ("ccoop", 4, 8, 8)
+    assert shape(1, 2048, 64, 15, 132) == ("ccoop", 2, 8, 2)
+    assert shape(1, 5000, 1, 15, 132) == ("ccoop", 2, 8, 5)
+    assert shape(1, 8192, 64, 15, 264)[:3] == ("ccoop", 4, 8)  # twice the SMs: more clusters fit
+    for n_heads, n_blocks, total_q, m in ((2, 8192, 64, 15), (4, 8192, 64, 15), (1, 8192, 4096, 15),
+                                          (1, 1024, 64, 15), (1, 8192, 64, 17), (1, 16384, 64, 15)):
+        assert plan(n_heads, n_blocks, total_q, m, 132).path != "ccoop", (n_heads, n_blocks, total_q, m)
+    assert plan(1, 1024, 64, 15, 132).path == "coop"
+    monkeypatch.setenv("MSA_TOPK_CCOOP", "0")
+    assert plan(1, 8192, 64, 15, 132).path == "cluster"
     monkeypatch.delenv("MSA_TOPK_CCOOP")
     monkeypatch.setenv("MSA_TOPK_PATH", "ccoop")
-    p = plan(1, 8192, 64, 15, 132)
-    assert (p.path, 1 << p.log_g, p.warps, p.slices) == ("ccoop", 4, 16, 8)
+    assert shape(4, 8192, 64, 15, 132) == ("ccoop", 4, 16, 8)  # forced outside the default's range: G4W16
     assert plan(4, 5000, 64, 15, 132).slices == 5
     with pytest.raises(ValueError, match="ccoop: not applicable"):
         plan(1, 1024, 64, 15, 132)
