@@ -420,7 +420,7 @@ def net_emulate(tmp_path_factory):
 
 
 def _m16_case_rows(gen, case: int, topk: int, n_heads: int, n_blocks: int, total_q: int):
-    """The rest of a random M <= 16 replay case (net, coop): forced blocks with M = topk - fb - fe <= 16, the case's
+    """The rest of a random M <= 16 replay case (net, coop, ccoop): forced blocks with M = topk - fb - fe <= 16, the case's
     score kind and dtype, the scores, and no / scalar / per-token nvp. Returns (scores, fb, fe, kind, nvp)."""
     fb = int(torch.randint(0, topk + 1, (1,), generator=gen)) if case % 3 == 0 else 0
     fe = int(torch.randint(0, topk - fb + 1, (1,), generator=gen)) if case % 4 < 2 else 0
@@ -544,6 +544,73 @@ def test_coop_emulated_bench_shapes(coop_emulate):
                 got, nfb = coop_emulate(x, 16, None, 0, 1, tokens=tokens, warps=warps)
                 assert torch.equal(got, reference(x, 16, force_end_blocks=1)), (tokens, warps, kind)
                 assert (nfb == 64) if kind == "periodic" else (nfb == 0), (tokens, warps, kind, nfb)
+
+
+@pytest.fixture(scope="module")
+def ccoop_emulate(tmp_path_factory):
+    f = _emulator_lib(str(tmp_path_factory.mktemp("topk_ccoop_emulate")), "topk_ccoop_emulate", 3)
+
+    def run(scores, topk, nvp, fb, fe, *, tokens, warps, cap=64, seed=0):
+        """(out, number of rows that took the fallback)."""
+        s32, out, nvp_ptr, nvp_scalar, _keep = _emulator_io(scores, topk, nvp)
+        rc = f(s32.data_ptr(), *scores.shape, topk, nvp_ptr, nvp_scalar, fb, fe, tokens, warps, cap, seed,
+               out.data_ptr())
+        assert rc >= 0, (f"ccoop emulator: rc {rc} (-1 arguments, -2 bound ranks, -3 / -4 rank select / kept, "
+                         "-6 supergroups)")
+        return out, rc
+
+    return run
+
+
+CCOOP_SHAPES = [(2, 8), (4, 8), (4, 16), (8, 16)]
+
+
+def _ccoop_case(case: int):
+    gen = torch.Generator().manual_seed(50000 + case)
+    pick = lambda seq: seq[int(torch.randint(0, len(seq), (1,), generator=gen))]  # noqa: E731
+    topk = pick((1, 2, 7, 15, 16, 17, 20))
+    n_blocks = pick((1025, 1500, 2048, 3000, 4097, 8192))
+    shapes = [sh for sh in CCOOP_SHAPES if sh[0] <= -(-n_blocks // 1024)]
+    tokens, warps = shapes[case % len(shapes)]
+    total_q = pick((1, 7, 20))
+    n_heads = pick((1, 2))
+    scores, fb, fe, kind, nvp = _m16_case_rows(gen, case, topk, n_heads, n_blocks, total_q)
+    cap = (64, 32, 16)[case % 3]  # small caps send more rows to the fallback
+    return scores, topk, nvp, fb, fe, kind, dict(tokens=tokens, warps=warps, cap=cap, seed=case)
+
+
+def test_ccoop_emulated_matches_reference(ccoop_emulate):
+    """Ccoop path (topk_ccoop_emulate.cc, the kernel's helpers): K split over 2-8 slices of 1024 blocks, supergroup
+    bound over all slices, candidates in a random append order, rank select, the argmax-rounds fallback past cap;
+    -inf / NaN / +inf, forced blocks, ragged nvp, bf16 ties, K not a multiple of 1024, M = 0. Both branches taken."""
+    fallbacks = direct = 0
+    for case in range(160):
+        scores, topk, nvp, fb, fe, kind, kw = _ccoop_case(case)
+        want = reference(scores, topk, num_valid_pages=nvp, force_begin_blocks=fb, force_end_blocks=fe)
+        got, nfb = ccoop_emulate(scores, topk, nvp, fb, fe, **kw)
+        h, k, q = scores.shape
+        assert torch.equal(got, want), f"case {case}: {kind} topk={topk} K={k} q={q} H={h} fb={fb} fe={fe} {kw}"
+        fallbacks += nfb
+        direct += q * h - nfb
+    assert fallbacks > 0 and direct > fallbacks, (fallbacks, direct)
+
+
+def test_ccoop_emulated_bench_shapes(ccoop_emulate):
+    """1M decode (K = 8192): iid, random-walk and ascending rows stay under the cap (the supergroups interleave
+    across the slices), a row periodic in 32 blocks takes the fallback (still exact)."""
+    gen = torch.Generator().manual_seed(51)
+    for tokens, warps in CCOOP_SHAPES:
+        for kind in ("randn", "walk", "ascending", "periodic"):
+            x = torch.randn((1, 8192, 16), generator=gen)
+            if kind == "walk":
+                x = x.cumsum(1) * 0.2 + torch.randn((1, 8192, 16), generator=gen)
+            elif kind == "ascending":
+                x = torch.arange(8192, dtype=torch.float32).view(1, 8192, 1).expand(1, 8192, 16).contiguous()
+            elif kind == "periodic":  # blocks 0-2 mod 32 high: 768 in 3 supergroups -> past the cap
+                x = x + 10.0 * (torch.arange(8192) % 32 < 3).float().view(1, 8192, 1)
+            got, nfb = ccoop_emulate(x, 16, None, 0, 1, tokens=tokens, warps=warps)
+            assert torch.equal(got, reference(x, 16, force_end_blocks=1)), (tokens, warps, kind)
+            assert (nfb == 16) if kind == "periodic" else (nfb == 0), (tokens, warps, kind, nfb)
 
 
 def test_net_sort16_all_01_inputs(net_emulate):
@@ -686,7 +753,8 @@ def test_plan_shapes(monkeypatch):
     assert plan(1, 1024, 4096, 15, 132).path == "row"  # 128K prefill: staged rows, one warp per row
     assert plan(1, 1024, 4096, 15, 132).log_g == 4  # 16 tokens per CTA
     assert plan(1, 2048, 4096, 15, 132).log_g == 3  # 16 staged rows of 2048 would exceed the smem budget
-    assert plan(1, 4096, 64, 15, 132).path == "row"  # 512K decode: cluster unmeasured there
+    assert plan(4, 4096, 64, 15, 132).path == "row"  # 512K decode, many rows: cluster unmeasured there
+    assert plan(1, 4096, 64, 15, 132).path == "ccoop"  # 512K decode, few rows: ccoop (4 slices x 16 clusters)
     monkeypatch.setenv("MSA_TOPK_REG", "0")  # the previous default plan (A/B switch)
     assert plan(4, 64, 4096, 15, 132).path == "warp"  # many short rows
     assert plan(4, 1024, 64, 15, 132).path == "row"  # 128K decode: the row path measured faster (H100)
@@ -711,8 +779,11 @@ def test_plan_shapes(monkeypatch):
     p = plan(4, 8192, 64, 15, 132)  # 1M decode H4: 8 slices x 8 tokens x 4 heads = 256 CTAs
     assert (p.path, p.slices, p.log_g, p.warps) == ("cluster", 8, 3, 8)
     assert p.flags == 0  # the default kernel
+    assert plan(1, 8192, 64, 15, 132).path == "ccoop"  # 1M decode H1: ccoop (test_ccoop_plan_env)
+    monkeypatch.setenv("MSA_TOPK_CCOOP", "0")  # without it: the cluster path
     p = plan(1, 8192, 64, 15, 132)  # 1M decode H1: 8 tokens per CTA (64 CTAs), local merge + one load batch
     assert (p.path, p.slices, p.log_g, p.warps, p.flags) == ("cluster", 8, 3, 8, 24)
+    monkeypatch.delenv("MSA_TOPK_CCOOP")
     p = plan(1, 8192, 64, 40, 132)  # M > 32: no local merge -> the default kernel, 4 tokens per CTA (128 CTAs)
     assert (p.path, p.slices, p.log_g, p.flags) == ("cluster", 8, 2, 0)
     assert plan(1, 16384, 64, 15, 132).path == "cluster"  # 2M decode: one launch, no workspace
@@ -1098,6 +1169,59 @@ def test_coop_launch_shapes(monkeypatch, tokens, warps):
     _launch_shape_grid(gen, (1024, 1021, 513, 300, 5), 1024, M16_CASES, M16_SHAPED)
     scores = make_scores("ties", 4, 1024, 64, torch.float32, gen).cuda()
     assert torch.equal(_check(scores, 16, None, 0, 1), _kernel_call(scores, 16, None, 0, 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens,warps", CCOOP_SHAPES)
+def test_ccoop_launch_shapes(monkeypatch, tokens, warps):
+    """Ccoop path (experimental, MSA_TOPK_PATH=ccoop): G rows per cluster of ceil(K / 1024) CTAs of W warps: random,
+    heavy ties (-> the argmax-rounds fallback), NaN / -inf / +inf, ascending, signed zeros, causal; per-token / scalar
+    / no nvp; forced head and tail; M 0..16; K from 1025 to 8192; total_q not a multiple of G; fp32 and bf16;
+    deterministic."""
+    monkeypatch.setenv("MSA_TOPK_PATH", "ccoop")
+    monkeypatch.setenv("MSA_TOPK_G", str(tokens))
+    monkeypatch.setenv("MSA_TOPK_WARPS", str(warps))
+    gen = torch.Generator().manual_seed(tokens * 1000 + warps + 13)
+    counts = [k for k in (8192, 8191, 5000, 2049, 1025) if tokens <= -(-k // 1024)]
+    _launch_shape_grid(gen, counts, 8192, M16_CASES, M16_SHAPED)
+    scores = make_scores("ties", 4, 8192, 64, torch.float32, gen).cuda()
+    assert torch.equal(_check(scores, 16, None, 0, 1), _kernel_call(scores, 16, None, 0, 1))
+
+
+def test_ccoop_plan_env(monkeypatch):
+    """ccoop is the default for decode with few rows at 256K-1M context (smallest G whose grid fills <= half the SMs);
+    MSA_TOPK_CCOOP=0 turns it off; MSA_TOPK_PATH=ccoop forces it: its shapes, slices and refusals."""
+    from msa.core.kernels.topk import plan
+
+    def shape(*a):
+        p = plan(*a)
+        return p.path, 1 << p.log_g, p.warps, p.slices
+
+    assert shape(1, 8192, 64, 15, 132) == ("ccoop", 8, 16, 8)  # 8 slices x 8 clusters = 64 CTAs
+    assert shape(1, 8192, 32, 15, 132) == ("ccoop", 4, 8, 8)
+    assert shape(1, 2048, 64, 15, 132) == ("ccoop", 2, 8, 2)
+    assert shape(1, 5000, 1, 15, 132) == ("ccoop", 2, 8, 5)
+    assert shape(1, 8192, 64, 15, 264)[:3] == ("ccoop", 4, 8)  # twice the SMs: more clusters fit
+    for n_heads, n_blocks, total_q, m in ((2, 8192, 64, 15), (4, 8192, 64, 15), (1, 8192, 4096, 15),
+                                          (1, 1024, 64, 15), (1, 8192, 64, 17), (1, 16384, 64, 15)):
+        assert plan(n_heads, n_blocks, total_q, m, 132).path != "ccoop", (n_heads, n_blocks, total_q, m)
+    assert plan(1, 1024, 64, 15, 132).path == "coop"
+    monkeypatch.setenv("MSA_TOPK_CCOOP", "0")
+    assert plan(1, 8192, 64, 15, 132).path == "cluster"
+    monkeypatch.delenv("MSA_TOPK_CCOOP")
+    monkeypatch.setenv("MSA_TOPK_PATH", "ccoop")
+    assert shape(4, 8192, 64, 15, 132) == ("ccoop", 4, 16, 8)  # forced outside the default's range: G4W16
+    assert plan(4, 5000, 64, 15, 132).slices == 5
+    with pytest.raises(ValueError, match="ccoop: not applicable"):
+        plan(1, 1024, 64, 15, 132)
+    with pytest.raises(ValueError, match="ccoop: not applicable"):
+        plan(1, 8192, 64, 17, 132)
+    monkeypatch.setenv("MSA_TOPK_G", "8")
+    with pytest.raises(ValueError, match="tokens <= ceil"):
+        plan(1, 2000, 64, 15, 132)
+    monkeypatch.setenv("MSA_TOPK_WARPS", "8")
+    with pytest.raises(ValueError, match="for the ccoop path"):
+        plan(1, 8192, 64, 15, 132)
 
 
 @pytest.mark.gpu

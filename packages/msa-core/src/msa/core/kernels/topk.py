@@ -31,6 +31,11 @@
   W = 8 or 16 warps of a CTA share G = 1, 2 or 4 rows, a few values per thread; the bound is the M-th largest of 32
   interleaved supergroup maxima (ballot ranks), candidates go to a shared list that the row's warp ranks (the net
   selection as the exact fallback for a row with more than 64 candidates). ``MSA_TOPK_COOP=0`` = the net plan there.
+- ``ccoop`` (``csrc/topk/topk_ccoop_core.cuh``): the coop layout with K split over a cluster of ceil(K / 1024) <= 8
+  CTAs (1024 < K <= 8192, M <= 16): supergroup maxima exchanged through DSMEM, candidates appended to the row's owner
+  CTA, exact argmax-rounds fallback. The default for decode with few rows at 256K-1M context (``_ccoop_shape``);
+  ``MSA_TOPK_CCOOP=0`` = without it; ``MSA_TOPK_PATH=ccoop`` with ``MSA_TOPK_G`` / ``MSA_TOPK_WARPS`` from
+  ``CCOOP_SHAPES`` forces a shape.
 
 The block and warp paths allocate at most one workspace (``2 * H * splits * M * ceil(total_q/32)*32`` int32 words, torch's caching
 allocator) and only when ``splits > 1``.
@@ -104,7 +109,7 @@ def available(device) -> tuple[bool, str]:
 
 @dataclass(frozen=True)
 class TopkPlan:
-    path: str  # "block", "warp", "row", "cluster", "reg", "net" or "coop"
+    path: str  # "block", "warp", "row", "cluster", "reg", "net", "coop" or "ccoop"
     splits: int  # CTAs along K per (token group, head); > 1 adds the merge launch
     cap: int  # candidate entries per row (block: buffer; warp: column capacity)
     warps: int = 1  # warp path: warps per scan CTA, each a contiguous slice of the split
@@ -417,6 +422,10 @@ def _use_net_path(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: i
 COOP_MAX_M = 16  # coop path (topk_coop_core.cuh, kCoopMaxM)
 COOP_CAP = 64  # candidates per row before the net fallback (kCoopCap)
 COOP_SHAPES = ((1, 8), (2, 8), (4, 8), (2, 16), (4, 16), (8, 16))  # (G tokens, W warps) per CTA; V = 32 G / W
+COOP_ROW_BLOCKS = 1024  # coop / ccoop: blocks per CTA and row (topk_coop_core.cuh, kCoopRowBlocks)
+# ccoop: a cluster of ceil(K / 1024) <= 8 CTAs per G rows
+CCOOP_MAX_SLICES = 8
+CCOOP_SHAPES = ((2, 8), (4, 8), (4, 16), (8, 16))  # (G tokens per cluster, W warps per CTA); G <= slices
 
 
 def _use_coop_path(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int = 132) -> bool:
@@ -427,6 +436,25 @@ def _use_coop_path(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: 
                os.environ.get("MSA_TOPK_REG", "1")) or not 0 < m <= COOP_MAX_M:
         return False
     return total_q * n_heads < 16 * sm_count and REG_SHORT_BLOCKS < n_blocks <= NET_DECODE_MAX_BLOCKS
+
+
+def _ccoop_shape(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> tuple[int, int] | None:
+    """(G rows per cluster, W warps per CTA) where the ccoop path is the default, else None. It applies to decode-like
+    rows (< 16 per SM) of 1024 < K <= 8192 blocks (256K-1M context), M <= 16, and wins where few clusters carry the
+    rows: the smallest G whose grid (ceil(K / 1024) CTAs x ceil(rows / G) clusters) fills at most half the SMs.
+    H200, session 9 run 1 (us per call; the default before in brackets): 1M H1 q64 G8W16 6.04 (cluster 6.59), 1M H1
+    q32 G4W8 5.2 (cluster 6.4), 256K H1 q64 G2W8 4.75 (row 6.33); more rows stay where they were: 1M H2 q64 (G8W16
+    8.46 vs cluster 8.33), 1M H4 q64 (12.8-13.2 vs cluster 10.85). ``MSA_TOPK_CCOOP=0`` turns it off (A/B)."""
+    if os.environ.get("MSA_TOPK_CCOOP", "1") == "0" or not 0 < m <= COOP_MAX_M:
+        return None
+    rows = total_q * n_heads
+    if not (rows < 16 * sm_count and COOP_ROW_BLOCKS < n_blocks <= CCOOP_MAX_SLICES * COOP_ROW_BLOCKS):
+        return None
+    slices = -(-n_blocks // COOP_ROW_BLOCKS)
+    for g in (2, 4, 8):
+        if g <= slices and slices * -(-rows // g) <= sm_count // 2:
+            return g, 16 if g == 8 else 8
+    return None
 
 
 def _coop_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> TopkPlan | None:
@@ -455,6 +483,8 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
     if not path:
         if _use_coop_path(n_heads, n_blocks, total_q, m, sm_count):
             path = "coop"
+        elif _ccoop_shape(n_heads, n_blocks, total_q, m, sm_count):
+            path = "ccoop"
         elif _use_net_path(n_heads, n_blocks, total_q, m, sm_count):
             path = "net"
         elif _use_reg_path(n_heads, n_blocks, total_q, m, sm_count):
@@ -469,9 +499,21 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
             path = "row"
         else:
             path = "block"
-    if path not in ("block", "warp", "row", "cluster", "reg", "net", "coop"):
-        raise ValueError(f"MSA_TOPK_PATH: expected 'block', 'warp', 'row', 'cluster', 'reg', 'net' or 'coop', got "
+    if path not in ("block", "warp", "row", "cluster", "reg", "net", "coop", "ccoop"):
+        raise ValueError(f"MSA_TOPK_PATH: expected 'block', 'warp', 'row', 'cluster', 'reg', 'net', 'coop' or 'ccoop', got "
                          f"{path!r}")
+    if path == "ccoop":
+        if not 0 <= m <= COOP_MAX_M or not COOP_ROW_BLOCKS < n_blocks <= CCOOP_MAX_SLICES * COOP_ROW_BLOCKS:
+            raise ValueError(f"MSA_TOPK_PATH=ccoop: not applicable (M = {m} not in 0..{COOP_MAX_M} or K = {n_blocks} "
+                             f"not in {COOP_ROW_BLOCKS + 1}..{CCOOP_MAX_SLICES * COOP_ROW_BLOCKS})")
+        slices = -(-n_blocks // COOP_ROW_BLOCKS)
+        g0, w0 = _ccoop_shape(n_heads, n_blocks, total_q, m, sm_count) or ((4, 16) if slices >= 4 else (2, 8))
+        g = _env_int("MSA_TOPK_G") or g0
+        warps = _env_int("MSA_TOPK_WARPS") or w0
+        if (g, warps) not in CCOOP_SHAPES or g > slices:
+            raise ValueError(f"MSA_TOPK_G / MSA_TOPK_WARPS: expected (tokens, warps) in {CCOOP_SHAPES} with tokens <= "
+                             f"ceil(K / {COOP_ROW_BLOCKS}) = {slices} for the ccoop path, got ({g}, {warps})")
+        return TopkPlan(path="ccoop", splits=1, cap=COOP_CAP, warps=warps, log_g=g.bit_length() - 1, slices=slices)
     if path == "coop":
         pl = _coop_plan(n_heads, n_blocks, total_q, m, sm_count)
         if pl is None:
@@ -626,7 +668,10 @@ def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, 
     words = p.workspace_words(n_heads, total_q, m)
     ws = torch.empty(words, dtype=torch.int32, device=device) if words else _empty(device, torch.int32)
     module = load_module(device, timeline=trace is not None and p.path in ("cluster", "net", "coop"))
-    if p.path == "coop":
+    if p.path == "ccoop":
+        module.topk_ccoop_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out,
+                                 1 << p.log_g, p.warps)
+    elif p.path == "coop":
         module.topk_coop_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out,
                                 1 << p.log_g, p.warps, _empty(device, torch.int64) if trace is None else trace)
     elif p.path == "net":

@@ -69,6 +69,46 @@ struct CoopSmem {
   int cnt[G];
 };
 
+// A row's owner warp, n <= kCoopCap candidates in list (any order): ranks by composite (value descending, then
+// block ascending) against the whole list -- lane l holds entries l and l + 32; the partners are read two at a time
+// (16-byte broadcast loads), four pairs per trip, so the loads of a trip are in flight together (a one-entry loop
+// was ~16 ns per entry, H200 timeline). Entries are distinct, so exactly min(n, M) have rank < M: their block
+// indices go to kept[0 .. nsel) (list order, by ballot). Returns nsel.
+__device__ __forceinline__ int coop_rank_kept(const Comp* list, int n, int m, int* kept, int lane) {
+  const unsigned full = 0xFFFFFFFFu;
+  const Comp x0 = lane < n ? list[lane] : 0, x1 = lane + 32 < n ? list[lane + 32] : 0;
+  int r0 = 0, r1 = 0;
+  const ulonglong2* pairs = reinterpret_cast<const ulonglong2*>(list);
+  for (int j = 0; j < n; j += 8) {
+    ulonglong2 y[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) y[k] = pairs[j / 2 + k];  // entries past n: stale or unset, masked below
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const bool l0 = j + 2 * k < n, l1 = j + 2 * k + 1 < n;
+      r0 += (l0 && y[k].x > x0 ? 1 : 0) + (l1 && y[k].y > x0 ? 1 : 0);
+      r1 += (l0 && y[k].x > x1 ? 1 : 0) + (l1 && y[k].y > x1 ? 1 : 0);
+    }
+  }
+  const bool k0 = lane < n && r0 < m, k1 = lane + 32 < n && r1 < m;
+  const unsigned b0 = __ballot_sync(full, k0), b1 = __ballot_sync(full, k1);
+  const unsigned below = (1u << lane) - 1u;
+  if (k0) kept[__popc(b0 & below)] = static_cast<int>(comp_idx(x0));
+  if (k1) kept[__popc(b0) + __popc(b1 & below)] = static_cast<int>(comp_idx(x1));
+  __syncwarp();
+  return n < m ? n : m;
+}
+
+// The nsel <= kCoopMaxM kept block indices (kept[0 .. nsel), any order) written ascending at orow[lo ..): each
+// index's slot = the kept indices below it (shuffles).
+__device__ __forceinline__ void coop_write_kept(const int* kept, int nsel, int32_t* orow_lo, int lane) {
+  const int mine = lane < nsel ? kept[lane] : INT32_MAX;
+  int pos = 0;
+#pragma unroll
+  for (int j = 0; j < kCoopMaxM; ++j) pos += __shfl_sync(0xFFFFFFFFu, mine, j) < mine ? 1 : 0;
+  if (lane < nsel) orow_lo[pos] = mine;
+}
+
 template <typename T, int G, int W>
 __device__ __forceinline__ void coop_select_cta(const NetParams& p, CoopSmem<G, 32 * W / G>& sm) {
   constexpr int R = 32 * W / G;           // threads per row
@@ -167,39 +207,10 @@ __device__ __forceinline__ void coop_select_cta(const NetParams& p, CoopSmem<G, 
 #endif
       return;
     }
-    // Ranks by composite (value descending, then block ascending) against the whole list: lane l holds entries l
-    // and l + 32; the partners are read two at a time (16-byte broadcast loads), four pairs per trip, so the
-    // loads of a trip are in flight together (a one-entry loop was ~16 ns per entry, H200 timeline).
-    const Comp x0 = lane < n ? sm.cand[warp][lane] : 0, x1 = lane + 32 < n ? sm.cand[warp][lane + 32] : 0;
-    int r0 = 0, r1 = 0;
-    const ulonglong2* pairs = reinterpret_cast<const ulonglong2*>(sm.cand[warp]);
-    for (int j = 0; j < n; j += 8) {
-      ulonglong2 y[4];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) y[k] = pairs[j / 2 + k];  // entries past n: stale or unset, masked below
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const bool l0 = j + 2 * k < n, l1 = j + 2 * k + 1 < n;
-        r0 += (l0 && y[k].x > x0 ? 1 : 0) + (l1 && y[k].y > x0 ? 1 : 0);
-        r1 += (l0 && y[k].x > x1 ? 1 : 0) + (l1 && y[k].y > x1 ? 1 : 0);
-      }
-    }
-    net_stamp(p, kNtRanked, static_cast<float>(r0 + r1));
-    // Entries are distinct, so exactly nsel = min(n, M) have rank < M: their block indices go to kept[0 .. nsel)
-    // (list order, by ballot), then each kept index's output slot = kept indices below it (shuffles).
-    const bool k0 = lane < n && r0 < m, k1 = lane + 32 < n && r1 < m;
-    const unsigned b0 = __ballot_sync(full, k0), b1 = __ballot_sync(full, k1);
-    const unsigned below = (1u << lane) - 1u;
-    if (k0) sm.kept[warp][__popc(b0 & below)] = static_cast<int>(comp_idx(x0));
-    if (k1) sm.kept[warp][__popc(b0) + __popc(b1 & below)] = static_cast<int>(comp_idx(x1));
-    nsel = n < m ? n : m;
-    __syncwarp();
-    const int mine = lane < nsel ? sm.kept[warp][lane] : INT32_MAX;
-    int pos = 0;
-#pragma unroll
-    for (int j = 0; j < kCoopMaxM; ++j) pos += __shfl_sync(full, mine, j) < mine ? 1 : 0;
-    net_stamp(p, kNtOrdered, static_cast<float>(pos));
-    if (lane < nsel) orow[rr.lo + pos] = mine;
+    nsel = coop_rank_kept(sm.cand[warp], n, m, sm.kept[warp], lane);
+    net_stamp(p, kNtRanked, static_cast<float>(nsel));
+    coop_write_kept(sm.kept[warp], nsel, orow + rr.lo, lane);
+    net_stamp(p, kNtOrdered, 0.f);
   }
   lane_write_forced<32>(orow, rr, nsel, p.topk, lane);
   net_stamp(p, kNtOut, static_cast<float>(nsel));
