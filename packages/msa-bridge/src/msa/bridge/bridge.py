@@ -543,24 +543,3 @@ def _with_qouter(path, q, k, v, sel, plan, scale, direct_out, out_dtype, validat
             return _kv_outer(q, k, v, sel, plan, scale, True, page_table, validate, backend)
         return hybrid()  # (an optimistic pass is redone after the KV-outer part)
     return hybrid()
-    if path == "kernel" and AUTO_SKIP_SYNC and not is_capturing(q.device):
-        # Eager "auto": the routed item count (read once from the device) picks the cheapest of three -- every item
-        # routed -> Q-outer alone (no k2q CSR, no combine: ~2 ms saved at 64/4 S32K, H100); fewer than
-        # AUTO_MIN_ROUTED of them -> KV-outer alone on the original selections (the hybrid's extra passes cost more
-        # than the few routed tiles save: random selections at 32K, 3-13% routed, ran 29.9 ms hybrid vs 25.2 KV-outer
-        # alone, session 4 run 9); else the hybrid. The Q-outer pass is launched *before* the count is read (it only
-        # writes routed rows), so the host waits while the GPU runs it: the read costs no idle GPU time (it cost
-        # ~0.15 ms per call at 64/4 S32K when it sat between the union build and the kernel, session 5 run 1). When
-        # not every item routed, that pass is redone after the KV-outer part (or dropped: KV-outer alone overwrites
-        # every row). Under CUDA-graph capture the hybrid is recorded (no sync); MSA_BRIDGE_AUTO_SYNC=0 never syncs.
-        routed_count = _read_later((un.union_len >= 0).sum())
-        o, lse = new_out()
-        qouter_pass(o, lse)
-        routed = routed_count()
-        _auto_state["expect_all_routed"] = routed == it.num_items
-        if routed == it.num_items:
-            return o, lse
-        if routed < AUTO_MIN_ROUTED * it.num_items:
-            return _kv_outer(q, k, v, sel, plan, scale, True, page_table, validate, backend)
-        return hybrid()
-    return hybrid()
