@@ -189,18 +189,31 @@ def test_schedule_resolution_and_errors():
     assert p.schedule == "q_outer"
 
 
-def test_fp8_kv_goes_kv_outer_under_auto_and_raises_under_q_outer(monkeypatch):
+def test_fp8_routing_q_outer_for_fp8_qkv_kv_outer_for_mixed(monkeypatch):
+    """fp8 Q = K = V takes the Q-outer part (its kernel exists); a bf16 Q over an fp8 KV cache (what per-head q scales
+    fold into) goes KV-outer under auto and is refused under q_outer. Both against the fp32 oracle of the selection."""
     q, k, v, sel = _problem(6, [20], [300], 2, 1, 2, d=16)
     q8, k8, v8 = (x.to(torch.float8_e4m3fn) for x in (q, k, v))
-    calls = []
-    real_kv = br._kv_outer
-    monkeypatch.setattr(br, "_kv_outer", lambda *a, **kw: calls.append(1) or real_kv(*a, **kw))
-    sp = sparse_fmha_plan([20], [300], 2, 1, kv_block_num=2)
-    o, _ = sparse_fmha(q8, k8, v8, sp, kv_block_indexes=sel)
-    assert calls and o.dtype == torch.bfloat16 and torch.isfinite(o.float()).all()
+    qouter = []
+    real_q = br._with_qouter
+    monkeypatch.setattr(br, "_with_qouter", lambda *a, **kw: qouter.append(1) or real_q(*a, **kw))
+    want, _ = sparse_fmha(q8.float().to(torch.bfloat16), k8.float().to(torch.bfloat16),
+                          v8.float().to(torch.bfloat16), sparse_fmha_plan([20], [300], 2, 1, kv_block_num=2,
+                                                                          schedule="kv_outer"), kv_block_indexes=sel)
+    assert not qouter
+    for schedule in ("auto", "q_outer"):
+        sp = sparse_fmha_plan([20], [300], 2, 1, kv_block_num=2, schedule=schedule)
+        o, _ = sparse_fmha(q8, k8, v8, sp, kv_block_indexes=sel)
+        assert qouter and o.dtype == torch.bfloat16, schedule
+        assert ((o.float() - want.float()).norm() / want.float().norm()).item() < 2e-2, schedule
+        qouter.clear()
+    qb = q8.float().to(torch.bfloat16)
+    o, _ = sparse_fmha(qb, k8, v8, sparse_fmha_plan([20], [300], 2, 1, kv_block_num=2), kv_block_indexes=sel)
+    assert not qouter and o.dtype == torch.bfloat16
+    assert ((o.float() - want.float()).norm() / want.float().norm()).item() < 2e-2
     sp = sparse_fmha_plan([20], [300], 2, 1, kv_block_num=2, schedule="q_outer")
-    with pytest.raises(ValueError, match="'q_outer' needs bf16/fp16 Q = K = V"):
-        sparse_fmha(q8, k8, v8, sp, kv_block_indexes=sel)
+    with pytest.raises(ValueError, match="'q_outer' needs bf16 / fp16 / fp8 Q = K = V"):
+        sparse_fmha(qb, k8, v8, sp, kv_block_indexes=sel)
 
 
 def _stub_qouter_kernel(monkeypatch) -> list:

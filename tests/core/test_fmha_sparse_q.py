@@ -143,12 +143,13 @@ def test_plan_rejects_bad_head_ratios_and_lengths():
 def test_jit_specs_follow_the_preset_and_skip_sm100():
     specs = qo.jit_specs({"dtypes": ["bf16", "fp8", "fp16"], "head_dim": [64, 128]}, "sm_90a")
     names = sorted(s.name for s in specs)
-    assert len(names) == 8 and all("mode=3" in n and "head_dim=128" in n for n in names)
+    assert len(names) == 10 and all("mode=3" in n and "head_dim=128" in n for n in names)
     assert sum("dtype=float16" in n for n in names) == 4  # causal x paged
+    assert sum("dtype=float8_e4m3fn" in n for n in names) == 2  # causal, ragged only
     assert sum("paged=True" in n for n in names) == 4
     assert qo.jit_specs({"dtypes": ["bf16"], "head_dim": [128]}, "sm_100a") == []
-    with pytest.raises(NotImplementedError, match="bf16 / fp16"):
-        k90.jit_spec("float8_e4m3fn", 128, True, False, mode="sparse_q")
+    with pytest.raises(NotImplementedError, match="ragged"):
+        k90.jit_spec("float8_e4m3fn", 128, True, True, mode="sparse_q")
 
 
 def test_registered_for_warmup():
@@ -165,7 +166,9 @@ def test_registered_for_warmup():
 def test_supports_names_what_is_missing():
     assert qo.supports(q_dtype=torch.bfloat16, kv_dtype=torch.bfloat16, head_dim=128, head_dim_v=128,
                        qhead_per_kv=16)[0]
-    for kw, why in ((dict(q_dtype=torch.float8_e4m3fn), "dtype"), (dict(head_dim=64), "head dims"),
+    assert qo.supports(q_dtype=torch.float8_e4m3fn, kv_dtype=torch.float8_e4m3fn, head_dim=128, qhead_per_kv=16)[0]
+    for kw, why in ((dict(q_dtype=torch.float32), "dtype"), (dict(q_dtype=torch.float8_e4m3fn, paged=True), "paged"),
+                    (dict(head_dim=64), "head dims"),
                     (dict(qhead_per_kv=12), "power of two"),
                     (dict(q_dtype=torch.float16, kv_dtype=torch.bfloat16), "K/V dtype")):
         ok, msg = qo.supports(**kw)
@@ -201,7 +204,15 @@ CASES = [
     # paged K/V (page = block = 128, shuffled pages; 10th field)
     ("g16-correlated-paged", [300], [1000], 64, 4, 16, True, "correlated", torch.bfloat16, True),
     ("g4-random-ragged-paged", [150, 1, 64], [700, 300, 512], 8, 2, 4, True, "random", torch.bfloat16, True),
+    # fp8 e4m3 Q / K / V (ragged; O in bf16)
+    ("g16-correlated-fp8", [300], [1000], 64, 4, 16, True, "correlated", torch.float8_e4m3fn),
+    ("g16-random-ragged-fp8", [1, 200, 77], [128, 900, 77], 32, 2, 8, True, "random", torch.float8_e4m3fn),
+    ("g8-noncausal-fp8", [90, 33], [600, 257], 8, 1, 6, False, "random", torch.float8_e4m3fn),
+    ("g16-empty-some-fp8", [40, 9], [500, 200], 16, 1, 4, True, "empty-some", torch.float8_e4m3fn),
 ]
+# O rel. L2 bounds per dtype: bf16 / fp16 P and O rounding; fp8 P is rounded to e4m3 (3 mantissa bits) as in the
+# dense fp8 module (tests/core/test_fmha_fp8.py O_BOUND).
+O_BOUNDS = {torch.bfloat16: 1.5e-2, torch.float16: 4e-3, torch.float8_e4m3fn: 5e-2}
 
 
 def _gpu_or_skip():
@@ -224,9 +235,10 @@ def _run(case, routed_every=None, seed=0):
     dev = torch.device("cuda")
     torch.manual_seed(seed)
     tq, tk = sum(qo_lens), sum(kv_lens)
-    q = torch.randn(tq, hq, 128, dtype=dtype)
-    k = torch.randn(tk, hkv, 128, dtype=dtype)
-    v = torch.randn(tk, hkv, 128, dtype=dtype)
+    # fp8: e4m3 inputs (the reference computes in fp32 from the same rounded values); sm_scale below folds nothing
+    q = torch.randn(tq, hq, 128).to(dtype)
+    k = torch.randn(tk, hkv, 128).to(dtype)
+    v = torch.randn(tk, hkv, 128).to(dtype)
     sel = make_selection(qo_lens, kv_lens, hkv, topk, causal, kind, seed=seed)
     p = qo.plan(qo_lens, kv_lens, hq, hkv, causal=causal, paged=paged, device=dev)
     kk, vv, extra = k, v, {}
@@ -241,7 +253,8 @@ def _run(case, routed_every=None, seed=0):
             extra = {"page_table": pt.to(dev)}
     routed = None if routed_every is None else [i % routed_every != 0 for i in range(p.num_items)]
     tabs = [t.to(dev) for t in loop_unions(p, sel, routed)]
-    out = torch.full((tq, hq, 128), math.nan, dtype=dtype, device=dev)
+    out_dtype = torch.bfloat16 if dtype == torch.float8_e4m3fn else dtype
+    out = torch.full((tq, hq, 128), math.nan, dtype=out_dtype, device=dev)
     lse = torch.full((tq, hq), math.nan, dtype=torch.float32, device=dev)
     sm = 128**-0.5
     qo.run(p, q.to(dev), kk.to(dev), vv.to(dev), *tabs, out=out, lse=lse, sm_scale=sm, **extra)
@@ -255,7 +268,7 @@ def _run(case, routed_every=None, seed=0):
 def test_sparse_q_matches_fp32_reference(case):
     _gpu_or_skip()
     _, _, out, lse, ref_o, ref_lse = _run(case)
-    check_fmha_output(out, lse, ref_o, ref_lse, 1.5e-2 if case[8] == torch.bfloat16 else 4e-3)
+    check_fmha_output(out, lse, ref_o, ref_lse, O_BOUNDS[case[8]])
 
 
 @pytest.mark.gpu
@@ -274,8 +287,60 @@ def test_sparse_q_leaves_unrouted_items_untouched():
 
 
 @pytest.mark.gpu
-def test_sparse_q_is_deterministic():
+@pytest.mark.parametrize("which", [0, -4], ids=["bf16", "fp8"])
+def test_sparse_q_is_deterministic(which):
     _gpu_or_skip()
-    a = _run(CASES[0], seed=1)
-    b = _run(CASES[0], seed=1)
+    a = _run(CASES[which], seed=1)
+    b = _run(CASES[which], seed=1)
     assert torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
+
+
+@pytest.mark.gpu
+def test_sparse_q_fp8_unrouted_items_untouched():
+    """fp8: the transposed-V pre-pass and the staged epilogue write nothing for unrouted items either."""
+    _gpu_or_skip()
+    case = CASES[-3]
+    p, routed, out, lse, ref_o, ref_lse = _run(case, routed_every=3)
+    g = p.group
+    written = torch.zeros(out.shape[:2], dtype=torch.bool)
+    for i in range(p.num_items):
+        if routed[i]:
+            tok0, ntok, h = int(p.item_token0[i]), int(p.item_ntok[i]), int(p.item_kv_head[i])
+            written[tok0 : tok0 + ntok, h * g : (h + 1) * g] = True
+    assert torch.isnan(out[~written]).all() and torch.isnan(lse[~written]).all(), "unrouted rows were written"
+    check_fmha_output(out[written], lse[written], ref_o[written], ref_lse[written], O_BOUNDS[torch.float8_e4m3fn])
+
+
+def test_sparse_q_fp8_refusals():
+    p = qo.plan([8], [128], 16, 1, causal=True, paged=True, device="cpu")
+    q = torch.zeros(8, 16, 128).to(torch.float8_e4m3fn)
+    kv = torch.zeros(1, 1, 128, 128).to(torch.float8_e4m3fn)
+    with pytest.raises(NotImplementedError, match="paged"):
+        qo.run(p, q, kv, kv, None, None, None, None)
+    p = qo.plan([8], [128], 16, 1, causal=True, device="cpu")
+    kv = torch.zeros(128, 1, 128).to(torch.float8_e4m3fn)
+    tabs = (torch.zeros(p.num_items, 1, dtype=torch.int32), torch.zeros(p.num_items, dtype=torch.int32),
+            torch.zeros(p.num_items, 1, 1, dtype=torch.int32), torch.zeros(p.num_items, dtype=torch.int32))
+    with pytest.raises(ValueError, match="out: expected torch.bfloat16"):
+        qo.run(p, q, kv, kv, *tabs, out=torch.empty(8, 16, 128, dtype=torch.float16))
+    with pytest.raises(ValueError, match="sm_scale"):
+        qo.run(p, q, kv, kv, *tabs, sm_scale=-1.0)
+
+
+@pytest.mark.compile
+@pytest.mark.slow
+def test_fp8_sparse_q_module_builds_for_sm90a(module_arch_check):
+    """The fp8 sparse-Q module (packed e4m3 Q boxes, V^T pre-pass, staged bf16 epilogue) compiles for sm_90a."""
+    from pathlib import Path
+
+    from msa.core.jit import toolchain
+
+    try:
+        toolchain.nvcc_path()
+    except toolchain.ToolchainError as e:
+        pytest.skip(str(e))
+    entry = k90.jit_spec("float8_e4m3fn", 128, True, False, mode="sparse_q").build()
+    so = entry.file("module.so")
+    module_arch_check(so, "sm_90a", 90)
+    blob = Path(so).read_bytes()
+    assert b"fmha_fwd" in blob and b"fmha_sm90_vt_kernel" in blob and b"fmha_sm90_kernel" in blob

@@ -82,7 +82,7 @@ _auto_state = {"expect_all_routed": True}
 ROUTE_FACTOR = 2  # auto: an item goes Q-outer iff U <= ROUTE_FACTOR * topk (module docstring: the cost model)
 QOUTER_OP = "sparse_fmha_qouter"
 QOUTER_KERNEL_MODULE = "msa.core.kernels.fmha_sm90_qouter"  # msa-core's SM90 Q-outer kernel (plan / run)
-QOUTER_DTYPES = (torch.bfloat16, torch.float16)
+QOUTER_DTYPES = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)  # Q = K = V (fp8: O in bf16)
 QOUTER_HEAD_DIM = 128  # what the kernel is built for (used when its module has no supports())
 
 
@@ -409,7 +409,7 @@ def _qouter_path(plan: SparseFmhaPlan, q, k, v, backend) -> str | None:
         return None
     if q.dtype not in QOUTER_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         if plan.schedule == "q_outer":
-            raise ValueError(f"schedule: 'q_outer' needs bf16/fp16 Q = K = V (after scale folding), got q "
+            raise ValueError(f"schedule: 'q_outer' needs bf16 / fp16 / fp8 Q = K = V (after scale folding), got q "
                              f"{q.dtype}, k {k.dtype}, v {v.dtype}; use 'auto' or 'kv_outer'")
         return None
     features = dict(q_dtype=q.dtype, kv_dtype=k.dtype, head_dim=q.shape[-1], head_dim_v=v.shape[-1],

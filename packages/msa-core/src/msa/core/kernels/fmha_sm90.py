@@ -117,11 +117,9 @@ def jit_spec(dtype: str, head_dim: int, causal: bool, paged: bool, arch: str = "
         raise NotImplementedError(f"fmha_sm90: arch {arch!r} is not supported (the kernel uses sm_90a-only wgmma/TMA)")
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {sorted(MODES)}, got {mode!r}")
-    if mode == "sparse_q" and dtype == DTYPES[FP8_DTYPE]:
-        raise NotImplementedError(f"fmha_sm90: mode 'sparse_q' is built for bf16 / fp16, got {dtype}")
-    if dtype == DTYPES[FP8_DTYPE] and (paged or mode != "o"):
+    if dtype == DTYPES[FP8_DTYPE] and (paged or mode not in ("o", "sparse_q")):
         raise NotImplementedError(
-            f"fmha_sm90: fp8 is built for ragged K/V and mode 'o' only, got paged={paged}, mode={mode!r}"
+            f"fmha_sm90: fp8 is built for ragged K/V and modes 'o' / 'sparse_q' only, got paged={paged}, mode={mode!r}"
         )
     params = {"dtype": dtype, "head_dim": int(head_dim), "causal": bool(causal), "paged": bool(paged),
               "mode": MODES[mode]}

@@ -20,8 +20,10 @@ Split like every msa kernel:
 
 Semantics per routed (token, query head): softmax over the keys of the blocks its token selected (for the head's
 KV head), keys ``j >= kv_len`` masked, causal bottom-right (``j <= i + kv_len - qo_len``) when planned causal;
-natural-log LSE; a token that selected nothing gets O = 0, LSE = -inf. bf16 / fp16, head dim 128, ragged K/V or a
-paged cache with page = block = 128 (``plan(paged=True)``; ``run`` then takes ``kv_indices``, the flat page table
+natural-log LSE; a token that selected nothing gets O = 0, LSE = -inf. bf16 / fp16 or fp8 e4m3 (ragged K/V; O in
+bf16; ``sm_scale`` is the whole logit scale -- fold q / k scales into it -- and O comes out unscaled -- apply v / o
+scales after; the module first writes V transposed into a per-plan workspace, as the dense fp8 module does), head dim
+128, ragged K/V or a paged cache with page = block = 128 (``plan(paged=True)``; ``run`` then takes ``kv_indices``, the flat page table
 with each request's pages at ``kv_page_indptr``: the union's logical blocks are mapped to physical pages on the
 device, the kernel masks with the logical ids). Paged caches must hold finite values in the slots past each
 request's kv_len in its last page (P is 0 there, but 0 * NaN = NaN in the PV GEMM), as for the dense paged kernel.
@@ -29,6 +31,7 @@ request's kv_len in its last page (P is 0 there, but 0 * NaN = NaN in the PV GEM
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +68,11 @@ class QOuterPlan:
     workspace: torch.Tensor  # int32 [1]: the dynamic scheduler's counter (zeroed on the stream per launch)
     num_ctas: int
     lse_dummy: torch.Tensor
+    # fp8 (built on first use): the V pre-pass's tile list [ceil(kv / 128) summed, 2] (token start, valid keys), its
+    # transposed-V workspaces per (Hkv, D) and the [Hq, 2] scale tables per sm_scale.
+    vt_tiles: torch.Tensor | None = None
+    fp8_vt: dict | None = None
+    fp8_head_scales: dict | None = None
 
     @property
     def mask_words(self) -> int:
@@ -80,13 +88,18 @@ def available(device: torch.device) -> tuple[bool, str]:
     return _k90.available(device)
 
 
+DTYPES = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)  # q = k = v; fp8: ragged only, O in bf16
+
+
 def supports(*, dtype=None, q_dtype=None, kv_dtype=None, head_dim=None, head_dim_v=None, group=None,
-             qhead_per_kv=None, **_ignored) -> tuple[bool, str]:
+             qhead_per_kv=None, paged=None, **_ignored) -> tuple[bool, str]:
     """Whether the built sparse_q modules implement this call (``msa.core.dispatch`` feature gate)."""
     dtype = dtype if dtype is not None else q_dtype
     group = group if group is not None else qhead_per_kv
-    if dtype is not None and dtype not in (torch.bfloat16, torch.float16):
-        return False, f"fmha_sm90_qouter: dtype {dtype} not built (bf16 / fp16)"
+    if dtype is not None and dtype not in DTYPES:
+        return False, f"fmha_sm90_qouter: dtype {dtype} not built (bf16 / fp16 / float8_e4m3fn)"
+    if dtype == torch.float8_e4m3fn and paged:
+        return False, "fmha_sm90_qouter: fp8 with a paged cache is not built (ragged K/V only)"
     if kv_dtype is not None and dtype is not None and kv_dtype != dtype:
         return False, f"fmha_sm90_qouter: K/V dtype {kv_dtype} must equal Q's {dtype}"
     if head_dim is not None and (head_dim not in _k90.HEAD_DIMS_OTHER_MODES or head_dim_v not in (None, head_dim)):
@@ -167,6 +180,7 @@ def plan(qo_lens, kv_lens, num_qo_heads: int, num_kv_heads: int, *, causal: bool
     work[:, 5] = e["item_kv_head"] * g
     work[:, 6] = (work[:, 3] - work[:, 1]) if causal else 0
     work[:, 9] = -1  # partial_slot: write out / lse
+    work[:, 11] = page0[item_request]  # fp8: the request's first 128-key tile in the transposed V copy
     item_page0 = page0[item_request]
     token0 = e["tile_token0"][tile]
     ntok = e["tile_ntok"][tile]
@@ -207,8 +221,11 @@ def run(qplan: QOuterPlan, q, k, v, union, union_len, mask, order, *, out=None, 
     tensors as described in the module docstring. Returns ``out`` (and ``lse [total_q, Hq]``
     fp32 when ``return_lse`` or ``lse`` is given).
     """
-    if q.dtype not in (torch.bfloat16, torch.float16):
-        raise TypeError(f"q: expected bfloat16 or float16, got {q.dtype}")
+    if q.dtype not in DTYPES:
+        raise TypeError(f"q: expected bfloat16, float16 or float8_e4m3fn, got {q.dtype}")
+    fp8 = q.dtype == torch.float8_e4m3fn
+    if fp8 and qplan.paged:
+        raise NotImplementedError("q: fp8 with a paged cache is not built (ragged K/V only); use bf16 / fp16")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name}: expected {q.dtype} (q's dtype), got {t.dtype}")
@@ -247,10 +264,11 @@ def run(qplan: QOuterPlan, q, k, v, union, union_len, mask, order, *, out=None, 
     _check_i32("union_len", union_len, (n,), dev)
     _check_i32("mask", mask, (n, umax, qplan.mask_words), dev)
     _check_i32("order", order, (n,), dev)
+    out_dtype = torch.bfloat16 if fp8 else q.dtype
     if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != dev:
-        raise ValueError(f"out: expected {q.dtype} {list(q.shape)} on {dev}, got {out.dtype} {list(out.shape)} on "
+        out = torch.empty(q.shape, dtype=out_dtype, device=dev)
+    elif out.shape != q.shape or out.dtype != out_dtype or out.device != dev:
+        raise ValueError(f"out: expected {out_dtype} {list(q.shape)} on {dev}, got {out.dtype} {list(out.shape)} on "
                          f"{out.device}")
     want_lse = return_lse or lse is not None
     if want_lse and lse is None:
@@ -258,6 +276,8 @@ def run(qplan: QOuterPlan, q, k, v, union, union_len, mask, order, *, out=None, 
     if lse is not None and (lse.shape != (total_q, hq) or lse.dtype != torch.float32):
         raise ValueError(f"lse: expected float32 [{total_q}, {hq}], got {lse.dtype} {list(lse.shape)}")
     scale = float(sm_scale) if sm_scale is not None else d**-0.5
+    if fp8 and not (scale > 0.0 and math.isfinite(scale)):
+        raise ValueError(f"sm_scale: the fp8 kernel needs a finite logit scale > 0, got {scale}")
     union_phys = union
     if qplan.paged and n:  # logical block -> physical page of the item's request (entries past U: any valid page)
         if page_table is not None:
@@ -266,14 +286,43 @@ def run(qplan: QOuterPlan, q, k, v, union, union_len, mask, order, *, out=None, 
         else:
             slots = (qplan.item_page0.view(-1, 1) + union).clamp_(0, kv_indices.numel() - 1).long()
             union_phys = kv_indices[slots].to(torch.int32).contiguous()
-    if n:
+    if n and fp8:
+        vt, vt_tiles, head_scales = _fp8_tables(qplan, k.shape[1], d, scale, dev)
+        mod = _k90._module(_k90.DTYPES[q.dtype], d, qplan.causal, False, MODE)
+        u8 = torch.uint8
+        mod.fmha_fwd(q.view(u8), k.view(u8), v.view(u8), out, lse if want_lse else qplan.lse_dummy, qplan.work,
+                     qplan.workspace, union, union_phys, union_len, mask, order, vt, vt_tiles, head_scales,
+                     qplan.num_ctas, scale, bool(want_lse))
+    elif n:
         mod = _k90._module(_k90.DTYPES[q.dtype], d, qplan.causal, qplan.paged, MODE)
         mod.fmha_fwd(q, k, v, out, lse if want_lse else qplan.lse_dummy, qplan.work, qplan.workspace, union,
                      union_phys, union_len, mask, order, qplan.num_ctas, scale, bool(want_lse))
     return (out, lse) if want_lse else out
 
 
-_PRESET_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16"}
+def _fp8_tables(qplan: QOuterPlan, hkv: int, d: int, scale: float, dev: torch.device):
+    """The fp8 module's V pre-pass tile list, transposed-V workspace and ``[Hq, 2]`` scale table (logit scale, 1):
+    built once per plan (per (Hkv, D) / per scale), so repeated calls allocate nothing."""
+    if qplan.vt_tiles is None:
+        tiles, start = [], 0
+        for kv in qplan.kv_lens:
+            tiles += [[start + BLOCK * t, min(BLOCK, kv - BLOCK * t)] for t in range(-(-kv // BLOCK))]
+            start += kv
+        qplan.vt_tiles = torch.tensor(tiles or [[0, 0]], dtype=torch.int32, device=dev).view(-1, 2)
+        qplan.fp8_vt, qplan.fp8_head_scales = {}, {}
+    vt = qplan.fp8_vt.get((hkv, d))
+    if vt is None:
+        vt = qplan.fp8_vt[(hkv, d)] = torch.empty(hkv, d, BLOCK * qplan.vt_tiles.shape[0], dtype=torch.uint8,
+                                                  device=dev)
+    hs = qplan.fp8_head_scales.get(scale)
+    if hs is None:
+        hs = qplan.fp8_head_scales[scale] = torch.tensor([[scale, 1.0]] * qplan.num_qo_heads, dtype=torch.float32,
+                                                         device=dev)
+    return vt, qplan.vt_tiles, hs
+
+
+_PRESET_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+                  "fp8": "float8_e4m3fn", "float8_e4m3fn": "float8_e4m3fn"}
 
 
 def jit_specs(preset: dict, arch: str) -> list:
@@ -284,4 +333,4 @@ def jit_specs(preset: dict, arch: str) -> list:
     dtypes = [_PRESET_DTYPES[d] for d in preset.get("dtypes", ["bf16"]) if d in _PRESET_DTYPES]
     dims = [d for d in preset.get("head_dim", list(_k90.HEAD_DIMS_OTHER_MODES)) if d in _k90.HEAD_DIMS_OTHER_MODES]
     return [_k90.jit_spec(dt, d, c, paged, arch, mode=MODE) for dt in dict.fromkeys(dtypes) for d in dims
-            for c in (True, False) for paged in (False, True)]
+            for c in (True, False) for paged in (False, True) if not (paged and dt == "float8_e4m3fn")]

@@ -586,12 +586,14 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
     if (leader) {
       TxMbar::arrive_and_expect_tx(&ss.bar_q, T::kTmaBytesQ);
       if constexpr (T::kSparseQ) {
-        // (64 dims, T tokens, G heads) per box: smem rows g * T + t, one 128-row x 64-dim swizzled slab per box.
+        // (128-byte dims, T tokens, G heads) per box: smem rows g * T + t, one 128-row x 128-byte swizzled slab per
+        // box (64 dims of 16-bit Q, 128 of fp8).
+        constexpr int kBoxDims = 128 / int(sizeof(Element));
         int const tok0 = w.q_start + w.m_block * p.sq_tokens_per_tile;
         CUTE_UNROLL
-        for (int c = 0; c < kD / 64; ++c) {
+        for (int c = 0; c < kD / kBoxDims; ++c) {
           SM90_TMA_LOAD_3D::copy(&p.tma_q_packed, &ss.bar_q, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
-                                 ss.smem_q + c * kBlockM * 64, c * 64, tok0, w.head);
+                                 ss.smem_q + c * kBlockM * kBoxDims, c * kBoxDims, tok0, w.head);
         }
       } else {
         copy(p.tma_q.with(ss.bar_q), tQgQ, tQsQ);

@@ -156,13 +156,13 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
       0,
   };
   if constexpr (T::kSparseQ) {
-    // q viewed as (D, total_q, Hq) -- token and head strides in bytes -- read in (64, T, G) boxes: one box = the
-    // item's 128 packed rows x 64 dims, 128-byte swizzled like the dense Q tile.
+    // q viewed as (D, total_q, Hq) -- token and head strides in bytes -- read in (128 bytes of dims, T, G) boxes: one
+    // box = the item's 128 packed rows x 64 (16-bit) or 128 (fp8) dims, 128-byte swizzled like the dense Q tile.
     int const group = a.num_q_heads / a.num_kv_heads;
     int const tpt = T::kBlockM / group;
     uint64_t dims[3] = {uint64_t(kD), uint64_t(a.total_q), uint64_t(a.num_q_heads)};
     uint64_t strides[2] = {uint64_t(a.q_stride_token) * sizeof(Element), uint64_t(a.q_stride_head) * sizeof(Element)};
-    uint32_t box[3] = {64u, uint32_t(tpt), uint32_t(group)};
+    uint32_t box[3] = {uint32_t(128 / sizeof(Element)), uint32_t(tpt), uint32_t(group)};
     uint32_t elem_strides[3] = {1u, 1u, 1u};
     CUresult res = CUTLASS_CUDA_DRIVER_WRAPPER_CALL(cuTensorMapEncodeTiled)(
         &params.tma_q_packed, TMA::to_CUtensorMapDataType<Element>(), 3, const_cast<void*>(a.q), dims, strides, box,
