@@ -175,12 +175,16 @@ struct FmhaTraits {
 #if defined(MSA_FMHA_SM90_REG_DIET)
   static constexpr bool kRegDiet = true;
 #else
-  static constexpr bool kRegDiet = kFp8 && kBlockN > 128;  // wide fp8 tiles: no spills in the KV loop only with it
+  // Wide fp8 tiles: no spills in the KV loop only with it. fp8 sparse-Q (128-key blocks): with it and without the
+  // ping-pong barrier (below) +6-15% (H200, session 9 run 10: 64/4 S32K 591 -> 671 eff TFLOP/s, 16/1 S128K 582 -> 667,
+  // 64/4 S128K 621 -> 657; the barrier alone accounts for about half).
+  static constexpr bool kRegDiet = kFp8 && (kBlockN > 128 || kSparseQ);
 #endif
   //   MSA_FMHA_SM90_PINGPONG=3 (session 6, not the default): the token orders the warpgroups' exp2 phases instead
   //     of their GEMM issue. Measured slower (fp8 128 keys 1.136 -> 1.094x bf16, 192 keys 1.206 -> 1.181x; bf16
   //     0.986x of the default): keeping the softmaxes apart costs more than their MUFU sharing.
-  //   Wide fp8 tiles run without the barrier (192 keys: ping-pong 1.194x, none 1.206-1.212x our bf16).
+  //   Wide fp8 tiles and fp8 sparse-Q run without the barrier (192 keys: ping-pong 1.194x, none 1.206-1.212x our
+  //   bf16; sparse-Q: see kRegDiet). 16-bit sparse-Q keeps it (session 9 run 10: without, -6% at 64/4 S32K).
   //   Lazy row max (default; MSA_FMHA_SM90_LAZY_MAX=0 turns it off): the running row max lags the true max by up
   //     to 0.75 (fp8) / 8 (16-bit) log2 units, so the O rescale (64 FMUL per thread, after the PV wait, on the
   //     step's chain) runs only when the max jumps (OnlineSoftmax::kLazyMax). Before, some row of a warp moved its
@@ -196,7 +200,7 @@ struct FmhaTraits {
 #if defined(MSA_FMHA_SM90_PINGPONG)
   static constexpr int kPingPong = MSA_FMHA_SM90_PINGPONG;
 #else
-  static constexpr int kPingPong = (kFp8 && kBlockN > 128) ? 0 : 1;
+  static constexpr int kPingPong = (kFp8 && (kBlockN > 128 || kSparseQ)) ? 0 : 1;
 #endif
   static_assert(kPingPong >= 0 && kPingPong <= 3, "MSA_FMHA_SM90_PINGPONG: 0, 1, 2 or 3");
   static constexpr int kNumMmaWarpGroups = 2;
