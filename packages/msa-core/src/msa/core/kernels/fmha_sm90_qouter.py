@@ -22,10 +22,10 @@ Semantics per routed (token, query head): softmax over the keys of the blocks it
 KV head), keys ``j >= kv_len`` masked, causal bottom-right (``j <= i + kv_len - qo_len``) when planned causal;
 natural-log LSE; a token that selected nothing gets O = 0, LSE = -inf. bf16 / fp16 or fp8 e4m3 (ragged K/V; O in
 bf16; ``sm_scale`` is the whole logit scale -- fold q / k scales into it -- and O comes out unscaled -- apply v / o
-scales after; the module first writes V transposed into a per-plan workspace, as the dense fp8 module does), head dim
-128, ragged K/V or a paged cache with page = block = 128 (``plan(paged=True)``; ``run`` then takes ``kv_indices``, the flat page table
-with each request's pages at ``kv_page_indptr``: the union's logical blocks are mapped to physical pages on the
-device, the kernel masks with the logical ids). Paged caches must hold finite values in the slots past each
+scales after; the module first writes V transposed into a per-plan workspace, as the dense fp8 module does), head
+dim 128, ragged K/V or a paged cache with page = block = 128 (``plan(paged=True)``; ``run`` then takes
+``kv_indices``, the flat page table with each request's pages at ``kv_page_indptr``: the union's logical blocks are
+mapped to physical pages on the device, the kernel masks with the logical ids). Paged caches must hold finite values in the slots past each
 request's kv_len in its last page (P is 0 there, but 0 * NaN = NaN in the PV GEMM), as for the dense paged kernel.
 """
 
