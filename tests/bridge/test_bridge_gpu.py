@@ -84,17 +84,18 @@ def test_gpu_fp8_sparse_fmha_q_outer_kernel(schedule):
     sel = torch.where(sel == 1 << 30, -1, sel).int().contiguous()
     qs, ks, vs = 0.5, 0.25, 2.0
     splan = sparse_fmha_plan([t], [t], hq, hkv, kv_block_num=topk, device="cuda", schedule=schedule)
-    seen = []
-    real = br._qouter_path
+    seen, kv_calls = [], []
+    real, real_kv = br._qouter_path, br._kv_outer
     try:
         br._qouter_path = lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1]
+        br._kv_outer = lambda *a, **kw: kv_calls.append(1) or real_kv(*a, **kw)
         out = torch.full((t, hq, d), float("nan"), dtype=torch.bfloat16, device="cuda")
-        # (auto may send unrouted items KV-outer, whose fp8 path is the reference: no backend="kernel" there)
+        # auto: the KV-outer kernel takes no fp8, so every item goes Q-outer (no KV-outer part in the reference)
         o, _ = sparse_fmha(q8, k8, v8, splan, kv_block_indexes=sel, out=out, q_scale=qs, k_scale=ks, v_scale=vs,
-                           backend="kernel" if schedule == "q_outer" else None)
+                           backend="kernel")
     finally:
-        br._qouter_path = real
-    assert seen == ["kernel"], seen
+        br._qouter_path, br._kv_outer = real, real_kv
+    assert seen == ["kernel"] and not kv_calls, (seen, kv_calls)
     ref_plan = sparse_fmha_plan([t], [t], hq, hkv, kv_block_num=topk, device="cuda", schedule="q_outer")
     deq = [(x.float() * s).bfloat16() for x, s in ((q8, qs), (k8, ks), (v8, vs))]
     o_ref, _ = sparse_fmha(*deq, ref_plan, kv_block_indexes=sel, backend="kernel")

@@ -244,7 +244,44 @@ def _stub_qouter_kernel(monkeypatch) -> list:
     stub = types.SimpleNamespace(plan=lambda *a, **kw: qo.plan(*a, **{**kw, "device": "cpu"}), run=run)
     monkeypatch.setattr(br, "_qouter_module", lambda: (stub, ""))
     monkeypatch.setattr(br, "_qouter_path", lambda plan, *a: "kernel" if plan.qouter is not None else None)
+    # as on a GPU host whose KV-outer kernel takes these tensors (CPU tensors have none: the bridge would route all)
+    monkeypatch.setattr(br, "_kv_outer_kernel_serves", lambda *a: True)
     return runs
+
+
+@pytest.mark.parametrize("kv_kernel", [True, False])
+def test_auto_routes_every_item_q_outer_without_a_kv_outer_kernel(monkeypatch, kv_kernel):
+    """"auto" with route_max=0 (no item would be routed): KV-outer alone while its kernel takes the tensors; every item
+    Q-outer (one pass, the "q_outer" union capacity) when it does not (fp8 Q = K = V today) -- never the PyTorch
+    reference for the bulk of the work. Same output either way."""
+    runs, kv_calls = _stub_qouter_kernel(monkeypatch), []
+    monkeypatch.setattr(br, "_kv_outer_kernel_serves", lambda *a: kv_kernel)
+    real_kv_outer = br._kv_outer
+    monkeypatch.setattr(br, "_kv_outer", lambda *a, **kw: kv_calls.append(1) or real_kv_outer(*a, **kw))
+    monkeypatch.setattr(br, "AUTO_SKIP_SYNC", True)
+    q_lens, kv_lens, hq, hkv, topk = [1, 70, 45], [1, 900, 400], 8, 2, 3
+    q, k, v, sel = _problem(5, q_lens, kv_lens, hq, hkv, topk)
+    sp = sparse_fmha_plan(q_lens, kv_lens, hq, hkv, kv_block_num=topk, schedule="auto", route_max=0)
+    o, _, lse = sparse_fmha(q, k, v, sp, kv_block_indexes=sel, return_lse=True)
+    if kv_kernel:
+        assert kv_calls and runs in ([], [0])
+    else:
+        assert not kv_calls and runs == [sp.qouter.items.num_items]
+    dp = fmha_plan(q_lens, kv_lens, hq, hkv, kv_block_num=topk)
+    o_ref, _, lse_ref = fmha(q, k, v, dp, kv_block_indexes=sel, return_lse=True)
+    _close(o, lse, o_ref, lse_ref, v)
+
+
+def test_kernel_for_is_a_quiet_query():
+    """msa.core.dispatch.kernel_for: None on CPU tensors or when no kernel supports the call, no warning either way."""
+    import warnings
+
+    from msa.core.dispatch import kernel_for
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernel_for(br.KV_OUTER_OP, torch.device("cpu"), q_dtype=torch.bfloat16) is None
+        assert kernel_for("no such op", torch.device("cpu")) is None
 
 
 @pytest.mark.parametrize("schedule", ["q_outer", "auto"])

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 from msa.core import FmhaPlan, fmha_plan
-from msa.core.dispatch import backend_mode, register_kernel, select_backend
+from msa.core.dispatch import backend_mode, kernel_for, register_kernel, select_backend
 from msa.core.validation import check_int, check_tensor, validation_enabled
 from msa.cute import build_k2q_csr, sparse_atten_func
 from msa.cute._common import is_capturing
@@ -81,6 +81,7 @@ AUTO_MIN_ROUTED = 0.5  # eager "auto": below this routed share, every item runs 
 _auto_state = {"expect_all_routed": True}
 ROUTE_FACTOR = 2  # auto: an item goes Q-outer iff U <= ROUTE_FACTOR * topk (module docstring: the cost model)
 QOUTER_OP = "sparse_fmha_qouter"
+KV_OUTER_OP = "sparse_atten_func"  # msa.cute.sparse_prefill.OP: the KV-outer kernel's dispatch name
 QOUTER_KERNEL_MODULE = "msa.core.kernels.fmha_sm90_qouter"  # msa-core's SM90 Q-outer kernel (plan / run)
 QOUTER_DTYPES = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)  # Q = K = V (fp8: O in bf16)
 QOUTER_HEAD_DIM = 128  # what the kernel is built for (used when its module has no supports())
@@ -440,13 +441,25 @@ def _qouter_kernel_plan(plan: SparseFmhaPlan):
     return qs.kernel_plan
 
 
-def qouter_unions_for(plan: SparseFmhaPlan, sel: torch.Tensor, validate: bool | None = None):
-    """The Q-outer tables of ``sel [total_q, Hkv, topk]`` under ``plan`` (:class:`msa.cute.qouter.QouterUnions`)."""
+def qouter_unions_for(plan: SparseFmhaPlan, sel: torch.Tensor, validate: bool | None = None, route_all: bool = False):
+    """The Q-outer tables of ``sel [total_q, Hkv, topk]`` under ``plan`` (:class:`msa.cute.qouter.QouterUnions`).
+    ``route_all``: every item routed (the "q_outer" capacity), whatever the plan's ``route_max``."""
     qs = plan.qouter
     it = qs.items
+    umax, route_max = qs.umax, qs.route_max
+    if route_all:
+        umax, route_max = default_umax(it.T, plan.topk, it.max_blocks), None
     return build_qouter_unions(sel, it.item_token0, it.item_ntok, it.item_kv_head, T=it.T, num_items=it.num_items,
-                               umax=qs.umax, route_max=qs.route_max, item_kv_blocks=it.item_kv_blocks,
+                               umax=umax, route_max=route_max, item_kv_blocks=it.item_kv_blocks,
                                validate=validate)
+
+
+def _kv_outer_kernel_serves(q, k, v, plan: SparseFmhaPlan) -> bool:
+    """Whether msa.cute's KV-outer kernel takes these tensors (else a KV-outer part would run the PyTorch reference)."""
+    return kernel_for(KV_OUTER_OP, q.device, q_dtype=q.dtype, kv_dtype=k.dtype, head_dim=q.shape[-1],
+                      head_dim_v=v.shape[-1], topk=plan.topk, qhead_per_kv=plan.num_qo_heads // plan.num_kv_heads,
+                      paged=plan.paged, blk_kv=BLOCK, causal=plan.causal, partial_dtype=torch.bfloat16,
+                      temperature_lse=False) is not None
 
 
 def _ragged_from_pages(t: torch.Tensor, page_table: torch.Tensor, plan: SparseFmhaPlan) -> torch.Tensor:
@@ -485,7 +498,10 @@ def _with_qouter(path, q, k, v, sel, plan, scale, direct_out, out_dtype, validat
     it = qs.items
     total_q, hq = q.shape[0], q.shape[1]
     kp = _qouter_kernel_plan(plan) if path == "kernel" else None
-    un = qouter_unions_for(plan, sel, validate)
+    # "auto" where the KV-outer kernel cannot take these tensors (fp8 Q = K = V today): every item Q-outer -- its
+    # kernel over a larger union beats a KV-outer part in the PyTorch reference by far.
+    route_all = qs.route_max is not None and path == "kernel" and not _kv_outer_kernel_serves(q, k, v, plan)
+    un = qouter_unions_for(plan, sel, validate, route_all=route_all)
 
     def new_out():
         o = direct_out if direct_out is not None else torch.empty(total_q, hq, v.shape[-1], dtype=out_dtype,
@@ -518,7 +534,7 @@ def _with_qouter(path, q, k, v, sel, plan, scale, direct_out, out_dtype, validat
         qouter_pass(o, lse)
         return o, lse
 
-    if qs.route_max is None:  # "q_outer": every item routed (U <= umax always)
+    if qs.route_max is None or route_all:  # "q_outer" (or no KV-outer kernel): every item routed (U <= umax)
         return qouter_alone()
     if path == "kernel" and AUTO_SKIP_SYNC and not is_capturing(q.device):
         # Eager "auto": the routed item count (read once from the device) picks the cheapest of three -- every item

@@ -24,7 +24,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["KernelUnavailableError", "register_kernel", "select_backend", "backend_mode", "registered_kernels"]
+__all__ = ["KernelUnavailableError", "register_kernel", "select_backend", "backend_mode", "registered_kernels",
+           "kernel_for"]
 
 
 class KernelUnavailableError(RuntimeError):
@@ -74,6 +75,21 @@ def backend_mode(backend: str | None = None) -> str:
     if mode not in _VALID:
         raise ValueError(f"backend: expected one of {list(_VALID)} (argument or MSA_BACKEND), got {mode!r}")
     return mode
+
+
+def kernel_for(op: str, device: torch.device, **features) -> str | None:
+    """The registered kernel that would serve ``op`` on ``device`` for these features, or None -- a query: no
+    warning, no error, ``MSA_BACKEND`` not consulted (callers that plan around a missing kernel use it)."""
+    _load_builtin_kernels()
+    if device.type != "cuda":
+        return None
+    for e in _KERNELS.get(op, []):
+        ok, _ = e.available(device)
+        if ok and e.supports is not None:
+            ok, _ = e.supports(**features)
+        if ok:
+            return e.name
+    return None
 
 
 def select_backend(op: str, device: torch.device, backend: str | None = None, **features) -> str:
