@@ -139,18 +139,25 @@ struct FmhaTraits {
   // inconclusive under thermal drift.) A/B switches: MSA_FMHA_SM90_DIRECT_O forces direct O + 3 stages for every
   // mode, MSA_FMHA_SM90_STAGED_O the staged epilogue + 2 stages (3 for fp8) for every mode.
   // 16-bit tiles wider than 128 keys (MSA_FMHA_SM90_BLOCK_N): direct O with 2 stages (no room for a staging tile).
+  // MSA_FMHA_SM90_STAGES=n overrides the K/V stage count of any of these (A/B builds; the smem static_assert below
+  // refuses what does not fit): fp8 tiles are half the bytes, so fp8 modules have room for 4-5 stages.
 #if defined(MSA_FMHA_SM90_DIRECT_O)
   static constexpr bool kStageO = false;
-  static constexpr int kStages = 3;
+  static constexpr int kStagesDefault = 3;
 #elif defined(MSA_FMHA_SM90_STAGED_O)
   static constexpr bool kStageO = kFp8 || kBlockN <= 128;
-  static constexpr int kStages = kFp8 ? 3 : 2;
+  static constexpr int kStagesDefault = kFp8 ? 3 : 2;
 #else
   static constexpr bool kDirectO3 = !kFp8 && kBlockN == 128 && kHeadDimMax <= 128 &&
                                     (kMode_ == kModeO || kMode_ == kModeOMaxScore || kMode_ == kModeSparseQ);
   // Head dim 256: direct O and 2 stages (a 128 x 264 staging tile would not fit next to them).
   static constexpr bool kStageO = !kDirectO3 && kHeadDimMax <= 128 && (kFp8 || kBlockN <= 128);
-  static constexpr int kStages = (kFp8 || kDirectO3) ? 3 : 2;
+  static constexpr int kStagesDefault = (kFp8 || kDirectO3) ? 3 : 2;
+#endif
+#if defined(MSA_FMHA_SM90_STAGES)
+  static constexpr int kStages = MSA_FMHA_SM90_STAGES;
+#else
+  static constexpr int kStages = kStagesDefault;
 #endif
   // Softmax / ping-pong A/B switches (issues 6 and 7, session 4; default = the measured design):
   //   MSA_FMHA_SM90_ROW_PIPE: row 1's max starts only after row 0's first exp2 (a no-op data dependency), so
