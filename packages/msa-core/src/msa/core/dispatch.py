@@ -77,19 +77,27 @@ def backend_mode(backend: str | None = None) -> str:
     return mode
 
 
+def _find_kernel(op: str, device: torch.device, features: dict) -> tuple[str | None, list[str]]:
+    """The first registered kernel that is available on ``device`` and supports ``features`` (or None), and why each
+    one before it could not serve."""
+    _load_builtin_kernels()
+    if device.type != "cuda":
+        return None, [f"tensors are on {device}, kernels need CUDA"]
+    reasons = []
+    for e in _KERNELS.get(op, []):
+        ok, why = e.available(device)
+        if ok and e.supports is not None:
+            ok, why = e.supports(**features)
+        if ok:
+            return e.name, reasons
+        reasons.append(f"{e.name}: {why}")
+    return None, reasons
+
+
 def kernel_for(op: str, device: torch.device, **features) -> str | None:
     """The registered kernel that would serve ``op`` on ``device`` for these features, or None -- a query: no
     warning, no error, ``MSA_BACKEND`` not consulted (callers that plan around a missing kernel use it)."""
-    _load_builtin_kernels()
-    if device.type != "cuda":
-        return None
-    for e in _KERNELS.get(op, []):
-        ok, _ = e.available(device)
-        if ok and e.supports is not None:
-            ok, _ = e.supports(**features)
-        if ok:
-            return e.name
-    return None
+    return _find_kernel(op, device, features)[0]
 
 
 def select_backend(op: str, device: torch.device, backend: str | None = None, **features) -> str:
@@ -97,18 +105,9 @@ def select_backend(op: str, device: torch.device, backend: str | None = None, **
     mode = backend_mode(backend)
     if mode == "reference":
         return "reference"
-    _load_builtin_kernels()
-    reasons = []
-    if device.type == "cuda":
-        for e in _KERNELS.get(op, []):
-            ok, why = e.available(device)
-            if ok and e.supports is not None:
-                ok, why = e.supports(**features)
-            if ok:
-                return e.name
-            reasons.append(f"{e.name}: {why}")
-    else:
-        reasons.append(f"tensors are on {device}, kernels need CUDA")
+    name, reasons = _find_kernel(op, device, features)
+    if name is not None:
+        return name
     if not _KERNELS.get(op):
         reasons.append("no kernel is registered for this op yet")
     why = "; ".join(reasons)
