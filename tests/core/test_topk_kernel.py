@@ -476,19 +476,54 @@ def test_net_emulated_bench_shapes(net_emulate):
                 assert torch.equal(got, want), (lanes, v, kind)
 
 
-@pytest.fixture(scope="module")
-def coop_emulate(tmp_path_factory):
-    f = _emulator_lib(str(tmp_path_factory.mktemp("topk_coop_emulate")), "topk_coop_emulate", 3)
+def _shared_rows_emulator(tmp_path_factory, name: str, codes: str):
+    """The CPU replay of a path whose CTAs share G rows over W warps (coop, ccoop):
+    run(scores, topk, nvp, fb, fe, tokens=G, warps=W, cap, seed) -> (out, number of rows that took the fallback).
+    ``codes``: what the replay's negative return codes mean (the assertion message)."""
+    f = _emulator_lib(str(tmp_path_factory.mktemp(name)), name, 3)
 
     def run(scores, topk, nvp, fb, fe, *, tokens, warps, cap=64, seed=0):
-        """(out, number of rows that took the net fallback)."""
         s32, out, nvp_ptr, nvp_scalar, _keep = _emulator_io(scores, topk, nvp)
         rc = f(s32.data_ptr(), *scores.shape, topk, nvp_ptr, nvp_scalar, fb, fe, tokens, warps, cap, seed,
                out.data_ptr())
-        assert rc >= 0, f"coop emulator: rc {rc} (-1 arguments, -2 bound ranks, -3 / -4 rank select, <= -10 net)"
+        assert rc >= 0, f"{name}: rc {rc} ({codes})"
         return out, rc
 
     return run
+
+
+def _check_emulated_cases(emulate, make_case, n_cases: int) -> None:
+    """Every case of ``make_case`` (a seeded generator: scores, topk, nvp, fb, fe, kind, emulator kwargs) replays
+    exactly as the reference, and both branches run: some rows take the fallback, most do not."""
+    fallbacks = direct = 0
+    for case in range(n_cases):
+        scores, topk, nvp, fb, fe, kind, kw = make_case(case)
+        want = reference(scores, topk, num_valid_pages=nvp, force_begin_blocks=fb, force_end_blocks=fe)
+        got, nfb = emulate(scores, topk, nvp, fb, fe, **kw)
+        h, k, q = scores.shape
+        assert torch.equal(got, want), f"case {case}: {kind} topk={topk} K={k} q={q} H={h} fb={fb} fe={fe} {kw}"
+        fallbacks += nfb
+        direct += q * h - nfb
+    assert fallbacks > 0 and direct > fallbacks, (fallbacks, direct)
+
+
+def _decode_rows(kind: str, n_blocks: int, total_q: int, gen) -> torch.Tensor:
+    """[1, n_blocks, total_q] decode rows: iid ("randn"), a random walk ("walk"), "ascending", or "periodic" (blocks 0-2
+    mod 32 high: three supergroups hold them all, past any candidate cap)."""
+    x = torch.randn((1, n_blocks, total_q), generator=gen)
+    if kind == "walk":
+        x = x.cumsum(1) * 0.2 + torch.randn((1, n_blocks, total_q), generator=gen)
+    elif kind == "ascending":
+        x = torch.arange(n_blocks, dtype=torch.float32).view(1, n_blocks, 1).expand(1, n_blocks, total_q).contiguous()
+    elif kind == "periodic":
+        x = x + 10.0 * (torch.arange(n_blocks) % 32 < 3).float().view(1, n_blocks, 1)
+    return x
+
+
+@pytest.fixture(scope="module")
+def coop_emulate(tmp_path_factory):
+    return _shared_rows_emulator(tmp_path_factory, "topk_coop_emulate",
+                                 "-1 arguments, -2 bound ranks, -3 / -4 rank select, <= -10 net")
 
 
 COOP_SHAPES = [(1, 8), (2, 8), (4, 8), (2, 16), (4, 16), (8, 16)]
@@ -511,16 +546,7 @@ def test_coop_emulated_matches_reference(coop_emulate):
     """Coop path (topk_coop_emulate.cc, the kernel's helpers): supergroup bound, candidates in a random append order,
     rank select + index order, the net fallback past cap; -inf / NaN / +inf, forced blocks, ragged nvp, bf16 ties,
     K not a multiple of R x V, M = 0. Both branches must be taken."""
-    fallbacks = direct = 0
-    for case in range(240):
-        scores, topk, nvp, fb, fe, kind, kw = _coop_case(case)
-        want = reference(scores, topk, num_valid_pages=nvp, force_begin_blocks=fb, force_end_blocks=fe)
-        got, nfb = coop_emulate(scores, topk, nvp, fb, fe, **kw)
-        h, k, q = scores.shape
-        assert torch.equal(got, want), f"case {case}: {kind} topk={topk} K={k} q={q} H={h} fb={fb} fe={fe} {kw}"
-        fallbacks += nfb
-        direct += q * h - nfb
-    assert fallbacks > 0 and direct > fallbacks, (fallbacks, direct)
+    _check_emulated_cases(coop_emulate, _coop_case, 240)
 
 
 def test_coop_emulated_bench_shapes(coop_emulate):
@@ -533,14 +559,8 @@ def test_coop_emulated_bench_shapes(coop_emulate):
         p = plan(n_heads, 1024, 64, 15, 132)
         assert p.path == "coop", p
         for tokens, warps in {(1 << p.log_g, p.warps), (1, 8), (8, 16)}:
-            for kind in ("randn", "walk", "ascending", "periodic"):
-                x = torch.randn((1, 1024, 64), generator=gen)
-                if kind == "walk":
-                    x = x.cumsum(1) * 0.2 + torch.randn((1, 1024, 64), generator=gen)
-                elif kind == "ascending":
-                    x = torch.arange(1024, dtype=torch.float32).view(1, 1024, 1).expand(1, 1024, 64).contiguous()
-                elif kind == "periodic":  # blocks 0-2 mod 32 high: 96 in 3 supergroups -> past the cap
-                    x = x + 10.0 * (torch.arange(1024) % 32 < 3).float().view(1, 1024, 1)
+            for kind in ("randn", "walk", "ascending", "periodic"):  # periodic: 96 in 3 supergroups -> past the cap
+                x = _decode_rows(kind, 1024, 64, gen)
                 got, nfb = coop_emulate(x, 16, None, 0, 1, tokens=tokens, warps=warps)
                 assert torch.equal(got, reference(x, 16, force_end_blocks=1)), (tokens, warps, kind)
                 assert (nfb == 64) if kind == "periodic" else (nfb == 0), (tokens, warps, kind, nfb)
@@ -548,18 +568,8 @@ def test_coop_emulated_bench_shapes(coop_emulate):
 
 @pytest.fixture(scope="module")
 def ccoop_emulate(tmp_path_factory):
-    f = _emulator_lib(str(tmp_path_factory.mktemp("topk_ccoop_emulate")), "topk_ccoop_emulate", 3)
-
-    def run(scores, topk, nvp, fb, fe, *, tokens, warps, cap=64, seed=0):
-        """(out, number of rows that took the fallback)."""
-        s32, out, nvp_ptr, nvp_scalar, _keep = _emulator_io(scores, topk, nvp)
-        rc = f(s32.data_ptr(), *scores.shape, topk, nvp_ptr, nvp_scalar, fb, fe, tokens, warps, cap, seed,
-               out.data_ptr())
-        assert rc >= 0, (f"ccoop emulator: rc {rc} (-1 arguments, -2 bound ranks, -3 / -4 rank select / kept, "
-                         "-6 supergroups)")
-        return out, rc
-
-    return run
+    return _shared_rows_emulator(tmp_path_factory, "topk_ccoop_emulate",
+                                 "-1 arguments, -2 bound ranks, -3 / -4 rank select / kept, -6 supergroups")
 
 
 CCOOP_SHAPES = [(2, 8), (4, 8), (4, 16), (8, 16)]
@@ -583,16 +593,7 @@ def test_ccoop_emulated_matches_reference(ccoop_emulate):
     """Ccoop path (topk_ccoop_emulate.cc, the kernel's helpers): K split over 2-8 slices of 1024 blocks, supergroup
     bound over all slices, candidates in a random append order, rank select, the argmax-rounds fallback past cap;
     -inf / NaN / +inf, forced blocks, ragged nvp, bf16 ties, K not a multiple of 1024, M = 0. Both branches taken."""
-    fallbacks = direct = 0
-    for case in range(160):
-        scores, topk, nvp, fb, fe, kind, kw = _ccoop_case(case)
-        want = reference(scores, topk, num_valid_pages=nvp, force_begin_blocks=fb, force_end_blocks=fe)
-        got, nfb = ccoop_emulate(scores, topk, nvp, fb, fe, **kw)
-        h, k, q = scores.shape
-        assert torch.equal(got, want), f"case {case}: {kind} topk={topk} K={k} q={q} H={h} fb={fb} fe={fe} {kw}"
-        fallbacks += nfb
-        direct += q * h - nfb
-    assert fallbacks > 0 and direct > fallbacks, (fallbacks, direct)
+    _check_emulated_cases(ccoop_emulate, _ccoop_case, 160)
 
 
 def test_ccoop_emulated_bench_shapes(ccoop_emulate):
@@ -600,14 +601,8 @@ def test_ccoop_emulated_bench_shapes(ccoop_emulate):
     across the slices), a row periodic in 32 blocks takes the fallback (still exact)."""
     gen = torch.Generator().manual_seed(51)
     for tokens, warps in CCOOP_SHAPES:
-        for kind in ("randn", "walk", "ascending", "periodic"):
-            x = torch.randn((1, 8192, 16), generator=gen)
-            if kind == "walk":
-                x = x.cumsum(1) * 0.2 + torch.randn((1, 8192, 16), generator=gen)
-            elif kind == "ascending":
-                x = torch.arange(8192, dtype=torch.float32).view(1, 8192, 1).expand(1, 8192, 16).contiguous()
-            elif kind == "periodic":  # blocks 0-2 mod 32 high: 768 in 3 supergroups -> past the cap
-                x = x + 10.0 * (torch.arange(8192) % 32 < 3).float().view(1, 8192, 1)
+        for kind in ("randn", "walk", "ascending", "periodic"):  # periodic: 768 in 3 supergroups -> past the cap
+            x = _decode_rows(kind, 8192, 16, gen)
             got, nfb = ccoop_emulate(x, 16, None, 0, 1, tokens=tokens, warps=warps)
             assert torch.equal(got, reference(x, 16, force_end_blocks=1)), (tokens, warps, kind)
             assert (nfb == 16) if kind == "periodic" else (nfb == 0), (tokens, warps, kind, nfb)
