@@ -124,17 +124,11 @@ __device__ __forceinline__ void ccoop_select_cta(const NetParams& p, CcoopSmem<G
   cluster.sync();  // phase 1: every slice's supergroup maxima are in every CTA
   if (m > 0) {
     {
-      // Warp w ranks the supergroups e = w / G + (W / G) k of row rw = w % G over the row's maxima (as coop).
+      // The bound of row rw = warp % G over every slice's supergroup maxima, ranked as in coop.
       const int rw = warp % G;
       float sj = sm.sgx[0][rw][lane];
       for (int d = 1; d < S; ++d) sj = fmaxf(sj, sm.sgx[d][rw][lane]);
-#pragma unroll
-      for (int k = 0; k < EW; ++k) {
-        const int e = warp / G + (W / G) * k;
-        const float y = __shfl_sync(full, sj, e);
-        const unsigned before = __ballot_sync(full, coop_before(sj, lane, y, e));
-        if (lane == 0 && __popc(before) == m - 1) sm.theta[rw] = y;
-      }
+      coop_rank_bound<G, W>(sj, warp, lane, m, &sm.theta[rw]);
     }
     __syncthreads();
     const float theta = sm.theta[g];

@@ -54,14 +54,8 @@ extern "C" int msa_topk_ccoop_emulate(const float* scores, int n_heads, int n_bl
             if (coop_group(i) != b % kCoopGroups) return -6;  // supergroups interleave across slices
             sg[coop_group(i)] = std::max(sg[coop_group(i)], x[b]);
           }
-        int owner = -1;
-        for (int e = 0; e < kCoopGroups; ++e) {
-          if (coop_rank_of(sg, e) == m - 1) {
-            if (owner >= 0) return -2;  // ranks must be a permutation
-            owner = e;
-          }
-        }
-        if (owner < 0) return -2;
+        const int owner = coop_bound_owner(sg, m);
+        if (owner < 0) return -2;  // ranks must be a permutation
         const float theta = sg[owner];
         std::shuffle(order.begin(), order.end(), rng);
         cand.clear();

@@ -52,6 +52,19 @@ MSA_TOPK_HD int coop_rank_of(const float* sg, int e) {
   return r;
 }
 
+// The supergroup of rank m - 1 (its maximum is the bound), or -1 when no or several supergroups have that rank: the
+// CPU replays' check that the ranks are a permutation (the kernel's ballot ranks publish exactly one theta).
+MSA_TOPK_HD int coop_bound_owner(const float* sg, int m) {
+  int owner = -1;
+  for (int e = 0; e < kCoopGroups; ++e) {
+    if (coop_rank_of(sg, e) == m - 1) {
+      if (owner >= 0) return -1;
+      owner = e;
+    }
+  }
+  return owner;
+}
+
 // Candidate test against the bound.
 MSA_TOPK_HD bool coop_is_candidate(float x, float theta) { return theta > -INFINITY ? x >= theta : x > -INFINITY; }
 
@@ -60,6 +73,23 @@ MSA_TOPK_HD int coop_block(int i, int j, int threads_per_row) { return i + threa
 MSA_TOPK_HD int coop_group(int i) { return i % kCoopGroups; }
 
 #ifdef __CUDACC__
+// Warp `warp` ranks the supergroups e = warp / G + (W / G) k (k < 32 G / W) of row warp % G, whose maxima over the row
+// its lanes hold in sj (lane j: supergroup j): the rank of e is the popcount of the lanes ordered before it, and the
+// one (row, e) of rank m - 1 writes the row's bound to *theta. No atomics (session 7's shared-atomic partial ranks,
+// W adds per address, took ~0.6 us at G2W16 on the H200 timeline).
+template <int G, int W>
+__device__ __forceinline__ void coop_rank_bound(float sj, int warp, int lane, int m, float* theta) {
+  constexpr int EW = kCoopGroups * G / W;  // supergroups ranked per warp
+  static_assert(EW >= 1 && (kCoopGroups * G) % W == 0 && W % G == 0, "coop bound split");
+#pragma unroll
+  for (int k = 0; k < EW; ++k) {
+    const int e = warp / G + (W / G) * k;
+    const float y = __shfl_sync(0xFFFFFFFFu, sj, e);
+    const unsigned before = __ballot_sync(0xFFFFFFFFu, coop_before(sj, lane, y, e));
+    if (lane == 0 && __popc(before) == m - 1) *theta = y;
+  }
+}
+
 template <int G, int R>
 struct CoopSmem {
   float tmax[G][R];             // thread maxima
@@ -149,24 +179,13 @@ __device__ __forceinline__ void coop_select_cta(const NetParams& p, CoopSmem<G, 
     net_stamp(p, kNtLanded, mx);
     sm.tmax[g][i] = mx;
     __syncthreads();
-    // Warp w ranks the supergroups e = w / G + (W / G) k (k < 32 G / W) of row rw = w % G: lane j holds supergroup
-    // j's maximum (its S thread maxima), the rank of e is the popcount of the lanes ordered before it, and the one
-    // (row, e) of rank M - 1 publishes theta. No atomics (session 7 added partial ranks with shared atomics, W adds
-    // per address: the bound phase took ~0.6 us at G2W16 on the H200 timeline).
+    // The bound: row rw = warp % G's supergroup maxima (lane j: supergroup j, over its S thread maxima), ranked.
     {
-      constexpr int EW = kCoopGroups * G / W;  // supergroups ranked per warp
-      static_assert(EW >= 1 && (kCoopGroups * G) % W == 0 && W % G == 0, "coop bound split");
       const int rw = warp % G;
       float sj = sm.tmax[rw][lane];
 #pragma unroll
       for (int s2 = 1; s2 < S; ++s2) sj = fmaxf(sj, sm.tmax[rw][lane + kCoopGroups * s2]);
-#pragma unroll
-      for (int k = 0; k < EW; ++k) {
-        const int e = warp / G + (W / G) * k;
-        const float y = __shfl_sync(full, sj, e);
-        const unsigned before = __ballot_sync(full, coop_before(sj, lane, y, e));
-        if (lane == 0 && __popc(before) == m - 1) sm.theta[rw] = y;
-      }
+      coop_rank_bound<G, W>(sj, warp, lane, m, &sm.theta[rw]);
     }
     __syncthreads();
     theta = sm.theta[g];

@@ -41,14 +41,8 @@ extern "C" int msa_topk_coop_emulate(const float* scores, int n_heads, int n_blo
         for (int e = 0; e < kCoopGroups; ++e) sg[e] = -INFINITY;
         for (int i = 0; i < R; ++i)
           for (int j = 0; j < V; ++j) sg[coop_group(i)] = std::max(sg[coop_group(i)], x[coop_block(i, j, R)]);
-        int owner = -1;
-        for (int e = 0; e < kCoopGroups; ++e) {
-          if (coop_rank_of(sg, e) == m - 1) {
-            if (owner >= 0) return -2;  // ranks must be a permutation
-            owner = e;
-          }
-        }
-        if (owner < 0) return -2;
+        const int owner = coop_bound_owner(sg, m);
+        if (owner < 0) return -2;  // ranks must be a permutation
         const float theta = sg[owner];
         for (int i = 0; i < R; ++i) order[i] = i;
         std::shuffle(order.begin(), order.end(), rng);
