@@ -476,13 +476,7 @@ def plan(
     if fp8:
         if paged:
             raise NotImplementedError("fmha_sm90: fp8 with paged K/V is not built (ragged only)")
-        v_tile_starts, tiles, tile0 = [], [], 0
-        for kv, start in zip(kv_lens, starts):
-            v_tile_starts.append(tile0)
-            n = _cdiv(kv, block_n)
-            tiles += [[start + block_n * t, min(block_n, kv - block_n * t)] for t in range(n)]
-            tile0 += n
-        vt_tiles = torch.tensor(tiles, dtype=torch.int32).view(-1, 2)
+        vt_tiles, v_tile_starts = fp8_vt_tiles(kv_lens, starts, block_n)
     work = build_work_list(
         qo_lens, kv_lens, list(qo_offset), starts, num_qo_heads, num_kv_heads, causal, head_dim, elem_size,
         v_tile_starts,
@@ -521,6 +515,18 @@ def plan(
         block_n=block_n,
         page_size=page_size if paged else None,
     )
+
+
+def fp8_vt_tiles(kv_lens: list[int], kv_starts: list[int], block_n: int) -> tuple[torch.Tensor, list[int]]:
+    """The fp8 V pre-pass's tile list (CPU int32 ``[tiles, 2]``: first key, valid keys of each ``block_n``-key tile of
+    every request, request-major) and each request's first tile in it (the transposed copy's layout)."""
+    v_tile_starts, tiles, tile0 = [], [], 0
+    for kv, start in zip(kv_lens, kv_starts):
+        v_tile_starts.append(tile0)
+        n = _cdiv(kv, block_n)
+        tiles += [[start + block_n * t, min(block_n, kv - block_n * t)] for t in range(n)]
+        tile0 += n
+    return torch.tensor(tiles, dtype=torch.int32).view(-1, 2), v_tile_starts
 
 
 def default_block_n(head_dim: int, head_dim_v: int | None = None, *, fp8: bool = False, causal: bool = True,

@@ -304,20 +304,16 @@ def _fp8_tables(qplan: QOuterPlan, hkv: int, d: int, scale: float, dev: torch.de
     """The fp8 module's V pre-pass tile list, transposed-V workspace and ``[Hq, 2]`` scale table (logit scale, 1):
     built once per plan (per (Hkv, D) / per scale), so repeated calls allocate nothing."""
     if qplan.vt_tiles is None:
-        tiles, start = [], 0
-        for kv in qplan.kv_lens:
-            tiles += [[start + BLOCK * t, min(BLOCK, kv - BLOCK * t)] for t in range(-(-kv // BLOCK))]
-            start += kv
-        qplan.vt_tiles = torch.tensor(tiles or [[0, 0]], dtype=torch.int32, device=dev).view(-1, 2)
+        starts = torch.cumsum(torch.tensor((0, *qplan.kv_lens[:-1]), dtype=torch.int64), 0).tolist()
+        tiles, _ = _k90.fp8_vt_tiles(list(qplan.kv_lens), starts, BLOCK)
+        qplan.vt_tiles = (tiles if tiles.numel() else torch.zeros(1, 2, dtype=torch.int32)).to(dev)
         qplan.fp8_vt, qplan.fp8_head_scales = {}, {}
     vt = qplan.fp8_vt.get((hkv, d))
     if vt is None:
         vt = qplan.fp8_vt[(hkv, d)] = torch.empty(hkv, d, BLOCK * qplan.vt_tiles.shape[0], dtype=torch.uint8,
                                                   device=dev)
-    hs = qplan.fp8_head_scales.get(scale)
-    if hs is None:
-        hs = qplan.fp8_head_scales[scale] = torch.tensor([[scale, 1.0]] * qplan.num_qo_heads, dtype=torch.float32,
-                                                         device=dev)
+    # the dense fp8 module's per-head table (sm_scale * q * k scales, v * o scales) with unit q / k / v / o scales
+    hs = _k90.fp8_head_scales(qplan, qplan.num_qo_heads, qplan.num_kv_heads, scale, None, None, None, None, dev)
     return vt, qplan.vt_tiles, hs
 
 
