@@ -9,6 +9,7 @@ Times are CUDA-graph replays (20 calls per graph) with CUDA events; the referenc
 
     python benchmarks/bench_sparse_decode.py           # the issue-7 bar shapes (Hq 64, Hkv 4, d128, k 16)
     python benchmarks/bench_sparse_decode.py --quick   # small shapes only
+    python benchmarks/bench_sparse_decode.py --dtypes bf16,fp8   # also fp8 e4m3 Q = K = V (half the bytes), same shapes
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def run_shape(batch, q_len, context, topk, k, v, seed=0):
     pick = r.topk(topk - 1, dim=1).indices if topk > 1 else r[:, :0].long()
     last = torch.full((total_q * HKV, 1), n_blk - 1, device="cuda", dtype=torch.long)
     blocks = torch.cat([pick, last], 1).sort(dim=1).values.to(torch.int32).view(total_q, HKV, topk).contiguous()
-    q = torch.randn(total_q, HQ, D, generator=gen, device="cuda", dtype=k.dtype)
-    out = torch.empty_like(q)
+    q = torch.randn(total_q, HQ, D, generator=gen, device="cuda").to(k.dtype)
+    out = torch.empty(q.shape, dtype=torch.bfloat16 if q.dtype == torch.float8_e4m3fn else q.dtype, device="cuda")
 
     def call():
         core.fmha(q, k, v, plan, kv_indices=kv_indices, kv_block_indexes=blocks, out=out, backend="kernel")
@@ -89,15 +90,26 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="also sweep the split count for batch 32 / 64, q_len 1")
-    ap.add_argument("--pool-gib", type=float, default=24.0, help="K + V page pool size")
+    ap.add_argument("--pool-gib", type=float, default=24.0, help="K + V page pool size (bf16; fp8 uses half)")
+    ap.add_argument("--dtypes", default="bf16", help="comma list of bf16, fp8 (fp8 e4m3 Q = K = V, output bf16)")
     args = ap.parse_args()
     name = torch.cuda.get_device_name()
     bw = copy_bandwidth()
-    print(f"# {name}; device copy bandwidth {bw / 1e9:.0f} GB/s (read + write); Hq {HQ} Hkv {HKV} d {D} bf16")
+    print(f"# {name}; device copy bandwidth {bw / 1e9:.0f} GB/s (read + write); Hq {HQ} Hkv {HKV} d {D}")
     page_bytes = 2 * HKV * BLOCK * D * 2
     pool = int(args.pool_gib * (1 << 30) // page_bytes)
-    k = torch.randn(pool, HKV, BLOCK, D, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(pool, HKV, BLOCK, D, device="cuda", dtype=torch.bfloat16)
+    dtypes = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+    pools = {}
+    for dn in args.dtypes.split(","):
+        if dn not in dtypes:
+            raise SystemExit(f"--dtypes: expected bf16 / fp8, got {dn!r}")
+        kv = []
+        for _ in range(2):  # K, V filled in slices (an fp32 randn of the whole pool would need 4x the memory)
+            t = torch.empty(pool, HKV, BLOCK, D, device="cuda", dtype=dtypes[dn])
+            for i in range(0, pool, 4096):
+                t[i:i + 4096] = torch.randn(t[i:i + 4096].shape, device="cuda").to(t.dtype)
+            kv.append(t)
+        pools[dn] = kv
     shapes = [(4, 1, 8192, 16, None, None), (8, 4, 16384, 16, None, None)] if args.quick else [
         (b, ql, ctx, 16, None, None) for ctx in (131072, 1048576) for ql in (1, 8) for b in (32, 64, 128)
     ]
@@ -106,17 +118,22 @@ def main():
         shapes += [(b, ql, ctx, 16, s, st) for st in (2, 4) for ctx in (131072, 1048576) for ql, b in
                    ((1, 32), (1, 64), (1, 128), (8, 32)) for s in ((None, 4) if b == 32 and ql == 1 else (None,))]
     print(f"# pool {pool} pages ({args.pool_gib:.0f} GiB K+V); 'uniq' = GB/s on distinct (page, head) bytes")
-    print(f"{'batch':>5} {'q_len':>5} {'context':>8} {'k':>3} {'splits':>6} {'us':>9} {'GB':>7} {'GB/s':>7} "
-          f"{'of copy':>7} {'uniq':>6} stages")
+    print(f"{'dtype':>5} {'batch':>5} {'q_len':>5} {'context':>8} {'k':>3} {'splits':>6} {'us':>9} {'GB':>7} "
+          f"{'GB/s':>7} {'of copy':>7} {'uniq':>6} stages  vs bf16")
     for b, ql, ctx, topk, splits, stages in shapes:
         for var, val in (("MSA_SPARSE_DECODE_SPLITS", splits), ("MSA_SPARSE_DECODE_STAGES", stages)):
             if val is None:
                 os.environ.pop(var, None)
             else:
                 os.environ[var] = str(val)
-        t, nbytes, unique, used = run_shape(b, ql, ctx, topk, k, v)
-        print(f"{b:>5} {ql:>5} {ctx:>8} {topk:>3} {used:>6} {t * 1e6:>9.1f} {nbytes / 1e9:>7.3f} "
-              f"{nbytes / t / 1e9:>7.0f} {nbytes / t / bw:>7.1%} {unique / t / 1e9:>6.0f} {stages or '-':>6}", flush=True)
+        times = {}
+        for dn, (k, v) in pools.items():
+            t, nbytes, unique, used = run_shape(b, ql, ctx, topk, k, v)
+            times[dn] = t
+            ratio = f"{times['bf16'] / t:.2f}x" if "bf16" in times and dn != "bf16" else ""
+            print(f"{dn:>5} {b:>5} {ql:>5} {ctx:>8} {topk:>3} {used:>6} {t * 1e6:>9.1f} {nbytes / 1e9:>7.3f} "
+                  f"{nbytes / t / 1e9:>7.0f} {nbytes / t / bw:>7.1%} {unique / t / 1e9:>6.0f} {stages or '-':>6}  "
+                  f"{ratio}", flush=True)
 
 if __name__ == "__main__":
     main()

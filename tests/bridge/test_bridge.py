@@ -201,3 +201,62 @@ def test_sparse_fmha_non_causal_equals_core():
     o, _, lse = sparse_fmha(q, k, v, sp, kv_block_indexes=sel, return_lse=True, validate=True)
     assert (o.float() - o_ref.float()).abs().max() <= 2**-8 * v.float().abs().max()
     assert (lse - lse_ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("is_paged", [False, True])
+def test_sparse_fmha_nvfp4_kv_equals_core_on_dequantised(is_paged):
+    """NVFP4 K/V (Nvfp4Tensor with a global scale) == msa.core.fmha on the dequantised bf16 K/V, ragged and paged
+    (shuffled pages, spare pages nobody owns); scalar scales still apply on top."""
+    from msa.cute.quant import quantize_nvfp4
+
+    gen = torch.Generator().manual_seed(31)
+    q_lens, kv_lens, hq, hkv, d, topk = [40, 70], [300, 140], 4, 2, 32, 2
+    q = torch.randn(sum(q_lens), hq, d, generator=gen).bfloat16()
+    k = torch.randn(sum(kv_lens), hkv, d, generator=gen) * 2
+    v = torch.randn(sum(kv_lens), hkv, d, generator=gen) * 2
+    sel = selections(gen, q_lens, kv_lens, hkv, topk)
+    kw = {}
+    if is_paged:
+        kp, kv_idx = paged(gen, k, kv_lens)
+        vp = torch.randn_like(kp)
+        start = 0
+        for b, kl in enumerate(kv_lens):
+            pages = kv_idx[sum(-(-n // 128) for n in kv_lens[:b]):][: -(-kl // 128)]
+            for j, pid in enumerate(pages.tolist()):
+                seg = v[start + j * 128: start + min((j + 1) * 128, kl)]
+                vp[pid, :, : seg.shape[0]] = seg.transpose(0, 1)
+            start += kl
+        k, v = kp, vp
+        kw["kv_indices"] = kv_idx
+    kf, vf = quantize_nvfp4(k, "auto"), quantize_nvfp4(v, "auto")
+    kd, vd = kf.dequantize(torch.bfloat16), vf.dequantize(torch.bfloat16)
+    page_size = 128 if is_paged else None
+    dp = fmha_plan(q_lens, kv_lens, hq, hkv, page_size=page_size, kv_block_num=topk)
+    sp = sparse_fmha_plan(q_lens, kv_lens, hq, hkv, page_size=page_size, kv_block_num=topk)
+    o_ref, _, lse_ref = fmha(q, kd, vd, dp, kv_block_indexes=sel, return_lse=True, sm_scale=0.3, v_scale=1.5, **kw)
+    o, _, lse = sparse_fmha(q, kf, vf, sp, kv_block_indexes=sel, return_lse=True, validate=True, sm_scale=0.3,
+                            v_scale=1.5, **kw)
+    assert o.dtype == torch.bfloat16
+    # two roundings on the sparse side (O, then O * v_scale): 2^-7 of the output bound
+    assert (o.float() - o_ref.float()).abs().max() <= 2**-7 * 1.5 * vd.float().abs().max()
+    fin = torch.isfinite(lse_ref)
+    assert torch.equal(fin, torch.isfinite(lse)) and (lse[fin] - lse_ref[fin]).abs().max() < 1e-4
+    if is_paged:  # a page id outside the cache: validate names kv_indices (staging would read zeros instead)
+        bad = kw["kv_indices"].clone()
+        bad[1] = k.shape[0] + 3
+        with pytest.raises(ValueError, match="kv_indices: request 0's page 1"):
+            sparse_fmha(q, kf, vf, sp, kv_block_indexes=sel, validate=True, kv_indices=bad)
+
+
+def test_sparse_fmha_nvfp4_bad_inputs():
+    from msa.cute.quant import quantize_nvfp4
+
+    q, k, v, sel, _, sp = _scale_problem()
+    kf, vf = quantize_nvfp4(k.float()), quantize_nvfp4(v.float())
+    with pytest.raises(TypeError, match="v: expected an Nvfp4Tensor like k"):
+        sparse_fmha(q, kf, v, sp, kv_block_indexes=sel)
+    with pytest.raises(TypeError, match="v: expected a tensor like k"):
+        sparse_fmha(q, k, vf, sp, kv_block_indexes=sel)
+    short = quantize_nvfp4(k.float()[:200])
+    with pytest.raises(ValueError, match=r"k: expected dequantised shape \[300, 2, 16\], got \[200, 2, 16\]"):
+        sparse_fmha(q, short, vf, sp, kv_block_indexes=sel)

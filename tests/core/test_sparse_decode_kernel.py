@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import os
 import zlib
 from pathlib import Path
 
@@ -78,15 +79,15 @@ def test_supports_gate():
     ok = dict(dtype=torch.bfloat16, head_dim_qk=128, head_dim_v=128, page_size=128, sparse=True, gqa_ratio=16)
     assert sd.supports(**ok) == (True, "ok")
     assert sd.supports(**{**ok, "dtype": torch.float16})[0]
+    assert sd.supports(**{**ok, "dtype": torch.float8_e4m3fn})[0]  # fp8 Q = K = V (output bf16)
     for bad, word in (
         ({"sparse": False}, "sparse"),
-        ({"dtype": torch.float8_e4m3fn}, "dtype"),
+        ({"dtype": torch.float32}, "dtype"),
         ({"head_dim_qk": 64, "head_dim_v": 64}, "head dims"),
         ({"page_size": 64}, "page_size"),
         ({"page_size": None}, "page_size"),
         ({"output_maxscore": True}, "max_score"),
         ({"output_o": False}, "max_score"),
-        ({"per_head_scales": True}, "per-head"),
         ({"gqa_ratio": 32}, "32"),
     ):
         res, why = sd.supports(**{**ok, **bad})
@@ -121,19 +122,145 @@ def test_run_glue_passes_binding_arguments(monkeypatch):
                           v_scale=3.0, return_lse=True)
     assert ms is None and out.shape == q.shape and lse.shape == (3, 8) and lse.dtype == torch.float32
     (args,) = calls
-    assert len(args) == 15
+    assert len(args) == 17
     dp = plan.kernel["sparse_decode"]
     assert args[5] is dp.tok_info and args[6] is out and args[7] is lse and args[8] is dp.part_o
-    assert args[10:12] == (2, 2) and args[14] is True
-    assert args[12] == pytest.approx(1.0 * math.log2(math.e)) and args[13] == pytest.approx(3.0)
-    with pytest.raises(NotImplementedError, match="per-head"):
-        sd.run(q, kv, kv, plan, kv_indices=idx, kv_block_indexes=blocks, k_scale=torch.ones(2))
+    assert args[11:13] == (2, 2) and args[15] is True and args[16] is False
+    assert args[13] == pytest.approx(1.0 * math.log2(math.e)) and args[14] == pytest.approx(3.0)
+    # per-head scale tensors: the [Hq, 2] table (logit scale in log2 units, output scale) instead of the scalars
+    k_scale, o_scale = torch.tensor([0.5, 4.0]), torch.arange(1.0, 9.0)
+    sd.run(q, kv, kv, plan, kv_indices=idx, kv_block_indexes=blocks, sm_scale=0.5, q_scale=2.0, k_scale=k_scale,
+           v_scale=torch.tensor(3.0), o_scale=o_scale)
+    args = calls[-1]
+    assert args[16] is True and args[10].shape == (8, 2)
+    want_logit = 0.5 * 2.0 * k_scale.repeat_interleave(4) * math.log2(math.e)
+    assert torch.allclose(args[10][:, 0], want_logit) and torch.allclose(args[10][:, 1], 3.0 * o_scale)
+    # fp8 Q = K = V: uint8 views go in, the output is bf16
+    q8, kv8 = q.to(torch.float8_e4m3fn), kv.to(torch.float8_e4m3fn)
+    out8, _ = sd.run(q8, kv8, kv8, plan, kv_indices=idx, kv_block_indexes=blocks)
+    args = calls[-1]
+    assert out8.dtype == torch.bfloat16 and args[0].dtype == args[1].dtype == args[2].dtype == torch.uint8
+    with pytest.raises(NotImplementedError, match="q / k dtypes"):
+        sd.run(q8, kv, kv, plan, kv_indices=idx, kv_block_indexes=blocks)
+
+
+def _swz8(row: int, piece: int) -> int:
+    return row * 128 + ((piece ^ (row & 7)) << 4)
+
+
+def _fp8_tile_smem(tile: torch.Tensor) -> bytearray:
+    """A [16, 128] fp8 tile as the kernel's cp.async writes it: 16-byte piece p of row r at swz8(r, p)."""
+    raw = tile.view(torch.uint8).reshape(16, 128)
+    smem = bytearray(16 * 128)
+    for lane in range(32):
+        for it in range(4):
+            idx = lane + it * 32
+            row, piece = idx >> 3, idx & 7
+            smem[_swz8(row, piece):_swz8(row, piece) + 16] = bytes(raw[row, piece * 16:(piece + 1) * 16].tolist())
+    return smem
+
+
+def _word(smem: bytearray, addr: int) -> int:
+    return int.from_bytes(smem[addr:addr + 4], "little")
+
+
+def _f16_pair(lo: float, hi: float):
+    return (lo, hi)
+
+
+def _e4m3_pair(two_bytes: int):
+    """The kernel's e4m3x2_to_f16x2: low byte -> first element (values as Python floats; e4m3 -> f16 is exact)."""
+    b = torch.tensor([two_bytes & 0xFF, (two_bytes >> 8) & 0xFF], dtype=torch.uint8).view(torch.float8_e4m3fn)
+    return (float(b[0]), float(b[1]))
+
+
+def _byte_perm(a: int, b: int, sel: int) -> int:
+    src = a.to_bytes(4, "little") + b.to_bytes(4, "little")
+    return int.from_bytes(bytes(src[(sel >> (4 * i)) & 7] for i in range(4)), "little")
+
+
+def _mma_m16n8k16(a_regs, b_regs):
+    """C[16, 8] of one m16n8k16 from per-lane fragments (PTX ISA layout; a register = (first, second) element)."""
+    A = [[0.0] * 16 for _ in range(16)]
+    B = [[0.0] * 8 for _ in range(16)]
+    for lane in range(32):
+        g, t = lane >> 2, lane & 3
+        for reg, (row, col) in enumerate(((g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8))):
+            A[row][col], A[row][col + 1] = a_regs[lane][reg]
+        for reg, k0 in enumerate((2 * t, 2 * t + 8)):
+            B[k0][g], B[k0 + 1][g] = b_regs[lane][reg]
+    return torch.tensor(A, dtype=torch.float64) @ torch.tensor(B, dtype=torch.float64)
+
+
+def test_fp8_fragment_orders_replayed_on_cpu():
+    """The fp8 K/V path's lane addressing (sparse_decode_kernel.cuh, kKvFp8Q), replayed step by step: Q / K fragments
+    in the permuted head-dim order give S = Q K^T, P / V fragments with the permuted output dims give O = P V once
+    the warp merge's dim map (32u + 8q + 4e + w) is applied -- for every lane, k-step and n-tile."""
+    gen = torch.Generator().manual_seed(3)
+    q = (torch.randn(16, 128, generator=gen) * 2).to(torch.float8_e4m3fn)  # 16 query rows (G = 16)
+    k = (torch.randn(16, 128, generator=gen) * 2).to(torch.float8_e4m3fn)  # one 16-key chunk
+    v = (torch.randn(16, 128, generator=gen) * 2).to(torch.float8_e4m3fn)
+    q_s, k_s, v_s = _fp8_tile_smem(q), _fp8_tile_smem(k), _fp8_tile_smem(v)
+    # Q fragments qa[ks][reg]
+    qa = [[[None] * 4 for _ in range(8)] for _ in range(32)]
+    for lane in range(32):
+        r, q4 = lane >> 2, lane & 3
+        for g in range(2):
+            for half in range(2):
+                base = _swz8(r + 8 * half, 4 * g + q4)
+                for j in range(4):
+                    w = _word(q_s, base + 4 * j)
+                    qa[lane][4 * g + j][half] = _e4m3_pair(w)
+                    qa[lane][4 * g + j][2 + half] = _e4m3_pair(w >> 16)
+    s = torch.zeros(16, 16, dtype=torch.float64)
+    for nt in range(2):
+        for g in range(2):
+            for j in range(4):
+                b_regs = []
+                for lane in range(32):
+                    r, q4 = lane >> 2, lane & 3
+                    w = _word(k_s, _swz8(nt * 8 + r, 4 * g + q4) + 4 * j)
+                    b_regs.append((_e4m3_pair(w), _e4m3_pair(w >> 16)))
+                s[:, nt * 8:(nt + 1) * 8] += _mma_m16n8k16([qa[ln][4 * g + j] for ln in range(32)], b_regs)
+    assert torch.allclose(s, q.double() @ k.double().t(), rtol=0, atol=1e-9)
+    # P fragments from S accumulators (any values: use S scaled), V fragments, O dim map
+    p = torch.randn(16, 16, generator=gen, dtype=torch.float64)
+    pa = []
+    for lane in range(32):
+        g, t = lane >> 2, lane & 3
+        pa.append([(p[g, 2 * t].item(), p[g, 2 * t + 1].item()), (p[g + 8, 2 * t].item(), p[g + 8, 2 * t + 1].item()),
+                   (p[g, 8 + 2 * t].item(), p[g, 9 + 2 * t].item()),
+                   (p[g + 8, 8 + 2 * t].item(), p[g + 8, 9 + 2 * t].item())])
+    o = torch.zeros(16, 128, dtype=torch.float64)
+    for u in range(4):
+        tiles = [[None] * 32 for _ in range(4)]
+        for lane in range(32):
+            r, q4 = lane >> 2, lane & 3
+            piece, within = 2 * u + (r >> 2), (r & 3) * 4
+            a, b, c, d = (_word(v_s, _swz8(row, piece) + within) for row in (2 * q4, 2 * q4 + 1, 2 * q4 + 8,
+                                                                             2 * q4 + 9))
+            ab_lo, ab_hi = _byte_perm(a, b, 0x5140), _byte_perm(a, b, 0x7362)
+            cd_lo, cd_hi = _byte_perm(c, d, 0x5140), _byte_perm(c, d, 0x7362)
+            for w, (x, y) in enumerate(((ab_lo, cd_lo), (ab_lo >> 16, cd_lo >> 16), (ab_hi, cd_hi),
+                                        (ab_hi >> 16, cd_hi >> 16))):
+                tiles[w][lane] = (_e4m3_pair(x), _e4m3_pair(y))
+        for w in range(4):
+            c_tile = _mma_m16n8k16(pa, tiles[w])  # [16 rows, 8 fragment columns]
+            for lane in range(32):
+                g, q4 = lane >> 2, lane & 3
+                for e in range(2):
+                    col = u * 32 + 8 * q4 + w + 4 * e  # the merge's map of fragment column 2q + e
+                    o[g, col] = c_tile[g, 2 * q4 + e]
+                    o[g + 8, col] = c_tile[g + 8, 2 * q4 + e]
+    assert torch.allclose(o, p @ v.double(), rtol=0, atol=1e-9)
 
 
 def test_jit_specs_hook():
     assert [s.arch for s in sd.jit_specs({"dtypes": ["bf16"], "head_dim": [128]}, "sm_90a")] == ["sm_90a"]
     assert sd.jit_specs({"dtypes": ["bf16"], "head_dim": [64]}, "sm_90a") == []
-    assert sd.jit_specs({"dtypes": ["fp8"], "head_dim": [128]}, "sm_100a") == []
+    # one module serves every dtype (fp8 K/V included): an fp8-only preset builds it too
+    assert [s.arch for s in sd.jit_specs({"dtypes": ["fp8"], "head_dim": [128]}, "sm_100a")] == ["sm_100a"]
+    assert sd.jit_specs({"dtypes": ["fp32"], "head_dim": [128]}, "sm_90a") == []
 
 
 @pytest.mark.compile
@@ -233,6 +360,10 @@ CASES = [
     ("noncausal-q8", [8, 1], [1500, 333], 64, 4, 16, torch.bfloat16, False),
     ("fp16-decode", [1] * 4, [3000, 129, 7000, 256], 64, 4, 16, torch.float16, True),
     ("fp16-mtp-noncausal", [3, 16], [900, 4100], 32, 4, 12, torch.float16, False),
+    # fp8 e4m3 Q = K = V (f16 MMAs on converted fragments, output bf16): decode, MTP, GQA 1 with a split
+    ("fp8-decode-gqa16", [1] * 6, [5000, 128, 300, 20000, 1, 2049], 64, 4, 16, torch.float8_e4m3fn, True),
+    ("fp8-mtp8-noncausal", [8, 3], [3000, 700], 32, 2, 16, torch.float8_e4m3fn, False),
+    ("fp8-gqa1-k64", [1, 2], [9000, 16000], 4, 4, 64, torch.float8_e4m3fn, True),
 ]
 
 
@@ -245,13 +376,44 @@ def test_fmha_sparse_matches_reference(case, splits, monkeypatch):
     if splits:
         monkeypatch.setenv("MSA_SPARSE_DECODE_SPLITS", splits)
     plan, q, k, v, kv_indices, blocks = make_case(qo, kv, hq, hkv, topk, dtype, causal, seed=zlib.crc32(name.encode()) % 1000)
-    out = torch.full_like(q, float("nan"))
+    fp8 = dtype == torch.float8_e4m3fn
+    out = torch.full(q.shape, float("nan"), dtype=torch.bfloat16 if fp8 else dtype, device=q.device)
     o, ms, lse = core.fmha(q, k, v, plan, kv_indices=kv_indices, kv_block_indexes=blocks, out=out, return_lse=True,
                            backend="kernel", validate=True)
     assert o is out and ms is None
     assert plan.kernel["sparse_decode"].splits >= 1
     ref_o, ref_lse = reference(plan, q, k, v, kv_indices, blocks)
-    check(out, lse, ref_o, ref_lse, dtype)
+    check(out, lse, ref_o, ref_lse, torch.bfloat16 if fp8 else dtype)  # fp8: exact inputs, output rounded to bf16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_per_head_scales(dtype):
+    """Per-head q / k / v / o scale tensors (the kernel's [Hq, 2] row table; a 0-d tensor counts as one) vs the fp64
+    reference applying the same scales; with splits (the combine applies the output scale) and without."""
+    _need_kernel()
+    plan, q, k, v, kv_indices, blocks = make_case([2, 1, 1], [3000, 777, 20000], 32, 4, 16, dtype, True, seed=9)
+    dev = q.device
+    scales = dict(sm_scale=0.07, q_scale=torch.linspace(0.5, 2.0, 32, device=dev),
+                  k_scale=torch.tensor([0.8, 1.25, 2.0, 0.5], device=dev), v_scale=torch.tensor(1.5, device=dev),
+                  o_scale=torch.linspace(2.0, 0.25, 32, device=dev))
+    ref_o, _, ref_lse = fmha_reference(q, k, v, qo_lens=plan.qo_lens, kv_lens=plan.kv_lens, page_size=128,
+                                       kv_indices=kv_indices, kv_block_indexes=blocks, compute_dtype=torch.float64,
+                                       out_dtype=torch.float64, return_lse=True, **scales)
+    for splits in ("1", "3"):
+        os.environ["MSA_SPARSE_DECODE_SPLITS"] = splits
+        try:
+            plan.kernel.pop("sparse_decode", None)
+            o, _, lse = core.fmha(q, k, v, plan, kv_indices=kv_indices, kv_block_indexes=blocks, backend="kernel",
+                                  return_lse=True, **scales)
+        finally:
+            os.environ.pop("MSA_SPARSE_DECODE_SPLITS")
+        torch.cuda.synchronize()
+        rel = ((o.double() - ref_o).norm() / ref_o.norm()).item()
+        assert not torch.isnan(o).any() and rel < 1.5e-2, f"splits {splits}: rel L2 error {rel:.3e}"
+        live = torch.isfinite(ref_lse)
+        err = (lse[live].double() - ref_lse[live]).abs()
+        assert (err <= 2e-3 * ref_lse[live].abs().clamp_min(1.0)).all(), f"splits {splits}: LSE err {err.max():.3e}"
 
 
 @pytest.mark.gpu

@@ -132,19 +132,27 @@ def test_fp4_indexer_gpu_matches_cpu():
         assert (got.cpu()[fin] - ref[fin]).abs().max() <= 1e-4 * ref[fin].abs().max()
 
 
-@pytest.mark.parametrize("seqlen_q,causal,dtype", [(1, True, torch.bfloat16), (4, True, torch.bfloat16),
-                                                   (3, False, torch.float16)])
-def test_sparse_decode_kernel_graph_replay_sees_updated_metadata(seqlen_q, causal, dtype):
+FP8 = torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("seqlen_q,causal,dtype,kv_dtype", [
+    (1, True, torch.bfloat16, torch.bfloat16), (4, True, torch.bfloat16, torch.bfloat16),
+    (3, False, torch.float16, torch.float16),
+    (1, True, torch.bfloat16, FP8), (4, False, torch.float16, FP8), (2, True, FP8, FP8),  # fp8 K/V cache
+])
+def test_sparse_decode_kernel_graph_replay_sees_updated_metadata(seqlen_q, causal, dtype, kv_dtype):
     """Sparse decode through the wrapper (the msa-core sparse_decode kernel on SM90) vs the CPU reference, captured
-    once and replayed after seqused_k / q2k_indices were updated in place (the wrapper's contract); LSE too."""
+    once and replayed after seqused_k / q2k_indices were updated in place (the wrapper's contract); LSE too. fp8 K/V
+    (under a 16-bit or an fp8 Q) run the kernel's fp8 path: the reference reads the same fp8 values."""
     from msa.core.dispatch import select_backend
 
     g = torch.Generator().manual_seed(11 + seqlen_q)
     batch, hq, hkv, d, topk, n_pages = 5, 64, 4, 128, 16, 160
     pages = torch.randperm(n_pages, generator=g)[: batch * 30].view(batch, 30).int()
     q = torch.randn(batch * seqlen_q, hq, d, generator=g).to(dtype)
-    k = torch.randn(n_pages, hkv, 128, d, generator=g).to(dtype)
-    v = torch.randn(n_pages, hkv, 128, d, generator=g).to(dtype)
+    k = (torch.randn(n_pages, hkv, 128, d, generator=g) * 2).to(kv_dtype)
+    v = (torch.randn(n_pages, hkv, 128, d, generator=g) * 2).to(kv_dtype)
+    out_dtype = torch.bfloat16 if dtype == FP8 else dtype
 
     def selection(su):
         q2k = torch.full((hkv, batch * seqlen_q, topk), -1, dtype=torch.int32)
@@ -164,14 +172,14 @@ def test_sparse_decode_kernel_graph_replay_sees_updated_metadata(seqlen_q, causa
         w = SparseDecodePagedAttentionWrapper(causal=causal)
         w.plan(page_table=pages, seqused_k=su, seqlen_q=seqlen_q, max_seqlen_k=3840, q2k_indices=q2k)
         refs.append(w.run(q, k, v, return_softmax_lse=True))
-    assert select_backend("sparse_decode_atten_func", torch.device("cuda"), None, q_dtype=dtype, kv_dtype=dtype,
+    assert select_backend("sparse_decode_atten_func", torch.device("cuda"), None, q_dtype=dtype, kv_dtype=kv_dtype,
                           head_dim=d, head_dim_v=d, qhead_per_kv=hq // hkv, seqlen_q=seqlen_q, blk_kv=128,
                           causal=causal, sparse=True, topk=topk) == "sparse_decode_sm90"
     su_g, q2k_g, pages_g = lens[0].cuda(), sels[0].cuda(), pages.cuda()
     w = SparseDecodePagedAttentionWrapper(causal=causal)
     w.plan(page_table=pages_g, seqused_k=su_g, seqlen_q=seqlen_q, max_seqlen_k=3840, q2k_indices=q2k_g)
     qg, kg, vg = q.cuda(), k.cuda(), v.cuda()
-    out = torch.empty(batch * seqlen_q, hq, d, dtype=dtype, device="cuda")
+    out = torch.empty(batch * seqlen_q, hq, d, dtype=out_dtype, device="cuda")
     lse = torch.empty(batch * seqlen_q, hq, dtype=torch.float32, device="cuda")
     w.run(qg, kg, vg, out=out, lse=lse, return_softmax_lse=True)  # warm-up outside capture
     graph = torch.cuda.CUDAGraph()

@@ -195,3 +195,73 @@ def test_shared_and_repeated_pages(helpers, attn_path):
     assert (o_p.double() - o_ref).abs().max() <= 2**-8 * vs.float().abs().max()
     fin = torch.isfinite(lse_ref)
     assert torch.equal(fin, torch.isfinite(l_p)) and (l_p[fin].double() - lse_ref[fin]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_nvfp4_kv_matches_oracle_on_dequantised_values(helpers, paged, attn_path):
+    """NVFP4 K/V (Nvfp4Tensor, global scale) == the oracle on the dequantised values (rounded to q's dtype, as the
+    staging does); paged: shuffled pages, a spare page full of NaN that no request owns, table padding of -1."""
+    from msa.cute.quant import quantize_nvfp4
+
+    gen = torch.Generator().manual_seed(23)
+    q_lens, kv_lens, hq, hkv, d, topk, block = [10, 19], [45, 64], 4, 2, 32, 3, 16
+    q, k, v, q2k = make_problem(helpers, gen, q_lens, kv_lens, hq, hkv, d, topk, block, torch.bfloat16,
+                                mode="causal")
+    kf, vf = (quantize_nvfp4(x.float() * 3.0, "auto") for x in (k, v))
+    kd, vd = (x.dequantize().bfloat16() for x in (kf, vf))
+    cq, ck = helpers.cu(q_lens), helpers.cu(kv_lens)
+    rp, qi = build_k2q_csr(q2k, cq, ck, block, total_k=sum(kv_lens))
+    kw = dict(cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=19, max_seqlen_k=64, blk_kv=block, causal=True,
+              return_softmax_lse=True, validate=True)
+    if not paged:
+        o, lse = sparse_atten_func(q, kf, vf, rp, qi, topk, **kw)
+    else:
+        npg = [-(-n // block) for n in kv_lens]
+        n_pages = sum(npg) + 1
+        perm = torch.randperm(n_pages, generator=gen)
+        table = torch.full((2, max(npg) + 2), -1, dtype=torch.int32)
+        kp = torch.full((n_pages, hkv, block, d), float("nan"))
+        vp = torch.full((n_pages, hkv, block, d), float("nan"))
+        cuk, p = ck.tolist(), 0
+        for b in range(2):
+            for j in range(npg[b]):
+                pid = int(perm[p])
+                p += 1
+                table[b, j] = pid
+                lo, hi = cuk[b] + j * block, min(cuk[b] + (j + 1) * block, cuk[b + 1])
+                kp[pid] = 0.0
+                vp[pid] = 0.0
+                kp[pid, :, : hi - lo] = k[lo:hi].float().transpose(0, 1) * 3.0
+                vp[pid, :, : hi - lo] = v[lo:hi].float().transpose(0, 1) * 3.0
+        g = kf.global_scale
+        kpf, vpf = quantize_nvfp4(kp.nan_to_num(0.0), g), quantize_nvfp4(vp.nan_to_num(0.0), vf.global_scale)
+        spare = int(perm[-1])
+        kpf.data[spare] = 0x77  # +6 in every nibble: a garbage page the call must not read
+        o, lse = sparse_atten_func(q, kpf, vpf, rp, qi, topk, page_table=table, **kw)
+    o_ref, lse_ref, _ = oracle(helpers, q, kd, vd, q2k, q_lens, kv_lens, block, d ** -0.5, True)
+    assert o.dtype == torch.bfloat16
+    assert (o.double() - o_ref).abs().max() <= 2**-8 * vd.float().abs().max()
+    fin = torch.isfinite(lse_ref)
+    assert torch.equal(fin, torch.isfinite(lse)) and (lse[fin].double() - lse_ref[fin]).abs().max() < 1e-4
+
+
+def test_nvfp4_kv_bad_arguments(helpers):
+    from msa.cute.quant import quantize_nvfp4
+
+    gen = torch.Generator().manual_seed(2)
+    q_lens, kv_lens, hq, hkv, d, topk, block = [4], [32], 2, 1, 32, 2, 16
+    q, k, v, q2k = make_problem(helpers, gen, q_lens, kv_lens, hq, hkv, d, topk, block, torch.bfloat16)
+    cq, ck = helpers.cu(q_lens), helpers.cu(kv_lens)
+    rp, qi = build_k2q_csr(q2k, cq, ck, block, total_k=32)
+    kw = dict(cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=4, max_seqlen_k=32, blk_kv=block)
+    kf, vf = quantize_nvfp4(k.float()), quantize_nvfp4(v.float())
+    with pytest.raises(TypeError, match="v: expected an Nvfp4Tensor"):
+        sparse_atten_func(q, kf, v, rp, qi, topk, **kw)
+    with pytest.raises(TypeError, match="q: expected bf16 or fp16 with NVFP4"):
+        sparse_atten_func(q.to(torch.float8_e4m3fn), kf, vf, rp, qi, topk, **kw)
+    bad = type(kf)(kf.data, kf.scale[..., :1], None)
+    with pytest.raises(ValueError, match=r"k.scale: expected shape \[32, 1, 2\]"):
+        sparse_atten_func(q, bad, vf, rp, qi, topk, **kw)
+    short = type(kf)(kf.data[..., :8], kf.scale[..., :1], None)  # D = 16 != q's 32
+    with pytest.raises(ValueError, match="k: expected head dim 32"):
+        sparse_atten_func(q, short, short, rp, qi, topk, **kw)

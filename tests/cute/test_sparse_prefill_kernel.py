@@ -587,3 +587,46 @@ def test_gpu_kernel_seqused_topk_overflow_and_no_host_sync(helpers, poisoned_wor
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     _assert_close(o, lse, o_ref, lse_ref, v, o_tol=2**-6, lse_tol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_format", ["fp8", "fp8_q", "nvfp4"])
+@pytest.mark.parametrize("paged", [False, True])
+def test_gpu_quantized_kv_staged_through_the_kernel(helpers, poisoned_workspaces, monkeypatch, kv_format, paged):
+    """bf16 Q over fp8 K/V, fp8 Q = K = V and NVFP4 K/V (global scale) run the bf16 kernel on K/V staged by
+    msa.cute.quant.dequantize_kv (backend="kernel" proves no reference fallback): vs the fp32 reference on the
+    dequantised values, bf16 bound 2^-7 x max|V|. Paged: NaN in unowned pages and page tails (fp8 / NVFP4 encode no
+    NaN in e2m1, so NVFP4 pages use garbage values instead)."""
+    from msa.cute import quant as Q
+
+    _gpu_ready()
+    topk, group, hkv, causal = 16, 4, 2, True  # G 4 and 16: the GQA ratios of the smoke / minimax-m3 bundles
+    q_lens, kv_lens = [300, 1, 640], [2000, 129, 900]
+    q, k, v, q2k, cq, ck = _problem(helpers, 77, q_lens, kv_lens, hkv * group, hkv, 128, topk, causal)
+    rp, qi = build_k2q_csr(q2k, cq, ck, BLOCK, total_k=k.shape[0])
+    extra = {}
+    if paged:
+        fill = 7.0 if kv_format == "nvfp4" else float("nan")
+        k, v, table = _paged(k, v, kv_lens, 5, fill=fill)
+        extra["page_table"] = table
+    if kv_format == "nvfp4":
+        kq, vq = (Q.quantize_nvfp4(x.float(), "auto") for x in (k, v))
+        kd, vd = kq.dequantize(torch.bfloat16), vq.dequantize(torch.bfloat16)
+        to_dev = lambda t: Q.Nvfp4Tensor(t.data.cuda(), t.scale.cuda(), t.global_scale.cuda())  # noqa: E731
+        kg, vg = to_dev(kq), to_dev(vq)
+    else:
+        kq, vq = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+        kd, vd = kq, vq
+        kg, vg = kq.cuda(), vq.cuda()
+    qq = q.to(torch.float8_e4m3fn) if kv_format == "fp8_q" else q
+    ref_kw = dict(extra)
+    if paged:  # the reference reads the same pages with zeros where the kernel must mask (NaN x 0 would poison it)
+        kd, vd = kd.float().nan_to_num(0.0).to(kd.dtype), vd.float().nan_to_num(0.0).to(vd.dtype)
+    o_ref, lse_ref = _reference(qq, kd, vd, rp, qi, topk, cq, ck, q_lens, kv_lens, causal, 0.088, **ref_kw)
+    g = {n: x.cuda() for n, x in extra.items()}
+    o, lse = sparse_atten_func(qq.cuda(), kg, vg, rp.cuda(), qi.cuda(), topk, cu_seqlens_q=cq.cuda(),
+                               cu_seqlens_k=ck.cuda(), max_seqlen_q=max(q_lens), max_seqlen_k=max(kv_lens),
+                               causal=causal, softmax_scale=0.088, return_softmax_lse=True, backend="kernel", **g)
+    torch.cuda.synchronize()
+    assert o.dtype == torch.bfloat16
+    _assert_close(o, lse, o_ref, lse_ref, vd.float().nan_to_num(0.0), o_tol=2**-7, lse_tol=2e-3)

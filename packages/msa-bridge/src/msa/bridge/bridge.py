@@ -49,6 +49,7 @@ from msa.core.validation import check_int, check_tensor, validation_enabled
 from msa.cute import build_k2q_csr, sparse_atten_func
 from msa.cute._common import is_capturing
 from msa.cute.csr import check_selection_values
+from msa.cute.quant import Nvfp4Tensor, check_nvfp4_tensor, dequantize_kv
 from msa.cute.qouter import (
     QOUTER_ROWS,
     QouterItems,
@@ -342,7 +343,7 @@ def sparse_fmha(
     check_tensor("q", q, ndim=3, shape=[plan.total_q, plan.num_qo_heads, None], device=plan.device)
     hkv = plan.num_kv_heads
     if plan.paged:
-        check_tensor("k", k, ndim=4, shape=[None, hkv, BLOCK, q.shape[-1]], device=q.device)
+        _check_kv("k", k, q, ndim=4, shape=[None, hkv, BLOCK, q.shape[-1]])
         if page_table is None:
             if kv_indices is None:
                 raise ValueError("kv_indices: required for a paged plan (or pass page_table)")
@@ -350,12 +351,16 @@ def sparse_fmha(
                          device=q.device, contiguous=True)
             page_table = page_table_from_kv_indices(kv_indices, plan.kv_page_indptr, plan.max_pages)
     else:
-        check_tensor("k", k, ndim=3, shape=[plan.total_kv, hkv, q.shape[-1]], device=q.device)
+        _check_kv("k", k, q, ndim=3, shape=[plan.total_kv, hkv, q.shape[-1]])
         if kv_indices is not None or page_table is not None:
             raise ValueError("kv_indices: given, but the plan is ragged (page_size=None)")
+    if isinstance(k, Nvfp4Tensor) != isinstance(v, Nvfp4Tensor):
+        raise TypeError(f"v: expected {'an Nvfp4Tensor' if isinstance(k, Nvfp4Tensor) else 'a tensor'} like k, got "
+                        f"{type(v).__name__}")
+    v_shape = check_nvfp4_tensor("v", v, device=q.device) if isinstance(v, Nvfp4Tensor) else list(v.shape)
     out_dtype = torch.bfloat16 if q.dtype == torch.float8_e4m3fn else q.dtype
     if out is not None:
-        check_tensor("out", out, dtype=out_dtype, shape=[plan.total_q, plan.num_qo_heads, v.shape[-1]],
+        check_tensor("out", out, dtype=out_dtype, shape=[plan.total_q, plan.num_qo_heads, v_shape[-1]],
                      device=q.device)
     sel = _selections(kv_block_indexes, plan)
     if validation_enabled(validate):
@@ -363,6 +368,7 @@ def sparse_fmha(
         cu_q = torch.tensor(plan.qo_indptr_host, dtype=torch.int64)
         check_selection_values("kv_block_indexes", sel.transpose(0, 1).cpu().to(torch.int64), cu_q, nblk)
     q_eff, scale, out_mult = _fold_scales(q, plan, sm_scale, q_scale, k_scale, v_scale, o_scale)
+    q_eff, k, v, page_table = _stage_kv(q_eff, k, v, plan, page_table, kv_indices, backend, validate)
     qpath = _qouter_path(plan, q_eff, k, v, backend)
     if qpath is None:
         o, lse = _kv_outer(q_eff, k, v, sel, plan, scale, return_lse, page_table, validate, backend)
@@ -381,6 +387,64 @@ def sparse_fmha(
             out.copy_(o)
         o = out
     return (o, None, lse) if return_lse else (o, None)
+
+
+def _check_kv(name, t, q, *, ndim, shape):
+    """``k`` (a tensor or an :class:`Nvfp4Tensor`, checked on its dequantised shape) on q's device."""
+    if isinstance(t, Nvfp4Tensor):
+        got = check_nvfp4_tensor(name, t, device=q.device)
+        if len(got) != ndim or any(w is not None and w != g for w, g in zip(shape, got)):
+            want = ["*" if w is None else w for w in shape]
+            raise ValueError(f"{name}: expected dequantised shape {want}, got {got} (Nvfp4Tensor data "
+                             f"{list(t.data.shape)})")
+        return
+    check_tensor(name, t, ndim=ndim, shape=shape, device=q.device)
+
+
+def _stage_kv(q, k, v, plan: SparseFmhaPlan, page_table, kv_indices, backend, validate):
+    """Quantised K/V -> the 16-bit kernels: K/V dequantised (``msa.cute.quant.dequantize_kv``, one memory-bound pass
+    over the pages / tokens this call reads, no host sync) to bf16 (fp16 under an fp16 q), an fp8 q cast exactly.
+
+    Staged: NVFP4 K/V (always: every path reads dequantised values); fp8 K/V under a 16-bit q; fp8 Q = K = V with
+    paged K/V (the fp8 Q-outer kernel is ragged-only). Not staged: fp8 Q = K = V ragged (the fp8 Q-outer kernel), and
+    fp8 K/V where no kernel would run (CPU, ``MSA_BACKEND=reference``): the references read fp8 directly.
+    Paged: the pages are gathered into a compact pool in the plan's page order (from ``kv_indices``, else every
+    page-table entry) and ``page_table`` is rewritten to address it."""
+    fp8 = torch.float8_e4m3fn
+    nvfp4 = isinstance(k, Nvfp4Tensor)
+    if not nvfp4:
+        if k.dtype != fp8 or (q.dtype == fp8 and not plan.paged):
+            return q, k, v, page_table
+        if q.device.type != "cuda" or backend_mode(backend) == "reference":
+            return q, k, v, page_table
+        target = torch.bfloat16 if q.dtype == fp8 else q.dtype
+        if kernel_for("dequantize_kv", q.device, fmt="fp8", out_dtype=target, row=k.shape[-1]) is None:
+            return q, k, v, page_table
+    target = torch.bfloat16 if q.dtype == fp8 else q.dtype
+    if q.dtype == fp8:
+        q = q.to(target)
+    rows = None
+    if plan.paged:
+        dev = q.device
+        if validation_enabled(validate):  # checked here: the rewritten table below addresses the pool, always valid
+            n_pages = (k.data if nvfp4 else k).shape[0]
+            live = page_table_from_kv_indices(torch.ones_like(kv_indices), plan.kv_page_indptr, plan.max_pages) \
+                if kv_indices is not None else torch.ones_like(page_table)
+            bad = (live != 0) & ((page_table < 0) | (page_table >= n_pages))
+            if bool(bad.any()):
+                b, j = bad.nonzero()[0].tolist()
+                raise ValueError(f"kv_indices: request {b}'s page {j} is {int(page_table[b, j])}, not a page id in "
+                                 f"[0, {n_pages})")
+        if kv_indices is not None:
+            rows = kv_indices
+            pool = torch.arange(kv_indices.shape[0], dtype=torch.int32, device=dev)
+            page_table = page_table_from_kv_indices(pool, plan.kv_page_indptr, plan.max_pages)
+        else:
+            rows = page_table.reshape(-1).contiguous()
+            page_table = torch.arange(rows.shape[0], dtype=torch.int32, device=dev).view(page_table.shape)
+    k = dequantize_kv(k, dtype=target, rows=rows, backend=backend)
+    v = dequantize_kv(v, dtype=target, rows=rows, backend=backend)
+    return q, k, v, page_table
 
 
 def _kv_outer(q, k, v, sel, plan, scale, return_lse, page_table, validate, backend):

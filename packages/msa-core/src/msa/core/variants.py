@@ -11,7 +11,7 @@ from typing import Iterable
 
 KERNEL_MODULES = (
     "msa.core.kernels.topk", "msa.core.kernels.fmha_sm90", "msa.core.kernels.sparse_decode",
-    "msa.core.kernels.qouter_union", "msa.core.kernels.fmha_sm90_qouter",
+    "msa.core.kernels.qouter_union", "msa.core.kernels.fmha_sm90_qouter", "msa.core.kernels.kv_dequant",
 )
 
 

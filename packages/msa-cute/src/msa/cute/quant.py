@@ -47,6 +47,9 @@ __all__ = [
     "unswizzle_nvfp4_scale_from_128x4",
     "NVFP4_BLOCK",
     "MXFP4_BLOCK",
+    "dequantize_kv",
+    "check_nvfp4_tensor",
+    "is_quantized_kv",
 ]
 
 FP8 = torch.float8_e4m3fn
@@ -59,6 +62,9 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 _E2M1_MIDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 _TIE_UP = (0.75, 1.75, 3.5)  # ties whose upper neighbour has the even code
 _FP32_TINY = torch.finfo(torch.float32).tiny
+
+
+_DEQUANT_OP = "dequantize_kv"
 
 
 def _check_float_tensor(name: str, x) -> None:
@@ -331,3 +337,132 @@ def unswizzle_nvfp4_scale_from_128x4(swizzled: torch.Tensor, rows: int, cols: in
     raw = swizzled.reshape(-1).view(torch.uint8) if swizzled.element_size() == 1 else swizzled.reshape(-1)
     lin = raw.view(pr // 128, pc // 4, 32, 4, 4).permute(0, 3, 2, 1, 4).reshape(pr, pc)[:rows, :cols].contiguous()
     return lin.view(swizzled.dtype) if swizzled.element_size() == 1 else lin
+
+
+# ------------------------------------------------------------------------------------------ K/V staging (GPU)
+
+
+def check_nvfp4_tensor(name: str, t, *, device=None) -> list[int]:
+    """Validate an :class:`Nvfp4Tensor` argument; returns the shape of its dequantised tensor (``[..., D]``)."""
+    if not isinstance(t, Nvfp4Tensor):
+        raise TypeError(f"{name}: expected an Nvfp4Tensor, got {type(t).__name__}")
+    check_tensor(f"{name}.data", t.data, device=device)
+    _as_uint8(f"{name}.data", t.data)
+    if t.data.dim() < 1:
+        raise ValueError(f"{name}.data: expected at least one dimension")
+    d = t.data.shape[-1] * 2
+    check_tensor(f"{name}.scale", t.scale, device=t.data.device)
+    if t.scale.dtype not in (FP8, torch.uint8):
+        raise TypeError(f"{name}.scale: expected float8_e4m3fn (or its uint8 bits), got {dtype_name(t.scale.dtype)}")
+    want = list(t.data.shape[:-1]) + [d // NVFP4_BLOCK]
+    if d % NVFP4_BLOCK or list(t.scale.shape) != want:
+        raise ValueError(f"{name}.scale: expected shape {want} (one scale per {NVFP4_BLOCK} of the {d} elements of "
+                         f"{name}.data's rows), got {list(t.scale.shape)}")
+    g = t.global_scale
+    if g is not None and not isinstance(g, (int, float)):
+        check_tensor(f"{name}.global_scale", g, dtype=torch.float32, device=t.data.device)
+        if g.numel() != 1:
+            raise ValueError(f"{name}.global_scale: expected a scalar, got shape {list(g.shape)}")
+    return list(t.data.shape[:-1]) + [d]
+
+
+def is_quantized_kv(t) -> bool:
+    """An fp8 e4m3 tensor or an :class:`Nvfp4Tensor` (what :func:`dequantize_kv` takes)."""
+    return isinstance(t, Nvfp4Tensor) or (isinstance(t, torch.Tensor) and t.dtype == FP8)
+
+
+def _scale_vector(scale, heads: int, device, name: str) -> torch.Tensor | None:
+    """fp32 ``[1]`` or ``[heads]`` on ``device`` (no host -> device copy for Python numbers), or None."""
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or (isinstance(scale, (int, float)) and not scale > 0):
+        raise ValueError(f"{name}: expected a positive number or a tensor, got {scale!r}")
+    if isinstance(scale, (int, float)):
+        return torch.full((1,), float(scale), dtype=torch.float32, device=device)
+    check_tensor(name, scale, device=device)
+    if scale.numel() == 1:
+        return scale.reshape(1).float()
+    if scale.shape != (heads,):
+        raise ValueError(f"{name}: expected a scalar or shape [{heads}] (one per head), got {list(scale.shape)}")
+    return scale.float().contiguous()
+
+
+def dequantize_kv(x, *, dtype: torch.dtype = torch.bfloat16, scale=None, rows: torch.Tensor | None = None,
+                  backend: str | None = None) -> torch.Tensor:
+    """Quantised K or V -> ``dtype`` (bf16 / fp16), optionally gathering outer rows: the staging step that lets the
+    16-bit attention kernels serve fp8 and NVFP4 K/V.
+
+    Args:
+        x: ragged ``[N, H, D]`` or paged ``[pages, H, block, D]``: an fp8 e4m3 tensor (``float(x) * scale``) or an
+            :class:`Nvfp4Tensor` (``(e2m1 * block scale) * global_scale``; ``scale`` must be None).
+        scale: fp8 only: None, a positive number, a 1-element tensor, or ``[H]`` per head (``H = x.shape[1]``).
+        rows: int32 ``[n_out]``: output index ``r`` is input index ``rows[r]`` along dim 0 (e.g. a flattened page
+            table: only the pages a call reads are converted); an index outside ``[0, N)`` gives zeros.
+
+    Returns ``[N or n_out, *x.shape[1:-1], D]`` in ``dtype``. CUDA: one msa-core kernel launch (``kv_dequant``; no host
+    synchronisation); CPU or ``MSA_BACKEND=reference``: PyTorch, the kernel's bit-exact oracle.
+    """
+    from msa.core.dispatch import select_backend  # noqa: PLC0415
+
+    nvfp4 = isinstance(x, Nvfp4Tensor)
+    if nvfp4:
+        shape = check_nvfp4_tensor("x", x)
+        dev = x.data.device
+        if scale is not None:
+            raise ValueError("scale: not used for NVFP4 (its scales are x.scale and x.global_scale)")
+    else:
+        check_tensor("x", x, dtype=FP8)
+        shape, dev = list(x.shape), x.device
+    if len(shape) < 3:
+        raise ValueError(f"x: expected [N, H, D] or [pages, H, block, D], got shape {shape}")
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"dtype: expected torch.bfloat16 or torch.float16, got {dtype_name(dtype)}")
+    heads = shape[1]
+    sv = _scale_vector(scale, heads, dev, "scale")
+    if rows is not None:
+        check_tensor("rows", rows, dtype=torch.int32, ndim=1, device=dev)
+    n_out = shape[0] if rows is None else rows.shape[0]
+    out_shape = [n_out] + shape[1:]
+    row = 1
+    for s_ in shape[1:]:
+        row *= s_
+    fmt = "nvfp4" if nvfp4 else "fp8"
+    choice = select_backend(_DEQUANT_OP, dev, backend, fmt=fmt, out_dtype=dtype, row=row)
+    if choice != "reference":
+        from msa.core.kernels import kv_dequant  # noqa: PLC0415
+
+        out = torch.empty(out_shape, dtype=dtype, device=dev)
+        if n_out == 0 or row == 0:
+            return out
+        if nvfp4:
+            g = x.global_scale
+            gv = None if g is None else _scale_vector(g, 1, dev, "x.global_scale")
+            kv_dequant.launch(x.data.reshape(shape[0], -1), out.view(n_out, -1), fmt="nvfp4",
+                              block_scale=x.scale.reshape(shape[0], -1), scale=gv, rows=rows.contiguous()
+                              if rows is not None else None)
+        else:
+            kv_dequant.launch(x.reshape(shape[0], -1), out.view(n_out, -1), fmt="fp8", scale=sv,
+                              rows=rows.contiguous() if rows is not None else None, head_elems=row // heads)
+        return out
+    return _dequantize_kv_reference(x, dtype, sv, rows, shape)
+
+
+def _dequantize_kv_reference(x, dtype, sv, rows, shape):
+    n = shape[0]
+    valid = None
+    if rows is not None:
+        r = rows.to(torch.int64)
+        valid = (r >= 0) & (r < n)
+        idx = r.clamp(0, max(n - 1, 0))
+        if n == 0:  # nothing to gather from: every output row is zero
+            return torch.zeros([rows.shape[0]] + shape[1:], dtype=dtype, device=rows.device)
+        x = Nvfp4Tensor(x.data[idx], x.scale[idx], x.global_scale) if isinstance(x, Nvfp4Tensor) else x[idx]
+    if isinstance(x, Nvfp4Tensor):
+        out = dequantize_nvfp4(x.data, x.scale, x.global_scale, dtype=dtype)
+    else:
+        s = 1.0 if sv is None else (sv.reshape(()) if sv.numel() == 1 else sv.view([1, -1] + [1] * (x.dim() - 2)))
+        out = (x.float() * s).to(dtype)
+    if valid is not None:
+        out = torch.where(valid.view([-1] + [1] * (out.dim() - 1)), out, torch.zeros((), dtype=dtype,
+                                                                                       device=out.device))
+    return out

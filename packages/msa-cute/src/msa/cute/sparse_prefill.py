@@ -10,6 +10,7 @@ softmax in fp32, natural-log LSE. A query that sees no key outputs 0 with LSE ``
 from __future__ import annotations
 
 import torch
+from msa.core.dispatch import backend_mode, kernel_for
 from msa.core.validation import check_int, check_tensor, dtype_name, validation_enabled
 
 from . import _kernels
@@ -24,6 +25,7 @@ from ._common import (
     out_dtype_for,
 )
 from .csr import K2qSchedule, packed_row_offsets, token_batch_index
+from .quant import Nvfp4Tensor, check_nvfp4_tensor, dequantize_kv
 from .reference import gather_block_attention, k2q_csr_to_q2k, ragged_to_blocks
 
 __all__ = ["sparse_atten_func", "MAX_TOPK", "PARTIAL_DTYPES"]
@@ -199,8 +201,13 @@ def sparse_atten_func(
     Args:
         q: ``[total_q, Hq, D]`` bf16 / fp16 / fp8-e4m3 (kernels need D = 128; the reference takes any D).
         k, v: ragged ``[total_k, Hkv, D]`` or paged ``[pages, Hkv, blk_kv, D]`` (then ``page_table [B, max_pages]``
-            int32 maps request b's logical block j to page ``page_table[b, j]``). Same dtype as q, or fp8-e4m3
-            under a bf16/fp16 q. ``Hq % Hkv == 0``. No quantisation scales are applied.
+            int32 maps request b's logical block j to page ``page_table[b, j]``). Same dtype as q, fp8-e4m3 under a
+            bf16/fp16 q, or :class:`msa.cute.quant.Nvfp4Tensor` (both k and v; ``data [..., D/2]``, ``scale
+            [..., D/16]``, optional global scale) under a bf16/fp16 q. ``Hq % Hkv == 0``. No fp8 scales are
+            applied (fold them into ``softmax_scale`` / the output); NVFP4 scales are part of the format.
+            Quantised K/V reach the 16-bit kernel staged: :func:`msa.cute.quant.dequantize_kv` converts the K/V the
+            call reads (paged: the pages its requests use) to bf16/fp16 first (one memory-bound pass; an fp8 q is
+            cast exactly), so results are those of the 16-bit kernel on the dequantised values.
         k2q_row_ptr / k2q_q_indices: the CSR (``[Hkv, total_rows+1]``, ``[Hkv, >= total_q*topk]`` int32).
         topk: per-token selection bound, 1..64 (kernels: 4/8/16/32). A token listed in more than ``topk`` rows
             is a contract violation: ``validate=True`` raises, otherwise its output row and LSEs are NaN (never
@@ -216,6 +223,10 @@ def sparse_atten_func(
         ``O [total_q, Hq, Dv]`` (bf16 for fp8 q, else q.dtype), plus ``LSE [total_q, Hq]`` fp32 and the
         temperature LSE when asked: ``O | (O, LSE) | (O, LSE, LSE_temp)``.
     """
+    nvfp4 = isinstance(k, Nvfp4Tensor) or isinstance(v, Nvfp4Tensor)
+    kq, vq = k, v
+    if nvfp4:  # checked on 16-bit stand-ins of the dequantised shapes (one row of memory each)
+        k, v = _nvfp4_stand_ins(q, k, v)
     batch, topk, scale, temp = _check_args(
         q, k, v, k2q_row_ptr, k2q_q_indices, topk, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, blk_kv,
         page_table, seqused_k, softmax_scale, lse_temperature_scale, return_temperature_lse, return_softmax_lse,
@@ -224,11 +235,13 @@ def sparse_atten_func(
     if validation_enabled(validate):
         _validate_values(q, k, k2q_row_ptr, k2q_q_indices, topk, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                          max_seqlen_k, blk_kv, page_table, seqused_k)
-    choice = _kernels.choose(
-        OP, q.device, backend, q_dtype=q.dtype, kv_dtype=k.dtype, head_dim=q.shape[-1], head_dim_v=v.shape[-1],
-        topk=topk, qhead_per_kv=q.shape[1] // k.shape[1], paged=page_table is not None, blk_kv=blk_kv, causal=causal,
-        partial_dtype=partial_dtype, temperature_lse=return_temperature_lse and temp != 1.0,
-    )
+    features = dict(head_dim=q.shape[-1], head_dim_v=v.shape[-1], topk=topk, qhead_per_kv=q.shape[1] // k.shape[1],
+                    paged=page_table is not None, blk_kv=blk_kv, causal=causal, partial_dtype=partial_dtype,
+                    temperature_lse=return_temperature_lse and temp != 1.0)
+    stage = _staging_dtype(q, k, nvfp4, features, backend)
+    if stage is not None:  # quantised K/V (and an fp8 Q with them) -> 16 bits, then the 16-bit kernels
+        q, k, v, page_table = _stage(q, kq, vq, stage, page_table, cu_seqlens_k, blk_kv, backend)
+    choice = _kernels.choose(OP, q.device, backend, q_dtype=q.dtype, kv_dtype=k.dtype, **features)
     if choice != "reference":
         return _kernels.run_kernel(
             KERNEL_MODULE, q=q, k=k, v=v, k2q_row_ptr=k2q_row_ptr, k2q_q_indices=k2q_q_indices, topk=topk,
@@ -239,6 +252,57 @@ def sparse_atten_func(
         )
     return _reference(q, k, v, k2q_row_ptr, k2q_q_indices, topk, cu_seqlens_q, cu_seqlens_k, blk_kv, causal, scale,
                       temp, return_temperature_lse, return_softmax_lse, page_table, seqused_k, batch)
+
+
+def _nvfp4_stand_ins(q, k, v):
+    """Validate NVFP4 K/V (both :class:`Nvfp4Tensor`, a bf16 / fp16 q on the same device) and return 16-bit
+    stand-ins of the dequantised shapes (stride 0 outside the last dim: no memory) for the shape checks."""
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, Nvfp4Tensor):
+            raise TypeError(f"{name}: expected an Nvfp4Tensor (k and v are quantised together), got "
+                            f"{type(t).__name__}")
+    check_tensor("q", q)
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"q: expected bf16 or fp16 with NVFP4 k / v, got {dtype_name(q.dtype)}")
+    out = []
+    for name, t in (("k", k), ("v", v)):
+        shape = check_nvfp4_tensor(name, t, device=q.device)
+        out.append(torch.zeros(shape[-1], dtype=q.dtype, device=q.device).expand(shape))
+    return out
+
+
+def _staging_dtype(q, k, nvfp4: bool, features: dict, backend) -> torch.dtype | None:
+    """The 16-bit dtype K/V (and an fp8 q) are staged in before the call, or None (run on the tensors as given).
+    NVFP4: always (the kernels and the reference both read dequantised values). fp8 K/V: when the staged call has a
+    kernel and the dequantiser too (else the reference reads the fp8 tensors directly, as before)."""
+    target = torch.bfloat16 if q.dtype == FP8_E4M3 else q.dtype
+    if nvfp4:
+        return target
+    if k.dtype != FP8_E4M3 or q.device.type != "cuda" or backend_mode(backend) == "reference":
+        return None
+    if kernel_for(OP, q.device, q_dtype=target, kv_dtype=target, **features) is None:
+        return None
+    if kernel_for("dequantize_kv", q.device, fmt="fp8", out_dtype=target, row=k.shape[-1]) is None:
+        return None
+    return target
+
+
+def _stage(q, k, v, dtype, page_table, cu_seqlens_k, blk_kv, backend):
+    """K/V -> ``dtype`` through :func:`msa.cute.quant.dequantize_kv` (no host sync). Paged: only the page-table
+    entries a request uses are converted (the others read nothing and come out zero) into a compact page pool
+    addressed by ``arange``; an fp8 q is cast (exactly) to ``dtype``."""
+    if q.dtype == FP8_E4M3:
+        q = q.to(dtype)
+    rows = None
+    if page_table is not None:
+        batch, width = page_table.shape
+        k_lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int64)
+        used = torch.arange(width, device=q.device).view(1, width) < ((k_lens + blk_kv - 1) // blk_kv).view(batch, 1)
+        rows = torch.where(used, page_table, -1).to(torch.int32).reshape(-1).contiguous()
+        page_table = torch.arange(batch * width, dtype=torch.int32, device=q.device).view(batch, width)
+    k = dequantize_kv(k, dtype=dtype, rows=rows, backend=backend)
+    v = dequantize_kv(v, dtype=dtype, rows=rows, backend=backend)
+    return q, k, v, page_table
 
 
 def _reference(q, k, v, row_ptr, q_indices, topk, cu_q, cu_k, blk_kv, causal, scale, temp, return_temp, return_lse,

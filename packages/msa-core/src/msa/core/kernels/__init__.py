@@ -13,6 +13,7 @@ _KERNEL_MODULES = {
     # op name -> (kernel name, module)
     "sparse_topk_select": ("topk_cuda", "msa.core.kernels.topk"),
     "fmha": ("fmha_sm90", "msa.core.kernels.fmha_sm90"),
+    "dequantize_kv": ("kv_dequant", "msa.core.kernels.kv_dequant"),  # msa.cute.quant.dequantize_kv
 }
 # Further kernels of an op, tried after the one above (supports() keeps them disjoint).
 _EXTRA_KERNELS = (

@@ -1,7 +1,10 @@
 """Per-token block-sparse paged decode attention (``csrc/sparse_decode``): plan, build and launch.
 
-Serves ``msa.core.fmha`` calls with ``kv_block_indexes`` (issue 7's per-token block-sparse mode): bf16 / fp16,
-head dim 128 (Dqk = Dv), page size 128, Hq / Hkv <= 16, causal or not, optional LSE, float scales. Any q_len and
+Serves ``msa.core.fmha`` calls with ``kv_block_indexes`` (issue 7's per-token block-sparse mode): bf16 / fp16, or
+fp8 e4m3 Q = K = V (output bf16; ``msa.cute``'s decode API also sends fp8 K/V under a bf16 / fp16 Q; the fp8 chunks
+stream at half the bytes and are converted to f16 in registers for f16 MMAs),
+head dim 128 (Dqk = Dv), page size 128, Hq / Hkv <= 16, causal or not, optional LSE, scales as numbers or
+per-head tensors (a per-query-head [Hq, 2] table the kernel reads). Any q_len and
 any k work (each token is independent; k is cut into splits of <= 64 blocks); the kernel is tuned for decode /
 MTP (q_len 1..32, k <= 64). Everything else is refused by :func:`supports` and falls back to the reference.
 
@@ -39,7 +42,9 @@ STAGES = 3  # 16-key K+V chunks in flight per warp (8 KiB each): 96 KiB per CTA,
 STAGE_CHOICES = (2, 3, 4)  # MSA_SPARSE_DECODE_STAGES (experiments): 2 -> 64 KiB, 3 CTAs per SM; 4 -> 1 per SM
 SMEM_PER_SM = 228 * 1024
 DTYPES = (torch.bfloat16, torch.float16)
-_PRESET_DTYPES = {"bf16", "bfloat16", "fp16", "float16"}
+FP8 = torch.float8_e4m3fn
+Q_DTYPES = DTYPES + (FP8,)  # fp8 q needs fp8 k / v (output bf16)
+_PRESET_DTYPES = {"bf16", "bfloat16", "fp16", "float16", "fp8", "float8_e4m3fn"}
 _LOG2E = 1.4426950408889634
 # Wave model (units: one 128-key K+V block streamed by one CTA slot): per CTA fixed cost (Q load, block list,
 # warp merge, output), per split the fp32 partial O written and read back (16 rows x 512 B x 2 = 1/4 block at
@@ -107,23 +112,20 @@ def supports(
     output_o=True,
     output_maxscore=False,
     sparse=False,
-    per_head_scales=False,
     gqa_ratio=None,
     **_ignored,
 ) -> tuple[bool, str]:
     """Dispatch feature gate: only per-token sparse calls this kernel implements."""
     if not sparse:
         return False, "sparse_decode: serves per-token block-sparse calls (kv_block_indexes) only"
-    if dtype is not None and dtype not in DTYPES:
-        return False, f"sparse_decode: dtype {dtype} not built (bf16 / fp16)"
+    if dtype is not None and dtype not in Q_DTYPES:
+        return False, f"sparse_decode: dtype {dtype} not built (bf16 / fp16 / fp8 e4m3)"
     if head_dim_qk is not None and (head_dim_qk != HEAD_DIM or head_dim_v not in (None, HEAD_DIM)):
         return False, f"sparse_decode: head dims {head_dim_qk}/{head_dim_v} not built (Dqk = Dv = {HEAD_DIM})"
     if page_size != PAGE_SIZE:
         return False, f"sparse_decode: page_size {page_size} not built (paged K/V, page {PAGE_SIZE})"
     if not output_o or output_maxscore:
         return False, "sparse_decode: max_score output / output_o=False not implemented"
-    if per_head_scales:
-        return False, "sparse_decode: per-head scale tensors not implemented"
     if gqa_ratio is not None and not 1 <= gqa_ratio <= MAX_GROUP:
         return False, f"sparse_decode: Hq / Hkv = {gqa_ratio} > {MAX_GROUP} not built"
     return True, "ok"
@@ -211,12 +213,16 @@ def plan_for_shape(total_q: int, hq: int, hkv: int, topk: int, tok_info: torch.T
 
 
 def launch(q, k, v, kv_indices, kv_block_indexes, dp: DecodePlan, out, lse, scale_log2: float,
-           out_scale: float) -> None:
-    """One kernel launch (+ combine when split) on the current stream; arguments already validated."""
+           out_scale: float, row_scale: torch.Tensor | None = None) -> None:
+    """One kernel launch (+ combine when split) on the current stream; arguments already validated. fp8 tensors
+    go in as their bytes (uint8 views). ``row_scale`` fp32 ``[Hq, 2]`` (per query head: logit scale in log2 units,
+    output scale) replaces the two scalars."""
     if q.shape[0]:
+        q, k, v = (t.view(torch.uint8) if t.dtype == FP8 else t for t in (q, k, v))
         load_module(q.device, dp.stages).sparse_decode(
             q, k, v, kv_indices, kv_block_indexes, dp.tok_info, out, dp.lse_dummy if lse is None else lse,
-            dp.part_o, dp.part_lse, dp.splits, dp.blocks_per_split, scale_log2, out_scale, lse is not None,
+            dp.part_o, dp.part_lse, dp.lse_dummy if row_scale is None else row_scale, dp.splits,
+            dp.blocks_per_split, scale_log2, out_scale, lse is not None, row_scale is not None,
         )
 
 
@@ -224,8 +230,28 @@ def _scalar(name: str, s) -> float:
     if s is None:
         return 1.0
     if isinstance(s, torch.Tensor):
-        raise NotImplementedError(f"sparse_decode: {name} as a per-head tensor is not implemented")
+        raise NotImplementedError(f"sparse_decode: {name} as a tensor goes through row_scales()")
     return float(s)
+
+
+def row_scales(hq: int, hkv: int, sm_scale: float, q_scale=None, k_scale=None, v_scale=None, o_scale=None, *,
+               device) -> torch.Tensor:
+    """fp32 ``[Hq, 2]``: per query head ``h`` the logit scale ``sm_scale * q_scale[h] * k_scale[h // G] * log2(e)``
+    and the output scale ``v_scale[h // G] * o_scale[h]`` (each scale a number, a 1-element tensor or per head;
+    device ops only: no host synchronisation)."""
+    g = hq // hkv
+
+    def per_q(s, heads, rep):
+        if s is None:
+            return torch.ones(hq, dtype=torch.float32, device=device)
+        if not isinstance(s, torch.Tensor):
+            return torch.full((hq,), float(s), dtype=torch.float32, device=device)
+        s = s.to(device=device, dtype=torch.float32)
+        return s.reshape(1).expand(hq) if s.numel() == 1 else s.reshape(heads).repeat_interleave(rep)
+
+    logit = per_q(q_scale, hq, 1) * per_q(k_scale, hkv, g) * (sm_scale * _LOG2E)
+    out = per_q(v_scale, hkv, g) * per_q(o_scale, hq, 1)
+    return torch.stack([logit, out], dim=1).contiguous()
 
 
 def run(q, k, v, fplan, *, kv_indices, kv_block_indexes, out=None, sm_scale=None, q_scale=None, k_scale=None,
@@ -234,19 +260,25 @@ def run(q, k, v, fplan, *, kv_indices, kv_block_indexes, out=None, sm_scale=None
     """Launch on arguments ``msa.core.fmha`` validated; returns ``(out, None)`` or ``(out, None, lse)``."""
     if output_maxscore or max_score is not None or not output_o:
         raise NotImplementedError("sparse_decode: max_score output / output_o=False is not implemented")
-    if q.dtype not in DTYPES:
-        raise NotImplementedError(f"sparse_decode: dtype {q.dtype} is not built (bf16 / fp16)")
+    if q.dtype not in Q_DTYPES or (k.dtype != q.dtype and not (k.dtype == FP8 and q.dtype in DTYPES)):
+        raise NotImplementedError(f"sparse_decode: q / k dtypes {q.dtype} / {k.dtype} are not built (bf16 / fp16 Q "
+                                  "over K / V of its dtype or fp8 e4m3; fp8 Q = K = V)")
     if q.shape[-1] != HEAD_DIM or v.shape[-1] != HEAD_DIM:
         raise NotImplementedError(f"sparse_decode: head dims {q.shape[-1]}/{v.shape[-1]} not built ({HEAD_DIM})")
     dp = fplan.kernel.get("sparse_decode")
     if dp is None:
         dp = fplan.kernel["sparse_decode"] = plan(fplan)
-    scale = (1.0 / math.sqrt(HEAD_DIM) if sm_scale is None else float(sm_scale)) * _scalar("q_scale", q_scale) \
-        * _scalar("k_scale", k_scale)
-    out_scale = _scalar("v_scale", v_scale) * _scalar("o_scale", o_scale)
+    sm = 1.0 / math.sqrt(HEAD_DIM) if sm_scale is None else float(sm_scale)
+    tensors = any(isinstance(s, torch.Tensor) for s in (q_scale, k_scale, v_scale, o_scale))
+    rows = row_scales(q.shape[1], k.shape[1], sm, q_scale, k_scale, v_scale, o_scale, device=q.device) \
+        if tensors else None
+    scale = 1.0 if tensors else sm * _scalar("q_scale", q_scale) * _scalar("k_scale", k_scale)
+    out_scale = 1.0 if tensors else _scalar("v_scale", v_scale) * _scalar("o_scale", o_scale)
     if out is None:
-        out = torch.empty(q.shape[0], q.shape[1], HEAD_DIM, dtype=q.dtype, device=q.device)
+        out = torch.empty(q.shape[0], q.shape[1], HEAD_DIM, dtype=torch.bfloat16 if q.dtype == FP8 else q.dtype,
+                          device=q.device)
     if return_lse and lse is None:
         lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
-    launch(q, k, v, kv_indices, kv_block_indexes, dp, out, lse if return_lse else None, scale * _LOG2E, out_scale)
+    launch(q, k, v, kv_indices, kv_block_indexes, dp, out, lse if return_lse else None, scale * _LOG2E, out_scale,
+           rows)
     return (out, None, lse) if return_lse else (out, None)

@@ -9,8 +9,9 @@ plan's ``page_table`` / ``seqused_k`` / ``q2k_indices`` between replays (the wra
 * ``q2k_indices [Hkv, total_q, topk]`` is copied into the kernel's ``[total_q, Hkv, topk]`` (plan-time buffer);
 * per-token ``(first slot, visible key limit)`` is recomputed from the live ``seqused_k`` on every run.
 
-Served: bf16 / fp16 Q = K = V, head dim 128, ``blk_kv`` 128, Hq / Hkv <= 16, top-k <= 64 per split (any k),
-causal or not. Dense calls (no selection) and fp8 K/V stay on the reference.
+Served: bf16 / fp16 Q = K = V, fp8 e4m3 K/V under a bf16 / fp16 Q, and fp8 Q = K = V (output bf16); head dim 128,
+``blk_kv`` 128, Hq / Hkv <= 16, top-k <= 64 per split (any k), causal or not. Dense calls (no selection) stay on the
+reference.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ def supports(*, q_dtype=None, kv_dtype=None, head_dim=None, head_dim_v=None, qhe
     core = _core()
     if not sparse:
         return False, "sparse_decode: serves calls with q2k_indices only (dense decode uses the reference)"
-    if q_dtype not in core.DTYPES or kv_dtype != q_dtype:
-        return False, f"sparse_decode: q/kv dtypes {q_dtype}/{kv_dtype} not built (bf16 or fp16, all equal)"
+    if not ((q_dtype in core.DTYPES and kv_dtype in (q_dtype, core.FP8)) or q_dtype == kv_dtype == core.FP8):
+        return False, (f"sparse_decode: q/kv dtypes {q_dtype}/{kv_dtype} not built (bf16 / fp16 Q over K/V of its "
+                       "dtype or fp8 e4m3; fp8 Q = K = V)")
     if head_dim != core.HEAD_DIM or head_dim_v not in (None, core.HEAD_DIM):
         return False, f"sparse_decode: head dims {head_dim}/{head_dim_v} not built ({core.HEAD_DIM})"
     if blk_kv != core.PAGE_SIZE:
@@ -81,7 +83,7 @@ def run(*, plan, q, k, v, softmax_scale, return_softmax_lse, out, lse):
     k = k if k.is_contiguous() else k.contiguous()
     v = v if v.is_contiguous() else v.contiguous()
     o = out if out is not None and out.is_contiguous() else \
-        torch.empty(total_q, hq, dv, dtype=q.dtype, device=q.device)
+        torch.empty(total_q, hq, dv, dtype=torch.bfloat16 if q.dtype == core.FP8 else q.dtype, device=q.device)
     want_lse = return_softmax_lse or lse is not None  # a given lse is filled either way (the reference does)
     m = lse if lse is not None and lse.is_contiguous() else \
         (torch.empty(total_q, hq, dtype=torch.float32, device=q.device) if want_lse else None)

@@ -152,7 +152,12 @@ struct FmhaTraits {
                                     (kMode_ == kModeO || kMode_ == kModeOMaxScore || kMode_ == kModeSparseQ);
   // Head dim 256: direct O and 2 stages (a 128 x 264 staging tile would not fit next to them).
   static constexpr bool kStageO = !kDirectO3 && kHeadDimMax <= 128 && (kFp8 || kBlockN <= 128);
-  static constexpr int kStagesDefault = (kFp8 || kDirectO3) ? 3 : 2;
+  // fp8 sparse-Q: staged O + 5 stages (gathered, scattered 16 KiB blocks need the deeper pipeline; 5 x 32 KiB K + V^T
+  // stages + Q + the O staging tile = 213 KiB). H200, session 10, queued A/Bs, every output identical to the default's:
+  // run 1, 3 -> 4 stages: 64/4 S32K tile selection 618 -> 676 eff TFLOP/s, correlated 608 -> 669, 16/1 S128K
+  // correlated 596 -> 660, 64/4 S128K tile 648 -> 669 (direct O + 3 stages +2-5%, direct O + 5 stages +1-7%); run 2,
+  // 4 -> 5 stages: 632 -> 652, 647 -> 669, 608 -> 629 (+3.2-3.5%, each shape).
+  static constexpr int kStagesDefault = (kFp8 && kSparseQ) ? 5 : ((kFp8 || kDirectO3) ? 3 : 2);
 #endif
 #if defined(MSA_FMHA_SM90_STAGES)
   static constexpr int kStages = MSA_FMHA_SM90_STAGES;
