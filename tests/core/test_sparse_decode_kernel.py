@@ -42,6 +42,31 @@ def test_choose_splits_shapes():
             bps = -(-k // s)
             assert 1 <= s <= k and bps <= sd.MAX_BLOCKS_PER_SPLIT and (s - 1) * bps < k, (pairs, k, s)
     assert sd.choose_splits(1, 16, 16, 132) > 1  # a single decode token spreads over the SMs
+    # fp8 K/V (block_cost 0.5): batch 16 q_len 1 splits (H200: 27.0 us unsplit vs 19.1 at 2), batch 32+ does not
+    assert sd.choose_splits(16 * 4, 16, 16, 132, block_cost=0.5) == 2
+    assert sd.choose_splits(32 * 4, 16, 16, 132, block_cost=0.5) == 1
+
+
+def test_plan_follows_the_kv_element_size(monkeypatch):
+    """run() keeps one cached plan per FmhaPlan and re-plans when the K/V element size changes (fp8 <-> 16-bit)."""
+    class FakeModule:
+        def sparse_decode(self, *args):
+            pass
+
+    monkeypatch.setattr(sd, "load_module", lambda device, n_stages=sd.STAGES: FakeModule())
+    monkeypatch.delenv("MSA_SPARSE_DECODE_SPLITS", raising=False)
+    plan = core.fmha_plan([1] * 16, [3000] * 16, 64, 4, page_size=128, kv_block_num=16)
+    q = torch.randn(16, 64, 128, dtype=torch.bfloat16)
+    kv = torch.randn(30, 4, 128, 128, dtype=torch.bfloat16)
+    idx = torch.zeros(plan.num_pages, dtype=torch.int32)
+    blocks = torch.zeros(16, 4, 16, dtype=torch.int32)
+    sd.run(q, kv, kv, plan, kv_indices=idx, kv_block_indexes=blocks)
+    assert plan.kernel["sparse_decode"].kv_bytes == 2
+    kv8 = kv.to(torch.float8_e4m3fn)
+    sd.run(q, kv8, kv8, plan, kv_indices=idx, kv_block_indexes=blocks)
+    dp = plan.kernel["sparse_decode"]
+    assert dp.kv_bytes == 1 and dp.splits == sd.choose_splits(16 * 4, 16, 16, sd._sm_count(0) if
+                                                                torch.cuda.is_available() else 132, block_cost=0.5)
 
 
 def test_token_info_limits():
@@ -389,13 +414,14 @@ def test_fmha_sparse_matches_reference(case, splits, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
 def test_per_head_scales(dtype):
-    """Per-head q / k / v / o scale tensors (the kernel's [Hq, 2] row table; a 0-d tensor counts as one) vs the fp64
+    """Per-head q / k / v / o scale tensors (the kernel's [Hq, 2] row table) vs the fp64
     reference applying the same scales; with splits (the combine applies the output scale) and without."""
     _need_kernel()
     plan, q, k, v, kv_indices, blocks = make_case([2, 1, 1], [3000, 777, 20000], 32, 4, 16, dtype, True, seed=9)
     dev = q.device
     scales = dict(sm_scale=0.07, q_scale=torch.linspace(0.5, 2.0, 32, device=dev),
-                  k_scale=torch.tensor([0.8, 1.25, 2.0, 0.5], device=dev), v_scale=torch.tensor(1.5, device=dev),
+                  k_scale=torch.tensor([0.8, 1.25, 2.0, 0.5], device=dev),
+                  v_scale=torch.tensor([1.5, 0.75, 1.0, 2.5], device=dev),
                   o_scale=torch.linspace(2.0, 0.25, 32, device=dev))
     ref_o, _, ref_lse = fmha_reference(q, k, v, qo_lens=plan.qo_lens, kv_lens=plan.kv_lens, page_size=128,
                                        kv_indices=kv_indices, kv_block_indexes=blocks, compute_dtype=torch.float64,
@@ -414,6 +440,45 @@ def test_per_head_scales(dtype):
         live = torch.isfinite(ref_lse)
         err = (lse[live].double() - ref_lse[live]).abs()
         assert (err <= 2e-3 * ref_lse[live].abs().clamp_min(1.0)).all(), f"splits {splits}: LSE err {err.max():.3e}"
+
+
+def test_fp8_cache_under_16bit_q_on_cpu():
+    """msa.core.fmha takes an fp8 e4m3 K/V cache under a bf16 / fp16 q (the reference upcasts it exactly): equal to
+    the call on the same values stored in q's dtype; other mixes name the argument."""
+    plan, q, k, v, kvi, blocks = make_case([2, 1], [300, 777], 32, 4, 4, torch.bfloat16, True, seed=9, device="cpu")
+    k8, v8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+    o, _ = core.fmha(q, k8, v8, plan, kv_indices=kvi, kv_block_indexes=blocks, validate=True)
+    o16, _ = core.fmha(q, k8.bfloat16(), v8.bfloat16(), plan, kv_indices=kvi, kv_block_indexes=blocks)
+    assert o.dtype == torch.bfloat16 and torch.equal(o, o16)
+    with pytest.raises(TypeError, match="k: expected dtype bfloat16"):
+        core.fmha(q, k.half(), v.half(), plan, kv_indices=kvi, kv_block_indexes=blocks)
+    with pytest.raises(TypeError, match="v: expected dtype float8_e4m3fn"):
+        core.fmha(q, k8, v, plan, kv_indices=kvi, kv_block_indexes=blocks)
+    assert not sd.supports(dtype=torch.bfloat16, kv_dtype=torch.float16, sparse=True, page_size=128)[0]
+    assert sd.supports(dtype=torch.float16, kv_dtype=torch.float8_e4m3fn, sparse=True, page_size=128)[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_cache_under_16bit_q(dtype):
+    """bf16 / fp16 q over an fp8 e4m3 K/V cache through msa.core.fmha (the kernel's kKvFp8 path; output in q's
+    dtype) vs the fp64 reference on the same fp8 values; decode and MTP rows, NaN pages, forced splits."""
+    _need_kernel()
+    plan, q, k, v, kv_indices, blocks = make_case([1, 1, 8, 1], [5000, 129, 3000, 20000], 64, 4, 16, dtype, True,
+                                                  seed=13)
+    k8, v8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+    ref_o, ref_lse = reference(plan, q, k8, v8, kv_indices, blocks)
+    for splits in ("1", "3"):
+        os.environ["MSA_SPARSE_DECODE_SPLITS"] = splits
+        try:
+            plan.kernel.pop("sparse_decode", None)
+            out = torch.full_like(q, float("nan"))
+            o, _, lse = core.fmha(q, k8, v8, plan, kv_indices=kv_indices, kv_block_indexes=blocks, out=out,
+                                  return_lse=True, backend="kernel", validate=True)
+        finally:
+            os.environ.pop("MSA_SPARSE_DECODE_SPLITS")
+        assert o is out
+        check(out, lse, ref_o, ref_lse, torch.bfloat16)  # f16 MMAs; bf16 output bound for both
 
 
 @pytest.mark.gpu

@@ -208,8 +208,10 @@ def _check_fmha_args(q, k, v, plan, kv_indices, kv_block_indexes, out, max_score
     if d_qk == 0:
         raise ValueError("q: expected a head dim (shape[2]) > 0, got 0")
     check_tensor("k", k)
-    if k.dtype != q.dtype:
-        raise TypeError(f"k: expected dtype {dtype_name(q.dtype)} (q's dtype), got {dtype_name(k.dtype)}")
+    fp8_cache = k.dtype == torch.float8_e4m3fn and q.dtype in (torch.bfloat16, torch.float16)
+    if k.dtype != q.dtype and not fp8_cache:
+        raise TypeError(f"k: expected dtype {dtype_name(q.dtype)} (q's dtype; an fp8 e4m3 K/V cache under a bf16 / "
+                        f"fp16 q also works), got {dtype_name(k.dtype)}")
     if plan.paged:
         ps = plan.page_size
         if k.dim() != 4 or k.shape[1:] != (hkv, ps, d_qk):
@@ -228,8 +230,8 @@ def _check_fmha_args(q, k, v, plan, kv_indices, kv_block_indexes, out, max_score
             raise TypeError("v: expected a torch.Tensor (needed unless output_o=False), got None")
     else:
         check_tensor("v", v)
-        if v.dtype != q.dtype:
-            raise TypeError(f"v: expected dtype {dtype_name(q.dtype)} (q's dtype), got {dtype_name(v.dtype)}")
+        if v.dtype != k.dtype:
+            raise TypeError(f"v: expected dtype {dtype_name(k.dtype)} (k's dtype), got {dtype_name(v.dtype)}")
         if v.dim() != k.dim() or v.shape[:-1] != k.shape[:-1] or v.shape[-1] == 0:
             raise ValueError(
                 f"v: expected shape {list(k.shape[:-1]) + ['Dv']} (k's leading dims, Dv > 0), got {list(v.shape)}"
@@ -387,6 +389,7 @@ def fmha(
         q.device,
         backend,
         dtype=q.dtype,
+        kv_dtype=k.dtype,
         head_dim_qk=d_qk,
         head_dim_v=v.shape[-1] if v is not None else None,
         page_size=plan.page_size,

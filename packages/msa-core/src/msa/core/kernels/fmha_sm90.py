@@ -187,11 +187,14 @@ def supports(
     output_maxscore=False,
     sparse=False,
     per_head_scales=False,
+    kv_dtype=None,
     **_ignored,
 ) -> tuple[bool, str]:
     """Whether this call is one the built kernels implement (``msa.core.dispatch`` feature gate)."""
     if dtype is not None and dtype not in DTYPES:
         return False, f"fmha_sm90: dtype {dtype} not built (bf16 / fp16 / float8_e4m3fn)"
+    if kv_dtype is not None and kv_dtype != dtype:
+        return False, f"fmha_sm90: K/V dtype {kv_dtype} under a {dtype} q not built (Q, K, V share one dtype)"
     if dtype == FP8_DTYPE:
         if page_size is not None:
             return False, "fmha_sm90: fp8 with paged K/V not built (ragged only)"

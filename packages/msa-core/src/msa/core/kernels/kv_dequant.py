@@ -63,6 +63,13 @@ def supports(*, fmt=None, out_dtype=None, row=None, **_) -> tuple[bool, str]:
     return True, "ok"
 
 
+@functools.lru_cache(maxsize=16)
+def _placeholders(device: torch.device):
+    """Stand-ins for the binding's unused tensor arguments (allocated once per device, never read)."""
+    return (torch.zeros(1, 16, dtype=torch.uint8, device=device), torch.zeros(1, dtype=torch.float32, device=device),
+            torch.zeros(1, dtype=torch.int32, device=device))
+
+
 def _aligned(t: torch.Tensor, align: int) -> torch.Tensor:
     """``t`` with unit inner stride and base / row stride multiples of ``align`` bytes (copied only when not)."""
     if t.stride(-1) != 1 or t.data_ptr() % align or (t.shape[0] > 1 and t.stride(0) % align):
@@ -88,21 +95,19 @@ def launch(x: torch.Tensor, out: torch.Tensor, *, fmt: str, block_scale: torch.T
     dev = out.device
     check_tensor("x", x, ndim=2, device=dev)
     xb = _aligned(x.view(torch.uint8), 8 if fmt == "nvfp4" else 16)
-    dummy = out.view(torch.uint8)[:1, :16] if out.numel() else torch.empty(1, 16, dtype=torch.uint8, device=dev)
-    bs = dummy
+    bs, sc, rr = _placeholders(dev)
     if fmt == "nvfp4":
         if block_scale is None:
             raise ValueError("block_scale: required for fmt='nvfp4'")
         check_tensor("block_scale", block_scale, ndim=2, device=dev)
         bs = _aligned(block_scale.view(torch.uint8), 1)
     num_scales = 0
-    sc = torch.empty(1, dtype=torch.float32, device=dev) if scale is None else scale
     if scale is not None:
         check_tensor("scale", scale, dtype=torch.float32, ndim=1, device=dev, contiguous=True)
-        num_scales = scale.shape[0]
+        sc, num_scales = scale, scale.shape[0]
     head_elems = check_int("head_elems", head_elems, min=0)
-    rr = torch.empty(1, dtype=torch.int32, device=dev) if rows is None else rows
     if rows is not None:
         check_tensor("rows", rows, dtype=torch.int32, ndim=1, device=dev, contiguous=True)
+        rr = rows
     load_module(dev).kv_dequant(xb, bs, sc, rr, out, FORMATS[fmt], num_scales, head_elems, rows is not None)
     return out

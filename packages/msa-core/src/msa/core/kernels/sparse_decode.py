@@ -113,6 +113,7 @@ def supports(
     output_maxscore=False,
     sparse=False,
     gqa_ratio=None,
+    kv_dtype=None,
     **_ignored,
 ) -> tuple[bool, str]:
     """Dispatch feature gate: only per-token sparse calls this kernel implements."""
@@ -120,6 +121,8 @@ def supports(
         return False, "sparse_decode: serves per-token block-sparse calls (kv_block_indexes) only"
     if dtype is not None and dtype not in Q_DTYPES:
         return False, f"sparse_decode: dtype {dtype} not built (bf16 / fp16 / fp8 e4m3)"
+    if kv_dtype is not None and kv_dtype != dtype and not (kv_dtype == FP8 and dtype in DTYPES):
+        return False, f"sparse_decode: K/V dtype {kv_dtype} under a {dtype} q not built (q's dtype, or fp8 e4m3)"
     if head_dim_qk is not None and (head_dim_qk != HEAD_DIM or head_dim_v not in (None, HEAD_DIM)):
         return False, f"sparse_decode: head dims {head_dim_qk}/{head_dim_v} not built (Dqk = Dv = {HEAD_DIM})"
     if page_size != PAGE_SIZE:
@@ -131,7 +134,8 @@ def supports(
     return True, "ok"
 
 
-def choose_splits(pairs: int, topk: int, group: int, sm_count: int, cta_per_sm: int = 1) -> int:
+def choose_splits(pairs: int, topk: int, group: int, sm_count: int, cta_per_sm: int = 1,
+                  block_cost: float = 1.0) -> int:
     """Splits of each (token, KV head)'s k blocks minimising the modelled makespan: ceil(CTAs / slots) waves of
     (blocks per split + fixed + partial cost) plus the combine launch when split; slots = cta_per_sm per SM.
     The unit is an SM's share of HBM bandwidth, so one slot per SM (H100 sweep, run 2: batch 32 / 64 q_len 1
@@ -144,7 +148,7 @@ def choose_splits(pairs: int, topk: int, group: int, sm_count: int, cta_per_sm: 
         bps = -(-topk // s)
         if (s - 1) * bps >= topk:  # same blocks per split as a smaller s, with an empty split
             continue
-        cost = -(-pairs * s // slots) * (bps + CTA_FIXED_COST)
+        cost = -(-pairs * s // slots) * (bps * block_cost + CTA_FIXED_COST)
         if s > 1:
             cost += -(-pairs * s // slots) * PARTIAL_COST_PER_ROW * group + COMBINE_COST
         if cost < best_cost - 1e-9:
@@ -161,6 +165,7 @@ class DecodePlan:
     part_o: torch.Tensor  # fp32 [total_q * Hq * splits * 128] (empty when splits == 1)
     part_lse: torch.Tensor  # fp32 [total_q * Hq * splits]
     lse_dummy: torch.Tensor
+    kv_bytes: int = 2  # K/V element size the split count was chosen for
 
 
 def token_info(fplan) -> list[int]:
@@ -174,7 +179,7 @@ def token_info(fplan) -> list[int]:
     return info
 
 
-def plan(fplan, sm_count: int | None = None) -> DecodePlan:
+def plan(fplan, sm_count: int | None = None, kv_bytes: int = 2) -> DecodePlan:
     """Kernel plan for an ``msa.core.api.FmhaPlan`` made with ``page_size=128`` and ``kv_block_num``."""
     if fplan.page_size != PAGE_SIZE:
         raise NotImplementedError(f"sparse_decode: page_size {fplan.page_size} is not built (page {PAGE_SIZE})")
@@ -182,14 +187,16 @@ def plan(fplan, sm_count: int | None = None) -> DecodePlan:
         raise ValueError("plan: made without kv_block_num (not a per-token sparse plan)")
     tok = torch.tensor(token_info(fplan), dtype=torch.int32).view(-1, 2).to(fplan.device)
     return plan_for_shape(fplan.total_q, fplan.num_qo_heads, fplan.num_kv_heads, fplan.kv_block_num, tok,
-                          sm_count=sm_count)
+                          sm_count=sm_count, kv_bytes=kv_bytes)
 
 
 def plan_for_shape(total_q: int, hq: int, hkv: int, topk: int, tok_info: torch.Tensor,
-                   sm_count: int | None = None) -> DecodePlan:
+                   sm_count: int | None = None, kv_bytes: int = 2) -> DecodePlan:
     """Kernel plan from the shapes alone (split count, workspaces) around a caller-owned ``tok_info`` int32
     ``[total_q, 2]`` device tensor; callers that update ``tok_info`` in place (CUDA-graph replays with new
-    lengths) reuse the plan."""
+    lengths) reuse the plan. ``kv_bytes``: 1 for fp8 K/V (a block streams in half the time of a 16-bit one, so the
+    fixed per-CTA costs weigh twice: H200 session 10 run 5, batch 16 q_len 1: 27.0 us unsplit, 19.1 at 2 splits,
+    18.3 at 4; batch 32: 28.6 / 27.9 / 36.6; batch 64-128: unsplit best)."""
     if hq % hkv or hq // hkv > MAX_GROUP:
         raise NotImplementedError(f"sparse_decode: Hq / Hkv = {hq}/{hkv} is not built (a divisor, ratio <= "
                                   f"{MAX_GROUP})")
@@ -201,7 +208,8 @@ def plan_for_shape(total_q: int, hq: int, hkv: int, topk: int, tok_info: torch.T
             if device.type == "cuda" else 132
     n_stages = stages()
     forced = os.environ.get("MSA_SPARSE_DECODE_SPLITS")
-    splits = int(forced) if forced else choose_splits(total_q * hkv, topk, hq // hkv, sm_count)
+    splits = int(forced) if forced else choose_splits(total_q * hkv, topk, hq // hkv, sm_count,
+                                                      block_cost=kv_bytes / 2)
     splits = max(-(-topk // MAX_BLOCKS_PER_SPLIT), min(splits, topk))
     bps = -(-topk // splits)
     splits = -(-topk // bps)  # no empty trailing split
@@ -209,7 +217,7 @@ def plan_for_shape(total_q: int, hq: int, hkv: int, topk: int, tok_info: torch.T
     f32 = dict(dtype=torch.float32, device=device)
     return DecodePlan(tok_info=tok_info, splits=splits, blocks_per_split=bps, stages=n_stages,
                       part_o=torch.empty(n * HEAD_DIM, **f32), part_lse=torch.empty(n, **f32),
-                      lse_dummy=torch.empty(0, **f32))
+                      lse_dummy=torch.empty(0, **f32), kv_bytes=kv_bytes)
 
 
 def launch(q, k, v, kv_indices, kv_block_indexes, dp: DecodePlan, out, lse, scale_log2: float,
@@ -265,9 +273,10 @@ def run(q, k, v, fplan, *, kv_indices, kv_block_indexes, out=None, sm_scale=None
                                   "over K / V of its dtype or fp8 e4m3; fp8 Q = K = V)")
     if q.shape[-1] != HEAD_DIM or v.shape[-1] != HEAD_DIM:
         raise NotImplementedError(f"sparse_decode: head dims {q.shape[-1]}/{v.shape[-1]} not built ({HEAD_DIM})")
+    kv_bytes = k.element_size()
     dp = fplan.kernel.get("sparse_decode")
-    if dp is None:
-        dp = fplan.kernel["sparse_decode"] = plan(fplan)
+    if dp is None or dp.kv_bytes != kv_bytes:  # a plan serving both an fp8 and a 16-bit cache re-plans on a switch
+        dp = fplan.kernel["sparse_decode"] = plan(fplan, kv_bytes=kv_bytes)
     sm = 1.0 / math.sqrt(HEAD_DIM) if sm_scale is None else float(sm_scale)
     tensors = any(isinstance(s, torch.Tensor) for s in (q_scale, k_scale, v_scale, o_scale))
     rows = row_scales(q.shape[1], k.shape[1], sm, q_scale, k_scale, v_scale, o_scale, device=q.device) \

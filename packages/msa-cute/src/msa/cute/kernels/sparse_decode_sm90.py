@@ -53,10 +53,10 @@ def supports(*, q_dtype=None, kv_dtype=None, head_dim=None, head_dim_v=None, qhe
 class _KernelState:
     """Per-plan buffers (shapes fixed by the plan): the kernel's block list and token table, and its plan."""
 
-    def __init__(self, plan, hq: int, hkv: int, device: torch.device):
+    def __init__(self, plan, hq: int, hkv: int, device: torch.device, kv_bytes: int = 2):
         core = _core()
         total_q, topk = plan.batch * plan.seqlen_q, plan.q2k.shape[-1]
-        self.key = (hq, hkv, device)
+        self.key = (hq, hkv, device, kv_bytes)
         self.blocks = torch.empty(total_q, hkv, topk, dtype=torch.int32, device=device)
         tok_info = torch.empty(total_q, 2, dtype=torch.int32, device=device)
         tb = plan.token_batch.to(device)
@@ -65,15 +65,15 @@ class _KernelState:
         # visible keys of query i of a request: seqused_k - (seqlen_q - 1 - i) when causal, else seqused_k
         self.lim_delta = (plan.token_pos.to(device) + 1 - plan.seqlen_q).to(torch.int32) if plan.causal \
             else torch.zeros(total_q, dtype=torch.int32, device=device)
-        self.dp = core.plan_for_shape(total_q, hq, hkv, topk, tok_info)
+        self.dp = core.plan_for_shape(total_q, hq, hkv, topk, tok_info, kv_bytes=kv_bytes)
 
 
 def run(*, plan, q, k, v, softmax_scale, return_softmax_lse, out, lse):
     core = _core()
     hq, hkv = q.shape[1], k.shape[1]
     state = getattr(plan, "_kernel_state", None)
-    if state is None or state.key != (hq, hkv, q.device):
-        state = _KernelState(plan, hq, hkv, q.device)
+    if state is None or state.key != (hq, hkv, q.device, k.element_size()):
+        state = _KernelState(plan, hq, hkv, q.device, k.element_size())
         plan._kernel_state = state
     state.blocks.copy_(plan.q2k.permute(1, 0, 2))
     used = torch.index_select(plan.seqused_k, 0, state.token_batch)

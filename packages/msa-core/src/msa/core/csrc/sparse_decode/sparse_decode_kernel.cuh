@@ -172,11 +172,12 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_decode_kernel(const Params
   using M = MmaType<typename std::conditional<kFp8, __half, T>::type>;  // the MMA / P type
   using Out = MmaType<T>;
   constexpr int kElemBytes = kFp8 ? 1 : 2;  // K / V bytes per element
-  // fp8 chunks are half the bytes: twice as many in flight in the same buffer. With one CTA per SM (batch 32 decode:
-  // 128 CTAs) the SM's bandwidth is its bytes in flight over the latency, so fp8 at the bf16 depth read only
-  // 1.30-1.36x faster than bf16 (H200, session 10 run 3: 28.6 vs 39.0 us).
-  constexpr int kDepth = kFp8 ? 2 * kStages : kStages;
-  constexpr int kSlotBytes = kFp8 ? kStageBytes / 2 : kStageBytes;
+  // fp8 chunks are half the bytes and use half of each stage slot. Doubling their depth in the same buffer was
+  // measured no faster (H200, session 10 runs 3-4, batch 32 / 64 / 128 q_len 1 at 128K: 28.6 / 41.5 / 79.7 us at
+  // this depth, 29.0 / 44.4 / 84.2 doubled): the fp8 step is bound by its per-warp instruction chain, not by bytes
+  // in flight.
+  constexpr int kDepth = kStages;
+  constexpr int kSlotBytes = kStageBytes;
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* pipe = smem;
   constexpr int kPipeBytes = kWarps * kStages * kStageBytes > kWarps * kRows * kHeadDim * 4
