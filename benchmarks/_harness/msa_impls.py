@@ -212,11 +212,24 @@ def cute_sparse_decode_impl(case: Case, device: torch.device, caps: RefCaps, flo
     return Impl(name, prepare, graph_ok=True, note=f"msa.cute.sparse_decode_atten_func; {how}")
 
 
+def _bridge_inputs(x: torch.Tensor, dtype: str, role: str):
+    """The bridge row's tensors in the case dtype: bf16; fp8 e4m3 Q = K = V; nvfp4: bf16 Q over NVFP4 K/V
+    (msa.cute.quant.Nvfp4Tensor, global scale from the amax; staged to bf16 inside the call, which is timed)."""
+    if dtype == "nvfp4":
+        if role == "q":
+            return x
+        from msa.cute.quant import quantize_nvfp4  # noqa: PLC0415
+
+        return quantize_nvfp4(x, "auto")
+    return _cast(x, dtype)
+
+
 def bridge_sparse_impl(case: Case, device: torch.device, caps: RefCaps, flops: float, kv_bytes: float,
                        paged: bool = False) -> Impl:
     """msa.bridge.sparse_fmha (default schedule) with the same selection as the msa.core sparse row; ragged K/V
     (the Q-outer path serves routed items) or, with ``paged``, the page-128 cache (same schedule). The per-call
-    work (union build / k2q CSR from the selection) is timed: the selection is a call argument."""
+    work (union build / k2q CSR from the selection) is timed: the selection is a call argument. Inputs in the case
+    dtype (until session 10 this row always ran bf16 whatever ``--dtype`` said: its fp8 numbers before were bf16's)."""
     fmha = _api("msa.bridge", "sparse_fmha")
     plan_fn = _api("msa.bridge", "sparse_fmha_plan")
     name, how = _label("sparse_atten_func", device, caps, flops, kv_bytes,
@@ -234,6 +247,7 @@ def bridge_sparse_impl(case: Case, device: torch.device, caps: RefCaps, flops: f
             raise Skip("no contiguous K/V copy in this case (paged only): see the msa-bridge-paged row")
         else:
             q, kk, vv, extra = inputs["q"], inputs["k"], inputs["v"], {}
+        q, kk, vv = (_bridge_inputs(x, case.dtype, role) for x, role in ((q, "q"), (kk, "k"), (vv, "v")))
 
         def fn():
             return fmha(q, kk, vv, plan, kv_block_indexes=inputs["kv_block_indexes"], out=out, **extra)
