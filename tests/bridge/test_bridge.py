@@ -260,3 +260,24 @@ def test_sparse_fmha_nvfp4_bad_inputs():
     short = quantize_nvfp4(k.float()[:200])
     with pytest.raises(ValueError, match=r"k: expected dequantised shape \[300, 2, 16\], got \[200, 2, 16\]"):
         sparse_fmha(q, short, vf, sp, kv_block_indexes=sel)
+
+
+def test_page_gather_and_ragged_twin():
+    """The fp8 paged -> ragged path's pieces on CPU: the cached token gather equals the per-token page lookup, and the
+    twin plan is the same plan over ragged K/V (same schedule and route_max)."""
+    from msa.bridge import bridge as br
+
+    gen = torch.Generator().manual_seed(12)
+    kv_lens = [300, 1, 260]
+    k = torch.randn(sum(kv_lens), 2, 32, generator=gen)
+    kp, kv_idx = paged(gen, k, kv_lens)
+    plan = sparse_fmha_plan([5, 1, 7], kv_lens, 4, 2, page_size=128, kv_block_num=3, route_max=4)
+    table = page_table_from_kv_indices(kv_idx, plan.kv_page_indptr, plan.max_pages)
+    got = br._gather_pages(kp, table, plan)
+    assert torch.equal(got, k) and torch.equal(got, br._ragged_from_pages(kp, table, plan))
+    k8 = kp.to(torch.float8_e4m3fn)  # fp8 moves as bytes
+    assert torch.equal(br._gather_pages(k8, table, plan).view(torch.uint8), k.to(torch.float8_e4m3fn).view(torch.uint8))
+    twin = br._ragged_twin(plan)
+    assert twin is br._ragged_twin(plan) and not twin.paged and twin.kv_lens == plan.kv_lens
+    assert twin.schedule == plan.schedule and twin.qouter.route_max == plan.qouter.route_max == 4
+    assert twin.topk == plan.topk and twin.causal == plan.causal
