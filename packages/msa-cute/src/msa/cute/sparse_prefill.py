@@ -209,9 +209,9 @@ def sparse_atten_func(
             call reads (paged: the pages its requests use) to bf16/fp16 first (one memory-bound pass; an fp8 q is
             cast exactly), so results are those of the 16-bit kernel on the dequantised values.
         k2q_row_ptr / k2q_q_indices: the CSR (``[Hkv, total_rows+1]``, ``[Hkv, >= total_q*topk]`` int32).
-        topk: per-token selection bound, 1..64 (kernels: 4/8/16/32). A token listed in more than ``topk`` rows
-            is a contract violation: ``validate=True`` raises, otherwise its output row and LSEs are NaN (never
-            silently truncated).
+        topk: per-token selection bound, 1..64 (the SM90 kernel takes any of them). A token listed in more than
+            ``topk`` rows is a contract violation: ``validate=True`` raises, otherwise its output row and LSEs are
+            NaN (never silently truncated).
         cu_seqlens_q / cu_seqlens_k: ``[B+1]`` int32; ``max_seqlen_q/k`` host bounds.
         causal: bottom-right causal mask; ``seqused_k [B]`` int32 overrides the visible key count per request.
         softmax_scale: default ``D ** -0.5``. ``lse_temperature_scale`` > 0: the temperature LSE is the LSE of
