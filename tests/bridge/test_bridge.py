@@ -246,6 +246,17 @@ def test_sparse_fmha_nvfp4_kv_equals_core_on_dequantised(is_paged):
         bad[1] = k.shape[0] + 3
         with pytest.raises(ValueError, match="kv_indices: request 0's page 1"):
             sparse_fmha(q, kf, vf, sp, kv_block_indexes=sel, validate=True, kv_indices=bad)
+        # a page table passed directly may hold anything past a request's pages (here -1 padding and a wider table)
+        table = page_table_from_kv_indices(kw["kv_indices"], sp.kv_page_indptr, sp.max_pages)
+        wide = torch.full((table.shape[0], table.shape[1] + 2), -1, dtype=torch.int32)
+        live = page_table_from_kv_indices(torch.ones_like(kw["kv_indices"]), sp.kv_page_indptr, sp.max_pages) != 0
+        wide[:, : table.shape[1]] = torch.where(live, table, -1)
+        o_t, _ = sparse_fmha(q, kf, vf, sp, kv_block_indexes=sel, validate=True, page_table=wide, sm_scale=0.3,
+                             v_scale=1.5)
+        assert torch.equal(o_t, o)
+        wide[1, 0] = k.shape[0]
+        with pytest.raises(ValueError, match="page_table: request 1's page 0"):
+            sparse_fmha(q, kf, vf, sp, kv_block_indexes=sel, validate=True, page_table=wide)
 
 
 def test_sparse_fmha_nvfp4_bad_inputs():

@@ -451,14 +451,16 @@ def _stage_kv(q, k, v, plan: SparseFmhaPlan, page_table, kv_indices, backend, va
 
 
 def _check_page_ids(page_table, kv_indices, plan: SparseFmhaPlan, n_pages: int) -> None:
-    """validate=True: every page a request uses is a page of the cache (before a gather reads or zero-fills it)."""
-    live = page_table_from_kv_indices(torch.ones_like(kv_indices), plan.kv_page_indptr, plan.max_pages) \
-        if kv_indices is not None else torch.ones_like(page_table)
-    bad = (live != 0) & ((page_table < 0) | (page_table >= n_pages))
+    """validate=True: every page a request uses (its first ceil(kv_len / 128) entries; the rest of a given table may
+    hold anything) is a page of the cache -- checked before a gather reads it (or zero-fills an invalid id)."""
+    ones = torch.ones(plan.num_pages, dtype=torch.int32, device=page_table.device)
+    live = page_table_from_kv_indices(ones, plan.kv_page_indptr, plan.max_pages) != 0
+    table = page_table[:, : live.shape[1]]
+    bad = live & ((table < 0) | (table >= n_pages))
     if bool(bad.any()):
         b, j = bad.nonzero()[0].tolist()
-        raise ValueError(f"kv_indices: request {b}'s page {j} is {int(page_table[b, j])}, not a page id in "
-                         f"[0, {n_pages})")
+        name = "kv_indices" if kv_indices is not None else "page_table"
+        raise ValueError(f"{name}: request {b}'s page {j} is {int(table[b, j])}, not a page id in [0, {n_pages})")
 
 
 def _fp8_pages_to_ragged(q, k, v, plan: SparseFmhaPlan, backend) -> bool:
