@@ -274,7 +274,7 @@ def test_sparse_fmha_nvfp4_bad_inputs():
 
 
 def test_page_gather_and_ragged_twin():
-    """The fp8 paged -> ragged path's pieces on CPU: the cached token gather equals the per-token page lookup, and the
+    """The fp8 paged -> ragged path's pieces on CPU: the cached token gather returns the ragged K the pages hold, and the
     twin plan is the same plan over ragged K/V (same schedule and route_max)."""
     from msa.bridge import bridge as br
 
@@ -285,7 +285,7 @@ def test_page_gather_and_ragged_twin():
     plan = sparse_fmha_plan([5, 1, 7], kv_lens, 4, 2, page_size=128, kv_block_num=3, route_max=4)
     table = page_table_from_kv_indices(kv_idx, plan.kv_page_indptr, plan.max_pages)
     got = br._gather_pages(kp, table, plan)
-    assert torch.equal(got, k) and torch.equal(got, br._ragged_from_pages(kp, table, plan))
+    assert torch.equal(got, k)
     k8 = kp.to(torch.float8_e4m3fn)  # fp8 moves as bytes
     assert torch.equal(br._gather_pages(k8, table, plan).view(torch.uint8), k.to(torch.float8_e4m3fn).view(torch.uint8))
     twin = br._ragged_twin(plan)

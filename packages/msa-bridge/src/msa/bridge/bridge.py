@@ -488,7 +488,7 @@ def _ragged_twin(plan: SparseFmhaPlan) -> SparseFmhaPlan:
 
 def _gather_pages(t: torch.Tensor, page_table: torch.Tensor, plan: SparseFmhaPlan) -> torch.Tensor:
     """Page-128 cache ``[pages, Hkv, 128, D]`` -> ragged ``[total_kv, Hkv, D]`` through the plan's cached token index
-    (device ops only; fp8 moves as bytes)."""
+    (device ops only; fp8 moves as bytes). Serves the fp8 ragged gather and the Q-outer reference path."""
     if plan.page_gather is None:
         lens = torch.tensor(plan.kv_lens, dtype=torch.int64)
         req = torch.repeat_interleave(torch.arange(len(plan.kv_lens)), lens)
@@ -580,16 +580,6 @@ def _kv_outer_kernel_serves(q, k, v, plan: SparseFmhaPlan) -> bool:
                       temperature_lse=False) is not None
 
 
-def _ragged_from_pages(t: torch.Tensor, page_table: torch.Tensor, plan: SparseFmhaPlan) -> torch.Tensor:
-    """A page-128 cache ``[pages, Hkv, 128, D]`` gathered into ragged ``[total_kv, Hkv, D]`` (the reference path)."""
-    lens = torch.tensor(plan.kv_lens, dtype=torch.int64, device=t.device)
-    req = torch.repeat_interleave(torch.arange(len(plan.kv_lens), device=t.device), lens)
-    start = torch.cumsum(lens, 0) - lens
-    tok = torch.arange(int(lens.sum()), device=t.device) - start[req]
-    page = page_table.long()[req, tok // BLOCK]
-    return t[page, :, tok % BLOCK]
-
-
 _PINNED = threading.local()
 
 
@@ -651,7 +641,7 @@ def _with_qouter(path, q, k, v, sel, plan, scale, direct_out, out_dtype, validat
         else:
             kk, vv = k, v
             if plan.paged:
-                kk, vv = _ragged_from_pages(k, page_table, plan), _ragged_from_pages(v, page_table, plan)
+                kk, vv = _gather_pages(k, page_table, plan), _gather_pages(v, page_table, plan)
             qouter_reference(q, kk, vv, un.union, un.union_len, un.mask, item_token0=it.item_token0,
                              item_ntok=it.item_ntok, item_kv_head=it.item_kv_head, cu_seqlens_q=plan.qo_indptr,
                              cu_seqlens_k=plan.kv_indptr, causal=plan.causal, T=it.T, sm_scale=scale,
