@@ -107,11 +107,12 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// 16-byte piece `piece` (0..15) of row `row` in a tile of 256-byte rows: XOR-swizzled so the 8 rows an
-// ldmatrix phase reads (same piece, rows r..r+7) hit 8 different 16-byte bank groups.
-__device__ __forceinline__ int swz(int row, int piece) { return row * kRowBytes + ((piece ^ (row & 7)) << 4); }
-// The same for 128-byte (fp8) rows, pieces 0..7: the 8 rows of a fragment load land in 8 different bank groups.
-__device__ __forceinline__ int swz8(int row, int piece) { return row * kRowBytes8 + ((piece ^ (row & 7)) << 4); }
+// 16-byte piece `piece` of row `row` in a tile of kRowB-byte rows (256: 16-bit rows, 128: fp8 rows): XOR-swizzled
+// so the 8 rows an ldmatrix phase or an fp8 fragment load reads (same piece, rows r..r+7) hit 8 different 16-byte
+// bank groups.
+template <int kRowB = kRowBytes>
+__device__ __forceinline__ int swz(int row, int piece) { return row * kRowB + ((piece ^ (row & 7)) << 4); }
+__device__ __forceinline__ int swz8(int row, int piece) { return swz<kRowBytes8>(row, piece); }
 
 // Two e4m3 bytes (low byte = first element) -> f16x2 (exact).
 __device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t two_bytes) {
@@ -137,6 +138,25 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int sr
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Async copy of kRows_ rows of kRowB bytes (16-byte pieces, swizzled as swz) from each src[t] into tile t at
+// dst + t * kRows_ * kRowB (K and V of a chunk: their pieces interleaved), the pieces spread over kThreads_ threads
+// starting at `first`; rows >= `valid` are zero-filled without a global read.
+template <int kRowB, int kRows_, int kThreads_, int kTiles>
+__device__ __forceinline__ void copy_rows_async(unsigned char* dst, const unsigned char* const (&src)[kTiles],
+                                                int valid, int first) {
+  constexpr int kPieces = kRowB / 16;
+  static_assert(kRows_ * kPieces % kThreads_ == 0, "every thread copies the same number of pieces");
+#pragma unroll
+  for (int it = 0; it < kRows_ * kPieces / kThreads_; ++it) {
+    const int id = first + it * kThreads_, row = id / kPieces, piece = id % kPieces;
+    const bool ok = row < valid;
+    const int off = ok ? row * kRowB + piece * 16 : 0;
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t)
+      cp_async16(smem_addr(dst + t * kRows_ * kRowB + swz<kRowB>(row, piece)), src[t] + off, ok ? 16 : 0);
+  }
+}
 
 __device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t* r) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -203,23 +223,11 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_decode_kernel(const Params
   const int head0 = h * p.group;
 
   // Q rows of this (token, KV head): G heads x 256 B (fp8 Q: 128 B), rows >= G zero-filled.
-  if constexpr (kKv == kKvFp8Q) {
-    const unsigned char* qg = static_cast<const unsigned char*>(p.q) + (static_cast<long long>(t) * p.hq + head0) *
-                                                                            kRowBytes8;
-    for (int i = tid; i < kRows * 8; i += kThreads) {
-      const int row = i >> 3, piece = i & 7;
-      const bool ok = row < p.group;
-      cp_async16(smem_addr(q_tile + swz8(row, piece)), qg + (ok ? row * kRowBytes8 + piece * 16 : 0), ok ? 16 : 0);
-    }
-    cp_async_commit();
-  } else {
-    const unsigned char* qg = static_cast<const unsigned char*>(p.q) + (static_cast<long long>(t) * p.hq + head0) *
-                                                                            kRowBytes;
-    for (int i = tid; i < kRows * 16; i += kThreads) {
-      const int row = i >> 4, piece = i & 15;
-      const bool ok = row < p.group;
-      cp_async16(smem_addr(q_tile + swz(row, piece)), qg + (ok ? row * kRowBytes + piece * 16 : 0), ok ? 16 : 0);
-    }
+  {
+    constexpr int kQRowBytes = kKv == kKvFp8Q ? kRowBytes8 : kRowBytes;
+    const unsigned char* const qg[1] = {static_cast<const unsigned char*>(p.q) +
+                                         (static_cast<long long>(t) * p.hq + head0) * kQRowBytes};
+    copy_rows_async<kQRowBytes, kRows, kThreads>(q_tile, qg, p.group, tid);
     cp_async_commit();
   }
   // The split's visible blocks, compacted (valid input is already a prefix; compacting keeps any order safe).
@@ -317,25 +325,8 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_decode_kernel(const Params
       unsigned char* st = my_pipe + (i % kDepth) * kSlotBytes;
       const unsigned char* kg = static_cast<const unsigned char*>(p.k) + offset * kElemBytes;
       const unsigned char* vg = static_cast<const unsigned char*>(p.v) + offset * kElemBytes;
-      if constexpr (kFp8) {
-#pragma unroll
-        for (int it = 0; it < 4; ++it) {
-          const int id = lane + it * 32, row = id >> 3, piece = id & 7;
-          const bool ok = row < visible;
-          const int src = ok ? row * kRowBytes8 + piece * 16 : 0;
-          cp_async16(smem_addr(st + swz8(row, piece)), kg + src, ok ? 16 : 0);
-          cp_async16(smem_addr(st + kTileBytes8 + swz8(row, piece)), vg + src, ok ? 16 : 0);
-        }
-      } else {
-#pragma unroll
-        for (int it = 0; it < 8; ++it) {
-          const int id = lane + it * 32, row = id >> 4, piece = id & 15;
-          const bool ok = row < visible;
-          const int src = ok ? row * kRowBytes + piece * 16 : 0;
-          cp_async16(smem_addr(st + swz(row, piece)), kg + src, ok ? 16 : 0);
-          cp_async16(smem_addr(st + kTileBytes + swz(row, piece)), vg + src, ok ? 16 : 0);
-        }
-      }
+      const unsigned char* const kv[2] = {kg, vg};
+      copy_rows_async<kFp8 ? kRowBytes8 : kRowBytes, kChunk, 32>(st, kv, visible, lane);  // K tile, then V tile
     }
     cp_async_commit();
   };
