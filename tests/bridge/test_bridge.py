@@ -51,6 +51,20 @@ def paged(gen, k, kv_lens):
     return kp, torch.tensor(idx, dtype=torch.int32)
 
 
+def at_pages(x, kv_idx, kv_lens, like):
+    """Ragged ``x [total_kv, H, D]`` written at the page ids ``kv_idx`` (another tensor's layout, e.g. k's from
+    :func:`paged`) into a cache shaped like ``like`` whose other slots hold random values."""
+    out = torch.randn_like(like)
+    start = 0
+    for b, kl in enumerate(kv_lens):
+        pages = kv_idx[sum(-(-n // 128) for n in kv_lens[:b]):][: -(-kl // 128)]
+        for j, pid in enumerate(pages.tolist()):
+            seg = x[start + j * 128: start + min((j + 1) * 128, kl)]
+            out[pid, :, : seg.shape[0]] = seg.transpose(0, 1)
+        start += kl
+    return out
+
+
 CASES = [
     # q_lens, kv_lens, hq, hkv, topk, paged, qo_offset, sel_heads
     ([50, 130], [300, 130], 8, 2, 2, False, None, "kv"),
@@ -72,20 +86,7 @@ def test_sparse_fmha_equals_core_fmha(q_lens, kv_lens, hq, hkv, topk, is_paged, 
     kw = {}
     if is_paged:
         k, kv_idx = paged(gen, k, kv_lens)
-        g2 = torch.Generator().manual_seed(0)
-        del g2
-        v_r = v
-        v, kv_idx_v = paged(torch.Generator().manual_seed(sum(q_lens) + topk + 99), v_r, kv_lens)
-        # same page ids for v: rebuild v pages at k's layout
-        vp = torch.randn_like(v)
-        start = 0
-        for b, kl in enumerate(kv_lens):
-            pages = kv_idx[sum(-(-n // 128) for n in kv_lens[:b]):][: -(-kl // 128)]
-            for j, pid in enumerate(pages.tolist()):
-                seg = v_r[start + j * 128: start + min((j + 1) * 128, kl)]
-                vp[pid, :, : seg.shape[0]] = seg.transpose(0, 1)
-            start += kl
-        v = vp
+        v = at_pages(v, kv_idx, kv_lens, like=k)  # same page ids for v
         kw["kv_indices"] = kv_idx
     dense_plan = fmha_plan(q_lens, kv_lens, hq, hkv, page_size=page_size, qo_offset=qo_offset, kv_block_num=topk)
     o_ref, _, lse_ref = fmha(q, k, v, dense_plan, kv_block_indexes=sel, return_lse=True, validate=True, **kw)
@@ -218,15 +219,7 @@ def test_sparse_fmha_nvfp4_kv_equals_core_on_dequantised(is_paged):
     kw = {}
     if is_paged:
         kp, kv_idx = paged(gen, k, kv_lens)
-        vp = torch.randn_like(kp)
-        start = 0
-        for b, kl in enumerate(kv_lens):
-            pages = kv_idx[sum(-(-n // 128) for n in kv_lens[:b]):][: -(-kl // 128)]
-            for j, pid in enumerate(pages.tolist()):
-                seg = v[start + j * 128: start + min((j + 1) * 128, kl)]
-                vp[pid, :, : seg.shape[0]] = seg.transpose(0, 1)
-            start += kl
-        k, v = kp, vp
+        k, v = kp, at_pages(v, kv_idx, kv_lens, like=kp)
         kw["kv_indices"] = kv_idx
     kf, vf = quantize_nvfp4(k, "auto"), quantize_nvfp4(v, "auto")
     kd, vd = kf.dequantize(torch.bfloat16), vf.dequantize(torch.bfloat16)
