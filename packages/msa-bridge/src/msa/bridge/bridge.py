@@ -50,7 +50,7 @@ from msa.core.validation import check_int, check_tensor, validation_enabled
 from msa.cute import build_k2q_csr, sparse_atten_func
 from msa.cute._common import is_capturing
 from msa.cute.csr import check_selection_values
-from msa.cute.quant import Nvfp4Tensor, check_nvfp4_tensor, dequantize_kv
+from msa.cute.quant import Nvfp4Tensor, check_nvfp4_tensor, stage_kv
 from msa.cute.qouter import (
     QOUTER_ROWS,
     QouterItems,
@@ -418,36 +418,22 @@ def _stage_kv(q, k, v, plan: SparseFmhaPlan, page_table, kv_indices, backend, va
     Staged: NVFP4 K/V (always: every path reads dequantised values); fp8 K/V under a 16-bit q; fp8 Q = K = V with
     paged K/V (the fp8 Q-outer kernel is ragged-only). Not staged: fp8 Q = K = V ragged (the fp8 Q-outer kernel), and
     fp8 K/V where no kernel would run (CPU, ``MSA_BACKEND=reference``): the references read fp8 directly.
-    Paged: the pages are gathered into a compact pool in the plan's page order (from ``kv_indices``, else every
-    page-table entry) and ``page_table`` is rewritten to address it."""
+    Paged: the pages each request uses are gathered into a compact pool (``msa.cute.quant.stage_kv``, shared with
+    ``sparse_atten_func``) and ``page_table`` is rewritten to address it."""
     fp8 = torch.float8_e4m3fn
     nvfp4 = isinstance(k, Nvfp4Tensor)
+    target = torch.bfloat16 if q.dtype == fp8 else q.dtype
     if not nvfp4:
         if k.dtype != fp8 or (q.dtype == fp8 and not plan.paged):
             return q, k, v, page_table
         if q.device.type != "cuda" or backend_mode(backend) == "reference":
             return q, k, v, page_table
-        target = torch.bfloat16 if q.dtype == fp8 else q.dtype
         if kernel_for("dequantize_kv", q.device, fmt="fp8", out_dtype=target, row=k.shape[-1]) is None:
             return q, k, v, page_table
-    target = torch.bfloat16 if q.dtype == fp8 else q.dtype
-    if q.dtype == fp8:
-        q = q.to(target)
-    rows = None
-    if plan.paged:
-        dev = q.device
-        if validation_enabled(validate):  # checked here: the rewritten table below addresses the pool, always valid
-            _check_page_ids(page_table, kv_indices, plan, (k.data if nvfp4 else k).shape[0])
-        if kv_indices is not None:
-            rows = kv_indices
-            pool = torch.arange(kv_indices.shape[0], dtype=torch.int32, device=dev)
-            page_table = page_table_from_kv_indices(pool, plan.kv_page_indptr, plan.max_pages)
-        else:
-            rows = page_table.reshape(-1).contiguous()
-            page_table = torch.arange(rows.shape[0], dtype=torch.int32, device=dev).view(page_table.shape)
-    k = dequantize_kv(k, dtype=target, rows=rows, backend=backend)
-    v = dequantize_kv(v, dtype=target, rows=rows, backend=backend)
-    return q, k, v, page_table
+    if plan.paged and validation_enabled(validate):  # before the gather, which zero-fills an invalid id
+        _check_page_ids(page_table, kv_indices, plan, (k.data if nvfp4 else k).shape[0])
+    return stage_kv(q, k, v, target, page_table=page_table if plan.paged else None, cu_seqlens_k=plan.kv_indptr,
+                    block=BLOCK, backend=backend)
 
 
 def _check_page_ids(page_table, kv_indices, plan: SparseFmhaPlan, n_pages: int) -> None:

@@ -48,6 +48,7 @@ __all__ = [
     "NVFP4_BLOCK",
     "MXFP4_BLOCK",
     "dequantize_kv",
+    "stage_kv",
     "check_nvfp4_tensor",
     "is_quantized_kv",
 ]
@@ -466,3 +467,24 @@ def _dequantize_kv_reference(x, dtype, sv, rows, shape):
         out = torch.where(valid.view([-1] + [1] * (out.dim() - 1)), out, torch.zeros((), dtype=dtype,
                                                                                        device=out.device))
     return out
+
+
+def stage_kv(q: torch.Tensor, k, v, dtype: torch.dtype, *, page_table: torch.Tensor | None = None,
+             cu_seqlens_k: torch.Tensor | None = None, block: int = 128, backend: str | None = None):
+    """Quantised K/V (fp8 or :class:`Nvfp4Tensor`) -> ``dtype`` for a 16-bit attention kernel, through
+    :func:`dequantize_kv` (no host sync); an fp8 ``q`` is cast (exactly) to ``dtype``. Paged (``page_table [B, W]``
+    int32 with ``cu_seqlens_k [B+1]``): only the entries a request uses (its first ceil(k_len / block)) are
+    converted, into a compact page pool addressed by the returned ``arange`` table; the others read nothing and come
+    out zero. Returns ``(q, k, v, page_table)``."""
+    if q.dtype == FP8:
+        q = q.to(dtype)
+    rows = None
+    if page_table is not None:
+        batch, width = page_table.shape
+        k_lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int64)
+        used = torch.arange(width, device=q.device).view(1, width) < ((k_lens + block - 1) // block).view(batch, 1)
+        rows = torch.where(used, page_table, -1).to(torch.int32).reshape(-1).contiguous()
+        page_table = torch.arange(batch * width, dtype=torch.int32, device=q.device).view(batch, width)
+    k = dequantize_kv(k, dtype=dtype, rows=rows, backend=backend)
+    v = dequantize_kv(v, dtype=dtype, rows=rows, backend=backend)
+    return q, k, v, page_table

@@ -25,7 +25,7 @@ from ._common import (
     out_dtype_for,
 )
 from .csr import K2qSchedule, packed_row_offsets, token_batch_index
-from .quant import Nvfp4Tensor, check_nvfp4_tensor, dequantize_kv
+from .quant import Nvfp4Tensor, check_nvfp4_tensor, stage_kv
 from .reference import gather_block_attention, k2q_csr_to_q2k, ragged_to_blocks
 
 __all__ = ["sparse_atten_func", "MAX_TOPK", "PARTIAL_DTYPES"]
@@ -240,7 +240,8 @@ def sparse_atten_func(
                     temperature_lse=return_temperature_lse and temp != 1.0)
     stage = _staging_dtype(q, k, nvfp4, features, backend)
     if stage is not None:  # quantised K/V (and an fp8 Q with them) -> 16 bits, then the 16-bit kernels
-        q, k, v, page_table = _stage(q, kq, vq, stage, page_table, cu_seqlens_k, blk_kv, backend)
+        q, k, v, page_table = stage_kv(q, kq, vq, stage, page_table=page_table, cu_seqlens_k=cu_seqlens_k,
+                                       block=blk_kv, backend=backend)
     choice = _kernels.choose(OP, q.device, backend, q_dtype=q.dtype, kv_dtype=k.dtype, **features)
     if choice != "reference":
         return _kernels.run_kernel(
@@ -285,24 +286,6 @@ def _staging_dtype(q, k, nvfp4: bool, features: dict, backend) -> torch.dtype | 
     if kernel_for("dequantize_kv", q.device, fmt="fp8", out_dtype=target, row=k.shape[-1]) is None:
         return None
     return target
-
-
-def _stage(q, k, v, dtype, page_table, cu_seqlens_k, blk_kv, backend):
-    """K/V -> ``dtype`` through :func:`msa.cute.quant.dequantize_kv` (no host sync). Paged: only the page-table
-    entries a request uses are converted (the others read nothing and come out zero) into a compact page pool
-    addressed by ``arange``; an fp8 q is cast (exactly) to ``dtype``."""
-    if q.dtype == FP8_E4M3:
-        q = q.to(dtype)
-    rows = None
-    if page_table is not None:
-        batch, width = page_table.shape
-        k_lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int64)
-        used = torch.arange(width, device=q.device).view(1, width) < ((k_lens + blk_kv - 1) // blk_kv).view(batch, 1)
-        rows = torch.where(used, page_table, -1).to(torch.int32).reshape(-1).contiguous()
-        page_table = torch.arange(batch * width, dtype=torch.int32, device=q.device).view(batch, width)
-    k = dequantize_kv(k, dtype=dtype, rows=rows, backend=backend)
-    v = dequantize_kv(v, dtype=dtype, rows=rows, backend=backend)
-    return q, k, v, page_table
 
 
 def _reference(q, k, v, row_ptr, q_indices, topk, cu_q, cu_k, blk_kv, causal, scale, temp, return_temp, return_lse,
