@@ -325,7 +325,8 @@ def _candidate_impl(k90, path, lens, hq, hkv, causal, elem_size, call):
         return None
     mod = tvm_ffi.load_module(str(path))
     kp = k90.plan(
-        lens, lens, hq, hkv, causal=causal, elem_size=elem_size, device="cuda", block_n=k90.module_block_n(mod)
+        lens, lens, hq, hkv, causal=causal, elem_size=elem_size, device="cuda", block_n=k90.module_block_n(mod),
+        block_m=k90.module_block_m(mod),
     )
 
     def fn():

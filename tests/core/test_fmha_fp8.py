@@ -113,6 +113,45 @@ def test_module_block_n_of_old_and_new_modules():
     assert k90.module_block_n(Old()) == 128 and k90.module_block_n(New()) == 224
 
 
+def test_three_warpgroup_plan_counts_192_row_items(monkeypatch):
+    """Plans for the three-consumer-warpgroup A/B builds (-DMSA_FMHA_SM90_MMA_WG=3, module block_m() == 192): items are
+    192-row query tiles (causal limits from their last row), the split-KV partial O has 192 rows, a KernelPlan whose
+    item height differs from the module's is refused by name, and old modules report 128."""
+    qo, kv = [400, 190], [400, 700]
+    kp = k90.plan(qo, kv, 4, 2, causal=True, elem_size=1, device="cpu", num_sms=132, split_kv=(10**6, 2),
+                  block_n=96, block_m=192)
+    assert kp.block_m == 192 and kp.partial_o.shape[1:] == (192, 128) and kp.partial_lse.shape[1] == 192
+    whole = k90.plan(qo, kv, 4, 2, causal=True, elem_size=1, device="cpu", num_sms=132, split_kv=None, block_n=96,
+                     block_m=192)
+    rows = whole.work.tolist()
+    assert len(rows) == 4 * (_cdiv(400, 192) + _cdiv(190, 192))
+    for r in rows:  # q_start, qo_len, kv_start, kv_len, m_block, head, qo_offset, n_block_max
+        last = min((r[4] + 1) * 192, r[1]) - 1
+        assert r[7] == min(_cdiv(kv[qo.index(r[1])], 96), (last + r[6]) // 96 + 1)
+    assert k90._kernel_plan(kp, 128, 1, torch.device("cpu"), 96, block_m=192) is kp
+    with pytest.raises(ValueError, match="made for 192-row query tiles"):
+        k90._kernel_plan(kp, 128, 1, torch.device("cpu"), 96)
+    with pytest.raises(ValueError, match="block_m"):
+        k90.plan([10], [10], 2, 2, causal=False, device="cpu", num_sms=4, block_m=256)
+    monkeypatch.setenv(k90.BLOCK_M_ENV, "192")
+    assert k90.plan([10], [10], 2, 2, causal=False, device="cpu", num_sms=4).block_m == 192
+    monkeypatch.delenv(k90.BLOCK_M_ENV)
+    assert k90.plan([10], [10], 2, 2, causal=False, device="cpu", num_sms=4).block_m == 128
+
+    class Old:
+        def implements_function(self, name):
+            return name == "block_n"
+
+    class New:
+        def implements_function(self, name):
+            return True
+
+        def block_m(self):
+            return 192
+
+    assert k90.module_block_m(Old()) == 128 and k90.module_block_m(New()) == 192
+
+
 def _exp2_poly_host(x):
     """fmha_sm90_kernel.cuh's exp2_poly step by step in float32 (same constants, same rounding points)."""
     import numpy as np

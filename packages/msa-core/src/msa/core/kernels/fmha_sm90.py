@@ -57,6 +57,9 @@ BLOCK_N_FP8_WIDE = 192  # ... and for fp8 non-causal ragged O at head dim 128 (w
 # block_n(); plans made through an FmhaPlan take it from there. A KernelPlan made directly by plan() uses
 # block_n=, else this environment variable, else default_block_n(); run() refuses a plan whose tile differs from the module's.
 BLOCK_N_ENV = "MSA_FMHA_SM90_BLOCK_N"
+# Three-consumer-warpgroup A/B builds (-DMSA_FMHA_SM90_MMA_WG=3) run 192-row items; their module reports it through
+# block_m(), and a KernelPlan made directly by plan() takes block_m=, else this variable, else 128.
+BLOCK_M_ENV = "MSA_FMHA_SM90_BLOCK_M"
 PAGE_SIZE = 128  # the default page size (paged sparse-Q needs page = block = 128)
 PAGE_SIZES = (16, 32, 64, 128, 256)  # page sizes the paged modules read (a runtime argument of one module)
 HEAD_DIMS = (64, 128, 256)  # head dims of the 16-bit O mode (ragged / paged)
@@ -249,6 +252,7 @@ class KernelPlan:
     partial_lse: torch.Tensor | None = None  # fp32 [slots, 128]: split pieces' LSE
     split: tuple[int, int] = (0, 1)  # (tail items split, pieces per item) chosen by choose_split
     block_n: int = BLOCK_N  # keys per KV tile (must equal the module's block_n())
+    block_m: int = BLOCK_M  # query rows per work item (must equal the module's block_m(): 64 per consumer warpgroup)
     page_size: int | None = None  # paged plans: the page size kv_start counts pages of (must equal k.shape[2])
 
 
@@ -268,6 +272,7 @@ def build_work_list(
     elem_size: int,
     v_tile_starts: list[int] | None = None,
     block_n: int = BLOCK_N,
+    block_m: int = BLOCK_M,
 ) -> torch.Tensor:
     """Host work list, int32 [num_work, 8] on the CPU (fields of ``WorkItem``).
 
@@ -275,7 +280,7 @@ def build_work_list(
     inside a section the query tiles run longest first (heads innermost, so the CTAs in flight share K/V);
     sections run longest first. Items whose tile sees no key (cost 0) sort last but still write O = 0 and
     LSE = -inf. ``v_tile_starts`` (FP8): each request's first tile in the transposed V copy, stored in field 11.
-    ``block_n``: keys per KV tile (the module's; n_block_max etc. count these tiles).
+    ``block_n``: keys per KV tile (the module's; n_block_max etc. count these tiles). ``block_m``: query rows per item.
     """
     hpk = num_qo_heads // num_kv_heads
     q_start = 0
@@ -285,10 +290,10 @@ def build_work_list(
     for qo, kv, off, kv_start, v_tile0 in zip(qo_lens, kv_lens, qo_offsets, kv_starts, v_tile_starts):
         if qo == 0:
             continue
-        m_blocks = torch.arange(_cdiv(qo, BLOCK_M), dtype=torch.int64)
+        m_blocks = torch.arange(_cdiv(qo, block_m), dtype=torch.int64)
         kv_blocks = _cdiv(kv, block_n)
         if causal:
-            last_row = torch.clamp((m_blocks + 1) * BLOCK_M, max=qo) - 1
+            last_row = torch.clamp((m_blocks + 1) * block_m, max=qo) - 1
             limit = last_row + off  # the tile's last row sees keys j <= limit
             n_max = torch.where(limit < 0, torch.zeros_like(limit), torch.clamp(limit // block_n + 1, max=kv_blocks))
         else:
@@ -439,6 +444,7 @@ def plan(
     split_kv: str | tuple[int, int] | None = "auto",
     num_sms: int | None = None,
     block_n: int | None = None,
+    block_m: int | None = None,
 ) -> KernelPlan:
     """Host planning for :func:`run` from plain lengths (``msa.core.fmha_plan`` plans call this lazily).
 
@@ -448,7 +454,8 @@ def plan(
     the last ``k`` items into ``s`` pieces each; tests). ``num_sms`` overrides the device's SM count.
     ``block_n``: keys per KV tile of the module this plan is for (default: ``$MSA_FMHA_SM90_BLOCK_N`` (ragged) or
     :func:`default_block_n` of the head dims). ``page_size``: paged plans only, any of ``PAGE_SIZES``.
-    ``head_dim_v``: Dv (default ``head_dim``); sizes the split-KV partial O.
+    ``head_dim_v``: Dv (default ``head_dim``); sizes the split-KV partial O. ``block_m``: query rows per work item of
+    the module (its block_m(); default ``$MSA_FMHA_SM90_BLOCK_M`` or 128; 192 for three-consumer-warpgroup A/B builds).
     """
     device = torch.device(device)
     if block_n is None:
@@ -459,6 +466,10 @@ def plan(
         raise ValueError(f"page_size: expected one of {PAGE_SIZES}, got {page_size}")
     if block_n % 16 or not 0 < block_n <= 256:  # wgmma N (QK^T) and bf16 PV K step: 16; fp8 modules use 32s
         raise ValueError(f"block_n: expected a multiple of 16 in [16, 256], got {block_n}")
+    if block_m is None:
+        block_m = int(os.environ.get(BLOCK_M_ENV) or BLOCK_M)
+    if block_m not in (128, 192):
+        raise ValueError(f"block_m: expected 128 or 192 (64 query rows per consumer warpgroup), got {block_m}")
     if device.type == "cuda":
         ok, why = available(device)
         if not ok:
@@ -484,6 +495,7 @@ def plan(
         qo_lens, kv_lens, list(qo_offset), starts, num_qo_heads, num_kv_heads, causal, head_dim, elem_size,
         v_tile_starts,
         block_n,
+        block_m,
     )
     any_keys = bool(work.shape[0] and int(work[:, 7].max()) > 0)
     if num_sms is None:
@@ -508,14 +520,15 @@ def plan(
         lse_dummy=torch.empty((1, 1), dtype=torch.float32, device=device),
         index_dummy=torch.zeros(1, dtype=torch.int32, device=device),
         combine=combine.to(device),
-        partial_o=torch.empty((max(slots, 1), BLOCK_M, head_dim_v or head_dim), dtype=torch.float32, device=device),
-        partial_lse=torch.empty((max(slots, 1), BLOCK_M), dtype=torch.float32, device=device),
+        partial_o=torch.empty((max(slots, 1), block_m, head_dim_v or head_dim), dtype=torch.float32, device=device),
+        partial_lse=torch.empty((max(slots, 1), block_m), dtype=torch.float32, device=device),
         split=(k, s) if slots else (0, 1),
         vt_tiles=vt_tiles.to(device) if fp8 else None,
         vt_len=block_n * int(vt_tiles.shape[0]) if fp8 else 0,
         fp8_vt={} if fp8 else None,
         fp8_head_scales={} if fp8 else None,
         block_n=block_n,
+        block_m=block_m,
         page_size=page_size if paged else None,
     )
 
@@ -552,18 +565,31 @@ def module_block_n(mod) -> int:
     return BLOCK_N if fn is None else int(fn())
 
 
+def module_block_m(mod) -> int:
+    """Query rows per work item of a loaded module (modules built before block_m() existed: 128)."""
+    if hasattr(mod, "implements_function") and not mod.implements_function("block_m"):
+        return BLOCK_M
+    fn = getattr(mod, "block_m", None)
+    return BLOCK_M if fn is None else int(fn())
+
+
 def _kernel_plan(fplan, head_dim: int, elem_size: int, device: torch.device, block_n: int = BLOCK_N,
-                 head_dim_v: int | None = None) -> KernelPlan:
+                 head_dim_v: int | None = None, block_m: int = BLOCK_M) -> KernelPlan:
     """The KernelPlan of an ``msa.core.api.FmhaPlan``, built on first use and cached in ``fplan.kernel``.
-    A KernelPlan passed in must have been made for ``block_n``-key tiles (the module's)."""
+    A KernelPlan passed in must have been made for ``block_n``-key tiles and ``block_m``-row items (the module's)."""
     if isinstance(fplan, KernelPlan):
         if fplan.block_n != block_n:
             raise ValueError(
                 f"plan: made for {fplan.block_n}-key KV tiles, but the loaded module uses {block_n} "
                 f"(pass block_n={block_n} to plan() or set {BLOCK_N_ENV})"
             )
+        if fplan.block_m != block_m:
+            raise ValueError(
+                f"plan: made for {fplan.block_m}-row query tiles, but the loaded module uses {block_m} "
+                f"(pass block_m={block_m} to plan())"
+            )
         return fplan
-    key = (FAMILY, head_dim, head_dim_v or head_dim, elem_size, str(device), block_n)
+    key = (FAMILY, head_dim, head_dim_v or head_dim, elem_size, str(device), block_n, block_m)
     kp = fplan.kernel.get(key)
     if kp is None:
         kp = plan(
@@ -580,6 +606,7 @@ def _kernel_plan(fplan, head_dim: int, elem_size: int, device: torch.device, blo
             elem_size=elem_size,
             device=device,
             block_n=block_n,
+            block_m=block_m,
         )
         fplan.kernel[key] = kp
     return kp
@@ -737,7 +764,7 @@ def run(
         sm_scale = 1.0 / math.sqrt(head_dim)
     if fp8:
         mod = _module(DTYPES[FP8_DTYPE], head_dim, bool(causal), False, "o")
-        kp = _kernel_plan(plan, head_dim, 1, q.device, module_block_n(mod))
+        kp = _kernel_plan(plan, head_dim, 1, q.device, module_block_n(mod), block_m=module_block_m(mod))
         if kp.vt_tiles is None:
             raise ValueError("plan: a KernelPlan for fp8 inputs must be made with elem_size=1")
         hs = fp8_head_scales(
@@ -763,7 +790,7 @@ def run(
 
     dv = None if head_dim_v == head_dim else head_dim_v
     mod = _module(DTYPES[q.dtype], head_dim, bool(causal), paged, mode, dv)
-    kp = _kernel_plan(plan, head_dim, q.element_size(), q.device, module_block_n(mod), dv)
+    kp = _kernel_plan(plan, head_dim, q.element_size(), q.device, module_block_n(mod), dv, module_block_m(mod))
     if kp.partial_o.shape[-1] != head_dim_v:
         raise ValueError(f"plan: a KernelPlan for Dv = {head_dim_v} must be made with head_dim_v={head_dim_v}")
     if paged and kp.page_size not in (None, k.shape[2]):

@@ -60,9 +60,9 @@ enum FmhaMode : int { kModeO = 0, kModeOMaxScore = 1, kModeMaxScore = 2, kModeSp
 // Named hardware barriers (0 is __syncthreads).
 enum NamedBarrier : uint32_t {
   kBarQueryEmpty = 1,  // consumers -> producer warp: smem Q may be overwritten
-  kBarSched0 = 2,      // ping-pong token of consumer warpgroup 0 (kBarSched0 + 1 for warpgroup 1)
-  kBarEpilogue0 = 4,   // per-consumer-warpgroup epilogue barrier (kBarEpilogue0 + wg)
-  kBarVZero = 6,       // paged: both consumer warpgroups have zeroed their share of a V tile's rows past kv_len
+  kBarSched0 = 2,      // ping-pong token of consumer warpgroup 0 (kBarSched0 + wg; up to 3 warpgroups)
+  kBarEpilogue0 = 5,   // per-consumer-warpgroup epilogue barrier (kBarEpilogue0 + wg)
+  kBarVZero = 8,       // paged: every consumer warpgroup has zeroed its share of a V tile's rows past kv_len
 };
 
 // Element_: bf16 / fp16, or cutlass::float_e4m3_t (FP8 mode: bf16 output, per-head scales, ragged O-only; V is
@@ -100,7 +100,17 @@ struct FmhaTraits {
   static constexpr bool kCausal = kCausal_;
   static constexpr bool kPaged = kPaged_;
 
-  static constexpr int kBlockM = 128;  // query rows per CTA tile (64 per consumer warpgroup)
+  // Consumer warpgroups (64 query rows each). 2 by default; MSA_FMHA_SM90_MMA_WG=3 (A/B builds, fp8 dense O only):
+  // three 64-row warpgroups per 192-row tile, so each SM sub-partition holds three softmax chains instead of two
+  // (the fp8 step is a dependent chain, not a pipe limit: ncu session 6). Registers then allow <= 160 per consumer
+  // thread, so the KV tile shrinks to 64 / 96 keys (O 64 + S 32 / 48 + P 8 / 12 + ~30 others).
+#if defined(MSA_FMHA_SM90_MMA_WG)
+  static constexpr int kNumMmaWarpGroups = (kMode_ == kModeO && !kPaged_) ? MSA_FMHA_SM90_MMA_WG : 2;
+#else
+  static constexpr int kNumMmaWarpGroups = 2;
+#endif
+  static_assert(kNumMmaWarpGroups == 2 || kNumMmaWarpGroups == 3, "MSA_FMHA_SM90_MMA_WG: 2 or 3");
+  static constexpr int kBlockM = 64 * kNumMmaWarpGroups;  // query rows per CTA tile (64 per consumer warpgroup)
   // Keys per KV tile: 128, or 64 at head dim 256 (Q 64 KiB + two stages of 64 x 256 K and V = 192 KiB of shared
   // memory, and a 64 x 256 fp32 O accumulator per warpgroup leaves registers for only a 64-key S tile). Paged K/V of
   // any page size fill a tile from one or more pages (see Params::page_size). MSA_FMHA_SM90_BLOCK_N (A/B builds,
@@ -212,15 +222,15 @@ struct FmhaTraits {
 #if defined(MSA_FMHA_SM90_PINGPONG)
   static constexpr int kPingPong = MSA_FMHA_SM90_PINGPONG;
 #else
-  static constexpr int kPingPong = (kFp8 && (kBlockN > 128 || kSparseQ)) ? 0 : 1;
+  static constexpr int kPingPong = (kFp8 && (kBlockN > 128 || kSparseQ)) || kNumMmaWarpGroups == 3 ? 0 : 1;
 #endif
+  static_assert(kPingPong == 0 || kNumMmaWarpGroups == 2, "ping-pong: two consumer warpgroups");
   static_assert(kPingPong >= 0 && kPingPong <= 3, "MSA_FMHA_SM90_PINGPONG: 0, 1, 2 or 3");
-  static constexpr int kNumMmaWarpGroups = 2;
   static constexpr int kNumMmaThreads = 128 * kNumMmaWarpGroups;
   static constexpr int kNumThreads = kNumMmaThreads + 128;  // + one producer warpgroup (one warp issues TMA)
-  // setmaxnreg budgets: 128*24 + 256*240 = 64512 <= 65536 registers per SM.
-  static constexpr int kProducerRegs = 24;
-  static constexpr int kMmaRegs = 240;
+  // setmaxnreg budgets: 128*24 + 256*240 = 64512 <= 65536 registers per SM (three warpgroups: 128*32 + 384*160).
+  static constexpr int kProducerRegs = kNumMmaWarpGroups == 3 ? 32 : 24;
+  static constexpr int kMmaRegs = kNumMmaWarpGroups == 3 ? 160 : 240;
 
   static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "Dqk must be 64, 128 or 256");
   static_assert(kHeadDimV == 64 || kHeadDimV == 128 || kHeadDimV == 256, "Dv must be 64, 128 or 256");
