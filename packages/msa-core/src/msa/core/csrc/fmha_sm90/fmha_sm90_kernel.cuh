@@ -683,7 +683,7 @@ __device__ __forceinline__ void store_tile(typename T::Params const& p, typename
       }
     }
   } else {
-    named_barrier_sync(kBarEpilogue0 + wg, 128);  // this warpgroup's previous tile has left smem_o
+    named_barrier_sync(T::kBarEpilogueBase + wg, 128);  // this warpgroup's previous tile has left smem_o
     CUTE_UNROLL
     for (int mi = 0; mi < size<0>(orc); ++mi) {
       CUTE_UNROLL
@@ -692,7 +692,7 @@ __device__ __forceinline__ void store_tile(typename T::Params const& p, typename
         *reinterpret_cast<cutlass::Array<Element, 2>*>(&ss.smem_o[row * kStride + col]) = packed_pair(mi, ni);
       }
     }
-    named_barrier_sync(kBarEpilogue0 + wg, 128);
+    named_barrier_sync(T::kBarEpilogueBase + wg, 128);
     constexpr int kVecPerRow = kD * int(sizeof(Element)) / 16;
     CUTE_UNROLL
     for (int v = wg_tid; v < 64 * kVecPerRow; v += 128) {
@@ -768,6 +768,18 @@ __device__ __forceinline__ void fill_max_score_tail(typename T::Params const& p,
   }
 }
 
+// Ping-pong token: each barrier pairs the waiting warpgroup (128 threads) with the one handing it the token (128).
+constexpr int kPingPongThreads = 2 * 128;
+// The warpgroup that takes the token after wg: the partner of two; round robin over three (MSA_FMHA_SM90_MMA_WG=3).
+template <class T>
+__device__ __forceinline__ int pingpong_next(int wg) {
+  if constexpr (T::kNumMmaWarpGroups == 2) {
+    return 1 - wg;
+  } else {
+    return wg == T::kNumMmaWarpGroups - 1 ? 0 : wg + 1;
+  }
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // Consumers: two warpgroups, tid in [0, 256); warpgroup wg owns query rows [64 wg, 64 wg + 64) of each tile.
 // ------------------------------------------------------------------------------------------------------------
@@ -795,7 +807,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
 
   // Q starts out free; warpgroup 0 holds the first issue token of the ping-pong.
   named_barrier_arrive(kBarQueryEmpty, T::kNumMmaThreads + 32);
-  if (T::kPingPong != 0 && wg == 0) { named_barrier_arrive(kBarSched0, T::kNumMmaThreads); }
+  if (T::kPingPong != 0 && wg == 0) { named_barrier_arrive(kBarSched0, kPingPongThreads); }
 
   PipeState<T::kStages> rd;
   PipeState<2> sched_rd;
@@ -947,20 +959,20 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       if constexpr (T::kSparseQ) { sq_tile(n_block, sq_blk, sq_sel); }  // L1-resident; needed after the QK^T
       Mbar::wait(&ss.full_k[rd.index], rd.phase);
       tl.stamp(1);  // K(n) landed
-      if constexpr (T::kPingPong == 1 || T::kPingPong == 2) { named_barrier_sync(kBarSched0 + wg, T::kNumMmaThreads); }
+      if constexpr (T::kPingPong == 1 || T::kPingPong == 2) { named_barrier_sync(kBarSched0 + wg, kPingPongThreads); }
       tl.stamp(2);  // issue token held
       wg_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, rd.index), tSrS);
-      if constexpr (T::kPingPong == 2) { named_barrier_arrive(kBarSched0 + (1 - wg), T::kNumMmaThreads); }
+      if constexpr (T::kPingPong == 2) { named_barrier_arrive(kBarSched0 + pingpong_next<T>(wg), kPingPongThreads); }
       Mbar::wait(&ss.full_v[rd_v.index], rd_v.phase);
       wg_gemm<false, -1>(mma_pv, tOrP, tOrV(_, _, _, rd_v.index), tOrO);
-      if constexpr (T::kPingPong == 1) { named_barrier_arrive(kBarSched0 + (1 - wg), T::kNumMmaThreads); }
+      if constexpr (T::kPingPong == 1) { named_barrier_arrive(kBarSched0 + pingpong_next<T>(wg), kPingPongThreads); }
       tl.stamp(3);  // both GEMMs issued
       warpgroup_wait<1>();  // S of this tile is ready; PV still running
       // kPingPong 3: the token orders the two warpgroups' exp2 phases instead of their GEMM issue (both share each
       // sub-partition's MUFU unit; with short fp8 GEMMs the two softmaxes otherwise run at the same time).
       float step_scale_log2 = scale_log2;
       if constexpr (T::kPingPong == 3) {
-        named_barrier_sync(kBarSched0 + wg, T::kNumMmaThreads);
+        named_barrier_sync(kBarSched0 + wg, kPingPongThreads);
         // A register-only MUFU phase could be scheduled above the barrier: route the scale through an asm
         // statement after it, so every exp2 argument depends on the token.
         asm volatile("mov.b32 %0, %0;" : "+f"(step_scale_log2));
@@ -983,7 +995,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       // exp2) right before the wait keeps the exp2s ahead of it.
       pin_before_wait(&ss.pin_scratch[tid], softmax.row_sum[0] + softmax.row_sum[1]);
       // The row-sum store above depends on every exp2, so the partner's token follows the last MUFU.
-      if constexpr (T::kPingPong == 3) { named_barrier_arrive(kBarSched0 + (1 - wg), T::kNumMmaThreads); }
+      if constexpr (T::kPingPong == 3) { named_barrier_arrive(kBarSched0 + pingpong_next<T>(wg), kPingPongThreads); }
       tl.stamp(5);  // softmax done (row sums stored)
       warpgroup_wait<0>();
       tl.stamp(6);  // PV done

@@ -60,9 +60,11 @@ enum FmhaMode : int { kModeO = 0, kModeOMaxScore = 1, kModeMaxScore = 2, kModeSp
 // Named hardware barriers (0 is __syncthreads).
 enum NamedBarrier : uint32_t {
   kBarQueryEmpty = 1,  // consumers -> producer warp: smem Q may be overwritten
-  kBarSched0 = 2,      // ping-pong token of consumer warpgroup 0 (kBarSched0 + wg; up to 3 warpgroups)
-  kBarEpilogue0 = 5,   // per-consumer-warpgroup epilogue barrier (kBarEpilogue0 + wg)
-  kBarVZero = 8,       // paged: every consumer warpgroup has zeroed its share of a V tile's rows past kv_len
+  kBarSched0 = 2,      // ping-pong token of consumer warpgroup 0 (kBarSched0 + 1 for warpgroup 1)
+  kBarEpilogue0 = 4,   // per-consumer-warpgroup epilogue barrier (kBarEpilogue0 + wg)
+  kBarVZero = 6,       // paged: both consumer warpgroups have zeroed their share of a V tile's rows past kv_len
+  // Three consumer warpgroups (MSA_FMHA_SM90_MMA_WG=3): ping-pong tokens 2-4, epilogue barriers 5-7 (traits
+  // kBarEpilogueBase); such modules are ragged (no kBarVZero). Two warpgroups keep the ids above.
 };
 
 // Element_: bf16 / fp16, or cutlass::float_e4m3_t (FP8 mode: bf16 output, per-head scales, ragged O-only; V is
@@ -224,7 +226,8 @@ struct FmhaTraits {
 #else
   static constexpr int kPingPong = (kFp8 && (kBlockN > 128 || kSparseQ)) || kNumMmaWarpGroups == 3 ? 0 : 1;
 #endif
-  static_assert(kPingPong == 0 || kNumMmaWarpGroups == 2, "ping-pong: two consumer warpgroups");
+  static_assert(kPingPong <= 1 || kNumMmaWarpGroups == 2, "ping-pong modes 2 / 3: two consumer warpgroups");
+  static constexpr uint32_t kBarEpilogueBase = kNumMmaWarpGroups == 3 ? 5 : kBarEpilogue0;
   static_assert(kPingPong >= 0 && kPingPong <= 3, "MSA_FMHA_SM90_PINGPONG: 0, 1, 2 or 3");
   static constexpr int kNumMmaThreads = 128 * kNumMmaWarpGroups;
   static constexpr int kNumThreads = kNumMmaThreads + 128;  // + one producer warpgroup (one warp issues TMA)
