@@ -34,8 +34,10 @@ D = 128
 
 
 def _event_time(fn, reps: int) -> tuple[float, object]:
-    """Median device time (ms) of ``fn`` over ``reps`` calls and its last result (host timer off CUDA)."""
-    out = None
+    """Median device time (ms) of ``fn`` over ``reps`` calls after one untimed call, and its last result (host timer
+    off CUDA). The untimed call takes the one-time costs out of the medians: module loads (a JIT build on a host
+    without a warmed store) and each plan's lazily built kernel-side tables."""
+    out = fn()
     times = []
     for _ in range(reps):
         if torch.cuda.is_available():
@@ -69,14 +71,16 @@ def _index_queries(s, e, hidx, gen, anchors, corr_len):
 
 
 def _chunk(s, e, k, v, ik, hq, hkv, topk, reps, gen, with_dense, iq=None, schedule="auto") -> dict:
-    """Stage times (ms) of one query chunk [s, e) against keys [0, e)."""
+    """Stage times (ms) of one query chunk [s, e) against keys [0, e). Inputs in k's dtype (bf16, or fp8 e4m3 for the
+    index pass, the sparse step and the dense comparison alike; unit scales)."""
     from msa.bridge import sparse_fmha, sparse_fmha_plan
     from msa.core import fmha, fmha_plan, sparse_topk_select
 
     dev, bf, n, hidx = k.device, torch.bfloat16, e - s, hkv
-    q = torch.randn(n, hq, D, device=dev, dtype=bf, generator=gen)
+    q = torch.randn(n, hq, D, device=dev, dtype=bf, generator=gen).to(k.dtype)
     if iq is None:
         iq = torch.randn(n, hidx, D, device=dev, dtype=bf, generator=gen)
+    iq = iq.to(ik.dtype)
     iplan = fmha_plan([n], [e], hidx, 1, output_maxscore=True, device=dev)
     out = {}
     scores = [None]  # the index pass's max_score, dropped right after the top-k (1 GB per 8K-query chunk at 1M)
@@ -96,13 +100,14 @@ def _chunk(s, e, k, v, ik, hq, hkv, topk, reps, gen, with_dense, iq=None, schedu
 
 def bench_context(seqlen: int, hq: int, hkv: int, topk: int, chunk: int, dense_max: int, reps: int,
                   seed: int = 0, device: str = "cuda", inputs: str = "random", corr_len: int = 512,
-                  schedule: str = "auto") -> dict:
+                  schedule: str = "auto", dtype: str = "bf16") -> dict:
     dev = torch.device(device)
     gen = torch.Generator(device=dev).manual_seed(seed)
     hidx, bf = hkv, torch.bfloat16
-    k = torch.randn(seqlen, hkv, D, device=dev, dtype=bf, generator=gen)
-    v = torch.randn(seqlen, hkv, D, device=dev, dtype=bf, generator=gen)
-    ik = torch.randn(seqlen, 1, D, device=dev, dtype=bf, generator=gen)
+    dt = {"bf16": bf, "fp8": torch.float8_e4m3fn}[dtype]
+    k = torch.randn(seqlen, hkv, D, device=dev, dtype=bf, generator=gen).to(dt)
+    v = torch.randn(seqlen, hkv, D, device=dev, dtype=bf, generator=gen).to(dt)
+    ik = torch.randn(seqlen, 1, D, device=dev, dtype=bf, generator=gen).to(dt)
     anchors = None
     if inputs == "smooth":
         anchors = torch.randn(seqlen // corr_len + 2, hidx, D, device=dev, dtype=torch.float32, generator=gen)
@@ -121,7 +126,7 @@ def bench_context(seqlen: int, hq: int, hkv: int, topk: int, chunk: int, dense_m
     dense_flops = 4 * D * hq * _pairs(0, seqlen)
     return {
         "seqlen": seqlen, "hq": hq, "hkv": hkv, "index_heads": hidx, "topk": topk, "chunk": chunk, "inputs": inputs,
-        "schedule": schedule,
+        "schedule": schedule, "dtype": dtype,
         "index_ms": t["index"], "topk_ms": t["topk"], "sparse_ms": t["sparse"], "msa_ms": msa_ms,
         "dense_ms": t["dense"], "dense_estimated": dense_estimated, "speedup": t["dense"] / msa_ms,
         "dense_tflops": dense_flops / (t["dense"] * 1e-3) / 1e12,
@@ -141,6 +146,8 @@ def main(argv=None) -> None:
     p.add_argument("--inputs", default="random", help="comma list: random, smooth (see the module docstring)")
     p.add_argument("--corr-len", type=int, default=512, help="smooth inputs: anchor spacing of the index queries")
     p.add_argument("--schedule", default="auto", help="comma list of msa.bridge sparse schedules: auto, kv_outer, q_outer")
+    p.add_argument("--dtype", default="bf16",
+                   help="comma list: bf16, fp8 (e4m3 index Q/K, attention Q/K/V and dense comparison; O in bf16)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_msa_prefill: needs a CUDA device")
@@ -151,18 +158,22 @@ def main(argv=None) -> None:
     rows = []
     print(f"{'inputs':>7} {'S':>8} {'index':>9} {'top-k':>8} {'sparse':>9} {'MSA':>9} {'dense':>10} {'dense/MSA':>9}"
           "  (ms)")
-    for inputs in a.inputs.split(","):
-        if inputs not in ("random", "smooth"):
-            raise SystemExit(f"--inputs: expected random and/or smooth, got {inputs!r}")
-        for sched in a.schedule.split(","):
-            for s in [int(x) for x in a.seqlen.split(",")]:
-                r = bench_context(s, a.hq, a.hkv, a.topk, a.chunk, a.dense_max, a.reps, inputs=inputs,
-                                  corr_len=a.corr_len, schedule=sched)
-                rows.append(r)
-                est = " est." if r["dense_estimated"] else ""
-                tag = inputs if sched == "auto" else f"{inputs}/{sched}"
-                print(f"{tag:>7} {s:>8} {r['index_ms']:9.2f} {r['topk_ms']:8.2f} {r['sparse_ms']:9.2f} "
-                      f"{r['msa_ms']:9.2f} {r['dense_ms']:10.1f}{est} {r['speedup']:8.1f}x", flush=True)
+    for dtype in a.dtype.split(","):
+        if dtype not in ("bf16", "fp8"):
+            raise SystemExit(f"--dtype: expected bf16 and/or fp8, got {dtype!r}")
+        for inputs in a.inputs.split(","):
+            if inputs not in ("random", "smooth"):
+                raise SystemExit(f"--inputs: expected random and/or smooth, got {inputs!r}")
+            for sched in a.schedule.split(","):
+                for s in [int(x) for x in a.seqlen.split(",")]:
+                    r = bench_context(s, a.hq, a.hkv, a.topk, a.chunk, a.dense_max, a.reps, inputs=inputs,
+                                      corr_len=a.corr_len, schedule=sched, dtype=dtype)
+                    rows.append(r)
+                    est = " est." if r["dense_estimated"] else ""
+                    tag = inputs if sched == "auto" else f"{inputs}/{sched}"
+                    tag = tag if dtype == "bf16" else f"{tag}/fp8"
+                    print(f"{tag:>7} {s:>8} {r['index_ms']:9.2f} {r['topk_ms']:8.2f} {r['sparse_ms']:9.2f} "
+                          f"{r['msa_ms']:9.2f} {r['dense_ms']:10.1f}{est} {r['speedup']:8.1f}x", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)

@@ -199,7 +199,13 @@ def test_fp8_feature_gate():
     ok, why = k90.supports(dtype=FP8, head_dim_qk=128, page_size=128)
     assert not ok and "paged" in why
     ok, why = k90.supports(dtype=FP8, head_dim_qk=128, output_maxscore=True)
-    assert not ok and "max_score" in why
+    assert not ok and "max_score" in why  # O + max_score
+    # score-only (the index pass): float scales only
+    assert k90.supports(dtype=FP8, head_dim_qk=128, output_o=False, output_maxscore=True)[0]
+    ok, why = k90.supports(dtype=FP8, head_dim_qk=128, output_o=False, output_maxscore=True, per_head_scales=True)
+    assert not ok and "per-head" in why
+    ok, why = k90.supports(dtype=FP8, head_dim_qk=128, output_o=False, output_maxscore=True, page_size=128)
+    assert not ok and "paged" in why
     ok, why = k90.supports(dtype=FP8, head_dim_qk=64)
     assert not ok and "head dim" in why
     # bf16 keeps its own gate
@@ -208,7 +214,9 @@ def test_fp8_feature_gate():
 
 def test_fp8_specs_and_refusals():
     specs = k90.jit_specs({"dtypes": ["fp8"], "head_dim": [128]}, "sm_90a")
-    assert sorted((s.params["causal"], s.params["paged"]) for s in specs) == [(False, False), (True, False)]
+    modes = {v: k for k, v in k90.MODES.items()}
+    assert sorted((modes[s.params["mode"]], s.params["causal"], s.params["paged"]) for s in specs) == [
+        ("maxscore", False, False), ("maxscore", True, False), ("o", False, False), ("o", True, False)]
     assert all(s.params["dtype"] == "float8_e4m3fn" for s in specs)
     assert k90.jit_specs({"dtypes": ["fp8"]}, "sm_100a") == []
     with pytest.raises(NotImplementedError, match="sm_100a"):
@@ -499,3 +507,55 @@ def test_fp8_replays_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager_o) and torch.equal(lse, eager_lse)
+
+
+INDEX_CASES = [
+    # name, qo_lens, kv_lens, hq (index heads), hkv (shared index-K heads), causal
+    ("index-causal-ragged", [1, 190, 700, 64], [129, 300, 1500, 64], 4, 1, True),
+    ("index-noncausal", [33, 500], [700, 257], 4, 2, False),
+    ("index-chunk-offset", [256, 130], [1000, 130], 8, 1, True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", INDEX_CASES, ids=[c[0] for c in INDEX_CASES])
+def test_fp8_score_only_index_pass_matches_fp32_reference(case):
+    """fp8 e4m3 score-only (the MSA index pass, output_o=False): max_score [Hq, tiles, total_q] = the max of each
+    128-key tile's logits (sm_scale * q_scale * k_scale folded), -inf where no key is visible and on the padding tiles,
+    vs fp32 on the dequantized inputs: |err| <= 1e-3 + 1e-3 |ref| (e4m3 products are exact; QGMMA accumulates in
+    reduced fp32). Poisoned output; the refused per-head scale tensors name themselves."""
+    import msa.core as mc
+    from msa.core.reference import default_max_k_tiles, max_score_reference
+
+    _need_sm90()
+    name, qo_lens, kv_lens, hq, hkv, causal = case
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(11)
+    tq, tk, d = sum(qo_lens), sum(kv_lens), 128
+    qf = torch.randn(tq, hq, d, device=dev, generator=g) * 3.0
+    kf = torch.randn(tk, hkv, d, device=dev, generator=g) * 0.5
+    q_scale, k_scale = 3.0 * 4 / E4M3_MAX, 0.5 * 4 / E4M3_MAX
+    q, qd = _quantize(qf, q_scale)
+    k, kd = _quantize(kf, k_scale)
+    plan = mc.fmha_plan(qo_lens, kv_lens, hq, hkv, causal=causal, output_maxscore=True, device=dev)
+    tiles = default_max_k_tiles(max(kv_lens))
+    ms = torch.full((hq, tiles, tq), float("nan"), device=dev, dtype=torch.float32)
+    out, res = mc.fmha(q, k, None, plan, output_o=False, max_score=ms, q_scale=q_scale, k_scale=k_scale,
+                       backend="kernel")
+    torch.cuda.synchronize()
+    assert out is None and res is ms
+    offs = [b - a for a, b in zip(qo_lens, kv_lens)]
+    ref = max_score_reference(qd, kd, qo_lens=qo_lens, kv_lens=kv_lens, causal=causal, qo_offset=offs,
+                              sm_scale=1.0 / math.sqrt(d), max_k_tiles=tiles)
+    assert ref.shape == ms.shape
+    inf = torch.isinf(ref)
+    assert torch.equal(torch.isinf(ms), inf) and (ms[inf] == ref[inf]).all(), "-inf pattern differs"
+    assert not torch.isnan(ms).any(), "unwritten (poisoned) entries remain"
+    err = (ms[~inf] - ref[~inf]).abs()
+    bound = 1e-3 + 1e-3 * ref[~inf].abs()
+    assert (err <= bound).all(), f"max |err| {err.max().item():.3g}"
+    from msa.core.dispatch import KernelUnavailableError
+
+    with pytest.raises(KernelUnavailableError, match="per-head scale tensors"):
+        mc.fmha(q, k, None, plan, output_o=False, max_score=ms, backend="kernel",
+                q_scale=torch.full((hq,), q_scale, device=dev))

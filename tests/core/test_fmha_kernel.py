@@ -261,7 +261,8 @@ def test_supports_names_what_is_missing():
         ({"page_size": 8}, "page_size"),
         ({"page_size": 512}, "page_size"),
         ({"output_maxscore": True, "dtype": torch.float8_e4m3fn}, "max_score"),
-        ({"output_o": False, "dtype": torch.float8_e4m3fn}, "output_o"),
+        ({"output_o": False, "dtype": torch.float8_e4m3fn, "per_head_scales": True}, "per-head"),  # fp8 index pass
+        ({"output_o": False, "dtype": torch.float8_e4m3fn, "page_size": 128}, "paged"),
         ({"sparse": True}, "sparse"),
         ({"per_head_scales": True}, "per-head"),
     ]:
@@ -326,12 +327,15 @@ def test_run_hands_each_mode_its_module_and_buffers(output_o, monkeypatch):
 
 def test_jit_specs_cover_the_preset_and_refuse_sm100():
     specs = k90.jit_specs({"dtypes": ["bf16", "fp8"], "head_dim": [64, 128, 192, 256]}, "sm_90a")
-    names = sorted(s.name for s in specs)
+    index = [s.name for s in specs if s.params["mode"] == k90.MODES["maxscore"]]
+    names = sorted(s.name for s in specs if s.params["mode"] == k90.MODES["o"])
     assert len(names) == 14 and not any("head_dim=192" in n for n in names)
     for d in (64, 128, 256):  # causal x paged (one paged module serves every page size)
         assert sum("dtype=bfloat16" in n and f"head_dim={d}," in n for n in names) == 4
     fp8 = [n for n in names if "dtype=float8_e4m3fn" in n]
     assert len(fp8) == 2 and all("paged=False" in n and "head_dim=128" in n for n in fp8)  # fp8: ragged d128 only
+    # the index pass (score-only, ragged, d128): causal and not, per dtype
+    assert len(index) == 4 == len(specs) - 14 and all("paged=False" in n and "head_dim=128" in n for n in index)
     assert k90.jit_specs({"dtypes": ["bf16"], "head_dim": [128]}, "sm_100a") == []
     with pytest.raises(NotImplementedError, match="sm_90a"):
         k90.jit_spec("bfloat16", 128, True, False, arch="sm_100a")

@@ -120,9 +120,10 @@ def jit_spec(dtype: str, head_dim: int, causal: bool, paged: bool, arch: str = "
         raise NotImplementedError(f"fmha_sm90: arch {arch!r} is not supported (the kernel uses sm_90a-only wgmma/TMA)")
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {sorted(MODES)}, got {mode!r}")
-    if dtype == DTYPES[FP8_DTYPE] and (paged or mode not in ("o", "sparse_q")):
+    if dtype == DTYPES[FP8_DTYPE] and (paged or mode not in ("o", "sparse_q", "maxscore")):
         raise NotImplementedError(
-            f"fmha_sm90: fp8 is built for ragged K/V and modes 'o' / 'sparse_q' only, got paged={paged}, mode={mode!r}"
+            f"fmha_sm90: fp8 is built for ragged K/V and modes 'o' / 'sparse_q' / 'maxscore' only, got paged={paged}, "
+            f"mode={mode!r}"
         )
     params = {"dtype": dtype, "head_dim": int(head_dim), "causal": bool(causal), "paged": bool(paged),
               "mode": MODES[mode]}
@@ -147,7 +148,7 @@ def jit_specs(preset: dict, arch: str) -> list:
         return []  # SM100 has no variant of this family; fmha falls back (or refuses) at plan time
     dtypes = [_PRESET_DTYPES[d] for d in preset.get("dtypes", ["bf16"]) if d in _PRESET_DTYPES]
     dims = [d for d in preset.get("head_dim", list(HEAD_DIMS)) if d in HEAD_DIMS]
-    return [
+    mode_o = [
         jit_spec(dt, d, causal, paged, arch)
         for dt in dict.fromkeys(dtypes)
         for d in dims
@@ -155,6 +156,15 @@ def jit_specs(preset: dict, arch: str) -> list:
         for paged in (False, True)
         if not (paged and dt == DTYPES[FP8_DTYPE]) and (d in HEAD_DIMS_OTHER_MODES or dt != DTYPES[FP8_DTYPE])
     ]
+    # The MSA index pass (score-only, ragged index K, d128): a warmed store for an offline host must hold it too.
+    index_pass = [
+        jit_spec(dt, d, causal, False, arch, mode="maxscore")
+        for dt in dict.fromkeys(dtypes)
+        for d in dims
+        for causal in (True, False)
+        if d in HEAD_DIMS_OTHER_MODES
+    ]
+    return mode_o + index_pass
 
 
 @functools.cache
@@ -201,9 +211,12 @@ def supports(
     if dtype == FP8_DTYPE:
         if page_size is not None:
             return False, "fmha_sm90: fp8 with paged K/V not built (ragged only)"
-        if output_maxscore or not output_o:
-            return False, "fmha_sm90: fp8 max_score / output_o=False not built (O + LSE only)"
-        per_head_scales = False  # the fp8 module reads per-head scales
+        if output_maxscore and output_o:
+            return False, "fmha_sm90: fp8 O + max_score not built (fp8: O + LSE, or score-only)"
+        if output_o:
+            per_head_scales = False  # the fp8 O module reads per-head scales
+        elif per_head_scales:
+            return False, "fmha_sm90: fp8 score-only with per-head scale tensors not built (float scales only)"
     mode_o16 = dtype != FP8_DTYPE and output_o and not output_maxscore
     dims = HEAD_DIMS if mode_o16 else HEAD_DIMS_OTHER_MODES
     if head_dim_qk is not None and (
@@ -213,7 +226,9 @@ def supports(
         return False, f"fmha_sm90: head dim {head_dim_qk}/{head_dim_v} not built for this mode ({why} in {dims})"
     if page_size is not None and page_size not in PAGE_SIZES:
         return False, f"fmha_sm90: page_size {page_size} not built (ragged or one of {PAGE_SIZES})"
-    if (output_maxscore or not output_o) and not (MAX_SCORE_ENABLED and dtype in (None, *MAX_SCORE_DTYPES)):
+    if (output_maxscore or not output_o) and not (
+        MAX_SCORE_ENABLED and dtype in (None, *MAX_SCORE_DTYPES, FP8_DTYPE)
+    ):
         return False, f"fmha_sm90: max_score / output_o=False not enabled for dtype {dtype} (bf16 / fp16 only)"
     if sparse:
         return False, "fmha_sm90: per-token sparse (kv_block_indexes) not implemented yet"
@@ -536,13 +551,15 @@ def plan(
 def fp8_vt_tiles(kv_lens: list[int], kv_starts: list[int], block_n: int) -> tuple[torch.Tensor, list[int]]:
     """The fp8 V pre-pass's tile list (CPU int32 ``[tiles, 2]``: first key, valid keys of each ``block_n``-key tile of
     every request, request-major) and each request's first tile in it (the transposed copy's layout)."""
-    v_tile_starts, tiles, tile0 = [], [], 0
-    for kv, start in zip(kv_lens, kv_starts):
+    v_tile_starts, parts, tile0 = [], [], 0
+    for kv, start in zip(kv_lens, kv_starts):  # one arange per request (1M keys: 8192 tiles, no Python loop over them)
         v_tile_starts.append(tile0)
         n = _cdiv(kv, block_n)
-        tiles += [[start + block_n * t, min(block_n, kv - block_n * t)] for t in range(n)]
+        first = torch.arange(n, dtype=torch.int64) * block_n
+        parts.append(torch.stack([start + first, torch.clamp(kv - first, max=block_n)], dim=1))
         tile0 += n
-    return torch.tensor(tiles, dtype=torch.int32).view(-1, 2), v_tile_starts
+    tiles = torch.cat(parts) if parts else torch.zeros((0, 2), dtype=torch.int64)
+    return tiles.to(torch.int32).view(-1, 2), v_tile_starts
 
 
 def default_block_n(head_dim: int, head_dim_v: int | None = None, *, fp8: bool = False, causal: bool = True,
@@ -720,8 +737,10 @@ def run(
     ``[Hq, max_k_tiles, total_q]`` fp32 (allocated with the plan's ``max_k_tiles`` when not given).
     """
     output_maxscore = bool(output_maxscore or max_score is not None)
-    if output_maxscore and not (MAX_SCORE_ENABLED and q.dtype in MAX_SCORE_DTYPES):
+    if output_maxscore and not (MAX_SCORE_ENABLED and (q.dtype in MAX_SCORE_DTYPES or q.dtype == FP8_DTYPE)):
         raise NotImplementedError(f"fmha_sm90: max_score output is not enabled for {q.dtype} (bf16 / fp16 only)")
+    if output_maxscore and output_o and q.dtype == FP8_DTYPE:
+        raise NotImplementedError("fmha_sm90: fp8 O + max_score is not built (fp8: O, or score-only output_o=False)")
     if kv_block_indexes is not None:
         raise NotImplementedError("fmha_sm90: per-token block-sparse attention is not implemented yet (issue 7)")
     if not output_o and not output_maxscore:
@@ -733,7 +752,7 @@ def run(
         raise NotImplementedError(f"fmha_sm90: q dtype {q.dtype} is not supported yet (bf16 / fp16 / float8_e4m3fn)")
     fp8 = q.dtype == FP8_DTYPE
     if fp8:
-        for name, t in (("k", k), ("v", v)):
+        for name, t in (("k", k), ("v", v if output_o else k)):
             if t is None or t.dtype != FP8_DTYPE:
                 raise TypeError(f"{name}: expected float8_e4m3fn like q, got {None if t is None else t.dtype}")
         if k.dim() != 3:
@@ -762,7 +781,7 @@ def run(
         causal = plan.causal
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
-    if fp8:
+    if fp8 and output_o:
         mod = _module(DTYPES[FP8_DTYPE], head_dim, bool(causal), False, "o")
         kp = _kernel_plan(plan, head_dim, 1, q.device, module_block_n(mod), block_m=module_block_m(mod))
         if kp.vt_tiles is None:
@@ -790,7 +809,9 @@ def run(
 
     dv = None if head_dim_v == head_dim else head_dim_v
     mod = _module(DTYPES[q.dtype], head_dim, bool(causal), paged, mode, dv)
-    kp = _kernel_plan(plan, head_dim, q.element_size(), q.device, module_block_n(mod), dv, module_block_m(mod))
+    # fp8 score-only reads no V: planned like a 16-bit score-only call (same work list, no V^T tile map to build).
+    plan_elem = 2 if fp8 else q.element_size()
+    kp = _kernel_plan(plan, head_dim, plan_elem, q.device, module_block_n(mod), dv, module_block_m(mod))
     if kp.partial_o.shape[-1] != head_dim_v:
         raise ValueError(f"plan: a KernelPlan for Dv = {head_dim_v} must be made with head_dim_v={head_dim_v}")
     if paged and kp.page_size not in (None, k.shape[2]):
@@ -812,6 +833,8 @@ def run(
         if output_maxscore:
             max_score.fill_(-math.inf)
     elif kp.num_work:
+        if fp8:  # score-only fp8 (the index pass): the module reads e4m3 bytes as uint8 views; no V, no O
+            q, k, v = q.view(torch.uint8), k.view(torch.uint8), k.view(torch.uint8)
         mod.fmha_fwd(
             q,
             k,

@@ -86,6 +86,17 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
                              make_stride(_1{}, int64_t(kDV), tile_v, tile_v));
       tma_k = make_tma_copy(SM90_TMA_LOAD{}, gK, take<0, 2>(typename T::SmemLayoutK{}));
       tma_v = make_tma_copy(SM90_TMA_LOAD{}, gVt, take<0, 2>(typename T::SmemLayoutVt{}));
+    } else if constexpr (T::kFp8 && !T::kOutputO) {
+      // fp8 score-only (the index pass): no V. tma_v is encoded over one tile-sized view of k so that the parameter
+      // block stays well formed; the kernel never issues it.
+      shape_k = make_shape(int32_t(a.kv_dim0), int32_t(kD), int32_t(a.num_kv_heads));
+      shape_vt = make_shape(int32_t(kD), int32_t(T::kBlockN), int32_t(1));
+      auto gK = make_tensor(make_gmem_ptr(static_cast<Element const*>(a.k)), shape_k,
+                            make_stride(a.k_stride_0, _1{}, a.k_stride_1));
+      auto gVt = make_tensor(make_gmem_ptr(static_cast<Element const*>(a.k)), shape_vt,
+                             make_stride(int64_t(T::kBlockN), _1{}, int64_t(kD) * T::kBlockN));
+      tma_k = make_tma_copy(SM90_TMA_LOAD{}, gK, take<0, 2>(typename T::SmemLayoutK{}));
+      tma_v = make_tma_copy(SM90_TMA_LOAD{}, gVt, take<0, 2>(typename T::SmemLayoutVt{}));
     } else if constexpr (T::kFp8) {
       shape_k = make_shape(int32_t(a.kv_dim0), int32_t(kD), int32_t(a.num_kv_heads));
       shape_vt = make_shape(int32_t(kD), int32_t(a.vt_len), int32_t(a.num_kv_heads));
@@ -211,7 +222,7 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
   auto kernel = fmha_sm90_kernel<T>;
   cudaError_t err = cudaMemsetAsync(a.work_counter, 0, sizeof(int), stream);
   if (err != cudaSuccess) { return err; }
-  if constexpr (T::kFp8) {  // V -> the transposed, key-permuted copy the PV GEMM reads (same stream, first)
+  if constexpr (T::kFp8 && T::kOutputO) {  // V -> the transposed, key-permuted copy the PV GEMM reads (same stream, first)
     typename T::VtParams vp{static_cast<uint8_t const*>(a.v), a.v_stride_0, a.v_stride_1,
                             static_cast<uint8_t*>(a.vt), a.vt_len, a.vt_tiles};
     fmha_sm90_vt_kernel<T><<<dim3(a.num_vt_tiles, a.num_kv_heads), dim3(256), 0, stream>>>(vp);

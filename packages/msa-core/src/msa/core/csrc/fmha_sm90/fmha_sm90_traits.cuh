@@ -240,8 +240,8 @@ struct FmhaTraits {
   static_assert(kHeadDimMax <= 128 || (kMode == kModeO && !kFp8), "head dim 256: 16-bit mode O only");
   static_assert(kHeadDimV == kHeadDim || (kMode == kModeO && !kFp8), "Dqk != Dv: 16-bit mode O only");
   static_assert(sizeof(Element) == 2 || cute::is_same_v<Element, cutlass::float_e4m3_t>, "bf16, fp16 or e4m3");
-  static_assert(!kFp8 || (!kPaged && (kMode == kModeO || kMode == kModeSparseQ)),
-                "fp8: ragged K/V, O (+ LSE) and sparse-Q only");
+  static_assert(!kFp8 || (!kPaged && (kMode == kModeO || kMode == kModeSparseQ || kMode == kModeMaxScore)),
+                "fp8: ragged K/V, O (+ LSE), sparse-Q and score-only (the MSA index pass) only");
   static_assert(!kSparseQ || (kBlockN == 128 && kHeadDim % 64 == 0), "sparse-Q: 128-key blocks (= pages when paged)");
 
   using TileQK = Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>;  // S = Q K^T : (M, N, K=D)
