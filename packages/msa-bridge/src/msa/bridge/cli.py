@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="random seed (0)")
     d.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     d.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES), help="Q/K/V dtype (bf16)")
+    d.add_argument("--index-dtype", default=None, choices=sorted([*_DTYPES, "fp8"]),
+                   help="index-pass Q/K dtype (default: --dtype); fp8 = e4m3 with per-tensor amax scales")
     d.add_argument("--min-recall", type=float, default=0.9, help="exit 1 below this planted-block recall (0.9)")
     d.add_argument("--max-rel-error", type=float, default=0.25,
                    help="exit 1 above this relative L2 error of sparse vs dense output (0.25)")
@@ -87,6 +89,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         head_dim=args.head_dim or base["head_dim"], seed=args.seed, device=dev,
         dtype=getattr(torch, _DTYPES[args.dtype]), needles=max(0, args.needles), chunk=args.chunk or base["chunk"],
         min_recall=args.min_recall, max_rel_error=args.max_rel_error, progress=not args.no_progress,
+        index_dtype=(torch.float8_e4m3fn if args.index_dtype == "fp8"
+                     else getattr(torch, _DTYPES[args.index_dtype]) if args.index_dtype else None),
     )
     result = run_demo(cfg)
     print(format_table(result))

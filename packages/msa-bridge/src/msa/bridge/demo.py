@@ -48,6 +48,7 @@ class DemoConfig:
     min_recall: float = 0.9
     max_rel_error: float = 0.25
     progress: bool = True
+    index_dtype: torch.dtype | None = None  # the index pass's Q/K dtype (default: dtype); float8_e4m3fn: amax scales
 
 
 @dataclass
@@ -156,6 +157,12 @@ class _Problem:
         return q.to(cfg.dtype).contiguous(), iq.to(cfg.dtype).contiguous()
 
 
+def _to_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """x -> (e4m3 tensor, per-tensor scale) with x ~= e4m3 * scale (amax maps to e4m3's largest finite value)."""
+    scale = max(float(x.float().abs().amax()) / 448.0, 1e-12)
+    return (x.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
+
+
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -182,6 +189,9 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     needle_hits = needle_total = 0
     cos_sum, cos_n = 0.0, 0
     needle_pos = {q: i for i, qs in enumerate(prob.needle_queries) for q in qs}
+    ik8 = ik_scale = None
+    if cfg.index_dtype == torch.float8_e4m3fn:
+        ik8, ik_scale = _to_e4m3(prob.ik)
 
     def timed(key, fn, *args, **kwargs):
         _sync(dev)
@@ -197,7 +207,12 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         kk, vv, ik = prob.k[:e], prob.v[:e], prob.ik[:e]
         bar.set_postfix_str(f"index pass [{s}:{e})")
         iplan = fmha_plan([n], [e], hi, 1, output_maxscore=True, device=dev)
-        _, ms = timed("index", fmha, iq, ik, None, iplan, output_o=False, output_maxscore=True)
+        if ik8 is not None:  # fp8 index pass: index Q quantised per chunk (per-tensor amax scale), K once
+            iq, iq_scale = _to_e4m3(iq)
+            _, ms = timed("index", fmha, iq, ik8[:e], None, iplan, output_o=False, output_maxscore=True,
+                          q_scale=iq_scale, k_scale=ik_scale)
+        else:
+            _, ms = timed("index", fmha, iq, ik, None, iplan, output_o=False, output_maxscore=True)
         bar.update(1)
         bar.set_postfix_str(f"top-k [{s}:{e})")
         own = (torch.arange(s, e, device=dev) // BLOCK + 1).to(torch.int32)
@@ -270,7 +285,9 @@ def format_table(r: DemoResult) -> str:
         ("device", f"{c.device} ({_backend_note(c.device)})"),
         ("context length", f"{c.seq_len:,} tokens ({-(-c.seq_len // BLOCK)} blocks of {BLOCK})"),
         ("heads (Hq/Hkv/index)", f"{c.num_qo_heads}/{c.num_kv_heads}/{c.index_heads}, head dim {c.head_dim}, "
-                                 f"{str(c.dtype).replace('torch.', '')}"),
+                                 f"{str(c.dtype).replace('torch.', '')}"
+                                 + (f", index pass {str(c.index_dtype).replace('torch.', '')}"
+                                    if c.index_dtype not in (None, c.dtype) else "")),
         ("top-k", f"{c.topk} blocks (1 forced local) = {c.topk * BLOCK} keys per query"),
         ("blocks selected", f"{100 * r.selected_fraction:.1f}% of causally visible blocks"),
         ("planted-block recall", f"{100 * r.recall:.2f}% (needles: {100 * r.needle_recall:.1f}%, "
