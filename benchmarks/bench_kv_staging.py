@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from functools import partial
 
 import torch
 
@@ -80,17 +81,17 @@ def main(argv=None) -> None:
             k4, v4 = Q.quantize_nvfp4(k, "auto"), Q.quantize_nvfp4(v, "auto")
             del k, v
             out = torch.empty(s, hq, d, dtype=torch.bfloat16, device=dev)
-            calls = {
-                "bf16": lambda: sparse_fmha(q, kb, vb, plan, kv_block_indexes=sel, out=out),
-                "fp8-kv": lambda: sparse_fmha(q, k8, v8, plan, kv_block_indexes=sel, out=out),
-                "nvfp4-kv": lambda: sparse_fmha(q, k4, v4, plan, kv_block_indexes=sel, out=out),
+            calls = {  # partials, not closures: each binds this iteration's tensors
+                "bf16": partial(sparse_fmha, q, kb, vb, plan, kv_block_indexes=sel, out=out),
+                "fp8-kv": partial(sparse_fmha, q, k8, v8, plan, kv_block_indexes=sel, out=out),
+                "nvfp4-kv": partial(sparse_fmha, q, k4, v4, plan, kv_block_indexes=sel, out=out),
             }
             ms = {n: _time(fn, a.reps, a.calls) for n, fn in calls.items()}
             n_el = s * hkv * d
             deq = {
-                "fp8": (lambda: Q.dequantize_kv(k8), n_el * 3),
-                "nvfp4": (lambda: Q.dequantize_kv(k4), n_el * (0.5 + 1 / 16 + 2)),
-                "bf16 copy": (lambda: kb.clone(), n_el * 4),
+                "fp8": (partial(Q.dequantize_kv, k8), n_el * 3),
+                "nvfp4": (partial(Q.dequantize_kv, k4), n_el * (0.5 + 1 / 16 + 2)),
+                "bf16 copy": (kb.clone, n_el * 4),
             }
             deq_ms = {n: _time(fn, a.reps, 10) for n, (fn, _) in deq.items()}
             for n, t in ms.items():
@@ -98,7 +99,7 @@ def main(argv=None) -> None:
                 rows.append((s, f"{hq}/{hkv}", n, t, flops / t / 1e9, t / ms["bf16"], stage))
             for n, (_, by) in deq.items():
                 print(f"S{s // 1024}K {hq}/{hkv} dequantize {n:9s} {deq_ms[n] * 1e3:8.1f} us {by / deq_ms[n] / 1e6:7.0f} GB/s")
-            del kb, vb, k8, v8, k4, v4, q, out
+            del calls, deq, kb, vb, k8, v8, k4, v4, q, out
             torch.cuda.empty_cache()
     print(f"\n| S | Hq/Hkv | K/V | ms | eff TFLOP/s | vs bf16 | K+V staging ms (alone) |  ({a.selection} selection)")
     print("|---|---|---|---|---|---|---|")

@@ -50,7 +50,6 @@ from msa.core.validation import check_int, check_tensor, validation_enabled
 from msa.cute import build_k2q_csr, sparse_atten_func
 from msa.cute._common import is_capturing
 from msa.cute.csr import check_selection_values
-from msa.cute.quant import Nvfp4Tensor, check_nvfp4_tensor, stage_kv
 from msa.cute.qouter import (
     QOUTER_ROWS,
     QouterItems,
@@ -59,6 +58,7 @@ from msa.cute.qouter import (
     qouter_items,
     qouter_reference,
 )
+from msa.cute.quant import Nvfp4Tensor, check_nvfp4_tensor, stage_kv
 
 __all__ = [
     "SparseFmhaPlan",
