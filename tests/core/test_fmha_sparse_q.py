@@ -331,3 +331,54 @@ def test_fp8_sparse_q_module_builds_for_sm90a(module_arch_check):
     module_arch_check(so, "sm_90a", 90)
     blob = Path(so).read_bytes()
     assert b"fmha_fwd" in blob and b"fmha_sm90_vt_kernel" in blob and b"fmha_sm90_kernel" in blob
+
+
+def test_vt_tiles_used_marks_only_the_tiles_the_unions_read(monkeypatch):
+    """The per-call fp8 pre-pass list: a tile keeps its valid count iff a routed item's union reads it (the item's
+    request's first tile + logical block); entries past union_len and unrouted items (-1) mark nothing; short contexts
+    keep the plan's list object untouched."""
+    from types import SimpleNamespace
+
+    tiles = torch.tensor([[128 * i, 128] for i in range(10)], dtype=torch.int32)
+    work = torch.zeros(3, 12, dtype=torch.int32)
+    work[:, 11] = torch.tensor([0, 0, 6])  # items 0, 1: request 0 (tiles 0-5); item 2: request 1 (tiles 6-9)
+    union = torch.tensor([[0, 2, 5], [1, 3, 4], [1, 9, 9]], dtype=torch.int32)
+    union_len = torch.tensor([2, -1, 1], dtype=torch.int32)  # item 0 reads blocks 0, 2; item 1 unrouted; item 2: 1
+    plan = SimpleNamespace(work=work)
+    monkeypatch.setattr(qo, "VT_SKIP_MIN_TILES", 4)
+    out = qo._vt_tiles_used(plan, tiles, union, union_len)
+    assert out[:, 0].tolist() == tiles[:, 0].tolist()
+    assert [i for i in range(10) if out[i, 1] >= 0] == [0, 2, 7]
+    assert (out[[1, 3, 4, 5, 6, 8, 9], 1] == -1).all() and tiles[:, 1].eq(128).all()  # the plan's list unchanged
+    monkeypatch.setattr(qo, "VT_SKIP_MIN_TILES", 11)
+    assert qo._vt_tiles_used(plan, tiles, union, union_len) is tiles
+
+
+@pytest.mark.gpu
+def test_fp8_pre_pass_transposes_only_the_tiles_the_unions_read(monkeypatch):
+    """fp8 Q-outer over a long context read by few tokens: with the pre-pass restricted to the tiles the unions read
+    (threshold forced to 0) and the V^T workspace poisoned with e4m3 NaN before every call, O and LSE are bitwise
+    those of the whole-V pre-pass (so every tile read was transposed) and some tiles were skipped."""
+    _gpu_or_skip()
+    case = ("fp8-long-few", [16, 24], [8000, 3000], 32, 2, 4, True, "correlated", torch.float8_e4m3fn)
+    _, _, out_all, lse_all, ref_o, ref_lse = _run(case)
+    check_fmha_output(out_all, lse_all, ref_o, ref_lse, O_BOUNDS[torch.float8_e4m3fn])
+    monkeypatch.setattr(qo, "VT_SKIP_MIN_TILES", 0)
+    orig_tables, orig_used = qo._fp8_tables, qo._vt_tiles_used
+    skipped = []
+
+    def poisoned_tables(*a, **kw):
+        vt, tiles, hs = orig_tables(*a, **kw)
+        vt.fill_(0x7F)  # e4m3 NaN in every slot the pre-pass does not write
+        return vt, tiles, hs
+
+    def counting_used(*a, **kw):
+        t = orig_used(*a, **kw)
+        skipped.append(int((t[:, 1] < 0).sum()))
+        return t
+
+    monkeypatch.setattr(qo, "_fp8_tables", poisoned_tables)
+    monkeypatch.setattr(qo, "_vt_tiles_used", counting_used)
+    _, _, out, lse, _, _ = _run(case)
+    assert skipped and skipped[0] > 0, "nothing was skipped: the case does not exercise the restriction"
+    assert torch.equal(out, out_all) and torch.equal(lse, lse_all)

@@ -1212,6 +1212,7 @@ __global__ void __launch_bounds__(256) fmha_sm90_vt_kernel(CUTE_GRID_CONSTANT ty
   static_assert(kBlockN % 16 == 0, "whole 16-key groups per tile");
   __shared__ alignas(16) uint32_t tile[kBlockN * kWordsPerRow];
   int2 const t = p.tiles[blockIdx.x];
+  if (t.y < 0) { return; }  // a tile no item reads this call (sparse-Q marks them; its V^T slot is never read)
   int const head = blockIdx.y;
   uint8_t const* src = p.v + int64_t(t.x) * p.v_stride_token + int64_t(head) * p.v_stride_head;
   constexpr int kVecPerRow = kD / 16;

@@ -400,7 +400,7 @@ struct FmhaTraits {
     int64_t v_stride_head;
     uint8_t* vt;
     int64_t vt_len;       // padded tokens per (head, dim) row: 128 * number of tiles
-    int2 const* tiles;    // per tile: (first source token, valid tokens 0..128)
+    int2 const* tiles;    // per tile: (first source token, valid tokens 0..128; < 0: skip the tile)
   };
 };
 
