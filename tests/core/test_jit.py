@@ -94,3 +94,39 @@ def test_selftest_module_runs_on_gpu(store_dir):
     y = torch.full_like(x, float("nan"))
     mod.axpb(x, y, 2.0)
     torch.testing.assert_close(y, 2.0 * x + 0.25)
+
+
+def test_module_for_device_loads_each_spec_once_per_arch_and_args(monkeypatch):
+    """The shared load path of the nvcc-built kernel families (kv_dequant, qouter_union, sparse_decode, topk):
+    ``spec(arch, *args).load()`` once per (spec, arch, args), the arch from the device (``MSA_CUDA_ARCH`` here)."""
+    import torch
+    from msa.core.kernels import _device, kv_dequant, sparse_decode
+
+    calls = []
+
+    class Spec:
+        def __init__(self, arch, *args):
+            self.key = (arch, *args)
+
+        def load(self):
+            calls.append(self.key)
+            return self.key
+
+    def fake_spec(arch, *args):
+        return Spec(arch, *args)
+
+    monkeypatch.setenv("MSA_CUDA_ARCH", "sm_90a")
+    dev = torch.device("cpu")
+    assert _device.module_for_device(fake_spec, dev) == ("sm_90a",)
+    assert _device.module_for_device(fake_spec, dev) == ("sm_90a",)
+    assert _device.module_for_device(fake_spec, dev, 3) == ("sm_90a", 3)
+    monkeypatch.setenv("MSA_CUDA_ARCH", "sm_100a")
+    assert _device.module_for_device(fake_spec, dev, 3) == ("sm_100a", 3)
+    assert calls == [("sm_90a",), ("sm_90a", 3), ("sm_100a", 3)]
+    # the families' loaders hand their own spec function and arguments to it
+    seen = []
+    monkeypatch.setattr(kv_dequant, "module_for_device", lambda spec, device, *a: seen.append((spec, a)))
+    monkeypatch.setattr(sparse_decode, "module_for_device", lambda spec, device, *a: seen.append((spec, a)))
+    kv_dequant.load_module(dev)
+    sparse_decode.load_module(dev, 5)
+    assert seen == [(kv_dequant.spec, ()), (sparse_decode.spec, (5,))]

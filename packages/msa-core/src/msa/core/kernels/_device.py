@@ -29,6 +29,19 @@ def cuda_kernel_available(device, what: str) -> tuple[bool, str]:
     return True, "ok"
 
 
+@functools.lru_cache(maxsize=32)
+def _module_for(spec, arch: str, args: tuple):
+    return spec(arch, *args).load()
+
+
+def module_for_device(spec, device, *args):
+    """The JIT module ``spec(arch, *args).load()`` for ``device``'s arch, built (or fetched from msa-cache) once per
+    process: the load path every nvcc-built msa-core kernel family shares (``spec`` is the family's spec function)."""
+    from msa.core.jit import arch_for_device
+
+    return _module_for(spec, arch_for_device(device), tuple(args))
+
+
 @functools.cache
 def sm_count(index: int) -> int:
     """Streaming multiprocessors of CUDA device ``index`` (cached: plans read it on every call)."""

@@ -15,7 +15,7 @@ import functools
 import torch
 from msa.core.validation import check_int, check_tensor, dtype_name
 
-from ._device import cuda_kernel_available
+from ._device import cuda_kernel_available, module_for_device
 
 __all__ = ["launch", "available", "supports", "spec", "jit_specs", "load_module", "FORMATS", "OUT_DTYPES"]
 
@@ -37,15 +37,8 @@ def jit_specs(preset: dict, arch: str) -> list:
     return [spec(arch)]
 
 
-@functools.lru_cache(maxsize=8)
-def _module_for_arch(arch: str):
-    return spec(arch).load()
-
-
 def load_module(device: torch.device):
-    from msa.core.jit import arch_for_device
-
-    return _module_for_arch(arch_for_device(device))
+    return module_for_device(spec, device)
 
 
 def available(device) -> tuple[bool, str]:

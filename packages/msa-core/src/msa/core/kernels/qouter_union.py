@@ -20,13 +20,12 @@ default, ``torch`` forces the torch ops, ``cuda`` requires this kernel). Tests: 
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 from msa.core.validation import check_int, check_tensor, validation_enabled
 
-from ._device import cuda_kernel_available
+from ._device import cuda_kernel_available, module_for_device
 
 __all__ = ["build", "launch", "available", "spec", "jit_specs", "load_module", "item_order", "BITMAP_WORDS"]
 
@@ -79,15 +78,8 @@ def jit_specs(preset: dict, arch: str) -> list:
     return [spec(arch)]
 
 
-@functools.lru_cache(maxsize=8)
-def _module_for_arch(arch: str):
-    return spec(arch).load()
-
-
 def load_module(device: torch.device):
-    from msa.core.jit import arch_for_device
-
-    return _module_for_arch(arch_for_device(device))
+    return module_for_device(spec, device)
 
 
 def available(device) -> tuple[bool, str]:

@@ -20,14 +20,13 @@ pipeline depth (benchmark sweeps; read at plan time).
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from dataclasses import dataclass
 
 import torch
 
-from ._device import cuda_kernel_available
+from ._device import cuda_kernel_available, module_for_device
 from ._device import sm_count as _sm_count
 
 __all__ = ["DecodePlan", "plan", "plan_for_shape", "launch", "run", "spec", "jit_specs", "available", "supports", "choose_splits", "STAGES"]
@@ -87,15 +86,8 @@ def jit_specs(preset: dict, arch: str) -> list:
     return [spec(arch)]
 
 
-@functools.lru_cache(maxsize=8)
-def _module_for_arch(arch: str, n_stages: int):
-    return spec(arch, n_stages).load()
-
-
 def load_module(device: torch.device, n_stages: int = STAGES):
-    from msa.core.jit import arch_for_device
-
-    return _module_for_arch(arch_for_device(device), n_stages)
+    return module_for_device(spec, device, n_stages)
 
 
 def available(device) -> tuple[bool, str]:

@@ -60,7 +60,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._device import cuda_kernel_available
+from ._device import cuda_kernel_available, module_for_device
 from ._device import sm_count as _sm_count
 
 __all__ = ["run", "available", "plan", "TopkPlan", "jit_specs", "spec", "BATCH", "BLOCK_V", "load_module", "launch_noop",
@@ -91,15 +91,8 @@ def jit_specs(preset: dict, arch: str) -> list:
     return [spec(arch)]
 
 
-@functools.lru_cache(maxsize=8)
-def _module_for_arch(arch: str, timeline: bool = False):
-    return spec(arch, timeline).load()
-
-
 def load_module(device: torch.device, timeline: bool = False):
-    from msa.core.jit import arch_for_device
-
-    return _module_for_arch(arch_for_device(device), timeline)
+    return module_for_device(spec, device, timeline)
 
 
 def available(device) -> tuple[bool, str]:
