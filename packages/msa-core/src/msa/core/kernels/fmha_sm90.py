@@ -574,20 +574,22 @@ def default_block_n(head_dim: int, head_dim_v: int | None = None, *, fp8: bool =
     return BLOCK_N
 
 
+def _module_int(mod, name: str, default: int) -> int:
+    """An int the module exports as ``name()``; ``default`` for modules built before that export existed."""
+    if hasattr(mod, "implements_function") and not mod.implements_function(name):
+        return default
+    fn = getattr(mod, name, None)
+    return default if fn is None else int(fn())
+
+
 def module_block_n(mod) -> int:
     """Keys per KV tile of a loaded module (modules built before block_n() existed: 128)."""
-    if hasattr(mod, "implements_function") and not mod.implements_function("block_n"):
-        return BLOCK_N
-    fn = getattr(mod, "block_n", None)
-    return BLOCK_N if fn is None else int(fn())
+    return _module_int(mod, "block_n", BLOCK_N)
 
 
 def module_block_m(mod) -> int:
     """Query rows per work item of a loaded module (modules built before block_m() existed: 128)."""
-    if hasattr(mod, "implements_function") and not mod.implements_function("block_m"):
-        return BLOCK_M
-    fn = getattr(mod, "block_m", None)
-    return BLOCK_M if fn is None else int(fn())
+    return _module_int(mod, "block_m", BLOCK_M)
 
 
 def _kernel_plan(fplan, head_dim: int, elem_size: int, device: torch.device, block_n: int = BLOCK_N,
