@@ -44,3 +44,30 @@ def paged_cache(k, v, kv_lens, page: int = 128, seed: int = 0, spare_pages: int 
             p += 1
         t += n
     return kp, vp, perm.to(k.device)
+
+
+def need_kernel(kernel) -> None:
+    """Skip the calling GPU test, with the reason, unless a CUDA device is present and ``kernel.available`` (an
+    msa-core kernel module: fmha_sm90, kv_dequant, qouter_union, sparse_decode, ...) accepts it."""
+    import pytest
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    ok, why = kernel.available(torch.device("cuda"))
+    if not ok:
+        pytest.skip(why)
+
+
+def built_module(spec, arch: str):
+    """Compile tests: build ``spec(arch)`` through msa-cache and return the module file's path (skip, with the
+    reason, on a host without a CUDA toolchain)."""
+    from pathlib import Path
+
+    import pytest
+    from msa.core.jit.toolchain import ToolchainError
+
+    try:
+        entry = spec(arch).build()
+    except ToolchainError as e:
+        pytest.skip(f"no CUDA toolchain: {e}")
+    return Path(entry.file("module.so"))

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from msa.core.kernels import fmha_sm90 as k90
-from msa_core_testutil import check_fmha_output
+from msa_core_testutil import check_fmha_output, need_kernel
 
 FP8 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -447,9 +447,7 @@ def _run(case, seed=0, split_kv="auto"):
 
 
 def _need_sm90():
-    ok, why = k90.available(torch.device("cuda")) if torch.cuda.is_available() else (False, "no CUDA device")
-    if not ok:
-        pytest.skip(why)
+    need_kernel(k90)
 
 
 @pytest.mark.gpu

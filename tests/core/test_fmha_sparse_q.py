@@ -12,7 +12,7 @@ import pytest
 import torch
 from msa.core.kernels import fmha_sm90 as k90
 from msa.core.kernels import fmha_sm90_qouter as qo
-from msa_core_testutil import check_fmha_output, paged_cache
+from msa_core_testutil import check_fmha_output, need_kernel, paged_cache
 
 BLOCK = 128
 
@@ -216,11 +216,7 @@ O_BOUNDS = {torch.bfloat16: 1.5e-2, torch.float16: 4e-3, torch.float8_e4m3fn: 5e
 
 
 def _gpu_or_skip():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    ok, why = k90.available(torch.device("cuda"))
-    if not ok:
-        pytest.skip(why)
+    need_kernel(k90)
 
 
 def _paged(k, v, kv_lens, seed):

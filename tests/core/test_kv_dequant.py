@@ -12,11 +12,11 @@
 from __future__ import annotations
 
 import struct
-from pathlib import Path
 
 import pytest
 import torch
 from msa.cute import quant as Q
+from msa_core_testutil import built_module, need_kernel
 
 FP8 = torch.float8_e4m3fn
 
@@ -117,25 +117,16 @@ def test_dequantize_kv_bad_arguments():
 @pytest.mark.compile
 @pytest.mark.parametrize("arch,sm", [("sm_90a", 90), ("sm_100a", 100)])
 def test_module_builds_for_arch(arch, sm, module_arch_check):
-    from msa.core.jit.toolchain import ToolchainError
     from msa.core.kernels import kv_dequant
 
-    try:
-        entry = kv_dequant.spec(arch).build()
-    except ToolchainError as e:
-        pytest.skip(f"no CUDA toolchain: {e}")
-    module_arch_check(Path(entry.file("module.so")), arch, sm)
+    module_arch_check(built_module(kv_dequant.spec, arch), arch, sm)
 
 
 # ---- GPU ---------------------------------------------------------------------------------------------------------
 def _need_kernel():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
     from msa.core.kernels import kv_dequant
 
-    ok, why = kv_dequant.available(torch.device("cuda"))
-    if not ok:
-        pytest.skip(why)
+    need_kernel(kv_dequant)
 
 
 def _poisoned_kernel_call(monkeypatch, x, **kw):

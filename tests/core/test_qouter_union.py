@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 from msa.core.kernels import qouter_union as qu
+from msa_core_testutil import built_module, need_kernel
 
 qouter = pytest.importorskip("msa.cute.qouter")
 
@@ -274,22 +275,12 @@ def test_registered_for_warmup():
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,sm", [("sm_90a", 90), ("sm_100a", 100)])
 def test_module_builds_for_arch(arch, sm, module_arch_check):
-    from msa.core.jit.toolchain import ToolchainError
-
-    try:
-        entry = qu.spec(arch).build()
-    except ToolchainError as e:
-        pytest.skip(f"no CUDA toolchain: {e}")
-    module_arch_check(Path(entry.file("module.so")), arch, sm)
+    module_arch_check(built_module(qu.spec, arch), arch, sm)
 
 
 # ---- GPU ---------------------------------------------------------------------------------------------------------
 def _need_kernel():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    ok, why = qu.available(torch.device("cuda"))
-    if not ok:
-        pytest.skip(why)
+    need_kernel(qu)
 
 
 def _to(items, dev):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import zlib
-from pathlib import Path
 
 import msa.core as core
 import pytest
@@ -24,6 +23,7 @@ import torch
 from msa.core import dispatch
 from msa.core.kernels import sparse_decode as sd
 from msa.core.reference import fmha_reference
+from msa_core_testutil import built_module, need_kernel
 
 # ---------------------------------------------------------------------------------------------------------------
 # CPU
@@ -292,13 +292,7 @@ def test_jit_specs_hook():
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,sm", [("sm_90a", 90), ("sm_100a", 100)])
 def test_module_builds_for_arch(arch, sm, module_arch_check):
-    from msa.core.jit.toolchain import ToolchainError
-
-    try:
-        entry = sd.spec(arch).build()
-    except ToolchainError as e:
-        pytest.skip(f"no CUDA toolchain: {e}")
-    module_arch_check(Path(entry.file("module.so")), arch, sm)
+    module_arch_check(built_module(sd.spec, arch), arch, sm)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -368,9 +362,7 @@ def check(out, lse, ref_o, ref_lse, dtype):
 
 
 def _need_kernel():
-    ok, why = sd.available(torch.device("cuda"))
-    if not ok:
-        pytest.skip(why)
+    need_kernel(sd)
 
 
 # (name, qo_lens, kv_lens, hq, hkv, topk, dtype, causal)

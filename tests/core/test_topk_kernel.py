@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from msa.core.reference import sparse_topk_select_reference as reference
+from msa_core_testutil import built_module
 
 CSRC = Path(__file__).resolve().parents[2] / "packages/msa-core/src/msa/core/csrc/topk"
 TOPKS = (1, 7, 16, 33, 64)
@@ -626,15 +627,9 @@ def test_net_sort16_all_01_inputs(net_emulate):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,sm", [("sm_90a", 90), ("sm_100a", 100)])
 def test_module_builds_for_arch(arch, sm, module_arch_check):
-    from msa.core.jit.toolchain import ToolchainError
     from msa.core.kernels import topk
 
-    try:
-        entry = topk.spec(arch).build()
-    except ToolchainError as e:
-        pytest.skip(f"no CUDA toolchain: {e}")
-    so = entry.file("module.so") if hasattr(entry, "file") else Path(entry.path) / "module.so"
-    module_arch_check(Path(so), arch, sm)
+    module_arch_check(built_module(topk.spec, arch), arch, sm)
 
 
 def test_plan_shapes(monkeypatch):
