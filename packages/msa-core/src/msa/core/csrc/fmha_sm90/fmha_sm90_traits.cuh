@@ -102,10 +102,11 @@ struct FmhaTraits {
   static constexpr bool kCausal = kCausal_;
   static constexpr bool kPaged = kPaged_;
 
-  // Consumer warpgroups (64 query rows each). 2 by default; MSA_FMHA_SM90_MMA_WG=3 (A/B builds, fp8 dense O only):
-  // three 64-row warpgroups per 192-row tile, so each SM sub-partition holds three softmax chains instead of two
-  // (the fp8 step is a dependent chain, not a pipe limit: ncu session 6). Registers then allow <= 160 per consumer
-  // thread, so the KV tile shrinks to 64 / 96 keys (O 64 + S 32 / 48 + P 8 / 12 + ~30 others).
+  // Consumer warpgroups (64 query rows each). 2 by default; MSA_FMHA_SM90_MMA_WG=3 (A/B builds of ragged mode-O
+  // modules): three 64-row warpgroups per 192-row tile, three softmax chains per SM sub-partition instead of two.
+  // Registers then allow <= 160 per consumer thread, so the KV tile shrinks to 64 / 96 keys (O 64 + S 32 / 48 + P 8 /
+  // 12 + ~30 others). Measured no faster on the H200 (session 11 runs 1-2: fp8 1.10-1.21x our bf16 vs the default's
+  // 1.23x, with or without a round-robin token; bf16 0.91x): kept as an A/B switch only.
 #if defined(MSA_FMHA_SM90_MMA_WG)
   static constexpr int kNumMmaWarpGroups = (kMode_ == kModeO && !kPaged_) ? MSA_FMHA_SM90_MMA_WG : 2;
 #else
