@@ -479,18 +479,19 @@ class Bench:
         return f
 
     def sparse_prefill(self):
-        hq, hkv = self.tp_heads[1]
-        for s in self.args.seqs:
-            for causal in self.args.causal_list:
-                case = Case("sparse_prefill", s, s, 1, hq, hkv, self.args.head_dim, self.args.dtype, causal,
-                            topk=self.args.topk)
-                kv_bytes = case.total_kv * hkv * case.d * 2 * 2
-                if not self.r.fits(case, 3 * kv_bytes + 3 * case.total_q * hq * case.d * 2, "inputs"):
-                    continue
-                inputs = self.make_inputs(case, paged=True)
-                self.add_selection(case, inputs)
-                self.run_sparse(case, [inputs])
-                del inputs
+        for tp in self.args.tp:  # issue 8's bars are on 64/4 and 16/1 (--tp 1,4)
+            hq, hkv = self.tp_heads[tp]
+            for s in self.args.seqs:
+                for causal in self.args.causal_list:
+                    case = Case("sparse_prefill", s, s, 1, hq, hkv, self.args.head_dim, self.args.dtype, causal,
+                                topk=self.args.topk)
+                    kv_bytes = case.total_kv * hkv * case.d * 2 * 2
+                    if not self.r.fits(case, 3 * kv_bytes + 3 * case.total_q * hq * case.d * 2, "inputs"):
+                        continue
+                    inputs = self.make_inputs(case, paged=True)
+                    self.add_selection(case, inputs)
+                    self.run_sparse(case, [inputs])
+                    del inputs
 
     def add_selection(self, case: Case, inputs: dict):
         sel = random_tile_selection(case.batch, case.q_len, case.kv_len, case.hkv, case.topk, case.causal,

@@ -11,7 +11,10 @@ P close to 1 in one column, the case where a P scaled past e4m3's 448 would satu
 Error bounds (fp32 reference on the dequantized fp8 inputs, so only the kernel's own rounding counts):
 O rel. L2 over the whole output < 5e-2 -- P is rounded to e4m3 (3 mantissa bits: ~2.4% rms relative error per
 element, which O inherits about 1:1 for random V) before the PV GEMM. LSE |err| <= 2e-3 * max(1, |lse|) (the row
-sums are fp32 and use the unrounded P).
+sums are fp32 and use the unrounded P). That is the exact (exp2) build, which runs whenever the LSE is returned.
+The fast build (P's e4m3 code from two FMAs, row sums of the P used, on the tensor core): same O bound; its LSE is
+that of the P it used, whose code is off the exact one by at most ~0.96 of a code step (linear-in-log2 mantissa,
+centred, then rounded), i.e. a factor <= 1 +- 0.96 / 8: |err| <= FAST_LSE_ABS + 2e-3 * max(1, |lse|).
 """
 
 from __future__ import annotations
@@ -45,9 +48,10 @@ def test_fp8_plan_tile_map(causal):
     qo = [5, 0, 300, 129]
     kv = [1, 50, 1000, 128]
     kp = k90.plan(qo, kv, 8, 2, causal=causal, elem_size=1, device="cpu", num_sms=132)
-    # the default fp8 build: 192-key tiles non-causal, 128 causal (what the module's block_n() reports)
-    bn = 128 if causal else 192
+    # the default (fast) fp8 build: 128-key tiles (what the module's block_n() reports); the exact build: 192 non-causal
+    bn = 128
     assert kp.block_n == bn == k90.default_block_n(128, fp8=True, causal=causal)
+    assert k90.default_block_n(128, fp8=True, causal=causal, fp8_p="exp2") == (128 if causal else 192)
     tiles = kp.vt_tiles.tolist()
     assert kp.vt_len == bn * len(tiles) == bn * sum(_cdiv(n, bn) for n in kv)
     # every source token appears exactly once, tiles of a request are consecutive and bn apart
@@ -215,8 +219,10 @@ def test_fp8_feature_gate():
 def test_fp8_specs_and_refusals():
     specs = k90.jit_specs({"dtypes": ["fp8"], "head_dim": [128]}, "sm_90a")
     modes = {v: k for k, v in k90.MODES.items()}
-    assert sorted((modes[s.params["mode"]], s.params["causal"], s.params["paged"]) for s in specs) == [
-        ("maxscore", False, False), ("maxscore", True, False), ("o", False, False), ("o", True, False)]
+    assert sorted((modes[s.params["mode"]], s.params["causal"], s.params.get("fp8_p", "")) for s in specs) == [
+        ("maxscore", False, ""), ("maxscore", True, ""), ("o", False, "code"), ("o", False, "exp2"),
+        ("o", True, "code"), ("o", True, "exp2")]
+    assert not any(s.params["paged"] for s in specs)
     assert all(s.params["dtype"] == "float8_e4m3fn" for s in specs)
     assert k90.jit_specs({"dtypes": ["fp8"]}, "sm_100a") == []
     with pytest.raises(NotImplementedError, match="sm_100a"):
@@ -227,6 +233,35 @@ def test_fp8_specs_and_refusals():
         k90.jit_spec("float8_e4m3fn", 128, True, False, mode="o_maxscore")
     with pytest.raises(NotImplementedError, match="paged"):
         k90.plan([10], [10], 2, 2, causal=True, paged=True, elem_size=1, device="cpu", num_sms=4)
+
+
+def test_fp8_softmax_choice_follows_the_environment_and_the_lse(monkeypatch):
+    """auto (default): the exact exp2 build when the call returns the LSE, the fast code build otherwise; fast / exact
+    force one; anything else is refused by name."""
+    monkeypatch.delenv(k90.FP8_SOFTMAX_ENV, raising=False)
+    assert k90.fp8_p_variant(True) == "exp2" and k90.fp8_p_variant(False) == "code"
+    for choice, want in (("fast", "code"), ("exact", "exp2"), (" Auto ", None)):
+        monkeypatch.setenv(k90.FP8_SOFTMAX_ENV, choice)
+        for lse in (True, False):
+            assert k90.fp8_p_variant(lse) == (want or ("exp2" if lse else "code"))
+    monkeypatch.setenv(k90.FP8_SOFTMAX_ENV, "approx")
+    with pytest.raises(ValueError, match="MSA_FP8_SOFTMAX: expected one of"):
+        k90.fp8_p_variant(False)
+
+
+def test_fp8_softmax_builds_have_their_own_names_and_keys():
+    fast = k90.jit_spec("float8_e4m3fn", 128, True, False)
+    exact = k90.jit_spec("float8_e4m3fn", 128, True, False, fp8_p="exp2")
+    assert fast.params["fp8_p"] == "code" and exact.params["fp8_p"] == "exp2" and fast.name != exact.name
+    assert k90.variant_tag("float8_e4m3fn", 128, True, False) == "fmha_sm90_float8_e4m3fn_d128_causal1_paged0"
+    assert k90.variant_tag("float8_e4m3fn", 128, True, False, fp8_p="exp2").endswith("_causal1_paged0_exp2")
+    assert k90.variant_tag("float8_e4m3fn", 128, True, False, "sparse_q", fp8_p="exp2").endswith("_sparse_q_exp2")
+    # one build elsewhere: the param is absent (16-bit and score-only keys unchanged) and the tag ignores it
+    assert "fp8_p" not in k90.jit_spec("float8_e4m3fn", 128, True, False, mode="maxscore", fp8_p="exp2").params
+    assert "fp8_p" not in k90.jit_spec("bfloat16", 128, True, False, fp8_p="exp2").params
+    assert k90.variant_tag("bfloat16", 128, True, False, fp8_p="exp2") == "fmha_sm90_bfloat16_d128_causal1_paged0"
+    with pytest.raises(ValueError, match="fp8_p: expected one of"):
+        k90.jit_spec("float8_e4m3fn", 128, True, False, fp8_p="poly")
 
 
 def test_fp8_head_scale_table():
@@ -375,6 +410,7 @@ def reference(q, k, v, qo_lens, kv_lens, qo_offsets, causal, sm_scale, o_scale):
 
 
 O_BOUND = 5e-2
+FAST_LSE_ABS = 0.13  # -ln(1 - 0.96 / 8): a row dominated by one key whose code is ~one step off
 
 
 def _check(out, lse, ref_o, ref_lse):
@@ -438,7 +474,9 @@ def _run(case, seed=0, split_kv="auto"):
         assert res[0] is out
         lse = res[2]
     else:
-        kp = k90.plan(qo_lens, kv_lens, hq, hkv, causal=causal, qo_offset=offs, split_kv=split_kv, elem_size=1, device=dev)
+        bn = k90.default_block_n(128, fp8=True, causal=causal, fp8_p=k90.fp8_p_variant(True))  # the build that runs
+        kp = k90.plan(qo_lens, kv_lens, hq, hkv, causal=causal, qo_offset=offs, split_kv=split_kv, elem_size=1,
+                      device=dev, block_n=bn)
         assert kp.combine.shape[0] > 0, "the forced split did not cut any item"
         k90.run(q, k, v, kp, out=out, lse=lse, return_lse=True, causal=causal, sm_scale=sm_scale, **sc)
     torch.cuda.synchronize()
@@ -455,6 +493,26 @@ def _need_sm90():
 def test_fp8_matches_fp32_reference(case):
     _need_sm90()
     _check(*_run(case))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_fp8_fast_softmax_matches_fp32_reference(case, monkeypatch):
+    """The fast build (forced, so the LSE can be checked too), and without the LSE under auto: the same O bitwise."""
+    _need_sm90()
+    monkeypatch.setenv(k90.FP8_SOFTMAX_ENV, "fast")
+    out, lse, ref_o, ref_lse = _run(case)
+    assert out.dtype == torch.bfloat16
+    check_fmha_output(out, lse, ref_o, ref_lse, O_BOUND, lse_abs=FAST_LSE_ABS)
+    monkeypatch.setenv(k90.FP8_SOFTMAX_ENV, "auto")
+    import msa.core as mc
+
+    _, qo_lens, kv_lens, hq, hkv, causal, qo_offset, scales, sm = case
+    q, k, v, *_, sc = _make_inputs(qo_lens, kv_lens, hq, hkv, scales, 0)
+    plan = mc.fmha_plan(qo_lens, kv_lens, hq, hkv, causal=causal, qo_offset=qo_offset if causal else None,
+                        device=q.device)
+    out2, _ = mc.fmha(q, k, v, plan, sm_scale=sm, backend="kernel", **sc)
+    assert torch.equal(out2, out), "auto without the LSE must run the fast build"
 
 
 @pytest.mark.gpu

@@ -215,7 +215,8 @@ def test_head_dim_256_plans_64_key_tiles():
     assert int(kp.work[:, 7].max()) == -(-1000 // 64)
     assert k90.default_block_n(128) == k90.default_block_n(64) == 128
     assert k90.default_block_n(128, 256) == k90.default_block_n(256, 64) == 64 and k90.default_block_n(64, 128) == 128
-    assert k90.default_block_n(128, fp8=True, causal=False) == 192 and k90.default_block_n(128, fp8=True) == 128
+    assert k90.default_block_n(128, fp8=True, causal=False) == 128 == k90.default_block_n(128, fp8=True)
+    assert k90.default_block_n(128, fp8=True, causal=False, fp8_p="exp2") == 192  # the exact build's wide tile
     assert k90.default_block_n(64, fp8=True, causal=False) == 128 == k90.default_block_n(128, fp8=True, causal=False, paged=True)
     kp = k90.plan([100, 3], [20000, 9000], 8, 2, causal=False, device="cpu", num_sms=132, head_dim=128, head_dim_v=64)
     assert kp.block_n == 128 and kp.partial_o.shape[1:] == (128, 64)  # split-KV partials at Dv
@@ -329,13 +330,14 @@ def test_jit_specs_cover_the_preset_and_refuse_sm100():
     specs = k90.jit_specs({"dtypes": ["bf16", "fp8"], "head_dim": [64, 128, 192, 256]}, "sm_90a")
     index = [s.name for s in specs if s.params["mode"] == k90.MODES["maxscore"]]
     names = sorted(s.name for s in specs if s.params["mode"] == k90.MODES["o"])
-    assert len(names) == 14 and not any("head_dim=192" in n for n in names)
+    assert len(names) == 16 and not any("head_dim=192" in n for n in names)
     for d in (64, 128, 256):  # causal x paged (one paged module serves every page size)
         assert sum("dtype=bfloat16" in n and f"head_dim={d}," in n for n in names) == 4
     fp8 = [n for n in names if "dtype=float8_e4m3fn" in n]
-    assert len(fp8) == 2 and all("paged=False" in n and "head_dim=128" in n for n in fp8)  # fp8: ragged d128 only
+    assert len(fp8) == 4 and all("paged=False" in n and "head_dim=128" in n for n in fp8)  # fp8: ragged d128 only
+    assert sum("fp8_p=code" in n for n in fp8) == 2 == sum("fp8_p=exp2" in n for n in fp8)  # fast + exact softmax
     # the index pass (score-only, ragged, d128): causal and not, per dtype
-    assert len(index) == 4 == len(specs) - 14 and all("paged=False" in n and "head_dim=128" in n for n in index)
+    assert len(index) == 4 == len(specs) - 16 and all("paged=False" in n and "head_dim=128" in n for n in index)
     assert k90.jit_specs({"dtypes": ["bf16"], "head_dim": [128]}, "sm_100a") == []
     with pytest.raises(NotImplementedError, match="sm_90a"):
         k90.jit_spec("bfloat16", 128, True, False, arch="sm_100a")

@@ -143,9 +143,10 @@ def test_plan_rejects_bad_head_ratios_and_lengths():
 def test_jit_specs_follow_the_preset_and_skip_sm100():
     specs = qo.jit_specs({"dtypes": ["bf16", "fp8", "fp16"], "head_dim": [64, 128]}, "sm_90a")
     names = sorted(s.name for s in specs)
-    assert len(names) == 10 and all("mode=3" in n and "head_dim=128" in n for n in names)
+    assert len(names) == 12 and all("mode=3" in n and "head_dim=128" in n for n in names)
     assert sum("dtype=float16" in n for n in names) == 4  # causal x paged
-    assert sum("dtype=float8_e4m3fn" in n for n in names) == 2  # causal, ragged only
+    fp8 = [n for n in names if "dtype=float8_e4m3fn" in n]
+    assert len(fp8) == 4 and sum("fp8_p=exp2" in n for n in fp8) == 2  # causal x softmax build, ragged only
     assert sum("paged=True" in n for n in names) == 4
     assert qo.jit_specs({"dtypes": ["bf16"], "head_dim": [128]}, "sm_100a") == []
     with pytest.raises(NotImplementedError, match="ragged"):
@@ -265,6 +266,17 @@ def test_sparse_q_matches_fp32_reference(case):
     _gpu_or_skip()
     _, _, out, lse, ref_o, ref_lse = _run(case)
     check_fmha_output(out, lse, ref_o, ref_lse, O_BOUNDS[case[8]])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [c for c in CASES if c[8] == torch.float8_e4m3fn], ids=lambda c: c[0])
+def test_sparse_q_fp8_fast_softmax_matches_fp32_reference(case, monkeypatch):
+    """The fast fp8 build (P's code from two FMAs; forced, as these calls return the LSE): O bound as the exact build,
+    LSE within test_fmha_fp8.FAST_LSE_ABS (its LSE is that of the P it used)."""
+    _gpu_or_skip()
+    monkeypatch.setenv(k90.FP8_SOFTMAX_ENV, "fast")
+    _, _, out, lse, ref_o, ref_lse = _run(case)
+    check_fmha_output(out, lse, ref_o, ref_lse, O_BOUNDS[case[8]], lse_abs=0.13)
 
 
 @pytest.mark.gpu

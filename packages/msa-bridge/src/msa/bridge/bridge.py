@@ -385,7 +385,7 @@ def sparse_fmha(
     else:
         direct = out if (out is not None and isinstance(out_mult, float) and out_mult == 1.0) else None
         o, lse = _with_qouter(qpath, q_eff, k, v, sel, plan, scale, direct, out_dtype, validate, backend,
-                              page_table)
+                              page_table, want_lse=return_lse)
     if isinstance(out_mult, torch.Tensor):
         o = (o.float() * out_mult.view(1, -1, 1)).to(out_dtype)
     elif out_mult != 1.0:
@@ -601,10 +601,13 @@ def _read_later(t: torch.Tensor):
     return wait
 
 
-def _with_qouter(path, q, k, v, sel, plan, scale, direct_out, out_dtype, validate, backend, page_table=None):
+def _with_qouter(path, q, k, v, sel, plan, scale, direct_out, out_dtype, validate, backend, page_table=None,
+                 want_lse=True):
     """Schedule "q_outer": the Q-outer pass writes every row. "auto": KV-outer over the unrouted items' selections
     (routed (token, KV head) selections set to -1: those rows come out 0 / -inf), then the Q-outer pass overwrites
-    exactly the routed rows of the same O / LSE."""
+    exactly the routed rows of the same O / LSE. ``want_lse`` False: the caller returns no LSE, so the Q-outer kernel
+    writes none (and fp8 then runs its fast softmax build, msa.core.kernels.fmha_sm90.fp8_p_variant); the LSE
+    returned is then undefined."""
     qs = plan.qouter
     it = qs.items
     total_q, hq = q.shape[0], q.shape[1]
@@ -623,7 +626,8 @@ def _with_qouter(path, q, k, v, sel, plan, scale, direct_out, out_dtype, validat
         if path == "kernel":
             mod, _ = _qouter_module()
             paged = {"page_table": page_table} if plan.paged else {}
-            mod.run(kp, q, k, v, un.union, un.union_len, un.mask, un.order, out=o, lse=lse, sm_scale=scale, **paged)
+            mod.run(kp, q, k, v, un.union, un.union_len, un.mask, un.order, out=o, lse=lse if want_lse else None,
+                    sm_scale=scale, **paged)
         else:
             kk, vv = k, v
             if plan.paged:

@@ -20,6 +20,14 @@ FP8 e4m3 (q, k, v all ``float8_e4m3fn``): ragged K/V, mode O (+ LSE), bf16 outpu
 (launched by the module, same stream) into a plan-owned workspace ``[Hkv, D, 128 * tiles]``: V^T with each
 16-key group permuted to the order in which the kernel's P registers hold the keys. Other combinations raise
 :class:`NotImplementedError`. SM100 is refused at plan time (the template set is SM90-only).
+
+FP8 softmax (modes O and sparse-Q; :func:`fp8_p_variant`): two builds of each fp8 module. ``"code"`` (fast) writes
+P's e4m3 bits straight from two FMAs per score (the code taken linear in log2 P) and sums the P it used on the tensor
+core: 1.47x / 1.39x our bf16 at B2 H32 S8K non-causal / causal on an H200, O within ~1.2x the exact build's error,
+but its LSE is that of the P it used (up to ~0.07 from the exact LSE where one key dominates a row). ``"exp2"``
+(exact) computes P with MUFU.EX2 and the row sums in fp32 (LSE within 2e-3). By default (``$MSA_FP8_SOFTMAX`` =
+``auto``) a call that returns the LSE runs the exact build and one that does not runs the fast one; ``fast`` /
+``exact`` force one.
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ SOURCES = ("fmha_sm90_binding.cu.jinja",)
 BLOCK_M = 128  # query rows per work item
 BLOCK_N = 128  # keys per KV tile of the default build at head dim <= 128 (max-score modules always use 128)
 BLOCK_N_D256 = 64  # ... and at head dim 256 (shared memory and registers; see fmha_sm90_traits.cuh)
-BLOCK_N_FP8_WIDE = 192  # ... and for fp8 non-causal ragged O at head dim 128 (wider tiles amortise each step; traits)
+BLOCK_N_FP8_WIDE = 192  # ... and for the exact (exp2) fp8 non-causal ragged O build at head dim 128 (traits kFp8Wide)
 # A/B builds with wider KV tiles (-DMSA_FMHA_SM90_BLOCK_N, ragged O-mode only) report theirs through the module's
 # block_n(); plans made through an FmhaPlan take it from there. A KernelPlan made directly by plan() uses
 # block_n=, else this environment variable, else default_block_n(); run() refuses a plan whose tile differs from the module's.
@@ -80,6 +88,11 @@ _PRESET_DTYPES = {
 L2_SECTION_BYTES = 32 << 20
 WORK_FIELDS = 12  # int32 per work item, see WorkItem in fmha_sm90_traits.cuh
 COMBINE_FIELDS = 8  # int32 per split item, see CombineItem
+# fp8 softmax builds of modes O / sparse-Q (jit param fp8_p; see the module docstring and fp8_p_variant()).
+FP8_SOFTMAX_ENV = "MSA_FP8_SOFTMAX"
+FP8_SOFTMAX_CHOICES = ("auto", "fast", "exact")
+FP8_P_VARIANTS = ("code", "exp2")  # fast, exact
+FP8_P_MODES = ("o", "sparse_q")  # the modes built in both
 # Kernel modes (FmhaMode in fmha_sm90_traits.cuh): O (+ LSE); O and max_score; max_score only.
 # "sparse_q": MSA sparse prefill, Q-outer (kernels/fmha_sm90_qouter.py): 16-bit K/V, ragged or paged (page 128).
 MODES = {"o": 0, "o_maxscore": 1, "maxscore": 2, "sparse_q": 3}
@@ -103,17 +116,42 @@ MAX_SCORE_DTYPES = (torch.bfloat16, torch.float16)
 PREBUILT_ENV = "MSA_FMHA_SM90_PREBUILT"
 
 
+def fp8_p_variant(want_lse: bool = False) -> str:
+    """The fp8 softmax build a mode-O / sparse-Q call runs: ``"code"`` (fast) or ``"exp2"`` (exact); from
+    ``$MSA_FP8_SOFTMAX`` (``auto``: exact when the call returns the LSE, else fast; ``fast``; ``exact``)."""
+    choice = os.environ.get(FP8_SOFTMAX_ENV, "auto").strip().lower() or "auto"
+    if choice not in FP8_SOFTMAX_CHOICES:
+        raise ValueError(f"{FP8_SOFTMAX_ENV}: expected one of {FP8_SOFTMAX_CHOICES}, got {choice!r}")
+    if choice == "auto":
+        return "exp2" if want_lse else "code"
+    return "code" if choice == "fast" else "exp2"
+
+
+def _fp8_p(dtype: str, mode: str, fp8_p: str | None) -> str | None:
+    """The fp8_p param of a module: None where there is one build (not fp8, or a mode without a softmax)."""
+    if dtype != DTYPES[FP8_DTYPE] or mode not in FP8_P_MODES:
+        return None
+    fp8_p = fp8_p or FP8_P_VARIANTS[0]
+    if fp8_p not in FP8_P_VARIANTS:
+        raise ValueError(f"fp8_p: expected one of {FP8_P_VARIANTS}, got {fp8_p!r}")
+    return fp8_p
+
+
 def variant_tag(dtype: str, head_dim: int, causal: bool, paged: bool, mode: str = "o",
-                head_dim_v: int | None = None) -> str:
+                head_dim_v: int | None = None, fp8_p: str | None = None) -> str:
+    """Module name; the exact fp8 softmax build of modes O / sparse-Q ends in ``_exp2``."""
     suffix = "" if mode == "o" else f"_{mode}"
+    if _fp8_p(dtype, mode, fp8_p) == "exp2":
+        suffix += "_exp2"
     dv = "" if head_dim_v in (None, head_dim) else f"v{head_dim_v}"
     return f"fmha_sm90_{dtype}_d{head_dim}{dv}_causal{int(causal)}_paged{int(paged)}{suffix}"
 
 
 def jit_spec(dtype: str, head_dim: int, causal: bool, paged: bool, arch: str = "sm_90a", mode: str = "o",
-             head_dim_v: int | None = None):
+             head_dim_v: int | None = None, fp8_p: str | None = None):
     """One module: ``head_dim`` is Dqk (q, k), ``head_dim_v`` Dv (v, out; default Dqk; a different Dv is built for
-    16-bit mode O only)."""
+    16-bit mode O only). ``fp8_p``: the fp8 softmax build of modes O / sparse-Q (``"code"``, the default, or
+    ``"exp2"``; see :func:`fp8_p_variant`); ignored elsewhere."""
     from msa.core.jit import JitSpec
 
     if arch != "sm_90a":
@@ -127,6 +165,9 @@ def jit_spec(dtype: str, head_dim: int, causal: bool, paged: bool, arch: str = "
         )
     params = {"dtype": dtype, "head_dim": int(head_dim), "causal": bool(causal), "paged": bool(paged),
               "mode": MODES[mode]}
+    p_variant = _fp8_p(dtype, mode, fp8_p)
+    if p_variant is not None:  # only fp8 O / sparse-Q specs carry it: every other module keeps its key
+        params["fp8_p"] = p_variant
     if head_dim_v not in (None, head_dim):  # only then: equal-dim specs keep their names and keys
         if dtype == DTYPES[FP8_DTYPE] or mode != "o":
             raise NotImplementedError(f"fmha_sm90: Dqk != Dv is built for 16-bit mode 'o' only, got {dtype} {mode!r}")
@@ -149,11 +190,12 @@ def jit_specs(preset: dict, arch: str) -> list:
     dtypes = [_PRESET_DTYPES[d] for d in preset.get("dtypes", ["bf16"]) if d in _PRESET_DTYPES]
     dims = [d for d in preset.get("head_dim", list(HEAD_DIMS)) if d in HEAD_DIMS]
     mode_o = [
-        jit_spec(dt, d, causal, paged, arch)
+        jit_spec(dt, d, causal, paged, arch, fp8_p=fp8_p)
         for dt in dict.fromkeys(dtypes)
         for d in dims
         for causal in (True, False)
         for paged in (False, True)
+        for fp8_p in (FP8_P_VARIANTS if dt == DTYPES[FP8_DTYPE] else (None,))
         if not (paged and dt == DTYPES[FP8_DTYPE]) and (d in HEAD_DIMS_OTHER_MODES or dt != DTYPES[FP8_DTYPE])
     ]
     # The MSA index pass (score-only, ragged index K, d128): a warmed store for an offline host must hold it too.
@@ -167,17 +209,23 @@ def jit_specs(preset: dict, arch: str) -> list:
     return mode_o + index_pass
 
 
+def _module(dtype: str, head_dim: int, causal: bool, paged: bool, mode: str = "o", head_dim_v: int | None = None,
+            fp8_p: str | None = None):
+    return _load_module(dtype, head_dim, causal, paged, mode, head_dim_v, _fp8_p(dtype, mode, fp8_p))
+
+
 @functools.cache
-def _module(dtype: str, head_dim: int, causal: bool, paged: bool, mode: str = "o", head_dim_v: int | None = None):
+def _load_module(dtype: str, head_dim: int, causal: bool, paged: bool, mode: str, head_dim_v: int | None,
+                 fp8_p: str | None):
     prebuilt = os.environ.get(PREBUILT_ENV)
     if prebuilt:
         import tvm_ffi
 
-        path = Path(prebuilt) / f"{variant_tag(dtype, head_dim, causal, paged, mode, head_dim_v)}.so"
+        path = Path(prebuilt) / f"{variant_tag(dtype, head_dim, causal, paged, mode, head_dim_v, fp8_p)}.so"
         if not path.is_file():
             raise FileNotFoundError(f"{PREBUILT_ENV}={prebuilt}: no prebuilt module {path.name}")
         return tvm_ffi.load_module(str(path))
-    return jit_spec(dtype, head_dim, causal, paged, mode=mode, head_dim_v=head_dim_v).load()
+    return jit_spec(dtype, head_dim, causal, paged, mode=mode, head_dim_v=head_dim_v, fp8_p=fp8_p).load()
 
 
 def available(device: torch.device) -> tuple[bool, str]:
@@ -563,13 +611,14 @@ def fp8_vt_tiles(kv_lens: list[int], kv_starts: list[int], block_n: int) -> tupl
 
 
 def default_block_n(head_dim: int, head_dim_v: int | None = None, *, fp8: bool = False, causal: bool = True,
-                    paged: bool = False) -> int:
+                    paged: bool = False, fp8_p: str = "code") -> int:
     """Keys per KV tile of the default build for Dqk ``head_dim`` and Dv ``head_dim_v`` (default Dqk): what the
-    module's block_n() reports. fp8 non-causal ragged modules at head dim 128 use 192-key tiles (traits kFp8Wide)."""
+    module's block_n() reports. The exact (``fp8_p="exp2"``) fp8 non-causal ragged modules at head dim 128 use 192-key
+    tiles (traits kFp8Wide); plans made through an FmhaPlan follow whichever module runs."""
     dmax = max(head_dim, head_dim_v or head_dim)
     if dmax > 128:
         return BLOCK_N_D256
-    if fp8 and not causal and not paged and dmax == 128:
+    if fp8 and not causal and not paged and dmax == 128 and fp8_p == "exp2":
         return BLOCK_N_FP8_WIDE
     return BLOCK_N
 
@@ -784,7 +833,8 @@ def run(
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
     if fp8 and output_o:
-        mod = _module(DTYPES[FP8_DTYPE], head_dim, bool(causal), False, "o")
+        mod = _module(DTYPES[FP8_DTYPE], head_dim, bool(causal), False, "o",
+                      fp8_p=fp8_p_variant(return_lse or lse is not None))
         kp = _kernel_plan(plan, head_dim, 1, q.device, module_block_n(mod), block_m=module_block_m(mod))
         if kp.vt_tiles is None:
             raise ValueError("plan: a KernelPlan for fp8 inputs must be made with elem_size=1")

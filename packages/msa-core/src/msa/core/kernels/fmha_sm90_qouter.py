@@ -289,7 +289,7 @@ def run(qplan: QOuterPlan, q, k, v, union, union_len, mask, order, *, out=None, 
     if n and fp8:
         vt, vt_tiles, head_scales = _fp8_tables(qplan, k.shape[1], d, scale, dev)
         vt_tiles = _vt_tiles_used(qplan, vt_tiles, union, union_len)
-        mod = _k90._module(_k90.DTYPES[q.dtype], d, qplan.causal, False, MODE)
+        mod = _k90._module(_k90.DTYPES[q.dtype], d, qplan.causal, False, MODE, fp8_p=_k90.fp8_p_variant(want_lse))
         u8 = torch.uint8
         mod.fmha_fwd(q.view(u8), k.view(u8), v.view(u8), out, lse if want_lse else qplan.lse_dummy, qplan.work,
                      qplan.workspace, union, union_phys, union_len, mask, order, vt, vt_tiles, head_scales,
@@ -351,5 +351,6 @@ def jit_specs(preset: dict, arch: str) -> list:
         return []
     dtypes = [_PRESET_DTYPES[d] for d in preset.get("dtypes", ["bf16"]) if d in _PRESET_DTYPES]
     dims = [d for d in preset.get("head_dim", list(_k90.HEAD_DIMS_OTHER_MODES)) if d in _k90.HEAD_DIMS_OTHER_MODES]
-    return [_k90.jit_spec(dt, d, c, paged, arch, mode=MODE) for dt in dict.fromkeys(dtypes) for d in dims
-            for c in (True, False) for paged in (False, True) if not (paged and dt == "float8_e4m3fn")]
+    return [_k90.jit_spec(dt, d, c, paged, arch, mode=MODE, fp8_p=fp8_p) for dt in dict.fromkeys(dtypes) for d in dims
+            for c in (True, False) for paged in (False, True) if not (paged and dt == "float8_e4m3fn")
+            for fp8_p in (_k90.FP8_P_VARIANTS if dt == "float8_e4m3fn" else (None,))]

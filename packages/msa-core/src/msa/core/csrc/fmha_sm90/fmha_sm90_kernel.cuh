@@ -231,6 +231,25 @@ __device__ __forceinline__ void convert_p_fp8(TA const& acc, TB& p) {
   }
 }
 
+// kPBits: the accumulator holds 1.5 * 2^23 + code per score (OnlineSoftmax, kPBits); its low byte is P's e4m3 bits.
+// Same fragment mapping as convert_p_fp8, byte moves only (3 PRMT per 4 values).
+template <int kBlockN, class TA, class TB>
+__device__ __forceinline__ void convert_p_fp8_bits(TA const& acc, TB& p) {
+  static_assert(decltype(size(acc))::value == 2 * kBlockN / 4 && decltype(size(p))::value == 2 * kBlockN / 4);
+  constexpr Fp8PFromAcc<kBlockN> from_acc{};
+  uint32_t* dst = reinterpret_cast<uint32_t*>(raw_pointer_cast(p.data()));
+  CUTE_UNROLL
+  for (int i = 0; i < size(p); i += 4) {
+    uint32_t lo, hi, d;
+    asm("prmt.b32 %0, %1, %2, 0x0040;" : "=r"(lo) : "r"(__float_as_uint(acc(from_acc(i)))),
+        "r"(__float_as_uint(acc(from_acc(i + 1)))));
+    asm("prmt.b32 %0, %1, %2, 0x0040;" : "=r"(hi) : "r"(__float_as_uint(acc(from_acc(i + 2)))),
+        "r"(__float_as_uint(acc(from_acc(i + 3)))));
+    asm("prmt.b32 %0, %1, %2, 0x5410;" : "=r"(d) : "r"(lo), "r"(hi));
+    dst[i / 4] = d;
+  }
+}
+
 // Issue one warpgroup GEMM (all K slices) as one wgmma commit group; wait for <= kWait groups if kWait >= 0.
 template <bool kZeroInit, int kWait, class TiledMma, class TA, class TB, class TC>
 __device__ __forceinline__ void wg_gemm(TiledMma& mma, TA const& a, TB const& b, TC& c) {
@@ -250,6 +269,32 @@ __device__ __forceinline__ void wg_gemm(TiledMma& mma, TA const& a, TB const& b,
   if constexpr (kRegA) { warpgroup_fence_operand(const_cast<TA&>(a)); }
 }
 
+// kPBits: O += P V and rs = P x ones (this tile's row sums of the P the PV GEMM uses) as one commit group, no wait.
+// rs starts from zero every tile and is added to an fp32 running sum afterwards: H100 / H200 fp8 wgmma keeps only
+// ~14 bits when it adds into its accumulator (DeepSeek-V3, section 3.3.2), so one accumulator carried over a 4K-key
+// row lost ~7% of the sum (session 12 run 1: LSE off by 0.07, O rel. L2 0.05).
+template <class MmaPV, class TA, class TB, class TC, class MmaRS, class TB2, class TC2>
+__device__ __forceinline__ void wg_gemm_pv_rowsum(MmaPV& mma, TA const& a, TB const& b, TC& c, MmaRS& mma_rs,
+                                                  TB2 const& ones, TC2& rs) {
+  warpgroup_fence_operand(const_cast<TA&>(a));
+  warpgroup_fence_operand(c);
+  warpgroup_fence_operand(rs);
+  warpgroup_arrive();
+  mma.accumulate_ = GMMA::ScaleOut::One;
+  mma_rs.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(a); ++k) { cute::gemm(mma, a(_, _, k), b(_, _, k), c); }
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(a); ++k) {
+    cute::gemm(mma_rs, a(_, _, k), ones(_, _, k), rs);
+    mma_rs.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_fence_operand(rs);
+  warpgroup_fence_operand(c);
+  warpgroup_fence_operand(const_cast<TA&>(a));
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // Online softmax over the rows a thread holds (2 rows of a 64x128 warpgroup tile; 4 threads share a row).
 // row_sum stays a per-thread partial sum until finalize (the quad reduction is only needed once).
@@ -260,8 +305,14 @@ __device__ __forceinline__ void wg_gemm(TiledMma& mma, TA const& a, TB const& b,
 // steps keep the factor exactly 1 and skip the O rescale (the warp votes on it). P is then <= 2^(kLog2PScale +
 // kMaxLag): 2^8.75 = 431 < 448 for fp8 e4m3 (kLog2PScale 8), 2^8 for 16-bit P. The row sum and the LSE use the same
 // (lagging) max, so the result is unchanged up to rounding.
-template <int kRows, int kLog2PScale = 0, int kExp2EmuEvery = 0, bool kRowPipe = false, bool kLazyMax = false>
+// kPBits (fp8): instead of exp2 values, each score becomes 1.5 * 2^23 + (P's e4m3 code) (see traits kPBits); row_sum
+// is only rescaled here, the tile sums come from the tensor core (add_tile_sums after the PV wait).
+template <int kRows, int kLog2PScale = 0, int kExp2EmuEvery = 0, bool kRowPipe = false, bool kLazyMax = false,
+          bool kPBits = false>
 struct OnlineSoftmax {
+  // Code centring: (1 + f) / 2^f lies in [1, 1.086] over the binade; -0.46 codes = a factor 2^(-0.46 / 8) = 0.961
+  // puts it at [0.961, 1.044].
+  static constexpr float kCodeOffset = 56.f - 0.46f;
   static constexpr float kMaxLag = kLog2PScale > 0 ? 0.75f : 8.f;
   float row_max[kRows];
   float row_sum[kRows];
@@ -319,6 +370,19 @@ struct OnlineSoftmax {
       if constexpr (kRowSel) {
         if (!row_on) { m_scaled = INFINITY; }  // fmaf(s, scale, -inf) = -inf for finite or -inf s: P = 0
       }
+      if constexpr (kPBits) {
+        // u = 8 log2(P) + 56 - 0.46 = 8 (s scale_log2 - m_scaled) + kCodeOffset; v = sat(u / 126); code = rn(126 v).
+        // A masked (-inf) score or an unselected row (m_scaled = +inf) gives u = -inf, v = 0: P = 0.
+        float const a = scale_log2 * (8.f / 126.f);
+        float const b = (kCodeOffset - 8.f * m_scaled) * (1.f / 126.f);
+        CUTE_UNROLL
+        for (int ni = 0; ni < kCols; ++ni) {
+          float v;
+          asm("fma.rn.sat.f32 %0, %1, %2, %3;" : "=f"(v) : "f"(sr(mi, ni)), "f"(a), "f"(b));
+          sr(mi, ni) = fmaf(v, 126.f, 12582912.f);
+        }
+        continue;
+      }
       float sum[4] = {0.f, 0.f, 0.f, 0.f};
       CUTE_UNROLL
       for (int ni = 0; ni < kCols; ++ni) {
@@ -334,6 +398,25 @@ struct OnlineSoftmax {
       }
       float const tile_sum = (sum[0] + sum[1]) + (sum[2] + sum[3]);
       row_sum[mi] = kFirst ? tile_sum : row_sum[mi] + tile_sum;
+    }
+  }
+
+  // kPBits: a tile's row sums (one full row sum per row and thread), computed under the max before this step's
+  // update, hence the factor (1 if the max did not move).
+  __device__ __forceinline__ void add_tile_sums(float const (&tile_sums)[kRows], float const (&factor)[kRows]) {
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) { row_sum[mi] = fmaf(tile_sums[mi], factor[mi], row_sum[mi]); }
+  }
+
+  // kPBits: as finalize, but row_sum already holds each row's full sum (no quad reduction). A scale that is not > 0
+  // (a non-positive fp8 head scale) gives NaN, as the exp2 path does (FFMA.SAT would otherwise turn it into P = 0).
+  __device__ __forceinline__ void finalize_full(float sm_scale, float (&o_norm)[kRows], float (&lse)[kRows]) {
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      float const s = row_sum[mi];
+      bool const empty = !(s > 0.f);
+      o_norm[mi] = !(sm_scale > 0.f) ? __int_as_float(0x7fc00000) : (empty ? 0.f : 1.f / s);
+      lse[mi] = empty ? -INFINITY : row_max[mi] * sm_scale + __logf(s) - float(kLog2PScale) * 0.69314718f;
     }
   }
 
@@ -786,7 +869,7 @@ __device__ __forceinline__ int pingpong_next(int wg) {
 template <class T>
 __device__ void consumer_warpgroups(typename T::Params const& p, typename T::SharedStorage& ss, int tid) {
   using Element = typename T::Element;
-  using Softmax = OnlineSoftmax<2, T::kLog2PScale, T::kExp2EmuEvery, T::kRowPipe, T::kLazyMax>;
+  using Softmax = OnlineSoftmax<2, T::kLog2PScale, T::kExp2EmuEvery, T::kRowPipe, T::kLazyMax, T::kPBits>;
   constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN;
   using TileQK = typename T::TileQK;
   using TilePV = typename T::TilePV;
@@ -804,6 +887,16 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
   Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stage)
   Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stage)
   Tensor tScS = thr_qk.partition_C(make_identity_tensor(select<0, 1>(TileQK{})));  // (row, col) of S values
+  // kPBits: the row-sum GEMM's ones tile (written once here) and its B descriptors.
+  typename T::TiledMmaRowSum mma_rs;
+  auto thr_rs = mma_rs.get_thread_slice(tid);
+  Tensor tRSrOnes = thr_rs.partition_fragment_B(make_tensor(make_smem_ptr(ss.smem_ones), typename T::SmemLayoutOnes{}));
+  if constexpr (T::kPBits) {
+    uint32_t* ones = reinterpret_cast<uint32_t*>(ss.smem_ones);
+    for (int i = tid; i < int(sizeof(ss.smem_ones) / 4); i += T::kNumMmaThreads) { ones[i] = 0x38383838u; }
+    cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> visible to wgmma's async proxy
+    named_barrier_sync(kBarVZero, T::kNumMmaThreads);
+  }
 
   // Q starts out free; warpgroup 0 holds the first issue token of the ping-pong.
   named_barrier_arrive(kBarQueryEmpty, T::kNumMmaThreads + 32);
@@ -837,6 +930,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       }
     }
     Tensor tOrO = partition_fragment_C(mma_pv, select<0, 1>(TilePV{}));
+    Tensor tRSacc = partition_fragment_C(mma_rs, Shape<Int<kBlockM>, _8>{});  // kPBits: row sums (cols all equal)
     float o_norm[2], lse[2];
     // Softmax (natural log) and output scales of this item's head: per head in FP8 mode.
     float sm_scale = p.sm_scale, scale_log2 = p.scale_log2, out_scale = p.out_scale;
@@ -867,10 +961,20 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       }
     }();
     auto convert_p = [&] {
-      if constexpr (T::kFp8) {
+      if constexpr (T::kPBits) {
+        convert_p_fp8_bits<kBlockN>(tSrS, tOrP);
+      } else if constexpr (T::kFp8) {
         convert_p_fp8<kBlockN>(tSrS, tOrP);
       } else {
         convert_fragment(tSrS, tOrP);
+      }
+    };
+    // PV of the converted P (and, kPBits, its row sums) as one commit group, no wait.
+    auto issue_pv = [&](int stage) {
+      if constexpr (T::kPBits) {
+        wg_gemm_pv_rowsum(mma_pv, tOrP, tOrV(_, _, _, stage), tOrO, mma_rs, tRSrOnes, tRSacc);
+      } else {
+        wg_gemm<false, -1>(mma_pv, tOrP, tOrV(_, _, _, stage), tOrO);
       }
     };
     Softmax softmax{{-INFINITY, -INFINITY}, {0.f, 0.f}};
@@ -964,7 +1068,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       wg_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, rd.index), tSrS);
       if constexpr (T::kPingPong == 2) { named_barrier_arrive(kBarSched0 + pingpong_next<T>(wg), kPingPongThreads); }
       Mbar::wait(&ss.full_v[rd_v.index], rd_v.phase);
-      wg_gemm<false, -1>(mma_pv, tOrP, tOrV(_, _, _, rd_v.index), tOrO);
+      issue_pv(rd_v.index);
       if constexpr (T::kPingPong == 1) { named_barrier_arrive(kBarSched0 + pingpong_next<T>(wg), kPingPongThreads); }
       tl.stamp(3);  // both GEMMs issued
       warpgroup_wait<1>();  // S of this tile is ready; PV still running
@@ -993,17 +1097,28 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       // ptxas hoists a bare wgmma wait above independent ALU work, which would serialise this softmax
       // behind the warpgroup's own PV GEMM. A shared-memory store of the row sums (which depend on every
       // exp2) right before the wait keeps the exp2s ahead of it.
-      pin_before_wait(&ss.pin_scratch[tid], softmax.row_sum[0] + softmax.row_sum[1]);
+      if constexpr (T::kPBits) {  // the last code of each row (row sums are not kept in registers)
+        pin_before_wait(&ss.pin_scratch[tid], tSrS(size(tSrS) - 1) + tSrS(size(tSrS) / 2 - 1));
+      } else {
+        pin_before_wait(&ss.pin_scratch[tid], softmax.row_sum[0] + softmax.row_sum[1]);
+      }
       // The row-sum store above depends on every exp2, so the partner's token follows the last MUFU.
       if constexpr (T::kPingPong == 3) { named_barrier_arrive(kBarSched0 + pingpong_next<T>(wg), kPingPongThreads); }
       tl.stamp(5);  // softmax done (row sums stored)
       warpgroup_wait<0>();
       tl.stamp(6);  // PV done
       warpgroup_fence_operand(tOrO);
+      if constexpr (T::kPBits) {  // the previous tile's row sums, under the max before this step's update
+        warpgroup_fence_operand(tRSacc);
+        Tensor rs = make_tensor(tRSacc.data(), acc_rowcol(tRSacc.layout()));
+        softmax.add_tile_sums({rs(0, 0), rs(1, 0)}, o_rescale);
+      }
       Mbar::arrive(&ss.empty_v[rd_v.index]);
       convert_p();
       // Once a row's max has settled the factor is exactly 1 (exp2(0)); most tiles then skip the 64 FMULs.
-      if (__any_sync(0xffffffff, o_rescale[0] != 1.f || o_rescale[1] != 1.f)) { rescale_rows(tOrO, o_rescale); }
+      if (__any_sync(0xffffffff, o_rescale[0] != 1.f || o_rescale[1] != 1.f)) {
+        rescale_rows(tOrO, o_rescale);
+      }
       tl.stamp(7);  // P converted, O rescaled
     };
 
@@ -1028,11 +1143,18 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     if constexpr (T::kRegDiet) { w = load_item<T>(p, item); }
 
     Mbar::wait(&ss.full_v[rd.index], rd.phase);
-    wg_gemm<false, -1>(mma_pv, tOrP, tOrV(_, _, _, rd.index), tOrO);
+    issue_pv(rd.index);
     next_work(next_item, next_w);
-    softmax.finalize(sm_scale, o_norm, lse);
+    if constexpr (!T::kPBits) { softmax.finalize(sm_scale, o_norm, lse); }
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
+    if constexpr (T::kPBits) {
+      warpgroup_fence_operand(tRSacc);
+      Tensor rs = make_tensor(tRSacc.data(), acc_rowcol(tRSacc.layout()));
+      float const one[2] = {1.f, 1.f};
+      softmax.add_tile_sums({rs(0, 0), rs(1, 0)}, one);
+      softmax.finalize_full(sm_scale, o_norm, lse);
+    }
     Mbar::arrive(&ss.empty_v[rd.index]);
     rd.advance();
 

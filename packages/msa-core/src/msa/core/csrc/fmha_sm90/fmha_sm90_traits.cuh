@@ -101,6 +101,20 @@ struct FmhaTraits {
   static constexpr int kHeadDimMax = kHeadDim_ > kHeadDimV_ ? kHeadDim_ : kHeadDimV_;
   static constexpr bool kCausal = kCausal_;
   static constexpr bool kPaged = kPaged_;
+  // fp8 P from its code (the default fp8 softmax of modes O / sparse-Q; jit param fp8_p = "code", which defines
+  // MSA_FMHA_SM90_P_BITS; fp8_p = "exp2" is the exact one): P's e4m3 bits come from two FFMAs per score instead of
+  // MUFU.EX2 + cvt. The e4m3 code 8 E + M of 2^t is taken linear in t (u = 8 t + 56: the mantissa 1 + M / 8 read as
+  // 2^(M / 8), <= 8.6% off, +-4.2% after centring), clamped to [0, 126] by FFMA.SAT and rounded by the 1.5 * 2^23
+  // add, whose low mantissa byte is then the code. The row sums of the P actually used come from the tensor core (P x
+  // a ones tile, m64n8 per k32 slice, in the PV commit group), so O's normalisation matches its numerator. No FADD /
+  // MUFU / F2FP per score is left in the softmax. H200, session 12 runs 1-2: B2 H32 S8K 1.23x -> 1.47x our bf16
+  // (non-causal, 128-key tiles), 1.14x -> 1.39x (causal); O rel. L2 within 1.2x of the exact path's; the LSE is that
+  // of the P used (up to ~0.07 from the exact one for a row dominated by one key).
+#if defined(MSA_FMHA_SM90_P_BITS)
+  static constexpr bool kPBits = kFp8 && (kMode_ == kModeO || kMode_ == kModeSparseQ);
+#else
+  static constexpr bool kPBits = false;
+#endif
 
   // Consumer warpgroups (64 query rows each). 2 by default; MSA_FMHA_SM90_MMA_WG=3 (A/B builds of ragged mode-O
   // modules): three 64-row warpgroups per 192-row tile, three softmax chains per SM sub-partition instead of two.
@@ -127,7 +141,9 @@ struct FmhaTraits {
   // fp8 non-causal O: 192-key tiles (with kRegDiet and no ping-pong barrier, below). H100, session 6 runs 1-2,
   // B2 H32 S8K d128, interleaved: 1.13x -> 1.21x our bf16 (128 -> 192 keys alone 1.12x: L1 spills in the loop
   // without kRegDiet; 224 keys 1.19x; 160 keys 1.15x). Causal keeps 128 (192: 1.147x vs 1.143x, no gain).
-  static constexpr bool kFp8Wide = kFp8 && !kCausal_ && !kPaged_ && kMode_ == kModeO && kHeadDimMax == 128;
+  // fp8 P from its code (kPBits) runs fastest at 128 keys with the ping-pong barrier (session 12 run 2: 1.465x vs
+  // 1.303x at 192); the 192-key tile stays the exact (exp2) path's.
+  static constexpr bool kFp8Wide = kFp8 && !kPBits && !kCausal_ && !kPaged_ && kMode_ == kModeO && kHeadDimMax == 128;
   static constexpr int kBlockN = kHeadDimMax > 128 ? 64 : (kFp8Wide ? 192 : 128);
 #endif
   static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "KV tile: a multiple of 16 keys, at most 256");
@@ -203,7 +219,8 @@ struct FmhaTraits {
   // Wide fp8 tiles: no spills in the KV loop only with it. fp8 sparse-Q (128-key blocks): with it and without the
   // ping-pong barrier (below) +6-15% (H200, session 9 run 10: 64/4 S32K 591 -> 671 eff TFLOP/s, 16/1 S128K 582 -> 667,
   // 64/4 S128K 621 -> 657; the barrier alone accounts for about half).
-  static constexpr bool kRegDiet = kFp8 && (kBlockN > 128 || kSparseQ);
+  // fp8 causal with P from its code: +2% with it (session 12 run 2: 1.391x vs 1.363x our bf16; non-causal -2%).
+  static constexpr bool kRegDiet = kFp8 && (kBlockN > 128 || kSparseQ || (kPBits && kCausal_));
 #endif
   //   MSA_FMHA_SM90_PINGPONG=3 (session 6, not the default): the token orders the warpgroups' exp2 phases instead
   //     of their GEMM issue. Measured slower (fp8 128 keys 1.136 -> 1.094x bf16, 192 keys 1.206 -> 1.181x; bf16
@@ -258,6 +275,13 @@ struct FmhaTraits {
                                  kFp8 ? GMMA::Major::K : GMMA::Major::MN>(),
       MmaWarpGroups{}));
 
+  // kPBits: the row sum as a GEMM, P (the PV GEMM's A fragment) x a K-major ones tile (8 x kBlockN, e4m3 1.0).
+  using TiledMmaRowSum = decltype(make_tiled_mma(
+      SM90::GMMA::rs_op_selector<Element, Element, float, Shape<Int<kBlockM>, _8, Int<kBlockN>>, GMMA::Major::K,
+                                 GMMA::Major::K>(),
+      MmaWarpGroups{}));
+  using SmemLayoutOnes = decltype(tile_to_shape(GMMA::Layout_K_INTER_Atom<Element>{}, Shape<_8, Int<kBlockN>>{}));
+
   // 128-byte swizzled shared-memory tiles, the layouts wgmma descriptors and TMA both understand.
   using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
                                              Shape<Int<kBlockM>, Int<kHeadDim>>{}));
@@ -308,6 +332,7 @@ struct FmhaTraits {
     alignas(1024) Element smem_k[cosize_v<SmemLayoutK>];
     alignas(1024) Element smem_v[cosize_v<SmemLayoutVt>];
     alignas(128) ElementOut smem_o[kStageO ? kBlockM * kSmemORowStride : 8];
+    alignas(128) Element smem_ones[kPBits ? 8 * kBlockN : 16];  // kPBits: e4m3 1.0 (0x38) everywhere
     alignas(8) uint64_t bar_q;
     alignas(8) uint64_t full_k[kStages];
     alignas(8) uint64_t empty_k[kStages];
