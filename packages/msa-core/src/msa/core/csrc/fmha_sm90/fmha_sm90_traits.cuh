@@ -207,7 +207,9 @@ struct FmhaTraits {
 #elif defined(MSA_FMHA_SM90_ROW_PIPE)
   static constexpr bool kRowPipe = true;
 #else
-  static constexpr bool kRowPipe = kMode_ == kModeO || kMode_ == kModeSparseQ;
+  // fp8 P from its code (kPBits): off (session 12 run 4: non-causal 1.453 -> 1.491x our bf16, causal and sparse-Q
+  // unchanged; its softmax has no MUFU phase for the next row's max chain to hide under).
+  static constexpr bool kRowPipe = (kMode_ == kModeO || kMode_ == kModeSparseQ) && !kPBits;
 #endif
   //   MSA_FMHA_SM90_REG_DIET: fewer registers live across the KV loop (no WorkItem copies held through it, the
   //     epilogue's thread-dependent addresses recomputed per item instead of hoisted out of the persistent loop); the
@@ -215,6 +217,8 @@ struct FmhaTraits {
   //     serialise the wgmmas (C7511) -- this is the headroom the exp2 offload needs.
 #if defined(MSA_FMHA_SM90_REG_DIET)
   static constexpr bool kRegDiet = true;
+#elif defined(MSA_FMHA_SM90_NO_REG_DIET)
+  static constexpr bool kRegDiet = false;
 #else
   // Wide fp8 tiles: no spills in the KV loop only with it. fp8 sparse-Q (128-key blocks): with it and without the
   // ping-pong barrier (below) +6-15% (H200, session 9 run 10: 64/4 S32K 591 -> 671 eff TFLOP/s, 16/1 S128K 582 -> 667,
@@ -242,7 +246,8 @@ struct FmhaTraits {
 #if defined(MSA_FMHA_SM90_PINGPONG)
   static constexpr int kPingPong = MSA_FMHA_SM90_PINGPONG;
 #else
-  static constexpr int kPingPong = (kFp8 && (kBlockN > 128 || kSparseQ)) || kNumMmaWarpGroups == 3 ? 0 : 1;
+  // fp8 sparse-Q with P from its code keeps the barrier (session 12 run 5: suite 745 -> 793 eff TFLOP/s at 64/4 32K).
+  static constexpr int kPingPong = (kFp8 && (kBlockN > 128 || (kSparseQ && !kPBits))) || kNumMmaWarpGroups == 3 ? 0 : 1;
 #endif
   static_assert(kPingPong <= 1 || kNumMmaWarpGroups == 2, "ping-pong modes 2 / 3: two consumer warpgroups");
   static constexpr uint32_t kBarEpilogueBase = kNumMmaWarpGroups == 3 ? 5 : kBarEpilogue0;
