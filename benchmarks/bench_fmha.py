@@ -438,9 +438,26 @@ def print_fp8(results: list) -> None:
             print(f"{name:24s} {impl:22s} {r[2]:9.3f} {r[4]:8.0f} {ratio:11.3f}")
 
 
-def prebuild(directory: str) -> int:
-    """Build every variant the tests and this bench use (bf16 + fp16, d128, causal x paged; bf16 max-score modes;
-    bf16 d256)."""
+def prebuild_variants() -> list:
+    """(dtype, head_dim, causal, paged, mode, head_dim_v, fp8_p) of every module the GPU tests and this bench load:
+    16-bit mode O at head dims 64 / 128 / 256 and the Dqk != Dv pairs the tests use, the 16-bit max-score and sparse-Q
+    modes at d128, fp8 O / sparse-Q (both softmax builds) and the fp8 index pass (62 modules)."""
+    out = []
+    for dt in ("bfloat16", "float16"):
+        out += [(dt, d, c, pg, "o", None, None) for d in (64, 128, 256) for c in (True, False) for pg in (False, True)]
+        out += [(dt, 128, c, pg, m, None, None) for m in ("o_maxscore", "maxscore", "sparse_q") for c in (True, False)
+                for pg in (False, True)]
+    out += [("bfloat16", 128, True, False, "o", 64, None), ("float16", 64, False, True, "o", 128, None),
+            ("bfloat16", 256, True, False, "o", 128, None), ("bfloat16", 128, True, True, "o", 256, None)]
+    for c in (True, False):
+        out += [("float8_e4m3fn", 128, c, False, m, None, p8) for m in ("o", "sparse_q") for p8 in ("code", "exp2")]
+        out.append(("float8_e4m3fn", 128, c, False, "maxscore", None, None))
+    return out
+
+
+def prebuild(directory: str, jobs: int = 2) -> int:
+    """Build every module of :func:`prebuild_variants` (no GPU needed) and copy each to DIR/<variant_tag>.so: the
+    directory a GPU host without the CUTLASS headers loads with ``MSA_FMHA_SM90_PREBUILT=DIR`` (tar it: ~25 MB)."""
     import shutil
     from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
@@ -449,20 +466,18 @@ def prebuild(directory: str) -> int:
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    variants = [(dt, 128, c, pg, "o") for dt in ("bfloat16", "float16") for c in (True, False) for pg in (False, True)]
-    variants += [
-        ("bfloat16", 128, c, pg, m) for m in ("o_maxscore", "maxscore") for c in (True, False) for pg in (False, True)
-    ]
-    variants += [("bfloat16", 256, c, pg, "o") for c in (True, False) for pg in (False, True)]  # --cases d256
 
     def build(v):
-        entry = k90.jit_spec(*v[:4], mode=v[4]).build()
-        shutil.copy(entry.file("module.so"), out / f"{k90.variant_tag(*v)}.so")
-        return k90.variant_tag(*v)
+        dt, hd, causal, paged, mode, dv, fp8_p = v
+        entry = k90.jit_spec(dt, hd, causal, paged, mode=mode, head_dim_v=dv, fp8_p=fp8_p).build()
+        tag = k90.variant_tag(dt, hd, causal, paged, mode, dv, fp8_p)
+        shutil.copy(entry.file("module.so"), out / f"{tag}.so")
+        return tag
 
-    with ThreadPoolExecutor(2) as ex:
-        for tag in ex.map(build, variants):
-            print("built", tag, flush=True)
+    variants = prebuild_variants()
+    with ThreadPoolExecutor(jobs) as ex:
+        for i, tag in enumerate(ex.map(build, variants), 1):
+            print(f"[{i}/{len(variants)}] built {tag}", flush=True)
     return 0
 
 

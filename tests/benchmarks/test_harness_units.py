@@ -248,3 +248,18 @@ def test_results_md_appends_and_tsv_has_exact_columns(tmp_path):
                                  roofline_line="n/a", rows=[row], skipped=["x: y"], mismatches=[])
     text = md.read_text()
     assert text.startswith("# Results\n\nold entry\n") and text.count("- command: `python b.py --dry`") == 2
+
+
+def test_fmha_prebuild_set_is_valid_and_covers_both_fp8_softmax_builds():
+    """bench_fmha.py --prebuild DIR (the module set a GPU host without CUTLASS headers loads): every entry is a spec
+    the JIT accepts, names are unique, and fp8 O / sparse-Q come in both softmax builds."""
+    import bench_fmha
+    from msa.core.kernels import fmha_sm90 as k90
+
+    variants = bench_fmha.prebuild_variants()
+    tags = [k90.variant_tag(dt, hd, c, pg, m, dv, p8) for dt, hd, c, pg, m, dv, p8 in variants]
+    assert len(tags) == len(set(tags)) == 62
+    for dt, hd, c, pg, m, dv, p8 in variants:
+        k90.jit_spec(dt, hd, c, pg, mode=m, head_dim_v=dv, fp8_p=p8)  # raises for a variant that is not built
+    fp8 = {(m, c, p8) for dt, _, c, _, m, _, p8 in variants if dt == "float8_e4m3fn" and m in k90.FP8_P_MODES}
+    assert fp8 == {(m, c, p8) for m in k90.FP8_P_MODES for c in (True, False) for p8 in k90.FP8_P_VARIANTS}
