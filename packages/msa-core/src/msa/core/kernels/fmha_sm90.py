@@ -23,8 +23,9 @@ FP8 e4m3 (q, k, v all ``float8_e4m3fn``): ragged K/V, mode O (+ LSE), bf16 outpu
 
 FP8 softmax (modes O and sparse-Q; :func:`fp8_p_variant`): two builds of each fp8 module. ``"code"`` (fast) writes
 P's e4m3 bits straight from two FMAs per score (the code taken linear in log2 P) and sums the P it used on the tensor
-core: 1.47x / 1.39x our bf16 at B2 H32 S8K non-causal / causal on an H200, O within ~1.2x the exact build's error,
-but its LSE is that of the P it used (up to ~0.07 from the exact LSE where one key dominates a row). ``"exp2"``
+core: 1.52x / 1.45x our bf16 at B2 H32 S8K non-causal / causal on an H200 (exact: 1.23x / 1.14x), O within ~1.2x
+the exact build's error, but its LSE is that of the P it used (within 0.13 of the exact LSE where one key dominates a
+row, typically < 0.04). ``"exp2"``
 (exact) computes P with MUFU.EX2 and the row sums in fp32 (LSE within 2e-3). By default (``$MSA_FP8_SOFTMAX`` =
 ``auto``) a call that returns the LSE runs the exact build and one that does not runs the fast one; ``fast`` /
 ``exact`` force one.
