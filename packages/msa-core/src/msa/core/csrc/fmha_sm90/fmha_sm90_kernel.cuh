@@ -216,48 +216,38 @@ template <int kBlockN>
 using Fp8PFromAcc = Layout<Shape<Shape<Shape<_2, _2>, _2, _2>, _1, Int<kBlockN / 32>>,
                            Stride<Stride<Stride<_1, _4>, _2, _8>, _0, _16>>;
 
-template <int kBlockN, class TA, class TB>
+// kCodes (kPBits): the accumulator holds 1.5 * 2^23 + code per score (OnlineSoftmax, kPBits), whose low byte is P's
+// e4m3 bits: byte moves only (2 IMAD + 1 PRMT per 4 values) instead of the cvt.e4m3x2 pairs.
+template <int kBlockN, bool kCodes = false, class TA, class TB>
 __device__ __forceinline__ void convert_p_fp8(TA const& acc, TB& p) {
   static_assert(decltype(size(acc))::value == 2 * kBlockN / 4 && decltype(size(p))::value == 2 * kBlockN / 4);
   constexpr Fp8PFromAcc<kBlockN> from_acc{};
   uint32_t* dst = reinterpret_cast<uint32_t*>(raw_pointer_cast(p.data()));
   CUTE_UNROLL
   for (int i = 0; i < size(p); i += 4) {
-    // Values i, i+1 (and i+2, i+3) are neighbouring accumulator registers: one cvt.e4m3x2 each.
-    uint16_t lo, hi;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo) : "f"(acc(from_acc(i + 1))), "f"(acc(from_acc(i))));
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi) : "f"(acc(from_acc(i + 3))), "f"(acc(from_acc(i + 2))));
-    dst[i / 4] = uint32_t(lo) | (uint32_t(hi) << 16);
-  }
-}
-
-// kPBits: the accumulator holds 1.5 * 2^23 + code per score (OnlineSoftmax, kPBits); its low byte is P's e4m3 bits.
-// Same fragment mapping as convert_p_fp8, byte moves only (2 IMAD + 1 PRMT per 4 values).
-template <int kBlockN, class TA, class TB>
-__device__ __forceinline__ void convert_p_fp8_bits(TA const& acc, TB& p) {
-  static_assert(decltype(size(acc))::value == 2 * kBlockN / 4 && decltype(size(p))::value == 2 * kBlockN / 4);
-  constexpr Fp8PFromAcc<kBlockN> from_acc{};
-  uint32_t* dst = reinterpret_cast<uint32_t*>(raw_pointer_cast(p.data()));
-  CUTE_UNROLL
-  for (int i = 0; i < size(p); i += 4) {
-    uint32_t lo, hi, d;
+    // Values i, i+1 (and i+2, i+3) are neighbouring accumulator registers.
+    float const x0 = acc(from_acc(i)), x1 = acc(from_acc(i + 1)), x2 = acc(from_acc(i + 2)), x3 = acc(from_acc(i + 3));
+    if constexpr (kCodes) {
+      uint32_t lo, hi, d;
 #if defined(MSA_FMHA_SM90_PACK_PRMT)
-    // (A/B) all three on the ALU pipe (session 12 run 5: 1.49x / 1.38x our bf16 vs 1.52x / 1.45x with the IMADs)
-    asm("prmt.b32 %0, %1, %2, 0x0040;" : "=r"(lo) : "r"(__float_as_uint(acc(from_acc(i)))),
-        "r"(__float_as_uint(acc(from_acc(i + 1)))));
-    asm("prmt.b32 %0, %1, %2, 0x0040;" : "=r"(hi) : "r"(__float_as_uint(acc(from_acc(i + 2)))),
-        "r"(__float_as_uint(acc(from_acc(i + 3)))));
+      // (A/B) all three on the ALU pipe (session 12 run 5: 1.49x / 1.38x our bf16 vs 1.52x / 1.45x with the IMADs)
+      asm("prmt.b32 %0, %1, %2, 0x0040;" : "=r"(lo) : "r"(__float_as_uint(x0)), "r"(__float_as_uint(x1)));
+      asm("prmt.b32 %0, %1, %2, 0x0040;" : "=r"(hi) : "r"(__float_as_uint(x2)), "r"(__float_as_uint(x3)));
 #else
-    // Pairs by an integer multiply-add, which runs on the FMA pipe (the ALU pipe carries the row max's FMNMX):
-    // bits(x1) * 256 + bits(x0) = 0x8B400000 + c1 * 256 + c0 (mod 2^32), whose low half is c0 | c1 << 8 (c0 <= 126:
-    // no carry); then one PRMT per 4 values.
-    asm("mad.lo.u32 %0, %1, 256, %2;" : "=r"(lo) : "r"(__float_as_uint(acc(from_acc(i + 1)))),
-        "r"(__float_as_uint(acc(from_acc(i)))));
-    asm("mad.lo.u32 %0, %1, 256, %2;" : "=r"(hi) : "r"(__float_as_uint(acc(from_acc(i + 3)))),
-        "r"(__float_as_uint(acc(from_acc(i + 2)))));
+      // Pairs by an integer multiply-add, which runs on the FMA pipe (the ALU pipe carries the row max's FMNMX):
+      // bits(x1) * 256 + bits(x0) = 0x8B400000 + c1 * 256 + c0 (mod 2^32), whose low half is c0 | c1 << 8 (c0 <= 126:
+      // no carry); then one PRMT per 4 values.
+      asm("mad.lo.u32 %0, %1, 256, %2;" : "=r"(lo) : "r"(__float_as_uint(x1)), "r"(__float_as_uint(x0)));
+      asm("mad.lo.u32 %0, %1, 256, %2;" : "=r"(hi) : "r"(__float_as_uint(x3)), "r"(__float_as_uint(x2)));
 #endif
-    asm("prmt.b32 %0, %1, %2, 0x5410;" : "=r"(d) : "r"(lo), "r"(hi));
-    dst[i / 4] = d;
+      asm("prmt.b32 %0, %1, %2, 0x5410;" : "=r"(d) : "r"(lo), "r"(hi));
+      dst[i / 4] = d;
+    } else {  // one cvt.e4m3x2 per pair
+      uint16_t lo, hi;
+      asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo) : "f"(x1), "f"(x0));
+      asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi) : "f"(x3), "f"(x2));
+      dst[i / 4] = uint32_t(lo) | (uint32_t(hi) << 16);
+    }
   }
 }
 
@@ -419,27 +409,23 @@ struct OnlineSoftmax {
     for (int mi = 0; mi < kRows; ++mi) { row_sum[mi] = fmaf(tile_sums[mi], factor[mi], row_sum[mi]); }
   }
 
-  // kPBits: as finalize, but row_sum already holds each row's full sum (no quad reduction). A scale that is not > 0
-  // (a non-positive fp8 head scale) gives NaN, as the exp2 path does (FFMA.SAT would otherwise turn it into P = 0).
-  __device__ __forceinline__ void finalize_full(float sm_scale, float (&o_norm)[kRows], float (&lse)[kRows]) {
-    CUTE_UNROLL
-    for (int mi = 0; mi < kRows; ++mi) {
-      float const s = row_sum[mi];
-      bool const empty = !(s > 0.f);
-      o_norm[mi] = !(sm_scale > 0.f) ? __int_as_float(0x7fc00000) : (empty ? 0.f : 1.f / s);
-      lse[mi] = empty ? -INFINITY : row_max[mi] * sm_scale + __logf(s) - float(kLog2PScale) * 0.69314718f;
-    }
-  }
-
   // Returns the factor that normalises O (0 for rows that saw no key) and the natural-log LSE (-inf there).
+  // kPBits: row_sum already holds each row's full sum (no quad reduction), and a scale that is not > 0 (a non-positive
+  // fp8 head scale) gives NaN, as the exp2 path does (FFMA.SAT would otherwise turn it into P = 0).
   __device__ __forceinline__ void finalize(float sm_scale, float (&o_norm)[kRows], float (&lse)[kRows]) {
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {
       float s = row_sum[mi];
-      s += __shfl_xor_sync(0xffffffff, s, 1);
-      s += __shfl_xor_sync(0xffffffff, s, 2);
+      if constexpr (!kPBits) {
+        s += __shfl_xor_sync(0xffffffff, s, 1);
+        s += __shfl_xor_sync(0xffffffff, s, 2);
+      }
       bool const empty = !(s > 0.f);
-      o_norm[mi] = empty ? 0.f : 1.f / s;
+      if constexpr (kPBits) {
+        o_norm[mi] = !(sm_scale > 0.f) ? __int_as_float(0x7fc00000) : (empty ? 0.f : 1.f / s);
+      } else {
+        o_norm[mi] = empty ? 0.f : 1.f / s;
+      }
       lse[mi] = empty ? -INFINITY : row_max[mi] * sm_scale + __logf(s) - float(kLog2PScale) * 0.69314718f;
     }
   }
@@ -972,10 +958,8 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       }
     }();
     auto convert_p = [&] {
-      if constexpr (T::kPBits) {
-        convert_p_fp8_bits<kBlockN>(tSrS, tOrP);
-      } else if constexpr (T::kFp8) {
-        convert_p_fp8<kBlockN>(tSrS, tOrP);
+      if constexpr (T::kFp8) {
+        convert_p_fp8<kBlockN, T::kPBits>(tSrS, tOrP);
       } else {
         convert_fragment(tSrS, tOrP);
       }
@@ -1127,9 +1111,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       Mbar::arrive(&ss.empty_v[rd_v.index]);
       convert_p();
       // Once a row's max has settled the factor is exactly 1 (exp2(0)); most tiles then skip the 64 FMULs.
-      if (__any_sync(0xffffffff, o_rescale[0] != 1.f || o_rescale[1] != 1.f)) {
-        rescale_rows(tOrO, o_rescale);
-      }
+      if (__any_sync(0xffffffff, o_rescale[0] != 1.f || o_rescale[1] != 1.f)) { rescale_rows(tOrO, o_rescale); }
       tl.stamp(7);  // P converted, O rescaled
     };
 
@@ -1164,7 +1146,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       Tensor rs = make_tensor(tRSacc.data(), acc_rowcol(tRSacc.layout()));
       float const one[2] = {1.f, 1.f};
       softmax.add_tile_sums({rs(0, 0), rs(1, 0)}, one);
-      softmax.finalize_full(sm_scale, o_norm, lse);
+      softmax.finalize(sm_scale, o_norm, lse);
     }
     Mbar::arrive(&ss.empty_v[rd.index]);
     rd.advance();
