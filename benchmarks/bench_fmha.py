@@ -359,16 +359,10 @@ def _bench_fp8_case(name, batch, hq, hkv, seqlen, causal, warmup, reps, peers, c
     flops = 4 * d * hq * batch * visible_pairs(seqlen, seqlen, causal)
     def fp8_exact():  # the exact (exp2) softmax build, which calls returning the LSE run (fmha_sm90.fp8_p_variant)
         import os
+        from unittest import mock
 
-        old = os.environ.get(k90.FP8_SOFTMAX_ENV)
-        os.environ[k90.FP8_SOFTMAX_ENV] = "exact"
-        try:
+        with mock.patch.dict(os.environ, {k90.FP8_SOFTMAX_ENV: "exact"}):
             return k90.run(q8, k8, v8, plan, out=out, q_scale=0.5, k_scale=0.5, v_scale=0.5)
-        finally:
-            if old is None:
-                del os.environ[k90.FP8_SOFTMAX_ENV]
-            else:
-                os.environ[k90.FP8_SOFTMAX_ENV] = old
 
     impls = {
         "msa fp8": lambda: k90.run(q8, k8, v8, plan, out=out, q_scale=0.5, k_scale=0.5, v_scale=0.5),

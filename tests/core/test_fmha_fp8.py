@@ -14,7 +14,7 @@ element, which O inherits about 1:1 for random V) before the PV GEMM. LSE |err| 
 sums are fp32 and use the unrounded P). That is the exact (exp2) build, which runs whenever the LSE is returned.
 The fast build (P's e4m3 code from two FMAs, row sums of the P used, on the tensor core): same O bound; its LSE is
 that of the P it used, whose code is off the exact one by at most ~0.96 of a code step (linear-in-log2 mantissa,
-centred, then rounded), i.e. a factor <= 1 +- 0.96 / 8: |err| <= FAST_LSE_ABS + 2e-3 * max(1, |lse|).
+centred, then rounded), i.e. a factor <= 1 +- 0.96 / 8: |err| <= FP8_FAST_LSE_ABS + 2e-3 * max(1, |lse|).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 from msa.core.kernels import fmha_sm90 as k90
-from msa_core_testutil import check_fmha_output, need_kernel
+from msa_core_testutil import FP8_FAST_LSE_ABS, check_fmha_output, need_kernel
 
 FP8 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -410,7 +410,6 @@ def reference(q, k, v, qo_lens, kv_lens, qo_offsets, causal, sm_scale, o_scale):
 
 
 O_BOUND = 5e-2
-FAST_LSE_ABS = 0.13  # -ln(1 - 0.96 / 8): a row dominated by one key whose code is ~one step off
 
 
 def _check(out, lse, ref_o, ref_lse):
@@ -503,7 +502,7 @@ def test_fp8_fast_softmax_matches_fp32_reference(case, monkeypatch):
     monkeypatch.setenv(k90.FP8_SOFTMAX_ENV, "fast")
     out, lse, ref_o, ref_lse = _run(case)
     assert out.dtype == torch.bfloat16
-    check_fmha_output(out, lse, ref_o, ref_lse, O_BOUND, lse_abs=FAST_LSE_ABS)
+    check_fmha_output(out, lse, ref_o, ref_lse, O_BOUND, lse_abs=FP8_FAST_LSE_ABS)
     monkeypatch.setenv(k90.FP8_SOFTMAX_ENV, "auto")
     import msa.core as mc
 
@@ -527,7 +526,7 @@ def test_fp8_split_kv_matches_fp32_reference(name, split, softmax, monkeypatch):
     case = next(c for c in CASES if c[0] == name)
     out, lse, ref_o, ref_lse = _run(case, split_kv=split)
     assert out.dtype == torch.bfloat16
-    check_fmha_output(out, lse, ref_o, ref_lse, O_BOUND, lse_abs=FAST_LSE_ABS if softmax == "fast" else 0.0)
+    check_fmha_output(out, lse, ref_o, ref_lse, O_BOUND, lse_abs=FP8_FAST_LSE_ABS if softmax == "fast" else 0.0)
 
 
 @pytest.mark.gpu
