@@ -165,6 +165,7 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
       0,
       0,
       0,
+      tma_k,  // tma_v_raw: set below for kVtInKernel (never issued otherwise)
   };
   if constexpr (T::kSparseQ) {
     // q viewed as (D, total_q, Hq) -- token and head strides in bytes -- read in (128 bytes of dims, T, G) boxes: one
@@ -222,7 +223,12 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
   auto kernel = fmha_sm90_kernel<T>;
   cudaError_t err = cudaMemsetAsync(a.work_counter, 0, sizeof(int), stream);
   if (err != cudaSuccess) { return err; }
-  if constexpr (T::kFp8 && T::kOutputO) {  // V -> the transposed, key-permuted copy the PV GEMM reads (same stream, first)
+  if constexpr (T::kVtInKernel) {  // V as it is in memory: the kernel transposes each tile in shared memory
+    auto gV = make_tensor(make_gmem_ptr(static_cast<Element const*>(a.v)), shape_k,
+                          make_stride(a.v_stride_0, _1{}, a.v_stride_1));
+    params.tma_v_raw = make_tma_copy(SM90_TMA_LOAD{}, gV, take<0, 2>(typename T::SmemLayoutK{}));
+  }
+  if constexpr (T::kFp8 && T::kOutputO && !T::kVtInKernel) {  // V -> the transposed, key-permuted copy the PV GEMM reads (same stream, first)
     typename T::VtParams vp{static_cast<uint8_t const*>(a.v), a.v_stride_0, a.v_stride_1,
                             static_cast<uint8_t*>(a.vt), a.vt_len, a.vt_tiles};
     fmha_sm90_vt_kernel<T><<<dim3(a.num_vt_tiles, a.num_kv_heads), dim3(256), 0, stream>>>(vp);
@@ -231,8 +237,24 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
   }
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
   if (err != cudaSuccess) { return err; }
-  kernel<<<dim3(num_ctas), dim3(T::kNumThreads), T::kSmemBytes, stream>>>(params);
-  err = cudaGetLastError();
+  if constexpr (T::kFp8 && T::kOutputO && !T::kVtInKernel) {
+    // After the V^T pre-pass: programmatic dependent launch, so this grid's CTAs start (Q / K loads, the first QK^T
+    // and softmax) while the pre-pass drains; the producer waits for the pre-pass grid before its first V^T load.
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(num_ctas);
+    cfg.blockDim = dim3(T::kNumThreads);
+    cfg.dynamicSmemBytes = T::kSmemBytes;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    err = cudaLaunchKernelEx(&cfg, kernel, params);
+  } else {
+    kernel<<<dim3(num_ctas), dim3(T::kNumThreads), T::kSmemBytes, stream>>>(params);
+    err = cudaGetLastError();
+  }
   if (err != cudaSuccess || a.num_combine == 0 || !T::kOutputO) { return err; }
   typename T::CombineParams cp{a.combine,          a.partial_o,        a.partial_lse,
                                static_cast<typename T::ElementOut*>(a.out),
