@@ -528,88 +528,6 @@ __device__ __forceinline__ void apply_mask_sparse(Frag& s, Coord const& coords, 
   }
 }
 
-// kVtInKernel: the raw V stages (SharedStorage::smem_vraw rounded up to the 1024-byte swizzle period).
-template <class T>
-__device__ __forceinline__ typename T::Element* vraw_smem(typename T::SharedStorage& ss) {
-  return reinterpret_cast<typename T::Element*>((reinterpret_cast<uintptr_t>(ss.smem_vraw) + 1023) & ~uintptr_t(1023));
-}
-
-// ------------------------------------------------------------------------------------------------------------
-// kVtInKernel: warps 1-3 of the producer warpgroup turn each raw V stage ([key, dim] bytes, 128-byte rows with the
-// 16-byte chunks XOR-swizzled by key % 8) into the V^T stage the PV GEMM reads ([dim, key'] with the same swizzle by
-// dim % 8, key' = the key order of the P fragment: word j of a 16-key group holds keys 2j, 2j+1, 8+2j, 9+2j).
-// Unit of work (one warp, one instruction each): 16 keys x 32 dims. ldmatrix.x4.trans of byte pairs gives lane t, per
-// 16-dim half, keys 2q, 2q+1 (q = t % 4) of dims 2c, 2c+1 (c = t / 4) from the first 8 keys in one register and the
-// same from keys 8..15 in another; two byte permutes make the V^T words of dims 2c and 2c+1 (word q); stmatrix.x4
-// stores them as four 8-row x 16-byte matrices (row c of a matrix <- lane t's word). Matrix rows alternate the dim
-// parity at row 4 (lanes with c >= 4 swap their two words), so each matrix's rows cover dim % 8 = 0..7: the eight
-// 16-byte rows of a stmatrix land in eight different chunks (no bank conflicts); ldmatrix rows are 8 keys, likewise.
-// Stages follow the producer's V ring (same index and phase); the items come from the work ring like the consumers'.
-// ------------------------------------------------------------------------------------------------------------
-// A/B switches of the in-kernel transpose (session 13): raw V issued with its K tile; units per transposer step.
-#if defined(MSA_FMHA_SM90_VT_LATE)
-constexpr bool kVtEarly = false;
-#else
-constexpr bool kVtEarly = true;
-#endif
-#if defined(MSA_FMHA_SM90_VT_UNROLL)
-constexpr int kVtUnroll = MSA_FMHA_SM90_VT_UNROLL;
-#else
-constexpr int kVtUnroll = 1;
-#endif
-
-template <class T>
-__device__ void vt_transpose_warps(typename T::Params const& p, typename T::SharedStorage& ss, int ttid) {
-  static_assert(T::kBlockN == 128 && T::kHeadDim == 128, "in-kernel V transpose: 128 x 128 fp8 tiles");
-  constexpr int kStageBytes = 128 * 128;
-  int const warp = ttid / 32, lane = ttid % 32;
-  int const m = lane / 8, r = lane % 8;
-  // ldmatrix row of this lane: matrix m = (keys 0-7 | 8-15) x (dims 0-15 | 16-31) of the unit.
-  int const key_off = r + 8 * (m & 1);
-  uint32_t const src_lane = uint32_t(key_off * 128 + ((((m >> 1) ^ (key_off & 7))) << 4));  // + unit chunk below
-  // stmatrix row of this lane: the V^T row (dim within the unit's 32) of row r of matrix m.
-  int const dim_rel = 16 * (m >> 1) + 2 * r + ((r >= 4) != bool(m & 1) ? 1 : 0);
-  uint32_t const dst_lane = uint32_t(dim_rel * 128);
-  int const c = lane / 4;
-  uint32_t const sel_a = c < 4 ? 0x6420u : 0x7531u, sel_b = c < 4 ? 0x7531u : 0x6420u;
-  uint32_t const raw0 = cute::cast_smem_ptr_to_uint(vraw_smem<T>(ss));
-  uint32_t const vt0 = cute::cast_smem_ptr_to_uint(ss.smem_v);
-
-  PipeState<2> sched_rd;
-  PipeState<T::kStages> st;
-  while (true) {
-    int item = 0;
-    WorkItem w{};
-    read_work_ring<T>(p, ss, sched_rd, item, w);
-    if (item >= p.num_work) { break; }
-    if (w.n_block_max <= 0) { continue; }
-    for (int t = w.n_block_max - w.n_block_min; t > 0; --t) {
-      Mbar::wait(&ss.full_vraw[st.index], st.phase);     // V tile landed
-      Mbar::wait(&ss.empty_v[st.index], st.phase ^ 1);   // the consumers are done with this V^T stage
-      uint32_t const raw = raw0 + st.index * kStageBytes, vt = vt0 + st.index * kStageBytes;
-#pragma unroll kVtUnroll
-      for (int u = warp; u < 32; u += 3) {
-        int const g = u & 7, db = u >> 3;  // 16-key group, 32-dim block
-        // Raw: key 16 g + key_off (key % 8 = key_off % 8), 16-byte chunk 2 db + (m >> 1), XOR-swizzled by key % 8.
-        uint32_t const src = raw + g * 2048 + (src_lane ^ uint32_t((2 * db) << 4));
-        uint32_t r0, r1, r2, r3;
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(src) : "memory");
-        uint32_t const w0 = __byte_perm(r0, r1, sel_a), w1 = __byte_perm(r0, r1, sel_b);
-        uint32_t const w2 = __byte_perm(r2, r3, sel_a), w3 = __byte_perm(r2, r3, sel_b);
-        // V^T: row 32 db + dim_rel (dim % 8 = dim_rel % 8), chunk g XOR-swizzled by dim % 8.
-        uint32_t const dst = vt + db * 4096 + dst_lane + (uint32_t(g ^ (dim_rel & 7)) << 4);
-        asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};"
-                     ::"r"(dst), "r"(w0), "r"(w1), "r"(w2), "r"(w3) : "memory");
-      }
-      cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> visible to the PV wgmma (async proxy)
-      Mbar::arrive(&ss.full_v[st.index]);
-      Mbar::arrive(&ss.empty_vraw[st.index]);
-      st.advance();
-    }
-  }
-}
-
 // ------------------------------------------------------------------------------------------------------------
 // Producer: one warp; one elected lane issues every TMA and pipeline operation.
 // ------------------------------------------------------------------------------------------------------------
@@ -619,28 +537,21 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
   constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN, kD = T::kHeadDim, kDV = T::kHeadDimV;
   bool const leader = (threadIdx.x % 32) == 0;  // issues every TMA / pipeline op; lane 0 broadcasts
 
-  Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q), typename T::SmemLayoutQBuf{});
+  Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q), typename T::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(ss.smem_k), typename T::SmemLayoutK{});
   Tensor sVt = make_tensor(make_smem_ptr(ss.smem_v), typename T::SmemLayoutVt{});
   auto tma_q = p.tma_q.get_slice(0);
   auto tma_k = p.tma_k.get_slice(0);
   auto tma_v = p.tma_v.get_slice(0);
-  Tensor tQsQ = tma_q.partition_D(sQ);     // (TMA, 1, 1, buffer)
+  Tensor tQsQ = tma_q.partition_D(sQ);
   Tensor tKsK = tma_k.partition_D(sK);    // (TMA, 1, 1, stage)
   Tensor tVsV = tma_v.partition_D(sVt);   // (TMA, 1, 1, stage)
   Tensor mQ = p.tma_q.get_tma_tensor(p.shape_q);
   Tensor mK = p.tma_k.get_tma_tensor(p.shape_k);
   Tensor mVt = p.tma_v.get_tma_tensor(p.shape_vt);
-  // kVtInKernel: V tiles land as they are in memory (K's layout) in their own stages; warps 1-3 transpose them.
-  Tensor sVraw = make_tensor(make_smem_ptr(vraw_smem<T>(ss)), typename T::SmemLayoutK{});
-  auto tma_vraw = p.tma_v_raw.get_slice(0);
-  Tensor tVsVraw = tma_vraw.partition_D(sVraw);  // (TMA, 1, 1, stage)
-  Tensor mVraw = p.tma_v_raw.get_tma_tensor(p.shape_k);
 
   PipeState<T::kStages> wr;
   wr.phase = 1;  // the first pass over the stages finds them empty
-  PipeState<1> q1_wr;  // kCrossItem: the lookahead Q buffer (1); its first use finds it empty
-  q1_wr.phase = 1;
   PipeState<2> sched_wr;
   sched_wr.phase = 1;
   auto publish = [&](int idx) {  // hand the next work index to the consumers (index >= num_work: stop)
@@ -692,9 +603,6 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
     auto tVgV = [&] {
       if constexpr (T::kPaged) {
         return 0;
-      } else if constexpr (T::kVtInKernel) {
-        return tma_vraw.partition_S(local_tile(domain_offset(make_coord(w.kv_start, _0{}), mVraw(_, _, kv_head)),
-                                               Shape<Int<kBlockN>, Int<kD>>{}, make_coord(_, _0{})));
       } else if constexpr (T::kFp8) {
         return tma_v.partition_S(local_tile(mVt(_, _, kv_head), Shape<Int<kD>, Int<kBlockN>>{}, make_coord(_0{}, _)));
       } else {
@@ -765,20 +673,12 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
       }
     };
     auto load_v = [&](int tile, int n, PipeState<T::kStages> const& s) {
-      if constexpr (T::kFp8 && !T::kVtInKernel) {
+      if constexpr (T::kFp8) {
         // V^T comes from the pre-pass grid this kernel may overlap (programmatic dependent launch): wait for it once.
         if (!vt_visible) {
           asm volatile("griddepcontrol.wait;" ::: "memory");
           vt_visible = true;
         }
-      }
-      if constexpr (T::kVtInKernel) {  // raw stage free once the transposer warps have read it
-        if (leader) {
-          Mbar::wait(&ss.empty_vraw[s.index], s.phase);
-          TxMbar::arrive_and_expect_tx(&ss.full_vraw[s.index], T::kTmaBytesV);
-          copy(p.tma_v_raw.with(ss.full_vraw[s.index]), tVgV(_, _, _, tile), tVsVraw(_, _, _, s.index));
-        }
-        return;
       }
       if (leader) {
         Mbar::wait(&ss.empty_v[s.index], s.phase);
@@ -799,24 +699,10 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
     int const n_min = w.n_block_min;
     int tile = tile_of(n);
     load_k(tile, n, wr);
-    // kVtInKernel: a raw V tile goes out with its K tile (same stage), one tile earlier than a V^T tile would: the
-    // transposer warps need it before the PV GEMM does.
-    if constexpr (T::kVtInKernel && kVtEarly) { load_v(tile, n, wr); }
-    // kCrossItem: Q also goes to the lookahead buffer 1, which only the item's first QK^T reads (issued under the
-    // previous item's last PV / epilogue); free once the previous item's first QK^T has completed.
-    if constexpr (T::kCrossItem) {
-      if (leader) {
-        Mbar::wait(&ss.q_empty[1], q1_wr.phase);
-        TxMbar::arrive_and_expect_tx(&ss.bar_q[1], T::kTmaBytesQ);
-        copy(p.tma_q.with(ss.bar_q[1]), tQgQ, tQsQ(_, _, _, 1));
-      }
-      q1_wr.advance();
-    }
-    // Q of the previous item must be fully consumed (its last QK^T done) before it is overwritten.
+    // Q of the previous tile must be fully consumed (its last QK^T done) before it is overwritten.
     named_barrier_sync(kBarQueryEmpty, T::kNumMmaThreads + 32);
-    uint64_t* const bar_q = &ss.bar_q[0];
     if (leader) {
-      TxMbar::arrive_and_expect_tx(bar_q, T::kTmaBytesQ);
+      TxMbar::arrive_and_expect_tx(&ss.bar_q, T::kTmaBytesQ);
       if constexpr (T::kSparseQ) {
         // (128-byte dims, T tokens, G heads) per box: smem rows g * T + t, one 128-row x 128-byte swizzled slab per
         // box (64 dims of 16-bit Q, 128 of fp8).
@@ -824,21 +710,14 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
         int const tok0 = w.q_start + w.m_block * p.sq_tokens_per_tile;
         CUTE_UNROLL
         for (int c = 0; c < kD / kBoxDims; ++c) {
-          SM90_TMA_LOAD_3D::copy(&p.tma_q_packed, bar_q, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
+          SM90_TMA_LOAD_3D::copy(&p.tma_q_packed, &ss.bar_q, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
                                  ss.smem_q + c * kBlockM * kBoxDims, c * kBoxDims, tok0, w.head);
         }
       } else {
-        copy(p.tma_q.with(*bar_q), tQgQ, tQsQ(_, _, _, 0));
+        copy(p.tma_q.with(ss.bar_q), tQgQ, tQsQ);
       }
     }
-    if constexpr (T::kVtInKernel && kVtEarly) {
-      for (--n; n >= n_min; --n) {
-        wr.advance();
-        tile = tile_of(n);
-        load_k(tile, n, wr);
-        load_v(tile, n, wr);
-      }
-    } else if constexpr (T::kOutputO) {
+    if constexpr (T::kOutputO) {
       // K runs one tile ahead of V: the consumers need K(n) for QK^T while they still use V(n+1).
       for (--n; n >= n_min; --n) {
         PipeState<T::kStages> const wr_v = wr;
@@ -953,26 +832,6 @@ __device__ __forceinline__ void store_tile(typename T::Params const& p, typename
   }
 }
 
-// kCrossItem: an item none of whose rows sees a key (dense): O = 0 and LSE = -inf, stored without an O fragment (the
-// previous item's accumulator is still in use when the consumers meet such an item).
-template <class T>
-__device__ __forceinline__ void store_empty_tile(typename T::Params const& p, WorkItem const& w, int tid) {
-  using Element = typename T::ElementOut;
-  constexpr int kVecPerRow = T::kHeadDimV * int(sizeof(Element)) / 16;
-  int const wg = tid / 128, wg_tid = tid % 128;
-  int const row0 = w.m_block * T::kBlockM + wg * 64;
-  for (int v = wg_tid; v < 64 * kVecPerRow; v += 128) {
-    int const tok = row0 + v / kVecPerRow;
-    if (tok < w.qo_len) {
-      Element* dst = p.out + int64_t(w.q_start + tok) * p.out_stride_token + int64_t(w.head) * p.out_stride_head;
-      reinterpret_cast<uint4*>(dst)[v % kVecPerRow] = make_uint4(0u, 0u, 0u, 0u);
-    }
-  }
-  if (p.lse != nullptr && wg_tid < 64 && row0 + wg_tid < w.qo_len) {
-    p.lse[int64_t(w.q_start + row0 + wg_tid) * p.lse_stride_token + w.head] = -INFINITY;
-  }
-}
-
 // Epilogue of a split-KV piece: normalised fp32 O straight from registers (each quad of lanes writes a row's 32
 // contiguous bytes per store; the combine kernel reads it back from L2) and the natural-log LSE of every row.
 template <class T, class FragO>
@@ -1056,10 +915,10 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
   auto thr_qk = mma_qk.get_thread_slice(tid);
   auto thr_pv = mma_pv.get_thread_slice(tid);
 
-  Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q), typename T::SmemLayoutQBuf{});
+  Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q), typename T::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(ss.smem_k), typename T::SmemLayoutK{});
   Tensor sVt = make_tensor(make_smem_ptr(ss.smem_v), typename T::SmemLayoutVt{});
-  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K, buffer) descriptors
+  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K) descriptors
   Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stage)
   Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stage)
   Tensor tScS = thr_qk.partition_C(make_identity_tensor(select<0, 1>(TileQK{})));  // (row, col) of S values
@@ -1074,15 +933,13 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     named_barrier_sync(kBarVZero, T::kNumMmaThreads);
   }
 
-  // Q starts out free (kCrossItem: the lookahead buffer's q_empty mbarrier starts in the phase the producer waits
-  // past); warpgroup 0 holds the first issue token of the ping-pong.
+  // Q starts out free; warpgroup 0 holds the first issue token of the ping-pong.
   named_barrier_arrive(kBarQueryEmpty, T::kNumMmaThreads + 32);
   if (T::kPingPong != 0 && wg == 0) { named_barrier_arrive(kBarSched0, kPingPongThreads); }
 
   PipeState<T::kStages> rd;
   PipeState<2> sched_rd;
-  PipeState<1> q_rd;   // Q buffer 0 (every QK^T of an item's KV loop)
-  PipeState<1> q1_rd;  // kCrossItem: the lookahead buffer 1 (an item's first QK^T)
+  int q_phase = 0;
 
   // The next work item is read from the producer's ring before the current tile's epilogue, so the load of
   // its descriptor overlaps the epilogue instead of stalling the next tile's start.
@@ -1090,36 +947,13 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
   int item = 0;
   WorkItem w{};
   next_work(item, w);
-  // kCrossItem: S lives across items (the next item's first QK^T is issued before this item's epilogue); otherwise
-  // each item declares its own (tSrS below).
-  Tensor tSrS_x = partition_fragment_C(mma_qk, select<0, 1>(TileQK{}));
-  // kCrossItem: items without keys are written as they are met, so the loop only sees items with keys; then the
-  // first QK^T of the next item is issued on every path (stale Q / K when there is none), only its waits are not.
-  auto skip_empty_items = [&](int& it, WorkItem& wi) {
-    while (it < p.num_work && wi.n_block_max <= 0) {
-      store_empty_tile<T>(p, wi, tid);
-      next_work(it, wi);
-    }
-  };
-  auto issue_first_qk = [&](bool real) {
-    if (real) {
-      Mbar::wait(&ss.bar_q[1], q1_rd.phase);
-      q1_rd.advance();
-      Mbar::wait(&ss.full_k[rd.index], rd.phase);
-    }
-    wg_gemm<true, -1>(mma_qk, tSrQ(_, _, _, _1{}), tSrK(_, _, _, rd.index), tSrS_x);
-  };
-  if constexpr (T::kCrossItem) {
-    skip_empty_items(item, w);
-    issue_first_qk(item < p.num_work);
-  }
   Timeline tl;
   ItemTimeline itl;
   int item_no = 0;  // items this warpgroup has processed (timeline build only)
   bool const tl_on = (tid % 128) == 0;
 
   while (item < p.num_work) {
-  itl.start(tl_on, wg, item_no);
+    itl.start(tl_on, wg, item_no);
     itl.stamp(0);
     itl.value(4, w.n_block_max);
     int next_item = 0;
@@ -1145,7 +979,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       scale_log2 = hs.x * 1.4426950408889634f;
       out_scale = hs.y;
     }
-    if (!T::kCrossItem && w.n_block_max <= 0) {  // no query row of this tile sees a key: O = 0, LSE = -inf
+    if (w.n_block_max <= 0) {  // no query row of this tile sees a key: O = 0, LSE = -inf
       next_work(next_item, next_w);
       clear(tOrO);
       o_norm[0] = o_norm[1] = 0.f;
@@ -1157,14 +991,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       continue;
     }
 
-    Tensor tSrS_item = partition_fragment_C(mma_qk, select<0, 1>(TileQK{}));
-    auto& tSrS = [&]() -> auto& {
-      if constexpr (T::kCrossItem) {
-        return tSrS_x;
-      } else {
-        return tSrS_item;
-      }
-    }();
+    Tensor tSrS = partition_fragment_C(mma_qk, select<0, 1>(TileQK{}));
     Tensor tOrP = [&] {
       if constexpr (T::kFp8) {
         return make_tensor<Element>(Fp8PLayout<kBlockN>{});
@@ -1226,24 +1053,16 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       named_barrier_sync(kBarVZero, T::kNumMmaThreads);
     };
 
-    if constexpr (!T::kCrossItem) {
-      Mbar::wait(&ss.bar_q[0], q_rd.phase);
-      q_rd.advance();
-    }
+    Mbar::wait(&ss.bar_q, q_phase);
+    q_phase ^= 1;
 
     // Last visible KV tile first (it carries the masks).
     int n = w.n_block_max - 1;
     int blk_first = 0;
     uint32_t sel_first = 0;
     if constexpr (T::kSparseQ) { sq_tile(n, blk_first, sel_first); }
-    if constexpr (T::kCrossItem) {  // issued at the end of the previous item (or before the loop)
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(tSrS);
-      Mbar::arrive(&ss.q_empty[1]);  // the lookahead buffer may take the next item's Q
-    } else {
-      Mbar::wait(&ss.full_k[rd.index], rd.phase);
-      wg_gemm<true, 0>(mma_qk, tSrQ(_, _, _, _0{}), tSrK(_, _, _, rd.index), tSrS);
-    }
+    Mbar::wait(&ss.full_k[rd.index], rd.phase);
+    wg_gemm<true, 0>(mma_qk, tSrQ, tSrK(_, _, _, rd.index), tSrS);
     Mbar::arrive(&ss.empty_k[rd.index]);
     if constexpr (T::kSparseQ) {
       if ((blk_first + 1) * kBlockN > sq_lim0) {
@@ -1284,7 +1103,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       tl.stamp(1);  // K(n) landed
       if constexpr (T::kPingPong == 1 || T::kPingPong == 2) { named_barrier_sync(kBarSched0 + wg, kPingPongThreads); }
       tl.stamp(2);  // issue token held
-      wg_gemm<true, -1>(mma_qk, tSrQ(_, _, _, _0{}), tSrK(_, _, _, rd.index), tSrS);
+      wg_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, rd.index), tSrS);
       if constexpr (T::kPingPong == 2) { named_barrier_arrive(kBarSched0 + pingpong_next<T>(wg), kPingPongThreads); }
       Mbar::wait(&ss.full_v[rd_v.index], rd_v.phase);
       issue_pv(rd_v.index);
@@ -1339,10 +1158,6 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       tl.stamp(7);  // P converted, O rescaled
     };
 
-    if constexpr (T::kCrossItem) {  // the KV loop's QK^Ts read Q buffer 0 (loaded once the previous item's loop ended)
-      Mbar::wait(&ss.bar_q[0], q_rd.phase);
-      q_rd.advance();
-    }
     // A split-KV piece covers [n_block_min, n_block_max) only.
     int const n_min = w.n_block_min;
     int const n_mask_lo = max(n_mask_min, n_min);
@@ -1366,15 +1181,9 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
 
     Mbar::wait(&ss.full_v[rd.index], rd.phase);
     issue_pv(rd.index);
-    PipeState<T::kStages> const rd_v = rd;  // V of the last tile
     next_work(next_item, next_w);
-    if constexpr (T::kCrossItem) {
-      rd.advance();  // K of the next item's first tile
-      skip_empty_items(next_item, next_w);
-      issue_first_qk(next_item < p.num_work);
-    }
     if constexpr (!T::kPBits) { softmax.finalize(sm_scale, o_norm, lse); }
-    warpgroup_wait<T::kCrossItem ? 1 : 0>();  // the last PV (kCrossItem: the next QK^T may still run)
+    warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
     if constexpr (T::kPBits) {
       warpgroup_fence_operand(tRSacc);
@@ -1383,8 +1192,8 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       softmax.add_tile_sums({rs(0, 0), rs(1, 0)}, one);
       softmax.finalize(sm_scale, o_norm, lse);
     }
-    Mbar::arrive(&ss.empty_v[rd_v.index]);
-    if constexpr (!T::kCrossItem) { rd.advance(); }
+    Mbar::arrive(&ss.empty_v[rd.index]);
+    rd.advance();
 
     if (w.partial_slot >= 0) {
       store_partial<T>(p, tOrO, o_norm, lse, w, tid);
@@ -1399,7 +1208,6 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     w = next_w;
     ++item_no;
   }
-  if constexpr (T::kCrossItem) { warpgroup_wait<0>(); }  // the stale QK^T issued after the last item
 }
 
 // Fill warps (kFillWarps): warps 1-3 of the producer warpgroup follow the work-index ring like the consumers and
@@ -1436,7 +1244,7 @@ __device__ void consumer_score_only(typename T::Params const& p, typename T::Sha
   using TileQK = typename T::TileQK;
   typename T::TiledMmaQK mma_qk;
   auto thr_qk = mma_qk.get_thread_slice(tid);
-  Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q), typename T::SmemLayoutQ{});  // one buffer (no kCrossItem)
+  Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q), typename T::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(ss.smem_k), typename T::SmemLayoutK{});
   Tensor tSrQ = thr_qk.partition_fragment_A(sQ);
   Tensor tSrK = thr_qk.partition_fragment_B(sK);
@@ -1462,7 +1270,7 @@ __device__ void consumer_score_only(typename T::Params const& p, typename T::Sha
     }
     Tensor tSrS = partition_fragment_C(mma_qk, select<0, 1>(TileQK{}));
     float tile_max[2];
-    Mbar::wait(&ss.bar_q[0], q_phase);
+    Mbar::wait(&ss.bar_q, q_phase);
     q_phase ^= 1;
     int n_mask_min = w.kv_len / kBlockN;
     if constexpr (T::kCausal) {
@@ -1555,7 +1363,7 @@ __global__ void __launch_bounds__(128) fmha_sm90_combine_kernel(CUTE_GRID_CONSTA
 // convert_p_fp8 leaves P). One CTA of 256 threads per (tile, KV head): the tile's kBlockN x D bytes are staged in
 // shared memory by 16-byte rows; then thread (g, d4) reads 4-byte words (4 dims) of the 16 keys of group g, transposes
 // them with byte permutes and writes 4 dims x 16 bytes.
-// Layout choices (session 13: 72 us -> see RESULTS for B2 H32 S8K, whose fp8 causal call it was 6% of):
+// Layout choices (H200, session 13 runs 2-3: B2 H32 S8K 70 -> 33 us = 3.9 TB/s; it was 6% of the fp8 causal call):
 //   * consecutive threads take consecutive key groups g of the same 4 dims, so a warp's store covers whole 128-byte
 //     lines of 4 V^T rows (the first version had each lane write 16 bytes of a different row: 32 lines per store);
 //   * staged word w of key k sits at column w ^ (4 (k / 16) mod kWordsPerRow) (an XOR of whole 16-byte chunks), so the
@@ -1627,7 +1435,6 @@ __global__ void __launch_bounds__(T::kNumThreads, 1) fmha_sm90_kernel(CUTE_GRID_
   if (threadIdx.x == 0) {
     cute::prefetch_tma_descriptor(p.tma_q.get_tma_descriptor());
     if constexpr (T::kSparseQ) { cute::prefetch_tma_descriptor(&p.tma_q_packed); }
-    if constexpr (T::kVtInKernel) { cute::prefetch_tma_descriptor(p.tma_v_raw.get_tma_descriptor()); }
     if constexpr (T::kPaged) {
       cute::prefetch_tma_descriptor(&p.tma_k_page);
       cute::prefetch_tma_descriptor(&p.tma_v_page);
@@ -1635,26 +1442,18 @@ __global__ void __launch_bounds__(T::kNumThreads, 1) fmha_sm90_kernel(CUTE_GRID_
       cute::prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
       cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
     }
-    CUTE_UNROLL
-    for (int b = 0; b < T::kQBuffers; ++b) {
-      Mbar::init(&ss.bar_q[b], 1);
-      if constexpr (T::kCrossItem) { Mbar::init(&ss.q_empty[b], T::kNumMmaThreads); }
-    }
+    Mbar::init(&ss.bar_q, 1);
     CUTE_UNROLL
     for (int s = 0; s < T::kStages; ++s) {
       Mbar::init(&ss.full_k[s], 1);
-      Mbar::init(&ss.full_v[s], T::kVtInKernel ? T::kTransposeThreads : 1);
+      Mbar::init(&ss.full_v[s], 1);
       Mbar::init(&ss.empty_k[s], T::kNumMmaThreads);
       Mbar::init(&ss.empty_v[s], T::kNumMmaThreads);
-      if constexpr (T::kVtInKernel) {
-        Mbar::init(&ss.full_vraw[s], 1);
-        Mbar::init(&ss.empty_vraw[s], T::kTransposeThreads);
-      }
     }
     CUTE_UNROLL
     for (int s = 0; s < 2; ++s) {
       Mbar::init(&ss.sched_full[s], 1);
-      Mbar::init(&ss.sched_empty[s], T::kNumMmaThreads + ((T::kFillWarps || T::kVtInKernel) ? 96 : 0));
+      Mbar::init(&ss.sched_empty[s], T::kNumMmaThreads + (T::kFillWarps ? 96 : 0));
     }
     cutlass::arch::fence_barrier_init();
   }
@@ -1666,8 +1465,6 @@ __global__ void __launch_bounds__(T::kNumThreads, 1) fmha_sm90_kernel(CUTE_GRID_
       producer_warp<T>(p, ss);
     } else if constexpr (T::kFillWarps) {
       fill_warps<T>(p, ss, int(threadIdx.x) - 32);
-    } else if constexpr (T::kVtInKernel) {
-      vt_transpose_warps<T>(p, ss, int(threadIdx.x) - 32);
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<T::kMmaRegs>();

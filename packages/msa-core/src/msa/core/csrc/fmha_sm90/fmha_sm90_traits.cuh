@@ -250,35 +250,6 @@ struct FmhaTraits {
   static constexpr int kPingPong = (kFp8 && (kBlockN > 128 || (kSparseQ && !kPBits))) || kNumMmaWarpGroups == 3 ? 0 : 1;
 #endif
   static_assert(kPingPong <= 1 || kNumMmaWarpGroups == 2, "ping-pong modes 2 / 3: two consumer warpgroups");
-  // Cross-item pipeline (MSA_FMHA_SM90_CROSS_ITEM=1, ragged mode O with two consumer warpgroups): the producer also
-  // loads each item's Q into a lookahead buffer (1) while the previous item runs, and the consumers issue the item's
-  // first QK^T from it right after the previous item's last PV -- it runs on the tensor core under the last PV wait,
-  // the finalize and the epilogue instead of after them (the per-item fill / drain that weighs on causal's short
-  // items); the KV loop reads Q from buffer 0 as before (its descriptors stay compile-time constants: alternating two
-  // buffers by a runtime index cost ~1% per step, session 13 run 1). The QK^T is issued on every path (a stale buffer
-  // when no item follows: ptxas serialises wgmmas whose group state differs between paths, C7518); only the mbarrier
-  // waits are conditional. Items without keys are written (zeros, -inf LSE) before the issue. Buffer 1 is freed through
-  // the q_empty[1] mbarrier, buffer 0 through the kBarQueryEmpty barrier as without the switch.
-#if defined(MSA_FMHA_SM90_CROSS_ITEM)
-  static constexpr bool kCrossItem =
-      MSA_FMHA_SM90_CROSS_ITEM != 0 && kMode_ == kModeO && !kPaged_ && kNumMmaWarpGroups == 2;
-#else
-  static constexpr bool kCrossItem = false;
-#endif
-  static constexpr int kQBuffers = kCrossItem ? 2 : 1;
-  // fp8 V transposed inside the kernel (MSA_FMHA_SM90_VT_IN_KERNEL=1; dense mode O, 128-key tiles, d128): the producer
-  // TMA-loads V tiles as they are in memory ([key, dim], K's shared-memory layout) into their own stages, and warps 1-3
-  // of the producer warpgroup (idle otherwise) transpose each into the K-major, key-permuted V^T stage the PV GEMM
-  // reads (ldmatrix.trans of byte pairs + two byte permutes + stmatrix per 16 keys x 32 dims), replacing the global
-  // V^T pre-pass (a separate kernel that reads and writes all of V: 34 us of a 1.2 ms B2 H32 S8K causal call) and its
-  // workspace.
-#if defined(MSA_FMHA_SM90_VT_IN_KERNEL)
-  static constexpr bool kVtInKernel = MSA_FMHA_SM90_VT_IN_KERNEL != 0 && kFp8 && kMode_ == kModeO && !kPaged_ &&
-                                      kBlockN == 128 && kHeadDim == 128 && kHeadDimV == 128 && kNumMmaWarpGroups == 2;
-#else
-  static constexpr bool kVtInKernel = false;
-#endif
-  static constexpr int kTransposeThreads = 96;  // warps 1-3 of the producer warpgroup
   static constexpr uint32_t kBarEpilogueBase = kNumMmaWarpGroups == 3 ? 5 : kBarEpilogue0;
   static_assert(kPingPong >= 0 && kPingPong <= 3, "MSA_FMHA_SM90_PINGPONG: 0, 1, 2 or 3");
   static constexpr int kNumMmaThreads = 128 * kNumMmaWarpGroups;
@@ -319,9 +290,6 @@ struct FmhaTraits {
   // 128-byte swizzled shared-memory tiles, the layouts wgmma descriptors and TMA both understand.
   using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
                                              Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  // The kQBuffers Q tiles (the consumers' wgmma descriptors index the buffer like a K / V stage).
-  using SmemLayoutQBuf = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
-                                                Shape<Int<kBlockM>, Int<kHeadDim>, Int<kQBuffers>>{}));
   using SmemLayoutK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
                                              Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
   // V^T view (dim, token, stage). 16-bit: same bytes as a K-major [token, dim] tile, read as an MN-major
@@ -365,12 +333,12 @@ struct FmhaTraits {
   static constexpr uint32_t kTmaBytesV = kBlockN * kHeadDimV * sizeof(Element);
 
   struct alignas(1024) SharedStorage {
-    alignas(1024) Element smem_q[cosize_v<SmemLayoutQBuf>];
+    alignas(1024) Element smem_q[cosize_v<SmemLayoutQ>];
     alignas(1024) Element smem_k[cosize_v<SmemLayoutK>];
     alignas(1024) Element smem_v[cosize_v<SmemLayoutVt>];
     alignas(128) ElementOut smem_o[kStageO ? kBlockM * kSmemORowStride : 8];
     alignas(128) Element smem_ones[kPBits ? 8 * kBlockN : 16];  // kPBits: e4m3 1.0 (0x38) everywhere
-    alignas(8) uint64_t bar_q[kQBuffers];
+    alignas(8) uint64_t bar_q;
     alignas(8) uint64_t full_k[kStages];
     alignas(8) uint64_t empty_k[kStages];
     alignas(8) uint64_t full_v[kStages];
@@ -380,12 +348,6 @@ struct FmhaTraits {
     alignas(8) uint64_t sched_empty[2];
     int sched_item[2];
     float pin_scratch[kNumMmaThreads];  // write-only sink that orders the softmax before the PV wait
-    alignas(8) uint64_t q_empty[kQBuffers];  // kCrossItem: the consumers' last QK^T of the buffer's item is done
-    // kVtInKernel: V tiles as loaded ([key, dim], K's layout; the kernel rounds the address up to 1024 bytes), the TMA's
-    // barriers and the transposer warps' release of each stage.
-    alignas(8) uint64_t full_vraw[kVtInKernel ? kStages : 1];
-    alignas(8) uint64_t empty_vraw[kVtInKernel ? kStages : 1];
-    alignas(128) Element smem_vraw[kVtInKernel ? cosize_v<SmemLayoutK> + 1024 : 16];
   };
   // + 1024 so the kernel can round the dynamic shared-memory base up to the 1024-byte swizzle alignment.
   static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;
@@ -447,7 +409,6 @@ struct FmhaTraits {
     int tiles_per_page;  // max(1, P / kBlockN)
     int page_shift;            // log2(P)
     int tiles_per_page_shift;  // log2(tiles_per_page)
-    TmaK tma_v_raw;  // kVtInKernel: V as it is in memory, (token, dim, head) like k
   };
 
   struct CombineParams {
