@@ -545,7 +545,14 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
   auto tma_v = p.tma_v.get_slice(0);
   Tensor tQsQ = tma_q.partition_D(sQ);
   Tensor tKsK = tma_k.partition_D(sK);    // (TMA, 1, 1, stage)
-  Tensor tVsV = tma_v.partition_D(sVt);   // (TMA, 1, 1, stage)
+  // (TMA, 1, 1, stage); kPvRowSum: a stage has 8 more rows than the TMA box, so each stage is addressed in load_v.
+  auto tVsV = [&] {
+    if constexpr (T::kPvRowSum) {
+      return 0;
+    } else {
+      return tma_v.partition_D(sVt);
+    }
+  }();
   Tensor mQ = p.tma_q.get_tma_tensor(p.shape_q);
   Tensor mK = p.tma_k.get_tma_tensor(p.shape_k);
   Tensor mVt = p.tma_v.get_tma_tensor(p.shape_vt);
@@ -691,7 +698,12 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
       } else if (leader) {
         // FP8: the transposed copy holds the request's tiles from tile w.reserved on (128-token padded).
         int const v_tile = T::kFp8 ? w.reserved + tile : tile;
-        copy(p.tma_v.with(ss.full_v[s.index]), tVgV(_, _, _, v_tile), tVsV(_, _, _, s.index));
+        if constexpr (T::kPvRowSum) {
+          Tensor sVs = make_tensor(make_smem_ptr(ss.smem_v + s.index * T::kVtStageElems), typename T::SmemLayoutVtTma{});
+          copy(p.tma_v.with(ss.full_v[s.index]), tVgV(_, _, _, v_tile), tma_v.partition_D(sVs));
+        } else {
+          copy(p.tma_v.with(ss.full_v[s.index]), tVgV(_, _, _, v_tile), tVsV(_, _, _, s.index));
+        }
       }
     };
 
@@ -756,9 +768,10 @@ __device__ __forceinline__ void store_tile(typename T::Params const& p, typename
   int const wg = tid / 128, wg_tid = tid % 128;
   typename T::TiledMmaPV mma_pv;
   auto thr = mma_pv.get_thread_slice(tid);
-  Tensor cO = thr.partition_C(make_identity_tensor(Shape<Int<T::kBlockM>, Int<kD>>{}));
+  Tensor cO = thr.partition_C(make_identity_tensor(Shape<Int<T::kBlockM>, Int<T::kPVN>>{}));  // kPvRowSum: + 8 cols
   Tensor orc = make_tensor(o.data(), acc_rowcol(o.layout()));
   Tensor crc = make_tensor(cO.data(), acc_rowcol(cO.layout()));
+  constexpr int kOCols = 2 * (kD / 8);  // rowcol columns of O proper (the row-sum columns follow)
   cutlass::NumericArrayConverter<Element, float, 2> cvt;
   int const row_base = w.m_block * T::kBlockM;
   // Tile row r -> (token index in the request, query head); the token is valid iff < qo_len. Dense: row_base + r of
@@ -795,7 +808,7 @@ __device__ __forceinline__ void store_tile(typename T::Params const& p, typename
       if (row_token(r) < w.qo_len) {
         Element* dst = out_row(r);
         CUTE_UNROLL
-        for (int ni = 0; ni < size<1>(orc); ni += 2) {
+        for (int ni = 0; ni < kOCols; ni += 2) {
           *reinterpret_cast<cutlass::Array<Element, 2>*>(dst + int(get<1>(crc(mi, ni)))) = packed_pair(mi, ni);
         }
       }
@@ -805,7 +818,7 @@ __device__ __forceinline__ void store_tile(typename T::Params const& p, typename
     CUTE_UNROLL
     for (int mi = 0; mi < size<0>(orc); ++mi) {
       CUTE_UNROLL
-      for (int ni = 0; ni < size<1>(orc); ni += 2) {
+      for (int ni = 0; ni < kOCols; ni += 2) {
         int const row = get<0>(crc(mi, ni)), col = get<1>(crc(mi, ni));
         *reinterpret_cast<cutlass::Array<Element, 2>*>(&ss.smem_o[row * kStride + col]) = packed_pair(mi, ni);
       }
@@ -841,15 +854,16 @@ __device__ __forceinline__ void store_partial(typename T::Params const& p, FragO
   constexpr int kD = T::kHeadDimV, kBlockM = T::kBlockM;
   typename T::TiledMmaPV mma_pv;
   auto thr = mma_pv.get_thread_slice(tid);
-  Tensor cO = thr.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kD>>{}));
+  Tensor cO = thr.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<T::kPVN>>{}));  // kPvRowSum: + 8 cols
   Tensor orc = make_tensor(o.data(), acc_rowcol(o.layout()));
   Tensor crc = make_tensor(cO.data(), acc_rowcol(cO.layout()));
+  constexpr int kOCols = 2 * (kD / 8);  // rowcol columns of O proper (the row-sum columns follow)
   float* base = p.partial_o + int64_t(w.partial_slot) * kBlockM * kD;
   CUTE_UNROLL
   for (int mi = 0; mi < size<0>(orc); ++mi) {
     int const row = get<0>(crc(mi, 0));
     CUTE_UNROLL
-    for (int ni = 0; ni < size<1>(orc); ni += 2) {
+    for (int ni = 0; ni < kOCols; ni += 2) {
       float2 const v = make_float2(orc(mi, ni) * o_norm[mi], orc(mi, ni + 1) * o_norm[mi]);
       *reinterpret_cast<float2*>(base + row * kD + int(get<1>(crc(mi, ni)))) = v;
     }
@@ -926,7 +940,15 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
   typename T::TiledMmaRowSum mma_rs;
   auto thr_rs = mma_rs.get_thread_slice(tid);
   Tensor tRSrOnes = thr_rs.partition_fragment_B(make_tensor(make_smem_ptr(ss.smem_ones), typename T::SmemLayoutOnes{}));
-  if constexpr (T::kPBits) {
+  if constexpr (T::kPvRowSum) {  // rows Dv .. Dv + 7 of every V^T stage: e4m3 1.0 (TMA writes only rows 0 .. Dv - 1)
+    constexpr int kOnesWords = 8 * kBlockN / 4;
+    for (int i = tid; i < T::kStages * kOnesWords; i += T::kNumMmaThreads) {
+      uint32_t* stage = reinterpret_cast<uint32_t*>(ss.smem_v + (i / kOnesWords) * T::kVtStageElems);
+      stage[T::kHeadDimV * kBlockN / 4 + i % kOnesWords] = 0x38383838u;
+    }
+    cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> visible to wgmma's async proxy
+    named_barrier_sync(kBarVZero, T::kNumMmaThreads);
+  } else if constexpr (T::kPBits) {
     uint32_t* ones = reinterpret_cast<uint32_t*>(ss.smem_ones);
     for (int i = tid; i < int(sizeof(ss.smem_ones) / 4); i += T::kNumMmaThreads) { ones[i] = 0x38383838u; }
     cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> visible to wgmma's async proxy
@@ -1008,15 +1030,29 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     };
     // PV of the converted P (and, kPBits, its row sums) as one commit group, no wait.
     auto issue_pv = [&](int stage) {
-      if constexpr (T::kPBits) {
+      if constexpr (T::kPBits && !T::kPvRowSum) {
         wg_gemm_pv_rowsum(mma_pv, tOrP, tOrV(_, _, _, stage), tOrO, mma_rs, tRSrOnes, tRSacc);
       } else {
         wg_gemm<false, -1>(mma_pv, tOrP, tOrV(_, _, _, stage), tOrO);
       }
     };
     Softmax softmax{{-INFINITY, -INFINITY}, {0.f, 0.f}};
+    // kPvRowSum: O's columns Dv .. Dv + 7 hold the last PV's row sums (every column of a row the same): add them to the
+    // fp32 sums (factor: the max change since that PV) and zero them for the next PV, which accumulates O on top.
     float o_rescale[2] = {1.f, 1.f};
     float tile_max[2];
+    auto take_fused_row_sums = [&](float const (&factor)[2]) {
+      Tensor orc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
+      constexpr int kRsCol = 2 * (T::kHeadDimV / 8);  // rowcol column of the first extra column (pairs x 8-col chunks)
+      softmax.add_tile_sums({orc(0, kRsCol), orc(1, kRsCol)}, factor);
+      CUTE_UNROLL
+      for (int mi = 0; mi < 2; ++mi) {
+        CUTE_UNROLL
+        // x * 0 (finite sums) rather than a plain 0: an accumulator register set by a move (an integer instruction)
+        // makes ptxas serialise every wgmma of the kernel (C7511, session 8's lesson).
+        for (int c = kRsCol; c < int(size<1>(orc)); ++c) { orc(mi, c) = __fmul_rn(orc(mi, c), 0.f); }
+      }
+    };
 
     // Sparse-Q: offsets of this item's block list and of this thread's mask word (both rows' tokens share it: they
     // differ by 8 within a 16-aligned group), the two rows' bit positions (bits 0-4 and 8-12) and the exclusive key
@@ -1146,7 +1182,9 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       warpgroup_wait<0>();
       tl.stamp(6);  // PV done
       warpgroup_fence_operand(tOrO);
-      if constexpr (T::kPBits) {  // the previous tile's row sums, under the max before this step's update
+      if constexpr (T::kPvRowSum) {  // the previous tile's row sums (O's extra columns), under the max before this step
+        take_fused_row_sums(o_rescale);
+      } else if constexpr (T::kPBits) {  // the previous tile's row sums, under the max before this step's update
         warpgroup_fence_operand(tRSacc);
         Tensor rs = make_tensor(tRSacc.data(), acc_rowcol(tRSacc.layout()));
         softmax.add_tile_sums({rs(0, 0), rs(1, 0)}, o_rescale);
@@ -1185,7 +1223,11 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     if constexpr (!T::kPBits) { softmax.finalize(sm_scale, o_norm, lse); }
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
-    if constexpr (T::kPBits) {
+    if constexpr (T::kPvRowSum) {
+      float const one[2] = {1.f, 1.f};
+      take_fused_row_sums(one);
+      softmax.finalize(sm_scale, o_norm, lse);
+    } else if constexpr (T::kPBits) {
       warpgroup_fence_operand(tRSacc);
       Tensor rs = make_tensor(tRSacc.data(), acc_rowcol(tRSacc.layout()));
       float const one[2] = {1.f, 1.f};

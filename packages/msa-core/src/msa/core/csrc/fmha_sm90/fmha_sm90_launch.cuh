@@ -85,7 +85,7 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
       auto gVt = make_tensor(make_gmem_ptr(static_cast<Element const*>(a.v)), shape_vt,
                              make_stride(_1{}, int64_t(kDV), tile_v, tile_v));
       tma_k = make_tma_copy(SM90_TMA_LOAD{}, gK, take<0, 2>(typename T::SmemLayoutK{}));
-      tma_v = make_tma_copy(SM90_TMA_LOAD{}, gVt, take<0, 2>(typename T::SmemLayoutVt{}));
+      tma_v = make_tma_copy(SM90_TMA_LOAD{}, gVt, typename T::SmemLayoutVtTma{});
     } else if constexpr (T::kFp8 && !T::kOutputO) {
       // fp8 score-only (the index pass): no V. tma_v is encoded over one tile-sized view of k so that the parameter
       // block stays well formed; the kernel never issues it.
@@ -96,7 +96,7 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
       auto gVt = make_tensor(make_gmem_ptr(static_cast<Element const*>(a.k)), shape_vt,
                              make_stride(int64_t(T::kBlockN), _1{}, int64_t(kD) * T::kBlockN));
       tma_k = make_tma_copy(SM90_TMA_LOAD{}, gK, take<0, 2>(typename T::SmemLayoutK{}));
-      tma_v = make_tma_copy(SM90_TMA_LOAD{}, gVt, take<0, 2>(typename T::SmemLayoutVt{}));
+      tma_v = make_tma_copy(SM90_TMA_LOAD{}, gVt, typename T::SmemLayoutVtTma{});
     } else if constexpr (T::kFp8) {
       shape_k = make_shape(int32_t(a.kv_dim0), int32_t(kD), int32_t(a.num_kv_heads));
       shape_vt = make_shape(int32_t(kD), int32_t(a.vt_len), int32_t(a.num_kv_heads));
@@ -105,7 +105,7 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
       auto gVt = make_tensor(make_gmem_ptr(static_cast<Element const*>(a.vt)), shape_vt,
                              make_stride(a.vt_len, _1{}, int64_t(kD) * a.vt_len));
       tma_k = make_tma_copy(SM90_TMA_LOAD{}, gK, take<0, 2>(typename T::SmemLayoutK{}));
-      tma_v = make_tma_copy(SM90_TMA_LOAD{}, gVt, take<0, 2>(typename T::SmemLayoutVt{}));
+      tma_v = make_tma_copy(SM90_TMA_LOAD{}, gVt, typename T::SmemLayoutVtTma{});
     } else {
       shape_k = make_shape(int32_t(a.kv_dim0), int32_t(kD), int32_t(a.num_kv_heads));
       shape_vt = make_shape(int32_t(kDV), int32_t(a.kv_dim0), int32_t(a.num_kv_heads));
@@ -114,7 +114,7 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
       auto gVt = make_tensor(make_gmem_ptr(static_cast<Element const*>(a.v)), shape_vt,
                              make_stride(_1{}, a.v_stride_0, a.v_stride_1));
       tma_k = make_tma_copy(SM90_TMA_LOAD{}, gK, take<0, 2>(typename T::SmemLayoutK{}));
-      tma_v = make_tma_copy(SM90_TMA_LOAD{}, gVt, take<0, 2>(typename T::SmemLayoutVt{}));
+      tma_v = make_tma_copy(SM90_TMA_LOAD{}, gVt, typename T::SmemLayoutVtTma{});
     }
   };
   typename T::TmaK tma_k;

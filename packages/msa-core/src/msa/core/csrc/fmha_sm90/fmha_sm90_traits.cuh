@@ -268,7 +268,19 @@ struct FmhaTraits {
   static_assert(!kSparseQ || (kBlockN == 128 && kHeadDim % 64 == 0), "sparse-Q: 128-key blocks (= pages when paged)");
 
   using TileQK = Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>;  // S = Q K^T : (M, N, K=D)
-  using TilePV = Shape<Int<kBlockM>, Int<kHeadDimV>, Int<kBlockN>>;  // O = P V   : (M, N=Dv, K=BlockN)
+  // kPBits: the row sums ride in the PV GEMM itself -- each V^T stage has 8 extra rows of e4m3 1.0 (written once), so
+  // O's accumulator has 8 extra columns that each hold the tile's row sum (read, added to the fp32 sum and zeroed after
+  // each PV wait: a fresh sum per tile, fp8 wgmma accumulates with ~14 bits) -- one m64n136k32 per k32 slice instead of
+  // an m64n128k32 plus an m64n8k32 that reads the same P registers again. H200, session 13 run 10: B2 H32 S8K causal
+  // 1.495 / 1.497 -> 1.514 / 1.511x our bf16, non-causal 1.549 -> 1.553 / 1.550x. MSA_FMHA_SM90_PV_ROWSUM=0 (A/B)
+  // gives session 12's separate row-sum GEMMs (TiledMmaRowSum).
+#if defined(MSA_FMHA_SM90_PV_ROWSUM)
+  static constexpr bool kPvRowSum = kPBits && MSA_FMHA_SM90_PV_ROWSUM != 0;
+#else
+  static constexpr bool kPvRowSum = kPBits;
+#endif
+  static constexpr int kPVN = kPvRowSum ? kHeadDimV + 8 : kHeadDimV;  // PV GEMM N: Dv (+ 8 row-sum columns)
+  using TilePV = Shape<Int<kBlockM>, Int<kPVN>, Int<kBlockN>>;  // O = P V   : (M, N=Dv (+8), K=BlockN)
   using MmaWarpGroups = Layout<Shape<Int<kNumMmaWarpGroups>, _1, _1>>;  // each warpgroup owns 64 rows
 
   using TiledMmaQK = decltype(make_tiled_mma(
@@ -280,7 +292,8 @@ struct FmhaTraits {
                                  kFp8 ? GMMA::Major::K : GMMA::Major::MN>(),
       MmaWarpGroups{}));
 
-  // kPBits: the row sum as a GEMM, P (the PV GEMM's A fragment) x a K-major ones tile (8 x kBlockN, e4m3 1.0).
+  // kPBits without kPvRowSum (A/B): the row sum as a GEMM, P (the PV GEMM's A fragment) x a K-major ones tile (8 x
+  // kBlockN, e4m3 1.0).
   using TiledMmaRowSum = decltype(make_tiled_mma(
       SM90::GMMA::rs_op_selector<Element, Element, float, Shape<Int<kBlockM>, _8, Int<kBlockN>>, GMMA::Major::K,
                                  GMMA::Major::K>(),
@@ -301,9 +314,14 @@ struct FmhaTraits {
   using SmemLayoutVt = std::conditional_t<
       kFp8,
       decltype(tile_to_shape(Fp8VtAtom{},
-                             Shape<Int<kHeadDimV>, Int<kBlockN>, Int<kStages>>{})),
+                             Shape<Int<kPVN>, Int<kBlockN>, Int<kStages>>{})),
       decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
                              Shape<Int<kHeadDimV>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{}))>;
+  // One stage's V^T as TMA writes it (the first Dv rows of a kPVN-row stage; same swizzle, 1024-byte aligned stages).
+  using SmemLayoutVtTma = std::conditional_t<
+      kFp8, decltype(tile_to_shape(Fp8VtAtom{}, Shape<Int<kHeadDimV>, Int<kBlockN>>{})),
+      decltype(take<0, 2>(SmemLayoutVt{}))>;
+  static constexpr int kVtStageElems = kPVN * kBlockN;
   // Output staging tile, row-major, padded by 16 bytes per row so the fragment stores are conflict-free.
   static constexpr int kSmemORowStride = kHeadDimV + 8;
 
@@ -326,7 +344,7 @@ struct FmhaTraits {
                                       take<0, 2>(SmemLayoutK{})));
   using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{},
                                       make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), ShapeK{}, StrideVt{}),
-                                      take<0, 2>(SmemLayoutVt{})));
+                                      SmemLayoutVtTma{}));
 
   static constexpr uint32_t kTmaBytesQ = kBlockM * kHeadDim * sizeof(Element);
   static constexpr uint32_t kTmaBytesK = kBlockN * kHeadDim * sizeof(Element);
@@ -337,7 +355,7 @@ struct FmhaTraits {
     alignas(1024) Element smem_k[cosize_v<SmemLayoutK>];
     alignas(1024) Element smem_v[cosize_v<SmemLayoutVt>];
     alignas(128) ElementOut smem_o[kStageO ? kBlockM * kSmemORowStride : 8];
-    alignas(128) Element smem_ones[kPBits ? 8 * kBlockN : 16];  // kPBits: e4m3 1.0 (0x38) everywhere
+    alignas(128) Element smem_ones[(kPBits && !kPvRowSum) ? 8 * kBlockN : 16];  // e4m3 1.0 (0x38) everywhere
     alignas(8) uint64_t bar_q;
     alignas(8) uint64_t full_k[kStages];
     alignas(8) uint64_t empty_k[kStages];
