@@ -17,13 +17,15 @@ from 16 to 256: one module per (dtype, head dim, causal, mode), a KV tile filled
 ``qo_offset``) or not, any GQA ratio, optional LSE; modes O, O + max_score, max_score only (``MODES``).
 FP8 e4m3 (q, k, v all ``float8_e4m3fn``): ragged K/V, mode O (+ LSE), bf16 output, per-tensor or per-head
 ``q_scale`` / ``k_scale`` / ``v_scale`` / ``o_scale``; wgmma e4m3 for both GEMMs. Its V goes through a pre-pass
-(launched by the module, same stream) into a plan-owned workspace ``[Hkv, D, 128 * tiles]``: V^T with each
-16-key group permuted to the order in which the kernel's P registers hold the keys. Other combinations raise
+(launched by the module, same stream; the attention kernel follows it as a programmatic dependent launch) into a
+plan-owned workspace ``[Hkv, D, 128 * tiles]``: V^T with each 16-key group permuted to the order in which the kernel's
+P registers hold the keys. Other combinations raise
 :class:`NotImplementedError`. SM100 is refused at plan time (the template set is SM90-only).
 
 FP8 softmax (modes O and sparse-Q; :func:`fp8_p_variant`): two builds of each fp8 module. ``"code"`` (fast) writes
 P's e4m3 bits straight from two FMAs per score (the code taken linear in log2 P) and sums the P it used on the tensor
-core: 1.52x / 1.45x our bf16 at B2 H32 S8K non-causal / causal on an H200 (exact: 1.23x / 1.14x), O within ~1.2x
+core (8 extra columns of the PV GEMM against rows of ones): 1.55x / 1.51x our bf16 at B2 H32 S8K non-causal / causal
+on an H200 (exact: 1.25x / 1.17x), O within ~1.2x
 the exact build's error, but its LSE is that of the P it used (within 0.13 of the exact LSE where one key dominates a
 row, typically < 0.04). ``"exp2"``
 (exact) computes P with MUFU.EX2 and the row sums in fp32 (LSE within 2e-3). By default (``$MSA_FP8_SOFTMAX`` =
