@@ -25,10 +25,9 @@ P registers hold the keys. Other combinations raise
 FP8 softmax (modes O and sparse-Q; :func:`fp8_p_variant`): two builds of each fp8 module. ``"code"`` (fast) writes
 P's e4m3 bits straight from two FMAs per score (the code taken linear in log2 P) and sums the P it used on the tensor
 core (8 extra columns of the PV GEMM against rows of ones): 1.55x / 1.51x our bf16 at B2 H32 S8K non-causal / causal
-on an H200 (exact: 1.25x / 1.17x), O within ~1.2x
-the exact build's error, but its LSE is that of the P it used (within 0.13 of the exact LSE where one key dominates a
-row, typically < 0.04). ``"exp2"``
-(exact) computes P with MUFU.EX2 and the row sums in fp32 (LSE within 2e-3). By default (``$MSA_FP8_SOFTMAX`` =
+on an H200 (exact: 1.25x / 1.17x), O within ~1.2x the exact build's error, but its LSE is that of the P it used
+(within 0.13 of the exact LSE where one key dominates a row, typically < 0.04). ``"exp2"`` (exact) computes P with
+MUFU.EX2 and the row sums in fp32 (LSE within 2e-3). By default (``$MSA_FP8_SOFTMAX`` =
 ``auto``) a call that returns the LSE runs the exact build and one that does not runs the fast one; ``fast`` /
 ``exact`` force one.
 """
@@ -140,6 +139,11 @@ def _fp8_p(dtype: str, mode: str, fp8_p: str | None) -> str | None:
     return fp8_p
 
 
+def fp8_p_builds(dtype: str) -> tuple:
+    """The fp8_p values a preset builds for ``dtype``: both softmax builds for fp8, (None,) otherwise."""
+    return FP8_P_VARIANTS if dtype == DTYPES[FP8_DTYPE] else (None,)
+
+
 def variant_tag(dtype: str, head_dim: int, causal: bool, paged: bool, mode: str = "o",
                 head_dim_v: int | None = None, fp8_p: str | None = None) -> str:
     """Module name; the exact fp8 softmax build of modes O / sparse-Q ends in ``_exp2``."""
@@ -198,7 +202,7 @@ def jit_specs(preset: dict, arch: str) -> list:
         for d in dims
         for causal in (True, False)
         for paged in (False, True)
-        for fp8_p in (FP8_P_VARIANTS if dt == DTYPES[FP8_DTYPE] else (None,))
+        for fp8_p in fp8_p_builds(dt)
         if not (paged and dt == DTYPES[FP8_DTYPE]) and (d in HEAD_DIMS_OTHER_MODES or dt != DTYPES[FP8_DTYPE])
     ]
     # The MSA index pass (score-only, ragged index K, d128): a warmed store for an offline host must hold it too.

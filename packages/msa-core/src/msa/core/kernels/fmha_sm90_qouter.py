@@ -353,4 +353,4 @@ def jit_specs(preset: dict, arch: str) -> list:
     dims = [d for d in preset.get("head_dim", list(_k90.HEAD_DIMS_OTHER_MODES)) if d in _k90.HEAD_DIMS_OTHER_MODES]
     return [_k90.jit_spec(dt, d, c, paged, arch, mode=MODE, fp8_p=fp8_p) for dt in dict.fromkeys(dtypes) for d in dims
             for c in (True, False) for paged in (False, True) if not (paged and dt == "float8_e4m3fn")
-            for fp8_p in (_k90.FP8_P_VARIANTS if dt == "float8_e4m3fn" else (None,))]
+            for fp8_p in _k90.fp8_p_builds(dt)]

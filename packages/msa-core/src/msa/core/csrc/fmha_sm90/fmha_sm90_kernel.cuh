@@ -981,17 +981,17 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
   typename T::TiledMmaRowSum mma_rs;
   auto thr_rs = mma_rs.get_thread_slice(tid);
   Tensor tRSrOnes = thr_rs.partition_fragment_B(make_tensor(make_smem_ptr(ss.smem_ones), typename T::SmemLayoutOnes{}));
-  if constexpr (T::kPvRowSum) {  // rows Dv .. Dv + 7 of every V^T stage: e4m3 1.0 (TMA writes only rows 0 .. Dv - 1)
-    constexpr int kOnesWords = 8 * kBlockN / 4;
-    for (int i = tid; i < T::kStages * kOnesWords; i += T::kNumMmaThreads) {
-      uint32_t* stage = reinterpret_cast<uint32_t*>(ss.smem_v + (i / kOnesWords) * T::kVtStageElems);
-      stage[T::kHeadDimV * kBlockN / 4 + i % kOnesWords] = 0x38383838u;
+  if constexpr (T::kPBits) {
+    if constexpr (T::kPvRowSum) {  // rows Dv .. Dv + 7 of every V^T stage (TMA writes only rows 0 .. Dv - 1)
+      constexpr int kOnesWords = 8 * kBlockN / 4;
+      for (int i = tid; i < T::kStages * kOnesWords; i += T::kNumMmaThreads) {
+        uint32_t* stage = reinterpret_cast<uint32_t*>(ss.smem_v + (i / kOnesWords) * T::kVtStageElems);
+        stage[T::kHeadDimV * kBlockN / 4 + i % kOnesWords] = 0x38383838u;  // e4m3 1.0
+      }
+    } else {
+      uint32_t* ones = reinterpret_cast<uint32_t*>(ss.smem_ones);
+      for (int i = tid; i < int(sizeof(ss.smem_ones) / 4); i += T::kNumMmaThreads) { ones[i] = 0x38383838u; }
     }
-    cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> visible to wgmma's async proxy
-    named_barrier_sync(kBarVZero, T::kNumMmaThreads);
-  } else if constexpr (T::kPBits) {
-    uint32_t* ones = reinterpret_cast<uint32_t*>(ss.smem_ones);
-    for (int i = tid; i < int(sizeof(ss.smem_ones) / 4); i += T::kNumMmaThreads) { ones[i] = 0x38383838u; }
     cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> visible to wgmma's async proxy
     named_barrier_sync(kBarVZero, T::kNumMmaThreads);
   }
@@ -1078,20 +1078,27 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       }
     };
     Softmax softmax{{-INFINITY, -INFINITY}, {0.f, 0.f}};
-    // kPvRowSum: O's columns Dv .. Dv + 7 hold the last PV's row sums (every column of a row the same): add them to the
-    // fp32 sums (factor: the max change since that PV) and zero them for the next PV, which accumulates O on top.
     float o_rescale[2] = {1.f, 1.f};
     float tile_max[2];
-    auto take_fused_row_sums = [&](float const (&factor)[2]) {
-      Tensor orc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
-      constexpr int kRsCol = 2 * (T::kHeadDimV / 8);  // rowcol column of the first extra column (pairs x 8-col chunks)
-      softmax.add_tile_sums({orc(0, kRsCol), orc(1, kRsCol)}, factor);
-      CUTE_UNROLL
-      for (int mi = 0; mi < 2; ++mi) {
+    // kPBits, after a PV wait: add that PV's row sums to the fp32 sums (factor: the max change since that PV).
+    // kPvRowSum: they are O's columns Dv .. Dv + 7 (every column of a row the same), zeroed for the next PV, which
+    // accumulates O on top; otherwise the separate row-sum accumulator (zeroed by its own GEMM).
+    auto take_tile_sums = [&](float const (&factor)[2]) {
+      if constexpr (T::kPvRowSum) {
+        Tensor orc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
+        constexpr int kRsCol = 2 * (T::kHeadDimV / 8);  // rowcol column of the first extra column (pairs x chunks)
+        softmax.add_tile_sums({orc(0, kRsCol), orc(1, kRsCol)}, factor);
         CUTE_UNROLL
-        // x * 0 (finite sums) rather than a plain 0: an accumulator register set by a move (an integer instruction)
-        // makes ptxas serialise every wgmma of the kernel (C7511, session 8's lesson).
-        for (int c = kRsCol; c < int(size<1>(orc)); ++c) { orc(mi, c) = __fmul_rn(orc(mi, c), 0.f); }
+        for (int mi = 0; mi < 2; ++mi) {
+          CUTE_UNROLL
+          // x * 0 (finite sums) rather than a plain 0: an accumulator register set by a move (an integer instruction)
+          // makes ptxas serialise every wgmma of the kernel (C7511, session 8's lesson).
+          for (int c = kRsCol; c < int(size<1>(orc)); ++c) { orc(mi, c) = __fmul_rn(orc(mi, c), 0.f); }
+        }
+      } else {
+        warpgroup_fence_operand(tRSacc);
+        Tensor rs = make_tensor(tRSacc.data(), acc_rowcol(tRSacc.layout()));
+        softmax.add_tile_sums({rs(0, 0), rs(1, 0)}, factor);
       }
     };
 
@@ -1223,13 +1230,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       warpgroup_wait<0>();
       tl.stamp(6);  // PV done
       warpgroup_fence_operand(tOrO);
-      if constexpr (T::kPvRowSum) {  // the previous tile's row sums (O's extra columns), under the max before this step
-        take_fused_row_sums(o_rescale);
-      } else if constexpr (T::kPBits) {  // the previous tile's row sums, under the max before this step's update
-        warpgroup_fence_operand(tRSacc);
-        Tensor rs = make_tensor(tRSacc.data(), acc_rowcol(tRSacc.layout()));
-        softmax.add_tile_sums({rs(0, 0), rs(1, 0)}, o_rescale);
-      }
+      if constexpr (T::kPBits) { take_tile_sums(o_rescale); }  // the previous tile's, under the max before this step
       Mbar::arrive(&ss.empty_v[rd_v.index]);
       convert_p();
       // Once a row's max has settled the factor is exactly 1 (exp2(0)); most tiles then skip the 64 FMULs.
@@ -1264,15 +1265,9 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     if constexpr (!T::kPBits) { softmax.finalize(sm_scale, o_norm, lse); }
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
-    if constexpr (T::kPvRowSum) {
+    if constexpr (T::kPBits) {
       float const one[2] = {1.f, 1.f};
-      take_fused_row_sums(one);
-      softmax.finalize(sm_scale, o_norm, lse);
-    } else if constexpr (T::kPBits) {
-      warpgroup_fence_operand(tRSacc);
-      Tensor rs = make_tensor(tRSacc.data(), acc_rowcol(tRSacc.layout()));
-      float const one[2] = {1.f, 1.f};
-      softmax.add_tile_sums({rs(0, 0), rs(1, 0)}, one);
+      take_tile_sums(one);
       softmax.finalize(sm_scale, o_norm, lse);
     }
     Mbar::arrive(&ss.empty_v[rd.index]);
