@@ -121,8 +121,9 @@ struct Timeline {
 
 // Per-item timeline (same diagnostic build): lane 0 of each consumer warpgroup of CTAs [0, kTlCtas) stamps clock64() at
 // kItemPoints points of each of its first kTlItems items: 0 item start (loop head), 1 first tile's softmax done, 2 KV
-// loop done, 3 epilogue done; point 4 holds the item's KV tile count (not a time).
-constexpr int kTlItems = 64, kItemPoints = 5;
+// loop done, 3 epilogue done; point 4 holds the item's KV tile count (not a time); then 5 Q landed, 6 the first K
+// landed, 7 the first S ready, 8 the last V landed (tail), 9 the last PV done, 10 finalize done (epilogue start).
+constexpr int kTlItems = 64, kItemPoints = 11;
 #if defined(MSA_FMHA_SM90_TIMELINE)
 __device__ long long g_fmha_item_timeline[kTlCtas][2][kTlItems][kItemPoints];
 #endif
@@ -148,6 +149,28 @@ struct ItemTimeline {
   __device__ __forceinline__ void value(int, long long) {}
 #endif
 };
+
+// Sparse-Q item boundary (session 14; candidate switches, off unless defined to 1):
+//   MSA_FMHA_SM90_EARLY_Q: each warpgroup releases Q right after its last tile's QK^T completes (inside the last loop
+//     step) instead of after the loop, so the producer's next Q load starts ~one softmax earlier.
+//   MSA_FMHA_SM90_DEFER_O (16-bit direct O): an item's O is written after the next item's first QK^T is issued, so
+//     the epilogue's shuffles and stores run under that GEMM instead of in front of it.
+//   MSA_FMHA_SM90_Q_PREFETCH: the producer prefetches the next item's Q into L2 when it takes the item.
+#if defined(MSA_FMHA_SM90_EARLY_Q)
+constexpr bool kEarlyQFlag = MSA_FMHA_SM90_EARLY_Q != 0;
+#else
+constexpr bool kEarlyQFlag = false;
+#endif
+#if defined(MSA_FMHA_SM90_DEFER_O)
+constexpr bool kDeferOFlag = MSA_FMHA_SM90_DEFER_O != 0;
+#else
+constexpr bool kDeferOFlag = false;
+#endif
+#if defined(MSA_FMHA_SM90_Q_PREFETCH)
+constexpr bool kQPrefetchFlag = MSA_FMHA_SM90_Q_PREFETCH != 0;
+#else
+constexpr bool kQPrefetchFlag = false;
+#endif
 
 using Mbar = cutlass::arch::ClusterBarrier;
 using TxMbar = cutlass::arch::ClusterTransactionBarrier;
@@ -587,6 +610,15 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
     int next = 0;
     if (leader) { next = atomicAdd(p.work_counter, 1) + int(gridDim.x); }
     next = item_at(__shfl_sync(0xffffffff, next, 0));
+    // kQPrefetch: the next item's Q token / head (its descriptor load overlaps this item's first loads).
+    int pf_tok = -1, pf_head = 0;
+    if constexpr (kQPrefetchFlag && T::kSparseQ) {
+      if (leader && next < p.num_work) {
+        WorkItem const wn = load_work(p.work, next);
+        pf_tok = __ldg(p.sq_union_len + next) > 0 ? wn.q_start + wn.m_block * p.sq_tokens_per_tile : -1;
+        pf_head = wn.head;
+      }
+    }
     if (w.n_block_max <= 0) {  // consumers write zeros without any load
       publish(next);
       item = next;
@@ -729,6 +761,15 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
         copy(p.tma_q.with(ss.bar_q), tQgQ, tQsQ);
       }
     }
+    if constexpr (kQPrefetchFlag && T::kSparseQ) {
+      if (leader && pf_tok >= 0) {
+        constexpr int kBoxDims = 128 / int(sizeof(Element));
+        CUTE_UNROLL
+        for (int c = 0; c < kD / kBoxDims; ++c) {
+          SM90_TMA_LOAD_3D::PREFETCH::copy(&p.tma_q_packed, c * kBoxDims, pf_tok, pf_head);
+        }
+      }
+    }
     if constexpr (T::kOutputO) {
       // K runs one tile ahead of V: the consumers need K(n) for QK^T while they still use V(n+1).
       for (--n; n >= n_min; --n) {
@@ -758,10 +799,23 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
 // thread holding column 0 of each row. Staged (default): through a padded smem tile, then 16-byte coalesced
 // stores. Direct (MSA_FMHA_SM90_DIRECT_O): 4 lanes write each row's 16 contiguous bytes per store.
 // ------------------------------------------------------------------------------------------------------------
-template <class T, class FragO>
+// Global stores under a predicate (no branch): the deferred epilogue runs while a wgmma is in flight, and any
+// divergent path there makes ptxas serialise every wgmma of the kernel (C7518).
+__device__ __forceinline__ void st_global_v4_if(void* ptr, uint4 v, bool pred) {
+  asm volatile(
+      "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %5, 0;\n\t@p st.global.v4.b32 [%0], {%1, %2, %3, %4};\n\t}"
+      ::"l"(ptr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(int(pred)) : "memory");
+}
+__device__ __forceinline__ void st_global_f32_if(float* ptr, float v, bool pred) {
+  asm volatile("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %2, 0;\n\t@p st.global.f32 [%0], %1;\n\t}"
+               ::"l"(ptr), "f"(v), "r"(int(pred)) : "memory");
+}
+
+// kPred (16-bit direct O in 16-byte stores only): branch-free, every store under `enable` and its row's validity.
+template <class T, bool kPred = false, class FragO>
 __device__ __forceinline__ void store_tile(typename T::Params const& p, typename T::SharedStorage& ss, FragO& o,
                                            float const (&o_norm)[2], float const (&lse)[2], WorkItem const& w,
-                                           int tid, float out_scale) {
+                                           int tid, float out_scale, bool enable = true) {
   if constexpr (T::kRegDiet) { tid = fresh_consumer_tid(); }
   using Element = typename T::ElementOut;
   constexpr int kD = T::kHeadDimV, kStride = T::kSmemORowStride;
@@ -785,7 +839,7 @@ __device__ __forceinline__ void store_tile(typename T::Params const& p, typename
   };
   auto row_head = [&](int r) {
     if constexpr (T::kSparseQ) {
-      return w.head + r / p.sq_tokens_per_tile;
+      return w.head + (r >> (__ffs(p.sq_tokens_per_tile) - 1));  // a power of two: no integer division
     } else {
       return w.head;
     }
@@ -811,7 +865,53 @@ __device__ __forceinline__ void store_tile(typename T::Params const& p, typename
 #else
   constexpr bool kQuadStore = sizeof(Element) == 2 && kD % 32 == 0;
 #endif
-  if constexpr (!T::kStageO && kQuadStore) {
+#if defined(MSA_FMHA_SM90_O_BATCH)
+  constexpr bool kBatch = MSA_FMHA_SM90_O_BATCH != 0;
+#else
+  constexpr bool kBatch = false;
+#endif
+  if constexpr (!T::kStageO && kQuadStore && kBatch) {
+    // All transposes first, then the stores, one branch per row: with a store between the shuffles of consecutive
+    // chunk groups each group sat in its own divergent region (BRA.DIV / BSSY), so the groups' shuffle latencies
+    // serialised (session 14 run 2: ~1460 cycles per item for this epilogue's arithmetic alone).
+    int const q = int(threadIdx.x) & 3;
+    bool const b1 = (q & 2) != 0, b0 = (q & 1) != 0;
+    constexpr int kRows = decltype(size<0>(orc))::value, kGroups = kD / 32;
+    uint4 vals[kRows][kGroups];
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      CUTE_UNROLL
+      for (int g = 0; g < kGroups; ++g) {
+        uint32_t a[4];
+        CUTE_UNROLL
+        for (int j = 0; j < 4; ++j) {
+          auto const pr = packed_pair(mi, 2 * (4 * g + j));
+          a[j] = reinterpret_cast<uint32_t const&>(pr);
+        }
+        uint32_t const k0 = b1 ? a[2] : a[0], k1 = b1 ? a[3] : a[1];
+        uint32_t const r0 = __shfl_xor_sync(0xffffffffu, b1 ? a[0] : a[2], 2);
+        uint32_t const r1 = __shfl_xor_sync(0xffffffffu, b1 ? a[1] : a[3], 2);
+        uint32_t const m_own = b0 ? k1 : k0, m_p2 = b0 ? r1 : r0;
+        uint32_t const u0 = __shfl_xor_sync(0xffffffffu, b0 ? k0 : k1, 1);
+        uint32_t const u1 = __shfl_xor_sync(0xffffffffu, b0 ? r0 : r1, 1);
+        auto row_word = [&](int x) { return (x & 2) ? ((x & 1) ? u1 : m_p2) : ((x & 1) ? u0 : m_own); };  // x = j ^ q
+        vals[mi][g] = make_uint4(row_word(q), row_word(q ^ 1), row_word(q ^ 2), row_word(q ^ 3));
+      }
+    }
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      int const r = int(get<0>(crc(mi, 0)));
+      uint4* dst = reinterpret_cast<uint4*>(out_row(r)) + q;
+      if constexpr (kPred) {
+        bool const ok = enable && row_token(r) < w.qo_len;
+        CUTE_UNROLL
+        for (int g = 0; g < kGroups; ++g) { st_global_v4_if(dst + 4 * g, vals[mi][g], ok); }
+      } else if (row_token(r) < w.qo_len) {
+        CUTE_UNROLL
+        for (int g = 0; g < kGroups; ++g) { dst[4 * g] = vals[mi][g]; }
+      }
+    }
+  } else if constexpr (!T::kStageO && kQuadStore) {
     int const q = int(threadIdx.x) & 3;
     bool const b1 = (q & 2) != 0, b0 = (q & 1) != 0;
     CUTE_UNROLL
@@ -836,7 +936,11 @@ __device__ __forceinline__ void store_tile(typename T::Params const& p, typename
         uint32_t const u0 = __shfl_xor_sync(0xffffffffu, b0 ? k0 : k1, 1);
         uint32_t const u1 = __shfl_xor_sync(0xffffffffu, b0 ? r0 : r1, 1);
         auto row_word = [&](int x) { return (x & 2) ? ((x & 1) ? u1 : m_p2) : ((x & 1) ? u0 : m_own); };  // x = j ^ q
+#if defined(MSA_FMHA_SM90_DIAG_SKIP_O_STORE)  // diagnostic only: the values are computed, never stored
+        if (valid && p.out == nullptr) {
+#else
         if (valid) {
+#endif
           *reinterpret_cast<uint4*>(dst + 8 * (4 * g + q)) =
               make_uint4(row_word(q), row_word(q ^ 1), row_word(q ^ 2), row_word(q ^ 3));
         }
@@ -875,7 +979,15 @@ __device__ __forceinline__ void store_tile(typename T::Params const& p, typename
       }
     }
   }
-  if (p.lse != nullptr) {
+  if constexpr (kPred) {
+    static_assert(!T::kStageO && kQuadStore && kBatch, "kPred: the batched 16-byte direct-O epilogue only");
+    CUTE_UNROLL
+    for (int mi = 0; mi < size<0>(crc); ++mi) {
+      int const r = int(get<0>(crc(mi, 0)));
+      bool const ok = enable && p.lse != nullptr && int(get<1>(crc(mi, 0))) == 0 && row_token(r) < w.qo_len;
+      st_global_f32_if(p.lse + int64_t(w.q_start + row_token(r)) * p.lse_stride_token + row_head(r), lse[mi], ok);
+    }
+  } else if (p.lse != nullptr) {
     CUTE_UNROLL
     for (int mi = 0; mi < size<0>(crc); ++mi) {
       int const r = int(get<0>(crc(mi, 0)));
@@ -1010,6 +1122,19 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
   int item = 0;
   WorkItem w{};
   next_work(item, w);
+  constexpr bool kEarlyQ = kEarlyQFlag && T::kSparseQ;
+  constexpr bool kDeferO = kDeferOFlag && T::kSparseQ && !T::kStageO && !T::kFp8;
+  // kDeferO: the O fragment lives across items (it holds the previous item's O until that is written).
+  Tensor tOrO_items = partition_fragment_C(mma_pv, select<0, 1>(TilePV{}));
+  bool o_pending = false;
+  WorkItem w_prev{};
+  float prev_norm[2] = {0.f, 0.f}, prev_lse[2] = {0.f, 0.f};
+  auto flush_o = [&](auto& frag) {  // branch-free (it runs under the first QK^T of the next item)
+    if constexpr (kDeferO) {
+      store_tile<T, true>(p, ss, frag, prev_norm, prev_lse, w_prev, tid, p.out_scale, o_pending);
+      o_pending = false;
+    }
+  };
   Timeline tl;
   ItemTimeline itl;
   int item_no = 0;  // items this warpgroup has processed (timeline build only)
@@ -1031,7 +1156,14 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
         continue;
       }
     }
-    Tensor tOrO = partition_fragment_C(mma_pv, select<0, 1>(TilePV{}));
+    Tensor tOrO_item = partition_fragment_C(mma_pv, select<0, 1>(TilePV{}));
+    auto& tOrO = [&]() -> auto& {
+      if constexpr (kDeferO) {
+        return tOrO_items;
+      } else {
+        return tOrO_item;
+      }
+    }();
     Tensor tRSacc = partition_fragment_C(mma_rs, Shape<Int<kBlockM>, _8>{});  // kPBits: row sums (cols all equal)
     float o_norm[2], lse[2];
     // Softmax (natural log) and output scales of this item's head: per head in FP8 mode.
@@ -1044,6 +1176,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     }
     if (w.n_block_max <= 0) {  // no query row of this tile sees a key: O = 0, LSE = -inf
       next_work(next_item, next_w);
+      flush_o(tOrO);
       clear(tOrO);
       o_norm[0] = o_norm[1] = 0.f;
       lse[0] = lse[1] = -INFINITY;
@@ -1139,6 +1272,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
 
     Mbar::wait(&ss.bar_q, q_phase);
     q_phase ^= 1;
+    itl.stamp(5);
 
     // Last visible KV tile first (it carries the masks).
     int n = w.n_block_max - 1;
@@ -1146,7 +1280,19 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     uint32_t sel_first = 0;
     if constexpr (T::kSparseQ) { sq_tile(n, blk_first, sel_first); }
     Mbar::wait(&ss.full_k[rd.index], rd.phase);
-    wg_gemm<true, 0>(mma_qk, tSrQ, tSrK(_, _, _, rd.index), tSrS);
+    itl.stamp(6);
+    if constexpr (kDeferO) {  // the previous item's epilogue runs under this QK^T
+      wg_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, rd.index), tSrS);
+      flush_o(tOrO);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tSrS);
+    } else {
+      wg_gemm<true, 0>(mma_qk, tSrQ, tSrK(_, _, _, rd.index), tSrS);
+    }
+    itl.stamp(7);
+    if constexpr (kEarlyQ) {  // a one-tile item: that was its last QK^T
+      if (n == 0) { named_barrier_arrive(kBarQueryEmpty, T::kNumMmaThreads + 32); }
+    }
     Mbar::arrive(&ss.empty_k[rd.index]);
     if constexpr (T::kSparseQ) {
       if ((blk_first + 1) * kBlockN > sq_lim0) {
@@ -1205,6 +1351,9 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       }
       tl.stamp(4);  // S ready
       warpgroup_fence_operand(tSrS);
+      if constexpr (kEarlyQ) {  // this item's last QK^T has completed: the producer may load the next Q
+        if (n_block == 0) { named_barrier_arrive(kBarQueryEmpty, T::kNumMmaThreads + 32); }
+      }
       Mbar::arrive(&ss.empty_k[rd.index]);
       if constexpr (T::kSparseQ) {
         if ((sq_blk + 1) * kBlockN > sq_lim0) {
@@ -1254,27 +1403,35 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
 
     itl.stamp(2);
     // Every QK^T of this tile has completed: the producer may load the next Q.
-    named_barrier_arrive(kBarQueryEmpty, T::kNumMmaThreads + 32);
+    if constexpr (!kEarlyQ) { named_barrier_arrive(kBarQueryEmpty, T::kNumMmaThreads + 32); }
     // kRegDiet: the epilogue re-reads the item (48 B, L1/L2-resident) instead of keeping its fields in registers
     // through the KV loop, which only needs kv_len / m_block / qo_offset (masked steps).
     if constexpr (T::kRegDiet) { w = load_item<T>(p, item); }
 
     Mbar::wait(&ss.full_v[rd.index], rd.phase);
+    itl.stamp(8);
     issue_pv(rd.index);
     next_work(next_item, next_w);
     if constexpr (!T::kPBits) { softmax.finalize(sm_scale, o_norm, lse); }
     warpgroup_wait<0>();
+    itl.stamp(9);
     warpgroup_fence_operand(tOrO);
     if constexpr (T::kPBits) {
       float const one[2] = {1.f, 1.f};
       take_tile_sums(one);
       softmax.finalize(sm_scale, o_norm, lse);
     }
+    itl.stamp(10);
     Mbar::arrive(&ss.empty_v[rd.index]);
     rd.advance();
 
     if (w.partial_slot >= 0) {
       store_partial<T>(p, tOrO, o_norm, lse, w, tid);
+    } else if constexpr (kDeferO) {  // written after the next item's first QK^T is issued (or after the last item)
+      w_prev = w;
+      prev_norm[0] = o_norm[0], prev_norm[1] = o_norm[1];
+      prev_lse[0] = lse[0], prev_lse[1] = lse[1];
+      o_pending = true;
     } else {
       store_tile<T>(p, ss, tOrO, o_norm, lse, w, tid, out_scale);
     }
@@ -1286,6 +1443,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     w = next_w;
     ++item_no;
   }
+  flush_o(tOrO_items);  // kDeferO: the last item's O
 }
 
 // Fill warps (kFillWarps): warps 1-3 of the producer warpgroup follow the work-index ring like the consumers and
