@@ -150,28 +150,6 @@ struct ItemTimeline {
 #endif
 };
 
-// Sparse-Q item boundary (session 14; candidate switches, off unless defined to 1):
-//   MSA_FMHA_SM90_EARLY_Q: each warpgroup releases Q right after its last tile's QK^T completes (inside the last loop
-//     step) instead of after the loop, so the producer's next Q load starts ~one softmax earlier.
-//   MSA_FMHA_SM90_DEFER_O (16-bit direct O): an item's O is written after the next item's first QK^T is issued, so
-//     the epilogue's shuffles and stores run under that GEMM instead of in front of it.
-//   MSA_FMHA_SM90_Q_PREFETCH: the producer prefetches the next item's Q into L2 when it takes the item.
-#if defined(MSA_FMHA_SM90_EARLY_Q)
-constexpr bool kEarlyQFlag = MSA_FMHA_SM90_EARLY_Q != 0;
-#else
-constexpr bool kEarlyQFlag = false;
-#endif
-#if defined(MSA_FMHA_SM90_DEFER_O)
-constexpr bool kDeferOFlag = MSA_FMHA_SM90_DEFER_O != 0;
-#else
-constexpr bool kDeferOFlag = false;
-#endif
-#if defined(MSA_FMHA_SM90_Q_PREFETCH)
-constexpr bool kQPrefetchFlag = MSA_FMHA_SM90_Q_PREFETCH != 0;
-#else
-constexpr bool kQPrefetchFlag = false;
-#endif
-
 using Mbar = cutlass::arch::ClusterBarrier;
 using TxMbar = cutlass::arch::ClusterTransactionBarrier;
 
@@ -610,15 +588,6 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
     int next = 0;
     if (leader) { next = atomicAdd(p.work_counter, 1) + int(gridDim.x); }
     next = item_at(__shfl_sync(0xffffffff, next, 0));
-    // kQPrefetch: the next item's Q token / head (its descriptor load overlaps this item's first loads).
-    int pf_tok = -1, pf_head = 0;
-    if constexpr (kQPrefetchFlag && T::kSparseQ) {
-      if (leader && next < p.num_work) {
-        WorkItem const wn = load_work(p.work, next);
-        pf_tok = __ldg(p.sq_union_len + next) > 0 ? wn.q_start + wn.m_block * p.sq_tokens_per_tile : -1;
-        pf_head = wn.head;
-      }
-    }
     if (w.n_block_max <= 0) {  // consumers write zeros without any load
       publish(next);
       item = next;
@@ -754,20 +723,16 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
         int const tok0 = w.q_start + w.m_block * p.sq_tokens_per_tile;
         CUTE_UNROLL
         for (int c = 0; c < kD / kBoxDims; ++c) {
-          SM90_TMA_LOAD_3D::copy(&p.tma_q_packed, &ss.bar_q, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
+#if defined(MSA_FMHA_SM90_STREAM_QO)  // candidate: Q (read once) loaded evict-first, so it does not push K / V out of L2
+          constexpr auto kQHint = TMA::CacheHintSm90::EVICT_FIRST;
+#else
+          constexpr auto kQHint = TMA::CacheHintSm90::EVICT_NORMAL;
+#endif
+          SM90_TMA_LOAD_3D::copy(&p.tma_q_packed, &ss.bar_q, static_cast<uint64_t>(kQHint),
                                  ss.smem_q + c * kBlockM * kBoxDims, c * kBoxDims, tok0, w.head);
         }
       } else {
         copy(p.tma_q.with(ss.bar_q), tQgQ, tQsQ);
-      }
-    }
-    if constexpr (kQPrefetchFlag && T::kSparseQ) {
-      if (leader && pf_tok >= 0) {
-        constexpr int kBoxDims = 128 / int(sizeof(Element));
-        CUTE_UNROLL
-        for (int c = 0; c < kD / kBoxDims; ++c) {
-          SM90_TMA_LOAD_3D::PREFETCH::copy(&p.tma_q_packed, c * kBoxDims, pf_tok, pf_head);
-        }
       }
     }
     if constexpr (T::kOutputO) {
@@ -799,23 +764,10 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
 // thread holding column 0 of each row. Staged (default): through a padded smem tile, then 16-byte coalesced
 // stores. Direct (MSA_FMHA_SM90_DIRECT_O): 4 lanes write each row's 16 contiguous bytes per store.
 // ------------------------------------------------------------------------------------------------------------
-// Global stores under a predicate (no branch): the deferred epilogue runs while a wgmma is in flight, and any
-// divergent path there makes ptxas serialise every wgmma of the kernel (C7518).
-__device__ __forceinline__ void st_global_v4_if(void* ptr, uint4 v, bool pred) {
-  asm volatile(
-      "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %5, 0;\n\t@p st.global.v4.b32 [%0], {%1, %2, %3, %4};\n\t}"
-      ::"l"(ptr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(int(pred)) : "memory");
-}
-__device__ __forceinline__ void st_global_f32_if(float* ptr, float v, bool pred) {
-  asm volatile("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %2, 0;\n\t@p st.global.f32 [%0], %1;\n\t}"
-               ::"l"(ptr), "f"(v), "r"(int(pred)) : "memory");
-}
-
-// kPred (16-bit direct O in 16-byte stores only): branch-free, every store under `enable` and its row's validity.
-template <class T, bool kPred = false, class FragO>
+template <class T, class FragO>
 __device__ __forceinline__ void store_tile(typename T::Params const& p, typename T::SharedStorage& ss, FragO& o,
                                            float const (&o_norm)[2], float const (&lse)[2], WorkItem const& w,
-                                           int tid, float out_scale, bool enable = true) {
+                                           int tid, float out_scale) {
   if constexpr (T::kRegDiet) { tid = fresh_consumer_tid(); }
   using Element = typename T::ElementOut;
   constexpr int kD = T::kHeadDimV, kStride = T::kSmemORowStride;
@@ -868,7 +820,9 @@ __device__ __forceinline__ void store_tile(typename T::Params const& p, typename
 #if defined(MSA_FMHA_SM90_O_BATCH)
   constexpr bool kBatch = MSA_FMHA_SM90_O_BATCH != 0;
 #else
-  constexpr bool kBatch = false;
+  // Sparse-Q only: dense bf16 B2 H32 S8K moved within noise (run 3: non-causal -0.9%, causal +1.9%), and its modules
+  // are the denominator of the verified fp8 bar, so they keep the interleaved form.
+  constexpr bool kBatch = T::kSparseQ;
 #endif
   if constexpr (!T::kStageO && kQuadStore && kBatch) {
     // All transposes first, then the stores, one branch per row: with a store between the shuffles of consecutive
@@ -901,14 +855,16 @@ __device__ __forceinline__ void store_tile(typename T::Params const& p, typename
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {
       int const r = int(get<0>(crc(mi, 0)));
-      uint4* dst = reinterpret_cast<uint4*>(out_row(r)) + q;
-      if constexpr (kPred) {
-        bool const ok = enable && row_token(r) < w.qo_len;
+      if (row_token(r) < w.qo_len) {
+        uint4* dst = reinterpret_cast<uint4*>(out_row(r)) + q;
         CUTE_UNROLL
-        for (int g = 0; g < kGroups; ++g) { st_global_v4_if(dst + 4 * g, vals[mi][g], ok); }
-      } else if (row_token(r) < w.qo_len) {
-        CUTE_UNROLL
-        for (int g = 0; g < kGroups; ++g) { dst[4 * g] = vals[mi][g]; }
+        for (int g = 0; g < kGroups; ++g) {
+#if defined(MSA_FMHA_SM90_STREAM_QO)  // candidate: O written with evict-first (streaming) stores
+          __stcs(dst + 4 * g, vals[mi][g]);
+#else
+          dst[4 * g] = vals[mi][g];
+#endif
+        }
       }
     }
   } else if constexpr (!T::kStageO && kQuadStore) {
@@ -936,11 +892,7 @@ __device__ __forceinline__ void store_tile(typename T::Params const& p, typename
         uint32_t const u0 = __shfl_xor_sync(0xffffffffu, b0 ? k0 : k1, 1);
         uint32_t const u1 = __shfl_xor_sync(0xffffffffu, b0 ? r0 : r1, 1);
         auto row_word = [&](int x) { return (x & 2) ? ((x & 1) ? u1 : m_p2) : ((x & 1) ? u0 : m_own); };  // x = j ^ q
-#if defined(MSA_FMHA_SM90_DIAG_SKIP_O_STORE)  // diagnostic only: the values are computed, never stored
-        if (valid && p.out == nullptr) {
-#else
         if (valid) {
-#endif
           *reinterpret_cast<uint4*>(dst + 8 * (4 * g + q)) =
               make_uint4(row_word(q), row_word(q ^ 1), row_word(q ^ 2), row_word(q ^ 3));
         }
@@ -979,15 +931,7 @@ __device__ __forceinline__ void store_tile(typename T::Params const& p, typename
       }
     }
   }
-  if constexpr (kPred) {
-    static_assert(!T::kStageO && kQuadStore && kBatch, "kPred: the batched 16-byte direct-O epilogue only");
-    CUTE_UNROLL
-    for (int mi = 0; mi < size<0>(crc); ++mi) {
-      int const r = int(get<0>(crc(mi, 0)));
-      bool const ok = enable && p.lse != nullptr && int(get<1>(crc(mi, 0))) == 0 && row_token(r) < w.qo_len;
-      st_global_f32_if(p.lse + int64_t(w.q_start + row_token(r)) * p.lse_stride_token + row_head(r), lse[mi], ok);
-    }
-  } else if (p.lse != nullptr) {
+  if (p.lse != nullptr) {
     CUTE_UNROLL
     for (int mi = 0; mi < size<0>(crc); ++mi) {
       int const r = int(get<0>(crc(mi, 0)));
@@ -1122,19 +1066,6 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
   int item = 0;
   WorkItem w{};
   next_work(item, w);
-  constexpr bool kEarlyQ = kEarlyQFlag && T::kSparseQ;
-  constexpr bool kDeferO = kDeferOFlag && T::kSparseQ && !T::kStageO && !T::kFp8;
-  // kDeferO: the O fragment lives across items (it holds the previous item's O until that is written).
-  Tensor tOrO_items = partition_fragment_C(mma_pv, select<0, 1>(TilePV{}));
-  bool o_pending = false;
-  WorkItem w_prev{};
-  float prev_norm[2] = {0.f, 0.f}, prev_lse[2] = {0.f, 0.f};
-  auto flush_o = [&](auto& frag) {  // branch-free (it runs under the first QK^T of the next item)
-    if constexpr (kDeferO) {
-      store_tile<T, true>(p, ss, frag, prev_norm, prev_lse, w_prev, tid, p.out_scale, o_pending);
-      o_pending = false;
-    }
-  };
   Timeline tl;
   ItemTimeline itl;
   int item_no = 0;  // items this warpgroup has processed (timeline build only)
@@ -1156,14 +1087,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
         continue;
       }
     }
-    Tensor tOrO_item = partition_fragment_C(mma_pv, select<0, 1>(TilePV{}));
-    auto& tOrO = [&]() -> auto& {
-      if constexpr (kDeferO) {
-        return tOrO_items;
-      } else {
-        return tOrO_item;
-      }
-    }();
+    Tensor tOrO = partition_fragment_C(mma_pv, select<0, 1>(TilePV{}));
     Tensor tRSacc = partition_fragment_C(mma_rs, Shape<Int<kBlockM>, _8>{});  // kPBits: row sums (cols all equal)
     float o_norm[2], lse[2];
     // Softmax (natural log) and output scales of this item's head: per head in FP8 mode.
@@ -1176,7 +1100,6 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     }
     if (w.n_block_max <= 0) {  // no query row of this tile sees a key: O = 0, LSE = -inf
       next_work(next_item, next_w);
-      flush_o(tOrO);
       clear(tOrO);
       o_norm[0] = o_norm[1] = 0.f;
       lse[0] = lse[1] = -INFINITY;
@@ -1281,18 +1204,8 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     if constexpr (T::kSparseQ) { sq_tile(n, blk_first, sel_first); }
     Mbar::wait(&ss.full_k[rd.index], rd.phase);
     itl.stamp(6);
-    if constexpr (kDeferO) {  // the previous item's epilogue runs under this QK^T
-      wg_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, rd.index), tSrS);
-      flush_o(tOrO);
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(tSrS);
-    } else {
-      wg_gemm<true, 0>(mma_qk, tSrQ, tSrK(_, _, _, rd.index), tSrS);
-    }
+    wg_gemm<true, 0>(mma_qk, tSrQ, tSrK(_, _, _, rd.index), tSrS);
     itl.stamp(7);
-    if constexpr (kEarlyQ) {  // a one-tile item: that was its last QK^T
-      if (n == 0) { named_barrier_arrive(kBarQueryEmpty, T::kNumMmaThreads + 32); }
-    }
     Mbar::arrive(&ss.empty_k[rd.index]);
     if constexpr (T::kSparseQ) {
       if ((blk_first + 1) * kBlockN > sq_lim0) {
@@ -1351,9 +1264,6 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       }
       tl.stamp(4);  // S ready
       warpgroup_fence_operand(tSrS);
-      if constexpr (kEarlyQ) {  // this item's last QK^T has completed: the producer may load the next Q
-        if (n_block == 0) { named_barrier_arrive(kBarQueryEmpty, T::kNumMmaThreads + 32); }
-      }
       Mbar::arrive(&ss.empty_k[rd.index]);
       if constexpr (T::kSparseQ) {
         if ((sq_blk + 1) * kBlockN > sq_lim0) {
@@ -1403,7 +1313,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
 
     itl.stamp(2);
     // Every QK^T of this tile has completed: the producer may load the next Q.
-    if constexpr (!kEarlyQ) { named_barrier_arrive(kBarQueryEmpty, T::kNumMmaThreads + 32); }
+    named_barrier_arrive(kBarQueryEmpty, T::kNumMmaThreads + 32);
     // kRegDiet: the epilogue re-reads the item (48 B, L1/L2-resident) instead of keeping its fields in registers
     // through the KV loop, which only needs kv_len / m_block / qo_offset (masked steps).
     if constexpr (T::kRegDiet) { w = load_item<T>(p, item); }
@@ -1427,11 +1337,6 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
 
     if (w.partial_slot >= 0) {
       store_partial<T>(p, tOrO, o_norm, lse, w, tid);
-    } else if constexpr (kDeferO) {  // written after the next item's first QK^T is issued (or after the last item)
-      w_prev = w;
-      prev_norm[0] = o_norm[0], prev_norm[1] = o_norm[1];
-      prev_lse[0] = lse[0], prev_lse[1] = lse[1];
-      o_pending = true;
     } else {
       store_tile<T>(p, ss, tOrO, o_norm, lse, w, tid, out_scale);
     }
@@ -1443,7 +1348,6 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     w = next_w;
     ++item_no;
   }
-  flush_o(tOrO_items);  // kDeferO: the last item's O
 }
 
 // Fill warps (kFillWarps): warps 1-3 of the producer warpgroup follow the work-index ring like the consumers and
