@@ -819,34 +819,43 @@ __device__ __forceinline__ void store_tile(typename T::Params const& p, typename
   // are the denominator of the verified fp8 bar, so they keep the interleaved form.
   constexpr bool kBatch = T::kSparseQ;
 #endif
+  int const q = int(threadIdx.x) & 3;
+  // kQuadStore: the quad's 4 x 4 transpose of 32-bit words for chunk group g of row mi. quad_words gives lane q the
+  // words of chunk 4 g + q as (own, from q ^ 2, from q ^ 1, from q ^ 3); quad_chunk orders them into its 16 bytes.
+  struct QuadWords {
+    uint32_t own, p2, u0, u1;
+  };
+  auto quad_words = [&](int mi, int g) {
+    bool const b1 = (q & 2) != 0, b0 = (q & 1) != 0;
+    uint32_t a[4];
+    CUTE_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      auto const pr = packed_pair(mi, 2 * (4 * g + j));
+      a[j] = reinterpret_cast<uint32_t const&>(pr);
+    }
+    // Stage 1 (lanes q, q ^ 2): keep chunks 2 b1, 2 b1 + 1 of this row, receive them from row q ^ 2.
+    uint32_t const k0 = b1 ? a[2] : a[0], k1 = b1 ? a[3] : a[1];
+    uint32_t const r0 = __shfl_xor_sync(0xffffffffu, b1 ? a[0] : a[2], 2);
+    uint32_t const r1 = __shfl_xor_sync(0xffffffffu, b1 ? a[1] : a[3], 2);
+    // Stage 2 (lanes q, q ^ 1): keep chunk q (rows q, q ^ 2), receive it from rows q ^ 1, q ^ 3.
+    return QuadWords{b0 ? k1 : k0, b0 ? r1 : r0, __shfl_xor_sync(0xffffffffu, b0 ? k0 : k1, 1),
+                     __shfl_xor_sync(0xffffffffu, b0 ? r0 : r1, 1)};
+  };
+  auto quad_chunk = [&](QuadWords const& t) {
+    auto row_word = [&](int x) { return (x & 2) ? ((x & 1) ? t.u1 : t.p2) : ((x & 1) ? t.u0 : t.own); };  // x = j ^ q
+    return make_uint4(row_word(q), row_word(q ^ 1), row_word(q ^ 2), row_word(q ^ 3));
+  };
   if constexpr (!T::kStageO && kQuadStore && kBatch) {
     // All transposes first, then the stores, one branch per row: with a store between the shuffles of consecutive
     // chunk groups each group sat in its own divergent region (BRA.DIV / BSSY), so the groups' shuffle latencies
     // serialised. H200 (session 14, bf16 sparse-Q 64/4 S32K): this epilogue 2205 -> 1283 cycles per item, item
     // overhead 1.51 -> 1.22 loop steps; issue-8 shapes +1.5-2.5% eff TFLOP/s per clock (run 6).
-    int const q = int(threadIdx.x) & 3;
-    bool const b1 = (q & 2) != 0, b0 = (q & 1) != 0;
     constexpr int kRows = decltype(size<0>(orc))::value, kGroups = kD / 32;
     uint4 vals[kRows][kGroups];
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {
       CUTE_UNROLL
-      for (int g = 0; g < kGroups; ++g) {
-        uint32_t a[4];
-        CUTE_UNROLL
-        for (int j = 0; j < 4; ++j) {
-          auto const pr = packed_pair(mi, 2 * (4 * g + j));
-          a[j] = reinterpret_cast<uint32_t const&>(pr);
-        }
-        uint32_t const k0 = b1 ? a[2] : a[0], k1 = b1 ? a[3] : a[1];
-        uint32_t const r0 = __shfl_xor_sync(0xffffffffu, b1 ? a[0] : a[2], 2);
-        uint32_t const r1 = __shfl_xor_sync(0xffffffffu, b1 ? a[1] : a[3], 2);
-        uint32_t const m_own = b0 ? k1 : k0, m_p2 = b0 ? r1 : r0;
-        uint32_t const u0 = __shfl_xor_sync(0xffffffffu, b0 ? k0 : k1, 1);
-        uint32_t const u1 = __shfl_xor_sync(0xffffffffu, b0 ? r0 : r1, 1);
-        auto row_word = [&](int x) { return (x & 2) ? ((x & 1) ? u1 : m_p2) : ((x & 1) ? u0 : m_own); };  // x = j ^ q
-        vals[mi][g] = make_uint4(row_word(q), row_word(q ^ 1), row_word(q ^ 2), row_word(q ^ 3));
-      }
+      for (int g = 0; g < kGroups; ++g) { vals[mi][g] = quad_chunk(quad_words(mi, g)); }
     }
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {
@@ -858,8 +867,6 @@ __device__ __forceinline__ void store_tile(typename T::Params const& p, typename
       }
     }
   } else if constexpr (!T::kStageO && kQuadStore) {
-    int const q = int(threadIdx.x) & 3;
-    bool const b1 = (q & 2) != 0, b0 = (q & 1) != 0;
     CUTE_UNROLL
     for (int mi = 0; mi < size<0>(orc); ++mi) {
       int const r = int(get<0>(crc(mi, 0)));
@@ -867,25 +874,8 @@ __device__ __forceinline__ void store_tile(typename T::Params const& p, typename
       Element* dst = out_row(r);
       CUTE_UNROLL
       for (int g = 0; g < kD / 32; ++g) {
-        uint32_t a[4];
-        CUTE_UNROLL
-        for (int j = 0; j < 4; ++j) {
-          auto const pr = packed_pair(mi, 2 * (4 * g + j));
-          a[j] = reinterpret_cast<uint32_t const&>(pr);
-        }
-        // Stage 1 (lanes q, q ^ 2): keep chunks 2 b1, 2 b1 + 1 of this row, receive them from row q ^ 2.
-        uint32_t const k0 = b1 ? a[2] : a[0], k1 = b1 ? a[3] : a[1];
-        uint32_t const r0 = __shfl_xor_sync(0xffffffffu, b1 ? a[0] : a[2], 2);
-        uint32_t const r1 = __shfl_xor_sync(0xffffffffu, b1 ? a[1] : a[3], 2);
-        // Stage 2 (lanes q, q ^ 1): keep chunk q (rows q, q ^ 2), receive it from rows q ^ 1, q ^ 3.
-        uint32_t const m_own = b0 ? k1 : k0, m_p2 = b0 ? r1 : r0;
-        uint32_t const u0 = __shfl_xor_sync(0xffffffffu, b0 ? k0 : k1, 1);
-        uint32_t const u1 = __shfl_xor_sync(0xffffffffu, b0 ? r0 : r1, 1);
-        auto row_word = [&](int x) { return (x & 2) ? ((x & 1) ? u1 : m_p2) : ((x & 1) ? u0 : m_own); };  // x = j ^ q
-        if (valid) {
-          *reinterpret_cast<uint4*>(dst + 8 * (4 * g + q)) =
-              make_uint4(row_word(q), row_word(q ^ 1), row_word(q ^ 2), row_word(q ^ 3));
-        }
+        QuadWords const t = quad_words(mi, g);
+        if (valid) { *reinterpret_cast<uint4*>(dst + 8 * (4 * g + q)) = quad_chunk(t); }
       }
     }
   } else if constexpr (!T::kStageO) {
