@@ -42,6 +42,7 @@ from _harness.cases import (  # noqa: E402
     to_paged,
     token_positions,
 )
+from _harness.clocks import ClockSampler  # noqa: E402
 from _harness.impl import Impl, Skip  # noqa: E402
 from _harness.report import Row, TsvWriter, append_results_md, console_header, console_line, plot  # noqa: E402
 from _harness.roofline import Roofline, l2_bytes, measure_roofline  # noqa: E402
@@ -99,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-budget-s", type=float, default=420.0,
                    help="skip the remaining cases after this many seconds (0 = no limit)")
     p.add_argument("--no-graphs", action="store_true", help="never time through CUDA graphs")
+    p.add_argument("--no-clocks", action="store_true",
+                   help="do not sample the SM clock / board power (nvidia-smi) while rows are timed")
     p.add_argument("--no-check", action="store_true", help="skip the output cross-check between rows")
     p.add_argument("--dry", action="store_true", help="CPU dry mode: tiny shapes, minimal repeats (CI)")
     p.add_argument("--seed", type=int, default=1701)
@@ -190,6 +193,10 @@ class Runner:
         self.start = time.perf_counter()
         self.l2 = l2_bytes(device) if device.type == "cuda" else (256 * 1024 if args.dry else 0)
         self.header_printed = False
+        # SM clock / power per row (GPU hosts with nvidia-smi): under long loads the card's clock moves with its
+        # thermal and power state, so a row's TFLOP/s is read next to the clock it ran at.
+        self.clocks = None if (device.type != "cuda" or args.no_clocks) else ClockSampler.start(
+            torch.cuda.current_device() if device.index is None else device.index)
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
     def over_budget(self) -> bool:
@@ -314,7 +321,9 @@ class Runner:
                     log(f"MISMATCH {impl.name}: {check}")
         del res
         try:
+            t_wall0 = time.time()
             timing = measure([p.fn for p in prepared], self.device, self.timer, graph_ok=impl.graph_ok, warm=True)
+            t_wall1 = time.time()
         except OOM as e:
             self.free_memory()
             self.skip(case, impl.name, f"out of memory while timing ({str(e).splitlines()[0][:160]})")
@@ -331,9 +340,16 @@ class Runner:
             pct = 100.0 * gbs / self.roof.copy_gbs if self.roof.copy_gbs else 0.0
         else:
             pct = 100.0 * tflops / self.roof.peak_tflops(dtype) if self.roof.matmul_tflops else 0.0
+        extra = {"series": case.extra.get("series", ""), "timing": timing.mode, "samples": timing.samples}
+        clock = None
+        if self.clocks is not None:
+            time.sleep(0.15)  # nvidia-smi prints its samples with a short lag: let the window's last ones arrive
+            clock = self.clocks.window(t_wall0, t_wall1)
+        if clock is not None:
+            extra["sm_mhz"], extra["power_w"] = round(clock[0]), round(clock[1])
         row = Row(case.section, case.causal, case.q_len, case.kv_len, dtype, case.batch, case.hq, case.hkv, case.d,
                   timing.median_ms, timing.std_ms, tflops, gbs, pct, impl.name, note=impl.note, check=check,
-                  extra={"series": case.extra.get("series", ""), "timing": timing.mode, "samples": timing.samples})
+                  extra=extra)
         self.rows.append(row)
         self.writer.write(row)
         if not self.header_printed:
@@ -342,6 +358,8 @@ class Runner:
         print(console_line(row), flush=True)
         detail = [f"{timing.mode} x{timing.samples}", f"first call {first_s * 1e3:.0f} ms",
                   check]
+        if clock is not None:
+            detail.append(f"SM {clock[0]:.0f} MHz, {clock[1]:.0f} W while timed")
         if impl.note:
             detail.append(impl.note)
         if timing.note:
@@ -648,6 +666,8 @@ def main(argv: list[str] | None = None) -> int:
                 bench.indexer()
     finally:
         writer.close()
+        if runner.clocks is not None:
+            runner.clocks.close()
     rows = runner.rows
     print(f"\n{len(rows)} rows, {len(runner.skipped)} skipped, {len(runner.mismatches)} mismatches, "
           f"{time.perf_counter() - t_start:.0f} s", flush=True)

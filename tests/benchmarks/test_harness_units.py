@@ -263,3 +263,56 @@ def test_fmha_prebuild_set_is_valid_and_covers_both_fp8_softmax_builds():
         k90.jit_spec(dt, hd, c, pg, mode=m, head_dim_v=dv, fp8_p=p8)  # raises for a variant that is not built
     fp8 = {(m, c, p8) for dt, _, c, _, m, _, p8 in variants if dt == "float8_e4m3fn" and m in k90.FP8_P_MODES}
     assert fp8 == {(m, c, p8) for m in k90.FP8_P_MODES for c in (True, False) for p8 in k90.FP8_P_VARIANTS}
+
+
+# -- SM clock / power sampling (benchmarks/_harness/clocks.py) --------------------------------------------------
+
+def test_parse_smi_line_reads_timestamp_clock_power():
+    from _harness.clocks import parse_smi_line
+
+    s = parse_smi_line("2026/11/28 21:00:00.250, 1650, 612.34\n")
+    assert s is not None and s.sm_mhz == 1650.0 and abs(s.power_w - 612.34) < 1e-9
+    s2 = parse_smi_line("2026/11/28 21:00:01.250, 1700, 600.00")
+    assert abs((s2.t - s.t) - 1.0) < 1e-6
+    for bad in ("timestamp, clocks.sm [MHz], power.draw [W]", "2026/11/28 21:00:00.250, [N/A], 600", "", "1, 2"):
+        assert parse_smi_line(bad) is None
+
+
+def test_window_mean_averages_only_the_window():
+    from _harness.clocks import ClockSample, window_mean
+
+    samples = [ClockSample(float(t), 1000.0 + 100 * t, 500.0 + t) for t in range(10)]
+    assert window_mean(samples, 2.0, 4.0) == (1300.0, 503.0)  # t = 2, 3, 4
+    assert window_mean(samples, 20.0, 30.0) is None
+    assert window_mean([], 0.0, 1.0) is None
+
+
+def test_clock_sampler_absent_without_nvidia_smi(monkeypatch):
+    from _harness import clocks
+
+    monkeypatch.setattr(clocks.shutil, "which", lambda name: None)
+    assert clocks.ClockSampler.start() is None
+
+
+def test_clock_sampler_reads_a_stream_and_closes(tmp_path, monkeypatch):
+    import time as _time
+
+    from _harness import clocks
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho '2026/11/28 21:00:00.100, 1600, 650.0'\necho 'garbage'\n"
+                    "echo '2026/11/28 21:00:00.200, 1700, 660.0'\nexec sleep 30\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(clocks.shutil, "which", lambda name: str(fake))
+    sampler = clocks.ClockSampler.start()
+    assert sampler is not None
+    t0 = clocks.parse_smi_line("2026/11/28 21:00:00.000, 0, 0").t
+    deadline = _time.time() + 10
+    got = None
+    while got is None or got[0] != 1650.0:
+        assert _time.time() < deadline, f"sampler did not deliver both samples (got {got})"
+        _time.sleep(0.05)
+        got = sampler.window(t0, t0 + 1.0)
+    assert got == (1650.0, 655.0)
+    sampler.close()
+    assert sampler._proc.poll() is not None  # the background nvidia-smi is gone
