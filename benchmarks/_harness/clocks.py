@@ -12,6 +12,7 @@ annotation then. Samples every ``period_ms``; ``window(t0, t1)`` averages the sa
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import threading
@@ -47,6 +48,18 @@ def window_mean(samples, t0: float, t1: float) -> tuple[float, float] | None:
     return sum(s.sm_mhz for s in xs) / len(xs), sum(s.power_w for s in xs) / len(xs)
 
 
+def smi_id(gpu_index: int, visible: str | None = None) -> str:
+    """nvidia-smi's ``--id`` for torch's ``cuda:gpu_index``: entry ``gpu_index`` of CUDA_VISIBLE_DEVICES (an index or
+    a UUID, both of which nvidia-smi takes) when that is set, else the index itself."""
+    if visible is None:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        ids = [x.strip() for x in visible.split(",") if x.strip()]
+        if 0 <= gpu_index < len(ids):
+            return ids[gpu_index]
+    return str(gpu_index)
+
+
 class ClockSampler:
     def __init__(self, proc: subprocess.Popen):
         self._proc = proc
@@ -57,11 +70,12 @@ class ClockSampler:
 
     @classmethod
     def start(cls, gpu_index: int = 0, period_ms: int = 50) -> ClockSampler | None:
+        """Sample the GPU torch calls ``cuda:gpu_index`` (nvidia-smi ignores CUDA_VISIBLE_DEVICES: mapped here)."""
         exe = shutil.which("nvidia-smi")
         if exe is None:
             return None
         try:
-            proc = subprocess.Popen([exe, f"--id={gpu_index}", "--query-gpu=timestamp,clocks.sm,power.draw",
+            proc = subprocess.Popen([exe, f"--id={smi_id(gpu_index)}", "--query-gpu=timestamp,clocks.sm,power.draw",
                                      "--format=csv,noheader,nounits", "-lms", str(period_ms)],
                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         except OSError:

@@ -316,3 +316,12 @@ def test_clock_sampler_reads_a_stream_and_closes(tmp_path, monkeypatch):
     assert got == (1650.0, 655.0)
     sampler.close()
     assert sampler._proc.poll() is not None  # the background nvidia-smi is gone
+
+
+def test_smi_id_maps_cuda_visible_devices():
+    from _harness.clocks import smi_id
+
+    assert smi_id(0, "") == "0" and smi_id(1, "") == "1"
+    assert smi_id(1, "3,5") == "5"
+    assert smi_id(0, "GPU-1234-abcd") == "GPU-1234-abcd"
+    assert smi_id(2, "3,5") == "2"  # out of range: torch would not see it either; pass the index through
