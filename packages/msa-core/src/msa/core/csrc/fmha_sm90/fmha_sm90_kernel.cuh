@@ -668,9 +668,20 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
       }
     };
     // Called by all lanes (paged: several lanes issue boxes, after the leader's expect_tx).
+    // Diagnostic build only (-DMSA_FMHA_SM90_DIAG_NO_KV_RELOAD, wrong results): an item loads K / V for its first
+    // tile only and reuses whatever the stages hold for the rest -- the same compute without the L2 -> SM traffic.
+#if defined(MSA_FMHA_SM90_DIAG_NO_KV_RELOAD)
+    auto diag_skip = [&](int n) { return n < w.n_block_max - 1; };
+#else
+    auto diag_skip = [&](int) { return false; };
+#endif
     auto load_k = [&](int tile, int n, PipeState<T::kStages> const& s) {
       if (leader) {
         Mbar::wait(&ss.empty_k[s.index], s.phase);
+        if (diag_skip(n)) {
+          Mbar::arrive(&ss.full_k[s.index]);
+          return;
+        }
         TxMbar::arrive_and_expect_tx(&ss.full_k[s.index], T::kTmaBytesK);
       }
       if constexpr (T::kPaged) {
@@ -690,6 +701,10 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
       }
       if (leader) {
         Mbar::wait(&ss.empty_v[s.index], s.phase);
+        if (diag_skip(n)) {
+          Mbar::arrive(&ss.full_v[s.index]);
+          return;
+        }
         TxMbar::arrive_and_expect_tx(&ss.full_v[s.index], T::kTmaBytesV);
       }
       if constexpr (T::kPaged) {
