@@ -325,3 +325,41 @@ def test_smi_id_maps_cuda_visible_devices():
     assert smi_id(1, "3,5") == "5"
     assert smi_id(0, "GPU-1234-abcd") == "GPU-1234-abcd"
     assert smi_id(2, "3,5") == "2"  # out of range: torch would not see it either; pass the index through
+
+
+# -- bench_ab_sparse.py (interleaved A/B of module builds in the bridge call) -------------------------------------
+
+def test_bench_ab_sparse_parsing_and_fixed_selection():
+    import bench_ab_sparse as ab
+
+    assert ab.parse_variants("base=,x=") == [("base", ""), ("x", "")]
+    for bad in ("nolabel", "=dir", "a=,a=", "", "a=/no/such/dir"):
+        with pytest.raises(ValueError, match="--variants"):
+            ab.parse_variants(bad)
+    assert ab.parse_shapes("32768:64:4, 256:4:1") == [(32768, 64, 4), (256, 4, 1)]
+    for bad in ("32768:64", "64:4:1", "1024:6:4", "a:b:c"):
+        with pytest.raises(ValueError, match="--shapes"):
+            ab.parse_shapes(bad)
+    sel = ab.fixed_selection(20 * 128, 2, torch.device("cpu")).tile_ids  # [1, tiles, hkv, 16]
+    assert sel.shape == (1, 20, 2, 16)
+    assert sel[0, 0, 0].tolist() == [0] + [-1] * 15  # tile 0: only its diagonal
+    assert sel[0, 3, 1].tolist() == [0, 1, 2, 3] + [-1] * 12
+    assert sel[0, 19, 0].tolist() == list(range(15)) + [19]
+
+
+def test_bench_ab_sparse_dry_run(capsys):
+    import bench_ab_sparse as ab
+
+    assert ab.main(["--dry", "--variants", "a=,b="]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("S256 4/1")]
+    assert len(lines) == 2 and " a: " in lines[0] and " b: " in lines[1]
+    assert "differs" not in "\n".join(lines)
+
+
+def test_bench_ab_sparse_restores_the_module_loader():
+    import bench_ab_sparse as ab
+    from msa.core.kernels import fmha_sm90 as k90
+
+    before = k90._load_module
+    ab.main(["--dry"])
+    assert k90._load_module is before
