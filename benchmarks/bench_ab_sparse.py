@@ -32,6 +32,8 @@ import torch  # noqa: E402
 from _harness import flops as W  # noqa: E402
 from _harness.cases import TileSelection, random_tile_selection, token_positions  # noqa: E402
 from _harness.clocks import ClockSampler  # noqa: E402
+from _harness.timing import _sync as sync  # noqa: E402
+from _harness.timing import per_call_ms  # noqa: E402
 
 TOPK = 16
 
@@ -110,11 +112,6 @@ def _fmt(x: float) -> str:
     return f"{x:.1f}" if abs(x) >= 1 else f"{x:.3g}"
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_shape(shape, variants, switch, args, device, clocks) -> list[str]:
     import msa.bridge as mb
 
@@ -138,7 +135,7 @@ def run_shape(shape, variants, switch, args, device, clocks) -> list[str]:
         switch.current = label
         for _ in range(2):
             call()
-        _sync(device)
+        sync(device)
         o = out.float().clone()
         if ref is None:
             ref = o
@@ -146,7 +143,7 @@ def run_shape(shape, variants, switch, args, device, clocks) -> list[str]:
             lines.append(f"  {label}: output differs from {variants[0][0]} (max abs {(o - ref).abs().max().item():.3e})")
     t0 = time.perf_counter()
     call()
-    _sync(device)
+    sync(device)
     est_ms = (time.perf_counter() - t0) * 1e3
     calls = max(2, int(args.window_ms / max(est_ms, 1e-3)))
     res = {lab: [] for lab, _ in variants}
@@ -154,21 +151,9 @@ def run_shape(shape, variants, switch, args, device, clocks) -> list[str]:
         for label, _ in (variants if r % 2 == 0 else variants[::-1]):
             switch.current = label
             call()
-            _sync(device)
+            sync(device)
             w0 = time.time()
-            if device.type == "cuda":
-                st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                st.record()
-                for _ in range(calls):
-                    call()
-                en.record()
-                en.synchronize()
-                ms = st.elapsed_time(en) / calls
-            else:
-                h0 = time.perf_counter()
-                for _ in range(calls):
-                    call()
-                ms = (time.perf_counter() - h0) * 1e3 / calls
+            ms = per_call_ms(call, calls, device)
             res[label].append((flops / (ms * 1e-3) / 1e12, w0, time.time()))
     if clocks is not None:
         time.sleep(0.2)  # the last window's samples arrive with a short lag

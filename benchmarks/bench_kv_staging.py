@@ -20,22 +20,15 @@ import statistics
 from functools import partial
 
 import torch
+from _harness.timing import per_call_ms
 
 
 def _time(fn, reps: int, calls: int) -> float:
     for _ in range(2):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(calls):
-            fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / calls)
-    return statistics.median(times)
+    dev = torch.device("cuda")
+    return statistics.median(per_call_ms(fn, calls, dev) for _ in range(reps))
 
 
 def main(argv=None) -> None:

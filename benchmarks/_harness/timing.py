@@ -42,6 +42,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def per_call_ms(fn: Callable[[], object], calls: int, device: torch.device) -> float:
+    """Mean ms per call of ``calls`` back-to-back calls (queued: no sync between them): CUDA events around the batch on
+    a GPU, the host clock elsewhere."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / calls
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
 def _spread(samples: Sequence[float]) -> tuple[float, float]:
     med = statistics.median(samples)
     std = statistics.pstdev(samples) if len(samples) > 1 else 0.0

@@ -363,3 +363,11 @@ def test_bench_ab_sparse_restores_the_module_loader():
     before = k90._load_module
     ab.main(["--dry"])
     assert k90._load_module is before
+
+
+def test_per_call_ms_runs_each_call_once_on_cpu():
+    from _harness.timing import per_call_ms
+
+    n = []
+    ms = per_call_ms(lambda: n.append(1), 7, torch.device("cpu"))
+    assert len(n) == 7 and ms >= 0.0
