@@ -99,40 +99,10 @@ constexpr int kTlCtas = 8, kTlSteps = 48, kTlPoints = 8;
 #if defined(MSA_FMHA_SM90_TIMELINE)
 __device__ long long g_fmha_timeline[kTlCtas][2][kTlSteps][kTlPoints];
 #endif
-struct Timeline {
-#if defined(MSA_FMHA_SM90_TIMELINE)
-  long long* row = nullptr;  // this step's kTlPoints stamps, or nullptr when this thread does not record
-  __device__ __forceinline__ void start(bool on, int wg, int item_no, int step) {
-    row = (on && item_no == 1 && step < kTlSteps && blockIdx.x < kTlCtas) ? g_fmha_timeline[blockIdx.x][wg][step]
-                                                                          : nullptr;
-  }
-  __device__ __forceinline__ void stamp(int point) {
-    if (row != nullptr) {
-      long long t;
-      asm volatile("mov.u64 %0, %%clock64;" : "=l"(t)::"memory");
-      row[point] = t;
-    }
-  }
-#else
-  __device__ __forceinline__ void start(bool, int, int, int) {}
-  __device__ __forceinline__ void stamp(int) {}
-#endif
-};
-
-// Per-item timeline (same diagnostic build): lane 0 of each consumer warpgroup of CTAs [0, kTlCtas) stamps clock64() at
-// kItemPoints points of each of its first kTlItems items: 0 item start (loop head), 1 first tile's softmax done, 2 KV
-// loop done, 3 epilogue done; point 4 holds the item's KV tile count (not a time); then 5 Q landed, 6 the first K
-// landed, 7 the first S ready, 8 the last V landed (tail), 9 the last PV done, 10 finalize done (epilogue start).
-constexpr int kTlItems = 64, kItemPoints = 11;
-#if defined(MSA_FMHA_SM90_TIMELINE)
-__device__ long long g_fmha_item_timeline[kTlCtas][2][kTlItems][kItemPoints];
-#endif
-struct ItemTimeline {
+// One recording thread's row of stamps (nullptr: this thread does not record); shared by both timelines.
+struct TimelineRow {
 #if defined(MSA_FMHA_SM90_TIMELINE)
   long long* row = nullptr;
-  __device__ __forceinline__ void start(bool on, int wg, int item_no) {
-    row = (on && item_no < kTlItems && blockIdx.x < kTlCtas) ? g_fmha_item_timeline[blockIdx.x][wg][item_no] : nullptr;
-  }
   __device__ __forceinline__ void stamp(int point) {
     if (row != nullptr) {
       long long t;
@@ -144,9 +114,36 @@ struct ItemTimeline {
     if (row != nullptr) { row[point] = v; }
   }
 #else
-  __device__ __forceinline__ void start(bool, int, int) {}
   __device__ __forceinline__ void stamp(int) {}
   __device__ __forceinline__ void value(int, long long) {}
+#endif
+};
+struct Timeline : TimelineRow {
+#if defined(MSA_FMHA_SM90_TIMELINE)
+  __device__ __forceinline__ void start(bool on, int wg, int item_no, int step) {
+    row = (on && item_no == 1 && step < kTlSteps && blockIdx.x < kTlCtas) ? g_fmha_timeline[blockIdx.x][wg][step]
+                                                                          : nullptr;
+  }
+#else
+  __device__ __forceinline__ void start(bool, int, int, int) {}
+#endif
+};
+
+// Per-item timeline (same diagnostic build): lane 0 of each consumer warpgroup of CTAs [0, kTlCtas) stamps clock64() at
+// kItemPoints points of each of its first kTlItems items: 0 item start (loop head), 1 first tile's softmax done, 2 KV
+// loop done, 3 epilogue done; point 4 holds the item's KV tile count (not a time); then 5 Q landed, 6 the first K
+// landed, 7 the first S ready, 8 the last V landed (tail), 9 the last PV done, 10 finalize done (epilogue start).
+constexpr int kTlItems = 64, kItemPoints = 11;
+#if defined(MSA_FMHA_SM90_TIMELINE)
+__device__ long long g_fmha_item_timeline[kTlCtas][2][kTlItems][kItemPoints];
+#endif
+struct ItemTimeline : TimelineRow {
+#if defined(MSA_FMHA_SM90_TIMELINE)
+  __device__ __forceinline__ void start(bool on, int wg, int item_no) {
+    row = (on && item_no < kTlItems && blockIdx.x < kTlCtas) ? g_fmha_item_timeline[blockIdx.x][wg][item_no] : nullptr;
+  }
+#else
+  __device__ __forceinline__ void start(bool, int, int) {}
 #endif
 };
 
