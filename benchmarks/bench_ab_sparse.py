@@ -12,9 +12,13 @@ TFLOP/s per GHz, each also as a ratio to the first variant.
     python benchmarks/bench_ab_sparse.py --dry     # CPU: tiny shape, reference path, no clocks (checks the plumbing)
 
 A variant is ``LABEL=DIR``: a directory of prebuilt fmha_sm90 modules (``bench_fmha.py --prebuild``), loaded the way
-``MSA_FMHA_SM90_PREBUILT`` loads them; ``LABEL=`` (empty DIR) is whatever the process would load by default. Shapes are
+``MSA_FMHA_SM90_PREBUILT`` loads them; ``LABEL=`` (empty DIR) is whatever the process would load by default. A variant
+may add plan-time environment settings, ``LABEL=DIR@NAME=VALUE@...`` (e.g. ``pair=@MSA_QOUTER_PAIR=1``): each
+variant's bridge plan is made with them set. Shapes are
 ``S:HQ:HKV`` (causal, q = kv = S, d 128, top-k 16); selections are the suite's per-128-query-tile ones
-(``--selection tile``) or every tile picking blocks 0..14 plus its diagonal (``fixed``: K / V stay L2-resident).
+(``--selection tile``), every tile picking blocks 0..14 plus its diagonal (``fixed``: K / V stay L2-resident), or one
+random draw per 8-token group (``group8``: neighbouring 8-token Q-outer items share only their diagonal block -- the
+worst case for 2-CTA pair items, whose 16-token unions are then ~2x each half's).
 Every variant's output is compared with the first one's (bit-identical expected for pure scheduling changes).
 """
 
@@ -36,16 +40,41 @@ from _harness.timing import _sync as sync  # noqa: E402
 from _harness.timing import per_call_ms  # noqa: E402
 
 TOPK = 16
+PLAN_ENV: dict[str, dict[str, str]] = {}  # per variant label: environment set while its bridge plan is made
+
+
+def _plan_with_env(env: dict, make):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return make()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def parse_variants(spec: str) -> list[tuple[str, str]]:
+    """``LABEL=DIR[@NAME=VALUE...]`` items -> ``[(label, dir)]``; the plan-time settings are kept per label in
+    :data:`PLAN_ENV` (read by :func:`run_shape`)."""
     out = []
+    PLAN_ENV.clear()
     for item in filter(None, (x.strip() for x in spec.split(","))):
-        label, sep, directory = item.partition("=")
+        label, sep, rest = item.partition("=")
         if not sep or not label:
             raise ValueError(f"--variants: expected LABEL=DIR (DIR may be empty: the default modules), got {item!r}")
+        directory, *settings = rest.split("@")
+        env = {}
+        for kv in settings:
+            name, eq, value = kv.partition("=")
+            if not eq or not name:
+                raise ValueError(f"--variants: {label}: expected @NAME=VALUE plan settings, got {kv!r}")
+            env[name] = value
         if directory and not os.path.isdir(directory):
             raise ValueError(f"--variants: {label}: {directory!r} is not a directory")
+        PLAN_ENV[label] = env
         out.append((label, directory))
     if len({lab for lab, _ in out}) != len(out):
         raise ValueError(f"--variants: labels must differ, got {[lab for lab, _ in out]}")
@@ -65,6 +94,23 @@ def parse_shapes(spec: str) -> list[tuple[int, int, int]]:
             raise ValueError(f"--shapes: {item!r}: need S >= 128 and HKV dividing HQ")
         out.append((s, hq, hkv))
     return out
+
+
+def group_selection(s: int, hkv: int, device, gen, group: int = 8) -> torch.Tensor:
+    """Per-token ``[s, hkv, 16]`` int32: each ``group``-token run picks 15 random visible blocks + its diagonal."""
+    groups = -(-s // group)
+    last = torch.clamp((torch.arange(groups, device=device) + 1) * group, max=s) - 1
+    diag = last // 128  # [groups]
+    nblk = -(-s // 128)
+    score = torch.rand(groups, hkv, nblk, device=device, generator=gen)
+    score = score.masked_fill(torch.arange(nblk, device=device).view(1, 1, -1) >= diag.view(-1, 1, 1), -1.0)
+    val, idx = torch.topk(score, min(TOPK - 1, nblk), dim=-1)
+    ids = torch.full((groups, hkv, TOPK), 1 << 30, dtype=torch.int64, device=device)
+    ids[..., : idx.shape[-1]] = torch.where(val >= 0, idx, 1 << 30)
+    ids[..., TOPK - 1] = diag.view(-1, 1)
+    ids = ids.sort(dim=-1).values
+    ids = torch.where(ids >= 1 << 30, -1, ids)
+    return ids.repeat_interleave(group, dim=0)[:s].to(torch.int32).contiguous()
 
 
 def fixed_selection(s: int, hkv: int, device) -> TileSelection:
@@ -117,18 +163,22 @@ def run_shape(shape, variants, switch, args, device, clocks) -> list[str]:
 
     s, hq, hkv = shape
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    sel_t = (random_tile_selection(1, s, s, hkv, TOPK, True, device, gen) if args.selection == "tile"
-             else fixed_selection(s, hkv, device))
-    sel = sel_t.per_token()
+    if args.selection == "group8":
+        sel = group_selection(s, hkv, device, gen)
+    else:
+        sel_t = (random_tile_selection(1, s, s, hkv, TOPK, True, device, gen) if args.selection == "tile"
+                 else fixed_selection(s, hkv, device))
+        sel = sel_t.per_token()
     q = torch.randn(s, hq, 128, device=device, dtype=torch.bfloat16, generator=gen)
     k = torch.randn(s, hkv, 128, device=device, dtype=torch.bfloat16, generator=gen)
     v = torch.randn(s, hkv, 128, device=device, dtype=torch.bfloat16, generator=gen)
     out = torch.empty(s, hq, 128, device=device, dtype=torch.bfloat16)
-    plan = mb.sparse_fmha_plan([s], [s], hq, hkv, causal=True, kv_block_num=TOPK, device=device)
+    plans = {lab: _plan_with_env(PLAN_ENV.get(lab, {}), lambda: mb.sparse_fmha_plan(
+        [s], [s], hq, hkv, causal=True, kv_block_num=TOPK, device=device)) for lab, _ in variants}
     flops = 2.0 * 256 * (hq // hkv) * W.sparse_selected_pairs(sel, token_positions(1, s, s, device), s, True)
 
     def call():
-        return mb.sparse_fmha(q, k, v, plan, kv_block_indexes=sel, out=out)
+        return mb.sparse_fmha(q, k, v, plans[switch.current], kv_block_indexes=sel, out=out)
 
     lines, ref = [], None
     for label, _ in variants:  # warm each variant (loads its modules) and compare its output with the first's
@@ -180,7 +230,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default="default=", help='"LABEL=DIR,..." prebuilt module dirs (empty DIR: default)')
     p.add_argument("--shapes", default="32768:64:4,131072:64:4,32768:16:1,131072:16:1", help="S:HQ:HKV,...")
-    p.add_argument("--selection", choices=["tile", "fixed"], default="tile")
+    p.add_argument("--selection", choices=["tile", "fixed", "group8"], default="tile")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--window-ms", type=float, default=300.0, help="timed calls per window fill about this long")
     p.add_argument("--seed", type=int, default=0)

@@ -435,16 +435,18 @@ def print_fp8(results: list) -> None:
 def prebuild_variants() -> list:
     """(dtype, head_dim, causal, paged, mode, head_dim_v, fp8_p) of every module the GPU tests and this bench load:
     16-bit mode O at head dims 64 / 128 / 256 and the Dqk != Dv pairs the tests use, the 16-bit max-score and sparse-Q
-    modes at d128, fp8 O / sparse-Q (both softmax builds) and the fp8 index pass (62 modules)."""
+    modes (single-CTA and pair) at d128, fp8 O / sparse-Q / sparse-Q pairs (both softmax builds) and the fp8 index
+    pass (74 modules)."""
     out = []
     for dt in ("bfloat16", "float16"):
         out += [(dt, d, c, pg, "o", None, None) for d in (64, 128, 256) for c in (True, False) for pg in (False, True)]
-        out += [(dt, 128, c, pg, m, None, None) for m in ("o_maxscore", "maxscore", "sparse_q") for c in (True, False)
-                for pg in (False, True)]
+        out += [(dt, 128, c, pg, m, None, None) for m in ("o_maxscore", "maxscore", "sparse_q", "sparse_q2")
+                for c in (True, False) for pg in (False, True)]
     out += [("bfloat16", 128, True, False, "o", 64, None), ("float16", 64, False, True, "o", 128, None),
             ("bfloat16", 256, True, False, "o", 128, None), ("bfloat16", 128, True, True, "o", 256, None)]
     for c in (True, False):
-        out += [("float8_e4m3fn", 128, c, False, m, None, p8) for m in ("o", "sparse_q") for p8 in ("code", "exp2")]
+        out += [("float8_e4m3fn", 128, c, False, m, None, p8) for m in ("o", "sparse_q", "sparse_q2")
+                for p8 in ("code", "exp2")]
         out.append(("float8_e4m3fn", 128, c, False, "maxscore", None, None))
     return out
 

@@ -258,7 +258,7 @@ def test_fmha_prebuild_set_is_valid_and_covers_both_fp8_softmax_builds():
 
     variants = bench_fmha.prebuild_variants()
     tags = [k90.variant_tag(dt, hd, c, pg, m, dv, p8) for dt, hd, c, pg, m, dv, p8 in variants]
-    assert len(tags) == len(set(tags)) == 62
+    assert len(tags) == len(set(tags)) == 74
     for dt, hd, c, pg, m, dv, p8 in variants:
         k90.jit_spec(dt, hd, c, pg, mode=m, head_dim_v=dv, fp8_p=p8)  # raises for a variant that is not built
     fp8 = {(m, c, p8) for dt, _, c, _, m, _, p8 in variants if dt == "float8_e4m3fn" and m in k90.FP8_P_MODES}
@@ -333,13 +333,22 @@ def test_bench_ab_sparse_parsing_and_fixed_selection():
     import bench_ab_sparse as ab
 
     assert ab.parse_variants("base=,x=") == [("base", ""), ("x", "")]
-    for bad in ("nolabel", "=dir", "a=,a=", "", "a=/no/such/dir"):
+    assert ab.parse_variants("base=,pair=@MSA_QOUTER_PAIR=1@X=") == [("base", ""), ("pair", "")]
+    assert ab.PLAN_ENV == {"base": {}, "pair": {"MSA_QOUTER_PAIR": "1", "X": ""}}
+    for bad in ("nolabel", "=dir", "a=,a=", "", "a=/no/such/dir", "a=@NOVALUE", "a=@=1"):
         with pytest.raises(ValueError, match="--variants"):
             ab.parse_variants(bad)
     assert ab.parse_shapes("32768:64:4, 256:4:1") == [(32768, 64, 4), (256, 4, 1)]
     for bad in ("32768:64", "64:4:1", "1024:6:4", "a:b:c"):
         with pytest.raises(ValueError, match="--shapes"):
             ab.parse_shapes(bad)
+    g = ab.group_selection(3000, 2, torch.device("cpu"), torch.Generator().manual_seed(0))  # [3000, 2, 16]
+    assert g.shape == (3000, 2, 16) and g.dtype == torch.int32
+    assert torch.equal(g[2600], g[2607]) and not torch.equal(g[2600], g[2608])  # one draw per 8-token run
+    for t in (0, 130, 2999):
+        ids = [b for b in g[t, 1].tolist() if b >= 0]
+        assert ids == sorted(set(ids)) and ids[-1] == min(t // 8 * 8 + 7, 2999) // 128
+    assert (g[2600, 0] >= 0).all()  # 16 blocks once 20 are visible
     sel = ab.fixed_selection(20 * 128, 2, torch.device("cpu")).tile_ids  # [1, tiles, hkv, 16]
     assert sel.shape == (1, 20, 2, 16)
     assert sel[0, 0, 0].tolist() == [0] + [-1] * 15  # tile 0: only its diagonal

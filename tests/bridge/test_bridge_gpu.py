@@ -202,3 +202,42 @@ def test_gpu_quantized_kv_staged_equals_bf16_on_dequantised(fmt, paged):
     fin = torch.isfinite(lse_ref)
     assert torch.equal(fin, torch.isfinite(lse))
     assert ((lse[fin] - lse_ref[fin]).abs() <= 2e-3 * lse_ref[fin].abs().clamp_min(1.0)).all()
+
+
+@pytest.mark.parametrize("hq,hkv", [(64, 4), (16, 1)])
+def test_gpu_pair_plan_equals_single_cta_plan(monkeypatch, hq, hkv):
+    """MSA_QOUTER_PAIR=1 (2-CTA clusters): bit-identical to the single-CTA plan on a per-128-token tile selection (the
+    pairs share every K / V tile) and on per-token subsets of it (pairs with different unions load their own)."""
+    from msa.bridge import bridge as br
+
+    g = torch.Generator(device="cuda").manual_seed(4)
+    t, d, topk = 3000, 128, 16
+    q, k, v = (torch.randn(t, h, d, device="cuda", generator=g).bfloat16() for h in (hq, hkv, hkv))
+    tiles = (t + 127) // 128
+    own = torch.arange(t, device="cuda") // 128
+    scores = torch.randn(tiles, hkv, tiles, device="cuda", generator=g)[own]  # one draw per 128-token tile
+    scores = torch.where(torch.arange(tiles, device="cuda") <= own.view(-1, 1, 1), scores, -torch.inf)
+    scores[torch.arange(t, device="cuda"), :, own] = torch.inf  # the local block
+    sel = torch.topk(scores, topk, dim=-1)
+    ids = torch.where(sel.values > -torch.inf, sel.indices, 1 << 30).int()
+    ids = torch.sort(ids, dim=-1).values
+    tile_sel = torch.where(ids == 1 << 30, -1, ids).int().contiguous()
+    # per-token subsets: each token drops ~30% of its tile's blocks (never the local one)
+    keep = (torch.rand(t, hkv, topk, device="cuda", generator=g) >= 0.3) | (tile_sel == own.view(-1, 1, 1))
+    token_sel = torch.where(keep & (tile_sel >= 0), tile_sel, 1 << 30)
+    token_sel = torch.sort(token_sel, dim=-1).values
+    token_sel = torch.where(token_sel == 1 << 30, -1, token_sel).int().contiguous()
+    outs = {}
+    for pair in ("0", "1"):
+        monkeypatch.setenv(br.QOUTER_PAIR_ENV, pair)
+        splan = sparse_fmha_plan([t], [t], hq, hkv, kv_block_num=topk, device="cuda", schedule="q_outer")
+        assert splan.qouter.pair == (pair == "1")
+        for name, s in (("tile", tile_sel), ("token", token_sel)):
+            o, _, lse = sparse_fmha(q, k, v, splan, kv_block_indexes=s, return_lse=True, backend="kernel")
+            outs[pair, name] = (o, lse)
+    torch.cuda.synchronize()
+    assert torch.equal(outs["0", "tile"][0], outs["1", "tile"][0])
+    assert torch.equal(outs["0", "tile"][1], outs["1", "tile"][1])
+    assert not torch.isnan(outs["1", "token"][0]).any()
+    assert torch.equal(outs["0", "token"][0], outs["1", "token"][0])
+    assert torch.equal(outs["0", "token"][1], outs["1", "token"][1])

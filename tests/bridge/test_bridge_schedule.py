@@ -77,6 +77,29 @@ def test_schedules_equal_core(schedule, route_max, q_lens, kv_lens, hq, hkv, top
     _close(o, lse, o_ref, lse_ref, v)
 
 
+@pytest.mark.parametrize("schedule,route_max", [("q_outer", None), ("auto", 5)])
+@pytest.mark.parametrize("q_lens,kv_lens,hq,hkv,topk,causal,correlated", CASES)
+def test_pair_plans_equal_core(monkeypatch, schedule, route_max, q_lens, kv_lens, hq, hkv, topk, causal, correlated):
+    """MSA_QOUTER_PAIR=1 at plan time (the SM90 kernel's 2-CTA clusters): the same items and results; on CPU the
+    reference runs them."""
+    monkeypatch.setenv(br.QOUTER_PAIR_ENV, "1")
+    q, k, v, sel = _problem(sum(q_lens) + topk, q_lens, kv_lens, hq, hkv, topk, causal=causal, correlated=correlated)
+    dp = fmha_plan(q_lens, kv_lens, hq, hkv, causal=causal, kv_block_num=topk)
+    o_ref, _, lse_ref = fmha(q, k, v, dp, kv_block_indexes=sel, return_lse=True, validate=True)
+    sp = sparse_fmha_plan(q_lens, kv_lens, hq, hkv, causal=causal, kv_block_num=topk, schedule=schedule,
+                          route_max=route_max)
+    assert sp.qouter.pair and sp.qouter.items.T == 128 // (hq // hkv)
+    assert not sparse_fmha_plan(q_lens, kv_lens, hq, hkv, causal=causal, kv_block_num=topk, pair=False).qouter.pair
+    o, _, lse = sparse_fmha(q, k, v, sp, kv_block_indexes=sel, return_lse=True, validate=True)
+    _close(o, lse, o_ref, lse_ref, v)
+
+
+def test_pair_env_is_checked(monkeypatch):
+    monkeypatch.setenv(br.QOUTER_PAIR_ENV, "yes")
+    with pytest.raises(ValueError, match="MSA_QOUTER_PAIR"):
+        sparse_fmha_plan([4], [200], 2, 1, kv_block_num=2, schedule="q_outer")
+
+
 def _paged_cache(k, v, kv_lens, seed):
     """Shuffled page-128 cache [pages, Hkv, 128, D] of ragged K/V + the flat kv_indices (request-major)."""
     gen = torch.Generator().manual_seed(seed)

@@ -129,6 +129,29 @@ def test_plan_items_tile_every_token_once_per_kv_head(hq, hkv):
     assert keys == sorted(keys)
 
 
+@pytest.mark.parametrize("hq,hkv", [(64, 4), (8, 2), (2, 2)])
+def test_pair_plan_pairs_neighbouring_tiles(hq, hkv):
+    """plan(pair=True): the single plan's items and work rows, plus pair_items -- every item exactly once, the first
+    of a pair an even token tile j of its request, the second tile j + 1 of the same request and KV head (or -1)."""
+    qo_lens, kv_lens = [1, 300, 0, 129, 17], [128, 1000, 5, 129, 40]
+    p = qo.plan(qo_lens, kv_lens, hq, hkv, causal=True, device="cpu", pair=True)
+    single = qo.plan(qo_lens, kv_lens, hq, hkv, causal=True, device="cpu")
+    assert p.pair and p.mode == "sparse_q2" and not single.pair and single.mode == "sparse_q"
+    assert p.T == single.T and torch.equal(p.work, single.work) and p.num_ctas % 2 == 0
+    pairs = p.pair_items.tolist()
+    seen = [i for row in pairs for i in row if i >= 0]
+    assert sorted(seen) == list(range(p.num_items))
+    for a, b in pairs:
+        ra, rb = p.work[a].tolist(), (p.work[b].tolist() if b >= 0 else None)
+        assert ra[4] % 2 == 0  # m_block: even tile of its request
+        if rb is None:
+            n_tiles = -(-ra[1] // p.T)
+            assert ra[4] + 1 == n_tiles  # only a request's odd last tile has no partner
+        else:
+            assert rb[0] == ra[0] and rb[5] == ra[5] and rb[4] == ra[4] + 1  # same request and head, next tile
+    assert [a for a, _ in pairs] == sorted(a for a, _ in pairs)  # enumeration order
+
+
 def test_plan_rejects_bad_head_ratios_and_lengths():
     with pytest.raises(ValueError, match="num_qo_heads"):
         qo.plan([8], [8], 6, 4, device="cpu")
@@ -143,11 +166,12 @@ def test_plan_rejects_bad_head_ratios_and_lengths():
 def test_jit_specs_follow_the_preset_and_skip_sm100():
     specs = qo.jit_specs({"dtypes": ["bf16", "fp8", "fp16"], "head_dim": [64, 128]}, "sm_90a")
     names = sorted(s.name for s in specs)
-    assert len(names) == 12 and all("mode=3" in n and "head_dim=128" in n for n in names)
-    assert sum("dtype=float16" in n for n in names) == 4  # causal x paged
+    assert len(names) == 24 and all("head_dim=128" in n for n in names)
+    assert sum("mode=3" in n for n in names) == sum("mode=4" in n for n in names) == 12  # single-CTA and pairs
+    assert sum("dtype=float16" in n for n in names) == 8  # causal x paged x mode
     fp8 = [n for n in names if "dtype=float8_e4m3fn" in n]
-    assert len(fp8) == 4 and sum("fp8_p=exp2" in n for n in fp8) == 2  # causal x softmax build, ragged only
-    assert sum("paged=True" in n for n in names) == 4
+    assert len(fp8) == 8 and sum("fp8_p=exp2" in n for n in fp8) == 4  # causal x softmax build x mode, ragged only
+    assert sum("paged=True" in n for n in names) == 8
     assert qo.jit_specs({"dtypes": ["bf16"], "head_dim": [128]}, "sm_100a") == []
     with pytest.raises(NotImplementedError, match="ragged"):
         k90.jit_spec("float8_e4m3fn", 128, True, True, mode="sparse_q")
@@ -158,9 +182,9 @@ def test_registered_for_warmup():
     from msa.core import variants
 
     specs = [s for s in variants.specs_for({"dtypes": ["bf16"], "head_dim": [128]}, ["sm_90a", "sm_100a"])
-             if s.family == "fmha_sm90" and s.params.get("mode") == 3]
-    assert sorted((s.params["causal"], s.params["paged"]) for s in specs) == [
-        (False, False), (False, True), (True, False), (True, True)]
+             if s.family == "fmha_sm90" and s.params.get("mode") in (3, 4)]
+    assert sorted((s.params["mode"], s.params["causal"], s.params["paged"]) for s in specs) == [
+        (m, c, pg) for m in (3, 4) for c in (False, True) for pg in (False, True)]
     assert all(s.arch == "sm_90a" for s in specs)
 
 
@@ -226,7 +250,7 @@ def _paged(k, v, kv_lens, seed):
     return paged_cache(k, v, kv_lens, page=BLOCK, seed=seed + 7)
 
 
-def _run(case, routed_every=None, seed=0):
+def _run(case, routed_every=None, seed=0, pair=False):
     _, qo_lens, kv_lens, hq, hkv, topk, causal, kind, dtype, *rest = case
     paged = bool(rest and rest[0])
     dev = torch.device("cuda")
@@ -237,7 +261,7 @@ def _run(case, routed_every=None, seed=0):
     k = torch.randn(tk, hkv, 128).to(dtype)
     v = torch.randn(tk, hkv, 128).to(dtype)
     sel = make_selection(qo_lens, kv_lens, hkv, topk, causal, kind, seed=seed)
-    p = qo.plan(qo_lens, kv_lens, hq, hkv, causal=causal, paged=paged, device=dev)
+    p = qo.plan(qo_lens, kv_lens, hq, hkv, causal=causal, paged=paged, device=dev, pair=pair)
     kk, vv, extra = k, v, {}
     if paged:
         kk, vv, table = _paged(k, v, kv_lens, seed)
@@ -266,6 +290,79 @@ def test_sparse_q_matches_fp32_reference(case):
     _gpu_or_skip()
     _, _, out, lse, ref_o, ref_lse = _run(case)
     check_fmha_output(out, lse, ref_o, ref_lse, O_BOUNDS[case[8]])
+
+
+PAIR_CASES = CASES
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", PAIR_CASES, ids=[c[0] for c in PAIR_CASES])
+def test_sparse_q_pair_matches_fp32_reference_and_single_cta_bitwise(case):
+    """Pair plans (neighbouring items on a 2-CTA cluster: shared K / V tiles where their unions are equal, own tiles
+    + padding otherwise): every case (G 1..32, requests with an odd last tile, empty selections, paged, fp8) within
+    the fp32 reference's bounds and bit-identical to the single-CTA kernel."""
+    _gpu_or_skip()
+    p, _, out, lse, ref_o, ref_lse = _run(case, pair=True)
+    assert p.pair
+    check_fmha_output(out, lse, ref_o, ref_lse, O_BOUNDS[case[8]])
+    _, _, out1, lse1, _, _ = _run(case)
+    assert torch.equal(out, out1) and torch.equal(lse, lse1)
+
+
+@pytest.mark.gpu
+def test_sparse_q_pair_leaves_unrouted_items_untouched_and_is_deterministic():
+    _gpu_or_skip()
+    case = CASES[1]
+    p, routed, out, lse, ref_o, ref_lse = _run(case, routed_every=3, pair=True)
+    g = p.group
+    written = torch.zeros(out.shape[:2], dtype=torch.bool)
+    for i in range(p.num_items):
+        if routed[i]:
+            tok0, ntok, h = int(p.item_token0[i]), int(p.item_ntok[i]), int(p.item_kv_head[i])
+            written[tok0 : tok0 + ntok, h * g : (h + 1) * g] = True
+    assert torch.isnan(out[~written]).all() and torch.isnan(lse[~written]).all(), "unrouted rows were written"
+    check_fmha_output(out[written], lse[written], ref_o[written], ref_lse[written], O_BOUNDS[case[8]])
+    again = _run(case, routed_every=3, pair=True)  # NaN poison in the unrouted rows: compare with equal_nan
+    torch.testing.assert_close(out, again[2], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(lse, again[3], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.gpu
+def test_sparse_q_pair_equals_single_cta_items_on_tile_selections():
+    """Selections shared by 16-token runs (the pairs take the shared, multicast path) and requests of odd tile counts:
+    bit-identical O and LSE to the single-CTA kernel."""
+    _gpu_or_skip()
+    dev = torch.device("cuda")
+    torch.manual_seed(5)
+    qo_lens, kv_lens, hq, hkv, topk = [1000, 333], [1500, 333], 64, 4, 8
+    tq, tk = sum(qo_lens), sum(kv_lens)
+    q = torch.randn(tq, hq, 128, dtype=torch.bfloat16)
+    k = torch.randn(tk, hkv, 128, dtype=torch.bfloat16)
+    v = torch.randn(tk, hkv, 128, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    for qlen, klen in zip(qo_lens, kv_lens):
+        for i in range(qlen):
+            nb = _visible_blocks(i, qlen, klen, True)
+            per_head = []
+            for h in range(hkv):  # the same draw for all 16 tokens of a pair: seed by (pair, head)
+                gg = torch.Generator().manual_seed(1000 * (i // 16) + h + 7 * qlen)
+                ids = sorted(set(torch.randint(0, max(nb, 1), (topk - 1,), generator=gg).tolist()) | {nb - 1})
+                ids = [b for b in ids if b < nb][-topk:]
+                per_head.append(ids + [-1] * (topk - len(ids)))
+            rows.append(per_head)
+    del g
+    sel = torch.tensor(rows, dtype=torch.int32)
+    res = []
+    for pair in (False, True):
+        p = qo.plan(qo_lens, kv_lens, hq, hkv, causal=True, device=dev, pair=pair)
+        tabs = [t.to(dev) for t in loop_unions(p, sel)]
+        out = torch.full((tq, hq, 128), math.nan, dtype=torch.bfloat16, device=dev)
+        lse = torch.full((tq, hq), math.nan, dtype=torch.float32, device=dev)
+        qo.run(p, q.to(dev), k.to(dev), v.to(dev), *tabs, out=out, lse=lse, sm_scale=128**-0.5)
+        res.append((out.cpu(), lse.cpu()))
+    assert not torch.isnan(res[0][0]).any()
+    assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
 
 
 @pytest.mark.gpu
@@ -339,6 +436,26 @@ def test_fp8_sparse_q_module_builds_for_sm90a(module_arch_check):
     module_arch_check(so, "sm_90a", 90)
     blob = Path(so).read_bytes()
     assert b"fmha_fwd" in blob and b"fmha_sm90_vt_kernel" in blob and b"fmha_sm90_kernel" in blob
+
+
+@pytest.mark.compile
+@pytest.mark.slow
+def test_pair_sparse_q_module_builds_for_sm90a(module_arch_check):
+    """The pair module (2-CTA clusters, multicast K / V, cross-CTA stage release) compiles for sm_90a and takes the pair
+    table (its binding checks sq_pairs)."""
+    from pathlib import Path
+
+    from msa.core.jit import toolchain
+
+    try:
+        toolchain.nvcc_path()
+    except toolchain.ToolchainError as e:
+        pytest.skip(str(e))
+    entry = k90.jit_spec("bfloat16", 128, True, False, mode="sparse_q2").build()
+    so = entry.file("module.so")
+    module_arch_check(so, "sm_90a", 90)
+    blob = Path(so).read_bytes()
+    assert b"fmha_fwd" in blob and b"fmha_sm90_kernel" in blob and b"sq_pairs" in blob
 
 
 def test_vt_tiles_used_marks_only_the_tiles_the_unions_read(monkeypatch):

@@ -24,6 +24,8 @@ selections are kept for the KV-outer call and the routed items' (token, KV head)
 Eager "auto" calls on CUDA read one count from the device (a sync): every item routed -> Q-outer alone; under half
 routed -> KV-outer alone (the hybrid's extra passes cost more than a few routed tiles save); else the hybrid. Under
 CUDA-graph capture, or with ``MSA_BRIDGE_AUTO_SYNC=0``, the hybrid always runs (no sync).
+On the SM90 kernel, neighbouring Q-outer items run two by two on 2-CTA clusters that share their K / V tiles when
+their unions are equal (``sparse_fmha_plan(pair=...)``, default ``$MSA_QOUTER_PAIR`` = 1; results are identical).
 Q-outer needs ragged bf16/fp16 K/V, ``Hq/Hkv`` dividing 128 and (causal) the default ``qo_offset``; where it
 does not apply, ``"auto"`` is the KV-outer path and ``"q_outer"`` raises.
 
@@ -87,6 +89,19 @@ KV_OUTER_OP = "sparse_atten_func"  # msa.cute.sparse_prefill.OP: the KV-outer ke
 QOUTER_KERNEL_MODULE = "msa.core.kernels.fmha_sm90_qouter"  # msa-core's SM90 Q-outer kernel (plan / run)
 QOUTER_DTYPES = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)  # Q = K = V (fp8: O in bf16)
 QOUTER_HEAD_DIM = 128  # what the kernel is built for (used when its module has no supports())
+# The SM90 Q-outer kernel's 2-CTA clusters (msa.core.kernels.fmha_sm90_qouter, plan(pair=True)): neighbouring items
+# (token tiles 2j, 2j + 1 of one KV head) run on one cluster, which reads each K / V tile from L2 once for both when
+# their unions are equal. Same results either way. Read at plan time: "1" on (default), "0" off. H200, session 15
+# runs 5 and 7 (bf16, interleaved A/B in the bridge call): +1.8 to +2.9% on per-128-token tile selections (the
+# suite's), -2 to +1% when neighbouring 8-token items pick different blocks (--selection group8).
+QOUTER_PAIR_ENV = "MSA_QOUTER_PAIR"
+
+
+def _qouter_pair_default() -> bool:
+    v = os.environ.get(QOUTER_PAIR_ENV, "1").strip() or "1"
+    if v not in ("0", "1"):
+        raise ValueError(f"{QOUTER_PAIR_ENV}: expected 0 or 1, got {v!r}")
+    return v == "1"
 
 
 def _qouter_module():
@@ -135,6 +150,7 @@ class QouterSchedule:
     umax: int
     route_max: int | None
     kernel_plan: object = field(default=None, repr=False)
+    pair: bool = False  # the SM90 kernel runs neighbouring items on 2-CTA clusters (QOUTER_PAIR_ENV)
 
 
 @dataclass(eq=False)
@@ -178,13 +194,17 @@ def sparse_fmha_plan(
     device=None,
     schedule: str = "auto",
     route_max: int | None = None,
+    pair: bool | None = None,
 ) -> SparseFmhaPlan:
     """Plan a sparse call (host work only). Same arguments as ``msa.core.fmha_plan``; ``kv_block_num`` (top-k,
     1..64) is required, ``page_size`` must be None (ragged) or 128, ``output_maxscore`` must be False (the sparse
     path produces no max-score).
 
     ``schedule``: "auto" (default), "kv_outer" or "q_outer" (module docstring). ``route_max`` ("auto" only): route
-    an item to Q-outer iff its union has at most this many blocks (default ``ROUTE_FACTOR * kv_block_num``)."""
+    an item to Q-outer iff its union has at most this many blocks (default ``ROUTE_FACTOR * kv_block_num``).
+    ``pair``: the SM90 Q-outer kernel runs neighbouring items (token tiles 2j, 2j + 1 of one KV head) on a 2-CTA
+    cluster that reads each K / V tile from L2 once for both CTAs when their unions are equal (the same results;
+    default: ``$MSA_QOUTER_PAIR``, see ``QOUTER_PAIR_ENV``)."""
     topk = check_int("kv_block_num", kv_block_num, min=1, max=64)
     if page_size is not None and page_size != BLOCK:
         raise ValueError(f"page_size: expected None (ragged) or {BLOCK} (= the sparse block size), got {page_size}")
@@ -205,7 +225,7 @@ def sparse_fmha_plan(
         seqused = torch.tensor(used, dtype=torch.int32).to(base.device)
     total_rows = sum(-(-n // BLOCK) for n in base.kv_lens)
     max_pages = max((-(-n // BLOCK) for n in base.kv_lens), default=0)
-    sched, qouter, note = _plan_schedule(base, topk, schedule, route_max)
+    sched, qouter, note = _plan_schedule(base, topk, schedule, route_max, pair)
     return SparseFmhaPlan(base=base, topk=topk, total_rows=total_rows, seqused_k=seqused, max_pages=max_pages,
                           schedule=sched, qouter=qouter, schedule_note=note)
 
@@ -223,7 +243,7 @@ def _qouter_plan_blocker(base: FmhaPlan) -> str:
     return ""
 
 
-def _plan_schedule(base: FmhaPlan, topk: int, schedule, route_max):
+def _plan_schedule(base: FmhaPlan, topk: int, schedule, route_max, pair=None):
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule: expected one of {list(SCHEDULES)}, got {schedule!r}")
     if route_max is not None:
@@ -238,13 +258,15 @@ def _plan_schedule(base: FmhaPlan, topk: int, schedule, route_max):
             raise ValueError(f"schedule: 'q_outer' cannot serve this plan: {why}; use 'auto' or 'kv_outer'")
         return "kv_outer", None, f"auto -> kv_outer: {why}"
     g = base.num_qo_heads // base.num_kv_heads
+    pair = _qouter_pair_default() if pair is None else bool(pair)
     items = qouter_items(base.qo_lens, base.num_kv_heads, g, kv_lens=base.kv_lens, device=base.device)
     if schedule == "q_outer":
         umax = default_umax(items.T, topk, items.max_blocks)
     else:
         route_max = ROUTE_FACTOR * topk if route_max is None else route_max
         umax = default_umax(items.T, topk, items.max_blocks, route_max)
-    return schedule, QouterSchedule(items=items, umax=umax, route_max=None if schedule == "q_outer" else route_max), ""
+    return schedule, QouterSchedule(items=items, umax=umax, route_max=None if schedule == "q_outer" else route_max,
+                                    pair=pair), ""
 
 
 def page_table_from_kv_indices(kv_indices: torch.Tensor, kv_page_indptr: torch.Tensor, max_pages: int) -> torch.Tensor:
@@ -537,7 +559,7 @@ def _qouter_kernel_plan(plan: SparseFmhaPlan):
         if mod is None:
             raise RuntimeError(f"Q-outer kernel: {why}")
         kp = mod.plan(plan.qo_lens, plan.kv_lens, plan.num_qo_heads, plan.num_kv_heads, causal=plan.causal,
-                      paged=plan.paged, device=plan.device)
+                      paged=plan.paged, device=plan.device, **({"pair": True} if qs.pair else {}))
         if int(kp.T) != qs.items.T or int(kp.num_items) != qs.items.num_items:
             raise RuntimeError(f"Q-outer kernel plan: T {kp.T} / {kp.num_items} items, but msa.cute.qouter_items "
                                f"made T {qs.items.T} / {qs.items.num_items} items (item enumeration contract broken)")

@@ -14,6 +14,13 @@ Split like every msa kernel:
   then KV head -- the enumeration the union builder (``msa.cute.qouter.build_qouter_unions``) follows -- as
   the kernel's int32 work rows, plus the per-item tables the builder needs (``item_token0``, ``item_ntok``,
   ``item_kv_head``).
+* ``plan(pair=True)`` (module mode ``"sparse_q2"``): the same items and union tables, run two by two -- items of
+  token tiles ``2j`` and ``2j + 1`` of one request and KV head on a 2-CTA cluster (``pair_items``), which walks the
+  two unions in lockstep. When they are equal (neighbouring tokens picked the same blocks, as per-128-token tile
+  selections do), every K / V tile is read from L2 once and TMA-multicast into both CTAs: half the L2 -> SM traffic,
+  which costs ~10% of a 16-bit call under the H200's power limit (benchmarks/RESULTS.md, session 14 run 13).
+  Otherwise each CTA loads its own tiles (the shorter union padded with tiles no row selected). Results are
+  bit-identical to ``plan(pair=False)``'s.
 * :func:`run` (device, no host sync, no allocation when ``out`` / ``lse`` are given): one persistent launch over
   the builder's ``union [items, umax]``, ``union_len [items]`` (-1 = item not routed here: nothing written),
   ``mask [items, umax, ceil(T / 32)]`` and ``order [items]`` (longest union first).
@@ -43,6 +50,7 @@ __all__ = ["QOuterPlan", "plan", "run", "available", "supports", "item_enumerati
 
 ITEM_ROWS = 128  # MMA rows per item: T tokens x G heads
 MODE = "sparse_q"
+MODE_PAIR = "sparse_q2"
 BLOCK = 128  # keys per KV block (= the kernel's KV tile)
 
 
@@ -73,6 +81,12 @@ class QOuterPlan:
     vt_tiles: torch.Tensor | None = None
     fp8_vt: dict | None = None
     fp8_head_scales: dict | None = None
+    pair: bool = False  # items two by two on 2-CTA clusters (module mode "sparse_q2")
+    pair_items: torch.Tensor | None = None  # int32 [num_pairs, 2]: items (tiles 2j, 2j + 1 of a request / head), -1
+
+    @property
+    def mode(self) -> str:
+        return MODE_PAIR if self.pair else MODE
 
     @property
     def mask_words(self) -> int:
@@ -92,8 +106,9 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)  # q = k = v; fp8:
 
 
 def supports(*, dtype=None, q_dtype=None, kv_dtype=None, head_dim=None, head_dim_v=None, group=None,
-             qhead_per_kv=None, paged=None, **_ignored) -> tuple[bool, str]:
-    """Whether the built sparse_q modules implement this call (``msa.core.dispatch`` feature gate)."""
+             qhead_per_kv=None, paged=None, pair=None, **_ignored) -> tuple[bool, str]:
+    """Whether the built sparse_q modules implement this call (``msa.core.dispatch`` feature gate); ``pair``: a
+    pair plan (``plan(pair=True)``)."""
     dtype = dtype if dtype is not None else q_dtype
     group = group if group is not None else qhead_per_kv
     if dtype is not None and dtype not in DTYPES:
@@ -147,10 +162,11 @@ def item_enumeration(qo_lens, num_kv_heads: int, tokens_per_item: int) -> dict:
 
 
 def plan(qo_lens, kv_lens, num_qo_heads: int, num_kv_heads: int, *, causal: bool = True, paged: bool = False,
-         device=None) -> QOuterPlan:
+         device=None, pair: bool = False) -> QOuterPlan:
     """Work items of a Q-outer launch (``qo_lens[b]`` queries over ``kv_lens[b]`` keys); ``paged``: K/V in a
     page-128 cache whose flat page table holds request b's ``ceil(kv_lens[b] / 128)`` pages contiguously, in request
-    order (``msa.core.fmha_plan``'s ``kv_indices`` layout)."""
+    order (``msa.core.fmha_plan``'s ``kv_indices`` layout). ``pair``: run neighbouring items on 2-CTA clusters that
+    share their K / V tiles when their unions are equal (see the module docstring; same results)."""
     qo, kv = _lens("qo_lens", qo_lens), _lens("kv_lens", kv_lens)
     if len(qo) != len(kv):
         raise ValueError(f"kv_lens: expected {len(qo)} requests (len(qo_lens)), got {len(kv)}")
@@ -162,6 +178,7 @@ def plan(qo_lens, kv_lens, num_qo_heads: int, num_kv_heads: int, *, causal: bool
         raise ValueError(f"num_qo_heads / num_kv_heads: expected a power of two <= {ITEM_ROWS} (heads packed per "
                          f"128-row tile), got {g}")
     device = torch.device(device) if device is not None else torch.device("cuda")
+    pair = bool(pair)
     t = ITEM_ROWS // g
     e = item_enumeration(qo, hkv, t)
     q_t, kv_t = torch.tensor(qo, dtype=torch.int64), torch.tensor(kv, dtype=torch.int64)
@@ -185,9 +202,21 @@ def plan(qo_lens, kv_lens, num_qo_heads: int, num_kv_heads: int, *, causal: bool
     token0 = e["tile_token0"][tile]
     ntok = e["tile_ntok"][tile]
     kv_head = e["item_kv_head"]
-    num_ctas = 1
+    pair_items = None
+    if pair:  # tiles 2j, 2j + 1 of each request, per KV head, request-major then j then head (the enumeration order)
+        j, req = e["tile_j"], e["tile_request"]
+        n_tiles = torch.bincount(req, minlength=len(qo)) if n else torch.zeros(len(qo), dtype=torch.int64)
+        first = (j % 2 == 0).nonzero().flatten()  # tile index of each pair's first tile
+        has_second = (j[first] + 1) < n_tiles[req[first]]
+        base = (first * hkv).view(-1, 1) + torch.arange(hkv).view(1, -1)  # [pairs_per_head, hkv]
+        second = torch.where(has_second.view(-1, 1), base + hkv, torch.full_like(base, -1))
+        pair_items = torch.stack([base.reshape(-1), second.reshape(-1)], 1)
+    num_pairs = 0 if pair_items is None else int(pair_items.shape[0])
+    num_ctas = 2 if pair else 1
     if device.type == "cuda" and n:
-        num_ctas = max(1, min(_num_sms(device.index if device.index is not None else torch.cuda.current_device()), n))
+        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        # pairs: 2 CTAs per pair (the launch caps the clusters at those resident at once)
+        num_ctas = 2 * max(1, min(sms // 2, num_pairs)) if pair else max(1, min(sms, n))
 
     def dev32(x):
         return x.to(torch.int32).contiguous().to(device)
@@ -198,7 +227,8 @@ def plan(qo_lens, kv_lens, num_qo_heads: int, num_kv_heads: int, *, causal: bool
         item_page0=dev32(item_page0 if paged else torch.zeros_like(item_page0)), item_request=dev32(item_request),
         paged=bool(paged),
         workspace=torch.zeros(1, dtype=torch.int32, device=device), num_ctas=num_ctas,
-        lse_dummy=torch.empty(1, 1, dtype=torch.float32, device=device),
+        lse_dummy=torch.empty(1, 1, dtype=torch.float32, device=device), pair=pair,
+        pair_items=None if pair_items is None else dev32(pair_items),
     )
 
 
@@ -278,6 +308,7 @@ def run(qplan: QOuterPlan, q, k, v, union, union_len, mask, order, *, out=None, 
     scale = float(sm_scale) if sm_scale is not None else d**-0.5
     if fp8 and not (scale > 0.0 and math.isfinite(scale)):
         raise ValueError(f"sm_scale: the fp8 kernel needs a finite logit scale > 0, got {scale}")
+    pairs = (qplan.pair_items,) if qplan.pair else ()  # mode "sparse_q2" takes the pair table after order
     union_phys = union
     if qplan.paged and n:  # logical block -> physical page of the item's request (entries past U: any valid page)
         if page_table is not None:
@@ -289,15 +320,15 @@ def run(qplan: QOuterPlan, q, k, v, union, union_len, mask, order, *, out=None, 
     if n and fp8:
         vt, vt_tiles, head_scales = _fp8_tables(qplan, k.shape[1], d, scale, dev)
         vt_tiles = _vt_tiles_used(qplan, vt_tiles, union, union_len)
-        mod = _k90._module(_k90.DTYPES[q.dtype], d, qplan.causal, False, MODE, fp8_p=_k90.fp8_p_variant(want_lse))
+        mod = _k90._module(_k90.DTYPES[q.dtype], d, qplan.causal, False, qplan.mode, fp8_p=_k90.fp8_p_variant(want_lse))
         u8 = torch.uint8
         mod.fmha_fwd(q.view(u8), k.view(u8), v.view(u8), out, lse if want_lse else qplan.lse_dummy, qplan.work,
-                     qplan.workspace, union, union_phys, union_len, mask, order, vt, vt_tiles, head_scales,
+                     qplan.workspace, union, union_phys, union_len, mask, order, *pairs, vt, vt_tiles, head_scales,
                      qplan.num_ctas, scale, bool(want_lse))
     elif n:
-        mod = _k90._module(_k90.DTYPES[q.dtype], d, qplan.causal, qplan.paged, MODE)
+        mod = _k90._module(_k90.DTYPES[q.dtype], d, qplan.causal, qplan.paged, qplan.mode)
         mod.fmha_fwd(q, k, v, out, lse if want_lse else qplan.lse_dummy, qplan.work, qplan.workspace, union,
-                     union_phys, union_len, mask, order, qplan.num_ctas, scale, bool(want_lse))
+                     union_phys, union_len, mask, order, *pairs, qplan.num_ctas, scale, bool(want_lse))
     return (out, lse) if want_lse else out
 
 
@@ -345,12 +376,13 @@ _PRESET_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",
 
 
 def jit_specs(preset: dict, arch: str) -> list:
-    """Warmup generator hook (``msa.core.variants``): the sparse_q modules a preset's dtypes x head dims need (16-bit
-    dtypes, causal and not, ragged and paged; sm_90a only -- SM100 has no variant of this family)."""
+    """Warmup generator hook (``msa.core.variants``): the sparse_q / sparse_q2 (pair) modules a preset's dtypes x head
+    dims need (16-bit dtypes, causal and not, ragged and paged; fp8 ragged in both softmax builds; sm_90a only --
+    SM100 has no variant of this family)."""
     if arch != "sm_90a":
         return []
     dtypes = [_PRESET_DTYPES[d] for d in preset.get("dtypes", ["bf16"]) if d in _PRESET_DTYPES]
     dims = [d for d in preset.get("head_dim", list(_k90.HEAD_DIMS_OTHER_MODES)) if d in _k90.HEAD_DIMS_OTHER_MODES]
-    return [_k90.jit_spec(dt, d, c, paged, arch, mode=MODE, fp8_p=fp8_p) for dt in dict.fromkeys(dtypes) for d in dims
-            for c in (True, False) for paged in (False, True) if not (paged and dt == "float8_e4m3fn")
-            for fp8_p in _k90.fp8_p_builds(dt)]
+    return [_k90.jit_spec(dt, d, c, paged, arch, mode=mode, fp8_p=fp8_p) for mode in (MODE, MODE_PAIR)
+            for dt in dict.fromkeys(dtypes) for d in dims for c in (True, False) for paged in (False, True)
+            if not (paged and dt == "float8_e4m3fn") for fp8_p in _k90.fp8_p_builds(dt)]

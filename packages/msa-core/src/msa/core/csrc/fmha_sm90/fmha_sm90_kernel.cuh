@@ -167,6 +167,41 @@ __device__ __forceinline__ void mbar_arrive_mem(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(addr) : "memory");
 }
 
+// Sparse-Q pairs: this CTA's rank in its 2-CTA cluster (which of the pair's two items it runs).
+__device__ __forceinline__ int pair_rank() { return int(cute::block_rank_in_cluster()); }
+
+// A consumer warp's release of a K / V stage. Pairs: the two CTAs use their stages in lockstep and a shared tile is
+// written into both by one multicast, so a stage may be refilled only when both CTAs have released it: each CTA's
+// empty barrier counts both CTAs' consumer warps (2 x kNumMmaThreads / 32 arrivals), lane 0 arriving on its own CTA's
+// barrier and lane 1 on the peer's -- one predicated arrive, no branch (a branch between a wgmma issue and its wait
+// makes ptxas serialise the kernel's wgmmas, C7518). Otherwise every consumer thread arrives locally.
+// The lane's target is fixed for the kernel: each consumer thread makes one StageRelease and reuses it (the cluster
+// rank and the lane test are then not re-derived at every release).
+template <class T>
+struct StageRelease {
+  uint32_t cta = 0;     // pairs: the CTA whose barrier this lane arrives on (own for lane 0, the peer for lane 1)
+  uint32_t signal = 0;  // pairs: 1 for lanes 0 and 1
+  __device__ __forceinline__ StageRelease() {
+    if constexpr (T::kPair) {
+      uint32_t const lane = threadIdx.x & 31;
+      cta = uint32_t(pair_rank()) ^ (lane & 1u);
+      signal = lane < 2 ? 1u : 0u;
+    }
+  }
+  __device__ __forceinline__ void operator()(uint64_t* bar) const {
+    if constexpr (T::kPair) {
+      asm volatile(
+          "{\n\t.reg .pred p;\n\t.reg .b32 ra;\n\t"
+          "setp.ne.u32 p, %1, 0;\n\t"
+          "mapa.shared::cluster.u32 ra, %0, %2;\n\t"
+          "@p mbarrier.arrive.shared::cluster.b64 _, [ra];\n\t}"
+          ::"r"(cute::cast_smem_ptr_to_uint(bar)), "r"(signal), "r"(cta) : "memory");
+    } else {
+      Mbar::arrive(bar);
+    }
+  }
+};
+
 __device__ __forceinline__ WorkItem load_work(WorkItem const* work, int i) {
   int4 a = __ldg(reinterpret_cast<int4 const*>(work + i));
   int4 b = __ldg(reinterpret_cast<int4 const*>(work + i) + 1);
@@ -183,6 +218,52 @@ __device__ __forceinline__ WorkItem load_item(typename T::Params const& p, int i
   return w;
 }
 
+// Sparse-Q pairs: the two items a cluster runs (sq_pair_items row: token tiles 2j and 2j + 1 of one request and KV
+// head; the second may be absent, -1), seen from this CTA (rank r runs entry r). Both CTAs walk L = max(own, peer, 0)
+// positions in lockstep (they share every stage's barriers); position n of a CTA is entry n - (L - own) of its own
+// union (ascending, so its tiles come first in the loop's high-to-low order) or, below that, a dummy tile that no row
+// selected (P = 0: the result is bit-identical to the single-CTA kernel's). The descriptor's n_block_max is L (or,
+// when L = 0, the own union length: -1 not routed, 0 nothing selected) and item_end holds the own union length (-1:
+// not routed or no item -- this CTA then writes nothing).
+struct PairView {
+  int item;    // own work row and block list (the peer's when this CTA has no item)
+  int peer;    // the peer's item, -1: none
+  int own_u;   // own union length, -1: not routed / no item
+  int peer_u;  // the peer's, -1 likewise
+  int positions;  // L
+};
+
+template <class T>
+__device__ __forceinline__ PairView pair_view(typename T::Params const& p, int pair) {
+  int2 const it = __ldg(reinterpret_cast<int2 const*>(p.sq_pair_items) + pair);
+  int const mine = pair_rank() == 0 ? it.x : it.y, peer = pair_rank() == 0 ? it.y : it.x;
+  PairView v;
+  v.own_u = mine >= 0 ? __ldg(p.sq_union_len + mine) : -1;
+  v.peer_u = peer >= 0 ? __ldg(p.sq_union_len + peer) : -1;
+  v.item = mine >= 0 ? mine : peer;
+  v.peer = peer;
+  v.positions = max(max(v.own_u, v.peer_u), 0);
+  return v;
+}
+
+template <class T>
+__device__ __forceinline__ WorkItem load_pair_item(typename T::Params const& p, PairView const& v) {
+  WorkItem w = load_work(p.work, v.item);
+  w.n_block_max = v.positions > 0 ? v.positions : v.own_u;
+  w.item_end = v.own_u;
+  return w;
+}
+
+// The index a ring slot carries: an item, or (pairs) a pair; the end of the work list stops the kernel.
+template <class T>
+__device__ __forceinline__ int work_end(typename T::Params const& p) {
+  if constexpr (T::kPair) {
+    return p.sq_num_pairs;
+  } else {
+    return p.num_work;
+  }
+}
+
 // The consumers' (and fill warps') side of the producer's work-index ring: wait for the next published index,
 // free its slot, and load the descriptor when it is real work (index >= num_work ends the kernel).
 template <class T>
@@ -192,7 +273,17 @@ __device__ __forceinline__ void read_work_ring(typename T::Params const& p, type
   item = ss.sched_item[rd.index];
   mbar_arrive_mem(&ss.sched_empty[rd.index]);
   rd.advance();
-  if (item < p.num_work) { w = load_item<T>(p, item); }
+  if constexpr (T::kPair) {  // a pair index: this CTA's item (p.num_work: stop)
+    if (item < p.sq_num_pairs) {
+      PairView const v = pair_view<T>(p, item);
+      w = load_pair_item<T>(p, v);
+      item = v.item;
+    } else {
+      item = p.num_work;
+    }
+  } else if (item < p.num_work) {
+    w = load_item<T>(p, item);
+  }
 }
 
 
@@ -534,6 +625,8 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
   using Element = typename T::Element;
   constexpr int kBlockM = T::kBlockM, kBlockN = T::kBlockN, kD = T::kHeadDim, kDV = T::kHeadDimV;
   bool const leader = (threadIdx.x % 32) == 0;  // issues every TMA / pipeline op; lane 0 broadcasts
+  int const rank = T::kPair ? pair_rank() : 0;
+  constexpr uint16_t kPairMask = 0b11;  // pairs, shared tiles: both CTAs of the cluster receive them
 
   Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q), typename T::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(ss.smem_k), typename T::SmemLayoutK{});
@@ -569,25 +662,46 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
   };
 
   // Sparse-Q takes items in the device-built order (longest union first); the index published to the consumers is
-  // the item's own (num_work: stop).
+  // the item's own (num_work: stop). Pairs: pairs in the plan's order (token tile major); the index published is the
+  // pair's (sq_num_pairs: stop).
+  int const end = work_end<T>(p);
   auto item_at = [&](int seq) {
-    if constexpr (T::kSparseQ) {
+    if constexpr (T::kPair) {
+      return seq < end ? seq : end;
+    } else if constexpr (T::kSparseQ) {
       return seq < p.num_work ? __ldg(p.sq_order + seq) : p.num_work;
     } else {
       return seq;
     }
   };
-  int item = item_at(blockIdx.x);  // the grid never exceeds num_work
+  // Pairs: both CTAs of a cluster must run the same pairs in the same order (they share every K / V stage), so
+  // cluster c takes sequence positions c, c + clusters, ... (static round robin) instead of the dynamic counter.
+  int seq = T::kPair ? int(blockIdx.x) / 2 : int(blockIdx.x);
+  int idx = item_at(seq);  // the grid never exceeds the work (pairs: 2 x the pairs)
   bool vt_visible = false;          // fp8: griddepcontrol.wait done (the V^T pre-pass grid has completed)
-  publish(item);
-  while (item < p.num_work) {
-    WorkItem const w = load_item<T>(p, item);
+  publish(idx);
+  while (idx < end) {
+    int item = idx;
+    PairView pv{};
+    WorkItem w;
+    if constexpr (T::kPair) {
+      pv = pair_view<T>(p, idx);
+      w = load_pair_item<T>(p, pv);
+      item = pv.item;
+    } else {
+      w = load_item<T>(p, item);
+    }
     int next = 0;
-    if (leader) { next = atomicAdd(p.work_counter, 1) + int(gridDim.x); }
-    next = item_at(__shfl_sync(0xffffffff, next, 0));
+    if constexpr (T::kPair) {
+      seq += int(gridDim.x) / 2;
+      next = item_at(seq);
+    } else {
+      if (leader) { next = atomicAdd(p.work_counter, 1) + int(gridDim.x); }
+      next = item_at(__shfl_sync(0xffffffff, next, 0));
+    }
     if (w.n_block_max <= 0) {  // consumers write zeros without any load
       publish(next);
-      item = next;
+      idx = next;
       continue;
     }
     int const kv_head = w.head / p.q_heads_per_kv_head;
@@ -626,8 +740,30 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
     //   last one (a short last tile) repeat the last page: those keys are masked and their V rows zeroed.
     int id_window = -1, id_of_lane = 0;
     int const lane = int(threadIdx.x % 32);
+    // Pairs: equal unions (same length, same blocks) -> shared: position n is entry n of both, loaded once by CTA n % 2
+    // into the same stage of both CTAs (multicast). Otherwise each CTA loads its own position's tile (its own entry,
+    // or a dummy: entry 0 of its union, or of the peer's when it has none) into its own stage only.
+    bool shared = false;
+    if constexpr (T::kPair) {
+      if (pv.own_u > 0 && pv.own_u == pv.peer_u) {
+        int const* a = p.sq_union + int64_t(pv.item) * p.sq_umax;
+        int const* b = p.sq_union + int64_t(pv.peer) * p.sq_umax;
+        bool eq = true;
+        for (int i = lane; i < pv.own_u; i += 32) { eq = eq && __ldg(a + i) == __ldg(b + i); }
+        shared = __all_sync(0xffffffff, eq);
+#if defined(MSA_FMHA_SM90_DIAG_PAIR_SHARED)  // diagnostic builds (A/B): 1 = shared whenever the lengths match (wrong
+        shared = MSA_FMHA_SM90_DIAG_PAIR_SHARED == 1;  // results unless the unions are equal), 0 = never shared
+#endif
+      }
+    }
+    uint16_t const mcast = shared ? kPairMask : uint16_t(1u << rank);
     auto tile_of = [&](int n) {
-      if constexpr (T::kPaged || T::kSparseQ) {
+      if constexpr (T::kPair) {  // see PairView: own entries at positions >= L - own, dummies below
+        int const off = w.n_block_max - pv.own_u;
+        bool const real = pv.own_u > 0 && n >= off;
+        int const src = pv.own_u > 0 ? pv.item : pv.peer;
+        return __ldg((T::kPaged ? p.sq_union_phys : p.sq_union) + int64_t(src) * p.sq_umax + (real ? n - off : 0));
+      } else if constexpr (T::kPaged || T::kSparseQ) {
         int q = n, bound = w.n_block_max;
         int const* ids = nullptr;
         if constexpr (T::kSparseQ) {
@@ -649,18 +785,27 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
         return n;
       }
     };
+    // Pairs: each CTA's producer waits for its own empty barrier (which counts both CTAs' consumers) and arms its own
+    // full barrier with the whole tile's bytes -- a shared tile's bytes from the peer may land before the arm, which
+    // the open phase allows. Shared: CTA n % 2 issues tile n for both.
+    auto owns = [&](int n) { return !T::kPair || !shared || (n & 1) == rank; };
     // Paged: the boxes of KV tile n (this lane's page `page`, from tile_of) into one smem stage: box j (lane j) holds
     // page_rows slots at rows j * page_rows of the stage, one box per 64 dims (the stage is 64-dim slabs of kBlockN
     // 128-byte swizzled rows, K and V^T alike; every box starts on a 1024-byte swizzle period since page_rows >= 16).
     auto load_page_boxes = [&](auto dims, cute::TmaDescriptor const* desc, uint64_t* bar, Element* stage, int page,
                                int n) {
-      if (lane < p.page_subs) {
+      if (lane < p.page_subs && owns(n)) {
         int const slot0 = (n & (p.tiles_per_page - 1)) * kBlockN;
         Element* dst = stage + lane * p.page_rows * 64;
         CUTE_UNROLL
         for (int c = 0; c < decltype(dims)::value / 64; ++c) {
-          SM90_TMA_LOAD_4D::copy(desc, bar, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
-                                 dst + c * kBlockN * 64, c * 64, slot0, kv_head, page);
+          if constexpr (T::kPair) {
+            SM90_TMA_LOAD_MULTICAST_4D::copy(desc, bar, mcast, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
+                                             dst + c * kBlockN * 64, c * 64, slot0, kv_head, page);
+          } else {
+            SM90_TMA_LOAD_4D::copy(desc, bar, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
+                                   dst + c * kBlockN * 64, c * 64, slot0, kv_head, page);
+          }
         }
       }
     };
@@ -684,8 +829,12 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
       if constexpr (T::kPaged) {
         __syncwarp();
         load_page_boxes(Int<kD>{}, &p.tma_k_page, &ss.full_k[s.index], ss.smem_k + s.index * (kBlockN * kD), tile, n);
-      } else if (leader) {
-        copy(p.tma_k.with(ss.full_k[s.index]), tKgK(_, _, _, tile), tKsK(_, _, _, s.index));
+      } else if (leader && owns(n)) {
+        if constexpr (T::kPair) {
+          copy(p.tma_k.with(ss.full_k[s.index], mcast), tKgK(_, _, _, tile), tKsK(_, _, _, s.index));
+        } else {
+          copy(p.tma_k.with(ss.full_k[s.index]), tKgK(_, _, _, tile), tKsK(_, _, _, s.index));
+        }
       }
     };
     auto load_v = [&](int tile, int n, PipeState<T::kStages> const& s) {
@@ -708,12 +857,18 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
         __syncwarp();
         load_page_boxes(Int<kDV>{}, &p.tma_v_page, &ss.full_v[s.index], ss.smem_v + s.index * (kBlockN * kDV), tile,
                         n);
-      } else if (leader) {
+      } else if (leader && owns(n)) {
         // FP8: the transposed copy holds the request's tiles from tile w.reserved on (128-token padded).
         int const v_tile = T::kFp8 ? w.reserved + tile : tile;
         if constexpr (T::kPvRowSum) {
           Tensor sVs = make_tensor(make_smem_ptr(ss.smem_v + s.index * T::kVtStageElems), typename T::SmemLayoutVtTma{});
-          copy(p.tma_v.with(ss.full_v[s.index]), tVgV(_, _, _, v_tile), tma_v.partition_D(sVs));
+          if constexpr (T::kPair) {
+            copy(p.tma_v.with(ss.full_v[s.index], mcast), tVgV(_, _, _, v_tile), tma_v.partition_D(sVs));
+          } else {
+            copy(p.tma_v.with(ss.full_v[s.index]), tVgV(_, _, _, v_tile), tma_v.partition_D(sVs));
+          }
+        } else if constexpr (T::kPair) {
+          copy(p.tma_v.with(ss.full_v[s.index], mcast), tVgV(_, _, _, v_tile), tVsV(_, _, _, s.index));
         } else {
           copy(p.tma_v.with(ss.full_v[s.index]), tVgV(_, _, _, v_tile), tVsV(_, _, _, s.index));
         }
@@ -762,7 +917,7 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
     }
     wr.advance();
     publish(next);
-    item = next;
+    idx = next;
   }
 }
 
@@ -1051,6 +1206,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
   PipeState<T::kStages> rd;
   PipeState<2> sched_rd;
   int q_phase = 0;
+  StageRelease<T> const release_stage;
 
   // The next work item is read from the producer's ring before the current tile's epilogue, so the load of
   // its descriptor overlaps the epilogue instead of stalling the next tile's start.
@@ -1164,10 +1320,28 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       sq_lim0 = T::kCausal ? min(w.kv_len, w.m_block * tpt + w.qo_offset + 1) : w.kv_len;
     }
     // Tile n of a sparse-Q item: its KV block and the selection bits of this thread's two rows (bit mi: row mi).
+    // Pairs: position n is own entry n - sq_off (sq_off = L - own union length; >= L when this CTA has no routed item):
+    // the list / mask offsets are shifted by sq_off so the loop's real steps read entry n - sq_off at n at no extra
+    // cost; below sq_off are dummy positions (a tile no row selected: sel 0), run by their own steps after the real
+    // ones. sq_tile_any (the item's first tile, which may be a dummy) clamps instead.
+    int const sq_off = T::kPair ? w.n_block_max - w.item_end : 0;
+    if constexpr (T::kPair) {
+      sq_list -= sq_off;
+      sq_word -= sq_off * p.sq_mask_words;
+    }
     auto sq_tile = [&](int n, int& blk, uint32_t& sel) {
       blk = __ldg(p.sq_union + sq_list + n);
       uint32_t const word = uint32_t(__ldg(p.sq_mask + sq_word + n * p.sq_mask_words));
       sel = ((word >> (sq_bits & 31)) & 1u) | (((word >> (sq_bits >> 8)) & 1u) << 1);
+    };
+    auto sq_tile_any = [&](int n, int& blk, uint32_t& sel) {
+      if constexpr (T::kPair) {
+        int const e = max(n, sq_off);  // a dummy reads the own row's entry 0 (in bounds) and drops its bits
+        sq_tile(e, blk, sel);
+        sel = n >= sq_off ? sel : 0u;
+      } else {
+        sq_tile(n, blk, sel);
+      }
     };
 
     // Paged: a request's last page holds whatever the cache holds past kv_len (possibly NaN / Inf). P is 0 there, but
@@ -1193,12 +1367,12 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     int n = w.n_block_max - 1;
     int blk_first = 0;
     uint32_t sel_first = 0;
-    if constexpr (T::kSparseQ) { sq_tile(n, blk_first, sel_first); }
+    if constexpr (T::kSparseQ) { sq_tile_any(n, blk_first, sel_first); }
     Mbar::wait(&ss.full_k[rd.index], rd.phase);
     itl.stamp(6);
     wg_gemm<true, 0>(mma_qk, tSrQ, tSrK(_, _, _, rd.index), tSrS);
     itl.stamp(7);
-    Mbar::arrive(&ss.empty_k[rd.index]);
+    release_stage(&ss.empty_k[rd.index]);
     if constexpr (T::kSparseQ) {
       if ((blk_first + 1) * kBlockN > sq_lim0) {
         apply_mask_sparse<T::kCausal>(tSrS, tScS, w, blk_first, p.sq_tokens_per_tile);
@@ -1225,7 +1399,8 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     }
 
     int tl_step = 0;
-    auto step = [&](int n_block, auto masked) {
+    // dummy (pairs): a padding position of this CTA -- no block of its own, nothing selected.
+    auto step = [&](int n_block, auto masked, auto dummy) {
       constexpr bool kMasked = decltype(masked)::value;
       tl.start(tl_on && !kMasked, wg, item_no, kMasked ? kTlSteps : tl_step++);  // unmasked steps only
       tl.stamp(0);  // step start
@@ -1233,7 +1408,9 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       rd.advance();                           // K of this tile
       int sq_blk = 0;
       uint32_t sq_sel = 0;
-      if constexpr (T::kSparseQ) { sq_tile(n_block, sq_blk, sq_sel); }  // L1-resident; needed after the QK^T
+      if constexpr (T::kSparseQ && !decltype(dummy)::value) {
+        sq_tile(n_block, sq_blk, sq_sel);  // L1-resident; needed after the QK^T
+      }
       Mbar::wait(&ss.full_k[rd.index], rd.phase);
       tl.stamp(1);  // K(n) landed
       if constexpr (T::kPingPong == 1 || T::kPingPong == 2) { named_barrier_sync(kBarSched0 + wg, kPingPongThreads); }
@@ -1256,7 +1433,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       }
       tl.stamp(4);  // S ready
       warpgroup_fence_operand(tSrS);
-      Mbar::arrive(&ss.empty_k[rd.index]);
+      release_stage(&ss.empty_k[rd.index]);
       if constexpr (T::kSparseQ) {
         if ((sq_blk + 1) * kBlockN > sq_lim0) {
           apply_mask_sparse<T::kCausal>(tSrS, tScS, w, sq_blk, p.sq_tokens_per_tile);
@@ -1282,7 +1459,7 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       tl.stamp(6);  // PV done
       warpgroup_fence_operand(tOrO);
       if constexpr (T::kPBits) { take_tile_sums(o_rescale); }  // the previous tile's, under the max before this step
-      Mbar::arrive(&ss.empty_v[rd_v.index]);
+      release_stage(&ss.empty_v[rd_v.index]);
       convert_p();
       // Once a row's max has settled the factor is exactly 1 (exp2(0)); most tiles then skip the 64 FMULs.
       if (__any_sync(0xffffffff, o_rescale[0] != 1.f || o_rescale[1] != 1.f)) { rescale_rows(tOrO, o_rescale); }
@@ -1294,13 +1471,18 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     int const n_mask_lo = max(n_mask_min, n_min);
     --n;
     if constexpr (T::kSparseQ) {  // one step kind: the mask is a per-block runtime choice, row selection always
+      int const n_real = T::kPair ? max(sq_off, 0) : 0;
       CUTE_NO_UNROLL
-      for (; n >= 0; --n) { step(n, cute::false_type{}); }
+      for (; n >= n_real; --n) { step(n, cute::false_type{}, cute::false_type{}); }
+      if constexpr (T::kPair) {  // padding positions (this CTA's union is shorter than its peer's)
+        CUTE_NO_UNROLL
+        for (; n >= 0; --n) { step(n, cute::false_type{}, cute::true_type{}); }
+      }
     } else {
       CUTE_NO_UNROLL
-      for (; n >= n_mask_lo; --n) { step(n, cute::true_type{}); }
+      for (; n >= n_mask_lo; --n) { step(n, cute::true_type{}, cute::false_type{}); }
       CUTE_NO_UNROLL
-      for (; n >= n_min; --n) { step(n, cute::false_type{}); }
+      for (; n >= n_min; --n) { step(n, cute::false_type{}, cute::false_type{}); }
     }
 
     itl.stamp(2);
@@ -1308,7 +1490,11 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
     named_barrier_arrive(kBarQueryEmpty, T::kNumMmaThreads + 32);
     // kRegDiet: the epilogue re-reads the item (48 B, L1/L2-resident) instead of keeping its fields in registers
     // through the KV loop, which only needs kv_len / m_block / qo_offset (masked steps).
-    if constexpr (T::kRegDiet) { w = load_item<T>(p, item); }
+    if constexpr (T::kRegDiet) {
+      int const own_u = w.item_end;  // pairs: the own union length (the work row's field is unused in sparse-Q)
+      w = load_item<T>(p, item);
+      if constexpr (T::kPair) { w.item_end = own_u; }
+    }
 
     Mbar::wait(&ss.full_v[rd.index], rd.phase);
     itl.stamp(8);
@@ -1324,10 +1510,12 @@ __device__ void consumer_warpgroups(typename T::Params const& p, typename T::Sha
       softmax.finalize(sm_scale, o_norm, lse);
     }
     itl.stamp(10);
-    Mbar::arrive(&ss.empty_v[rd.index]);
+    release_stage(&ss.empty_v[rd.index]);
     rd.advance();
 
-    if (w.partial_slot >= 0) {
+    if (T::kPair && w.item_end < 0) {
+      // pairs: this CTA walked its peer's positions without an item of its own (none, or not routed here)
+    } else if (w.partial_slot >= 0) {
       store_partial<T>(p, tOrO, o_norm, lse, w, tid);
     } else {
       store_tile<T>(p, ss, tOrO, o_norm, lse, w, tid, out_scale);
@@ -1564,6 +1752,8 @@ __global__ void __launch_bounds__(T::kNumThreads, 1) fmha_sm90_kernel(CUTE_GRID_
   auto& ss = *reinterpret_cast<typename T::SharedStorage*>((base + 1023) & ~uintptr_t(1023));
 
   int const warp = __shfl_sync(0xffffffff, int(threadIdx.x) / 32, 0);
+  // A stage's empty barrier: every consumer thread arrives, or (pairs) one lane per consumer warp of each CTA.
+  constexpr int kEmptyCount = T::kPair ? 2 * (T::kNumMmaThreads / 32) : T::kNumMmaThreads;
   if (threadIdx.x == 0) {
     cute::prefetch_tma_descriptor(p.tma_q.get_tma_descriptor());
     if constexpr (T::kSparseQ) { cute::prefetch_tma_descriptor(&p.tma_q_packed); }
@@ -1579,8 +1769,8 @@ __global__ void __launch_bounds__(T::kNumThreads, 1) fmha_sm90_kernel(CUTE_GRID_
     for (int s = 0; s < T::kStages; ++s) {
       Mbar::init(&ss.full_k[s], 1);
       Mbar::init(&ss.full_v[s], 1);
-      Mbar::init(&ss.empty_k[s], T::kNumMmaThreads);
-      Mbar::init(&ss.empty_v[s], T::kNumMmaThreads);
+      Mbar::init(&ss.empty_k[s], kEmptyCount);
+      Mbar::init(&ss.empty_v[s], kEmptyCount);
     }
     CUTE_UNROLL
     for (int s = 0; s < 2; ++s) {
@@ -1589,7 +1779,11 @@ __global__ void __launch_bounds__(T::kNumThreads, 1) fmha_sm90_kernel(CUTE_GRID_
     }
     cutlass::arch::fence_barrier_init();
   }
-  __syncthreads();
+  if constexpr (T::kPair) {
+    cute::cluster_sync();  // the peer multicasts into / arrives on this CTA's barriers only once they exist
+  } else {
+    __syncthreads();
+  }
 
   if (warp < 4) {
     cutlass::arch::warpgroup_reg_dealloc<T::kProducerRegs>();
@@ -1606,6 +1800,8 @@ __global__ void __launch_bounds__(T::kNumThreads, 1) fmha_sm90_kernel(CUTE_GRID_
       consumer_score_only<T>(p, ss, int(threadIdx.x) - 128);
     }
   }
+  // Pairs: neither CTA exits while its peer may still multicast into it or arrive on its barriers.
+  if constexpr (T::kPair) { cute::cluster_sync(); }
 #endif
 }
 

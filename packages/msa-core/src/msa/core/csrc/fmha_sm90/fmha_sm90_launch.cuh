@@ -58,14 +58,55 @@ struct FwdArgs {
   int const* sq_order;
   int sq_umax;
   int sq_mask_words;
+  int const* sq_pair_items;  // pairs: [sq_num_pairs, 2]
+  int sq_num_pairs;
 };
+
+// Sparse-Q pairs: how many 2-CTA clusters of this kernel are resident at once on the current device (66 on a
+// 132-SM H200), asked once per module and device.
+template <class T>
+int max_pair_clusters() {
+  static int cached[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) { return 0; }
+  if (cached[dev] > 0) { return cached[dev]; }
+  auto kernel = fmha_sm90_kernel<T>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes) != cudaSuccess) {
+    return 0;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(2);
+  cfg.blockDim = dim3(T::kNumThreads);
+  cfg.dynamicSmemBytes = T::kSmemBytes;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 2;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) { return 0; }
+  cached[dev] = n;
+  return n;
+}
 
 template <class T>
 cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
   using Element = typename T::Element;
   constexpr int kD = T::kHeadDim, kDV = T::kHeadDimV;
   if (a.num_work == 0) { return cudaSuccess; }
-  int const num_ctas = a.num_ctas < a.num_work ? a.num_ctas : a.num_work;  // CTA c starts on item c
+  // CTA c starts on item c; pairs: cluster c (CTAs 2c, 2c + 1) on pair c, at most as many clusters as fit at once
+  // (their static round robin assumes every cluster is resident).
+  int num_ctas = a.num_ctas < a.num_work ? a.num_ctas : a.num_work;
+  if constexpr (T::kPair) {
+    if (a.sq_num_pairs == 0) { return cudaSuccess; }
+    int clusters = a.num_ctas / 2 < a.sq_num_pairs ? a.num_ctas / 2 : a.sq_num_pairs;
+    int const fit = max_pair_clusters<T>();
+    if (fit <= 0) { return cudaErrorInvalidConfiguration; }
+    clusters = clusters < fit ? clusters : fit;
+    num_ctas = 2 * (clusters > 0 ? clusters : 1);
+  }
 
   auto gQ = make_tensor(make_gmem_ptr(static_cast<Element const*>(a.q)),
                         make_shape(int32_t(a.total_q), int32_t(kD), int32_t(a.num_q_heads)),
@@ -84,8 +125,8 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
                             make_stride(int64_t(kD), _1{}, tile, tile));
       auto gVt = make_tensor(make_gmem_ptr(static_cast<Element const*>(a.v)), shape_vt,
                              make_stride(_1{}, int64_t(kDV), tile_v, tile_v));
-      tma_k = make_tma_copy(SM90_TMA_LOAD{}, gK, take<0, 2>(typename T::SmemLayoutK{}));
-      tma_v = make_tma_copy(SM90_TMA_LOAD{}, gVt, typename T::SmemLayoutVtTma{});
+      tma_k = make_tma_copy(typename T::TmaKVOp{}, gK, take<0, 2>(typename T::SmemLayoutK{}));
+      tma_v = make_tma_copy(typename T::TmaKVOp{}, gVt, typename T::SmemLayoutVtTma{});
     } else if constexpr (T::kFp8 && !T::kOutputO) {
       // fp8 score-only (the index pass): no V. tma_v is encoded over one tile-sized view of k so that the parameter
       // block stays well formed; the kernel never issues it.
@@ -95,8 +136,8 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
                             make_stride(a.k_stride_0, _1{}, a.k_stride_1));
       auto gVt = make_tensor(make_gmem_ptr(static_cast<Element const*>(a.k)), shape_vt,
                              make_stride(int64_t(T::kBlockN), _1{}, int64_t(kD) * T::kBlockN));
-      tma_k = make_tma_copy(SM90_TMA_LOAD{}, gK, take<0, 2>(typename T::SmemLayoutK{}));
-      tma_v = make_tma_copy(SM90_TMA_LOAD{}, gVt, typename T::SmemLayoutVtTma{});
+      tma_k = make_tma_copy(typename T::TmaKVOp{}, gK, take<0, 2>(typename T::SmemLayoutK{}));
+      tma_v = make_tma_copy(typename T::TmaKVOp{}, gVt, typename T::SmemLayoutVtTma{});
     } else if constexpr (T::kFp8) {
       shape_k = make_shape(int32_t(a.kv_dim0), int32_t(kD), int32_t(a.num_kv_heads));
       shape_vt = make_shape(int32_t(kD), int32_t(a.vt_len), int32_t(a.num_kv_heads));
@@ -104,8 +145,8 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
                             make_stride(a.k_stride_0, _1{}, a.k_stride_1));
       auto gVt = make_tensor(make_gmem_ptr(static_cast<Element const*>(a.vt)), shape_vt,
                              make_stride(a.vt_len, _1{}, int64_t(kD) * a.vt_len));
-      tma_k = make_tma_copy(SM90_TMA_LOAD{}, gK, take<0, 2>(typename T::SmemLayoutK{}));
-      tma_v = make_tma_copy(SM90_TMA_LOAD{}, gVt, typename T::SmemLayoutVtTma{});
+      tma_k = make_tma_copy(typename T::TmaKVOp{}, gK, take<0, 2>(typename T::SmemLayoutK{}));
+      tma_v = make_tma_copy(typename T::TmaKVOp{}, gVt, typename T::SmemLayoutVtTma{});
     } else {
       shape_k = make_shape(int32_t(a.kv_dim0), int32_t(kD), int32_t(a.num_kv_heads));
       shape_vt = make_shape(int32_t(kDV), int32_t(a.kv_dim0), int32_t(a.num_kv_heads));
@@ -113,8 +154,8 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
                             make_stride(a.k_stride_0, _1{}, a.k_stride_1));
       auto gVt = make_tensor(make_gmem_ptr(static_cast<Element const*>(a.v)), shape_vt,
                              make_stride(_1{}, a.v_stride_0, a.v_stride_1));
-      tma_k = make_tma_copy(SM90_TMA_LOAD{}, gK, take<0, 2>(typename T::SmemLayoutK{}));
-      tma_v = make_tma_copy(SM90_TMA_LOAD{}, gVt, typename T::SmemLayoutVtTma{});
+      tma_k = make_tma_copy(typename T::TmaKVOp{}, gK, take<0, 2>(typename T::SmemLayoutK{}));
+      tma_v = make_tma_copy(typename T::TmaKVOp{}, gVt, typename T::SmemLayoutVtTma{});
     }
   };
   typename T::TmaK tma_k;
@@ -157,6 +198,8 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
       0,
       0,
       0,
+      nullptr,
+      0,
       cute::TmaDescriptor{},  // paged fields: filled below for paged K/V
       cute::TmaDescriptor{},
       0,
@@ -188,6 +231,8 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
     params.sq_tokens_per_tile = tpt;
     params.sq_umax = a.sq_umax;
     params.sq_mask_words = a.sq_mask_words;
+    params.sq_pair_items = a.sq_pair_items;
+    params.sq_num_pairs = a.sq_num_pairs;
   }
 
   if constexpr (T::kPaged) {
@@ -231,20 +276,29 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
   }
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
   if (err != cudaSuccess) { return err; }
-  if constexpr (T::kFp8 && T::kOutputO) {
-    // After the V^T pre-pass: programmatic dependent launch, so this grid's CTAs start (Q / K loads, the first QK^T
-    // and softmax) while the pre-pass drains; the producer waits for the pre-pass grid before its first V^T load.
-    // H200, session 13 run 6: B2 H32 S8K fp8 causal 1.495 -> 1.500x our bf16 (two runs: 1.499 -> 1.504).
+  if constexpr ((T::kFp8 && T::kOutputO) || T::kPair) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(num_ctas);
     cfg.blockDim = dim3(T::kNumThreads);
     cfg.dynamicSmemBytes = T::kSmemBytes;
     cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchAttribute attr[2];
+    unsigned n_attr = 0;
+    if constexpr (T::kFp8 && T::kOutputO) {
+      // After the V^T pre-pass: programmatic dependent launch, so this grid's CTAs start (Q / K loads, the first
+      // QK^T and softmax) while the pre-pass drains; the producer waits for the pre-pass grid before its first V^T
+      // load. H200, session 13 run 6: B2 H32 S8K fp8 causal 1.495 -> 1.500x our bf16 (two runs: 1.499 -> 1.504).
+      attr[n_attr].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[n_attr++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    if constexpr (T::kPair) {  // sparse-Q pairs: 2-CTA clusters
+      attr[n_attr].id = cudaLaunchAttributeClusterDimension;
+      attr[n_attr].val.clusterDim.x = 2;
+      attr[n_attr].val.clusterDim.y = 1;
+      attr[n_attr++].val.clusterDim.z = 1;
+    }
     cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    cfg.numAttrs = n_attr;
     err = cudaLaunchKernelEx(&cfg, kernel, params);
   } else {
     kernel<<<dim3(num_ctas), dim3(T::kNumThreads), T::kSmemBytes, stream>>>(params);

@@ -55,7 +55,10 @@ static_assert(sizeof(CombineItem) == 32, "CombineItem must match the host's int3
 // is T = 128 / G consecutive query tokens x the G query heads of one KV head (query rows packed as row =
 // g * T + t), run over the union of its tokens' selected KV blocks (device-built list, one block = one 128-key
 // tile); a row whose token did not select a block gets no weight from it (per-token bit masks). O (+ LSE) only.
-enum FmhaMode : int { kModeO = 0, kModeOMaxScore = 1, kModeMaxScore = 2, kModeSparseQ = 3 };
+// kModeSparseQPair: sparse-Q with neighbouring items (token tiles 2j, 2j + 1 of one KV head) on a 2-CTA cluster that
+// walks their unions in lockstep; when the two unions are equal, each K / V tile is read from L2 once for both CTAs
+// (TMA multicast by CTA n % 2) -- half the L2 -> SM traffic. Results are bit-identical to kModeSparseQ's.
+enum FmhaMode : int { kModeO = 0, kModeOMaxScore = 1, kModeMaxScore = 2, kModeSparseQ = 3, kModeSparseQPair = 4 };
 
 // Named hardware barriers (0 is __syncthreads).
 enum NamedBarrier : uint32_t {
@@ -85,7 +88,8 @@ struct FmhaTraits {
   static constexpr int kMode = kMode_;
   static constexpr bool kOutputO = kMode_ != kModeMaxScore;
   static constexpr bool kMaxScore = kMode_ == kModeOMaxScore || kMode_ == kModeMaxScore;
-  static constexpr bool kSparseQ = kMode_ == kModeSparseQ;
+  static constexpr bool kSparseQ = kMode_ == kModeSparseQ || kMode_ == kModeSparseQPair;
+  static constexpr bool kPair = kMode_ == kModeSparseQPair;  // 2-CTA clusters sharing K / V tiles (see FmhaMode)
 #if defined(MSA_FMHA_SM90_NO_FILL_WARPS)
   // A/B alternative: the consumers write max_score's -inf tail tiles after each item's last PV.
   static constexpr bool kFillWarps = false;
@@ -111,7 +115,7 @@ struct FmhaTraits {
   // runs 1-7 / F: B2 H32 S8K 1.23x -> 1.52x our bf16 (non-causal, 128-key tiles), 1.14x -> 1.45x (causal); O rel. L2
   // within ~1.2x of the exact path's; the LSE is that of the P used (within 0.13 of the exact one, measured <= 0.04).
 #if defined(MSA_FMHA_SM90_P_BITS)
-  static constexpr bool kPBits = kFp8 && (kMode_ == kModeO || kMode_ == kModeSparseQ);
+  static constexpr bool kPBits = kFp8 && (kMode_ == kModeO || kSparseQ);
 #else
   static constexpr bool kPBits = false;
 #endif
@@ -178,7 +182,7 @@ struct FmhaTraits {
   static constexpr int kStagesDefault = kFp8 ? 3 : 2;
 #else
   static constexpr bool kDirectO3 = !kFp8 && kBlockN == 128 && kHeadDimMax <= 128 &&
-                                    (kMode_ == kModeO || kMode_ == kModeOMaxScore || kMode_ == kModeSparseQ);
+                                    (kMode_ == kModeO || kMode_ == kModeOMaxScore || kSparseQ);
   // Head dim 256: direct O and 2 stages (a 128 x 264 staging tile would not fit next to them).
   static constexpr bool kStageO = !kDirectO3 && kHeadDimMax <= 128 && (kFp8 || kBlockN <= 128);
   // fp8 sparse-Q: staged O + 5 stages (gathered, scattered 16 KiB blocks need the deeper pipeline; 5 x 32 KiB K + V^T
@@ -209,7 +213,7 @@ struct FmhaTraits {
 #else
   // fp8 P from its code (kPBits): off (session 12 run 4: non-causal 1.453 -> 1.491x our bf16, causal and sparse-Q
   // unchanged; its softmax has no MUFU phase for the next row's max chain to hide under).
-  static constexpr bool kRowPipe = (kMode_ == kModeO || kMode_ == kModeSparseQ) && !kPBits;
+  static constexpr bool kRowPipe = (kMode_ == kModeO || kSparseQ) && !kPBits;
 #endif
   //   MSA_FMHA_SM90_REG_DIET: fewer registers live across the KV loop (no WorkItem copies held through it, the
   //     epilogue's thread-dependent addresses recomputed per item instead of hoisted out of the persistent loop); the
@@ -263,7 +267,7 @@ struct FmhaTraits {
   static_assert(kHeadDimMax <= 128 || (kMode == kModeO && !kFp8), "head dim 256: 16-bit mode O only");
   static_assert(kHeadDimV == kHeadDim || (kMode == kModeO && !kFp8), "Dqk != Dv: 16-bit mode O only");
   static_assert(sizeof(Element) == 2 || cute::is_same_v<Element, cutlass::float_e4m3_t>, "bf16, fp16 or e4m3");
-  static_assert(!kFp8 || (!kPaged && (kMode == kModeO || kMode == kModeSparseQ || kMode == kModeMaxScore)),
+  static_assert(!kFp8 || (!kPaged && (kMode == kModeO || kSparseQ || kMode == kModeMaxScore)),
                 "fp8: ragged K/V, O (+ LSE), sparse-Q and score-only (the MSA index pass) only");
   static_assert(!kSparseQ || (kBlockN == 128 && kHeadDim % 64 == 0), "sparse-Q: 128-key blocks (= pages when paged)");
 
@@ -339,10 +343,12 @@ struct FmhaTraits {
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{},
                                       make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), ShapeQ{}, StrideQ{}),
                                       SmemLayoutQ{}));
-  using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{},
+  // Pairs: K / V through the multicast op (same descriptor and box; the owner CTA's copy lands in both CTAs).
+  using TmaKVOp = std::conditional_t<kPair, SM90_TMA_LOAD_MULTICAST, SM90_TMA_LOAD>;
+  using TmaK = decltype(make_tma_copy(TmaKVOp{},
                                       make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), ShapeK{}, StrideK{}),
                                       take<0, 2>(SmemLayoutK{})));
-  using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{},
+  using TmaV = decltype(make_tma_copy(TmaKVOp{},
                                       make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), ShapeK{}, StrideVt{}),
                                       SmemLayoutVtTma{}));
 
@@ -416,6 +422,10 @@ struct FmhaTraits {
     int sq_tokens_per_tile;  // T = kBlockM / G
     int sq_umax;
     int sq_mask_words;
+    // Pairs (kModeSparseQPair): [sq_num_pairs, 2] items per 2-CTA cluster (token tiles 2j, 2j + 1 of one request and
+    // KV head; the second -1 when the request has no tile 2j + 1), taken in this order; sq_order is unused.
+    int const* sq_pair_items;
+    int sq_num_pairs;
     // Paged K/V (any power-of-two page size P in [16, 256]): k and v viewed as (D, P, Hkv, pages), read in boxes of
     // (64 dims, page_rows slots). A kBlockN-key tile is page_subs boxes from consecutive pages (P < kBlockN) or one
     // box from slot (n % tiles_per_page) * kBlockN of one page (P >= kBlockN). tma_k / tma_v above are unused there.
