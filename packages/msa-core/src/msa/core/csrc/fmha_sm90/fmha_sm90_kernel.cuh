@@ -254,6 +254,22 @@ __device__ __forceinline__ WorkItem load_pair_item(typename T::Params const& p, 
   return w;
 }
 
+// Pairs: whether the two items' unions are equal (same length, same blocks; then every tile is shared). Called by all
+// lanes of the producer warp; both CTAs reach the same answer.
+template <class T>
+__device__ __forceinline__ bool pair_shared(typename T::Params const& p, PairView const& v, int lane) {
+  if (v.own_u <= 0 || v.own_u != v.peer_u) { return false; }
+  int const* a = p.sq_union + int64_t(v.item) * p.sq_umax;
+  int const* b = p.sq_union + int64_t(v.peer) * p.sq_umax;
+  bool eq = true;
+  for (int i = lane; i < v.own_u; i += 32) { eq = eq && __ldg(a + i) == __ldg(b + i); }
+  bool shared = __all_sync(0xffffffff, eq);
+#if defined(MSA_FMHA_SM90_DIAG_PAIR_SHARED)  // diagnostic builds (A/B): 1 = shared whenever the lengths match (wrong
+  shared = MSA_FMHA_SM90_DIAG_PAIR_SHARED == 1;  // results unless the unions are equal), 0 = never shared
+#endif
+  return shared;
+}
+
 // The index a ring slot carries: an item, or (pairs) a pair; the end of the work list stops the kernel.
 template <class T>
 __device__ __forceinline__ int work_end(typename T::Params const& p) {
@@ -271,13 +287,19 @@ __device__ __forceinline__ void read_work_ring(typename T::Params const& p, type
                                                PipeState<2>& rd, int& item, WorkItem& w) {
   mbar_wait_mem(&ss.sched_full[rd.index], rd.phase);
   item = ss.sched_item[rd.index];
+  // Pairs: the producer also hands over this CTA's item, positions and own union length (PairView), so the consumers
+  // load only the work row (no dependent loads of the pair table and union lengths before the epilogue).
+  int const aux_item = ss.sched_aux[T::kPair ? rd.index : 0][0];
+  int const aux_positions = ss.sched_aux[T::kPair ? rd.index : 0][1];
+  int const aux_own = ss.sched_aux[T::kPair ? rd.index : 0][2];
   mbar_arrive_mem(&ss.sched_empty[rd.index]);
   rd.advance();
   if constexpr (T::kPair) {  // a pair index: this CTA's item (p.num_work: stop)
     if (item < p.sq_num_pairs) {
-      PairView const v = pair_view<T>(p, item);
-      w = load_pair_item<T>(p, v);
-      item = v.item;
+      w = load_work(p.work, aux_item);
+      w.n_block_max = aux_positions;
+      w.item_end = aux_own;
+      item = aux_item;
     } else {
       item = p.num_work;
     }
@@ -652,10 +674,16 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
   wr.phase = 1;  // the first pass over the stages finds them empty
   PipeState<2> sched_wr;
   sched_wr.phase = 1;
-  auto publish = [&](int idx) {  // hand the next work index to the consumers (index >= num_work: stop)
+  // Hand the next work index to the consumers (index >= num_work: stop); pairs: with this CTA's side of the pair.
+  auto publish = [&](int idx, PairView const& v) {
     if (leader) {
       mbar_wait_mem(&ss.sched_empty[sched_wr.index], sched_wr.phase);
       ss.sched_item[sched_wr.index] = idx;
+      if constexpr (T::kPair) {
+        ss.sched_aux[sched_wr.index][0] = v.item;
+        ss.sched_aux[sched_wr.index][1] = v.positions > 0 ? v.positions : v.own_u;
+        ss.sched_aux[sched_wr.index][2] = v.own_u;
+      }
       mbar_arrive_mem(&ss.sched_full[sched_wr.index]);
     }
     sched_wr.advance();
@@ -679,13 +707,22 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
   int seq = T::kPair ? int(blockIdx.x) / 2 : int(blockIdx.x);
   int idx = item_at(seq);  // the grid never exceeds the work (pairs: 2 x the pairs)
   bool vt_visible = false;          // fp8: griddepcontrol.wait done (the V^T pre-pass grid has completed)
-  publish(idx);
+  int const lane = int(threadIdx.x % 32);
+  // Pairs: a pair's view and union test are made while the previous item drains (next_probe, after its last load),
+  // so their dependent loads do not delay the pair's first K, and the consumers get the pair's side with the index.
+  PairView pv{};
+  bool shared = false;
+  if constexpr (T::kPair) {
+    if (idx < end) {
+      pv = pair_view<T>(p, idx);
+      shared = pair_shared<T>(p, pv, lane);
+    }
+  }
+  publish(idx, pv);
   while (idx < end) {
     int item = idx;
-    PairView pv{};
     WorkItem w;
     if constexpr (T::kPair) {
-      pv = pair_view<T>(p, idx);
       w = load_pair_item<T>(p, pv);
       item = pv.item;
     } else {
@@ -699,9 +736,22 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
       if (leader) { next = atomicAdd(p.work_counter, 1) + int(gridDim.x); }
       next = item_at(__shfl_sync(0xffffffff, next, 0));
     }
+    PairView pv_next{};
+    bool shared_next = false;
+    auto next_probe = [&] {
+      if constexpr (T::kPair) {
+        if (next < end) {
+          pv_next = pair_view<T>(p, next);
+          shared_next = pair_shared<T>(p, pv_next, lane);
+        }
+      }
+    };
     if (w.n_block_max <= 0) {  // consumers write zeros without any load
-      publish(next);
+      next_probe();
+      publish(next, pv_next);
       idx = next;
+      pv = pv_next;
+      shared = shared_next;
       continue;
     }
     int const kv_head = w.head / p.q_heads_per_kv_head;
@@ -739,23 +789,9 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
     //   (n % (P / kBlockN)) * kBlockN); lane j < page_subs gets the physical page of its box. Pages past the request's
     //   last one (a short last tile) repeat the last page: those keys are masked and their V rows zeroed.
     int id_window = -1, id_of_lane = 0;
-    int const lane = int(threadIdx.x % 32);
     // Pairs: equal unions (same length, same blocks) -> shared: position n is entry n of both, loaded once by CTA n % 2
     // into the same stage of both CTAs (multicast). Otherwise each CTA loads its own position's tile (its own entry,
     // or a dummy: entry 0 of its union, or of the peer's when it has none) into its own stage only.
-    bool shared = false;
-    if constexpr (T::kPair) {
-      if (pv.own_u > 0 && pv.own_u == pv.peer_u) {
-        int const* a = p.sq_union + int64_t(pv.item) * p.sq_umax;
-        int const* b = p.sq_union + int64_t(pv.peer) * p.sq_umax;
-        bool eq = true;
-        for (int i = lane; i < pv.own_u; i += 32) { eq = eq && __ldg(a + i) == __ldg(b + i); }
-        shared = __all_sync(0xffffffff, eq);
-#if defined(MSA_FMHA_SM90_DIAG_PAIR_SHARED)  // diagnostic builds (A/B): 1 = shared whenever the lengths match (wrong
-        shared = MSA_FMHA_SM90_DIAG_PAIR_SHARED == 1;  // results unless the unions are equal), 0 = never shared
-#endif
-      }
-    }
     uint16_t const mcast = shared ? kPairMask : uint16_t(1u << rank);
     auto tile_of = [&](int n) {
       if constexpr (T::kPair) {  // see PairView: own entries at positions >= L - own, dummies below
@@ -916,8 +952,11 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
       }
     }
     wr.advance();
-    publish(next);
+    next_probe();  // after this item's last load: the consumers need the next index only ~2 tiles later
+    publish(next, pv_next);
     idx = next;
+    pv = pv_next;
+    shared = shared_next;
   }
 }
 

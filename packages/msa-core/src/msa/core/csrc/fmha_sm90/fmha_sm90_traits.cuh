@@ -372,6 +372,8 @@ struct FmhaTraits {
     alignas(8) uint64_t sched_empty[2];
     int sched_item[2];
     float pin_scratch[kNumMmaThreads];  // write-only sink that orders the softmax before the PV wait
+    // Pairs: per ring slot, this CTA's item, positions (or own union length when 0) and own union length (PairView).
+    int sched_aux[kPair ? 2 : 1][4];
   };
   // + 1024 so the kernel can round the dynamic shared-memory base up to the 1024-byte swizzle alignment.
   static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;
