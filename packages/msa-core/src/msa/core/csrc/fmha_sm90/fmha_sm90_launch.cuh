@@ -265,8 +265,11 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
   }
 
   auto kernel = fmha_sm90_kernel<T>;
-  cudaError_t err = cudaMemsetAsync(a.work_counter, 0, sizeof(int), stream);
-  if (err != cudaSuccess) { return err; }
+  cudaError_t err = cudaSuccess;
+  if constexpr (!T::kPair) {  // pairs take a static schedule: no counter, so no memset on the stream
+    err = cudaMemsetAsync(a.work_counter, 0, sizeof(int), stream);
+    if (err != cudaSuccess) { return err; }
+  }
   if constexpr (T::kFp8 && T::kOutputO) {  // V -> the transposed, key-permuted copy the PV GEMM reads (same stream, first)
     typename T::VtParams vp{static_cast<uint8_t const*>(a.v), a.v_stride_0, a.v_stride_1,
                             static_cast<uint8_t*>(a.vt), a.vt_len, a.vt_tiles};
