@@ -106,9 +106,9 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)  # q = k = v; fp8:
 
 
 def supports(*, dtype=None, q_dtype=None, kv_dtype=None, head_dim=None, head_dim_v=None, group=None,
-             qhead_per_kv=None, paged=None, pair=None, **_ignored) -> tuple[bool, str]:
-    """Whether the built sparse_q modules implement this call (``msa.core.dispatch`` feature gate); ``pair``: a
-    pair plan (``plan(pair=True)``)."""
+             qhead_per_kv=None, paged=None, **_ignored) -> tuple[bool, str]:
+    """Whether the built sparse_q modules implement this call (``msa.core.dispatch`` feature gate); pair plans serve
+    exactly the same calls."""
     dtype = dtype if dtype is not None else q_dtype
     group = group if group is not None else qhead_per_kv
     if dtype is not None and dtype not in DTYPES:
