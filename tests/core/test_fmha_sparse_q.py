@@ -419,10 +419,8 @@ def test_sparse_q_fp8_refusals():
         qo.run(p, q, kv, kv, *tabs, sm_scale=-1.0)
 
 
-@pytest.mark.compile
-@pytest.mark.slow
-def test_fp8_sparse_q_module_builds_for_sm90a(module_arch_check):
-    """The fp8 sparse-Q module (packed e4m3 Q boxes, V^T pre-pass, staged bf16 epilogue) compiles for sm_90a."""
+def _built_sm90a_module(dtype: str, mode: str, module_arch_check) -> bytes:
+    """Build one causal ragged d128 module for sm_90a (skips without nvcc), check its cubin arch, return its bytes."""
     from pathlib import Path
 
     from msa.core.jit import toolchain
@@ -431,10 +429,16 @@ def test_fp8_sparse_q_module_builds_for_sm90a(module_arch_check):
         toolchain.nvcc_path()
     except toolchain.ToolchainError as e:
         pytest.skip(str(e))
-    entry = k90.jit_spec("float8_e4m3fn", 128, True, False, mode="sparse_q").build()
-    so = entry.file("module.so")
+    so = k90.jit_spec(dtype, 128, True, False, mode=mode).build().file("module.so")
     module_arch_check(so, "sm_90a", 90)
-    blob = Path(so).read_bytes()
+    return Path(so).read_bytes()
+
+
+@pytest.mark.compile
+@pytest.mark.slow
+def test_fp8_sparse_q_module_builds_for_sm90a(module_arch_check):
+    """The fp8 sparse-Q module (packed e4m3 Q boxes, V^T pre-pass, staged bf16 epilogue) compiles for sm_90a."""
+    blob = _built_sm90a_module("float8_e4m3fn", "sparse_q", module_arch_check)
     assert b"fmha_fwd" in blob and b"fmha_sm90_vt_kernel" in blob and b"fmha_sm90_kernel" in blob
 
 
@@ -443,18 +447,7 @@ def test_fp8_sparse_q_module_builds_for_sm90a(module_arch_check):
 def test_pair_sparse_q_module_builds_for_sm90a(module_arch_check):
     """The pair module (2-CTA clusters, multicast K / V, cross-CTA stage release) compiles for sm_90a and takes the pair
     table (its binding checks sq_pairs)."""
-    from pathlib import Path
-
-    from msa.core.jit import toolchain
-
-    try:
-        toolchain.nvcc_path()
-    except toolchain.ToolchainError as e:
-        pytest.skip(str(e))
-    entry = k90.jit_spec("bfloat16", 128, True, False, mode="sparse_q2").build()
-    so = entry.file("module.so")
-    module_arch_check(so, "sm_90a", 90)
-    blob = Path(so).read_bytes()
+    blob = _built_sm90a_module("bfloat16", "sparse_q2", module_arch_check)
     assert b"fmha_fwd" in blob and b"fmha_sm90_kernel" in blob and b"sq_pairs" in blob
 
 

@@ -559,7 +559,7 @@ def _qouter_kernel_plan(plan: SparseFmhaPlan):
         if mod is None:
             raise RuntimeError(f"Q-outer kernel: {why}")
         kp = mod.plan(plan.qo_lens, plan.kv_lens, plan.num_qo_heads, plan.num_kv_heads, causal=plan.causal,
-                      paged=plan.paged, device=plan.device, **({"pair": True} if qs.pair else {}))
+                      paged=plan.paged, device=plan.device, pair=qs.pair)
         if int(kp.T) != qs.items.T or int(kp.num_items) != qs.items.num_items:
             raise RuntimeError(f"Q-outer kernel plan: T {kp.T} / {kp.num_items} items, but msa.cute.qouter_items "
                                f"made T {qs.items.T} / {qs.items.num_items} items (item enumeration contract broken)")

@@ -97,7 +97,7 @@ FP8_P_VARIANTS = ("code", "exp2")  # fast, exact
 FP8_P_MODES = ("o", "sparse_q", "sparse_q2")  # the modes built in both
 # Kernel modes (FmhaMode in fmha_sm90_traits.cuh): O (+ LSE); O and max_score; max_score only.
 # "sparse_q": MSA sparse prefill, Q-outer (kernels/fmha_sm90_qouter.py): 16-bit K/V, ragged or paged (page 128).
-# "sparse_q2": the same over items of 2T tokens, one 2-CTA cluster per item sharing every K / V tile.
+# "sparse_q2": the same items run two by two on 2-CTA clusters that share K / V tiles when their unions are equal.
 MODES = {"o": 0, "o_maxscore": 1, "maxscore": 2, "sparse_q": 3, "sparse_q2": 4}
 # Split-KV cost model, in units of one 128x128 KV tile of one work item (~1.6 us on H100 at d128):
 SPLIT_ITEM_COST = 1.5  # per item / piece: Q load, first QK^T + softmax outside the ping-pong, epilogue
@@ -166,11 +166,11 @@ def jit_spec(dtype: str, head_dim: int, causal: bool, paged: bool, arch: str = "
         raise NotImplementedError(f"fmha_sm90: arch {arch!r} is not supported (the kernel uses sm_90a-only wgmma/TMA)")
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {sorted(MODES)}, got {mode!r}")
-    if dtype == DTYPES[FP8_DTYPE] and (paged or mode not in ("o", "sparse_q", "sparse_q2", "maxscore")):
+    fp8_modes = (*FP8_P_MODES, "maxscore")
+    if dtype == DTYPES[FP8_DTYPE] and (paged or mode not in fp8_modes):
         raise NotImplementedError(
-            f"fmha_sm90: fp8 is built for ragged K/V and modes 'o' / 'sparse_q' / 'sparse_q2' / 'maxscore' only, got "
-            f"paged={paged}, "
-            f"mode={mode!r}"
+            f"fmha_sm90: fp8 is built for ragged K/V and modes {' / '.join(map(repr, fp8_modes))} only, got "
+            f"paged={paged}, mode={mode!r}"
         )
     params = {"dtype": dtype, "head_dim": int(head_dim), "causal": bool(causal), "paged": bool(paged),
               "mode": MODES[mode]}

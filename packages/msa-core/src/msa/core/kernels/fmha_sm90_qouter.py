@@ -205,7 +205,7 @@ def plan(qo_lens, kv_lens, num_qo_heads: int, num_kv_heads: int, *, causal: bool
     pair_items = None
     if pair:  # tiles 2j, 2j + 1 of each request, per KV head, request-major then j then head (the enumeration order)
         j, req = e["tile_j"], e["tile_request"]
-        n_tiles = torch.bincount(req, minlength=len(qo)) if n else torch.zeros(len(qo), dtype=torch.int64)
+        n_tiles = torch.bincount(req, minlength=len(qo))
         first = (j % 2 == 0).nonzero().flatten()  # tile index of each pair's first tile
         has_second = (j[first] + 1) < n_tiles[req[first]]
         base = (first * hkv).view(-1, 1) + torch.arange(hkv).view(1, -1)  # [pairs_per_head, hkv]

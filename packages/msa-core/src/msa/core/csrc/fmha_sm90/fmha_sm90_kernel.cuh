@@ -865,12 +865,8 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
       if constexpr (T::kPaged) {
         __syncwarp();
         load_page_boxes(Int<kD>{}, &p.tma_k_page, &ss.full_k[s.index], ss.smem_k + s.index * (kBlockN * kD), tile, n);
-      } else if (leader && owns(n)) {
-        if constexpr (T::kPair) {
-          copy(p.tma_k.with(ss.full_k[s.index], mcast), tKgK(_, _, _, tile), tKsK(_, _, _, s.index));
-        } else {
-          copy(p.tma_k.with(ss.full_k[s.index]), tKgK(_, _, _, tile), tKsK(_, _, _, s.index));
-        }
+      } else if (leader && owns(n)) {  // (the plain TMA op's with() ignores the multicast mask)
+        copy(p.tma_k.with(ss.full_k[s.index], mcast), tKgK(_, _, _, tile), tKsK(_, _, _, s.index));
       }
     };
     auto load_v = [&](int tile, int n, PipeState<T::kStages> const& s) {
@@ -898,15 +894,9 @@ __device__ void producer_warp(typename T::Params const& p, typename T::SharedSto
         int const v_tile = T::kFp8 ? w.reserved + tile : tile;
         if constexpr (T::kPvRowSum) {
           Tensor sVs = make_tensor(make_smem_ptr(ss.smem_v + s.index * T::kVtStageElems), typename T::SmemLayoutVtTma{});
-          if constexpr (T::kPair) {
-            copy(p.tma_v.with(ss.full_v[s.index], mcast), tVgV(_, _, _, v_tile), tma_v.partition_D(sVs));
-          } else {
-            copy(p.tma_v.with(ss.full_v[s.index]), tVgV(_, _, _, v_tile), tma_v.partition_D(sVs));
-          }
-        } else if constexpr (T::kPair) {
-          copy(p.tma_v.with(ss.full_v[s.index], mcast), tVgV(_, _, _, v_tile), tVsV(_, _, _, s.index));
+          copy(p.tma_v.with(ss.full_v[s.index], mcast), tVgV(_, _, _, v_tile), tma_v.partition_D(sVs));
         } else {
-          copy(p.tma_v.with(ss.full_v[s.index]), tVgV(_, _, _, v_tile), tVsV(_, _, _, s.index));
+          copy(p.tma_v.with(ss.full_v[s.index], mcast), tVgV(_, _, _, v_tile), tVsV(_, _, _, s.index));
         }
       }
     };

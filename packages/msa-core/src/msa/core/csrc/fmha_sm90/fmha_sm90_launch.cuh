@@ -62,6 +62,16 @@ struct FwdArgs {
   int sq_num_pairs;
 };
 
+// Sparse-Q pairs: the launch attribute of their 2-CTA clusters.
+inline cudaLaunchAttribute pair_cluster_attr() {
+  cudaLaunchAttribute a{};
+  a.id = cudaLaunchAttributeClusterDimension;
+  a.val.clusterDim.x = 2;
+  a.val.clusterDim.y = 1;
+  a.val.clusterDim.z = 1;
+  return a;
+}
+
 // Sparse-Q pairs: how many 2-CTA clusters of this kernel are resident at once on the current device (66 on a
 // 132-SM H200), asked once per module and device.
 template <class T>
@@ -78,11 +88,7 @@ int max_pair_clusters() {
   cfg.gridDim = dim3(2);
   cfg.blockDim = dim3(T::kNumThreads);
   cfg.dynamicSmemBytes = T::kSmemBytes;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 2;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
+  cudaLaunchAttribute attr[1] = {pair_cluster_attr()};
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   int n = 0;
@@ -294,12 +300,7 @@ cudaError_t launch_fwd(FwdArgs const& a, cudaStream_t stream) {
       attr[n_attr].id = cudaLaunchAttributeProgrammaticStreamSerialization;
       attr[n_attr++].val.programmaticStreamSerializationAllowed = 1;
     }
-    if constexpr (T::kPair) {  // sparse-Q pairs: 2-CTA clusters
-      attr[n_attr].id = cudaLaunchAttributeClusterDimension;
-      attr[n_attr].val.clusterDim.x = 2;
-      attr[n_attr].val.clusterDim.y = 1;
-      attr[n_attr++].val.clusterDim.z = 1;
-    }
+    if constexpr (T::kPair) { attr[n_attr++] = pair_cluster_attr(); }  // sparse-Q pairs: 2-CTA clusters
     cfg.attrs = attr;
     cfg.numAttrs = n_attr;
     err = cudaLaunchKernelEx(&cfg, kernel, params);
