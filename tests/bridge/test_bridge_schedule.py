@@ -356,3 +356,23 @@ def test_eager_auto_branches_with_a_stub_kernel(monkeypatch, route_max):
             assert (len(runs), len(kv_calls)) == ((2, 1) if optimistic else (1, 1))
         assert br._auto_state["expect_all_routed"] == (routed == items)
         _close(o, lse, o_ref, lse_ref, v)
+
+
+@pytest.mark.gpu
+def test_routed_count_read_waits_for_the_current_stream_and_reuses_its_buffer():
+    """The eager "auto" count read copies ``union_len`` on a side stream that waits for the current stream: a count
+    written by a kernel queued behind a long one is read correctly, and back-to-back reads of different sizes (one
+    reused pinned buffer, grown when needed) give their own counts."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this host (GPU tests run on the GPU box: scripts/gpu_env.sh)")
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(3)
+    for n in (5, 3000, 70000, 17):
+        vals = torch.randint(-1, 40, (n,), device=dev, dtype=torch.int32, generator=g)
+        want = int((vals >= 0).sum())
+        union_len = torch.full((n,), -1, dtype=torch.int32, device=dev)
+        torch.cuda._sleep(20_000_000)  # ~10 ms of GPU time ahead of the write
+        union_len.copy_(vals)
+        assert br._routed_count_later(union_len)() == want, n
+    cpu = torch.tensor([3, -1, 0, -1, 7], dtype=torch.int32)
+    assert br._routed_count_later(cpu)() == 3

@@ -23,7 +23,8 @@ so it is CUDA-graph safe for fixed shapes):
   set iff token ``t`` of item ``i`` selected ``union[i, u]`` (bit 31 makes the int32 negative);
 - ``order [num_items]`` int32: the sequence the kernel's persistent CTAs take items in
   (``msa.core.kernels.qouter_union.item_order``: enumeration order for many items -- L2 reuse of the blocks
-  neighbouring tokens share -- else ``union_len`` descending, stable).
+  neighbouring tokens share, one shared read-only tensor per (count, device) -- else ``union_len`` descending,
+  stable).
 """
 
 from __future__ import annotations

@@ -44,6 +44,25 @@ ORDERS = ("auto", "tile", "lpt")
 ORDER_TILE_MIN_ITEMS = 2048
 
 
+_TILE_ORDERS: dict = {}  # (n, device) -> int32 arange(n), shared read-only
+
+
+def _tile_order(n: int, device: torch.device) -> torch.Tensor:
+    """``arange(n)`` (int32) on ``device``, made once per (n, device) outside CUDA-graph capture and then shared: the
+    per-call arange was one more kernel launch in every Q-outer call (and the pair kernel does not read it). The
+    tensor is read-only by contract (the kernels only read ``order``)."""
+    key = (n, str(device))
+    t = _TILE_ORDERS.get(key)
+    if t is None:
+        t = torch.arange(n, dtype=torch.int32, device=device)
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing:  # a tensor made during capture belongs to the graph's pool: never keep it
+            if len(_TILE_ORDERS) >= 64:
+                _TILE_ORDERS.pop(next(iter(_TILE_ORDERS)))
+            _TILE_ORDERS[key] = t
+    return t
+
+
 def item_order(union_len: torch.Tensor, policy: str | None = None) -> torch.Tensor:
     """The sequence (int32 ``[num_items]``) the Q-outer kernel's persistent CTAs take items in, on ``union_len``'s
     device. ``policy`` (default ``$MSA_QOUTER_ORDER`` or ``"auto"``):
@@ -62,7 +81,7 @@ def item_order(union_len: torch.Tensor, policy: str | None = None) -> torch.Tens
     if policy == "auto":
         policy = "tile" if n >= ORDER_TILE_MIN_ITEMS else "lpt"
     if policy == "tile":
-        return torch.arange(n, dtype=torch.int32, device=union_len.device)
+        return _tile_order(n, union_len.device)
     return torch.sort(union_len, descending=True, stable=True).indices.to(torch.int32)
 
 
