@@ -248,7 +248,7 @@ def test_gpu_sparse_fmha_replays_in_a_cuda_graph(schedule):
     """The whole bridge call captured in a CUDA graph (no host sync inside: "auto" records the hybrid) and replayed on
     new inputs copied into the captured tensors: bit-identical to eager calls on those inputs (q_outer: the 2-CTA
     pair kernel and the union builder; auto: KV-outer then Q-outer over the routed rows; kv_outer: CSR + combine)."""
-    q_lens, kv_lens, hq, hkv, d, topk = [700, 1300], [900, 1300], 16, 2, 128, 16
+    q_lens, kv_lens, hq, hkv, d, topk = [700, 1300], [900, 1300], 16, 1, 128, 16  # G 16: in the CuTe bundle
     tq, tk = sum(q_lens), sum(kv_lens)
 
     def draw(seed):
