@@ -423,3 +423,35 @@ def test_gpu_build_without_host_sync(monkeypatch):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert_same(got, torch_build(sel, items, bk))
+
+
+def test_tile_order_is_a_cached_int32_arange_for_eager_calls():
+    """The "tile" order is arange(n) (int32), one shared tensor per (n, device) for eager calls, the cache bounded."""
+    qu._TILE_ORDERS.clear()
+    a = qu._tile_order(37, torch.device("cpu"))
+    assert a.dtype == torch.int32 and torch.equal(a, torch.arange(37, dtype=torch.int32))
+    assert qu._tile_order(37, torch.device("cpu")) is a
+    assert qu.item_order(torch.full((3000,), 5, dtype=torch.int32), "tile") is qu._tile_order(3000, torch.device("cpu"))
+    for n in range(100):
+        qu._tile_order(n, torch.device("cpu"))
+    assert len(qu._TILE_ORDERS) <= 64
+
+
+@pytest.mark.gpu
+def test_gpu_tile_order_under_capture_is_recorded_fresh():
+    """Under CUDA-graph capture the order is a fresh arange recorded in the graph (a cached tensor could be evicted and
+    freed while the graph still holds its pointer); replays give arange(n)."""
+    _need_kernel()
+    dev = torch.device("cuda")
+    cached = qu._tile_order(4099, dev)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        with torch.cuda.graph(graph, stream=side):
+            fresh = qu._tile_order(4099, dev)
+    assert fresh.data_ptr() != cached.data_ptr()
+    fresh.fill_(-1)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(fresh.cpu(), torch.arange(4099, dtype=torch.int32))

@@ -617,8 +617,9 @@ def _routed_count_later(union_len: torch.Tensor):
     and gives the count. CUDA: ``union_len`` (int32 ``[num_items]``) is copied whole to a reused pinned buffer on a
     side stream that waits for the current stream's work so far, and counted on the host -- no reduction kernels and
     no device-to-host copy on the current stream, so the Q-outer kernel queued next starts right after the union
-    build (H200, session 16 run 1, interleaved A/B: +1.9% raw, +2.4% per clock at 16/1 S32K). The buffer is reused, so one read is
-    in flight per thread at a time (the caller waits before its next read); ``union_len`` stays alive until then."""
+    build (H200, session 16 run 1, interleaved A/B: +1.9% raw, +2.4% per clock at 16/1 S32K). The buffer is reused,
+    so one read is in flight per thread at a time (the caller waits before its next read); ``union_len`` stays alive
+    until then. Eager calls only (under capture the hybrid runs and nothing is read)."""
     n = int(union_len.shape[0])
     if union_len.device.type != "cuda":
         value = int((union_len >= 0).sum())

@@ -48,18 +48,18 @@ _TILE_ORDERS: dict = {}  # (n, device) -> int32 arange(n), shared read-only
 
 
 def _tile_order(n: int, device: torch.device) -> torch.Tensor:
-    """``arange(n)`` (int32) on ``device``, made once per (n, device) outside CUDA-graph capture and then shared: the
-    per-call arange was one more kernel launch in every Q-outer call (and the pair kernel does not read it). The
-    tensor is read-only by contract (the kernels only read ``order``)."""
+    """``arange(n)`` (int32) on ``device``, made once per (n, device) for eager calls and then shared: the per-call
+    arange was one more kernel launch in every Q-outer call (and the pair kernel does not read it). The tensor is
+    read-only by contract (the kernels only read ``order``). Under CUDA-graph capture a fresh arange is recorded
+    instead: a captured graph keeps raw pointers, and a cached tensor may be evicted (freed) while the graph lives."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.arange(n, dtype=torch.int32, device=device)
     key = (n, str(device))
     t = _TILE_ORDERS.get(key)
     if t is None:
-        t = torch.arange(n, dtype=torch.int32, device=device)
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if not capturing:  # a tensor made during capture belongs to the graph's pool: never keep it
-            if len(_TILE_ORDERS) >= 64:
-                _TILE_ORDERS.pop(next(iter(_TILE_ORDERS)))
-            _TILE_ORDERS[key] = t
+        if len(_TILE_ORDERS) >= 64:
+            _TILE_ORDERS.pop(next(iter(_TILE_ORDERS)))
+        t = _TILE_ORDERS[key] = torch.arange(n, dtype=torch.int32, device=device)
     return t
 
 
