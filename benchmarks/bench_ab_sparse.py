@@ -36,24 +36,12 @@ import torch  # noqa: E402
 from _harness import flops as W  # noqa: E402
 from _harness.cases import TileSelection, random_tile_selection, token_positions  # noqa: E402
 from _harness.clocks import ClockSampler  # noqa: E402
+from _harness.env import temporary_env  # noqa: E402
 from _harness.timing import _sync as sync  # noqa: E402
 from _harness.timing import per_call_ms  # noqa: E402
 
 TOPK = 16
 PLAN_ENV: dict[str, dict[str, str]] = {}  # per variant label: environment set while its bridge plan is made
-
-
-def _plan_with_env(env: dict, make):
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return make()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def parse_variants(spec: str) -> list[tuple[str, str]]:
@@ -173,8 +161,10 @@ def run_shape(shape, variants, switch, args, device, clocks) -> list[str]:
     k = torch.randn(s, hkv, 128, device=device, dtype=torch.bfloat16, generator=gen)
     v = torch.randn(s, hkv, 128, device=device, dtype=torch.bfloat16, generator=gen)
     out = torch.empty(s, hq, 128, device=device, dtype=torch.bfloat16)
-    plans = {lab: _plan_with_env(PLAN_ENV.get(lab, {}), lambda: mb.sparse_fmha_plan(
-        [s], [s], hq, hkv, causal=True, kv_block_num=TOPK, device=device)) for lab, _ in variants}
+    plans = {}
+    for lab, _ in variants:
+        with temporary_env(PLAN_ENV.get(lab, {})):
+            plans[lab] = mb.sparse_fmha_plan([s], [s], hq, hkv, causal=True, kv_block_num=TOPK, device=device)
     flops = 2.0 * 256 * (hq // hkv) * W.sparse_selected_pairs(sel, token_positions(1, s, s, device), s, True)
 
     def call():

@@ -41,6 +41,9 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness.env import temporary_env  # noqa: E402
+
 TOPK, FB, FE = 16, 0, 1
 L2_BYTES_DEFAULT = 50 * 1024 * 1024
 
@@ -68,22 +71,9 @@ def ours(max_score, topk, nvp, fb, fe, out=None):
     return topk_kernel.run(max_score, topk, nvp, fb, fe, out)
 
 
-class env_overrides:  # noqa: N801 - used as a context manager
+def env_overrides(**kv):
     """Set MSA_TOPK_* variables for a block of calls (the plan reads them on every call)."""
-
-    def __init__(self, **kv):
-        self.kv = {f"MSA_TOPK_{k.upper()}": str(v) for k, v in kv.items()}
-
-    def __enter__(self):
-        self.old = {k: os.environ.get(k) for k in self.kv}
-        os.environ.update(self.kv)
-
-    def __exit__(self, *exc):
-        for k, v in self.old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return temporary_env({f"MSA_TOPK_{k.upper()}": str(v) for k, v in kv.items()})
 
 
 def block_configs(n_blocks: int, total_q: int) -> list[tuple[int, int, int, int]]:

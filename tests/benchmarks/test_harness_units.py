@@ -380,3 +380,15 @@ def test_per_call_ms_runs_each_call_once_on_cpu():
     n = []
     ms = per_call_ms(lambda: n.append(1), 7, torch.device("cpu"))
     assert len(n) == 7 and ms >= 0.0
+
+
+def test_temporary_env_sets_then_restores_and_unsets(monkeypatch):
+    from _harness.env import temporary_env
+
+    monkeypatch.setenv("MSA_TEST_KEPT", "old")
+    monkeypatch.delenv("MSA_TEST_NEW", raising=False)
+    with pytest.raises(RuntimeError):
+        with temporary_env({"MSA_TEST_KEPT": "new", "MSA_TEST_NEW": "1"}):
+            assert os.environ["MSA_TEST_KEPT"] == "new" and os.environ["MSA_TEST_NEW"] == "1"
+            raise RuntimeError("restored on the way out too")
+    assert os.environ["MSA_TEST_KEPT"] == "old" and "MSA_TEST_NEW" not in os.environ
