@@ -364,6 +364,9 @@ def main(argv=None) -> int:
                  if r["path"] == "block" else f"r{1 << r['log_g']},W{r['warps']}" if r["path"] == "row"
                  else f"c{1 << r['log_g']},S{r['slices']},W{r['warps']}" if r["path"] == "cluster"
                  else f"g P{r['threads_per_row']}V{r['values_per_thread']}W{r['warps']}" if r["path"] == "reg"
+                 else f"n P{r['threads_per_row']}V{r['values_per_thread']}W{r['warps']}" if r["path"] == "net"
+                 else f"co G{1 << r['log_g']}W{r['warps']}" if r["path"] == "coop"
+                 else f"cc G{1 << r['log_g']}S{r['slices']}W{r['warps']}" if r["path"] == "ccoop"
                  else f"w S{r['splits']} W{r['warps']}")
         print(f"{r['H']:>2} {ctx:>6} {r['total_q']:>7} {r['ours_us']:>8.2f} {r['torch_us']:>9.2f} "
               f"{r['speedup']:>7.1f}x {r['floor_us']:>8.2f} {r['ours_over_floor']:>6.2f} {r['read_us']:>7.2f}{r['read_by']} "
@@ -375,7 +378,7 @@ def main(argv=None) -> int:
     print(f"failures: {len(failures)}", *failures[:20], sep="\n  ")
     print("(>=5x is required at 128K; bytes = max_score bytes / copy bandwidth; read = the faster of a minimal read"
           " kernel (k) and torch.amax (a) over max_score, timed like ours; launch = empty-kernel graph floor;"
-          " plan: b=block G,P,S,V r=row G,W c=cluster G,S,W g=reg P lanes,V values,W warps w=warp)")
+          " plan: b=block G,P,S,V r=row G,W c=cluster G,S,W g=reg / n=net P lanes,V values,W warps co=coop / cc=ccoop G rows,S slices,W warps w=warp)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=props.name, bw=bw, failures=failures, rows=rows), f, indent=1)
