@@ -76,6 +76,23 @@ def env_overrides(**kv):
     return temporary_env({f"MSA_TOPK_{k.upper()}": str(v) for k, v in kv.items()})
 
 
+# The plan column's label per path (the legend is printed under the table).
+_PLAN_LABELS = {
+    "block": "b{g},{threads_per_row},{splits},{values_per_thread}",
+    "row": "r{g},W{warps}",
+    "cluster": "c{g},S{slices},W{warps}",
+    "reg": "g P{threads_per_row}V{values_per_thread}W{warps}",
+    "net": "n P{threads_per_row}V{values_per_thread}W{warps}",
+    "coop": "co G{g}W{warps}",
+    "ccoop": "cc G{g}S{slices}W{warps}",
+}
+
+
+def plan_label(r: dict) -> str:
+    """The launch shape of row ``r`` (a bench_case result) as printed in the plan column."""
+    return _PLAN_LABELS.get(r["path"], "w S{splits} W{warps}").format(g=1 << r["log_g"], **r)
+
+
 def block_configs(n_blocks: int, total_q: int) -> list[tuple[int, int, int, int]]:
     """(G tokens per CTA, P threads per token, splits, V values per thread) to sweep: whole sectors for prefill,
     rows for decode; V = 32 (no prefetch, <= 256 threads) only where a slice is more than one V = 16 chunk."""
@@ -360,14 +377,7 @@ def main(argv=None) -> int:
         near_read = r["ours_over_read"] <= 2
         if r["ctx"] == 128 * 1024:
             all_ok &= fast
-        shape = (f"b{1 << r['log_g']},{r['threads_per_row']},{r['splits']},{r['values_per_thread']}"
-                 if r["path"] == "block" else f"r{1 << r['log_g']},W{r['warps']}" if r["path"] == "row"
-                 else f"c{1 << r['log_g']},S{r['slices']},W{r['warps']}" if r["path"] == "cluster"
-                 else f"g P{r['threads_per_row']}V{r['values_per_thread']}W{r['warps']}" if r["path"] == "reg"
-                 else f"n P{r['threads_per_row']}V{r['values_per_thread']}W{r['warps']}" if r["path"] == "net"
-                 else f"co G{1 << r['log_g']}W{r['warps']}" if r["path"] == "coop"
-                 else f"cc G{1 << r['log_g']}S{r['slices']}W{r['warps']}" if r["path"] == "ccoop"
-                 else f"w S{r['splits']} W{r['warps']}")
+        shape = plan_label(r)
         print(f"{r['H']:>2} {ctx:>6} {r['total_q']:>7} {r['ours_us']:>8.2f} {r['torch_us']:>9.2f} "
               f"{r['speedup']:>7.1f}x {r['floor_us']:>8.2f} {r['ours_over_floor']:>6.2f} {r['read_us']:>7.2f}{r['read_by']} "
               f"{r['ours_over_read']:>5.2f} {r['launch_us']:>6.2f} {r['ours_over_launch']:>7.2f} {shape:>12} "

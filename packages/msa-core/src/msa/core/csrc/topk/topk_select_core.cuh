@@ -43,8 +43,8 @@ struct Cand {
 
 #ifdef __CUDACC__
 // One score of max_score as fp32 (every CUDA path loads through this; the host replays read arrays). Non-coherent
-// loads that do not allocate in L1: every score is read once per CTA, and a CTA's rows share no sectors with later
-// loads of the same SM (session 17 run 6, H200, interleaved A/B against __ldg, all exact: 128K decode H4 4.01 -> 3.87
+// loads that do not allocate in L1: each score is read once, so an L1 copy would only evict other lines (session 17
+// run 6, H200, interleaved A/B against __ldg, all exact: 128K decode H4 4.01 -> 3.87
 // us, 1M decode H1 6.16 -> 5.96, H4 10.90 -> 10.68, 128K prefill H4 38.8 -> 38.5, 1M prefill H1 68.9 -> 68.6; 128K
 // decode H1 unchanged; ld.global.cg and ld.global.cs were no better).
 template <typename T>
