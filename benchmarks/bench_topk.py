@@ -84,6 +84,7 @@ _PLAN_LABELS = {
     "reg": "g P{threads_per_row}V{values_per_thread}W{warps}",
     "net": "n P{threads_per_row}V{values_per_thread}W{warps}",
     "coop": "co G{g}W{warps}",
+    "tcoop": "tc G1W8x8",
     "ccoop": "cc G{g}S{slices}W{warps}",
 }
 
@@ -268,8 +269,8 @@ def bench_case(n_heads, ctx, total_q, device, bw, l2, reps, sweep, failures):
         t_warp = time_case(call, pairs, max(5, reps // 2))
     p = topk_kernel.plan(n_heads, n_blocks, total_q, TOPK - FB - FE, topk_kernel._sm_count(device.index or 0))
     t_alt, alt = None, None
-    if p.path in ("coop", "reg", "net"):  # the plan each replaced (MSA_TOPK_COOP=0 / MSA_TOPK_REG=0) as the alternative
-        with env_overrides(**({"coop": 0} if p.path == "coop" else {"reg": 0})):
+    if p.path in ("tcoop", "coop", "reg", "net"):  # the plan each replaced (MSA_TOPK_TCOOP=0 / COOP=0 / REG=0)
+        with env_overrides(**{"tcoop": {"tcoop": 0}, "coop": {"coop": 0}}.get(p.path, {"reg": 0})):
             alt = "old " + topk_kernel.plan(n_heads, n_blocks, total_q, TOPK - FB - FE,
                                             topk_kernel._sm_count(device.index or 0)).path
             t_alt = time_case(call, pairs, max(5, reps // 2))

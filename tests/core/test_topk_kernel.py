@@ -528,13 +528,14 @@ def coop_emulate(tmp_path_factory):
 
 
 COOP_SHAPES = [(1, 8), (2, 8), (4, 8), (2, 16), (4, 16), (8, 16)]
+COOP_EMU_SHAPES = COOP_SHAPES + [(0, 8)]  # tokens 0: the tcoop layout (topk_coop_emulate.cc)
 
 
 def _coop_case(case: int):
     gen = torch.Generator().manual_seed(40000 + case)
     pick = lambda seq: seq[int(torch.randint(0, len(seq), (1,), generator=gen))]  # noqa: E731
     topk = pick((1, 2, 7, 15, 16, 17, 20))
-    tokens, warps = COOP_SHAPES[case % len(COOP_SHAPES)]
+    tokens, warps = COOP_EMU_SHAPES[case % len(COOP_EMU_SHAPES)]
     n_blocks = pick((1, 5, 33, 257, 511, 1000, 1023, 1024))
     total_q = pick((1, 7, 20))
     n_heads = pick((1, 2))
@@ -546,7 +547,8 @@ def _coop_case(case: int):
 def test_coop_emulated_matches_reference(coop_emulate):
     """Coop path (topk_coop_emulate.cc, the kernel's helpers): supergroup bound, candidates in a random append order,
     rank select + index order, the net fallback past cap; -inf / NaN / +inf, forced blocks, ragged nvp, bf16 ties,
-    K not a multiple of R x V, M = 0. Both branches must be taken."""
+    K not a multiple of R x V, M = 0; the tcoop layout too (tokens 0: its cluster loads checked to land as the
+    selection expects). Both branches must be taken."""
     _check_emulated_cases(coop_emulate, _coop_case, 240)
 
 
@@ -558,8 +560,8 @@ def test_coop_emulated_bench_shapes(coop_emulate):
     gen = torch.Generator().manual_seed(41)
     for n_heads in (1, 4):
         p = plan(n_heads, 1024, 64, 15, 132)
-        assert p.path == "coop", p
-        for tokens, warps in {(1 << p.log_g, p.warps), (1, 8), (8, 16)}:
+        assert p.path == ("tcoop" if n_heads == 1 else "coop"), p
+        for tokens, warps in {(0 if p.path == "tcoop" else 1 << p.log_g, p.warps), (0, 8), (1, 8), (8, 16)}:
             for kind in ("randn", "walk", "ascending", "periodic"):  # periodic: 96 in 3 supergroups -> past the cap
                 x = _decode_rows(kind, 1024, 64, gen)
                 got, nfb = coop_emulate(x, 16, None, 0, 1, tokens=tokens, warps=warps)
@@ -655,9 +657,10 @@ def test_plan_shapes(monkeypatch):
         for m in (1, 15, 33, 64):
             p = plan(n_heads, n_blocks, total_q, m, 132)
             assert p.splits >= 1
-            if p.path == "coop":  # 128K-like decode rows, M <= 16
+            if p.path in ("coop", "tcoop"):  # 128K-like decode rows, M <= 16
                 assert total_q * n_heads < 16 * 132 and 256 < n_blocks <= 1024 and 0 < m <= 16
                 assert (1 << p.log_g, p.warps) in COOP_SHAPES and p.cap == 64
+                assert p.path == "coop" or (2 * total_q * n_heads <= 132 and (p.log_g, p.warps) == (0, 8))
                 continue
             if p.path == "net":  # short prefill rows, M <= 16
                 assert total_q * n_heads >= 16 * 132 and n_blocks <= 64 and 0 < m <= 16
@@ -694,12 +697,18 @@ def test_plan_shapes(monkeypatch):
     for n_heads in (1, 4):
         p = plan(n_heads, 64, 4096, 15, 132)
         assert (p.path, p.threads_per_row, p.values_per_thread, p.warps) == ("net", 4, 16, 1)
-    # 128K decode: coop; one row per 8-warp CTA while the rows leave half the SMs free, two rows per 16-warp CTA
-    # while those fit one per SM, then four rows per 16-warp CTA, else two rows per 8-warp CTA (H200 session 8)
+    # 128K decode: coop; one row per 8-warp CTA while the rows leave half the SMs free (as tcoop: the loads spread
+    # over clusters of 8; H200 session 18), two rows per 16-warp CTA while those fit one per SM, then four rows per
+    # 16-warp CTA, else two rows per 8-warp CTA (H200 session 8)
     for n_heads, total_q, g, w in ((1, 64, 1, 8), (4, 64, 2, 16), (4, 128, 4, 16), (2, 64, 2, 16), (1, 66, 1, 8),
                                    (1, 67, 2, 16), (8, 128, 2, 8)):
         p = plan(n_heads, 1024, total_q, 15, 132)
+        path = "tcoop" if 2 * n_heads * total_q <= 132 else "coop"
+        assert (p.path, 1 << p.log_g, p.warps) == (path, g, w), (n_heads, total_q)
+        monkeypatch.setenv("MSA_TOPK_TCOOP", "0")  # without it: coop everywhere
+        p = plan(n_heads, 1024, total_q, 15, 132)
         assert (p.path, 1 << p.log_g, p.warps) == ("coop", g, w), (n_heads, total_q)
+        monkeypatch.delenv("MSA_TOPK_TCOOP")
     monkeypatch.setenv("MSA_TOPK_COOP", "0")  # without it: net, one warp per row (32 lanes x 32 values)
     for n_heads in (1, 4):
         p = plan(n_heads, 1024, 64, 15, 132)
@@ -880,7 +889,7 @@ def _path_applies(path: str, topk: int, n_blocks: int) -> bool:
         return n_blocks <= 1024
     if path == "net":
         return n_blocks <= 2048 and topk <= 17
-    if path == "coop":
+    if path in ("coop", "tcoop"):
         return n_blocks <= 1024 and topk <= 17
     return True
 
@@ -889,8 +898,8 @@ def _path_applies(path: str, topk: int, n_blocks: int) -> bool:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize(
     "topk,n_blocks,path",
-    [(t, k, p) for t in TOPKS for k in KS for p in ("block", "warp", "row", "cluster", "reg", "net", "coop")
-     if _path_applies(p, t, k)],
+    [(t, k, p) for t in TOPKS for k in KS
+     for p in ("block", "warp", "row", "cluster", "reg", "net", "coop", "tcoop") if _path_applies(p, t, k)],
 )
 def test_kernel_matches_reference(monkeypatch, topk, n_blocks, dtype, path):
     monkeypatch.setenv("MSA_TOPK_PATH", path)
@@ -1162,6 +1171,48 @@ def test_coop_launch_shapes(monkeypatch, tokens, warps):
 
 
 @pytest.mark.gpu
+def test_tcoop_launch_shapes(monkeypatch):
+    """Tcoop path (MSA_TOPK_PATH=tcoop): one row per CTA, clusters of 8 CTAs sharing the loads of 8 tokens: random,
+    heavy ties, NaN / -inf / +inf, ascending (every row through the net fallback), signed zeros, causal; per-token /
+    scalar / no nvp; forced head and tail; M 0..16; K from 1 to 1024 (slices past K); total_q not a multiple of 8
+    (clusters with rows past total_q still load for the others); H > 1; fp32 and bf16; deterministic."""
+    monkeypatch.setenv("MSA_TOPK_PATH", "tcoop")
+    gen = torch.Generator().manual_seed(17)
+    _launch_shape_grid(gen, (1024, 1021, 513, 300, 129, 5), 1024, M16_CASES, M16_SHAPED)
+    for total_q in (1, 7, 9):
+        _check(make_scores("randn", 3, 1024, total_q, torch.float32, gen).cuda(), 16, None, 0, 1)
+    scores = make_scores("ties", 4, 1024, 64, torch.float32, gen).cuda()
+    assert torch.equal(_check(scores, 16, None, 0, 1), _kernel_call(scores, 16, None, 0, 1))
+
+
+def test_tcoop_plan_env(monkeypatch):
+    """tcoop is the default where coop would run one row per CTA (rows <= SMs / 2, 256 < K <= 1024, M <= 16);
+    MSA_TOPK_TCOOP=0 (or MSA_TOPK_COOP=0) turns it off; MSA_TOPK_PATH=tcoop forces it and refuses K > 1024 / M > 16."""
+    from msa.core.kernels.topk import plan
+
+    assert plan(1, 1024, 64, 15, 132).path == "tcoop"
+    assert plan(2, 1024, 33, 15, 132).path == "tcoop"  # 66 rows = half the SMs
+    assert plan(1, 1024, 67, 15, 132).path == "coop"
+    assert plan(1, 512, 64, 15, 132).path == "tcoop"  # 64K decode
+    assert plan(1, 256, 64, 15, 132).path != "tcoop"  # K <= 256: reg
+    assert plan(1, 1024, 64, 17, 132).path != "tcoop"  # M > 16
+    monkeypatch.setenv("MSA_TOPK_TCOOP", "0")
+    p = plan(1, 1024, 64, 15, 132)
+    assert (p.path, p.log_g, p.warps) == ("coop", 0, 8)
+    monkeypatch.setenv("MSA_TOPK_TCOOP", "1")
+    monkeypatch.setenv("MSA_TOPK_COOP", "0")
+    assert plan(1, 1024, 64, 15, 132).path == "net"
+    monkeypatch.delenv("MSA_TOPK_COOP")
+    monkeypatch.setenv("MSA_TOPK_PATH", "tcoop")
+    assert plan(8, 1024, 128, 15, 132).path == "tcoop"  # forced outside the default's range
+    assert plan(1, 7, 3, 0, 132).path == "tcoop"
+    with pytest.raises(ValueError, match="tcoop: not applicable"):
+        plan(1, 1025, 64, 15, 132)
+    with pytest.raises(ValueError, match="tcoop: not applicable"):
+        plan(1, 1024, 64, 17, 132)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("tokens,warps", CCOOP_SHAPES)
 def test_ccoop_launch_shapes(monkeypatch, tokens, warps):
     """Ccoop path (experimental, MSA_TOPK_PATH=ccoop): G rows per cluster of ceil(K / 1024) CTAs of W warps: random,
@@ -1195,7 +1246,7 @@ def test_ccoop_plan_env(monkeypatch):
     for n_heads, n_blocks, total_q, m in ((2, 8192, 64, 15), (4, 8192, 64, 15), (1, 8192, 4096, 15),
                                           (1, 1024, 64, 15), (1, 8192, 64, 17), (1, 16384, 64, 15)):
         assert plan(n_heads, n_blocks, total_q, m, 132).path != "ccoop", (n_heads, n_blocks, total_q, m)
-    assert plan(1, 1024, 64, 15, 132).path == "coop"
+    assert plan(1, 1024, 64, 15, 132).path == "tcoop"
     monkeypatch.setenv("MSA_TOPK_CCOOP", "0")
     assert plan(1, 8192, 64, 15, 132).path == "cluster"
     monkeypatch.delenv("MSA_TOPK_CCOOP")
@@ -1218,11 +1269,13 @@ def test_ccoop_plan_env(monkeypatch):
 @pytest.mark.parametrize("coop", ["1", "0"])
 @pytest.mark.parametrize("n_heads,total_q", [(1, 64), (4, 64), (2, 64), (4, 128), (3, 130), (8, 128)])
 def test_coop_default_plan_shapes(monkeypatch, coop, n_heads, total_q):
-    """128K decode under the default plan (coop) and with MSA_TOPK_COOP=0 (net): iid, ties (bf16), per-token nvp."""
+    """128K decode under the default plan (tcoop with few rows, else coop) and with MSA_TOPK_COOP=0 (net): iid, ties
+    (bf16), per-token nvp."""
     from msa.core.kernels.topk import plan
 
     monkeypatch.setenv("MSA_TOPK_COOP", coop)
-    assert plan(n_heads, 1024, total_q, 15, 132).path == ("coop" if coop == "1" else "net")
+    want = "net" if coop == "0" else ("tcoop" if 2 * n_heads * total_q <= 132 else "coop")
+    assert plan(n_heads, 1024, total_q, 15, 132).path == want
     gen = torch.Generator().manual_seed(n_heads * 64 + total_q + int(coop))
     scores = make_scores("randn", n_heads, 1024, total_q, torch.float32, gen).cuda()
     _check(scores, 16, None, 0, 1)

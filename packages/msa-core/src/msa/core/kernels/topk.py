@@ -31,6 +31,10 @@
   W = 8 or 16 warps of a CTA share G = 1, 2 or 4 rows, a few values per thread; the bound is the M-th largest of 32
   interleaved supergroup maxima (ballot ranks), candidates go to a shared list that the row's warp ranks (the net
   selection as the exact fallback for a row with more than 64 candidates). ``MSA_TOPK_COOP=0`` = the net plan there.
+- ``tcoop`` (``csrc/topk/topk_tcoop_core.cuh``): coop's one-row CTAs of 8 warps with the loads of 8 consecutive tokens
+  spread over a cluster of 8 CTAs (CTA c loads blocks [128 c, 128 c + 128) of all 8 rows: 128 line requests per SM
+  instead of 1024) and sent to each row's CTA by st.async; then the coop selection. The default where coop would
+  run one row per CTA (rows <= SMs / 2: 128K decode with few rows); ``MSA_TOPK_TCOOP=0`` = coop there.
 - ``ccoop`` (``csrc/topk/topk_ccoop_core.cuh``): the coop layout with K split over a cluster of ceil(K / 1024) <= 8
   CTAs (1024 < K <= 8192, M <= 16): supergroup maxima exchanged through DSMEM, candidates appended to the row's owner
   CTA, exact argmax-rounds fallback. The default for decode with few rows at 256K-1M context (``_ccoop_shape``);
@@ -49,7 +53,8 @@ row: 4, 8, 16, 32), ``MSA_TOPK_V`` (values per lane), ``MSA_TOPK_WARPS`` (warps 
 (candidate entries per row; small values exercise the exact fallback); ``MSA_TOPK_REG=0``: the default plan without
 the reg path; net: ``MSA_TOPK_LANES`` (1, 2, 4, 8, 16, 32), ``MSA_TOPK_V`` (16, 32, 64), ``MSA_TOPK_WARPS`` (1..8);
 ``MSA_TOPK_NET=0``: the default plan without the net path (``MSA_TOPK_REG=0`` turns off both); coop: ``MSA_TOPK_G``
-(rows per CTA) and ``MSA_TOPK_WARPS`` from ``COOP_SHAPES``; ``MSA_TOPK_COOP=0``: without the coop path.
+(rows per CTA) and ``MSA_TOPK_WARPS`` from ``COOP_SHAPES``; ``MSA_TOPK_COOP=0``: without the coop path (and tcoop);
+``MSA_TOPK_TCOOP=0``: coop G1W8 where tcoop would run.
 """
 
 from __future__ import annotations
@@ -102,7 +107,7 @@ def available(device) -> tuple[bool, str]:
 
 @dataclass(frozen=True)
 class TopkPlan:
-    path: str  # "block", "warp", "row", "cluster", "reg", "net", "coop" or "ccoop"
+    path: str  # "block", "warp", "row", "cluster", "reg", "net", "coop", "tcoop" or "ccoop"
     splits: int  # CTAs along K per (token group, head); > 1 adds the merge launch
     cap: int  # candidate entries per row (block: buffer; warp: column capacity)
     warps: int = 1  # warp path: warps per scan CTA, each a contiguous slice of the split
@@ -431,6 +436,16 @@ def _use_coop_path(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: 
     return total_q * n_heads < 16 * sm_count and REG_SHORT_BLOCKS < n_blocks <= NET_DECODE_MAX_BLOCKS
 
 
+def _use_tcoop(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> bool:
+    """Where the coop path applies with one row per CTA (rows <= SMs / 2): tcoop instead (H200, session 18 run 4, us
+    per call: 128K q64 H1 2.83 vs coop 3.14, q32 2.76 vs 3.06, q16 2.71 vs 2.76, 64K q64 2.81 vs 2.88, 128K q32 H2
+    2.87 vs 3.20). With more rows coop's two- and four-row CTAs stay (run 1: 128K q64 H2 3.50 vs 3.46, H4 4.02 vs
+    3.93, q128 H1 3.56 vs 3.44). ``MSA_TOPK_TCOOP=0`` turns it off (A/B)."""
+    if os.environ.get("MSA_TOPK_TCOOP", "1") == "0" or not _use_coop_path(n_heads, n_blocks, total_q, m, sm_count):
+        return False
+    return 2 * total_q * n_heads <= sm_count
+
+
 def _ccoop_shape(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> tuple[int, int] | None:
     """(G rows per cluster, W warps per CTA) where the ccoop path is the default, else None. It applies to decode-like
     rows (< 16 per SM) of 1024 < K <= 8192 blocks (256K-1M context), M <= 16, and wins where few clusters carry the
@@ -474,7 +489,9 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
     """Launch shape from the problem shape only (no data). ``itemsize``: bytes per score (4 fp32, 2 bf16)."""
     path = os.environ.get("MSA_TOPK_PATH")
     if not path:
-        if _use_coop_path(n_heads, n_blocks, total_q, m, sm_count):
+        if _use_tcoop(n_heads, n_blocks, total_q, m, sm_count):
+            path = "tcoop"
+        elif _use_coop_path(n_heads, n_blocks, total_q, m, sm_count):
             path = "coop"
         elif _ccoop_shape(n_heads, n_blocks, total_q, m, sm_count):
             path = "ccoop"
@@ -492,9 +509,14 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
             path = "row"
         else:
             path = "block"
-    if path not in ("block", "warp", "row", "cluster", "reg", "net", "coop", "ccoop"):
-        raise ValueError(f"MSA_TOPK_PATH: expected 'block', 'warp', 'row', 'cluster', 'reg', 'net', 'coop' or 'ccoop', got "
-                         f"{path!r}")
+    if path not in ("block", "warp", "row", "cluster", "reg", "net", "coop", "ccoop", "tcoop"):
+        raise ValueError(f"MSA_TOPK_PATH: expected 'block', 'warp', 'row', 'cluster', 'reg', 'net', 'coop', 'ccoop' or "
+                         f"'tcoop', got {path!r}")
+    if path == "tcoop":
+        if not 0 <= m <= COOP_MAX_M or not 1 <= n_blocks <= COOP_ROW_BLOCKS:
+            raise ValueError(f"MSA_TOPK_PATH=tcoop: not applicable (M = {m} not in 0..{COOP_MAX_M} or K = {n_blocks} > "
+                             f"{COOP_ROW_BLOCKS})")
+        return TopkPlan(path="tcoop", splits=1, cap=COOP_CAP, warps=8, log_g=0)
     if path == "ccoop":
         if not 0 <= m <= COOP_MAX_M or not COOP_ROW_BLOCKS < n_blocks <= CCOOP_MAX_SLICES * COOP_ROW_BLOCKS:
             raise ValueError(f"MSA_TOPK_PATH=ccoop: not applicable (M = {m} not in 0..{COOP_MAX_M} or K = {n_blocks} "
@@ -654,6 +676,8 @@ def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, 
     m = topk - force_begin_blocks - force_end_blocks
     index = device.index if device.index is not None else torch.cuda.current_device()
     p = plan(n_heads, n_blocks, total_q, m, _sm_count(index), max_score.element_size())
+    if trace is not None and p.path == "tcoop":
+        raise ValueError("trace: the tcoop path records no timeline (MSA_TOPK_TCOOP=0 runs coop, which does)")
     if isinstance(num_valid_pages, torch.Tensor):
         nvp, nvp_scalar = num_valid_pages, 0
     else:
@@ -661,7 +685,9 @@ def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, 
     words = p.workspace_words(n_heads, total_q, m)
     ws = torch.empty(words, dtype=torch.int32, device=device) if words else _empty(device, torch.int32)
     module = load_module(device, timeline=trace is not None and p.path in ("cluster", "net", "coop"))
-    if p.path == "ccoop":
+    if p.path == "tcoop":
+        module.topk_tcoop_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out)
+    elif p.path == "ccoop":
         module.topk_ccoop_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out,
                                  1 << p.log_g, p.warps)
     elif p.path == "coop":

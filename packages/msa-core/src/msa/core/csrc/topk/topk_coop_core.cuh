@@ -72,6 +72,13 @@ MSA_TOPK_HD bool coop_is_candidate(float x, float theta) { return theta > -INFIN
 MSA_TOPK_HD int coop_block(int i, int j, int threads_per_row) { return i + threads_per_row * j; }
 MSA_TOPK_HD int coop_group(int i) { return i % kCoopGroups; }
 
+// tcoop layout (topk_tcoop_core.cuh; G = 1, R = 256, clusters of 8 CTAs = 8 consecutive tokens): the thread of
+// (row r, supergroup e) in cluster rank c loads value j = block tcoop_load_block(c, e, j) of row r and stores it
+// into row r's CTA as thread tcoop_owner_thread(c, e)'s value j; so that thread holds tcoop_block(i, j).
+MSA_TOPK_HD int tcoop_load_block(int c, int e, int j) { return 128 * c + e + 32 * j; }
+MSA_TOPK_HD int tcoop_owner_thread(int c, int e) { return 32 * c + e; }
+MSA_TOPK_HD int tcoop_block(int i, int j) { return 128 * (i >> 5) + (i & 31) + 32 * j; }
+
 #ifdef __CUDACC__
 // Warp `warp` ranks the supergroups e = warp / G + (W / G) k (k < 32 G / W) of row warp % G, whose maxima over the row
 // its lanes hold in sj (lane j: supergroup j): the rank of e is the popcount of the lanes ordered before it, and the
@@ -139,32 +146,24 @@ __device__ __forceinline__ void coop_write_kept(const int* kept, int nsel, int32
   if (lane < nsel) orow_lo[pos] = mine;
 }
 
-template <typename T, int G, int W>
-__device__ __forceinline__ void coop_select_cta(const NetParams& p, CoopSmem<G, 32 * W / G>& sm) {
+// The selection once a thread holds its V values: v[j] = the raw value (NaN allowed; past K or token past q: -inf)
+// of block coop_block(i, j, R), or tcoop_block(i, j) with kTLayout -- either way thread i's blocks lie in
+// supergroup i % 32; nvp = the row's valid block count (0 for a token past q). T: the net fallback re-reads the row.
+template <typename T, int G, int W, bool kTLayout = false>
+__device__ __forceinline__ void coop_select_loaded(const NetParams& p, CoopSmem<G, 32 * W / G>& sm,
+                                                   float (&v)[kCoopRowBlocks / (32 * W / G)], int nvp) {
   constexpr int R = 32 * W / G;           // threads per row
   constexpr int V = kCoopRowBlocks / R;   // values per thread
   constexpr int S = R / kCoopGroups;      // threads per supergroup
   constexpr int U = 32 / G;               // lanes of a row in one warp
   static_assert(G >= 1 && G <= W && 32 % G == 0 && S >= 1 && R * V == kCoopRowBlocks, "coop layout");
+  static_assert(!kTLayout || (G == 1 && R == 256), "tcoop layout: one row of 256 threads");
   const unsigned full = 0xFFFFFFFFu;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane % G, u = lane / G;
   const int i = warp * U + u;
   const int h = blockIdx.y;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * G + g;
-  const bool valid = t < p.q;
   const int m = p.m;
-  int nvp = valid ? p.nvp_scalar : 0;
-  if (p.nvp != nullptr && valid) nvp = __ldg(p.nvp + t);
-  net_stamp(p, kNtEntry, 0.f);
-  float v[V];
-  if (m > 0) {  // every load issued before any is used
-    const T* src = static_cast<const T*>(p.scores) + (static_cast<int64_t>(h) * p.n_blocks + i) * p.q + (valid ? t : 0);
-#pragma unroll
-    for (int j = 0; j < V; ++j)
-      v[j] = valid && coop_block(i, j, R) < p.n_blocks ? ScoreLoad<T>::load(src + static_cast<int64_t>(R) * j * p.q)
-                                                       : -INFINITY;
-  }
   if (tid < G) sm.cnt[tid] = 0;
   float theta = -INFINITY;
   if (m > 0) {
@@ -172,7 +171,7 @@ __device__ __forceinline__ void coop_select_cta(const NetParams& p, CoopSmem<G, 
     float mx = -INFINITY;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const int b = coop_block(i, j, R);
+      const int b = kTLayout ? tcoop_block(i, j) : coop_block(i, j, R);
       v[j] = b >= rr.lo && b < rr.hi ? fmaxf(v[j], -INFINITY) : -INFINITY;  // NaN -> -inf
       mx = fmaxf(mx, v[j]);
     }
@@ -198,7 +197,9 @@ __device__ __forceinline__ void coop_select_cta(const NetParams& p, CoopSmem<G, 
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         if (coop_is_candidate(v[j], theta)) {
-          if (pos < kCoopCap) sm.cand[g][pos] = make_comp(score_key(v[j]), static_cast<uint32_t>(coop_block(i, j, R)));
+          if (pos < kCoopCap)
+            sm.cand[g][pos] = make_comp(score_key(v[j]), static_cast<uint32_t>(kTLayout ? tcoop_block(i, j)
+                                                                                        : coop_block(i, j, R)));
           ++pos;
         }
       }
@@ -233,6 +234,30 @@ __device__ __forceinline__ void coop_select_cta(const NetParams& p, CoopSmem<G, 
   }
   lane_write_forced<32>(orow, rr, nsel, p.topk, lane);
   net_stamp(p, kNtOut, static_cast<float>(nsel));
+}
+
+template <typename T, int G, int W>
+__device__ __forceinline__ void coop_select_cta(const NetParams& p, CoopSmem<G, 32 * W / G>& sm) {
+  constexpr int R = 32 * W / G;
+  constexpr int V = kCoopRowBlocks / R;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane % G;
+  const int i = warp * (32 / G) + lane / G;
+  const int h = blockIdx.y;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * G + g;
+  const bool valid = t < p.q;
+  int nvp = valid ? p.nvp_scalar : 0;
+  if (p.nvp != nullptr && valid) nvp = __ldg(p.nvp + t);
+  net_stamp(p, kNtEntry, 0.f);
+  float v[V];
+  if (p.m > 0) {  // every load issued before any is used
+    const T* src = static_cast<const T*>(p.scores) + (static_cast<int64_t>(h) * p.n_blocks + i) * p.q + (valid ? t : 0);
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+      v[j] = valid && coop_block(i, j, R) < p.n_blocks ? ScoreLoad<T>::load(src + static_cast<int64_t>(R) * j * p.q)
+                                                       : -INFINITY;
+  }
+  coop_select_loaded<T, G, W>(p, sm, v, nvp);
 }
 #endif
 

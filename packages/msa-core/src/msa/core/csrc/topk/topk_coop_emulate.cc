@@ -7,6 +7,8 @@
 // row (the kernel's fallback warp: the net replay, P32 V32); else every candidate ranked by its composite key
 // (make_comp(score_key(value), block)), rank < M kept, output by ascending block index (the kernel: kept in list
 // order, slot = kept indices below); forced head / tail.
+// tokens = 0: the tcoop layout (one row per CTA of 8 warps, thread i: blocks tcoop_block(i, j)), after checking that
+// the cluster's loads (tcoop_load_block / tcoop_owner_thread) deliver exactly that layout and cover every block once.
 // Returns the number of rows that took the fallback (>= 0), or < 0 on a broken invariant.
 #include "topk_net_emulate.cc"  // msa_topk_net_emulate: the fallback rows (one translation unit)
 
@@ -19,10 +21,26 @@ extern "C" int msa_topk_coop_emulate(const float* scores, int n_heads, int n_blo
                                      const int32_t* nvp, int nvp_scalar, int fb, int fe, int tokens, int warps,
                                      int cap, uint64_t seed, int32_t* out) {
   const int m = topk - fb - fe;
-  const int G = tokens, W = warps;
+  const bool tlayout = tokens == 0;
+  if (tlayout && warps != 8) return -1;
+  const int G = tlayout ? 1 : tokens, W = warps;
   if (m < 0 || m > kCoopMaxM || G < 1 || W < G || 32 % G != 0 || cap < 1 || cap > kCoopCap) return -1;
   const int R = 32 * W / G, V = kCoopRowBlocks / R;
   if (R % kCoopGroups != 0 || R * V != kCoopRowBlocks || n_blocks > kCoopRowBlocks) return -1;
+  auto block_of = [&](int i, int j) { return tlayout ? tcoop_block(i, j) : coop_block(i, j, R); };
+  if (tlayout) {  // the 8 CTAs x 32 supergroups x 4 loads of a cluster land where the selection expects them
+    std::vector<int> seen(kCoopRowBlocks, 0);
+    for (int c = 0; c < 8; ++c)
+      for (int e = 0; e < kCoopGroups; ++e)
+        for (int j = 0; j < V; ++j) {
+          const int b = tcoop_load_block(c, e, j), i = tcoop_owner_thread(c, e);
+          if (b < 0 || b >= kCoopRowBlocks || i < 0 || i >= R || block_of(i, j) != b || coop_group(i) != b % 32)
+            return -5;
+          ++seen[b];
+        }
+    for (int b = 0; b < kCoopRowBlocks; ++b)
+      if (seen[b] != 1) return -5;
+  }
   nvp_scalar = nvp != nullptr ? n_blocks : std::min(std::max(nvp_scalar, 0), n_blocks);
   std::mt19937_64 rng(seed);
   std::vector<float> x(kCoopRowBlocks), row(n_blocks);
@@ -40,7 +58,7 @@ extern "C" int msa_topk_coop_emulate(const float* scores, int n_heads, int n_blo
         float sg[kCoopGroups];
         for (int e = 0; e < kCoopGroups; ++e) sg[e] = -INFINITY;
         for (int i = 0; i < R; ++i)
-          for (int j = 0; j < V; ++j) sg[coop_group(i)] = std::max(sg[coop_group(i)], x[coop_block(i, j, R)]);
+          for (int j = 0; j < V; ++j) sg[coop_group(i)] = std::max(sg[coop_group(i)], x[block_of(i, j)]);
         const int owner = coop_bound_owner(sg, m);
         if (owner < 0) return -2;  // ranks must be a permutation
         const float theta = sg[owner];
@@ -49,7 +67,7 @@ extern "C" int msa_topk_coop_emulate(const float* scores, int n_heads, int n_blo
         cand.clear();
         for (int i : order)
           for (int j = 0; j < V; ++j) {
-            const int b = coop_block(i, j, R);
+            const int b = block_of(i, j);
             if (coop_is_candidate(x[b], theta)) cand.push_back(make_comp(score_key(x[b]), static_cast<uint32_t>(b)));
           }
         const int n = static_cast<int>(cand.size());
