@@ -660,7 +660,7 @@ def test_plan_shapes(monkeypatch):
             if p.path in ("coop", "tcoop"):  # 128K-like decode rows, M <= 16
                 assert total_q * n_heads < 16 * 132 and 256 < n_blocks <= 1024 and 0 < m <= 16
                 assert (1 << p.log_g, p.warps) in COOP_SHAPES and p.cap == 64
-                assert p.path == "coop" or (2 * total_q * n_heads <= 132 and (p.log_g, p.warps) == (0, 8))
+                assert p.path == "coop" or (2 * total_q * n_heads <= 132 and total_q >= 32 and (p.log_g, p.warps) == (0, 8))
                 continue
             if p.path == "net":  # short prefill rows, M <= 16
                 assert total_q * n_heads >= 16 * 132 and n_blocks <= 64 and 0 < m <= 16
@@ -703,7 +703,7 @@ def test_plan_shapes(monkeypatch):
     for n_heads, total_q, g, w in ((1, 64, 1, 8), (4, 64, 2, 16), (4, 128, 4, 16), (2, 64, 2, 16), (1, 66, 1, 8),
                                    (1, 67, 2, 16), (8, 128, 2, 8)):
         p = plan(n_heads, 1024, total_q, 15, 132)
-        path = "tcoop" if 2 * n_heads * total_q <= 132 else "coop"
+        path = "tcoop" if 2 * n_heads * total_q <= 132 and total_q >= 32 else "coop"
         assert (p.path, 1 << p.log_g, p.warps) == (path, g, w), (n_heads, total_q)
         monkeypatch.setenv("MSA_TOPK_TCOOP", "0")  # without it: coop everywhere
         p = plan(n_heads, 1024, total_q, 15, 132)
@@ -1186,12 +1186,17 @@ def test_tcoop_launch_shapes(monkeypatch):
 
 
 def test_tcoop_plan_env(monkeypatch):
-    """tcoop is the default where coop would run one row per CTA (rows <= SMs / 2, 256 < K <= 1024, M <= 16);
-    MSA_TOPK_TCOOP=0 (or MSA_TOPK_COOP=0) turns it off; MSA_TOPK_PATH=tcoop forces it and refuses K > 1024 / M > 16."""
+    """tcoop is the default where coop would run one row per CTA (rows <= SMs / 2, 256 < K <= 1024, M <= 16) with
+    total_q >= 32; MSA_TOPK_TCOOP=0 (or MSA_TOPK_COOP=0) turns it off; MSA_TOPK_PATH=tcoop forces it and refuses
+    K > 1024 / M > 16."""
     from msa.core.kernels.topk import plan
 
     assert plan(1, 1024, 64, 15, 132).path == "tcoop"
     assert plan(2, 1024, 33, 15, 132).path == "tcoop"  # 66 rows = half the SMs
+    assert plan(1, 1024, 32, 15, 132).path == "tcoop"
+    for total_q in (1, 4, 8, 16, 31):  # few tokens: coop's one-row CTAs (measured faster there)
+        p = plan(1, 1024, total_q, 15, 132)
+        assert (p.path, p.log_g, p.warps) == ("coop", 0, 8), total_q
     assert plan(1, 1024, 67, 15, 132).path == "coop"
     assert plan(1, 512, 64, 15, 132).path == "tcoop"  # 64K decode
     assert plan(1, 256, 64, 15, 132).path != "tcoop"  # K <= 256: reg
@@ -1274,7 +1279,7 @@ def test_coop_default_plan_shapes(monkeypatch, coop, n_heads, total_q):
     from msa.core.kernels.topk import plan
 
     monkeypatch.setenv("MSA_TOPK_COOP", coop)
-    want = "net" if coop == "0" else ("tcoop" if 2 * n_heads * total_q <= 132 else "coop")
+    want = "net" if coop == "0" else ("tcoop" if 2 * n_heads * total_q <= 132 and total_q >= 32 else "coop")
     assert plan(n_heads, 1024, total_q, 15, 132).path == want
     gen = torch.Generator().manual_seed(n_heads * 64 + total_q + int(coop))
     scores = make_scores("randn", n_heads, 1024, total_q, torch.float32, gen).cuda()

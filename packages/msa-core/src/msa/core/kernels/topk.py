@@ -34,7 +34,8 @@
 - ``tcoop`` (``csrc/topk/topk_tcoop_core.cuh``): coop's one-row CTAs of 8 warps with the loads of 8 consecutive tokens
   spread over a cluster of 8 CTAs (CTA c loads blocks [128 c, 128 c + 128) of all 8 rows: 128 line requests per SM
   instead of 1024) and sent to each row's CTA by st.async; then the coop selection. The default where coop would
-  run one row per CTA (rows <= SMs / 2: 128K decode with few rows); ``MSA_TOPK_TCOOP=0`` = coop there.
+  run one row per CTA (rows <= SMs / 2) with total_q >= 32 (128K decode of 32-66 tokens at H1);
+  ``MSA_TOPK_TCOOP=0`` = coop there.
 - ``ccoop`` (``csrc/topk/topk_ccoop_core.cuh``): the coop layout with K split over a cluster of ceil(K / 1024) <= 8
   CTAs (1024 < K <= 8192, M <= 16): supergroup maxima exchanged through DSMEM, candidates appended to the row's owner
   CTA, exact argmax-rounds fallback. The default for decode with few rows at 256K-1M context (``_ccoop_shape``);
@@ -436,14 +437,19 @@ def _use_coop_path(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: 
     return total_q * n_heads < 16 * sm_count and REG_SHORT_BLOCKS < n_blocks <= NET_DECODE_MAX_BLOCKS
 
 
+TCOOP_MIN_TOKENS = 32  # tcoop: total_q from which its clusters (8 tokens of one head each) beat coop's one-row CTAs
+
+
 def _use_tcoop(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> bool:
-    """Where the coop path applies with one row per CTA (rows <= SMs / 2): tcoop instead (H200, session 18 run 4, us
-    per call: 128K q64 H1 2.83 vs coop 3.14, q32 2.76 vs 3.06, q16 2.71 vs 2.76, 64K q64 2.81 vs 2.88, 128K q32 H2
-    2.87 vs 3.20). With more rows coop's two- and four-row CTAs stay (run 1: 128K q64 H2 3.50 vs 3.46, H4 4.02 vs
-    3.93, q128 H1 3.56 vs 3.44). ``MSA_TOPK_TCOOP=0`` turns it off (A/B)."""
+    """Where the coop path applies with one row per CTA (rows <= SMs / 2) and total_q >= TCOOP_MIN_TOKENS: tcoop
+    instead. H200, session 18 (us per call, tcoop vs coop): 128K q64 H1 2.73-2.77 vs 3.04-3.13, q32 2.68 vs 2.95-2.97,
+    64K q64 2.73 vs 2.78, 96K q64 2.75 vs 2.92, 128K q32 H2 2.80 vs 3.12 (runs 5-6). Few tokens lose: q16 2.64 vs
+    2.66, q8 2.58 vs 2.52, q4 2.55 vs 2.40, q1 2.51 vs 2.26 (run 6) -- coop's cost is the machine's total line
+    requests (rows x 1024), small there, while tcoop still pays the exchange. More rows keep coop's two- and four-row
+    CTAs (run 1: 128K q64 H2 3.50 vs 3.46, H4 4.02 vs 3.93, q128 H1 3.56 vs 3.44). ``MSA_TOPK_TCOOP=0``: off (A/B)."""
     if os.environ.get("MSA_TOPK_TCOOP", "1") == "0" or not _use_coop_path(n_heads, n_blocks, total_q, m, sm_count):
         return False
-    return 2 * total_q * n_heads <= sm_count
+    return total_q >= TCOOP_MIN_TOKENS and 2 * total_q * n_heads <= sm_count
 
 
 def _ccoop_shape(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> tuple[int, int] | None:
