@@ -72,12 +72,15 @@ MSA_TOPK_HD bool coop_is_candidate(float x, float theta) { return theta > -INFIN
 MSA_TOPK_HD int coop_block(int i, int j, int threads_per_row) { return i + threads_per_row * j; }
 MSA_TOPK_HD int coop_group(int i) { return i % kCoopGroups; }
 
-// tcoop layout (topk_tcoop_core.cuh; G = 1, R = 256, clusters of 8 CTAs = 8 consecutive tokens): the thread of
-// (row r, supergroup e) in cluster rank c loads value j = block tcoop_load_block(c, e, j) of row r and stores it
-// into row r's CTA as thread tcoop_owner_thread(c, e)'s value j; so that thread holds tcoop_block(i, j).
-MSA_TOPK_HD int tcoop_load_block(int c, int e, int j) { return 128 * c + e + 32 * j; }
-MSA_TOPK_HD int tcoop_owner_thread(int c, int e) { return 32 * c + e; }
-MSA_TOPK_HD int tcoop_block(int i, int j) { return 128 * (i >> 5) + (i & 31) + 32 * j; }
+// tcoop layout (topk_tcoop_core.cuh; G = 1, R = 256, clusters of kTcoopRows CTAs = that many consecutive tokens):
+// the thread of (row r, supergroup e) in cluster rank c loads value j = block tcoop_load_block(c, e, j) of row r and
+// stores it into row r's CTA as thread tcoop_owner_thread(c, e)'s value j; so that thread holds tcoop_block(i, j).
+constexpr int kTcoopRows = 8;                             // CTAs (= rows, consecutive tokens) per cluster
+constexpr int kTcoopSlice = kCoopRowBlocks / kTcoopRows;  // blocks each CTA loads for all the cluster's rows
+MSA_TOPK_HD int tcoop_load_block(int c, int e, int j) { return kTcoopSlice * c + e + kCoopGroups * j; }
+MSA_TOPK_HD int tcoop_owner_thread(int c, int e) { return kCoopGroups * c + e; }
+static_assert(kCoopGroups == 32, "tcoop_block: thread i = 32 c + e");
+MSA_TOPK_HD int tcoop_block(int i, int j) { return tcoop_load_block(i >> 5, i & 31, j); }
 
 #ifdef __CUDACC__
 // Warp `warp` ranks the supergroups e = warp / G + (W / G) k (k < 32 G / W) of row warp % G, whose maxima over the row

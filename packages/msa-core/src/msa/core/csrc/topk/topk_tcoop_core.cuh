@@ -22,9 +22,6 @@
 
 namespace msa_topk {
 
-constexpr int kTcoopRows = 8;                             // CTAs (= rows, consecutive tokens) per cluster
-constexpr int kTcoopSlice = kCoopRowBlocks / kTcoopRows;  // blocks each CTA loads for all 8 rows
-
 #ifdef __CUDACC__
 struct TcoopSmem {
   CoopSmem<1, 256> coop;
@@ -65,6 +62,7 @@ __device__ __forceinline__ void tcoop_select_cta(const NetParams& p, TcoopSmem& 
   const uint32_t full_addr = tcoop_smem_addr(&sm.full);
   // Thread (row r = tid % 8, supergroup e = tid / 8) loads the blocks 128 rank + e + 32 j of row r: a warp load
   // instruction reads 4 blocks x 8 tokens (4 sectors). Row r's CTA keeps them as its thread 32 rank + e's values.
+  static_assert(kTcoopRows == 8 && kTcoopRows * kCoopGroups == 256, "tcoop: 8 rows x 32 supergroups = 256 threads");
   const int lr = tid & 7, e = tid >> 3;
   const int64_t tl = t - rank + lr;
   float x[V];
