@@ -188,6 +188,7 @@ __device__ __forceinline__ void coop_select_loaded(const NetParams& p, CoopSmem<
   const int i = warp * U + u;
   const int h = blockIdx.y;
   const int m = p.m;
+  const auto block_of = [&](int j) { return kTLayout ? tcoop_block(i, j) : coop_block(i, j, R); };  // value j's block
   if (tid < G) sm.cnt[tid] = 0;
   float theta = -INFINITY;
   if (m > 0) {
@@ -195,7 +196,7 @@ __device__ __forceinline__ void coop_select_loaded(const NetParams& p, CoopSmem<
     float mx = -INFINITY;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const int b = kTLayout ? tcoop_block(i, j) : coop_block(i, j, R);
+      const int b = block_of(j);
       v[j] = b >= rr.lo && b < rr.hi ? fmaxf(v[j], -INFINITY) : -INFINITY;  // NaN -> -inf
       mx = fmaxf(mx, v[j]);
     }
@@ -230,8 +231,7 @@ __device__ __forceinline__ void coop_select_loaded(const NetParams& p, CoopSmem<
         for (int j = 0; j < V; ++j) {
           const int pos = base + __popc(bj[j] & below);
           if (((bj[j] >> lane) & 1u) && pos < kCoopCap)
-            sm.cand[0][pos] = make_comp(score_key(v[j]), static_cast<uint32_t>(kTLayout ? tcoop_block(i, j)
-                                                                                          : coop_block(i, j, R)));
+            sm.cand[0][pos] = make_comp(score_key(v[j]), static_cast<uint32_t>(block_of(j)));
           base += __popc(bj[j]);
         }
       }
@@ -244,9 +244,7 @@ __device__ __forceinline__ void coop_select_loaded(const NetParams& p, CoopSmem<
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           if (coop_is_candidate(v[j], theta)) {
-            if (pos < kCoopCap)
-              sm.cand[g][pos] = make_comp(score_key(v[j]), static_cast<uint32_t>(kTLayout ? tcoop_block(i, j)
-                                                                                          : coop_block(i, j, R)));
+            if (pos < kCoopCap) sm.cand[g][pos] = make_comp(score_key(v[j]), static_cast<uint32_t>(block_of(j)));
             ++pos;
           }
         }
