@@ -350,24 +350,25 @@ def main(argv=None) -> int:
     bw = copy_bandwidth(device, reps=5 if args.quick else 20)
     print(f"device-to-device copy: {bw / 1e12:.2f} TB/s (read + written)")
 
+    # Decode first, 128K first: a run cut short keeps the cases the bars are about.
+    cases = [(n_heads, ctx, total_q) for total_q in (64, 4096) for ctx in (128 * 1024, 1024 * 1024, 8 * 1024)
+             for n_heads in (1, 4)]
     # Warm-up: the first case once, discarded. The first bench_case of a process reads high (session 18 run 10, H200:
     # 128K q64 H1 2.85 us, then 2.72-2.75 for the same case repeated in the process), and ours is timed before the
     # read kernel within a case, so without this the first row's ratio carried a measurement-order bias.
-    bench_case(1, 128 * 1024, 64, device, bw, l2, max(3, reps // 3), False, [])
+    bench_case(*cases[0], device, bw, l2, max(3, reps // 3), False, [])
     rows = []
-    for total_q in (64, 4096):  # decode first, 128K first: a run cut short keeps the cases the bars are about
-        for ctx in (128 * 1024, 1024 * 1024, 8 * 1024):
-            for n_heads in (1, 4):
-                rows.append(bench_case(n_heads, ctx, total_q, device, bw, l2, reps, args.sweep, failures))
-                r = rows[-1]
-                alt = f", {r['alt_path']} path {r['alt_us']:.2f}" if r["alt_us"] is not None else ""
-                print(f"  H={n_heads} ctx={ctx // 1024}K q={total_q}: ours {r['ours_us']:.2f} us ({r['path']}; "
-                      f"warp path {r['warp_path_us']:.2f}{alt}, launch floor {r['launch_us']:.2f}, read kernel "
-                      f"{r['read_kernel_us']:.2f}, amax {r['amax_us']:.2f}), torch {r['torch_us']:.2f}"
-                      + (f", sweep best {r['best']}" if "best" in r else ""), flush=True)
-                if args.json:
-                    with open(args.json, "w") as f:
-                        json.dump(dict(device=props.name, bw=bw, failures=failures, rows=rows), f, indent=1)
+    for n_heads, ctx, total_q in cases:
+        rows.append(bench_case(n_heads, ctx, total_q, device, bw, l2, reps, args.sweep, failures))
+        r = rows[-1]
+        alt = f", {r['alt_path']} path {r['alt_us']:.2f}" if r["alt_us"] is not None else ""
+        print(f"  H={n_heads} ctx={ctx // 1024}K q={total_q}: ours {r['ours_us']:.2f} us ({r['path']}; "
+              f"warp path {r['warp_path_us']:.2f}{alt}, launch floor {r['launch_us']:.2f}, read kernel "
+              f"{r['read_kernel_us']:.2f}, amax {r['amax_us']:.2f}), torch {r['torch_us']:.2f}"
+              + (f", sweep best {r['best']}" if "best" in r else ""), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(device=props.name, bw=bw, failures=failures, rows=rows), f, indent=1)
 
     hdr = (f"{'H':>2} {'ctx':>6} {'total_q':>7} {'ours_us':>8} {'torch_us':>9} {'speedup':>8} {'bytes_us':>8} "
            f"{'/bytes':>6} {'read_us':>8} {'/read':>5} {'launch':>6} {'/launch':>7} {'plan':>12} {'>=5x':>5} "
@@ -393,7 +394,7 @@ def main(argv=None) -> int:
     print(f"failures: {len(failures)}", *failures[:20], sep="\n  ")
     print("(>=5x is required at 128K; bytes = max_score bytes / copy bandwidth; read = the faster of a minimal read"
           " kernel (k) and torch.amax (a) over max_score, timed like ours; launch = empty-kernel graph floor;"
-          " plan: b=block G,P,S,V r=row G,W c=cluster G,S,W g=reg / n=net P lanes,V values,W warps co=coop / cc=ccoop G rows,S slices,W warps w=warp)")
+          " plan: b=block G,P,S,V r=row G,W c=cluster G,S,W g=reg / n=net P lanes,V values,W warps co=coop / cc=ccoop G rows,S slices,W warps tc=tcoop (clusters of 8 rows) w=warp)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=props.name, bw=bw, failures=failures, rows=rows), f, indent=1)
