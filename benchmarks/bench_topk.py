@@ -86,6 +86,7 @@ _PLAN_LABELS = {
     "coop": "co G{g}W{warps}",
     "tcoop": "tc G1W8x8",
     "ccoop": "cc G{g}S{slices}W{warps}",
+    "pool": "po W{warps}",
 }
 
 
@@ -269,8 +270,8 @@ def bench_case(n_heads, ctx, total_q, device, bw, l2, reps, sweep, failures):
         t_warp = time_case(call, pairs, max(5, reps // 2))
     p = topk_kernel.plan(n_heads, n_blocks, total_q, TOPK - FB - FE, topk_kernel._sm_count(device.index or 0))
     t_alt, alt = None, None
-    if p.path in ("tcoop", "coop", "reg", "net"):  # the plan each replaced (MSA_TOPK_TCOOP=0 / COOP=0 / REG=0)
-        with env_overrides(**{"tcoop": {"tcoop": 0}, "coop": {"coop": 0}}.get(p.path, {"reg": 0})):
+    if p.path in ("tcoop", "coop", "reg", "net", "pool"):  # the plan each replaced (MSA_TOPK_TCOOP=0 / COOP=0 / ...)
+        with env_overrides(**{"tcoop": {"tcoop": 0}, "coop": {"coop": 0}, "pool": {"pool": 0}}.get(p.path, {"reg": 0})):
             alt = "old " + topk_kernel.plan(n_heads, n_blocks, total_q, TOPK - FB - FE,
                                             topk_kernel._sm_count(device.index or 0)).path
             t_alt = time_case(call, pairs, max(5, reps // 2))
@@ -394,7 +395,7 @@ def main(argv=None) -> int:
     print(f"failures: {len(failures)}", *failures[:20], sep="\n  ")
     print("(>=5x is required at 128K; bytes = max_score bytes / copy bandwidth; read = the faster of a minimal read"
           " kernel (k) and torch.amax (a) over max_score, timed like ours; launch = empty-kernel graph floor;"
-          " plan: b=block G,P,S,V r=row G,W c=cluster G,S,W g=reg / n=net P lanes,V values,W warps co=coop / cc=ccoop G rows,S slices,W warps tc=tcoop (clusters of 8 rows) w=warp)")
+          " plan: b=block G,P,S,V r=row G,W c=cluster G,S,W g=reg / n=net P lanes,V values,W warps co=coop / cc=ccoop G rows,S slices,W warps tc=tcoop (clusters of 8 rows) po=pool (max-pool + select launch, W rows per select CTA) w=warp)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=props.name, bw=bw, failures=failures, rows=rows), f, indent=1)

@@ -611,6 +611,74 @@ def test_ccoop_emulated_bench_shapes(ccoop_emulate):
             assert (nfb == 16) if kind == "periodic" else (nfb == 0), (tokens, warps, kind, nfb)
 
 
+@pytest.fixture(scope="module")
+def pool_emulate(tmp_path_factory):
+    """CPU replay of the pool path: run(scores, topk, nvp, fb, fe, cap, group_cap) -> (out, [rows that refined the
+    group bound, rows that refined the candidate bound, rows that took the rounds])."""
+    f = _emulator_lib(str(tmp_path_factory.mktemp("topk_pool_emulate")), "topk_pool_emulate", 2)
+    f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
+                  ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    codes = "-1 arguments, -2 bound ranks, -3 bound, -4 a block >= theta outside the candidate groups, -5 rank select"
+
+    def run(scores, topk, nvp, fb, fe, cap=64, group_cap=32):
+        s32, out, nvp_ptr, nvp_scalar, _keep = _emulator_io(scores, topk, nvp)
+        stats = torch.zeros(3, dtype=torch.int32)
+        rc = f(s32.data_ptr(), *scores.shape, topk, nvp_ptr, nvp_scalar, fb, fe, cap, group_cap, out.data_ptr(),
+               stats.data_ptr())
+        assert rc == 0, f"topk_pool_emulate: rc {rc} ({codes})"
+        return out, stats.tolist()
+
+    return run
+
+
+def test_pool_emulated_matches_reference(pool_emulate):
+    """Pool path (topk_pool_emulate.cc, the kernel's helpers): group maxima of 16 blocks over the masked row, the
+    bound from 32 interleaved lane maxima, the candidate groups' values, the exact refinements of the group and
+    candidate bounds past the caps, the argmax rounds past both; -inf / NaN / +inf, forced blocks, ragged nvp, bf16
+    ties, K from 1 to 16384 (rows padded to 32 J groups), M = 0. Small caps send rows through every branch, and every
+    branch must be taken."""
+    totals = [0, 0, 0]
+    rows = 0
+    for case in range(180):
+        gen = torch.Generator().manual_seed(60000 + case)
+        pick = lambda seq, gen=gen: seq[int(torch.randint(0, len(seq), (1,), generator=gen))]  # noqa: E731
+        topk = pick((1, 2, 7, 15, 16, 17, 20))
+        n_blocks = pick((1, 5, 100, 1025, 2049, 3000, 8192, 12345, 16384))
+        total_q = pick((1, 7, 20))
+        n_heads = pick((1, 2))
+        scores, fb, fe, kind, nvp = _m16_case_rows(gen, case, topk, n_heads, n_blocks, total_q)
+        cap, group_cap = ((64, 32), (32, 16), (16, 8))[case % 3]
+        want = reference(scores, topk, num_valid_pages=nvp, force_begin_blocks=fb, force_end_blocks=fe)
+        got, stats = pool_emulate(scores, topk, nvp, fb, fe, cap, group_cap)
+        assert torch.equal(got, want), f"case {case}: {kind} topk={topk} K={n_blocks} q={total_q} H={n_heads} " \
+                                       f"fb={fb} fe={fe} caps={cap, group_cap}"
+        totals = [a + b for a, b in zip(totals, stats)]
+        rows += n_heads * total_q
+    assert min(totals) > 0 and rows > 3 * totals[2], (totals, rows)
+
+
+def test_pool_emulated_bench_shapes(pool_emulate):
+    """1M decode (K = 8192) at the kernel's caps: iid rows select directly; rows whose best blocks sit together
+    (random walk, ascending, 100 good recent blocks) keep the group bound but hold more than 64 candidates in their few
+    good groups (the candidate refinement: one group of 16 holds many); rows periodic in 32 blocks (768 good blocks in
+    every other group) mostly refine the group bound; all exact, none through the rounds."""
+    gen = torch.Generator().manual_seed(61)
+    for kind in ("randn", "walk", "ascending", "periodic", "recent"):
+        if kind == "recent":
+            x = _decode_rows("randn", 8192, 16, gen) + 8.0 * (torch.arange(8192) >= 8192 - 100).float().view(1, -1, 1)
+        else:
+            x = _decode_rows(kind, 8192, 16, gen)
+        got, stats = pool_emulate(x, 16, None, 0, 1)
+        assert torch.equal(got, reference(x, 16, force_end_blocks=1)), kind
+        assert stats[2] == 0, (kind, stats)
+        if kind == "randn":
+            assert stats == [0, 0, 0], (kind, stats)
+        elif kind == "periodic":
+            assert stats[0] > 0, (kind, stats)
+        elif kind in ("ascending", "recent"):
+            assert stats[1] == 16, (kind, stats)
+
+
 def test_net_sort16_all_01_inputs(net_emulate):
     """0-1 principle for the hard-coded 16-input sort and the top-16 merge (through random float lists)."""
     gen = torch.Generator().manual_seed(32)
@@ -673,6 +741,9 @@ def test_plan_shapes(monkeypatch):
                 assert p.threads_per_row * p.values_per_thread >= n_blocks and p.cap >= m and 1 <= p.warps <= 8
                 assert reg_smem_bytes(p.warps, p.threads_per_row, p.cap) <= 227 * 1024
                 continue
+            if p.path == "pool":  # decode rows of 256K-2M context, >= 64 rows, M <= 16: max-pool + a warp per row
+                assert 1024 < n_blocks <= 16384 and 64 <= total_q * n_heads < 16 * 132 and 0 < m <= 16
+                continue
             if p.path == "cluster":  # few long rows: K split over <= 8 CTAs of a cluster
                 assert n_blocks >= 8192 and total_q * n_heads <= 512 and 0 < m <= 64
                 assert 1 <= p.slices <= 8 and p.warps >= 1 << p.log_g and p.cap >= m
@@ -727,7 +798,8 @@ def test_plan_shapes(monkeypatch):
         monkeypatch.delenv(name)
     assert plan(4, 1024, 64, 17, 132).path == "row"  # M > 16: the row path as before
     assert plan(4, 256, 64, 15, 132).path == "reg"  # K <= 256 decode: reg
-    assert plan(4, 2048, 64, 15, 132).path == "row"  # K > 1024 decode: unchanged
+    assert plan(4, 2048, 64, 15, 132).path == "pool"  # K > 1024 decode, 256 rows: pool (session 19)
+    assert plan(4, 2048, 64, 17, 132).path == "row"  # M > 16: the row path as before
     assert plan(1, 32, 4096, 15, 132).threads_per_row == 2 and plan(1, 32, 4096, 15, 132).values_per_thread == 16
     assert plan(4, 64, 4096, 17, 132).path == "reg"  # M > 16: no net path
     monkeypatch.setenv("MSA_TOPK_NET", "0")  # the reg shapes measured best on the H100 (session 5)
@@ -752,7 +824,10 @@ def test_plan_shapes(monkeypatch):
     assert plan(1, 1024, 4096, 15, 132).path == "row"  # 128K prefill: staged rows, one warp per row
     assert plan(1, 1024, 4096, 15, 132).log_g == 4  # 16 tokens per CTA
     assert plan(1, 2048, 4096, 15, 132).log_g == 3  # 16 staged rows of 2048 would exceed the smem budget
-    assert plan(4, 4096, 64, 15, 132).path == "row"  # 512K decode, many rows: cluster unmeasured there
+    assert plan(4, 4096, 64, 15, 132).path == "pool"  # 512K decode, many rows: pool (session 19; row before)
+    monkeypatch.setenv("MSA_TOPK_POOL", "0")
+    assert plan(4, 4096, 64, 15, 132).path == "row"  # without it: row (cluster unmeasured there)
+    monkeypatch.delenv("MSA_TOPK_POOL")
     assert plan(1, 4096, 64, 15, 132).path == "ccoop"  # 512K decode, few rows: ccoop (4 slices x 16 clusters)
     monkeypatch.setenv("MSA_TOPK_REG", "0")  # the previous default plan (A/B switch)
     assert plan(4, 64, 4096, 15, 132).path == "warp"  # many short rows
@@ -775,6 +850,9 @@ def test_plan_shapes(monkeypatch):
     for name in ("MSA_TOPK_PATH", "MSA_TOPK_LANES", "MSA_TOPK_V", "MSA_TOPK_CAP"):
         monkeypatch.delenv(name)
     assert plan(1, 1024, 4096, 65, 132).path == "block"  # M > 64: no row or cluster path
+    assert plan(4, 8192, 64, 15, 132).path == "pool"  # 1M decode H4: pool (test_pool_plan_env)
+    assert plan(1, 16384, 64, 15, 132).path == "pool"  # 2M decode
+    monkeypatch.setenv("MSA_TOPK_POOL", "0")  # the cluster path's shapes where pool is the default
     p = plan(4, 8192, 64, 15, 132)  # 1M decode H4: 8 slices x 8 tokens x 4 heads = 256 CTAs
     assert (p.path, p.slices, p.log_g, p.warps) == ("cluster", 8, 3, 8)
     assert p.flags == 0  # the default kernel
@@ -786,6 +864,7 @@ def test_plan_shapes(monkeypatch):
     p = plan(1, 8192, 64, 40, 132)  # M > 32: no local merge -> the default kernel, 4 tokens per CTA (128 CTAs)
     assert (p.path, p.slices, p.log_g, p.flags) == ("cluster", 8, 2, 0)
     assert plan(1, 16384, 64, 15, 132).path == "cluster"  # 2M decode: one launch, no workspace
+    monkeypatch.delenv("MSA_TOPK_POOL")
     assert plan(1, 8192, 64, 0, 132).path != "cluster"  # nothing to select: the forced rows only
     assert plan(4, 8192, 64, 0, 132).splits == 1  # fb + fe == topk: nothing to merge
     monkeypatch.setenv("MSA_TOPK_PATH", "warp")
@@ -884,13 +963,15 @@ def _check(scores, topk, nvp=None, fb=0, fe=0):
 
 def _path_applies(path: str, topk: int, n_blocks: int) -> bool:
     """The reg path serves K <= 1024, the net path K <= 2048 with topk <= 17 (M <= 16 after a forced block), the coop
-    path K <= 1024 with topk <= 17."""
+    path K <= 1024 with topk <= 17, the pool path K <= 16384 with topk <= 17."""
     if path == "reg":
         return n_blocks <= 1024
     if path == "net":
         return n_blocks <= 2048 and topk <= 17
     if path in ("coop", "tcoop"):
         return n_blocks <= 1024 and topk <= 17
+    if path == "pool":
+        return n_blocks <= 16384 and topk <= 17
     return True
 
 
@@ -899,7 +980,7 @@ def _path_applies(path: str, topk: int, n_blocks: int) -> bool:
 @pytest.mark.parametrize(
     "topk,n_blocks,path",
     [(t, k, p) for t in TOPKS for k in KS
-     for p in ("block", "warp", "row", "cluster", "reg", "net", "coop", "tcoop") if _path_applies(p, t, k)],
+     for p in ("block", "warp", "row", "cluster", "reg", "net", "coop", "tcoop", "pool") if _path_applies(p, t, k)],
 )
 def test_kernel_matches_reference(monkeypatch, topk, n_blocks, dtype, path):
     monkeypatch.setenv("MSA_TOPK_PATH", path)
@@ -1253,7 +1334,10 @@ def test_ccoop_plan_env(monkeypatch):
         assert plan(n_heads, n_blocks, total_q, m, 132).path != "ccoop", (n_heads, n_blocks, total_q, m)
     assert plan(1, 1024, 64, 15, 132).path == "tcoop"
     monkeypatch.setenv("MSA_TOPK_CCOOP", "0")
+    assert plan(1, 8192, 64, 15, 132).path == "pool"
+    monkeypatch.setenv("MSA_TOPK_POOL", "0")
     assert plan(1, 8192, 64, 15, 132).path == "cluster"
+    monkeypatch.delenv("MSA_TOPK_POOL")
     monkeypatch.delenv("MSA_TOPK_CCOOP")
     monkeypatch.setenv("MSA_TOPK_PATH", "ccoop")
     assert shape(4, 8192, 64, 15, 132) == ("ccoop", 4, 16, 8)  # forced outside the default's range: G4W16
@@ -1268,6 +1352,58 @@ def test_ccoop_plan_env(monkeypatch):
     monkeypatch.setenv("MSA_TOPK_WARPS", "8")
     with pytest.raises(ValueError, match="for the ccoop path"):
         plan(1, 8192, 64, 15, 132)
+
+
+@pytest.mark.gpu
+def test_pool_launch_shapes(monkeypatch):
+    """Pool path (MSA_TOPK_PATH=pool): max-pool launch + a warp per row: random, heavy ties, NaN / -inf / +inf,
+    ascending, signed zeros, causal; per-token / scalar / no nvp; forced head and tail; M 0..16; K from 5 to 16384
+    (rows padded to 32 J groups); rows that refine the group bound (periodic), the candidate bound (100 good recent
+    blocks, ascending) or take the rounds (all equal); total_q 1..77; fp32 and bf16; deterministic."""
+    monkeypatch.setenv("MSA_TOPK_PATH", "pool")
+    gen = torch.Generator().manual_seed(19)
+    _launch_shape_grid(gen, (16384, 12345, 8192, 5000, 2049, 1025, 300, 5), 8192, M16_CASES, M16_SHAPED)
+    for kind in ("randn", "walk", "ascending", "periodic", "recent", "equal"):
+        if kind == "recent":
+            x = _decode_rows("randn", 8192, 33, gen) + 8.0 * (torch.arange(8192) >= 8192 - 100).float().view(1, -1, 1)
+        elif kind == "equal":
+            x = torch.ones((1, 8192, 7))
+        else:
+            x = _decode_rows(kind, 8192, 33, gen)
+        _check(x.cuda(), 16, None, 0, 1)
+        _check(x.cuda(), 16, random_nvp(x.shape[2], 8192, gen).cuda(), 1, 2)
+    for total_q in (1, 7, 64):
+        _check(make_scores("randn", 4, 8192, total_q, torch.float32, gen).cuda(), 16, None, 0, 1)
+    scores = make_scores("ties", 4, 8192, 64, torch.float32, gen).cuda()
+    assert torch.equal(_check(scores, 16, None, 0, 1), _kernel_call(scores, 16, None, 0, 1))
+
+
+def test_pool_plan_env(monkeypatch):
+    """pool is the default for decode-like rows of 1024 < K <= 16384 blocks, M <= 16, with >= 64 rows where ccoop does
+    not apply; MSA_TOPK_POOL=0 turns it off; MSA_TOPK_PATH=pool forces it and refuses K > 16384 / M > 16; its
+    workspace is H * total_q * pool_row_groups(K) words."""
+    from msa.core.kernels.topk import plan, pool_row_groups
+
+    for n_heads, n_blocks, total_q in ((4, 8192, 64), (2, 8192, 64), (4, 8192, 128), (4, 8192, 32), (4, 4096, 64),
+                                       (2, 4096, 64), (4, 2048, 64), (1, 16384, 64), (1, 8192, 96)):
+        assert plan(n_heads, n_blocks, total_q, 15, 132).path == "pool", (n_heads, n_blocks, total_q)
+    for n_heads, n_blocks, total_q, m in ((1, 8192, 64, 15), (1, 4096, 64, 15), (1, 2048, 64, 15), (1, 16384, 8, 15),
+                                          (4, 1024, 64, 15), (4, 8192, 64, 17), (4, 8192, 4096, 15),
+                                          (1, 20000, 64, 15)):
+        assert plan(n_heads, n_blocks, total_q, m, 132).path != "pool", (n_heads, n_blocks, total_q, m)
+    p = plan(4, 8192, 64, 15, 132)
+    assert p.workspace_words(4, 64, 15, 8192) == 4 * 64 * 512 and p.workspace_words(4, 64, 0, 8192) == 0
+    assert [pool_row_groups(k) for k in (1, 2048, 2049, 8192, 8193, 16384)] == [128, 128, 256, 512, 1024, 1024]
+    monkeypatch.setenv("MSA_TOPK_POOL", "0")
+    assert plan(4, 8192, 64, 15, 132).path == "cluster"
+    monkeypatch.delenv("MSA_TOPK_POOL")
+    monkeypatch.setenv("MSA_TOPK_PATH", "pool")
+    assert plan(1, 8192, 1, 15, 132).path == "pool"  # forced outside the default's range
+    assert plan(1, 7, 3, 0, 132).path == "pool"
+    with pytest.raises(ValueError, match="pool: not applicable"):
+        plan(1, 16385, 64, 15, 132)
+    with pytest.raises(ValueError, match="pool: not applicable"):
+        plan(1, 8192, 64, 17, 132)
 
 
 @pytest.mark.gpu

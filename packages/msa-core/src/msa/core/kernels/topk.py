@@ -1,6 +1,6 @@
 """CUDA glue for ``sparse_topk_select`` (csrc/topk): module build/load through JitSpec, launch configuration.
 
-``run`` takes arguments already validated by :func:`msa.core.topk.sparse_topk_select`. Seven exact paths, picked by
+``run`` takes arguments already validated by :func:`msa.core.topk.sparse_topk_select`. Ten exact paths, picked by
 :func:`plan` from the shapes only (never the data, never a host sync):
 
 - ``block`` (``csrc/topk/topk_block_core.cuh``): a CTA owns G tokens of one head and P threads per token; each
@@ -41,9 +41,15 @@
   CTA, exact argmax-rounds fallback. The default for decode with few rows at 256K-1M context (``_ccoop_shape``);
   ``MSA_TOPK_CCOOP=0`` = without it; ``MSA_TOPK_PATH=ccoop`` with ``MSA_TOPK_G`` / ``MSA_TOPK_WARPS`` from
   ``CCOOP_SHAPES`` forces a shape.
+- ``pool`` (``csrc/topk/topk_pool_core.cuh``): two launches for decode rows of 1024 < K <= 16384 blocks (256K-2M
+  context), M <= 16. A max-pool launch reads max_score like the read kernel (whole lines of 32 tokens, every SM) and
+  writes each row's maxima of 16-block groups to a workspace; a select launch (a warp per row) bounds the row from the
+  group maxima, reads the ~20 candidate groups back from L2 and ranks their values >= the bound (exact refinements,
+  then argmax rounds, where ties defeat the caps). The default for decode with >= ``POOL_MIN_ROWS`` rows where ccoop
+  does not apply (more rows than its clusters carry: H >= 2 at 1M, 2M); ``MSA_TOPK_POOL=0`` = without it.
 
 The block and warp paths allocate at most one workspace (``2 * H * splits * M * ceil(total_q/32)*32`` int32 words, torch's caching
-allocator) and only when ``splits > 1``.
+allocator) and only when ``splits > 1``; the pool path one of ``H * total_q * pool_row_groups(K)`` words when M > 0.
 
 Environment overrides (benchmark sweeps): ``MSA_TOPK_PATH`` (block | warp | row), ``MSA_TOPK_SPLITS``, ``MSA_TOPK_G``
 (tokens per CTA, block), ``MSA_TOPK_P`` (threads per token, block), ``MSA_TOPK_V`` (16 | 32, block),
@@ -55,7 +61,7 @@ row: 4, 8, 16, 32), ``MSA_TOPK_V`` (values per lane), ``MSA_TOPK_WARPS`` (warps 
 the reg path; net: ``MSA_TOPK_LANES`` (1, 2, 4, 8, 16, 32), ``MSA_TOPK_V`` (16, 32, 64), ``MSA_TOPK_WARPS`` (1..8);
 ``MSA_TOPK_NET=0``: the default plan without the net path (``MSA_TOPK_REG=0`` turns off both); coop: ``MSA_TOPK_G``
 (rows per CTA) and ``MSA_TOPK_WARPS`` from ``COOP_SHAPES``; ``MSA_TOPK_COOP=0``: without the coop path (and tcoop);
-``MSA_TOPK_TCOOP=0``: coop G1W8 where tcoop would run.
+``MSA_TOPK_TCOOP=0``: coop G1W8 where tcoop would run; ``MSA_TOPK_POOL=0``: the plan without the pool path.
 """
 
 from __future__ import annotations
@@ -108,7 +114,7 @@ def available(device) -> tuple[bool, str]:
 
 @dataclass(frozen=True)
 class TopkPlan:
-    path: str  # "block", "warp", "row", "cluster", "reg", "net", "coop", "tcoop" or "ccoop"
+    path: str  # "block", "warp", "row", "cluster", "reg", "net", "coop", "tcoop", "ccoop" or "pool"
     splits: int  # CTAs along K per (token group, head); > 1 adds the merge launch
     cap: int  # candidate entries per row (block: buffer; warp: column capacity)
     warps: int = 1  # warp path: warps per scan CTA, each a contiguous slice of the split
@@ -119,7 +125,9 @@ class TopkPlan:
     slices: int = 1  # cluster path: CTAs per cluster along K
     flags: int = 0  # cluster path: kernel variant bits (CLUSTER_FLAG_BITS); MSA_TOPK_CLUSTER_FLAGS overrides
 
-    def workspace_words(self, n_heads: int, total_q: int, m: int) -> int:
+    def workspace_words(self, n_heads: int, total_q: int, m: int, n_blocks: int = 0) -> int:
+        if self.path == "pool":
+            return n_heads * total_q * pool_row_groups(n_blocks) if m > 0 else 0
         if self.splits <= 1 or m <= 0:
             return 0
         return 2 * n_heads * self.splits * m * (-(-total_q // 32) * 32)
@@ -471,6 +479,33 @@ def _ccoop_shape(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: in
     return None
 
 
+POOL_GROUP = 16  # pool path: blocks per group (topk_pool_core.cuh, kPoolGroup)
+POOL_MAX_BLOCKS = 16384  # K <= 32 lanes x 32 groups x 16 blocks (kPoolMaxLaneGroups)
+POOL_MIN_ROWS = 64  # the default from this many rows (total_q * H): its fixed select chain loses with fewer rows
+POOL_MAX_WARPS, POOL_SEL_WARPS = 8, 1  # max-pool CTA: 8 warps (a token's 8 group maxima one sector); a warp per row
+
+
+def pool_row_groups(n_blocks: int) -> int:
+    """Group maxima per row in the pool workspace (mirrors pool_row_groups: 32 J, J a power of two >= 4)."""
+    j = 4
+    while 32 * j < -(-n_blocks // POOL_GROUP):
+        j *= 2
+    return 32 * j
+
+
+def _use_pool(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> bool:
+    """Decode-like rows (< 16 per SM) of 1024 < K <= 16384 blocks, M <= 16, >= POOL_MIN_ROWS rows, where ccoop does not
+    apply. H200, session 19 (us per call, pool vs the previous default; runs 8-10): 1M q64 H4 8.60 vs cluster 10.44, H2
+    7.34 vs 8.18, q128 H4 11.86 vs 17.64, q32 H4 7.33 vs 8.05; 512K q64 H4 7.35 vs row 9.34, H2 6.27 vs 8.48; 256K q64 H4
+    6.41 vs row 6.84; 2M q64 H1 8.10 vs cluster 8.40. Where ccoop applies (few rows) it stays: 1M q64 H1 ccoop 5.78 vs
+    pool 6.08-6.44, 512K 4.95 vs 5.62, 256K 4.37 vs 5.19. ``MSA_TOPK_POOL=0`` turns it off (A/B)."""
+    if os.environ.get("MSA_TOPK_POOL", "1") == "0" or not 0 < m <= COOP_MAX_M:
+        return False
+    rows = total_q * n_heads
+    return (POOL_MIN_ROWS <= rows < 16 * sm_count and COOP_ROW_BLOCKS < n_blocks <= POOL_MAX_BLOCKS
+            and _ccoop_shape(n_heads, n_blocks, total_q, m, sm_count) is None)
+
+
 def _coop_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> TopkPlan | None:
     """Coop path shape, or None where it does not apply (M > 16, K > 1024). H200 (session 8 run 7, us per call at
     128K decode, the ballot-ranked bound): rows <= SMs / 2 -> one row per CTA of 8 warps (H1 q64: G1W8 3.04 vs G2W16
@@ -501,6 +536,8 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
             path = "coop"
         elif _ccoop_shape(n_heads, n_blocks, total_q, m, sm_count):
             path = "ccoop"
+        elif _use_pool(n_heads, n_blocks, total_q, m, sm_count):
+            path = "pool"
         elif _use_net_path(n_heads, n_blocks, total_q, m, sm_count):
             path = "net"
         elif _use_reg_path(n_heads, n_blocks, total_q, m, sm_count):
@@ -515,9 +552,14 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
             path = "row"
         else:
             path = "block"
-    if path not in ("block", "warp", "row", "cluster", "reg", "net", "coop", "ccoop", "tcoop"):
-        raise ValueError(f"MSA_TOPK_PATH: expected 'block', 'warp', 'row', 'cluster', 'reg', 'net', 'coop', 'ccoop' or "
-                         f"'tcoop', got {path!r}")
+    if path not in ("block", "warp", "row", "cluster", "reg", "net", "coop", "ccoop", "tcoop", "pool"):
+        raise ValueError(f"MSA_TOPK_PATH: expected 'block', 'warp', 'row', 'cluster', 'reg', 'net', 'coop', 'ccoop', "
+                         f"'tcoop' or 'pool', got {path!r}")
+    if path == "pool":
+        if not 0 <= m <= COOP_MAX_M or not 1 <= n_blocks <= POOL_MAX_BLOCKS:
+            raise ValueError(f"MSA_TOPK_PATH=pool: not applicable (M = {m} not in 0..{COOP_MAX_M} or K = {n_blocks} > "
+                             f"{POOL_MAX_BLOCKS})")
+        return TopkPlan(path="pool", splits=1, cap=COOP_CAP, warps=POOL_SEL_WARPS, log_g=0)
     if path == "tcoop":
         if not 0 <= m <= COOP_MAX_M or not 1 <= n_blocks <= COOP_ROW_BLOCKS:
             raise ValueError(f"MSA_TOPK_PATH=tcoop: not applicable (M = {m} not in 0..{COOP_MAX_M} or K = {n_blocks} > "
@@ -682,16 +724,20 @@ def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, 
     m = topk - force_begin_blocks - force_end_blocks
     index = device.index if device.index is not None else torch.cuda.current_device()
     p = plan(n_heads, n_blocks, total_q, m, _sm_count(index), max_score.element_size())
-    if trace is not None and p.path == "tcoop":
-        raise ValueError("trace: the tcoop path records no timeline (MSA_TOPK_TCOOP=0 runs coop, which does)")
+    if trace is not None and p.path in ("tcoop", "pool"):
+        raise ValueError(f"trace: the {p.path} path records no timeline (the coop, net, row and cluster paths do: "
+                         "MSA_TOPK_TCOOP=0 / MSA_TOPK_POOL=0 for those shapes)")
     if isinstance(num_valid_pages, torch.Tensor):
         nvp, nvp_scalar = num_valid_pages, 0
     else:
         nvp, nvp_scalar = _empty(device, torch.int32), n_blocks if num_valid_pages is None else int(num_valid_pages)
-    words = p.workspace_words(n_heads, total_q, m)
+    words = p.workspace_words(n_heads, total_q, m, n_blocks)
     ws = torch.empty(words, dtype=torch.int32, device=device) if words else _empty(device, torch.int32)
     module = load_module(device, timeline=trace is not None and p.path in ("cluster", "net", "coop"))
-    if p.path == "tcoop":
+    if p.path == "pool":
+        module.topk_pool_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out, ws,
+                                POOL_MAX_WARPS, p.warps, 0)
+    elif p.path == "tcoop":
         module.topk_tcoop_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out)
     elif p.path == "ccoop":
         module.topk_ccoop_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out,

@@ -53,6 +53,53 @@ MSA_TOPK_HD Comp ccoop_best_below(const Score& score, int lo, int hi, int first,
 }
 
 #ifdef __CUDACC__
+// ccoop_best_below(score, lo, hi, lane, 32, prev) on the device, eight loads in flight per lane (one at a time, every
+// round of the fallback was a chain of K / 32 dependent load latencies: ~350 us for one row at K = 8192, H200).
+template <typename T>
+__device__ __forceinline__ Comp warp_best_below(const T* row, int64_t q, int lo, int hi, int lane, Comp prev) {
+  constexpr int kU = 8;
+  Comp best = 0;
+  for (int b0 = lo + lane; b0 < hi; b0 += 32 * kU) {
+    float x[kU];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int b = b0 + 32 * u;
+      x[u] = b < hi ? ScoreLoad<T>::load(row + static_cast<int64_t>(b) * q) : -INFINITY;
+    }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      if (x[u] > -INFINITY) {  // NaN compares false: NaN is -inf, never selected
+        const Comp c = make_comp(score_key(x[u]), static_cast<uint32_t>(b0 + 32 * u));
+        if (c < prev && c > best) best = c;
+      }
+    }
+  }
+  return best;
+}
+
+// The exact fallback of ccoop and pool (heavy ties, adversarial rows): M rounds of the warp's best composite below the
+// previous pick over row (h, t) of max_score, read from global memory; kept[0 .. nsel) in pick order. Returns nsel.
+template <typename T>
+__device__ __forceinline__ int warp_rounds_select(const NetParams& p, int h, int64_t t, const RowRange& rr, int* kept,
+                                                  int lane) {
+  const T* row = static_cast<const T*>(p.scores) + static_cast<int64_t>(h) * p.n_blocks * p.q + t;
+  Comp prev = ~Comp(0);
+  int nsel = 0;
+  for (; nsel < p.m; ++nsel) {
+    Comp best = warp_best_below<T>(row, p.q, rr.lo, rr.hi, lane, prev);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const Comp y = __shfl_xor_sync(0xFFFFFFFFu, best, o);
+      best = y > best ? y : best;
+    }
+    if (best == 0) break;  // fewer than M selectable blocks
+    if (lane == 0) kept[nsel] = static_cast<int>(comp_idx(best));
+    prev = best;
+  }
+  __syncwarp();
+  return nsel;
+}
+
 template <int G, int R>
 struct CcoopSmem {
   float tmax[G][R];                              // thread maxima
@@ -161,21 +208,7 @@ __device__ __forceinline__ void ccoop_select_cta(const NetParams& p, CcoopSmem<G
     if (n <= kCcoopCap) {
       nsel = coop_rank_kept(sm.cand[s], n, m, sm.kept[s], lane);
     } else {  // exact fallback: M rounds of the warp's best composite below the previous pick
-      const T* row = static_cast<const T*>(p.scores) + static_cast<int64_t>(h) * p.n_blocks * p.q + tw;
-      const auto score = [&](int b) { return ScoreLoad<T>::load(row + static_cast<int64_t>(b) * p.q); };
-      Comp prev = ~Comp(0);
-      for (; nsel < m; ++nsel) {
-        Comp best = ccoop_best_below(score, rr.lo, rr.hi, lane, 32, prev);
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-          const Comp y = __shfl_xor_sync(full, best, o);
-          best = y > best ? y : best;
-        }
-        if (best == 0) break;  // fewer than M selectable blocks
-        if (lane == 0) sm.kept[s][nsel] = static_cast<int>(comp_idx(best));
-        prev = best;
-      }
-      __syncwarp();
+      nsel = warp_rounds_select<T>(p, h, tw, rr, sm.kept[s], lane);
     }
     coop_write_kept(sm.kept[s], nsel, orow + rr.lo, lane);
   }

@@ -1,0 +1,251 @@
+// "pool" path of sparse_topk_select: two launches for decode rows of 1024 < K <= 16384 blocks (256K-2M context),
+// M <= 16.
+//
+// Why: the one-launch decode paths hold a row on one SM (coop / tcoop) or on one cluster of <= 8 SMs (ccoop,
+// cluster), so at 1M context (8192 blocks) each SM requests its 1024 x 8-token slices as scattered 32-byte sectors
+// and the selection waits on cluster exchanges: 1M q64 H4 (cluster path) 10.5 us per call against 4.2 us for one
+// read of the tensor (H200, session 19). Here the read is the read kernel's (whole 128-byte lines of 32 tokens,
+// every SM busy) and the selection then reads ~20 groups of 16 blocks per row from L2.
+//  1. max-pool launch (pool_max_cta): a warp = 32 consecutive tokens (lane = token) x one group of kPoolGroup
+//     consecutive blocks of one head; each load instruction reads one contiguous line of a K-row. The group maximum
+//     (outside [lo, hi) and NaN are -inf) goes to gmax[h * q + t][group], through shared memory so that a token's W
+//     group maxima are stored together (one 32-byte sector at W = 8; 32 scattered 4-byte stores per warp measured
+//     +1 us at 1M q64 H4). Rows are padded to 32 J groups (-inf past K), J a power of two.
+//  2. select launch (pool_select_warp): a warp per row:
+//     - the row's group maxima, lane l holding groups l + 32 i (interleaved, so a run of good neighbouring groups --
+//       correlated scores, the recent blocks -- spreads over lanes, as coop's supergroups);
+//     - bound: theta = the M-th largest of the 32 lane maxima (keys floored to 32 ulps, so ties by lane are free):
+//       M lanes hold a block >= theta, so theta <= T, the row's M-th largest value;
+//     - candidate groups: group maximum >= theta (every block >= theta lies in one). More than kPoolGroupCap:
+//       theta = the exact M-th largest group maximum (warp_kth_key; still <= T), so only ties exceed the cap;
+//     - lane c reads candidate group c whole from max_score (16 sectors, L2-resident after launch 1); its values
+//       >= theta are appended (pool_append); more than kPoolCap: theta = their exact M-th largest (= T);
+//     - the <= kPoolCap candidates are ranked (coop_rank_kept) and written in block order after the forced head
+//       (coop_write_kept, lane_write_forced);
+//     - ties that defeat both refinements (dozens of equal group maxima or candidates): M rounds of the warp's
+//       composite maximum below the previous pick over the whole row (warp_rounds_select; exact, slow).
+// CPU replay with the same helpers: topk_pool_emulate.cc.
+#pragma once
+
+#include "topk_ccoop_core.cuh"
+
+namespace msa_topk {
+
+constexpr int kPoolGroup = 16;        // blocks per group (one record)
+constexpr int kPoolGroupCap = 32;     // candidate groups per row (one per lane of the select warp)
+constexpr int kPoolCap = kCoopCap;    // candidates ranked per row (coop_rank_kept: <= 64)
+constexpr int kPoolMaxLaneGroups = 32;  // groups per lane: K <= 32 * 32 * kPoolGroup = 16384 blocks
+
+MSA_TOPK_HD int pool_groups(int n_blocks) { return (n_blocks + kPoolGroup - 1) / kPoolGroup; }
+// Group maxima per lane of the select warp (a power of two >= 4) and per row (32 J: groups past K are -inf, so the
+// select warp loads without bounds checks).
+MSA_TOPK_HD int pool_lane_groups(int n_blocks) {
+  int j = 4;
+  while (32 * j < pool_groups(n_blocks)) j *= 2;
+  return j;
+}
+MSA_TOPK_HD int pool_row_groups(int n_blocks) { return 32 * pool_lane_groups(n_blocks); }
+
+// Group held as value i by lane l of the select warp.
+MSA_TOPK_HD int pool_lane_group(int lane, int i) { return lane + 32 * i; }
+
+// The bound's key of a lane maximum x (never NaN): the order-preserving key of x with its low 5 bits replaced by the
+// lane's (31 - lane), so the 32 keys are distinct and order by value, then lane ascending, up to the low key bits.
+MSA_TOPK_HD uint32_t pool_lane_key(float x, int lane) {
+  return (score_key(x) & ~31u) | static_cast<uint32_t>(31 - lane);
+}
+
+// The float of an order-preserving key (score_key's inverse).
+MSA_TOPK_HD float pool_key_value(uint32_t k) { return bits_float(k & 0x80000000u ? k ^ 0x80000000u : ~k); }
+
+// The float of a bound key with its low 5 bits cleared: <= the value of every key >= it. The owner's maximum x caps
+// it (a key at or below -inf's decodes to a NaN pattern, and fminf returns the other operand then).
+MSA_TOPK_HD float pool_key_floor(uint32_t key, float x) { return fminf(pool_key_value(key & ~31u), x); }
+
+// Key for the exact k-th largest searches: 0 for -inf (never counted), score_key otherwise.
+MSA_TOPK_HD uint32_t pool_count_key(float x) { return x > -INFINITY ? score_key(x) : 0u; }
+
+// theta from an exact k-th largest key (0: fewer than k values > -inf).
+MSA_TOPK_HD float pool_theta_of_key(uint32_t k) { return k != 0u ? pool_key_value(k) : -INFINITY; }
+
+#ifdef __CUDACC__
+struct PoolParams {
+  NetParams p;
+  float* gmax;   // [H * q, n_groups] group maxima (workspace): row h * q + t
+  int n_groups;  // pool_row_groups(K): groups per row, the last ones past K (-inf)
+};
+
+// Launch 1, one CTA of W warps: groups gi0 + w of head h for tokens 32 y + lane (warp w, lane).
+template <typename T, int W>
+__device__ __forceinline__ void pool_max_cta(const PoolParams& pp, int gi0, int y, int h, float (&tile)[32][W + 1]) {
+  const NetParams& p = pp.p;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t t = static_cast<int64_t>(y) * 32 + lane;
+  const int gi = gi0 + warp;
+  const bool valid = t < p.q && gi < pp.n_groups;
+  const int b0 = gi * kPoolGroup;
+  float v[kPoolGroup];
+  lane_load_scores<T, kPoolGroup>(p.scores, p.n_blocks, p.q, h, t, valid, b0, v);
+  int nvp = p.nvp_scalar;
+  if (p.nvp != nullptr && valid) nvp = __ldg(p.nvp + t);
+  lane_mask_scores<kPoolGroup>(v, b0, row_range(nvp, p.n_blocks, p.fb, p.fe));
+  float mx = v[0];
+#pragma unroll
+  for (int j = 1; j < kPoolGroup; ++j) mx = fmaxf(mx, v[j]);
+  tile[lane][warp] = mx;
+  __syncthreads();
+  const int tt = threadIdx.x / W, w = threadIdx.x % W;  // token tt's maximum of group gi0 + w
+  const int64_t to = static_cast<int64_t>(y) * 32 + tt;
+  if (to < p.q && gi0 + w < pp.n_groups) pp.gmax[(static_cast<int64_t>(h) * p.q + to) * pp.n_groups + gi0 + w] = tile[tt][w];
+}
+
+struct PoolWarpSmem {
+  int groups[kPoolGroupCap];
+  alignas(16) Comp cand[kPoolCap];
+  int kept[kCoopMaxM];
+};
+
+// The k-th largest of the warp's keys (N per lane, 0 = none, counted with multiplicity): the largest c with
+// #(keys >= c) >= k, bit by bit from the top; 0 when fewer than k keys are nonzero.
+template <int N>
+__device__ __forceinline__ uint32_t warp_kth_key(const uint32_t (&key)[N], int k) {
+  uint32_t res = 0;
+#pragma unroll 1
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t c = res | (1u << bit);
+    int cnt = 0;
+#pragma unroll
+    for (int i = 0; i < N; ++i) cnt += key[i] >= c ? 1 : 0;
+    if (static_cast<int>(__reduce_add_sync(0xFFFFFFFFu, static_cast<unsigned>(cnt))) >= k) res = c;
+  }
+  return res;
+}
+
+// Appends this lane's values >= theta among v[0 .. N) (blocks blk[j]) to sm.cand at warp-scanned positions (entries
+// past kPoolCap are not stored); returns the warp's total.
+template <int N>
+__device__ __forceinline__ int pool_append(const float (&v)[N], const int (&blk)[N], float theta, PoolWarpSmem& sm,
+                                           int lane) {
+  const unsigned full = 0xFFFFFFFFu;
+  unsigned cmask = 0;
+#pragma unroll
+  for (int j = 0; j < N; ++j) cmask |= coop_is_candidate(v[j], theta) ? 1u << j : 0u;
+  const int cnt = __popc(cmask);
+  int incl = cnt;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(full, incl, o);
+    incl += lane >= o ? y : 0;
+  }
+  int pos = incl - cnt;
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    if ((cmask >> j) & 1u) {
+      if (pos < kPoolCap) sm.cand[pos] = make_comp(score_key(v[j]), static_cast<uint32_t>(blk[j]));
+      ++pos;
+    }
+  }
+  __syncwarp();
+  return __shfl_sync(full, incl, 31);
+}
+
+// Candidates from this lane's slots v / blk (every value >= the current theta is among them): appended, and when
+// more than kPoolCap, theta = their exact M-th largest and appended again. Returns the count (> kPoolCap: ties).
+template <int N>
+__device__ __forceinline__ int pool_candidates(const float (&v)[N], const int (&blk)[N], float theta, int m,
+                                               PoolWarpSmem& sm, int lane) {
+  int n = pool_append<N>(v, blk, theta, sm, lane);
+  if (n > kPoolCap) {
+    uint32_t key[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) key[j] = coop_is_candidate(v[j], theta) ? pool_count_key(v[j]) : 0u;
+    n = pool_append<N>(v, blk, pool_theta_of_key(warp_kth_key<N>(key, m)), sm, lane);
+  }
+  return n;
+}
+
+// Ablation builds (measurement only): kStop > 0 ends the warp after that phase, kept live by a store that never
+// happens.
+__device__ __forceinline__ void pool_ablate_sink(int32_t* o, float dep) {
+  if (__float_as_uint(dep) == 0x7FC0BEEFu) o[0] = 1;
+}
+
+// Launch 2, one warp: row (token t, head h). J group maxima per lane (pp.n_groups == 32 J).
+template <typename T, int J, int kStop = 0>
+__device__ __forceinline__ void pool_select_warp(const PoolParams& pp, int64_t t, int h, PoolWarpSmem& sm) {
+  const NetParams& p = pp.p;
+  const unsigned full = 0xFFFFFFFFu;
+  const int lane = threadIdx.x & 31;
+  const unsigned below = (1u << lane) - 1u;
+  int nvp = p.nvp_scalar;
+  if (p.nvp != nullptr) nvp = __ldg(p.nvp + t);
+  const RowRange rr = row_range(nvp, p.n_blocks, p.fb, p.fe);
+  int32_t* orow = p.out + (t * p.n_heads + h) * p.topk;
+  const int m = p.m;
+  int nsel = 0;
+  if (m > 0) {
+    const float* grow = pp.gmax + (static_cast<int64_t>(h) * p.q + t) * (32 * J) + lane;
+    float gm[J];
+#pragma unroll
+    for (int i = 0; i < J; ++i) gm[i] = __ldcg(grow + 32 * i);  // group pool_lane_group(lane, i)
+    float mx = gm[0];
+#pragma unroll
+    for (int i = 1; i < J; ++i) mx = fmaxf(mx, gm[i]);
+    if constexpr (kStop == 1) return pool_ablate_sink(orow, mx);
+    // The bound: the key of rank m - 1 among the 32 lane keys (distinct), floored: M lanes hold a block >= theta.
+    const uint32_t key = pool_lane_key(mx, lane);
+    int rank = 0;
+#pragma unroll
+    for (int o = 0; o < 32; ++o) rank += __shfl_sync(full, key, o) > key ? 1 : 0;
+    const int owner = __ffs(__ballot_sync(full, rank == m - 1)) - 1;  // m <= 32: exactly one lane
+    float theta = pool_key_floor(__shfl_sync(full, key, owner), __shfl_sync(full, mx, owner));
+    unsigned bg[J];  // bit l of bg[i]: group pool_lane_group(l, i) is a candidate group
+    int ng = 0;
+#pragma unroll
+    for (int i = 0; i < J; ++i) {
+      bg[i] = __ballot_sync(full, coop_is_candidate(gm[i], theta));
+      ng += __popc(bg[i]);
+    }
+    if (ng > kPoolGroupCap) {  // theta = the exact M-th largest group maximum: M groups (+ ties) pass
+      uint32_t gk[J];
+#pragma unroll
+      for (int i = 0; i < J; ++i) gk[i] = pool_count_key(gm[i]);
+      theta = pool_theta_of_key(warp_kth_key<J>(gk, m));
+      ng = 0;
+#pragma unroll
+      for (int i = 0; i < J; ++i) {
+        bg[i] = __ballot_sync(full, coop_is_candidate(gm[i], theta));
+        ng += __popc(bg[i]);
+      }
+    }
+    if constexpr (kStop == 2) return pool_ablate_sink(orow, theta + static_cast<float>(ng));
+    int n = kPoolCap + 1;  // > kPoolCap: the rounds fallback
+    if (ng <= kPoolGroupCap) {  // lane c reads candidate group c whole
+      int base = 0;
+#pragma unroll
+      for (int i = 0; i < J; ++i) {
+        if ((bg[i] >> lane) & 1u) sm.groups[base + __popc(bg[i] & below)] = pool_lane_group(lane, i);
+        base += __popc(bg[i]);
+      }
+      __syncwarp();
+      const int b0 = lane < ng ? sm.groups[lane] * kPoolGroup : 0;
+      float v[kPoolGroup];
+      int blk[kPoolGroup];
+      lane_load_scores<T, kPoolGroup>(p.scores, p.n_blocks, p.q, h, t, lane < ng, b0, v);
+      lane_mask_scores<kPoolGroup>(v, b0, rr);
+#pragma unroll
+      for (int j = 0; j < kPoolGroup; ++j) blk[j] = b0 + j;
+      if constexpr (kStop == 3) return pool_ablate_sink(orow, v[0] + v[7] + v[15]);
+      n = pool_candidates<kPoolGroup>(v, blk, theta, m, sm, lane);
+      if constexpr (kStop == 4) return pool_ablate_sink(orow, static_cast<float>(n));
+    }
+    nsel = n <= kPoolCap ? coop_rank_kept(sm.cand, n, m, sm.kept, lane)
+                         : warp_rounds_select<T>(p, h, t, rr, sm.kept, lane);
+    if constexpr (kStop == 5) return pool_ablate_sink(orow, static_cast<float>(nsel));
+    coop_write_kept(sm.kept, nsel, orow + rr.lo, lane);
+  }
+  lane_write_forced<32>(orow, rr, nsel, p.topk, lane);
+}
+#endif
+
+}  // namespace msa_topk

@@ -1,0 +1,155 @@
+// CPU replay of the pool path (topk_pool_core.cuh), for tests only (never part of the JIT module).
+//
+// Per row, the two launches' decisions with the kernel's own helpers: group maxima of 16 blocks over the masked row
+// (past K, NaN and outside [lo, hi) -> -inf; rows padded to pool_row_groups(K) groups); lane l of the select warp
+// holds groups pool_lane_group(l, i); the bound from the 32 lane keys (pool_lane_key, rank m - 1, pool_key_floor);
+// candidate groups (coop_is_candidate on the group maximum), > kPoolGroupCap -> theta = the exact M-th largest group
+// maximum (the bit-by-bit search of warp_kth_key over pool_count_key); the candidate groups' values >= theta in the
+// kernel's append order, > cap -> theta = their exact M-th largest; else rank by composite, rank < M kept, output by
+// ascending block index; past both refinements -> the M rounds of ccoop_best_below over the raw row; forced head /
+// tail. Checks on the way: >= M lanes hold a maximum >= the bound, every block >= theta lies in a candidate group.
+// stats[0..3): rows that refined the group bound, rows that refined the candidate bound, rows that took the rounds.
+// Returns 0, or < 0 on a broken invariant.
+#include <algorithm>
+#include <vector>
+
+#include "topk_pool_core.cuh"
+#include "topk_emulate_rows.h"
+
+using namespace msa_topk;
+
+namespace {
+
+// warp_kth_key on the host: the largest c with #(keys >= c) >= k, bit by bit from the top (0: fewer than k nonzero).
+uint32_t kth_key(const std::vector<uint32_t>& keys, int k) {
+  uint32_t res = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t c = res | (1u << bit);
+    int cnt = 0;
+    for (uint32_t x : keys) cnt += x >= c ? 1 : 0;
+    if (cnt >= k) res = c;
+  }
+  return res;
+}
+
+}  // namespace
+
+extern "C" int msa_topk_pool_emulate(const float* scores, int n_heads, int n_blocks, int64_t q, int topk,
+                                     const int32_t* nvp, int nvp_scalar, int fb, int fe, int cap, int group_cap,
+                                     int32_t* out, int32_t* stats) {
+  const int m = topk - fb - fe;
+  if (m < 0 || m > kCoopMaxM || n_blocks < 1 || n_blocks > kPoolMaxLaneGroups * 32 * kPoolGroup || cap < 1 ||
+      cap > kPoolCap || group_cap < 1 || group_cap > kPoolGroupCap)
+    return -1;
+  nvp_scalar = nvp != nullptr ? n_blocks : std::min(std::max(nvp_scalar, 0), n_blocks);
+  const int J = pool_lane_groups(n_blocks);
+  const int ngroups = pool_row_groups(n_blocks);
+  if (ngroups != 32 * J || ngroups < pool_groups(n_blocks)) return -1;
+  const int width = ngroups * kPoolGroup;
+  std::vector<float> x(width), gm(ngroups);
+  std::vector<Comp> cand;
+  std::vector<uint32_t> keys;
+  std::vector<int> groups, kept;
+  stats[0] = stats[1] = stats[2] = 0;
+  for (int h = 0; h < n_heads; ++h)
+    for (int64_t t = 0; t < q; ++t) {
+      const int nvp_t = nvp != nullptr ? nvp[t] : nvp_scalar;
+      const RowRange rr = row_range(nvp_t, n_blocks, fb, fe);
+      int32_t* orow = out + (t * n_heads + h) * topk;
+      int nsel = 0;
+      if (m > 0) {
+        emulate_row_scores(scores, h, n_blocks, q, t, rr, width, x.data());
+        for (int g = 0; g < ngroups; ++g) {  // launch 1
+          float mx = x[g * kPoolGroup];
+          for (int j = 1; j < kPoolGroup; ++j) mx = std::max(mx, x[g * kPoolGroup + j]);
+          gm[g] = mx;
+        }
+        float lane_mx[32];
+        uint32_t lane_key[32];
+        for (int l = 0; l < 32; ++l) {
+          lane_mx[l] = -INFINITY;
+          for (int i = 0; i < J; ++i) lane_mx[l] = std::max(lane_mx[l], gm[pool_lane_group(l, i)]);
+          lane_key[l] = pool_lane_key(lane_mx[l], l);
+        }
+        int owner = -1;
+        for (int l = 0; l < 32; ++l) {
+          int r = 0;
+          for (int o = 0; o < 32; ++o) r += lane_key[o] > lane_key[l] ? 1 : 0;
+          if (r == m - 1) {
+            if (owner >= 0) return -2;  // lane keys must be distinct
+            owner = l;
+          }
+        }
+        if (owner < 0) return -2;
+        float theta = pool_key_floor(lane_key[owner], lane_mx[owner]);
+        if (theta > -INFINITY) {
+          int at_least = 0;
+          for (int l = 0; l < 32; ++l) at_least += lane_mx[l] >= theta ? 1 : 0;
+          if (at_least < m) return -3;  // the bound: M lanes hold a block >= theta
+        }
+        const auto candidate_groups = [&]() {
+          groups.clear();
+          for (int i = 0; i < J; ++i)  // the kernel's order: ballot i, then lane
+            for (int l = 0; l < 32; ++l)
+              if (coop_is_candidate(gm[pool_lane_group(l, i)], theta)) groups.push_back(pool_lane_group(l, i));
+        };
+        candidate_groups();
+        if (static_cast<int>(groups.size()) > group_cap) {
+          ++stats[0];
+          keys.clear();
+          for (int g = 0; g < ngroups; ++g) keys.push_back(pool_count_key(gm[g]));
+          theta = pool_theta_of_key(kth_key(keys, m));
+          candidate_groups();
+        }
+        for (int b = rr.lo; b < rr.hi; ++b) {  // every block >= theta lies in a candidate group
+          if (coop_is_candidate(x[b], theta) &&
+              std::find(groups.begin(), groups.end(), b / kPoolGroup) == groups.end())
+            return -4;
+        }
+        bool direct = static_cast<int>(groups.size()) <= group_cap;
+        if (direct) {
+          const auto append = [&]() {  // lane c = candidate group c, its values in block order
+            cand.clear();
+            for (int g : groups)
+              for (int j = 0; j < kPoolGroup; ++j) {
+                const int b = g * kPoolGroup + j;
+                if (coop_is_candidate(x[b], theta)) cand.push_back(make_comp(score_key(x[b]), static_cast<uint32_t>(b)));
+              }
+          };
+          append();
+          if (static_cast<int>(cand.size()) > cap) {
+            ++stats[1];
+            keys.clear();
+            for (Comp c : cand) keys.push_back(comp_key(c));
+            theta = pool_theta_of_key(kth_key(keys, m));
+            append();
+          }
+          direct = static_cast<int>(cand.size()) <= cap;
+        }
+        kept.clear();
+        if (direct) {
+          for (Comp c : cand) {
+            int r = 0;
+            for (Comp d : cand) r += d > c ? 1 : 0;
+            if (r < m) kept.push_back(static_cast<int>(comp_idx(c)));
+          }
+          if (static_cast<int>(kept.size()) != std::min(static_cast<int>(cand.size()), m)) return -5;
+        } else {
+          ++stats[2];
+          const auto score = [&](int b) { return scores[(static_cast<int64_t>(h) * n_blocks + b) * q + t]; };
+          Comp prev = ~Comp(0);
+          for (int r = 0; r < m; ++r) {
+            const Comp best = ccoop_best_below(score, rr.lo, rr.hi, 0, 1, prev);
+            if (best == 0) break;
+            kept.push_back(static_cast<int>(comp_idx(best)));
+            prev = best;
+          }
+        }
+        std::sort(kept.begin(), kept.end());
+        nsel = static_cast<int>(kept.size());
+        for (int i = 0; i < nsel; ++i) orow[rr.lo + i] = kept[i];
+      }
+      emulate_write_forced(orow, rr, nsel, topk);
+    }
+  return 0;
+}
