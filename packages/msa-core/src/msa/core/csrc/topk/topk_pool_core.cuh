@@ -31,7 +31,7 @@
 
 namespace msa_topk {
 
-constexpr int kPoolGroup = 16;        // blocks per group (one record)
+constexpr int kPoolGroup = 16;        // blocks per group (one maximum)
 constexpr int kPoolGroupCap = 32;     // candidate groups per row (one per lane of the select warp)
 constexpr int kPoolCap = kCoopCap;    // candidates ranked per row (coop_rank_kept: <= 64)
 constexpr int kPoolMaxLaneGroups = 32;  // groups per lane: K <= 32 * 32 * kPoolGroup = 16384 blocks
@@ -121,11 +121,10 @@ __device__ __forceinline__ uint32_t warp_kth_key(const uint32_t (&key)[N], int k
   return res;
 }
 
-// Appends this lane's values >= theta among v[0 .. N) (blocks blk[j]) to sm.cand at warp-scanned positions (entries
+// Appends this lane's values >= theta among v[0 .. N) (blocks b0 + j) to sm.cand at warp-scanned positions (entries
 // past kPoolCap are not stored); returns the warp's total.
 template <int N>
-__device__ __forceinline__ int pool_append(const float (&v)[N], const int (&blk)[N], float theta, PoolWarpSmem& sm,
-                                           int lane) {
+__device__ __forceinline__ int pool_append(const float (&v)[N], int b0, float theta, PoolWarpSmem& sm, int lane) {
   const unsigned full = 0xFFFFFFFFu;
   unsigned cmask = 0;
 #pragma unroll
@@ -141,7 +140,7 @@ __device__ __forceinline__ int pool_append(const float (&v)[N], const int (&blk)
 #pragma unroll
   for (int j = 0; j < N; ++j) {
     if ((cmask >> j) & 1u) {
-      if (pos < kPoolCap) sm.cand[pos] = make_comp(score_key(v[j]), static_cast<uint32_t>(blk[j]));
+      if (pos < kPoolCap) sm.cand[pos] = make_comp(score_key(v[j]), static_cast<uint32_t>(b0 + j));
       ++pos;
     }
   }
@@ -149,29 +148,24 @@ __device__ __forceinline__ int pool_append(const float (&v)[N], const int (&blk)
   return __shfl_sync(full, incl, 31);
 }
 
-// Candidates from this lane's slots v / blk (every value >= the current theta is among them): appended, and when
-// more than kPoolCap, theta = their exact M-th largest and appended again. Returns the count (> kPoolCap: ties).
+// Candidates from this lane's values v (blocks b0 + j; every value >= the current theta is among the warp's): appended,
+// and when more than kPoolCap, theta = their exact M-th largest and appended again. Returns the count (> kPoolCap:
+// ties).
 template <int N>
-__device__ __forceinline__ int pool_candidates(const float (&v)[N], const int (&blk)[N], float theta, int m,
-                                               PoolWarpSmem& sm, int lane) {
-  int n = pool_append<N>(v, blk, theta, sm, lane);
+__device__ __forceinline__ int pool_candidates(const float (&v)[N], int b0, float theta, int m, PoolWarpSmem& sm,
+                                               int lane) {
+  int n = pool_append<N>(v, b0, theta, sm, lane);
   if (n > kPoolCap) {
     uint32_t key[N];
 #pragma unroll
     for (int j = 0; j < N; ++j) key[j] = coop_is_candidate(v[j], theta) ? pool_count_key(v[j]) : 0u;
-    n = pool_append<N>(v, blk, pool_theta_of_key(warp_kth_key<N>(key, m)), sm, lane);
+    n = pool_append<N>(v, b0, pool_theta_of_key(warp_kth_key<N>(key, m)), sm, lane);
   }
   return n;
 }
 
-// Ablation builds (measurement only): kStop > 0 ends the warp after that phase, kept live by a store that never
-// happens.
-__device__ __forceinline__ void pool_ablate_sink(int32_t* o, float dep) {
-  if (__float_as_uint(dep) == 0x7FC0BEEFu) o[0] = 1;
-}
-
 // Launch 2, one warp: row (token t, head h). J group maxima per lane (pp.n_groups == 32 J).
-template <typename T, int J, int kStop = 0>
+template <typename T, int J>
 __device__ __forceinline__ void pool_select_warp(const PoolParams& pp, int64_t t, int h, PoolWarpSmem& sm) {
   const NetParams& p = pp.p;
   const unsigned full = 0xFFFFFFFFu;
@@ -191,7 +185,6 @@ __device__ __forceinline__ void pool_select_warp(const PoolParams& pp, int64_t t
     float mx = gm[0];
 #pragma unroll
     for (int i = 1; i < J; ++i) mx = fmaxf(mx, gm[i]);
-    if constexpr (kStop == 1) return pool_ablate_sink(orow, mx);
     // The bound: the key of rank m - 1 among the 32 lane keys (distinct), floored: M lanes hold a block >= theta.
     const uint32_t key = pool_lane_key(mx, lane);
     int rank = 0;
@@ -218,7 +211,6 @@ __device__ __forceinline__ void pool_select_warp(const PoolParams& pp, int64_t t
         ng += __popc(bg[i]);
       }
     }
-    if constexpr (kStop == 2) return pool_ablate_sink(orow, theta + static_cast<float>(ng));
     int n = kPoolCap + 1;  // > kPoolCap: the rounds fallback
     if (ng <= kPoolGroupCap) {  // lane c reads candidate group c whole
       int base = 0;
@@ -230,18 +222,12 @@ __device__ __forceinline__ void pool_select_warp(const PoolParams& pp, int64_t t
       __syncwarp();
       const int b0 = lane < ng ? sm.groups[lane] * kPoolGroup : 0;
       float v[kPoolGroup];
-      int blk[kPoolGroup];
       lane_load_scores<T, kPoolGroup>(p.scores, p.n_blocks, p.q, h, t, lane < ng, b0, v);
       lane_mask_scores<kPoolGroup>(v, b0, rr);
-#pragma unroll
-      for (int j = 0; j < kPoolGroup; ++j) blk[j] = b0 + j;
-      if constexpr (kStop == 3) return pool_ablate_sink(orow, v[0] + v[7] + v[15]);
-      n = pool_candidates<kPoolGroup>(v, blk, theta, m, sm, lane);
-      if constexpr (kStop == 4) return pool_ablate_sink(orow, static_cast<float>(n));
+      n = pool_candidates<kPoolGroup>(v, b0, theta, m, sm, lane);
     }
     nsel = n <= kPoolCap ? coop_rank_kept(sm.cand, n, m, sm.kept, lane)
                          : warp_rounds_select<T>(p, h, t, rr, sm.kept, lane);
-    if constexpr (kStop == 5) return pool_ablate_sink(orow, static_cast<float>(nsel));
     coop_write_kept(sm.kept, nsel, orow + rr.lo, lane);
   }
   lane_write_forced<32>(orow, rr, nsel, p.topk, lane);
