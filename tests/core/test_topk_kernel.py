@@ -618,7 +618,8 @@ def pool_emulate(tmp_path_factory):
     f = _emulator_lib(str(tmp_path_factory.mktemp("topk_pool_emulate")), "topk_pool_emulate", 2)
     f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-    codes = "-1 arguments, -2 bound ranks, -3 bound, -4 a block >= theta outside the candidate groups, -5 rank select"
+    codes = ("-1 arguments, -2 bound ranks, -3 bound, -4 a block >= theta outside the candidate groups, -5 rank select, "
+             "-6 list not in block order")
 
     def run(scores, topk, nvp, fb, fe, cap=64, group_cap=32):
         s32, out, nvp_ptr, nvp_scalar, _keep = _emulator_io(scores, topk, nvp)

@@ -113,9 +113,10 @@ struct CoopSmem {
 // block ascending) against the whole list -- lane l holds entry l (n <= 32, the usual case: the loop unrolled) or
 // entries l and l + 32; the partners are read two at a time (16-byte broadcast loads), four pairs per trip, so the
 // loads of a trip are in flight together (a one-entry loop was ~16 ns per entry, H200 timeline). Entries are
-// distinct, so exactly min(n, M) have rank < M: their block indices go to kept[0 .. nsel) (list order, by ballot).
-// Returns nsel.
-__device__ __forceinline__ int coop_rank_kept(const Comp* list, int n, int m, int* kept, int lane) {
+// distinct, so exactly min(n, M) have rank < M: emit(i, block) for each, i = its place among them in list order
+// (by ballot). Returns nsel.
+template <class Emit>
+__device__ __forceinline__ int coop_rank_emit(const Comp* list, int n, int m, const Emit& emit, int lane) {
   const unsigned full = 0xFFFFFFFFu;
   const ulonglong2* pairs = reinterpret_cast<const ulonglong2*>(list);
   const unsigned below = (1u << lane) - 1u;
@@ -135,8 +136,7 @@ __device__ __forceinline__ int coop_rank_kept(const Comp* list, int n, int m, in
     }
     const bool k0 = lane < n && r0 < m;
     const unsigned b0 = __ballot_sync(full, k0);
-    if (k0) kept[__popc(b0 & below)] = static_cast<int>(comp_idx(x0));
-    __syncwarp();
+    if (k0) emit(__popc(b0 & below), static_cast<int>(comp_idx(x0)));
     return n < m ? n : m;
   }
   const Comp x0 = lane < n ? list[lane] : 0, x1 = lane + 32 < n ? list[lane + 32] : 0;
@@ -154,10 +154,16 @@ __device__ __forceinline__ int coop_rank_kept(const Comp* list, int n, int m, in
   }
   const bool k0 = lane < n && r0 < m, k1 = lane + 32 < n && r1 < m;
   const unsigned b0 = __ballot_sync(full, k0), b1 = __ballot_sync(full, k1);
-  if (k0) kept[__popc(b0 & below)] = static_cast<int>(comp_idx(x0));
-  if (k1) kept[__popc(b0) + __popc(b1 & below)] = static_cast<int>(comp_idx(x1));
-  __syncwarp();
+  if (k0) emit(__popc(b0 & below), static_cast<int>(comp_idx(x0)));
+  if (k1) emit(__popc(b0) + __popc(b1 & below), static_cast<int>(comp_idx(x1)));
   return n < m ? n : m;
+}
+
+// coop_rank_emit into kept[0 .. nsel) (list order).
+__device__ __forceinline__ int coop_rank_kept(const Comp* list, int n, int m, int* kept, int lane) {
+  const int nsel = coop_rank_emit(list, n, m, [&](int i, int b) { kept[i] = b; }, lane);
+  __syncwarp();
+  return nsel;
 }
 
 // The nsel <= kCoopMaxM kept block indices (kept[0 .. nsel), any order) written ascending at orow[lo ..): each

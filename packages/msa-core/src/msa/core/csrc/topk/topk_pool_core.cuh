@@ -20,8 +20,9 @@
 //       theta = the exact M-th largest group maximum (warp_kth_key; still <= T), so only ties exceed the cap;
 //     - lane c reads candidate group c whole from max_score (16 sectors, L2-resident after launch 1); its values
 //       >= theta are appended (pool_append); more than kPoolCap: theta = their exact M-th largest (= T);
-//     - the <= kPoolCap candidates are ranked (coop_rank_kept) and written in block order after the forced head
-//       (coop_write_kept, lane_write_forced);
+//     - the <= kPoolCap candidates are ranked (coop_rank_emit) and written after the forced head: the list is in
+//       block order (candidate groups compacted in ascending order, each group's values ascending), so a kept
+//       entry's output slot is its place among the kept ones in the list (one ballot; no ordering step);
 //     - ties that defeat both refinements (dozens of equal group maxima or candidates): M rounds of the warp's
 //       composite maximum below the previous pick over the whole row (warp_rounds_select; exact, slow).
 // CPU replay with the same helpers: topk_pool_emulate.cc.
@@ -226,9 +227,13 @@ __device__ __forceinline__ void pool_select_warp(const PoolParams& pp, int64_t t
       lane_mask_scores<kPoolGroup>(v, b0, rr);
       n = pool_candidates<kPoolGroup>(v, b0, theta, m, sm, lane);
     }
-    nsel = n <= kPoolCap ? coop_rank_kept(sm.cand, n, m, sm.kept, lane)
-                         : warp_rounds_select<T>(p, h, t, rr, sm.kept, lane);
-    coop_write_kept(sm.kept, nsel, orow + rr.lo, lane);
+    if (n <= kPoolCap) {  // the list is in block order (groups ascending, then blocks): kept i goes to slot lo + i
+      int32_t* orow_lo = orow + rr.lo;
+      nsel = coop_rank_emit(sm.cand, n, m, [&](int i, int b) { orow_lo[i] = b; }, lane);
+    } else {
+      nsel = warp_rounds_select<T>(p, h, t, rr, sm.kept, lane);
+      coop_write_kept(sm.kept, nsel, orow + rr.lo, lane);
+    }
   }
   lane_write_forced<32>(orow, rr, nsel, p.topk, lane);
 }

@@ -7,7 +7,8 @@
 // maximum (the bit-by-bit search of warp_kth_key over pool_count_key); the candidate groups' values >= theta in the
 // kernel's append order, > cap -> theta = their exact M-th largest; else rank by composite, rank < M kept, output by
 // ascending block index; past both refinements -> the M rounds of ccoop_best_below over the raw row; forced head /
-// tail. Checks on the way: >= M lanes hold a maximum >= the bound, every block >= theta lies in a candidate group.
+// tail. Checks on the way: >= M lanes hold a maximum >= the bound, every block >= theta lies in a candidate group,
+// the candidate list is in ascending block order (the kernel writes a kept entry at its place in the list).
 // stats[0..3): rows that refined the group bound, rows that refined the candidate bound, rows that took the rounds.
 // Returns 0, or < 0 on a broken invariant.
 #include <algorithm>
@@ -128,6 +129,8 @@ extern "C" int msa_topk_pool_emulate(const float* scores, int n_heads, int n_blo
         }
         kept.clear();
         if (direct) {
+          for (size_t i = 1; i < cand.size(); ++i)  // the kernel writes kept entries at their place in the list
+            if (comp_idx(cand[i - 1]) >= comp_idx(cand[i])) return -6;
           for (Comp c : cand) {
             int r = 0;
             for (Comp d : cand) r += d > c ? 1 : 0;
