@@ -1356,12 +1356,15 @@ def test_ccoop_plan_env(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_pool_launch_shapes(monkeypatch):
-    """Pool path (MSA_TOPK_PATH=pool): max-pool launch + a warp per row: random, heavy ties, NaN / -inf / +inf,
-    ascending, signed zeros, causal; per-token / scalar / no nvp; forced head and tail; M 0..16; K from 5 to 16384
-    (rows padded to 32 J groups); rows that refine the group bound (periodic), the candidate bound (100 good recent
-    blocks, ascending) or take the rounds (all equal); total_q 1..77; fp32 and bf16; deterministic."""
+@pytest.mark.parametrize("pdl", ["1", "0"], ids=["dependent", "plain"])
+def test_pool_launch_shapes(monkeypatch, pdl):
+    """Pool path (MSA_TOPK_PATH=pool): max-pool launch + a warp per row, the select launch programmatic-dependent
+    (4 rows per CTA) or plain (1 row per CTA): random, heavy ties, NaN / -inf / +inf, ascending, signed zeros, causal;
+    per-token / scalar / no nvp; forced head and tail; M 0..16; K from 5 to 16384 (rows padded to 32 J groups); rows
+    that refine the group bound (periodic), the candidate bound (100 good recent blocks, ascending) or take the rounds
+    (all equal); total_q 1..77 (CTAs with rows past total_q); fp32 and bf16; deterministic."""
     monkeypatch.setenv("MSA_TOPK_PATH", "pool")
+    monkeypatch.setenv("MSA_TOPK_POOL_PDL", pdl)
     gen = torch.Generator().manual_seed(19)
     _launch_shape_grid(gen, (16384, 12345, 8192, 5000, 2049, 1025, 300, 5), 8192, M16_CASES, M16_SHAPED)
     for kind in ("randn", "walk", "ascending", "periodic", "recent", "equal"):
@@ -1382,7 +1385,8 @@ def test_pool_launch_shapes(monkeypatch):
 def test_pool_plan_env(monkeypatch):
     """pool is the default for decode-like rows of 1024 < K <= 16384 blocks, M <= 16, with >= 64 rows where ccoop does
     not apply; MSA_TOPK_POOL=0 turns it off; MSA_TOPK_PATH=pool forces it and refuses K > 16384 / M > 16; its
-    workspace is H * total_q * pool_row_groups(K) words."""
+    workspace is H * total_q * pool_row_groups(K) words; up to 256 rows the select launch is programmatic-dependent
+    with 4 rows per CTA (MSA_TOPK_POOL_PDL overrides)."""
     from msa.core.kernels.topk import plan, pool_row_groups
 
     for n_heads, n_blocks, total_q in ((4, 8192, 64), (2, 8192, 64), (4, 8192, 128), (4, 8192, 32), (4, 4096, 64),
@@ -1394,6 +1398,14 @@ def test_pool_plan_env(monkeypatch):
         assert plan(n_heads, n_blocks, total_q, m, 132).path != "pool", (n_heads, n_blocks, total_q, m)
     p = plan(4, 8192, 64, 15, 132)
     assert p.workspace_words(4, 64, 15, 8192) == 4 * 64 * 512 and p.workspace_words(4, 64, 0, 8192) == 0
+    assert (p.warps, p.flags) == (4, 16)  # <= 256 rows: dependent select launch, 4 rows per CTA
+    p = plan(4, 8192, 128, 15, 132)
+    assert (p.path, p.warps, p.flags) == ("pool", 1, 0)  # 512 rows: plain, a row per CTA
+    monkeypatch.setenv("MSA_TOPK_POOL_PDL", "0")
+    assert (plan(4, 8192, 64, 15, 132).warps, plan(4, 8192, 64, 15, 132).flags) == (1, 0)
+    monkeypatch.setenv("MSA_TOPK_POOL_PDL", "1")
+    assert (plan(4, 8192, 128, 15, 132).warps, plan(4, 8192, 128, 15, 132).flags) == (4, 16)
+    monkeypatch.delenv("MSA_TOPK_POOL_PDL")
     assert [pool_row_groups(k) for k in (1, 2048, 2049, 8192, 8193, 16384)] == [128, 128, 256, 512, 1024, 1024]
     monkeypatch.setenv("MSA_TOPK_POOL", "0")
     assert plan(4, 8192, 64, 15, 132).path == "cluster"

@@ -45,8 +45,10 @@
   context), M <= 16. A max-pool launch reads max_score like the read kernel (whole lines of 32 tokens, every SM) and
   writes each row's maxima of 16-block groups to a workspace; a select launch (a warp per row) bounds the row from the
   group maxima, reads the ~20 candidate groups back from L2 and ranks their values >= the bound (exact refinements,
-  then argmax rounds, where ties defeat the caps). The default for decode with >= ``POOL_MIN_ROWS`` rows where ccoop
-  does not apply (more rows than its clusters carry: H >= 2 at 1M, 2M); ``MSA_TOPK_POOL=0`` = without it.
+  then argmax rounds, where ties defeat the caps); up to ``POOL_PDL_MAX_ROWS`` rows the select launch is a programmatic
+  dependent launch (4 rows per CTA). The default for decode with >= ``POOL_MIN_ROWS`` rows where ccoop does not apply
+  (more rows than its clusters carry: H >= 2 at 1M, 2M); ``MSA_TOPK_POOL=0`` = without it, ``MSA_TOPK_POOL_PDL=0 / 1``
+  forces the plain / dependent select launch.
 
 The block and warp paths allocate at most one workspace (``2 * H * splits * M * ceil(total_q/32)*32`` int32 words, torch's caching
 allocator) and only when ``splits > 1``; the pool path one of ``H * total_q * pool_row_groups(K)`` words when M > 0.
@@ -123,7 +125,7 @@ class TopkPlan:
     threads_per_row: int = 32  # block path: P; reg path: P lanes per row
     values_per_thread: int = BLOCK_V  # block path: V per chunk (BLOCK_V prefetched, or 2 * BLOCK_V); reg: V per lane
     slices: int = 1  # cluster path: CTAs per cluster along K
-    flags: int = 0  # cluster path: kernel variant bits (CLUSTER_FLAG_BITS); MSA_TOPK_CLUSTER_FLAGS overrides
+    flags: int = 0  # cluster path: kernel variant bits (CLUSTER_FLAG_BITS), MSA_TOPK_CLUSTER_FLAGS overrides; pool: POOL_FLAG_PDL
 
     def workspace_words(self, n_heads: int, total_q: int, m: int, n_blocks: int = 0) -> int:
         if self.path == "pool":
@@ -482,7 +484,9 @@ def _ccoop_shape(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: in
 POOL_GROUP = 16  # pool path: blocks per group (topk_pool_core.cuh, kPoolGroup)
 POOL_MAX_BLOCKS = 16384  # K <= 32 lanes x 32 groups x 16 blocks (kPoolMaxLaneGroups)
 POOL_MIN_ROWS = 64  # the default from this many rows (total_q * H): its fixed select chain loses with fewer rows
-POOL_MAX_WARPS, POOL_SEL_WARPS = 8, 1  # max-pool CTA: 8 warps (a token's 8 group maxima one sector); a warp per row
+POOL_MAX_WARPS = 8  # max-pool CTA: 8 warps (a token's 8 group maxima one sector)
+POOL_PDL_MAX_ROWS = 256  # up to this many rows the select launch is a programmatic dependent launch (4 rows per CTA)
+POOL_FLAG_PDL = 16  # topk_pool_select flags bit 4: launch 1 signals the select launch at entry
 
 
 def pool_row_groups(n_blocks: int) -> int:
@@ -559,7 +563,15 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
         if not 0 <= m <= COOP_MAX_M or not 1 <= n_blocks <= POOL_MAX_BLOCKS:
             raise ValueError(f"MSA_TOPK_PATH=pool: not applicable (M = {m} not in 0..{COOP_MAX_M} or K = {n_blocks} > "
                              f"{POOL_MAX_BLOCKS})")
-        return TopkPlan(path="pool", splits=1, cap=COOP_CAP, warps=POOL_SEL_WARPS, log_g=0)
+        # Few rows: the select launch as a programmatic dependent launch of the max-pool launch, 4 rows per CTA (its
+        # CTAs resident and waiting; one row per CTA was slower: every early-resident CTA costs). H200 session 19 run
+        # 16, us per call (1 row per CTA plain -> 4 rows per CTA dependent): 1M q64 H2 7.26 -> 6.77, q32 H4 7.20 ->
+        # 6.82, q64 H4 8.78 -> 8.73; 512K q64 H4 7.21 -> 6.98; 256K q64 H4 6.36 -> 6.09; 2M q64 H1 7.85 -> 7.36; but 1M
+        # q128 H4 (512 rows) 11.89 -> 12.47: plain there. MSA_TOPK_POOL_PDL=0 / 1 overrides.
+        pdl = os.environ.get("MSA_TOPK_POOL_PDL")
+        pdl = total_q * n_heads <= POOL_PDL_MAX_ROWS if pdl is None else pdl != "0"
+        return TopkPlan(path="pool", splits=1, cap=COOP_CAP, warps=4 if pdl else 1, log_g=0,
+                        flags=POOL_FLAG_PDL if pdl else 0)
     if path == "tcoop":
         if not 0 <= m <= COOP_MAX_M or not 1 <= n_blocks <= COOP_ROW_BLOCKS:
             raise ValueError(f"MSA_TOPK_PATH=tcoop: not applicable (M = {m} not in 0..{COOP_MAX_M} or K = {n_blocks} > "
@@ -736,7 +748,7 @@ def run(max_score, topk, num_valid_pages, force_begin_blocks, force_end_blocks, 
     module = load_module(device, timeline=trace is not None and p.path in ("cluster", "net", "coop"))
     if p.path == "pool":
         module.topk_pool_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out, ws,
-                                POOL_MAX_WARPS, p.warps, 0)
+                                POOL_MAX_WARPS, p.warps, p.flags)
     elif p.path == "tcoop":
         module.topk_tcoop_select(max_score, topk, nvp, nvp_scalar, force_begin_blocks, force_end_blocks, out)
     elif p.path == "ccoop":

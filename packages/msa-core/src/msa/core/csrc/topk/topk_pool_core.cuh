@@ -74,12 +74,28 @@ struct PoolParams {
   NetParams p;
   float* gmax;   // [H * q, n_groups] group maxima (workspace): row h * q + t
   int n_groups;  // pool_row_groups(K): groups per row, the last ones past K (-inf)
+  int trigger;   // programmatic dependent launch of the select launch: 0 none, 1 launch 1 signals at entry, 2 after
+                 // its stores
 };
+
+__device__ __forceinline__ void pool_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Launch 2's wait for launch 1 (a no-op when it was not launched as a programmatic dependent).
+__device__ __forceinline__ void pool_wait_primary() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
 
 // Launch 1, one CTA of W warps: groups gi0 + w of head h for tokens 32 y + lane (warp w, lane).
 template <typename T, int W>
 __device__ __forceinline__ void pool_max_cta(const PoolParams& pp, int gi0, int y, int h, float (&tile)[32][W + 1]) {
   const NetParams& p = pp.p;
+  if (pp.trigger == 1) pool_launch_dependents();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t t = static_cast<int64_t>(y) * 32 + lane;
   const int gi = gi0 + warp;
@@ -98,6 +114,7 @@ __device__ __forceinline__ void pool_max_cta(const PoolParams& pp, int gi0, int 
   const int tt = threadIdx.x / W, w = threadIdx.x % W;  // token tt's maximum of group gi0 + w
   const int64_t to = static_cast<int64_t>(y) * 32 + tt;
   if (to < p.q && gi0 + w < pp.n_groups) pp.gmax[(static_cast<int64_t>(h) * p.q + to) * pp.n_groups + gi0 + w] = tile[tt][w];
+  if (pp.trigger == 2) pool_launch_dependents();
 }
 
 struct PoolWarpSmem {
@@ -179,6 +196,7 @@ __device__ __forceinline__ void pool_select_warp(const PoolParams& pp, int64_t t
   const int m = p.m;
   int nsel = 0;
   if (m > 0) {
+    pool_wait_primary();
     const float* grow = pp.gmax + (static_cast<int64_t>(h) * p.q + t) * (32 * J) + lane;
     float gm[J];
 #pragma unroll
