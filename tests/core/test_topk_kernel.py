@@ -1405,6 +1405,9 @@ def test_pool_plan_env(monkeypatch):
     assert (plan(4, 8192, 64, 15, 132).warps, plan(4, 8192, 64, 15, 132).flags) == (1, 0)
     monkeypatch.setenv("MSA_TOPK_POOL_PDL", "1")
     assert (plan(4, 8192, 128, 15, 132).warps, plan(4, 8192, 128, 15, 132).flags) == (4, 16)
+    monkeypatch.setenv("MSA_TOPK_PATH", "pool")
+    assert plan(4, 8192, 64, 0, 132).flags == 0  # M = 0: no max-pool launch to depend on
+    monkeypatch.delenv("MSA_TOPK_PATH")
     monkeypatch.delenv("MSA_TOPK_POOL_PDL")
     assert [pool_row_groups(k) for k in (1, 2048, 2049, 8192, 8193, 16384)] == [128, 128, 256, 512, 1024, 1024]
     monkeypatch.setenv("MSA_TOPK_POOL", "0")

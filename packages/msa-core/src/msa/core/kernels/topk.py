@@ -569,7 +569,7 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
         # 6.82, q64 H4 8.78 -> 8.73; 512K q64 H4 7.21 -> 6.98; 256K q64 H4 6.36 -> 6.09; 2M q64 H1 7.85 -> 7.36; but 1M
         # q128 H4 (512 rows) 11.89 -> 12.47: plain there. MSA_TOPK_POOL_PDL=0 / 1 overrides.
         pdl = os.environ.get("MSA_TOPK_POOL_PDL")
-        pdl = total_q * n_heads <= POOL_PDL_MAX_ROWS if pdl is None else pdl != "0"
+        pdl = m > 0 and (total_q * n_heads <= POOL_PDL_MAX_ROWS if pdl is None else pdl != "0")
         return TopkPlan(path="pool", splits=1, cap=COOP_CAP, warps=4 if pdl else 1, log_g=0,
                         flags=POOL_FLAG_PDL if pdl else 0)
     if path == "tcoop":
