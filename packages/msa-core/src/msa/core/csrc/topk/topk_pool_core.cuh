@@ -11,7 +11,9 @@
 //     (outside [lo, hi) and NaN are -inf) goes to gmax[h * q + t][group], through shared memory so that a token's W
 //     group maxima are stored together (one 32-byte sector at W = 8; 32 scattered 4-byte stores per warp measured
 //     +1 us at 1M q64 H4). Rows are padded to 32 J groups (-inf past K), J a power of two.
-//  2. select launch (pool_select_warp): a warp per row:
+//  2. select launch (pool_select_warp): a warp per row; up to 256 rows a programmatic dependent launch that launch 1
+//     signals at entry (its CTAs resident and waiting in griddepcontrol.wait when launch 1 ends: 0.2-0.5 us up to 128
+//     rows with 4 rows per CTA; one row per CTA, or 512 rows, lose -- every early-resident CTA costs):
 //     - the row's group maxima, lane l holding groups l + 32 i (interleaved, so a run of good neighbouring groups --
 //       correlated scores, the recent blocks -- spreads over lanes, as coop's supergroups);
 //     - bound: theta = the M-th largest of the 32 lane maxima (keys floored to 32 ulps, so ties by lane are free):
