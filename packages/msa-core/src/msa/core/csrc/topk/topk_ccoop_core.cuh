@@ -52,6 +52,36 @@ MSA_TOPK_HD Comp ccoop_best_below(const Score& score, int lo, int hi, int first,
   return best;
 }
 
+// CPU replays (ccoop, pool): the blocks of the list entries of rank < m by composite, in list order, to kept[0 .. m);
+// returns their count, or -1 when that is not min(n, m) (the composites must be distinct).
+MSA_TOPK_HD int replay_rank_kept(const Comp* list, int n, int m, int* kept) {
+  int nsel = 0;
+  for (int c = 0; c < n; ++c) {
+    int r = 0;
+    for (int j = 0; j < n; ++j) r += list[j] > list[c] ? 1 : 0;
+    if (r < m) {
+      if (nsel < m) kept[nsel] = static_cast<int>(comp_idx(list[c]));  // kept has room for m
+      ++nsel;
+    }
+  }
+  return nsel == (n < m ? n : m) ? nsel : -1;
+}
+
+// CPU replays (ccoop, pool): the exact fallback, m rounds of ccoop_best_below over the row's blocks [lo, hi) (what the
+// warp's 32 lanes reduce), kept[] in pick order; returns the count.
+template <class Score>
+MSA_TOPK_HD int replay_rounds_below(const Score& score, int lo, int hi, int m, int* kept) {
+  Comp prev = ~Comp(0);
+  int nsel = 0;
+  for (; nsel < m; ++nsel) {
+    const Comp best = ccoop_best_below(score, lo, hi, 0, 1, prev);
+    if (best == 0) break;
+    kept[nsel] = static_cast<int>(comp_idx(best));
+    prev = best;
+  }
+  return nsel;
+}
+
 #ifdef __CUDACC__
 // ccoop_best_below(score, lo, hi, lane, 32, prev) on the device, eight loads in flight per lane (one at a time, every
 // round of the fallback was a chain of K / 32 dependent load latencies: ~350 us for one row at K = 8192, H200).

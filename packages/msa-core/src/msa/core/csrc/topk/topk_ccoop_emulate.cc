@@ -65,27 +65,17 @@ extern "C" int msa_topk_ccoop_emulate(const float* scores, int n_heads, int n_bl
             if (coop_is_candidate(x[b], theta)) cand.push_back(make_comp(score_key(x[b]), static_cast<uint32_t>(b)));
           }
         const int n = static_cast<int>(cand.size());
-        kept.clear();
+        kept.assign(kCoopMaxM, -1);
         if (n > cap) {  // the owner warp's exact fallback: M rounds of the best composite below the previous pick
           ++fallbacks;
           const float* row = scores + static_cast<int64_t>(h) * n_blocks * q + t;
           const auto score = [&](int b) { return row[static_cast<int64_t>(b) * q]; };
-          Comp prev = ~Comp(0);
-          for (int k = 0; k < m; ++k) {
-            const Comp best = ccoop_best_below(score, rr.lo, rr.hi, 0, 1, prev);
-            if (best == 0) break;
-            kept.push_back(static_cast<int>(comp_idx(best)));
-            prev = best;
-          }
+          nsel = replay_rounds_below(score, rr.lo, rr.hi, m, kept.data());
         } else {
-          for (int c = 0; c < n; ++c) {
-            int r = 0;
-            for (int j = 0; j < n; ++j) r += cand[j] > cand[c] ? 1 : 0;
-            if (r < m) kept.push_back(static_cast<int>(comp_idx(cand[c])));
-          }
-          if (static_cast<int>(kept.size()) != std::min(n, m)) return -3;  // distinct composites
+          nsel = replay_rank_kept(cand.data(), n, m, kept.data());
+          if (nsel < 0) return -3;  // distinct composites
         }
-        nsel = static_cast<int>(kept.size());
+        kept.resize(nsel);
         std::sort(kept.begin(), kept.end());
         for (int l = 0; l < nsel; ++l) {
           if (l > 0 && kept[l] == kept[l - 1]) return -4;

@@ -150,12 +150,7 @@ __device__ __forceinline__ int pool_append(const float (&v)[N], int b0, float th
 #pragma unroll
   for (int j = 0; j < N; ++j) cmask |= coop_is_candidate(v[j], theta) ? 1u << j : 0u;
   const int cnt = __popc(cmask);
-  int incl = cnt;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(full, incl, o);
-    incl += lane >= o ? y : 0;
-  }
+  const int incl = lane_seg_scan<32>(cnt, lane, full);
   int pos = incl - cnt;
 #pragma unroll
   for (int j = 0; j < N; ++j) {

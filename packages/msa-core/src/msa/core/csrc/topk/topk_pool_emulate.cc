@@ -127,29 +127,19 @@ extern "C" int msa_topk_pool_emulate(const float* scores, int n_heads, int n_blo
           }
           direct = static_cast<int>(cand.size()) <= cap;
         }
-        kept.clear();
+        kept.assign(kCoopMaxM, -1);
         if (direct) {
           for (size_t i = 1; i < cand.size(); ++i)  // the kernel writes kept entries at their place in the list
             if (comp_idx(cand[i - 1]) >= comp_idx(cand[i])) return -6;
-          for (Comp c : cand) {
-            int r = 0;
-            for (Comp d : cand) r += d > c ? 1 : 0;
-            if (r < m) kept.push_back(static_cast<int>(comp_idx(c)));
-          }
-          if (static_cast<int>(kept.size()) != std::min(static_cast<int>(cand.size()), m)) return -5;
+          nsel = replay_rank_kept(cand.data(), static_cast<int>(cand.size()), m, kept.data());
+          if (nsel < 0) return -5;
         } else {
           ++stats[2];
           const auto score = [&](int b) { return scores[(static_cast<int64_t>(h) * n_blocks + b) * q + t]; };
-          Comp prev = ~Comp(0);
-          for (int r = 0; r < m; ++r) {
-            const Comp best = ccoop_best_below(score, rr.lo, rr.hi, 0, 1, prev);
-            if (best == 0) break;
-            kept.push_back(static_cast<int>(comp_idx(best)));
-            prev = best;
-          }
+          nsel = replay_rounds_below(score, rr.lo, rr.hi, m, kept.data());
         }
+        kept.resize(nsel);
         std::sort(kept.begin(), kept.end());
-        nsel = static_cast<int>(kept.size());
         for (int i = 0; i < nsel; ++i) orow[rr.lo + i] = kept[i];
       }
       emulate_write_forced(orow, rr, nsel, topk);
