@@ -92,6 +92,8 @@ _PLAN_LABELS = {
 
 def plan_label(r: dict) -> str:
     """The launch shape of row ``r`` (a bench_case result) as printed in the plan column."""
+    if r["path"] == "pool" and r.get("flags", 0) & 64:  # POOL_FLAG_CTA: the select launch in CTA form
+        return "po CTA"
     return _PLAN_LABELS.get(r["path"], "w S{splits} W{warps}").format(g=1 << r["log_g"], **r)
 
 
@@ -290,7 +292,7 @@ def bench_case(n_heads, ctx, total_q, device, bw, l2, reps, sweep, failures):
                ours_over_launch=t_ours / t_launch, warp_path_us=t_warp, alt_path=alt, alt_us=t_alt,
                bytes=score_bytes, sets=n_sets,
                path=p.path, splits=p.splits, log_g=p.log_g, threads_per_row=p.threads_per_row,
-               values_per_thread=p.values_per_thread, warps=p.warps, slices=p.slices)
+               values_per_thread=p.values_per_thread, warps=p.warps, slices=p.slices, flags=p.flags)
     if sweep:
         # every timed launch shape is also checked: its output on the first input set must equal the torch
         # pipeline's (same contract; randn scores have no ties, so torch.topk's tie order cannot matter)
@@ -395,7 +397,7 @@ def main(argv=None) -> int:
     print(f"failures: {len(failures)}", *failures[:20], sep="\n  ")
     print("(>=5x is required at 128K; bytes = max_score bytes / copy bandwidth; read = the faster of a minimal read"
           " kernel (k) and torch.amax (a) over max_score, timed like ours; launch = empty-kernel graph floor;"
-          " plan: b=block G,P,S,V r=row G,W c=cluster G,S,W g=reg / n=net P lanes,V values,W warps co=coop / cc=ccoop G rows,S slices,W warps tc=tcoop (clusters of 8 rows) po=pool (max-pool + select launch, W rows per select CTA) w=warp)")
+          " plan: b=block G,P,S,V r=row G,W c=cluster G,S,W g=reg / n=net P lanes,V values,W warps co=coop / cc=ccoop G rows,S slices,W warps tc=tcoop (clusters of 8 rows) po=pool (max-pool + select launch: W rows per select CTA, or CTA = a row per CTA) w=warp)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=props.name, bw=bw, failures=failures, rows=rows), f, indent=1)

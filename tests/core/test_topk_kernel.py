@@ -613,19 +613,21 @@ def test_ccoop_emulated_bench_shapes(ccoop_emulate):
 
 @pytest.fixture(scope="module")
 def pool_emulate(tmp_path_factory):
-    """CPU replay of the pool path: run(scores, topk, nvp, fb, fe, cap, group_cap) -> (out, [rows that refined the
-    group bound, rows that refined the candidate bound, rows that took the rounds])."""
+    """CPU replay of the pool path: run(scores, topk, nvp, fb, fe, cap, group_cap, cta_cap) -> (out, [rows that
+    refined the group bound, rows that refined the candidate bound, rows that took the rounds, CTA-form rows that fell
+    back to the warp form]); cta_cap > 0: the select launch's CTA form with that candidate cap (the kernel's: 256)."""
     f = _emulator_lib(str(tmp_path_factory.mktemp("topk_pool_emulate")), "topk_pool_emulate", 2)
     f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
-                  ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+                  ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                  ctypes.c_void_p]
     codes = ("-1 arguments, -2 bound ranks, -3 bound, -4 a block >= theta outside the candidate groups, -5 rank select, "
              "-6 list not in block order")
 
-    def run(scores, topk, nvp, fb, fe, cap=64, group_cap=32):
+    def run(scores, topk, nvp, fb, fe, cap=64, group_cap=32, cta_cap=0):
         s32, out, nvp_ptr, nvp_scalar, _keep = _emulator_io(scores, topk, nvp)
-        stats = torch.zeros(3, dtype=torch.int32)
-        rc = f(s32.data_ptr(), *scores.shape, topk, nvp_ptr, nvp_scalar, fb, fe, cap, group_cap, out.data_ptr(),
-               stats.data_ptr())
+        stats = torch.zeros(4, dtype=torch.int32)
+        rc = f(s32.data_ptr(), *scores.shape, topk, nvp_ptr, nvp_scalar, fb, fe, cap, group_cap, cta_cap,
+               out.data_ptr(), stats.data_ptr())
         assert rc == 0, f"topk_pool_emulate: rc {rc} ({codes})"
         return out, stats.tolist()
 
@@ -637,8 +639,9 @@ def test_pool_emulated_matches_reference(pool_emulate):
     bound from 32 interleaved lane maxima, the candidate groups' values, the exact refinements of the group and
     candidate bounds past the caps, the argmax rounds past both; -inf / NaN / +inf, forced blocks, ragged nvp, bf16
     ties, K from 1 to 16384 (rows padded to 32 J groups), M = 0. Small caps send rows through every branch, and every
-    branch must be taken."""
+    branch must be taken. Each case also in the CTA form (cap 256 or 24: rows past it rerun in the warp form)."""
     totals = [0, 0, 0]
+    cta_fallbacks, cta_rows = 0, 0
     rows = 0
     for case in range(180):
         gen = torch.Generator().manual_seed(60000 + case)
@@ -653,16 +656,23 @@ def test_pool_emulated_matches_reference(pool_emulate):
         got, stats = pool_emulate(scores, topk, nvp, fb, fe, cap, group_cap)
         assert torch.equal(got, want), f"case {case}: {kind} topk={topk} K={n_blocks} q={total_q} H={n_heads} " \
                                        f"fb={fb} fe={fe} caps={cap, group_cap}"
-        totals = [a + b for a, b in zip(totals, stats)]
+        totals = [a + b for a, b in zip(totals, stats[:3])]
         rows += n_heads * total_q
+        cta_cap = (256, 24)[case % 2]
+        got, stats = pool_emulate(scores, topk, nvp, fb, fe, cap, group_cap, cta_cap)
+        assert torch.equal(got, want), f"case {case} (CTA form, cap {cta_cap}): {kind} topk={topk} K={n_blocks}"
+        cta_fallbacks += stats[3]
+        cta_rows += n_heads * total_q if topk - fb - fe > 0 else 0
     assert min(totals) > 0 and rows > 3 * totals[2], (totals, rows)
+    assert 0 < cta_fallbacks < cta_rows, (cta_fallbacks, cta_rows)
 
 
 def test_pool_emulated_bench_shapes(pool_emulate):
     """1M decode (K = 8192) at the kernel's caps: iid rows select directly; rows whose best blocks sit together
     (random walk, ascending, 100 good recent blocks) keep the group bound but hold more than 64 candidates in their few
     good groups (the candidate refinement: one group of 16 holds many); rows periodic in 32 blocks (768 good blocks in
-    every other group) mostly refine the group bound; all exact, none through the rounds."""
+    every other group) mostly refine the group bound; all exact, none through the rounds. The CTA form (cap 256) takes
+    every one of these rows directly (no refinement, no fallback to the warp form)."""
     gen = torch.Generator().manual_seed(61)
     for kind in ("randn", "walk", "ascending", "periodic", "recent"):
         if kind == "recent":
@@ -673,11 +683,13 @@ def test_pool_emulated_bench_shapes(pool_emulate):
         assert torch.equal(got, reference(x, 16, force_end_blocks=1)), kind
         assert stats[2] == 0, (kind, stats)
         if kind == "randn":
-            assert stats == [0, 0, 0], (kind, stats)
+            assert stats == [0, 0, 0, 0], (kind, stats)
         elif kind == "periodic":
             assert stats[0] > 0, (kind, stats)
         elif kind in ("ascending", "recent"):
             assert stats[1] == 16, (kind, stats)
+        got, stats = pool_emulate(x, 16, None, 0, 1, cta_cap=256)
+        assert torch.equal(got, reference(x, 16, force_end_blocks=1)) and stats == [0, 0, 0, 0], (kind, stats)
 
 
 def test_net_sort16_all_01_inputs(net_emulate):
@@ -1356,15 +1368,19 @@ def test_ccoop_plan_env(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cta", ["1", "0"], ids=["cta", "warp"])
 @pytest.mark.parametrize("pdl", ["1", "0"], ids=["dependent", "plain"])
-def test_pool_launch_shapes(monkeypatch, pdl):
-    """Pool path (MSA_TOPK_PATH=pool): max-pool launch + a warp per row, the select launch programmatic-dependent
-    (4 rows per CTA) or plain (1 row per CTA): random, heavy ties, NaN / -inf / +inf, ascending, signed zeros, causal;
-    per-token / scalar / no nvp; forced head and tail; M 0..16; K from 5 to 16384 (rows padded to 32 J groups); rows
-    that refine the group bound (periodic), the candidate bound (100 good recent blocks, ascending) or take the rounds
-    (all equal); total_q 1..77 (CTAs with rows past total_q); fp32 and bf16; deterministic."""
+def test_pool_launch_shapes(monkeypatch, pdl, cta):
+    """Pool path (MSA_TOPK_PATH=pool): max-pool launch + the select launch in CTA form (a row per CTA: speculative
+    gather, the rank by warp 0 or by the whole CTA, the warp form past 256 candidates) or warp form (a warp per row),
+    programmatic-dependent (warp form: 4 rows per CTA) or plain: random, heavy ties, NaN / -inf / +inf, ascending,
+    signed zeros, causal; per-token / scalar / no nvp; forced head and tail; M 0..16; K from 5 to 16384 (rows padded
+    to 32 J groups); rows that refine the group bound (periodic), the candidate bound (100 good recent blocks,
+    ascending; CTA form: ranked by the whole CTA) or take the rounds (all equal; CTA form: through the warp form);
+    total_q 1..77 (CTAs with rows past total_q); fp32 and bf16; deterministic."""
     monkeypatch.setenv("MSA_TOPK_PATH", "pool")
     monkeypatch.setenv("MSA_TOPK_POOL_PDL", pdl)
+    monkeypatch.setenv("MSA_TOPK_POOL_CTA", cta)
     gen = torch.Generator().manual_seed(19)
     _launch_shape_grid(gen, (16384, 12345, 8192, 5000, 2049, 1025, 300, 5), 8192, M16_CASES, M16_SHAPED)
     for kind in ("randn", "walk", "ascending", "periodic", "recent", "equal"):
@@ -1386,7 +1402,9 @@ def test_pool_plan_env(monkeypatch):
     """pool is the default for decode-like rows of 1024 < K <= 16384 blocks, M <= 16, with >= 64 rows where ccoop does
     not apply; MSA_TOPK_POOL=0 turns it off; MSA_TOPK_PATH=pool forces it and refuses K > 16384 / M > 16; its
     workspace is H * total_q * pool_row_groups(K) words; up to 256 rows the select launch is programmatic-dependent
-    with 4 rows per CTA (MSA_TOPK_POOL_PDL overrides)."""
+    (bit 4) and, from K > 2048, in CTA form (flags bit 6, J warps), else a warp per row (4 per CTA); above, plain, a
+    warp per row; MSA_TOPK_POOL_CTA / MSA_TOPK_POOL_PDL
+    override each (the warp form dependent: 4 rows per CTA)."""
     from msa.core.kernels.topk import plan, pool_row_groups
 
     for n_heads, n_blocks, total_q in ((4, 8192, 64), (2, 8192, 64), (4, 8192, 128), (4, 8192, 32), (4, 4096, 64),
@@ -1398,17 +1416,29 @@ def test_pool_plan_env(monkeypatch):
         assert plan(n_heads, n_blocks, total_q, m, 132).path != "pool", (n_heads, n_blocks, total_q, m)
     p = plan(4, 8192, 64, 15, 132)
     assert p.workspace_words(4, 64, 15, 8192) == 4 * 64 * 512 and p.workspace_words(4, 64, 0, 8192) == 0
-    assert (p.warps, p.flags) == (4, 16)  # <= 256 rows: dependent select launch, 4 rows per CTA
+    assert (p.warps, p.flags) == (16, 16 | 64)  # <= 256 rows: CTA form (J = 16 warps), dependent
+    assert plan(4, 4096, 64, 15, 132).warps == 8 and plan(1, 16384, 64, 15, 132).warps == 32  # J warps
+    assert (plan(4, 2048, 64, 15, 132).warps, plan(4, 2048, 64, 15, 132).flags) == (4, 16)  # J = 4: warp form
     p = plan(4, 8192, 128, 15, 132)
-    assert (p.path, p.warps, p.flags) == ("pool", 1, 0)  # 512 rows: plain, a row per CTA
+    assert (p.path, p.warps, p.flags) == ("pool", 1, 0)  # 512 rows: warp form, plain, a row per CTA
+
+    def shape(n_heads, total_q):
+        p = plan(n_heads, 8192, total_q, 15, 132)
+        return p.warps, p.flags
+
     monkeypatch.setenv("MSA_TOPK_POOL_PDL", "0")
-    assert (plan(4, 8192, 64, 15, 132).warps, plan(4, 8192, 64, 15, 132).flags) == (1, 0)
+    assert shape(4, 64) == (16, 64)  # CTA form, plain
+    monkeypatch.setenv("MSA_TOPK_POOL_CTA", "0")
+    assert shape(4, 64) == (1, 0)  # warp form, plain
     monkeypatch.setenv("MSA_TOPK_POOL_PDL", "1")
-    assert (plan(4, 8192, 128, 15, 132).warps, plan(4, 8192, 128, 15, 132).flags) == (4, 16)
-    monkeypatch.setenv("MSA_TOPK_PATH", "pool")
-    assert plan(4, 8192, 64, 0, 132).flags == 0  # M = 0: no max-pool launch to depend on
-    monkeypatch.delenv("MSA_TOPK_PATH")
+    assert shape(4, 64) == (4, 16) and shape(4, 128) == (4, 16)  # warp form, dependent: 4 rows per CTA
     monkeypatch.delenv("MSA_TOPK_POOL_PDL")
+    monkeypatch.setenv("MSA_TOPK_POOL_CTA", "1")
+    assert shape(4, 128) == (16, 64)  # CTA form at 512 rows, plain
+    monkeypatch.setenv("MSA_TOPK_PATH", "pool")
+    assert plan(4, 8192, 64, 0, 132).flags == 0  # M = 0: no max-pool launch to depend on, no select to shape
+    monkeypatch.delenv("MSA_TOPK_PATH")
+    monkeypatch.delenv("MSA_TOPK_POOL_CTA")
     assert [pool_row_groups(k) for k in (1, 2048, 2049, 8192, 8193, 16384)] == [128, 128, 256, 512, 1024, 1024]
     monkeypatch.setenv("MSA_TOPK_POOL", "0")
     assert plan(4, 8192, 64, 15, 132).path == "cluster"

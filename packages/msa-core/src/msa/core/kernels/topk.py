@@ -43,12 +43,13 @@
   ``CCOOP_SHAPES`` forces a shape.
 - ``pool`` (``csrc/topk/topk_pool_core.cuh``): two launches for decode rows of 1024 < K <= 16384 blocks (256K-2M
   context), M <= 16. A max-pool launch reads max_score like the read kernel (whole lines of 32 tokens, every SM) and
-  writes each row's maxima of 16-block groups to a workspace; a select launch (a warp per row) bounds the row from the
-  group maxima, reads the ~20 candidate groups back from L2 and ranks their values >= the bound (exact refinements,
-  then argmax rounds, where ties defeat the caps); up to ``POOL_PDL_MAX_ROWS`` rows the select launch is a programmatic
-  dependent launch (4 rows per CTA). The default for decode with >= ``POOL_MIN_ROWS`` rows where ccoop does not apply
-  (more rows than its clusters carry: H >= 2 at 1M, 2M); ``MSA_TOPK_POOL=0`` = without it, ``MSA_TOPK_POOL_PDL=0 / 1``
-  forces the plain / dependent select launch.
+  writes each row's maxima of 16-block groups to a workspace; a select launch bounds the row from the group maxima,
+  reads the ~20 candidate groups back from L2 and ranks their values >= the bound (exact refinements, then argmax
+  rounds, where ties defeat the caps). Up to ``POOL_CTA_MAX_ROWS`` rows the select launch is in CTA form (a row per
+  CTA, a group per thread, the best groups' loads speculated) and a programmatic dependent launch; more rows: a warp
+  per row, plain. The default for decode with >= ``POOL_MIN_ROWS`` rows where ccoop does not apply (more rows than its
+  clusters carry: H >= 2 at 1M, 2M); ``MSA_TOPK_POOL=0`` = without it, ``MSA_TOPK_POOL_CTA=0 / 1`` forces the warp /
+  CTA form, ``MSA_TOPK_POOL_PDL=0 / 1`` the plain / dependent select launch.
 
 The block and warp paths allocate at most one workspace (``2 * H * splits * M * ceil(total_q/32)*32`` int32 words, torch's caching
 allocator) and only when ``splits > 1``; the pool path one of ``H * total_q * pool_row_groups(K)`` words when M > 0.
@@ -125,7 +126,7 @@ class TopkPlan:
     threads_per_row: int = 32  # block path: P; reg path: P lanes per row
     values_per_thread: int = BLOCK_V  # block path: V per chunk (BLOCK_V prefetched, or 2 * BLOCK_V); reg: V per lane
     slices: int = 1  # cluster path: CTAs per cluster along K
-    flags: int = 0  # cluster path: kernel variant bits (CLUSTER_FLAG_BITS), MSA_TOPK_CLUSTER_FLAGS overrides; pool: POOL_FLAG_PDL
+    flags: int = 0  # cluster path: kernel variant bits (CLUSTER_FLAG_BITS), MSA_TOPK_CLUSTER_FLAGS overrides; pool: POOL_FLAG_PDL | POOL_FLAG_CTA
 
     def workspace_words(self, n_heads: int, total_q: int, m: int, n_blocks: int = 0) -> int:
         if self.path == "pool":
@@ -485,8 +486,10 @@ POOL_GROUP = 16  # pool path: blocks per group (topk_pool_core.cuh, kPoolGroup)
 POOL_MAX_BLOCKS = 16384  # K <= 32 lanes x 32 groups x 16 blocks (kPoolMaxLaneGroups)
 POOL_MIN_ROWS = 64  # the default from this many rows (total_q * H): its fixed select chain loses with fewer rows
 POOL_MAX_WARPS = 8  # max-pool CTA: 8 warps (a token's 8 group maxima one sector)
-POOL_PDL_MAX_ROWS = 256  # up to this many rows the select launch is a programmatic dependent launch (4 rows per CTA)
+POOL_CTA_MAX_ROWS = 256  # up to this many rows: the select launch programmatic-dependent, in CTA form where K > 2048
+POOL_CTA_MIN_GROUPS = 256  # CTA form from J = 8 warps (K > 2048; 256K q64 H4, J = 4: warp form 5.98 vs CTA 6.40 us)
 POOL_FLAG_PDL = 16  # topk_pool_select flags bit 4: launch 1 signals the select launch at entry
+POOL_FLAG_CTA = 64  # topk_pool_select flags bit 6: the select launch in CTA form (a row per CTA of 32 J threads)
 
 
 def pool_row_groups(n_blocks: int) -> int:
@@ -563,15 +566,22 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
         if not 0 <= m <= COOP_MAX_M or not 1 <= n_blocks <= POOL_MAX_BLOCKS:
             raise ValueError(f"MSA_TOPK_PATH=pool: not applicable (M = {m} not in 0..{COOP_MAX_M} or K = {n_blocks} > "
                              f"{POOL_MAX_BLOCKS})")
-        # Few rows: the select launch as a programmatic dependent launch of the max-pool launch, 4 rows per CTA (its
-        # CTAs resident and waiting; one row per CTA was slower: every early-resident CTA costs). H200 session 19 run
-        # 16, us per call (1 row per CTA plain -> 4 rows per CTA dependent): 1M q64 H2 7.26 -> 6.77, q32 H4 7.20 ->
-        # 6.82, q64 H4 8.78 -> 8.73; 512K q64 H4 7.21 -> 6.98; 256K q64 H4 6.36 -> 6.09; 2M q64 H1 7.85 -> 7.36; but 1M
-        # q128 H4 (512 rows) 11.89 -> 12.47: plain there. MSA_TOPK_POOL_PDL=0 / 1 overrides.
+        # Few rows: the select launch in CTA form (one row per CTA, a group per thread, speculative gather; K > 2048) as
+        # a programmatic dependent launch of the max-pool launch (its CTAs resident and waiting). H200 session 20 run
+        # 10, us per call (warp form, 4 rows per CTA, dependent -> CTA form, dependent): 1M q64 H4 8.88 -> 8.25, H2
+        # 6.94 -> 6.23, q32 H4 6.83 -> 6.15; 512K q64 H4 6.90 -> 6.43; 2M q64 H1 7.30 -> 7.25; 1M q64 H4 with 40 /
+        # 100 good recent blocks 9.47 -> 8.60 / 13.21 -> 8.85; smooth rows (a random walk of small steps) 13.12 ->
+        # 14.12. 256K (J = 4) and many rows lose (1M q128 H4, 512 rows: plain warp form 11.89 vs CTA form 14.28): a
+        # warp per row there, dependent with 4 rows per CTA up to 256 rows, plain above (the dependent launch lost at
+        # 512 rows, session 19 run 16). MSA_TOPK_POOL_CTA=0 / 1 and MSA_TOPK_POOL_PDL=0 / 1 override.
+        few = m > 0 and total_q * n_heads <= POOL_CTA_MAX_ROWS
+        cta = os.environ.get("MSA_TOPK_POOL_CTA")
+        cta = m > 0 and (few and pool_row_groups(n_blocks) >= POOL_CTA_MIN_GROUPS if cta is None else cta != "0")
         pdl = os.environ.get("MSA_TOPK_POOL_PDL")
-        pdl = m > 0 and (total_q * n_heads <= POOL_PDL_MAX_ROWS if pdl is None else pdl != "0")
-        return TopkPlan(path="pool", splits=1, cap=COOP_CAP, warps=4 if pdl else 1, log_g=0,
-                        flags=POOL_FLAG_PDL if pdl else 0)
+        pdl = m > 0 and (few if pdl is None else pdl != "0")
+        flags = (POOL_FLAG_PDL if pdl else 0) | (POOL_FLAG_CTA if cta else 0)
+        warps = pool_row_groups(n_blocks) // 32 if cta else 4 if pdl else 1
+        return TopkPlan(path="pool", splits=1, cap=COOP_CAP, warps=warps, log_g=0, flags=flags)
     if path == "tcoop":
         if not 0 <= m <= COOP_MAX_M or not 1 <= n_blocks <= COOP_ROW_BLOCKS:
             raise ValueError(f"MSA_TOPK_PATH=tcoop: not applicable (M = {m} not in 0..{COOP_MAX_M} or K = {n_blocks} > "

@@ -11,9 +11,10 @@
 //     (outside [lo, hi) and NaN are -inf) goes to gmax[h * q + t][group], through shared memory so that a token's W
 //     group maxima are stored together (one 32-byte sector at W = 8; 32 scattered 4-byte stores per warp measured
 //     +1 us at 1M q64 H4). Rows are padded to 32 J groups (-inf past K), J a power of two.
-//  2. select launch (pool_select_warp): a warp per row; up to 256 rows a programmatic dependent launch that launch 1
-//     signals at entry (its CTAs resident and waiting in griddepcontrol.wait when launch 1 ends: 0.2-0.5 us up to 128
-//     rows with 4 rows per CTA; one row per CTA, or 512 rows, lose -- every early-resident CTA costs):
+//  2. select launch. Up to 256 rows: the CTA form (pool_select_cta, below: the same bound and candidates, one group
+//     per thread, a row per CTA), a programmatic dependent launch that launch 1 signals at entry (its CTAs resident
+//     and waiting in griddepcontrol.wait when launch 1 ends). More rows: the warp form (pool_select_warp), a warp per
+//     row, plain launch (early-resident CTAs cost there: 1M q128 H4 11.9 -> 12.5 us with 4 rows per CTA):
 //     - the row's group maxima, lane l holding groups l + 32 i (interleaved, so a run of good neighbouring groups --
 //       correlated scores, the recent blocks -- spreads over lanes, as coop's supergroups);
 //     - bound: theta = the M-th largest of the 32 lane maxima (keys floored to 32 ulps, so ties by lane are free):
@@ -27,7 +28,7 @@
 //       entry's output slot is its place among the kept ones in the list (one ballot; no ordering step);
 //     - ties that defeat both refinements (dozens of equal group maxima or candidates): M rounds of the warp's
 //       composite maximum below the previous pick over the whole row (warp_rounds_select; exact, slow).
-// CPU replay with the same helpers: topk_pool_emulate.cc.
+// CPU replay with the same helpers (both forms): topk_pool_emulate.cc.
 #pragma once
 
 #include "topk_ccoop_core.cuh"
@@ -38,6 +39,9 @@ constexpr int kPoolGroup = 16;        // blocks per group (one maximum)
 constexpr int kPoolGroupCap = 32;     // candidate groups per row (one per lane of the select warp)
 constexpr int kPoolCap = kCoopCap;    // candidates ranked per row (coop_rank_kept: <= 64)
 constexpr int kPoolMaxLaneGroups = 32;  // groups per lane: K <= 32 * 32 * kPoolGroup = 16384 blocks
+constexpr int kPoolSpecGroups = 2;      // CTA form: groups per warp whose loads are speculated
+constexpr int kPoolCtaRankCap = 256;    // CTA form: candidates ranked by every thread (more: by their M-th largest)
+constexpr int kPoolCtaCap = 1024;       // CTA form: candidates per row (more: the warp form)
 
 MSA_TOPK_HD int pool_groups(int n_blocks) { return (n_blocks + kPoolGroup - 1) / kPoolGroup; }
 // Group maxima per lane of the select warp (a power of two >= 4) and per row (32 J: groups past K are -inf, so the
@@ -251,6 +255,179 @@ __device__ __forceinline__ void pool_select_warp(const PoolParams& pp, int64_t t
     }
   }
   lane_write_forced<32>(orow, rr, nsel, p.topk, lane);
+}
+
+// Launch 2, CTA form (<= 256 rows, K > 2048): one row per CTA of 32 J threads, thread i holding group i = lane + 32
+// warp -- the warp form's lane l holds the same groups, so the bound and the candidate groups are the same, but each
+// step is one value per thread instead of a loop over J per lane. H200 session 20 run 10, us per call against the
+// warp form (4 rows per CTA, both dependent): 1M q64 H4 8.88 -> 8.25, H2 6.94 -> 6.23, q32 H4 6.83 -> 6.15; 512K q64
+// H4 6.90 -> 6.43; 1M q64 H4 with 40 / 100 good recent blocks 9.47 -> 8.60 / 13.21 -> 8.85; 2M q64 H1 7.30 -> 7.25;
+// but smooth rows (a random walk of small steps) 13.1 -> 14.1.
+//   - speculative gather: first each warp starts loading its kPoolSpecGroups best groups (a group's 16 blocks over
+//     16 lanes), in flight across the barrier and the bound; a warp's candidate groups are its best ones, so the
+//     loads are wasted only where a group is below theta. Four speculated groups were slower (a load of 32 scattered
+//     sectors costs the SM's L1 32 wavefronts: 8.42 -> 8.98 us at 1M q64 H4);
+//   - the 32 lane maxima through shared memory (one barrier); every warp ranks them itself (no second barrier). No
+//     group refinement: the warp form's, done by every warp, cost 0.5 us at 1M q64 H4 and 1.6 us at 2M H1 (J more
+//     registers past the 64 of a 512-thread CTA);
+//   - the other candidate groups are listed (one shared atomic per warp, one barrier) and gathered two per warp and
+//     round by all warps: a run of good neighbouring groups sits in one warp, whose rounds in turn cost an L2 round
+//     trip each (smooth rows 17.0 us before). Groups w + J l instead (neighbours in different warps) were slower on
+//     every row: uncoalesced group-maximum loads, 8.46 -> 9.42 us;
+//   - values >= theta appended through one shared atomic per warp and round (any order); by their count n: <=
+//     kPoolCap ranked by warp 0 (coop_rank_kept); <= kPoolCtaRankCap (a run of good neighbouring blocks) ranked by
+//     every thread (one more barrier); <= kPoolCtaCap theta = their exact M-th largest (warp_kth_key in warp 0) and
+//     those >= it ranked; written ascending (coop_write_kept);
+//   - past that (ties) warp 0 reruns the row in the warp form, with its exact refinements and rounds.
+// Many rows lose (1M q128 H4, 512 rows: 11.9 -> 14.3 us), and J = 4 (256K q64 H4: 6.06 -> 6.76): the plan keeps
+// the warp form there.
+template <int J>
+struct PoolCtaSmem {
+  float pmax[J][32];
+  int groups[32 * J];  // candidate groups past the speculated ones
+  int ngroups;
+  alignas(16) Comp cand[kPoolCtaCap];
+  alignas(16) Comp top[kPoolCap];
+  int kept[kCoopMaxM];
+  int n;
+  PoolWarpSmem warp;
+};
+
+// The CTA form's append: this warp's lanes with c set store (v, block b) at positions from one shared atomic on *n
+// (entries past kPoolCtaCap are counted, not stored).
+__device__ __forceinline__ void pool_cta_append(bool c, float v, int b, Comp* cand, int* n, int lane) {
+  const unsigned bal = __ballot_sync(0xFFFFFFFFu, c);
+  int base = 0;
+  if (lane == 0 && bal != 0u) base = atomicAdd(n, __popc(bal));
+  base = __shfl_sync(0xFFFFFFFFu, base, 0);
+  if (c) {
+    const int pos = base + __popc(bal & ((1u << lane) - 1u));
+    if (pos < kPoolCtaCap) cand[pos] = make_comp(score_key(v), static_cast<uint32_t>(b));
+  }
+}
+
+template <typename T, int J>
+__device__ __forceinline__ void pool_select_cta(const PoolParams& pp, int64_t t, int h, PoolCtaSmem<J>& sm) {
+  const NetParams& p = pp.p;
+  const unsigned full = 0xFFFFFFFFu;
+  const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+  int nvp = p.nvp_scalar;
+  if (p.nvp != nullptr) nvp = __ldg(p.nvp + t);
+  const RowRange rr = row_range(nvp, p.n_blocks, p.fb, p.fe);
+  int32_t* orow = p.out + (t * p.n_heads + h) * p.topk;
+  const int m = p.m;
+  if (m <= 0) {
+    if (warp == 0) lane_write_forced<32>(orow, rr, 0, p.topk, lane);
+    return;
+  }
+  if (tid == 0) {
+    sm.n = 0;
+    sm.ngroups = 0;
+  }
+  pool_wait_primary();
+  const float g = __ldcg(pp.gmax + (static_cast<int64_t>(h) * p.q + t) * (32 * J) + tid);  // group tid
+  const int half = lane >> 4, sub = lane & 15;
+  const T* col = static_cast<const T*>(p.scores) + static_cast<int64_t>(h) * p.n_blocks * p.q + t;
+  // Speculative gather: the warp's kPoolSpecGroups best groups, SL lanes x SV blocks each.
+  constexpr int NS = kPoolSpecGroups, SL = 32 / NS, SV = kPoolGroup / SL;
+  const uint32_t gkey = pool_count_key(g);
+  unsigned taken = 0u;
+  int ls = -1;
+#pragma unroll
+  for (int s = 0; s < NS; ++s) {
+    const bool free_lane = ((taken >> lane) & 1u) == 0u;
+    const uint32_t k = __reduce_max_sync(full, free_lane ? gkey : 0u);
+    const unsigned mk = __ballot_sync(full, k != 0u && free_lane && gkey == k);
+    const int l = mk != 0u ? __ffs(mk) - 1 : -1;
+    if (l >= 0) taken |= 1u << l;
+    if (lane / SL == s) ls = l;
+  }
+  const int sb0 = (ls >= 0 ? (ls + 32 * warp) * kPoolGroup : 0) + lane % SL;
+  float vs[SV];
+#pragma unroll
+  for (int j = 0; j < SV; ++j) {
+    const int b = sb0 + SL * j;
+    vs[j] = ls >= 0 && b < p.n_blocks ? ScoreLoad<T>::load(col + static_cast<int64_t>(b) * p.q) : -INFINITY;
+  }
+  sm.pmax[warp][lane] = g;
+  __syncthreads();
+  float mx = sm.pmax[0][lane];  // lane l's maximum over groups l + 32 i, as in the warp form
+#pragma unroll
+  for (int w = 1; w < J; ++w) mx = fmaxf(mx, sm.pmax[w][lane]);
+  const uint32_t key = pool_lane_key(mx, lane);
+  int rank = 0;
+#pragma unroll
+  for (int o = 0; o < 32; ++o) rank += __shfl_sync(full, key, o) > key ? 1 : 0;
+  const int owner = __ffs(__ballot_sync(full, rank == m - 1)) - 1;
+  const float theta = pool_key_floor(__shfl_sync(full, key, owner), __shfl_sync(full, mx, owner));
+  unsigned cg = __ballot_sync(full, coop_is_candidate(g, theta));
+  {  // the speculated groups that are candidates
+    const bool use = ls >= 0 && ((cg >> ls) & 1u);
+#pragma unroll
+    for (int j = 0; j < SV; ++j) {
+      const int b = sb0 + SL * j;
+      const float v = b >= rr.lo && b < rr.hi ? fmaxf(vs[j], -INFINITY) : -INFINITY;
+      pool_cta_append(use && coop_is_candidate(v, theta), v, b, sm.cand, &sm.n, lane);
+    }
+    cg &= ~taken;
+  }
+  {  // the other candidate groups: listed, then gathered by all warps (a run of good neighbouring groups sits in one
+     // warp: its rounds in turn cost an L2 round trip each)
+    int base = 0;
+    if (lane == 0 && cg != 0u) base = atomicAdd(&sm.ngroups, __popc(cg));
+    base = __shfl_sync(full, base, 0);
+    if ((cg >> lane) & 1u) sm.groups[base + __popc(cg & ((1u << lane) - 1u))] = lane + 32 * warp;
+  }
+  __syncthreads();
+  const int ngl = sm.ngroups;
+  for (int i = 2 * warp; i < ngl; i += 2 * J) {  // warp-uniform: two listed groups per round
+    const int gl = i + half < ngl ? sm.groups[i + half] : -1;
+    const int b = (gl >= 0 ? gl * kPoolGroup : 0) + sub;
+    float v = gl >= 0 && b < p.n_blocks ? ScoreLoad<T>::load(col + static_cast<int64_t>(b) * p.q) : -INFINITY;
+    v = b >= rr.lo && b < rr.hi ? fmaxf(v, -INFINITY) : -INFINITY;
+    pool_cta_append(gl >= 0 && coop_is_candidate(v, theta), v, b, sm.cand, &sm.n, lane);
+  }
+  __syncthreads();
+  const int n = sm.n;
+  if (n > kPoolCap && n <= kPoolCtaRankCap) {  // a run of good neighbouring blocks: every thread ranks some
+    for (int i = tid; i < n; i += 32 * J) {
+      const Comp x = sm.cand[i];
+      int r = 0;
+      for (int j = 0; j < n; ++j) r += sm.cand[j] > x ? 1 : 0;
+      if (r < m) sm.kept[r] = static_cast<int>(comp_idx(x));  // composites are distinct: one entry per rank
+    }
+    __syncthreads();
+  }
+  if (warp != 0) return;
+  int nsel = -1;
+  if (n <= kPoolCap) {
+    nsel = coop_rank_kept(sm.cand, n, m, sm.kept, lane);
+  } else if (n <= kPoolCtaRankCap) {
+    nsel = m;
+  } else if (n <= kPoolCtaCap) {  // smooth rows: theta = the candidates' exact M-th largest, then rank those >= it
+    constexpr int N = kPoolCtaCap / 32;
+    uint32_t ck[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) ck[i] = lane + 32 * i < n ? comp_key(sm.cand[lane + 32 * i]) : 0u;
+    const uint32_t kth = warp_kth_key<N>(ck, m);
+    int n2 = 0;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const bool keep = ck[i] != 0u && ck[i] >= kth;
+      const unsigned bal = __ballot_sync(full, keep);
+      const int pos = n2 + __popc(bal & ((1u << lane) - 1u));
+      if (keep && pos < kPoolCap) sm.top[pos] = sm.cand[lane + 32 * i];
+      n2 += __popc(bal);
+    }
+    __syncwarp();
+    if (n2 <= kPoolCap) nsel = coop_rank_kept(sm.top, n2, m, sm.kept, lane);
+  }
+  if (nsel >= 0) {
+    coop_write_kept(sm.kept, nsel, orow + rr.lo, lane);
+    lane_write_forced<32>(orow, rr, nsel, p.topk, lane);
+  } else {
+    pool_select_warp<T, J>(pp, t, h, sm.warp);
+  }
 }
 #endif
 

@@ -9,7 +9,12 @@
 // ascending block index; past both refinements -> the M rounds of ccoop_best_below over the raw row; forced head /
 // tail. Checks on the way: >= M lanes hold a maximum >= the bound, every block >= theta lies in a candidate group,
 // the candidate list is in ascending block order (the kernel writes a kept entry at its place in the list).
-// stats[0..3): rows that refined the group bound, rows that refined the candidate bound, rows that took the rounds.
+// stats[0..3): rows that refined the group bound, rows that refined the candidate bound, rows that took the rounds
+// (warp form, or the CTA form's fallback to it).
+// CTA form (cta_cap > 0: pool_select_cta with kPoolCtaCap = cta_cap, kPoolCtaRankCap = cta_cap / 4): the same bound,
+// no group refinement; every candidate group's values >= theta (any order: the kernel appends by shared atomics); n <=
+// cta_cap / 4 ranked; n <= cta_cap: those >= their exact M-th largest, ranked when <= cap; written by ascending block
+// index; past either cap the row in the warp form (stats[3] counts those rows).
 // Returns 0, or < 0 on a broken invariant.
 #include <algorithm>
 #include <vector>
@@ -37,10 +42,10 @@ uint32_t kth_key(const std::vector<uint32_t>& keys, int k) {
 
 extern "C" int msa_topk_pool_emulate(const float* scores, int n_heads, int n_blocks, int64_t q, int topk,
                                      const int32_t* nvp, int nvp_scalar, int fb, int fe, int cap, int group_cap,
-                                     int32_t* out, int32_t* stats) {
+                                     int cta_cap, int32_t* out, int32_t* stats) {
   const int m = topk - fb - fe;
   if (m < 0 || m > kCoopMaxM || n_blocks < 1 || n_blocks > kPoolMaxLaneGroups * 32 * kPoolGroup || cap < 1 ||
-      cap > kPoolCap || group_cap < 1 || group_cap > kPoolGroupCap)
+      cap > kPoolCap || group_cap < 1 || group_cap > kPoolGroupCap || cta_cap < 0 || cta_cap > kPoolCtaCap)
     return -1;
   nvp_scalar = nvp != nullptr ? n_blocks : std::min(std::max(nvp_scalar, 0), n_blocks);
   const int J = pool_lane_groups(n_blocks);
@@ -51,7 +56,7 @@ extern "C" int msa_topk_pool_emulate(const float* scores, int n_heads, int n_blo
   std::vector<Comp> cand;
   std::vector<uint32_t> keys;
   std::vector<int> groups, kept;
-  stats[0] = stats[1] = stats[2] = 0;
+  stats[0] = stats[1] = stats[2] = stats[3] = 0;
   for (int h = 0; h < n_heads; ++h)
     for (int64_t t = 0; t < q; ++t) {
       const int nvp_t = nvp != nullptr ? nvp[t] : nvp_scalar;
@@ -95,6 +100,41 @@ extern "C" int msa_topk_pool_emulate(const float* scores, int n_heads, int n_blo
               if (coop_is_candidate(gm[pool_lane_group(l, i)], theta)) groups.push_back(pool_lane_group(l, i));
         };
         candidate_groups();
+        if (cta_cap > 0) {  // CTA form: every candidate group's values, then rank; or the warp form
+          for (int b = rr.lo; b < rr.hi; ++b) {  // every block >= theta lies in a candidate group
+            if (coop_is_candidate(x[b], theta) &&
+                std::find(groups.begin(), groups.end(), b / kPoolGroup) == groups.end())
+              return -4;
+          }
+          cand.clear();
+          for (int g : groups)
+            for (int j = 0; j < kPoolGroup; ++j) {
+              const int b = g * kPoolGroup + j;
+              if (coop_is_candidate(x[b], theta)) cand.push_back(make_comp(score_key(x[b]), static_cast<uint32_t>(b)));
+            }
+          std::reverse(cand.begin(), cand.end());  // any order (the kernel's is the atomics')
+          const int n = static_cast<int>(cand.size());
+          if (n > cta_cap / 4 && n <= cta_cap) {  // those >= the exact M-th largest key
+            keys.clear();
+            for (Comp c : cand) keys.push_back(comp_key(c));
+            const uint32_t kth = kth_key(keys, m);
+            std::vector<Comp> top;
+            for (Comp c : cand)
+              if (comp_key(c) >= kth) top.push_back(c);
+            cand = top;
+          }
+          if (n <= cta_cap && static_cast<int>(cand.size()) <= (n > cta_cap / 4 ? cap : n)) {
+            kept.assign(kCoopMaxM, -1);
+            nsel = replay_rank_kept(cand.data(), static_cast<int>(cand.size()), m, kept.data());
+            if (nsel < 0) return -5;
+            kept.resize(nsel);
+            std::sort(kept.begin(), kept.end());
+            for (int i = 0; i < nsel; ++i) orow[rr.lo + i] = kept[i];
+            emulate_write_forced(orow, rr, nsel, topk);
+            continue;
+          }
+          ++stats[3];  // the warp form
+        }
         if (static_cast<int>(groups.size()) > group_cap) {
           ++stats[0];
           keys.clear();
