@@ -509,9 +509,15 @@ def _check_emulated_cases(emulate, make_case, n_cases: int) -> None:
 
 
 def _decode_rows(kind: str, n_blocks: int, total_q: int, gen) -> torch.Tensor:
-    """[1, n_blocks, total_q] decode rows: iid ("randn"), a random walk ("walk"), "ascending", or "periodic" (blocks 0-2
-    mod 32 high: three supergroups hold them all, past any candidate cap)."""
+    """[1, n_blocks, total_q] decode rows: iid ("randn"), a random walk ("walk"), "ascending", "periodic" (blocks 0-2
+    mod 32 high: three supergroups hold them all, past any candidate cap), or "lanes" (the pool select's lanes 0-13 --
+    groups l + 32 i of 16 blocks -- hold three high groups each, distinct values: ~670 candidates above the bound, the
+    CTA form's exact M-th-largest step)."""
     x = torch.randn((1, n_blocks, total_q), generator=gen)
+    if kind == "lanes":
+        group = torch.arange(n_blocks) // 16
+        high = (group % 32 < 14) & torch.isin(group // 32, torch.tensor([0, 5, 10]))
+        return x + 10.0 * high.float().view(1, n_blocks, 1)
     if kind == "walk":
         x = x.cumsum(1) * 0.2 + torch.randn((1, n_blocks, total_q), generator=gen)
     elif kind == "ascending":
@@ -690,6 +696,11 @@ def test_pool_emulated_bench_shapes(pool_emulate):
             assert stats[1] == 16, (kind, stats)
         got, stats = pool_emulate(x, 16, None, 0, 1, cta_cap=256)
         assert torch.equal(got, reference(x, 16, force_end_blocks=1)) and stats == [0, 0, 0, 0], (kind, stats)
+    x = _decode_rows("lanes", 8192, 16, gen)  # 256 < candidates <= 1024: the kernel's (cap 1024) M-th-largest step
+    assert torch.equal(pool_emulate(x, 16, None, 0, 1)[0], reference(x, 16, force_end_blocks=1))
+    got, stats = pool_emulate(x, 16, None, 0, 1, cta_cap=1024)
+    assert torch.equal(got, reference(x, 16, force_end_blocks=1)) and stats[3] == 0, stats
+    assert pool_emulate(x, 16, None, 0, 1, cta_cap=256)[1][3] == 16  # past 256 at cap 256: the warp form
 
 
 def test_net_sort16_all_01_inputs(net_emulate):
@@ -1376,14 +1387,15 @@ def test_pool_launch_shapes(monkeypatch, pdl, cta):
     programmatic-dependent (warp form: 4 rows per CTA) or plain: random, heavy ties, NaN / -inf / +inf, ascending,
     signed zeros, causal; per-token / scalar / no nvp; forced head and tail; M 0..16; K from 5 to 16384 (rows padded
     to 32 J groups); rows that refine the group bound (periodic), the candidate bound (100 good recent blocks,
-    ascending; CTA form: ranked by the whole CTA) or take the rounds (all equal; CTA form: through the warp form);
+    ascending; CTA form: ranked by the whole CTA; "lanes": ~670 candidates, the CTA form's exact M-th largest) or take
+    the rounds (all equal; CTA form: through the warp form);
     total_q 1..77 (CTAs with rows past total_q); fp32 and bf16; deterministic."""
     monkeypatch.setenv("MSA_TOPK_PATH", "pool")
     monkeypatch.setenv("MSA_TOPK_POOL_PDL", pdl)
     monkeypatch.setenv("MSA_TOPK_POOL_CTA", cta)
     gen = torch.Generator().manual_seed(19)
     _launch_shape_grid(gen, (16384, 12345, 8192, 5000, 2049, 1025, 300, 5), 8192, M16_CASES, M16_SHAPED)
-    for kind in ("randn", "walk", "ascending", "periodic", "recent", "equal"):
+    for kind in ("randn", "walk", "ascending", "periodic", "lanes", "recent", "equal"):
         if kind == "recent":
             x = _decode_rows("randn", 8192, 33, gen) + 8.0 * (torch.arange(8192) >= 8192 - 100).float().view(1, -1, 1)
         elif kind == "equal":
