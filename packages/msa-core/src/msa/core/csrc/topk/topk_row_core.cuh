@@ -26,7 +26,7 @@
 
 #include <float.h>
 
-#include "topk_block_core.cuh"
+#include "topk_lane_core.cuh"
 
 namespace msa_topk {
 
@@ -185,12 +185,7 @@ __device__ __forceinline__ void scan_candidates(const float* row_base, int nj, b
     }
     const bool paired = jn == 32 && pairs;
     const int c = __popc(mask);
-    int incl = c;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(kRowFull, incl, o);
-      incl += lane >= o ? y : 0;
-    }
+    const int incl = lane_seg_scan<32>(c, lane, kRowFull);
     const int total = __shfl_sync(kRowFull, incl, 31);
     if (total == 0) continue;  // warp-uniform
     int pos = reserve(total) + incl - c;
