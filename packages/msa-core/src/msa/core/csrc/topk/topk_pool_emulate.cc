@@ -99,19 +99,61 @@ extern "C" int msa_topk_pool_emulate(const float* scores, int n_heads, int n_blo
             for (int l = 0; l < 32; ++l)
               if (coop_is_candidate(gm[pool_lane_group(l, i)], theta)) groups.push_back(pool_lane_group(l, i));
         };
-        candidate_groups();
-        if (cta_cap > 0) {  // CTA form: every candidate group's values, then rank; or the warp form
-          for (int b = rr.lo; b < rr.hi; ++b) {  // every block >= theta lies in a candidate group
+        const auto covered = [&]() {  // every block >= theta lies in a candidate group
+          for (int b = rr.lo; b < rr.hi; ++b)
             if (coop_is_candidate(x[b], theta) &&
                 std::find(groups.begin(), groups.end(), b / kPoolGroup) == groups.end())
-              return -4;
-          }
+              return false;
+          return true;
+        };
+        const auto append = [&]() {  // the candidate groups' values >= theta: groups in order, each in block order
           cand.clear();
           for (int g : groups)
             for (int j = 0; j < kPoolGroup; ++j) {
               const int b = g * kPoolGroup + j;
               if (coop_is_candidate(x[b], theta)) cand.push_back(make_comp(score_key(x[b]), static_cast<uint32_t>(b)));
             }
+        };
+        const auto rank_cand = [&]() {  // kept[0 .. nsel) = the ranked candidates' best M, or -5
+          kept.assign(kCoopMaxM, -1);
+          const int ns = replay_rank_kept(cand.data(), static_cast<int>(cand.size()), m, kept.data());
+          return ns < 0 ? -5 : ns;
+        };
+        const auto warp_form = [&]() {  // nsel, or < 0 on a broken invariant
+          if (static_cast<int>(groups.size()) > group_cap) {
+            ++stats[0];
+            keys.clear();
+            for (int g = 0; g < ngroups; ++g) keys.push_back(pool_count_key(gm[g]));
+            theta = pool_theta_of_key(kth_key(keys, m));
+            candidate_groups();
+          }
+          if (!covered()) return -4;
+          bool direct = static_cast<int>(groups.size()) <= group_cap;
+          if (direct) {  // lane c = candidate group c
+            append();
+            if (static_cast<int>(cand.size()) > cap) {
+              ++stats[1];
+              keys.clear();
+              for (Comp c : cand) keys.push_back(comp_key(c));
+              theta = pool_theta_of_key(kth_key(keys, m));
+              append();
+            }
+            direct = static_cast<int>(cand.size()) <= cap;
+          }
+          if (direct) {
+            for (size_t i = 1; i < cand.size(); ++i)  // the kernel writes kept entries at their place in the list
+              if (comp_idx(cand[i - 1]) >= comp_idx(cand[i])) return -6;
+            return rank_cand();
+          }
+          ++stats[2];
+          kept.assign(kCoopMaxM, -1);
+          const auto score = [&](int b) { return scores[(static_cast<int64_t>(h) * n_blocks + b) * q + t]; };
+          return replay_rounds_below(score, rr.lo, rr.hi, m, kept.data());
+        };
+        candidate_groups();
+        if (cta_cap > 0) {  // CTA form: every candidate group's values, then rank; or the warp form
+          if (!covered()) return -4;
+          append();
           std::reverse(cand.begin(), cand.end());  // any order (the kernel's is the atomics')
           const int n = static_cast<int>(cand.size());
           if (n > cta_cap / 4 && n <= cta_cap) {  // those >= the exact M-th largest key
@@ -124,60 +166,15 @@ extern "C" int msa_topk_pool_emulate(const float* scores, int n_heads, int n_blo
             cand = top;
           }
           if (n <= cta_cap && static_cast<int>(cand.size()) <= (n > cta_cap / 4 ? cap : n)) {
-            kept.assign(kCoopMaxM, -1);
-            nsel = replay_rank_kept(cand.data(), static_cast<int>(cand.size()), m, kept.data());
-            if (nsel < 0) return -5;
-            kept.resize(nsel);
-            std::sort(kept.begin(), kept.end());
-            for (int i = 0; i < nsel; ++i) orow[rr.lo + i] = kept[i];
-            emulate_write_forced(orow, rr, nsel, topk);
-            continue;
+            nsel = rank_cand();
+          } else {
+            ++stats[3];
+            nsel = warp_form();
           }
-          ++stats[3];  // the warp form
-        }
-        if (static_cast<int>(groups.size()) > group_cap) {
-          ++stats[0];
-          keys.clear();
-          for (int g = 0; g < ngroups; ++g) keys.push_back(pool_count_key(gm[g]));
-          theta = pool_theta_of_key(kth_key(keys, m));
-          candidate_groups();
-        }
-        for (int b = rr.lo; b < rr.hi; ++b) {  // every block >= theta lies in a candidate group
-          if (coop_is_candidate(x[b], theta) &&
-              std::find(groups.begin(), groups.end(), b / kPoolGroup) == groups.end())
-            return -4;
-        }
-        bool direct = static_cast<int>(groups.size()) <= group_cap;
-        if (direct) {
-          const auto append = [&]() {  // lane c = candidate group c, its values in block order
-            cand.clear();
-            for (int g : groups)
-              for (int j = 0; j < kPoolGroup; ++j) {
-                const int b = g * kPoolGroup + j;
-                if (coop_is_candidate(x[b], theta)) cand.push_back(make_comp(score_key(x[b]), static_cast<uint32_t>(b)));
-              }
-          };
-          append();
-          if (static_cast<int>(cand.size()) > cap) {
-            ++stats[1];
-            keys.clear();
-            for (Comp c : cand) keys.push_back(comp_key(c));
-            theta = pool_theta_of_key(kth_key(keys, m));
-            append();
-          }
-          direct = static_cast<int>(cand.size()) <= cap;
-        }
-        kept.assign(kCoopMaxM, -1);
-        if (direct) {
-          for (size_t i = 1; i < cand.size(); ++i)  // the kernel writes kept entries at their place in the list
-            if (comp_idx(cand[i - 1]) >= comp_idx(cand[i])) return -6;
-          nsel = replay_rank_kept(cand.data(), static_cast<int>(cand.size()), m, kept.data());
-          if (nsel < 0) return -5;
         } else {
-          ++stats[2];
-          const auto score = [&](int b) { return scores[(static_cast<int64_t>(h) * n_blocks + b) * q + t]; };
-          nsel = replay_rounds_below(score, rr.lo, rr.hi, m, kept.data());
+          nsel = warp_form();
         }
+        if (nsel < 0) return nsel;
         kept.resize(nsel);
         std::sort(kept.begin(), kept.end());
         for (int i = 0; i < nsel; ++i) orow[rr.lo + i] = kept[i];
