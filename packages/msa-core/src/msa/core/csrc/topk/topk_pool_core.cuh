@@ -129,6 +129,18 @@ struct PoolWarpSmem {
   int kept[kCoopMaxM];
 };
 
+// The bound from the 32 lane maxima mx (one per lane, never NaN): the key of rank m - 1 among the distinct lane keys,
+// floored -- M lanes hold a block >= it (m <= 32: exactly one lane has that rank).
+__device__ __forceinline__ float pool_lane_bound(float mx, int m, int lane) {
+  const unsigned full = 0xFFFFFFFFu;
+  const uint32_t key = pool_lane_key(mx, lane);
+  int rank = 0;
+#pragma unroll
+  for (int o = 0; o < 32; ++o) rank += __shfl_sync(full, key, o) > key ? 1 : 0;
+  const int owner = __ffs(__ballot_sync(full, rank == m - 1)) - 1;
+  return pool_key_floor(__shfl_sync(full, key, owner), __shfl_sync(full, mx, owner));
+}
+
 // The k-th largest of the warp's keys (N per lane, 0 = none, counted with multiplicity): the largest c with
 // #(keys >= c) >= k, bit by bit from the top; 0 when fewer than k keys are nonzero.
 template <int N>
@@ -205,13 +217,7 @@ __device__ __forceinline__ void pool_select_warp(const PoolParams& pp, int64_t t
     float mx = gm[0];
 #pragma unroll
     for (int i = 1; i < J; ++i) mx = fmaxf(mx, gm[i]);
-    // The bound: the key of rank m - 1 among the 32 lane keys (distinct), floored: M lanes hold a block >= theta.
-    const uint32_t key = pool_lane_key(mx, lane);
-    int rank = 0;
-#pragma unroll
-    for (int o = 0; o < 32; ++o) rank += __shfl_sync(full, key, o) > key ? 1 : 0;
-    const int owner = __ffs(__ballot_sync(full, rank == m - 1)) - 1;  // m <= 32: exactly one lane
-    float theta = pool_key_floor(__shfl_sync(full, key, owner), __shfl_sync(full, mx, owner));
+    float theta = pool_lane_bound(mx, m, lane);  // M lanes hold a block >= theta
     unsigned bg[J];  // bit l of bg[i]: group pool_lane_group(l, i) is a candidate group
     int ng = 0;
 #pragma unroll
@@ -354,12 +360,7 @@ __device__ __forceinline__ void pool_select_cta(const PoolParams& pp, int64_t t,
   float mx = sm.pmax[0][lane];  // lane l's maximum over groups l + 32 i, as in the warp form
 #pragma unroll
   for (int w = 1; w < J; ++w) mx = fmaxf(mx, sm.pmax[w][lane]);
-  const uint32_t key = pool_lane_key(mx, lane);
-  int rank = 0;
-#pragma unroll
-  for (int o = 0; o < 32; ++o) rank += __shfl_sync(full, key, o) > key ? 1 : 0;
-  const int owner = __ffs(__ballot_sync(full, rank == m - 1)) - 1;
-  const float theta = pool_key_floor(__shfl_sync(full, key, owner), __shfl_sync(full, mx, owner));
+  const float theta = pool_lane_bound(mx, m, lane);
   unsigned cg = __ballot_sync(full, coop_is_candidate(g, theta));
   {  // the speculated groups that are candidates
     const bool use = ls >= 0 && ((cg >> ls) & 1u);
