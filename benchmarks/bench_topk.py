@@ -92,7 +92,9 @@ _PLAN_LABELS = {
 
 def plan_label(r: dict) -> str:
     """The launch shape of row ``r`` (a bench_case result) as printed in the plan column."""
-    if r["path"] == "pool" and r.get("flags", 0) & 64:  # POOL_FLAG_CTA: the select launch in CTA form
+    from msa.core.kernels.topk import POOL_FLAG_CTA
+
+    if r["path"] == "pool" and r.get("flags", 0) & POOL_FLAG_CTA:  # the select launch in CTA form
         return "po CTA"
     return _PLAN_LABELS.get(r["path"], "w S{splits} W{warps}").format(g=1 << r["log_g"], **r)
 
