@@ -92,8 +92,10 @@ _PLAN_LABELS = {
 
 def plan_label(r: dict) -> str:
     """The launch shape of row ``r`` (a bench_case result) as printed in the plan column."""
-    from msa.core.kernels.topk import POOL_FLAG_CTA
+    from msa.core.kernels.topk import POOL_FLAG_CTA, POOL_FLAG_REC
 
+    if r["path"] == "pool" and r.get("flags", 0) & POOL_FLAG_REC:  # records: a warp per row ranks them
+        return "po rec"
     if r["path"] == "pool" and r.get("flags", 0) & POOL_FLAG_CTA:  # the select launch in CTA form
         return "po CTA"
     return _PLAN_LABELS.get(r["path"], "w S{splits} W{warps}").format(g=1 << r["log_g"], **r)

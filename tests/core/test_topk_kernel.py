@@ -512,8 +512,12 @@ def _decode_rows(kind: str, n_blocks: int, total_q: int, gen) -> torch.Tensor:
     """[1, n_blocks, total_q] decode rows: iid ("randn"), a random walk ("walk"), "ascending", "periodic" (blocks 0-2
     mod 32 high: three supergroups hold them all, past any candidate cap), or "lanes" (the pool select's lanes 0-13 --
     groups l + 32 i of 16 blocks -- hold three high groups each, distinct values: ~670 candidates above the bound, the
-    CTA form's exact M-th-largest step)."""
+    CTA form's exact M-th-largest step), or "ulps" (values 1 + u ulps, u < 4096, and their negatives: about one value
+    per ulp near the top, so the pool records' 16-ulp buckets straddle the cut: the records form's fallback)."""
     x = torch.randn((1, n_blocks, total_q), generator=gen)
+    if kind == "ulps":
+        u = torch.randint(0, 4096, x.shape, generator=gen).float() * 2.0**-23
+        return torch.where(x > 0, 1.0 + u, -1.0 - u)
     if kind == "lanes":
         group = torch.arange(n_blocks) // 16
         high = (group % 32 < 14) & torch.isin(group // 32, torch.tensor([0, 5, 10]))
@@ -619,21 +623,24 @@ def test_ccoop_emulated_bench_shapes(ccoop_emulate):
 
 @pytest.fixture(scope="module")
 def pool_emulate(tmp_path_factory):
-    """CPU replay of the pool path: run(scores, topk, nvp, fb, fe, cap, group_cap, cta_cap) -> (out, [rows that
-    refined the group bound, rows that refined the candidate bound, rows that took the rounds, CTA-form rows that fell
-    back to the warp form]); cta_cap > 0: the select launch's CTA form with that candidate cap (the kernel's: 256)."""
+    """CPU replay of the pool path: run(scores, topk, nvp, fb, fe, cap, group_cap, cta_cap, records) -> (out, [rows
+    that refined the group bound, rows that refined the candidate bound, rows that took the rounds, CTA-form rows that
+    fell back to the warp form, records-form rows that fell back to the warp form, records-form rows that gathered
+    whole groups, records-form rows that refined the candidate bound]); cta_cap > 0: the select launch's CTA form with
+    that candidate cap (the kernel's: 256); records: launch 1 writes records, the select reads them (bf16 scores:
+    the kernel's bf16 instance, no bucket check)."""
     f = _emulator_lib(str(tmp_path_factory.mktemp("topk_pool_emulate")), "topk_pool_emulate", 2)
     f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
-                  ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                  ctypes.c_void_p]
-    codes = ("-1 arguments, -2 bound ranks, -3 bound, -4 a block >= theta outside the candidate groups, -5 rank select, "
-             "-6 list not in block order")
+                  ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                  ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    codes = ("-1 arguments, -2 bound ranks, -3 bound, -4 a block >= theta outside the candidate groups (records: a block "
+             "with a key >= th not an entry), -5 rank select, -6 list not in block order, -7 records")
 
-    def run(scores, topk, nvp, fb, fe, cap=64, group_cap=32, cta_cap=0):
+    def run(scores, topk, nvp, fb, fe, cap=64, group_cap=32, cta_cap=0, records=False):
         s32, out, nvp_ptr, nvp_scalar, _keep = _emulator_io(scores, topk, nvp)
-        stats = torch.zeros(4, dtype=torch.int32)
+        stats = torch.zeros(7, dtype=torch.int32)
         rc = f(s32.data_ptr(), *scores.shape, topk, nvp_ptr, nvp_scalar, fb, fe, cap, group_cap, cta_cap,
-               out.data_ptr(), stats.data_ptr())
+               int(records), int(scores.dtype == torch.bfloat16), out.data_ptr(), stats.data_ptr())
         assert rc == 0, f"topk_pool_emulate: rc {rc} ({codes})"
         return out, stats.tolist()
 
@@ -645,9 +652,12 @@ def test_pool_emulated_matches_reference(pool_emulate):
     bound from 32 interleaved lane maxima, the candidate groups' values, the exact refinements of the group and
     candidate bounds past the caps, the argmax rounds past both; -inf / NaN / +inf, forced blocks, ragged nvp, bf16
     ties, K from 1 to 16384 (rows padded to 32 J groups), M = 0. Small caps send rows through every branch, and every
-    branch must be taken. Each case also in the CTA form (cap 256 or 24: rows past it rerun in the warp form)."""
+    branch must be taken. Each case also in the CTA form (cap 256 or 24: rows past it rerun in the warp form) and the
+    records form (packed keys of each group's 4 best blocks; whole groups gathered, the candidate refinement, the
+    fallback to the warp form past the caps or at a straddled bucket)."""
     totals = [0, 0, 0]
     cta_fallbacks, cta_rows = 0, 0
+    rec = [0, 0, 0]  # records rows: fell back to the warp form, gathered whole groups, refined the candidate bound
     rows = 0
     for case in range(180):
         gen = torch.Generator().manual_seed(60000 + case)
@@ -669,8 +679,12 @@ def test_pool_emulated_matches_reference(pool_emulate):
         assert torch.equal(got, want), f"case {case} (CTA form, cap {cta_cap}): {kind} topk={topk} K={n_blocks}"
         cta_fallbacks += stats[3]
         cta_rows += n_heads * total_q if topk - fb - fe > 0 else 0
+        got, stats = pool_emulate(scores, topk, nvp, fb, fe, cap, group_cap, records=True)
+        assert torch.equal(got, want), f"case {case} (records form, cap {cap}): {kind} topk={topk} K={n_blocks}"
+        rec = [a + b for a, b in zip(rec, stats[4:])]
     assert min(totals) > 0 and rows > 3 * totals[2], (totals, rows)
     assert 0 < cta_fallbacks < cta_rows, (cta_fallbacks, cta_rows)
+    assert min(rec) > 0 and rec[0] < cta_rows // 2, (rec, cta_rows)
 
 
 def test_pool_emulated_bench_shapes(pool_emulate):
@@ -678,24 +692,42 @@ def test_pool_emulated_bench_shapes(pool_emulate):
     (random walk, ascending, 100 good recent blocks) keep the group bound but hold more than 64 candidates in their few
     good groups (the candidate refinement: one group of 16 holds many); rows periodic in 32 blocks (768 good blocks in
     every other group) mostly refine the group bound; all exact, none through the rounds. The CTA form (cap 256) takes
-    every one of these rows directly (no refinement, no fallback to the warp form)."""
+    every one of these rows directly (no refinement, no fallback to the warp form). The records form: iid rows from
+    the records alone; recent / ascending / walk rows gather their whole groups and refine; most periodic rows (more
+    than 32 candidate groups) and rows of values a few ulps apart (straddled buckets) fall back to the warp form."""
     gen = torch.Generator().manual_seed(61)
-    for kind in ("randn", "walk", "ascending", "periodic", "recent"):
+    for kind in ("randn", "walk", "ascending", "periodic", "recent", "ulps"):
         if kind == "recent":
             x = _decode_rows("randn", 8192, 16, gen) + 8.0 * (torch.arange(8192) >= 8192 - 100).float().view(1, -1, 1)
         else:
             x = _decode_rows(kind, 8192, 16, gen)
+        want = reference(x, 16, force_end_blocks=1)
         got, stats = pool_emulate(x, 16, None, 0, 1)
-        assert torch.equal(got, reference(x, 16, force_end_blocks=1)), kind
+        assert torch.equal(got, want), kind
         assert stats[2] == 0, (kind, stats)
         if kind == "randn":
-            assert stats == [0, 0, 0, 0], (kind, stats)
+            assert stats[:4] == [0, 0, 0, 0], (kind, stats)
         elif kind == "periodic":
             assert stats[0] > 0, (kind, stats)
         elif kind in ("ascending", "recent"):
             assert stats[1] == 16, (kind, stats)
         got, stats = pool_emulate(x, 16, None, 0, 1, cta_cap=256)
-        assert torch.equal(got, reference(x, 16, force_end_blocks=1)) and stats == [0, 0, 0, 0], (kind, stats)
+        assert torch.equal(got, want) and stats[:4] == [0, 0, 0, 0], (kind, stats)
+        got, stats = pool_emulate(x, 16, None, 0, 1, records=True)
+        assert torch.equal(got, want), (kind, stats)
+        expect = {"randn": [0, 0, 0], "ascending": [0, 16, 16]}
+        if kind in expect:
+            assert stats[4:] == expect[kind], (kind, stats)
+        elif kind == "ulps":  # a straddled bucket in nearly every row
+            assert stats[4] >= 12 and stats[5] == 0, (kind, stats)
+        elif kind == "recent":  # 7 whole groups + ~24 record groups: a row past the 32-group cap now and then
+            assert stats[4] <= 2 and stats[4] + stats[5] == 16 and stats[5] == stats[6], (kind, stats)
+        elif kind == "periodic":  # ~33 candidate groups of 3 good blocks: most rows past the 32-group cap
+            assert 0 < stats[4] < 16 and stats[5] == 0, (kind, stats)
+        else:  # walk: whole groups gathered in most rows, never the fallback
+            assert stats[4] == 0 and stats[5] > 8, (kind, stats)
+        got, stats = pool_emulate(x.bfloat16(), 16, None, 0, 1, records=True)  # bf16 buckets are the values
+        assert torch.equal(got, reference(x.bfloat16(), 16, force_end_blocks=1)), (kind, "bf16")
     x = _decode_rows("lanes", 8192, 16, gen)  # 256 < candidates <= 1024: the kernel's (cap 1024) M-th-largest step
     assert torch.equal(pool_emulate(x, 16, None, 0, 1)[0], reference(x, 16, force_end_blocks=1))
     got, stats = pool_emulate(x, 16, None, 0, 1, cta_cap=1024)
@@ -852,7 +884,8 @@ def test_plan_shapes(monkeypatch):
     monkeypatch.setenv("MSA_TOPK_POOL", "0")
     assert plan(4, 4096, 64, 15, 132).path == "row"  # without it: row (cluster unmeasured there)
     monkeypatch.delenv("MSA_TOPK_POOL")
-    assert plan(1, 4096, 64, 15, 132).path == "ccoop"  # 512K decode, few rows: ccoop (4 slices x 16 clusters)
+    assert plan(1, 4096, 64, 15, 132).path == "pool"  # 512K decode H1: pool records (session 21; ccoop before)
+    assert plan(1, 4096, 16, 15, 132).path == "ccoop"  # few rows: ccoop (4 slices x 4 clusters)
     monkeypatch.setenv("MSA_TOPK_REG", "0")  # the previous default plan (A/B switch)
     assert plan(4, 64, 4096, 15, 132).path == "warp"  # many short rows
     assert plan(4, 1024, 64, 15, 132).path == "row"  # 128K decode: the row path measured faster (H100)
@@ -1341,8 +1374,14 @@ def test_ccoop_launch_shapes(monkeypatch, tokens, warps):
 
 def test_ccoop_plan_env(monkeypatch):
     """ccoop is the default for decode with few rows at 256K-1M context (smallest G whose grid fills <= half the SMs);
-    MSA_TOPK_CCOOP=0 turns it off; MSA_TOPK_PATH=ccoop forces it: its shapes, slices and refusals."""
+    MSA_TOPK_CCOOP=0 turns it off; MSA_TOPK_PATH=ccoop forces it: its shapes, slices and refusals. Since session 21
+    the pool path's records form takes decode from 32 rows first (test_pool_plan_env): ccoop keeps fewer rows, and
+    all of its shapes with MSA_TOPK_POOL_REC=0."""
     from msa.core.kernels.topk import plan
+
+    assert plan(1, 8192, 64, 15, 132).path == "pool" and plan(1, 8192, 16, 15, 132).path == "ccoop"
+    assert plan(1, 8192, 31, 15, 132).path == "ccoop" and plan(2, 8192, 16, 15, 132).path == "pool"
+    monkeypatch.setenv("MSA_TOPK_POOL_REC", "0")
 
     def shape(*a):
         p = plan(*a)
@@ -1376,26 +1415,29 @@ def test_ccoop_plan_env(monkeypatch):
     monkeypatch.setenv("MSA_TOPK_WARPS", "8")
     with pytest.raises(ValueError, match="for the ccoop path"):
         plan(1, 8192, 64, 15, 132)
+    monkeypatch.delenv("MSA_TOPK_POOL_REC")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cta", ["1", "0"], ids=["cta", "warp"])
+@pytest.mark.parametrize("form", ["rec", "cta", "warp"])
 @pytest.mark.parametrize("pdl", ["1", "0"], ids=["dependent", "plain"])
-def test_pool_launch_shapes(monkeypatch, pdl, cta):
-    """Pool path (MSA_TOPK_PATH=pool): max-pool launch + the select launch in CTA form (a row per CTA: speculative
-    gather, the rank by warp 0 or by the whole CTA, the warp form past 256 candidates) or warp form (a warp per row),
-    programmatic-dependent (warp form: 4 rows per CTA) or plain: random, heavy ties, NaN / -inf / +inf, ascending,
-    signed zeros, causal; per-token / scalar / no nvp; forced head and tail; M 0..16; K from 5 to 16384 (rows padded
-    to 32 J groups); rows that refine the group bound (periodic), the candidate bound (100 good recent blocks,
-    ascending; CTA form: ranked by the whole CTA; "lanes": ~670 candidates, the CTA form's exact M-th largest) or take
-    the rounds (all equal; CTA form: through the warp form);
-    total_q 1..77 (CTAs with rows past total_q); fp32 and bf16; deterministic."""
+def test_pool_launch_shapes(monkeypatch, pdl, form):
+    """Pool path (MSA_TOPK_PATH=pool): max-pool launch + the select launch in records form (launch 1 writes each
+    group's 4 best blocks as packed keys; a warp per row ranks them, gathering only whole groups; the warp form past its
+    caps or at a straddled fp32 bucket: "ulps" rows), CTA form (a row per CTA: speculative gather, the rank by warp 0
+    or by the whole CTA, the warp form past 256 candidates) or warp form (a warp per row), programmatic-dependent (warp
+    form: 4 rows per CTA) or plain: random, heavy ties, NaN / -inf / +inf, ascending, signed zeros, causal; per-token /
+    scalar / no nvp; forced head and tail; M 0..16; K from 5 to 16384 (rows padded to 32 J groups); rows that refine
+    the group bound (periodic), the candidate bound (100 good recent blocks, ascending; CTA form: ranked by the whole
+    CTA; "lanes": ~670 candidates, the CTA form's exact M-th largest) or take the rounds (all equal; CTA form: through
+    the warp form); total_q 1..77 (CTAs with rows past total_q); fp32 and bf16; deterministic."""
     monkeypatch.setenv("MSA_TOPK_PATH", "pool")
     monkeypatch.setenv("MSA_TOPK_POOL_PDL", pdl)
-    monkeypatch.setenv("MSA_TOPK_POOL_CTA", cta)
+    monkeypatch.setenv("MSA_TOPK_POOL_REC", "1" if form == "rec" else "0")
+    monkeypatch.setenv("MSA_TOPK_POOL_CTA", "1" if form == "cta" else "0")
     gen = torch.Generator().manual_seed(19)
     _launch_shape_grid(gen, (16384, 12345, 8192, 5000, 2049, 1025, 300, 5), 8192, M16_CASES, M16_SHAPED)
-    for kind in ("randn", "walk", "ascending", "periodic", "lanes", "recent", "equal"):
+    for kind in ("randn", "walk", "ascending", "periodic", "lanes", "recent", "equal", "ulps"):
         if kind == "recent":
             x = _decode_rows("randn", 8192, 33, gen) + 8.0 * (torch.arange(8192) >= 8192 - 100).float().view(1, -1, 1)
         elif kind == "equal":
@@ -1411,14 +1453,31 @@ def test_pool_launch_shapes(monkeypatch, pdl, cta):
 
 
 def test_pool_plan_env(monkeypatch):
-    """pool is the default for decode-like rows of 1024 < K <= 16384 blocks, M <= 16, with >= 64 rows where ccoop does
-    not apply; MSA_TOPK_POOL=0 turns it off; MSA_TOPK_PATH=pool forces it and refuses K > 16384 / M > 16; its
-    workspace is H * total_q * pool_row_groups(K) words; up to 256 rows the select launch is programmatic-dependent
-    (bit 4) and, from K > 2048, in CTA form (flags bit 6, J warps), else a warp per row (4 per CTA); above, plain, a
-    warp per row; MSA_TOPK_POOL_CTA / MSA_TOPK_POOL_PDL
-    override each (the warp form dependent: 4 rows per CTA)."""
+    """pool is the default for decode-like rows of 1024 < K <= 16384 blocks, M <= 16: in records form (flags bits 7
+    and 4: a warp per row, one per CTA, programmatic-dependent; workspace H * total_q * pool_row_groups(K) * 4 words)
+    from 32 rows, ahead of ccoop; MSA_TOPK_POOL_PDL=0 makes it plain. MSA_TOPK_POOL_REC=0 (or MSA_TOPK_POOL_CTA=1)
+    restores the session-20 plan: pool with >= 64 rows where ccoop does not apply, H * total_q * pool_row_groups(K)
+    words; up to 256 rows the select launch programmatic-dependent (bit 4) and, from K > 2048, in CTA form (flags bit
+    6, J warps), else a warp per row (4 per CTA); above, plain, a warp per row; MSA_TOPK_POOL_CTA / MSA_TOPK_POOL_PDL
+    override each (the warp form dependent: 4 rows per CTA). MSA_TOPK_POOL=0 turns pool off; MSA_TOPK_PATH=pool forces
+    it and refuses K > 16384 / M > 16."""
     from msa.core.kernels.topk import plan, pool_row_groups
 
+    for n_heads, n_blocks, total_q in ((4, 8192, 64), (2, 8192, 64), (4, 8192, 128), (4, 8192, 32), (4, 4096, 64),
+                                       (2, 4096, 64), (4, 2048, 64), (1, 16384, 64), (1, 8192, 96), (1, 8192, 64),
+                                       (1, 4096, 64), (1, 2048, 64), (1, 8192, 32), (4, 8192, 512)):
+        p = plan(n_heads, n_blocks, total_q, 15, 132)
+        assert (p.path, p.warps, p.flags) == ("pool", 1, 128 | 16), (n_heads, n_blocks, total_q)
+        assert p.workspace_words(n_heads, total_q, 15, n_blocks) == n_heads * total_q * pool_row_groups(n_blocks) * 4
+        assert p.workspace_words(n_heads, total_q, 0, n_blocks) == 0
+    for n_heads, n_blocks, total_q, m in ((1, 8192, 31, 15), (1, 16384, 8, 15), (4, 1024, 64, 15), (4, 8192, 64, 17),
+                                          (4, 8192, 4096, 15), (1, 20000, 64, 15), (4, 8192, 528, 15)):
+        assert plan(n_heads, n_blocks, total_q, m, 132).path != "pool", (n_heads, n_blocks, total_q, m)
+    monkeypatch.setenv("MSA_TOPK_POOL_PDL", "0")
+    assert plan(1, 8192, 64, 15, 132).flags == 128  # records, plain
+    monkeypatch.delenv("MSA_TOPK_POOL_PDL")
+
+    monkeypatch.setenv("MSA_TOPK_POOL_REC", "0")  # the session-20 plan
     for n_heads, n_blocks, total_q in ((4, 8192, 64), (2, 8192, 64), (4, 8192, 128), (4, 8192, 32), (4, 4096, 64),
                                        (2, 4096, 64), (4, 2048, 64), (1, 16384, 64), (1, 8192, 96)):
         assert plan(n_heads, n_blocks, total_q, 15, 132).path == "pool", (n_heads, n_blocks, total_q)
@@ -1446,22 +1505,21 @@ def test_pool_plan_env(monkeypatch):
     assert shape(4, 64) == (4, 16) and shape(4, 128) == (4, 16)  # warp form, dependent: 4 rows per CTA
     monkeypatch.delenv("MSA_TOPK_POOL_PDL")
     monkeypatch.setenv("MSA_TOPK_POOL_CTA", "1")
-    assert shape(4, 128) == (16, 64)  # CTA form at 512 rows, plain
+    monkeypatch.delenv("MSA_TOPK_POOL_REC")
+    assert shape(4, 128) == (16, 64)  # CTA form asked for (records off) at 512 rows, plain
     monkeypatch.setenv("MSA_TOPK_PATH", "pool")
     assert plan(4, 8192, 64, 0, 132).flags == 0  # M = 0: no max-pool launch to depend on, no select to shape
-    monkeypatch.delenv("MSA_TOPK_PATH")
     monkeypatch.delenv("MSA_TOPK_POOL_CTA")
+    assert plan(4, 8192, 64, 0, 132).flags == 0 and plan(4, 8192, 64, 15, 132).flags == 144
+    with pytest.raises(ValueError, match="pool: not applicable"):
+        plan(4, 16385, 64, 15, 132)
+    with pytest.raises(ValueError, match="pool: not applicable"):
+        plan(4, 8192, 64, 17, 132)
+    monkeypatch.delenv("MSA_TOPK_PATH")
     assert [pool_row_groups(k) for k in (1, 2048, 2049, 8192, 8193, 16384)] == [128, 128, 256, 512, 1024, 1024]
     monkeypatch.setenv("MSA_TOPK_POOL", "0")
-    assert plan(4, 8192, 64, 15, 132).path == "cluster"
+    assert plan(4, 8192, 64, 15, 132).path == "cluster" and plan(1, 8192, 64, 15, 132).path == "ccoop"
     monkeypatch.delenv("MSA_TOPK_POOL")
-    monkeypatch.setenv("MSA_TOPK_PATH", "pool")
-    assert plan(1, 8192, 1, 15, 132).path == "pool"  # forced outside the default's range
-    assert plan(1, 7, 3, 0, 132).path == "pool"
-    with pytest.raises(ValueError, match="pool: not applicable"):
-        plan(1, 16385, 64, 15, 132)
-    with pytest.raises(ValueError, match="pool: not applicable"):
-        plan(1, 8192, 64, 17, 132)
 
 
 @pytest.mark.gpu

@@ -126,11 +126,12 @@ class TopkPlan:
     threads_per_row: int = 32  # block path: P; reg path: P lanes per row
     values_per_thread: int = BLOCK_V  # block path: V per chunk (BLOCK_V prefetched, or 2 * BLOCK_V); reg: V per lane
     slices: int = 1  # cluster path: CTAs per cluster along K
-    flags: int = 0  # cluster path: kernel variant bits (CLUSTER_FLAG_BITS), MSA_TOPK_CLUSTER_FLAGS overrides; pool: POOL_FLAG_PDL | POOL_FLAG_CTA
+    flags: int = 0  # cluster path: kernel variant bits (CLUSTER_FLAG_BITS), MSA_TOPK_CLUSTER_FLAGS overrides; pool: POOL_FLAG_*
 
     def workspace_words(self, n_heads: int, total_q: int, m: int, n_blocks: int = 0) -> int:
-        if self.path == "pool":
-            return n_heads * total_q * pool_row_groups(n_blocks) if m > 0 else 0
+        if self.path == "pool":  # a word per group (its maximum) or four (its record)
+            words = 4 if self.flags & POOL_FLAG_REC else 1
+            return n_heads * total_q * pool_row_groups(n_blocks) * words if m > 0 else 0
         if self.splits <= 1 or m <= 0:
             return 0
         return 2 * n_heads * self.splits * m * (-(-total_q // 32) * 32)
@@ -490,6 +491,8 @@ POOL_CTA_MAX_ROWS = 256  # up to this many rows: the select launch programmatic-
 POOL_CTA_MIN_GROUPS = 256  # CTA form from J = 8 warps (K > 2048; 256K q64 H4, J = 4: warp form 5.98 vs CTA 6.40 us)
 POOL_FLAG_PDL = 16  # topk_pool_select flags bit 4: launch 1 signals the select launch at entry
 POOL_FLAG_CTA = 64  # topk_pool_select flags bit 6: the select launch in CTA form (a row per CTA of 32 J threads)
+POOL_FLAG_REC = 128  # topk_pool_select flags bit 7: records (launch 1: each group's 4 best blocks; a warp per row)
+POOL_REC_MIN_ROWS = 32  # records form: the default from this many rows (1M H1 q16: 4.14 vs ccoop 4.16, q32 4.25 vs 4.96)
 
 
 def pool_row_groups(n_blocks: int) -> int:
@@ -498,6 +501,25 @@ def pool_row_groups(n_blocks: int) -> int:
     while 32 * j < -(-n_blocks // POOL_GROUP):
         j *= 2
     return 32 * j
+
+
+def _pool_records() -> bool:
+    """The pool path's records form unless ``MSA_TOPK_POOL_REC=0`` or ``MSA_TOPK_POOL_CTA=1`` asks for another."""
+    return os.environ.get("MSA_TOPK_POOL_REC", "1") != "0" and os.environ.get("MSA_TOPK_POOL_CTA") != "1"
+
+
+def _use_pool_records(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> bool:
+    """The pool path in records form (launch 1 writes each group's four best blocks, a warp per row ranks them, no
+    gather in the usual row), ahead of ccoop, for decode-like rows (>= POOL_REC_MIN_ROWS, < 16 per SM) of 1024 < K <=
+    16384 blocks, M <= 16. H200 session 21 runs 11-12 (us per call; the previous default -> records; the read kernel):
+    1M q64 H1 ccoop 5.80 -> 4.81 (read 2.49), H4 CTA form 8.30 -> 7.10 (4.29), H2 6.08 -> 5.61, q32 H1 ccoop 4.96 ->
+    4.25, q128 H4 11.86 -> 10.34, q256 H4 19.26 -> 16.83; 512K q64 H1 ccoop 4.91 -> 4.08, H4 6.50 -> 5.30; 256K q64 H1
+    ccoop 4.42 -> 3.83, H4 6.02 -> 4.75; 2M q64 H1 7.31 -> 5.91, H4 15.14 -> 10.77; bf16 1M q64 H1 ccoop 6.62 -> 4.60.
+    Below 32 rows ccoop stays (1M H1 q1 3.59 vs 3.69, q16 4.16 vs 4.14)."""
+    if os.environ.get("MSA_TOPK_POOL", "1") == "0" or not _pool_records() or not 0 < m <= COOP_MAX_M:
+        return False
+    rows = total_q * n_heads
+    return POOL_REC_MIN_ROWS <= rows < 16 * sm_count and COOP_ROW_BLOCKS < n_blocks <= POOL_MAX_BLOCKS
 
 
 def _use_pool(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int) -> bool:
@@ -541,6 +563,8 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
             path = "tcoop"
         elif _use_coop_path(n_heads, n_blocks, total_q, m, sm_count):
             path = "coop"
+        elif _use_pool_records(n_heads, n_blocks, total_q, m, sm_count):
+            path = "pool"
         elif _ccoop_shape(n_heads, n_blocks, total_q, m, sm_count):
             path = "ccoop"
         elif _use_pool(n_heads, n_blocks, total_q, m, sm_count):
@@ -574,10 +598,16 @@ def plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, items
         # 14.12. 256K (J = 4) and many rows lose (1M q128 H4, 512 rows: plain warp form 11.89 vs CTA form 14.28): a
         # warp per row there, dependent with 4 rows per CTA up to 256 rows, plain above (the dependent launch lost at
         # 512 rows, session 19 run 16). MSA_TOPK_POOL_CTA=0 / 1 and MSA_TOPK_POOL_PDL=0 / 1 override.
+        pdl = os.environ.get("MSA_TOPK_POOL_PDL")
+        if m > 0 and _pool_records():
+            # Records form (the default): a warp per row, one row per CTA (J = 32 stages 16 KB of records per warp),
+            # programmatic-dependent at every row count once both launches prefer the same shared-memory split (1M
+            # q64 H1 5.44 plain -> 4.81; q256 H4 17.44 -> 16.83; session 21 runs 11-12).
+            return TopkPlan(path="pool", splits=1, cap=COOP_CAP, warps=1, log_g=0,
+                            flags=POOL_FLAG_REC | (POOL_FLAG_PDL if pdl != "0" else 0))
         few = m > 0 and total_q * n_heads <= POOL_CTA_MAX_ROWS
         cta = os.environ.get("MSA_TOPK_POOL_CTA")
         cta = m > 0 and (few and pool_row_groups(n_blocks) >= POOL_CTA_MIN_GROUPS if cta is None else cta != "0")
-        pdl = os.environ.get("MSA_TOPK_POOL_PDL")
         pdl = m > 0 and (few if pdl is None else pdl != "0")
         flags = (POOL_FLAG_PDL if pdl else 0) | (POOL_FLAG_CTA if cta else 0)
         warps = pool_row_groups(n_blocks) // 32 if cta else 4 if pdl else 1

@@ -170,10 +170,10 @@ __device__ __forceinline__ int coop_rank_kept(const Comp* list, int n, int m, in
 // index's slot = the kept indices below it (shuffles).
 __device__ __forceinline__ void coop_write_kept(const int* kept, int nsel, int32_t* orow_lo, int lane) {
   const int mine = lane < nsel ? kept[lane] : INT32_MAX;
-  int pos = 0;
+  int pos[4] = {0, 0, 0, 0};  // four independent counts: the compares are not one dependent chain
 #pragma unroll
-  for (int j = 0; j < kCoopMaxM; ++j) pos += __shfl_sync(0xFFFFFFFFu, mine, j) < mine ? 1 : 0;
-  if (lane < nsel) orow_lo[pos] = mine;
+  for (int j = 0; j < kCoopMaxM; ++j) pos[j & 3] += __shfl_sync(0xFFFFFFFFu, mine, j) < mine ? 1 : 0;
+  if (lane < nsel) orow_lo[(pos[0] + pos[1]) + (pos[2] + pos[3])] = mine;
 }
 
 // The selection once a thread holds its V values: v[j] = the raw value (NaN allowed; past K or token past q: -inf)

@@ -75,6 +75,52 @@ MSA_TOPK_HD uint32_t pool_count_key(float x) { return x > -INFINITY ? score_key(
 // theta from an exact k-th largest key (0: fewer than k values > -inf).
 MSA_TOPK_HD float pool_theta_of_key(uint32_t k) { return k != 0u ? pool_key_value(k) : -INFINITY; }
 
+// Records (launch 1's records form): a group's four best blocks as packed keys -- the order-preserving key of the
+// value (NaN as -inf, -0 as +0) with its low 4 bits replaced by (15 - offset in the group). Within a group the keys
+// are distinct and order by value, then lower block first, up to the value's low 4 key bits; their "bucket" (the key
+// with the low 4 bits cleared) orders exactly across groups: equal buckets are equal values for bf16 scores and
+// values within 16 ulps for fp32. Keys below kPoolRecKeyMin are -inf.
+constexpr uint32_t kPoolRecKeyMin = 0x00800000u;  // score_key(-FLT_MAX): the least key of a real value
+MSA_TOPK_HD uint32_t imin32u(uint32_t a, uint32_t b) { return a < b ? a : b; }
+MSA_TOPK_HD uint32_t imax32u(uint32_t a, uint32_t b) { return a > b ? a : b; }
+MSA_TOPK_HD uint32_t pool_rec_key(float v, int j) { return (score_key(v) & ~15u) | static_cast<uint32_t>(15 - j); }
+MSA_TOPK_HD uint32_t pool_rec_bucket(uint32_t k) { return k & ~15u; }
+MSA_TOPK_HD int pool_rec_offset(uint32_t k) { return 15 - static_cast<int>(k & 15u); }
+// The float of a record key's bucket: <= the value it records (-inf below kPoolRecKeyMin).
+MSA_TOPK_HD float pool_rec_floor(uint32_t k) { return k >= kPoolRecKeyMin ? pool_key_value(k & ~15u) : -INFINITY; }
+
+template <typename U>
+MSA_TOPK_HD void rec_ce(U& a, U& b) {  // compare-exchange: a = the larger
+  const U hi = a > b ? a : b, lo = a > b ? b : a;
+  a = hi;
+  b = lo;
+}
+
+// k[0 .. 4) = the 4 largest of the 16 distinct keys, descending: four sorted quads, then two rounds of bitonic top-4 merges
+// (~76 min / max, no branches: a data-dependent insertion loop diverges within the warp).
+MSA_TOPK_HD void rec_top4(uint32_t (&k)[kPoolGroup]) {
+#pragma unroll
+  for (int q = 0; q < 16; q += 4) {
+    rec_ce(k[q], k[q + 1]);
+    rec_ce(k[q + 2], k[q + 3]);
+    rec_ce(k[q], k[q + 2]);
+    rec_ce(k[q + 1], k[q + 3]);
+    rec_ce(k[q + 1], k[q + 2]);
+  }
+#pragma unroll
+  for (int step = 4; step < 16; step *= 2) {
+#pragma unroll
+    for (int q = 0; q < 16; q += 2 * step) {  // quads q and q + step -> quad q
+#pragma unroll
+      for (int i = 0; i < 4; ++i) k[q + i] = k[q + i] > k[q + step + 3 - i] ? k[q + i] : k[q + step + 3 - i];
+      rec_ce(k[q], k[q + 2]);  // bitonic -> descending
+      rec_ce(k[q + 1], k[q + 3]);
+      rec_ce(k[q], k[q + 1]);
+      rec_ce(k[q + 2], k[q + 3]);
+    }
+  }
+}
+
 #ifdef __CUDACC__
 struct PoolParams {
   NetParams p;
@@ -123,36 +169,91 @@ __device__ __forceinline__ void pool_max_cta(const PoolParams& pp, int gi0, int 
   if (pp.trigger == 2) pool_launch_dependents();
 }
 
+// Launch 1, records form: as pool_max_cta, but per (row, group) the record uint4 {k1 > k2 > k3 > k4} (pool_rec_key of
+// the group's four best blocks) instead of the maximum, so the select launch needs no gather unless a group's fourth
+// record reaches the bound. A token's W records are stored together (a 128-byte line at W = 8).
+template <typename T, int W>
+__device__ __forceinline__ void pool_record_cta(const PoolParams& pp, int gi0, int y, int h, uint4 (&tile)[32][W + 1]) {
+  const NetParams& p = pp.p;
+  if (pp.trigger == 1) pool_launch_dependents();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t t = static_cast<int64_t>(y) * 32 + lane;
+  const int gi = gi0 + warp;
+  const bool valid = t < p.q && gi < pp.n_groups;
+  const int b0 = gi * kPoolGroup;
+  float v[kPoolGroup];
+  lane_load_scores<T, kPoolGroup>(p.scores, p.n_blocks, p.q, h, t, valid, b0, v);
+  int nvp = p.nvp_scalar;
+  if (p.nvp != nullptr && valid) nvp = __ldg(p.nvp + t);
+  lane_mask_scores<kPoolGroup>(v, b0, row_range(nvp, p.n_blocks, p.fb, p.fe));
+  uint32_t k[kPoolGroup];
+#pragma unroll
+  for (int j = 0; j < kPoolGroup; ++j) k[j] = pool_rec_key(v[j], j);
+  rec_top4(k);
+  tile[lane][warp] = make_uint4(k[0], k[1], k[2], k[3]);
+  __syncthreads();
+  const int tt = threadIdx.x / W, w = threadIdx.x % W;  // token tt's record of group gi0 + w
+  const int64_t to = static_cast<int64_t>(y) * 32 + tt;
+  if (to < p.q && gi0 + w < pp.n_groups)
+    reinterpret_cast<uint4*>(pp.gmax)[(static_cast<int64_t>(h) * p.q + to) * pp.n_groups + gi0 + w] = tile[tt][w];
+  if (pp.trigger == 2) pool_launch_dependents();
+}
+
 struct PoolWarpSmem {
   int groups[kPoolGroupCap];
   alignas(16) Comp cand[kPoolCap];
   int kept[kCoopMaxM];
 };
 
+// The number of the warp's 32 keys greater than this lane's: four independent counts, so that the 32 compares are
+// not one dependent chain (the compiler turns `r += c ? 1 : 0` into two dependent instructions per step).
+__device__ __forceinline__ int warp_rank_of_key(uint32_t key) {
+  int r[4] = {0, 0, 0, 0};
+#pragma unroll
+  for (int o = 0; o < 32; ++o) r[o & 3] += __shfl_sync(0xFFFFFFFFu, key, o) > key ? 1 : 0;
+  return (r[0] + r[1]) + (r[2] + r[3]);
+}
+
 // The bound from the 32 lane maxima mx (one per lane, never NaN): the key of rank m - 1 among the distinct lane keys,
 // floored -- M lanes hold a block >= it (m <= 32: exactly one lane has that rank).
 __device__ __forceinline__ float pool_lane_bound(float mx, int m, int lane) {
   const unsigned full = 0xFFFFFFFFu;
   const uint32_t key = pool_lane_key(mx, lane);
-  int rank = 0;
-#pragma unroll
-  for (int o = 0; o < 32; ++o) rank += __shfl_sync(full, key, o) > key ? 1 : 0;
+  const int rank = warp_rank_of_key(key);
   const int owner = __ffs(__ballot_sync(full, rank == m - 1)) - 1;
   return pool_key_floor(__shfl_sync(full, key, owner), __shfl_sync(full, mx, owner));
 }
 
 // The k-th largest of the warp's keys (N per lane, 0 = none, counted with multiplicity): the largest c with
-// #(keys >= c) >= k, bit by bit from the top; 0 when fewer than k keys are nonzero.
+// #(keys >= c) >= k, bit by bit from the top; 0 when fewer than k keys are nonzero. The answer lies between the least
+// and the greatest nonzero key, so the search starts below their common prefix (a row's keys >= a bound share their
+// top ~8 bits); each round's count is four independent sums (one long chain of compares otherwise: ~350 cycles per
+// round in one warp, H200 session 21 run 6).
 template <int N>
 __device__ __forceinline__ uint32_t warp_kth_key(const uint32_t (&key)[N], int k) {
-  uint32_t res = 0;
-#pragma unroll 1
-  for (int bit = 31; bit >= 0; --bit) {
-    const uint32_t c = res | (1u << bit);
-    int cnt = 0;
+  const unsigned full = 0xFFFFFFFFu;
+  uint32_t hi = 0u, lo = 0xFFFFFFFFu;
+  int nz = 0;
 #pragma unroll
-    for (int i = 0; i < N; ++i) cnt += key[i] >= c ? 1 : 0;
-    if (static_cast<int>(__reduce_add_sync(0xFFFFFFFFu, static_cast<unsigned>(cnt))) >= k) res = c;
+  for (int i = 0; i < N; ++i) {
+    hi = key[i] > hi ? key[i] : hi;
+    lo = key[i] != 0u && key[i] < lo ? key[i] : lo;
+    nz += key[i] != 0u ? 1 : 0;
+  }
+  hi = __reduce_max_sync(full, hi);
+  lo = __reduce_min_sync(full, lo);
+  if (static_cast<int>(__reduce_add_sync(full, static_cast<unsigned>(nz))) < k) return 0u;
+  if (hi == lo) return hi;
+  const int top = 31 - __clz(static_cast<int>(hi ^ lo));  // the highest bit where the nonzero keys differ
+  uint32_t res = top == 31 ? 0u : hi & ~((2u << top) - 1u);
+#pragma unroll 1
+  for (int bit = top; bit >= 0; --bit) {
+    const uint32_t c = res | (1u << bit);
+    int cnt[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int i = 0; i < N; ++i) cnt[i & 3] += key[i] >= c ? 1 : 0;
+    const unsigned total = static_cast<unsigned>((cnt[0] + cnt[1]) + (cnt[2] + cnt[3]));
+    if (static_cast<int>(__reduce_add_sync(full, total)) >= k) res = c;
   }
   return res;
 }
@@ -196,7 +297,9 @@ __device__ __forceinline__ int pool_candidates(const float (&v)[N], int b0, floa
 }
 
 // Launch 2, one warp: row (token t, head h). J group maxima per lane (pp.n_groups == 32 J).
-template <typename T, int J>
+// kRec: the workspace holds records (pool_record_cta); their first keys' floors serve as the group maxima (every
+// bound is a bucket floor, so a group whose maximum reaches it has a floor that does).
+template <typename T, int J, bool kRec = false>
 __device__ __forceinline__ void pool_select_warp(const PoolParams& pp, int64_t t, int h, PoolWarpSmem& sm) {
   const NetParams& p = pp.p;
   const unsigned full = 0xFFFFFFFFu;
@@ -212,8 +315,15 @@ __device__ __forceinline__ void pool_select_warp(const PoolParams& pp, int64_t t
     pool_wait_primary();
     const float* grow = pp.gmax + (static_cast<int64_t>(h) * p.q + t) * (32 * J) + lane;
     float gm[J];
+    if constexpr (kRec) {
+      const uint32_t* rrow =
+          reinterpret_cast<const uint32_t*>(pp.gmax) + ((static_cast<int64_t>(h) * p.q + t) * (32 * J) + lane) * 4;
 #pragma unroll
-    for (int i = 0; i < J; ++i) gm[i] = __ldcg(grow + 32 * i);  // group pool_lane_group(lane, i)
+      for (int i = 0; i < J; ++i) gm[i] = pool_rec_floor(__ldcg(rrow + 128 * i));
+    } else {
+#pragma unroll
+      for (int i = 0; i < J; ++i) gm[i] = __ldcg(grow + 32 * i);  // group pool_lane_group(lane, i)
+    }
     float mx = gm[0];
 #pragma unroll
     for (int i = 1; i < J; ++i) mx = fmaxf(mx, gm[i]);
@@ -261,6 +371,245 @@ __device__ __forceinline__ void pool_select_warp(const PoolParams& pp, int64_t t
     }
   }
   lane_write_forced<32>(orow, rr, nsel, p.topk, lane);
+}
+
+// Launch 2, records form: a warp per row reads its J records per lane (groups pool_lane_group(lane, i), as the warp
+// form) -- each group's four best blocks already in hand, so the usual row gathers nothing from max_score. One warp
+// per row is latency-bound (H200 session 21 run 6, clock64 per phase, 1M q64 H1: ~4400 cycles after the wait, each
+// shuffle / vote / shared access a full round trip), so the steps are chosen for few dependent shared-memory rounds:
+//   - bound th: the M-th largest of the 32 lane maxima (first keys), floored to 32 (M lanes hold a record >= th); the
+//     lane keys are compared through shared memory (8 broadcast loads instead of 32 shuffles);
+//   - a group is a candidate when its first key reaches th; "whole" when its fourth does (it may hide more blocks
+//     >= th: a run of good neighbouring blocks);
+//   - no whole group (the usual row): every lane appends the keys >= th of its own candidate groups (usually 0-2),
+//     read back from its staged records, at positions from one scan of its counts;
+//   - else (or more than kPoolCap keys >= th): candidate groups listed by ballots; lane c takes listed record group c
+//     (three keys) or, past those, a whole group gathered from max_score (one L2 round trip); the keys >= th appended
+//     as (bucket, block) -- a gathered value bucketed like a record -- with the exact refinement of the warp form
+//     past kPoolCap (the M-th largest key);
+//   - rank by (bucket, then lower block): exact for bf16 scores; for fp32 exact unless a kept entry's bucket also holds
+//     an entry not kept (values within 16 ulps straddling the cut: the count of entries with a bucket >= its own
+//     exceeds M). A block a non-whole group hides has a key below its fourth record, so below th (32-aligned): a lower
+//     bucket than every candidate's;
+//   - fallback (more than kPoolGroupCap candidate groups, ties past the refinement, a straddled fp32 bucket): the warp
+//     form over the records' first-key floors (pool_select_warp<T, J, true>: gathers, exact refinements, rounds).
+template <int J>
+struct PoolRecSmem {
+  uint4 recs[J][32];                    // the row's records as the lanes hold them
+  uint32_t lk[32];                      // lane keys
+  uint4 crec[kPoolGroupCap + 1];        // listed record groups: keys 1-3, group index; the last slot: discarded stores
+  int wgroups[kPoolGroupCap + 1];       // listed whole groups; the same
+  alignas(16) Comp cand[kPoolCap + 2];  // candidates; slot kPoolCap: discarded stores
+  int kept[kCoopMaxM];
+  PoolWarpSmem w;  // the fallback's
+};
+
+template <typename T, int J>
+__device__ __forceinline__ void pool_select_rec(const PoolParams& pp, int64_t t, int h, PoolRecSmem<J>& sm) {
+  const NetParams& p = pp.p;
+  const unsigned full = 0xFFFFFFFFu;
+  const int lane = threadIdx.x & 31;
+  const unsigned below = (1u << lane) - 1u;
+  int nvp = p.nvp_scalar;
+  if (p.nvp != nullptr) nvp = __ldg(p.nvp + t);
+  const RowRange rr = row_range(nvp, p.n_blocks, p.fb, p.fe);
+  int32_t* orow = p.out + (t * p.n_heads + h) * p.topk;
+  const int m = p.m;
+  // Before the wait (off the critical path; launch 1 writes neither): the forced head / tail for the usual nsel (M,
+  // or the selectable range when shorter; redone below when fewer blocks are real), and zeros in the rank's first 32
+  // slots (a zero composite ranks below every entry, so the rank needs no bounds test).
+  const int nsel_guess = imin32(m, rr.hi - rr.lo);
+  lane_write_forced<32>(orow, rr, imax32(nsel_guess, 0), p.topk, lane);
+  if (m <= 0) return;
+  sm.cand[lane] = 0;
+  pool_wait_primary();
+  const uint4* rrow = reinterpret_cast<const uint4*>(pp.gmax) + (static_cast<int64_t>(h) * p.q + t) * (32 * J) + lane;
+  uint4 rec[J];
+#pragma unroll
+  for (int i = 0; i < J; ++i) rec[i] = __ldcg(rrow + 32 * i);  // group pool_lane_group(lane, i)
+#pragma unroll
+  for (int i = 0; i < J; ++i) sm.recs[i][lane] = rec[i];
+  uint32_t mk = rec[0].x;
+#pragma unroll
+  for (int i = 1; i < J; ++i) mk = mk > rec[i].x ? mk : rec[i].x;
+  const uint32_t lk = (mk & ~31u) | static_cast<uint32_t>(31 - lane);  // distinct lane keys
+  sm.lk[lane] = lk;
+  __syncwarp();
+  int lr[4] = {0, 0, 0, 0};  // lanes with a greater key: four independent counts
+#pragma unroll
+  for (int o = 0; o < 32; o += 4) {
+    const uint4 k = *reinterpret_cast<const uint4*>(sm.lk + o);
+    lr[0] += k.x > lk ? 1 : 0;
+    lr[1] += k.y > lk ? 1 : 0;
+    lr[2] += k.z > lk ? 1 : 0;
+    lr[3] += k.w > lk ? 1 : 0;
+  }
+  const int owner = __ffs(__ballot_sync(full, (lr[0] + lr[1]) + (lr[2] + lr[3]) == m - 1)) - 1;
+  uint32_t th = sm.lk[owner] & ~31u;
+  th = th > kPoolRecKeyMin ? th : kPoolRecKeyMin;
+  bool whole = false;
+#pragma unroll
+  for (int i = 0; i < J; ++i) whole = whole || rec[i].w >= th;
+  const bool any_whole = __any_sync(full, whole);
+  int n = kPoolCap + 1;  // > kPoolCap: the fallback
+  bool direct = !any_whole;
+  if (direct) {  // each lane appends its own candidate groups' keys >= th
+    unsigned xm = 0u;
+    int c4[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int i = 0; i < J; ++i) {
+      xm |= rec[i].x >= th ? 1u << i : 0u;
+      c4[i & 3] += (rec[i].x >= th ? 1 : 0) + (rec[i].y >= th ? 1 : 0) + (rec[i].z >= th ? 1 : 0);
+    }
+    const int cnt = (c4[0] + c4[1]) + (c4[2] + c4[3]);
+    int incl;
+    if (__any_sync(full, cnt > 3)) {
+      incl = lane_seg_scan<32>(cnt, lane, full);
+    } else {  // the usual row (<= 3 entries per lane): the prefix from two ballots of the count's bits
+      const unsigned b0 = __ballot_sync(full, cnt & 1), b1 = __ballot_sync(full, cnt & 2);
+      incl = __popc(b0 & (below | (1u << lane))) + 2 * __popc(b1 & (below | (1u << lane)));
+    }
+    n = __shfl_sync(full, incl, 31);
+    direct = n <= kPoolCap;
+    if (direct) {
+      int pos = incl - cnt;
+      for (unsigned cm = xm; cm != 0u; cm &= cm - 1u) {  // usually 0-2 groups per lane
+        const int i = __ffs(cm) - 1;
+        const uint4 r = sm.recs[i][lane];
+        const int b0 = pool_lane_group(lane, i) * kPoolGroup;
+        const uint32_t k3[3] = {r.x, r.y, r.z};
+#pragma unroll
+        for (int j = 0; j < 3; ++j)
+          if (k3[j] >= th) sm.cand[pos++] = make_comp(pool_rec_bucket(k3[j]), static_cast<uint32_t>(b0 + pool_rec_offset(k3[j])));
+      }
+    }
+  }
+  if (!direct) {
+    // Candidate groups listed by ballots: record groups (in crec) first, whole groups (in wgroups) after. Every lane
+    // stores (to the discard slot when it has nothing): no divergent branch per group.
+    int nrec = 0, nwh = 0;
+#pragma unroll
+    for (int i = 0; i < J; ++i) {
+      const bool wh = rec[i].w >= th, rc = !wh && rec[i].x >= th;
+      const unsigned bw = __ballot_sync(full, wh), bc = __ballot_sync(full, rc);
+      const int pc = rc ? imin32(nrec + __popc(bc & below), kPoolGroupCap) : kPoolGroupCap;
+      const int pw = wh ? imin32(nwh + __popc(bw & below), kPoolGroupCap) : kPoolGroupCap;
+      sm.crec[pc] = make_uint4(rec[i].x, rec[i].y, rec[i].z, static_cast<uint32_t>(pool_lane_group(lane, i)));
+      sm.wgroups[pw] = pool_lane_group(lane, i);
+      nrec += __popc(bc);
+      nwh += __popc(bw);
+    }
+    n = kPoolCap + 1;
+    if (nrec + nwh <= kPoolGroupCap) {
+      __syncwarp();
+      uint32_t key[kPoolGroup];  // this lane's entries >= th: bucket keys (0: none); blocks rb[j] (record) or b0 + j
+      int rb[3];
+      const bool rec_lane = lane < nrec;
+      {
+        const uint4 r = sm.crec[rec_lane ? lane : kPoolGroupCap];
+        const uint32_t k3[3] = {r.x, r.y, r.z};
+#pragma unroll
+        for (int j = 0; j < 3; ++j) {
+          key[j] = rec_lane && k3[j] >= th ? pool_rec_bucket(k3[j]) : 0u;
+          rb[j] = static_cast<int>(r.w) * kPoolGroup + pool_rec_offset(k3[j]);
+        }
+      }
+#pragma unroll
+      for (int j = 3; j < kPoolGroup; ++j) key[j] = 0u;
+      int b0 = 0;
+      if (nwh > 0) {  // warp-uniform: lanes nrec .. nrec + nwh gather their whole group from max_score
+        const bool gl = lane >= nrec && lane < nrec + nwh;
+        b0 = gl ? sm.wgroups[lane - nrec] * kPoolGroup : 0;
+        float v[kPoolGroup];
+        lane_load_scores<T, kPoolGroup>(p.scores, p.n_blocks, p.q, h, t, gl, b0, v);
+        lane_mask_scores<kPoolGroup>(v, b0, rr);
+#pragma unroll
+        for (int j = 0; j < kPoolGroup; ++j) {
+          const uint32_t k = v[j] > -INFINITY ? pool_rec_bucket(score_key(v[j])) : 0u;
+          key[j] = gl ? (k >= th ? k : 0u) : key[j];
+        }
+      }
+      // Append the keys >= kth (th; the exact M-th largest when more than kPoolCap); returns the count. Stores past
+      // kPoolCap and of lanes without an entry go to the discard slot.
+      auto append = [&](uint32_t kth) {
+        auto take = [&](int j) { return key[j] != 0u && key[j] >= kth; };
+        auto block = [&](int j) { return rec_lane ? rb[j < 3 ? j : 0] : b0 + j; };
+        int cnt = (take(0) ? 1 : 0) + (take(1) ? 1 : 0) + (take(2) ? 1 : 0);
+        if (nwh > 0) {
+#pragma unroll
+          for (int j = 3; j < kPoolGroup; ++j) cnt += take(j) ? 1 : 0;
+        }
+        const int incl = lane_seg_scan<32>(cnt, lane, full);
+        int pos = incl - cnt;
+#pragma unroll
+        for (int j = 0; j < 3; ++j) {
+          sm.cand[take(j) ? imin32(pos, kPoolCap) : kPoolCap] = make_comp(key[j], static_cast<uint32_t>(block(j)));
+          pos += take(j) ? 1 : 0;
+        }
+        if (nwh > 0) {
+#pragma unroll
+          for (int j = 3; j < kPoolGroup; ++j) {
+            sm.cand[take(j) ? imin32(pos, kPoolCap) : kPoolCap] = make_comp(key[j], static_cast<uint32_t>(block(j)));
+            pos += take(j) ? 1 : 0;
+          }
+        }
+        return __shfl_sync(full, incl, 31);
+      };
+      n = append(th);
+      if (n > kPoolCap) {
+        __syncwarp();
+        sm.cand[lane] = 0;  // the rank's zero slots past the new count
+        n = append(warp_kth_key<kPoolGroup>(key, m));
+      }
+    }
+  }
+  if (n <= kPoolCap) {
+    const int nsel = n < m ? n : m;
+    if (nsel != nsel_guess) lane_write_forced<32>(orow, rr, nsel, p.topk, lane);  // fewer real blocks than guessed
+    __syncwarp();
+    // Rank by composite: entries past n are zero (n <= 32) or masked.
+    const ulonglong2* pairs = reinterpret_cast<const ulonglong2*>(sm.cand);
+    const Comp x0 = lane < n ? sm.cand[lane] : 0, x1 = lane + 32 < n ? sm.cand[lane + 32] : 0;
+    int c0[4] = {0, 0, 0, 0}, c1[4] = {0, 0, 0, 0};
+    if (n <= 32) {  // the usual row: all 16 pair loads issued at once (a loop of 8-entry trips waits on each trip)
+      ulonglong2 y[16];
+#pragma unroll
+      for (int k = 0; k < 16; ++k) y[k] = pairs[k];
+#pragma unroll
+      for (int k = 0; k < 16; ++k) c0[k & 3] += (y[k].x > x0 ? 1 : 0) + (y[k].y > x0 ? 1 : 0);
+    } else {
+      for (int j = 0; j < n; j += 8) {
+        ulonglong2 y[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) y[k] = pairs[j / 2 + k];  // entries past n: stale or unset, masked below
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const bool l0 = j + 2 * k < n, l1 = j + 2 * k + 1 < n;
+          c0[k] += (l0 && y[k].x > x0 ? 1 : 0) + (l1 && y[k].y > x0 ? 1 : 0);
+          c1[k] += (l0 && y[k].x > x1 ? 1 : 0) + (l1 && y[k].y > x1 ? 1 : 0);
+        }
+      }
+    }
+    const int r0 = (c0[0] + c0[1]) + (c0[2] + c0[3]), r1 = (c1[0] + c1[1]) + (c1[2] + c1[3]);
+    const bool k0 = lane < n && r0 < m, k1 = lane + 32 < n && r1 < m;
+    bool straddle = false;
+    if (sizeof(T) == 4 && n > m) {  // fp32 scores: the best bucket left out must be below the worst bucket kept
+      const uint32_t kx0 = comp_key(x0), kx1 = comp_key(x1);
+      const uint32_t kept_min = __reduce_min_sync(full, imin32u(k0 ? kx0 : 0xFFFFFFFFu, k1 ? kx1 : 0xFFFFFFFFu));
+      const uint32_t out_max = __reduce_max_sync(full, imax32u(lane < n && !k0 ? kx0 : 0u, lane + 32 < n && !k1 ? kx1 : 0u));
+      straddle = out_max == kept_min;
+    }
+    if (!straddle) {
+      const unsigned b0k = __ballot_sync(full, k0), b1k = __ballot_sync(full, k1);
+      if (k0) sm.kept[__popc(b0k & below)] = static_cast<int>(comp_idx(x0));
+      if (k1) sm.kept[__popc(b0k) + __popc(b1k & below)] = static_cast<int>(comp_idx(x1));
+      __syncwarp();
+      coop_write_kept(sm.kept, nsel, orow + rr.lo, lane);
+      return;
+    }
+  }
+  __syncwarp();
+  pool_select_warp<T, J, true>(pp, t, h, sm.w);
 }
 
 // Launch 2, CTA form (<= 256 rows, K > 2048): one row per CTA of 32 J threads, thread i holding group i = lane + 32

@@ -42,10 +42,11 @@ uint32_t kth_key(const std::vector<uint32_t>& keys, int k) {
 
 extern "C" int msa_topk_pool_emulate(const float* scores, int n_heads, int n_blocks, int64_t q, int topk,
                                      const int32_t* nvp, int nvp_scalar, int fb, int fe, int cap, int group_cap,
-                                     int cta_cap, int32_t* out, int32_t* stats) {
+                                     int cta_cap, int records, int bf16, int32_t* out, int32_t* stats) {
   const int m = topk - fb - fe;
   if (m < 0 || m > kCoopMaxM || n_blocks < 1 || n_blocks > kPoolMaxLaneGroups * 32 * kPoolGroup || cap < 1 ||
-      cap > kPoolCap || group_cap < 1 || group_cap > kPoolGroupCap || cta_cap < 0 || cta_cap > kPoolCtaCap)
+      cap > kPoolCap || group_cap < 1 || group_cap > kPoolGroupCap || cta_cap < 0 || cta_cap > kPoolCtaCap ||
+      (records != 0 && cta_cap != 0))
     return -1;
   nvp_scalar = nvp != nullptr ? n_blocks : std::min(std::max(nvp_scalar, 0), n_blocks);
   const int J = pool_lane_groups(n_blocks);
@@ -53,10 +54,11 @@ extern "C" int msa_topk_pool_emulate(const float* scores, int n_heads, int n_blo
   if (ngroups != 32 * J || ngroups < pool_groups(n_blocks)) return -1;
   const int width = ngroups * kPoolGroup;
   std::vector<float> x(width), gm(ngroups);
+  std::vector<uint32_t> rec(4 * static_cast<size_t>(ngroups));
   std::vector<Comp> cand;
   std::vector<uint32_t> keys;
   std::vector<int> groups, kept;
-  stats[0] = stats[1] = stats[2] = stats[3] = 0;
+  for (int i = 0; i < 7; ++i) stats[i] = 0;
   for (int h = 0; h < n_heads; ++h)
     for (int64_t t = 0; t < q; ++t) {
       const int nvp_t = nvp != nullptr ? nvp[t] : nvp_scalar;
@@ -69,6 +71,15 @@ extern "C" int msa_topk_pool_emulate(const float* scores, int n_heads, int n_blo
           float mx = x[g * kPoolGroup];
           for (int j = 1; j < kPoolGroup; ++j) mx = std::max(mx, x[g * kPoolGroup + j]);
           gm[g] = mx;
+          if (records) {  // pool_record_cta: the four best packed keys; the select's fallback reads first-key floors
+            uint32_t k[kPoolGroup];
+            for (int j = 0; j < kPoolGroup; ++j) k[j] = pool_rec_key(x[g * kPoolGroup + j], j);
+            rec_top4(k);
+            for (int j = 0; j < 4; ++j) rec[4 * g + j] = k[j];
+            if (k[0] < k[1] || k[1] < k[2] || k[2] < k[3]) return -7;
+            if (pool_rec_floor(k[0]) > mx || (mx > -INFINITY) != (k[0] >= kPoolRecKeyMin)) return -7;
+            gm[g] = pool_rec_floor(k[0]);
+          }
         }
         float lane_mx[32];
         uint32_t lane_key[32];
@@ -150,8 +161,85 @@ extern "C" int msa_topk_pool_emulate(const float* scores, int n_heads, int n_blo
           const auto score = [&](int b) { return scores[(static_cast<int64_t>(h) * n_blocks + b) * q + t]; };
           return replay_rounds_below(score, rr.lo, rr.hi, m, kept.data());
         };
+        const auto records_form = [&]() {  // pool_select_rec: nsel, or -100 for its fallback, or < 0 broken
+          uint32_t lk[32];
+          for (int l = 0; l < 32; ++l) {
+            uint32_t mk = 0;
+            for (int i = 0; i < J; ++i) mk = std::max(mk, rec[4 * pool_lane_group(l, i)]);
+            lk[l] = (mk & ~31u) | static_cast<uint32_t>(31 - l);
+          }
+          uint32_t th = 0;
+          for (int l = 0; l < 32; ++l) {
+            int r = 0;
+            for (int o = 0; o < 32; ++o) r += lk[o] > lk[l] ? 1 : 0;
+            if (r == m - 1) th = lk[l] & ~31u;
+          }
+          th = std::max(th, kPoolRecKeyMin);
+          int at_least = 0;
+          for (int l = 0; l < 32; ++l) at_least += lk[l] >= th ? 1 : 0;
+          if (th > kPoolRecKeyMin && at_least < m) return -3;
+          std::vector<int> rgroups, wgroups;  // the kernel's listing order: group i, then lane
+          for (int i = 0; i < J; ++i)
+            for (int l = 0; l < 32; ++l) {
+              const int g = pool_lane_group(l, i);
+              if (rec[4 * g + 3] >= th) wgroups.push_back(g);
+              else if (rec[4 * g] >= th) rgroups.push_back(g);
+            }
+          if (rgroups.size() + wgroups.size() > static_cast<size_t>(kPoolGroupCap)) return -100;
+          if (!wgroups.empty()) ++stats[5];
+          struct Entry {
+            uint32_t key;
+            int block;
+          };
+          std::vector<Entry> ent;
+          for (int g : rgroups)
+            for (int j = 0; j < 3; ++j) {
+              const uint32_t k = rec[4 * g + j];
+              if (k >= th) ent.push_back({pool_rec_bucket(k), g * kPoolGroup + pool_rec_offset(k)});
+            }
+          for (int g : wgroups)
+            for (int j = 0; j < kPoolGroup; ++j) {
+              const float v = x[g * kPoolGroup + j];
+              const uint32_t k = v > -INFINITY ? pool_rec_bucket(score_key(v)) : 0u;
+              if (k != 0u && k >= th) ent.push_back({k, g * kPoolGroup + j});
+            }
+          for (int b = rr.lo; b < rr.hi; ++b) {  // every block with a packed key >= th is an entry
+            if (pool_rec_key(x[b], b % kPoolGroup) < th) continue;
+            bool found = false;
+            for (const Entry& e : ent) found = found || e.block == b;
+            if (!found) return -4;
+          }
+          cand.clear();
+          for (const Entry& e : ent) cand.push_back(make_comp(e.key, static_cast<uint32_t>(e.block)));
+          if (static_cast<int>(cand.size()) > cap) {
+            ++stats[6];
+            keys.clear();
+            for (Comp c : cand) keys.push_back(comp_key(c));
+            const uint32_t kth = kth_key(keys, m);
+            std::vector<Comp> top;
+            for (Comp c : cand)
+              if (comp_key(c) >= kth) top.push_back(c);
+            cand = top;
+            if (static_cast<int>(cand.size()) > cap) return -100;
+          }
+          const int n = static_cast<int>(cand.size());
+          if (!bf16 && n > m) {  // fp32: the cut must not split a bucket
+            std::vector<Comp> sorted(cand);
+            std::sort(sorted.begin(), sorted.end(), [](Comp a, Comp b) { return a > b; });
+            if (comp_key(sorted[m - 1]) == comp_key(sorted[m])) return -100;
+          }
+          return rank_cand();
+        };
         candidate_groups();
-        if (cta_cap > 0) {  // CTA form: every candidate group's values, then rank; or the warp form
+        if (records) {
+          nsel = records_form();
+          if (nsel == -100) {  // the warp form over the first-key floors (gm), its own bound
+            ++stats[4];
+            theta = pool_key_floor(lane_key[owner], lane_mx[owner]);
+            candidate_groups();
+            nsel = warp_form();
+          }
+        } else if (cta_cap > 0) {  // CTA form: every candidate group's values, then rank; or the warp form
           if (!covered()) return -4;
           append();
           std::reverse(cand.begin(), cand.end());  // any order (the kernel's is the atomics')
