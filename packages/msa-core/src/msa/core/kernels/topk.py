@@ -42,17 +42,20 @@
   ``MSA_TOPK_CCOOP=0`` = without it; ``MSA_TOPK_PATH=ccoop`` with ``MSA_TOPK_G`` / ``MSA_TOPK_WARPS`` from
   ``CCOOP_SHAPES`` forces a shape.
 - ``pool`` (``csrc/topk/topk_pool_core.cuh``): two launches for decode rows of 1024 < K <= 16384 blocks (256K-2M
-  context), M <= 16. A max-pool launch reads max_score like the read kernel (whole lines of 32 tokens, every SM) and
-  writes each row's maxima of 16-block groups to a workspace; a select launch bounds the row from the group maxima,
-  reads the ~20 candidate groups back from L2 and ranks their values >= the bound (exact refinements, then argmax
-  rounds, where ties defeat the caps). Up to ``POOL_CTA_MAX_ROWS`` rows the select launch is in CTA form (a row per
-  CTA, a group per thread, the best groups' loads speculated) and a programmatic dependent launch; more rows: a warp
-  per row, plain. The default for decode with >= ``POOL_MIN_ROWS`` rows where ccoop does not apply (more rows than its
-  clusters carry: H >= 2 at 1M, 2M); ``MSA_TOPK_POOL=0`` = without it, ``MSA_TOPK_POOL_CTA=0 / 1`` forces the warp /
-  CTA form, ``MSA_TOPK_POOL_PDL=0 / 1`` the plain / dependent select launch.
+  context), M <= 16. Launch 1 reads max_score like the read kernel (whole lines of 32 tokens, every SM) and writes
+  per 16-block group a **record** (its 4 best blocks as packed keys; the default) or its maximum to a workspace; the
+  select launch (programmatic-dependent) bounds each row from the 32 lane maxima and, in records form (a warp per
+  row), ranks the record keys >= the bound, gathering from max_score only groups whose 4th key reaches it (exact: an
+  fp32 bucket straddling the cut falls back to the warp form); with maxima it reads the ~20 candidate groups back
+  from L2 (CTA form up to ``POOL_CTA_MAX_ROWS`` rows, else a warp per row) -- exact refinements, then argmax rounds,
+  where ties defeat the caps. The default for decode with >= ``POOL_REC_MIN_ROWS`` rows (ahead of ccoop);
+  ``MSA_TOPK_POOL=0`` = without it, ``MSA_TOPK_POOL_REC=0`` = the group-maxima forms (the session-20 plan: >=
+  ``POOL_MIN_ROWS`` rows where ccoop does not apply), ``MSA_TOPK_POOL_CTA=0 / 1`` forces the warp / CTA form of those,
+  ``MSA_TOPK_POOL_PDL=0 / 1`` the plain / dependent select launch.
 
 The block and warp paths allocate at most one workspace (``2 * H * splits * M * ceil(total_q/32)*32`` int32 words, torch's caching
-allocator) and only when ``splits > 1``; the pool path one of ``H * total_q * pool_row_groups(K)`` words when M > 0.
+allocator) and only when ``splits > 1``; the pool path one of ``H * total_q * pool_row_groups(K)`` words (4x in
+records form) when M > 0.
 
 Environment overrides (benchmark sweeps): ``MSA_TOPK_PATH`` (block | warp | row), ``MSA_TOPK_SPLITS``, ``MSA_TOPK_G``
 (tokens per CTA, block), ``MSA_TOPK_P`` (threads per token, block), ``MSA_TOPK_V`` (16 | 32, block),

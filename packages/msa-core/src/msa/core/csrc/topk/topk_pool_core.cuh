@@ -11,6 +11,9 @@
 //     (outside [lo, hi) and NaN are -inf) goes to gmax[h * q + t][group], through shared memory so that a token's W
 //     group maxima are stored together (one 32-byte sector at W = 8; 32 scattered 4-byte stores per warp measured
 //     +1 us at 1M q64 H4). Rows are padded to 32 J groups (-inf past K), J a power of two.
+//  1'. records form (the default since session 21, pool_record_cta): per (row, group) the group's 4 best blocks as
+//     packed keys instead of the maximum; the select launch is then pool_select_rec (a warp per row, below), which
+//     gathers from max_score only groups whose 4th key reaches the bound. The rest of this comment: the maxima forms.
 //  2. select launch. Up to 256 rows: the CTA form (pool_select_cta, below: the same bound and candidates, one group
 //     per thread, a row per CTA), a programmatic dependent launch that launch 1 signals at entry (its CTAs resident
 //     and waiting in griddepcontrol.wait when launch 1 ends). More rows: the warp form (pool_select_warp), a warp per
