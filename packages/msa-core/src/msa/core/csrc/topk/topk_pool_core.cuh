@@ -99,7 +99,8 @@ MSA_TOPK_HD void rec_ce(U& a, U& b) {  // compare-exchange: a = the larger
   b = lo;
 }
 
-// k[0 .. 4) = the 4 largest of the 16 distinct keys, descending: four sorted quads, then two rounds of bitonic top-4 merges
+// k[0 .. 4) = the 4 largest of the 16 distinct keys, descending: four sorted quads, then two rounds of bitonic top-4
+// merges
 // (~76 min / max, no branches: a data-dependent insertion loop diverges within the warp).
 MSA_TOPK_HD void rec_top4(uint32_t (&k)[kPoolGroup]) {
 #pragma unroll
@@ -483,7 +484,8 @@ __device__ __forceinline__ void pool_select_rec(const PoolParams& pp, int64_t t,
         const uint32_t k3[3] = {r.x, r.y, r.z};
 #pragma unroll
         for (int j = 0; j < 3; ++j)
-          if (k3[j] >= th) sm.cand[pos++] = make_comp(pool_rec_bucket(k3[j]), static_cast<uint32_t>(b0 + pool_rec_offset(k3[j])));
+          if (k3[j] >= th)
+            sm.cand[pos++] = make_comp(pool_rec_bucket(k3[j]), static_cast<uint32_t>(b0 + pool_rec_offset(k3[j])));
       }
     }
   }
@@ -520,16 +522,34 @@ __device__ __forceinline__ void pool_select_rec(const PoolParams& pp, int64_t t,
 #pragma unroll
       for (int j = 3; j < kPoolGroup; ++j) key[j] = 0u;
       int b0 = 0;
+      uint32_t th_w = th;  // the appends' bound
       if (nwh > 0) {  // warp-uniform: lanes nrec .. nrec + nwh gather their whole group from max_score
         const bool gl = lane >= nrec && lane < nrec + nwh;
-        b0 = gl ? sm.wgroups[lane - nrec] * kPoolGroup : 0;
+        const int g = gl ? sm.wgroups[lane - nrec] : 0;
+        b0 = g * kPoolGroup;
         float v[kPoolGroup];
         lane_load_scores<T, kPoolGroup>(p.scores, p.n_blocks, p.q, h, t, gl, b0, v);
+        if (nwh * kPoolGroup > kPoolCap) {
+          // A run of good groups whose values could pass kPoolCap: while the gather is in flight, th_w = the M-th
+          // largest record key >= th (3 per record group, 4 per whole group; real blocks, so <= the cut's bucket).
+          // 1M q64 H1 with 100 good recent blocks (7 whole groups): 8.5 -> 7.3 us; with 40 (3 whole groups) this
+          // costs more than the refinement it saves (6.3 -> 7.3), hence only past kPoolCap (session 21 runs 14-15).
+          const uint4 r = sm.recs[g >> 5][g & 31];
+          const uint32_t w4[4] = {r.x, r.y, r.z, r.w};
+          uint32_t rk[4];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const uint32_t k = gl ? pool_rec_bucket(w4[j]) : j < 3 ? key[j] : 0u;
+            rk[j] = k >= th ? k : 0u;
+          }
+          const uint32_t k2 = warp_kth_key<4>(rk, m);
+          th_w = k2 > th ? k2 : th;
+        }
         lane_mask_scores<kPoolGroup>(v, b0, rr);
 #pragma unroll
         for (int j = 0; j < kPoolGroup; ++j) {
           const uint32_t k = v[j] > -INFINITY ? pool_rec_bucket(score_key(v[j])) : 0u;
-          key[j] = gl ? (k >= th ? k : 0u) : key[j];
+          key[j] = gl ? (k >= th_w ? k : 0u) : (key[j] >= th_w ? key[j] : 0u);
         }
       }
       // Append the keys >= kth (th; the exact M-th largest when more than kPoolCap); returns the count. Stores past
@@ -558,8 +578,8 @@ __device__ __forceinline__ void pool_select_rec(const PoolParams& pp, int64_t t,
         }
         return __shfl_sync(full, incl, 31);
       };
-      n = append(th);
-      if (n > kPoolCap) {
+      n = append(th_w);
+      if (n > kPoolCap) {  // the exact M-th largest key
         __syncwarp();
         sm.cand[lane] = 0;  // the rank's zero slots past the new count
         n = append(warp_kth_key<kPoolGroup>(key, m));
@@ -599,7 +619,8 @@ __device__ __forceinline__ void pool_select_rec(const PoolParams& pp, int64_t t,
     if (sizeof(T) == 4 && n > m) {  // fp32 scores: the best bucket left out must be below the worst bucket kept
       const uint32_t kx0 = comp_key(x0), kx1 = comp_key(x1);
       const uint32_t kept_min = __reduce_min_sync(full, imin32u(k0 ? kx0 : 0xFFFFFFFFu, k1 ? kx1 : 0xFFFFFFFFu));
-      const uint32_t out_max = __reduce_max_sync(full, imax32u(lane < n && !k0 ? kx0 : 0u, lane + 32 < n && !k1 ? kx1 : 0u));
+      const uint32_t out_max =
+          __reduce_max_sync(full, imax32u(lane < n && !k0 ? kx0 : 0u, lane + 32 < n && !k1 ? kx1 : 0u));
       straddle = out_max == kept_min;
     }
     if (!straddle) {

@@ -187,6 +187,17 @@ extern "C" int msa_topk_pool_emulate(const float* scores, int n_heads, int n_blo
             }
           if (rgroups.size() + wgroups.size() > static_cast<size_t>(kPoolGroupCap)) return -100;
           if (!wgroups.empty()) ++stats[5];
+          uint32_t th_w = th;  // the appends' bound: past kPoolCap gatherable values, the M-th largest record key
+          if (static_cast<int>(wgroups.size()) * kPoolGroup > kPoolCap) {
+            keys.clear();
+            for (int g : rgroups)
+              for (int j = 0; j < 3; ++j)
+                if (rec[4 * g + j] >= th) keys.push_back(pool_rec_bucket(rec[4 * g + j]));
+            for (int g : wgroups)
+              for (int j = 0; j < 4; ++j)
+                if (pool_rec_bucket(rec[4 * g + j]) >= th) keys.push_back(pool_rec_bucket(rec[4 * g + j]));
+            th_w = std::max(th, kth_key(keys, m));
+          }
           struct Entry {
             uint32_t key;
             int block;
@@ -195,31 +206,35 @@ extern "C" int msa_topk_pool_emulate(const float* scores, int n_heads, int n_blo
           for (int g : rgroups)
             for (int j = 0; j < 3; ++j) {
               const uint32_t k = rec[4 * g + j];
-              if (k >= th) ent.push_back({pool_rec_bucket(k), g * kPoolGroup + pool_rec_offset(k)});
+              if (k >= th && pool_rec_bucket(k) >= th_w)
+                ent.push_back({pool_rec_bucket(k), g * kPoolGroup + pool_rec_offset(k)});
             }
           for (int g : wgroups)
             for (int j = 0; j < kPoolGroup; ++j) {
               const float v = x[g * kPoolGroup + j];
               const uint32_t k = v > -INFINITY ? pool_rec_bucket(score_key(v)) : 0u;
-              if (k != 0u && k >= th) ent.push_back({k, g * kPoolGroup + j});
+              if (k != 0u && k >= th_w) ent.push_back({k, g * kPoolGroup + j});
             }
-          for (int b = rr.lo; b < rr.hi; ++b) {  // every block with a packed key >= th is an entry
-            if (pool_rec_key(x[b], b % kPoolGroup) < th) continue;
+          for (int b = rr.lo; b < rr.hi; ++b) {  // every block with a packed key >= th (bucket >= th_w) is an entry
+            const uint32_t pk = pool_rec_key(x[b], b % kPoolGroup);
+            if (pk < th || pool_rec_bucket(pk) < th_w) continue;
             bool found = false;
             for (const Entry& e : ent) found = found || e.block == b;
             if (!found) return -4;
           }
           cand.clear();
           for (const Entry& e : ent) cand.push_back(make_comp(e.key, static_cast<uint32_t>(e.block)));
-          if (static_cast<int>(cand.size()) > cap) {
-            ++stats[6];
-            keys.clear();
-            for (Comp c : cand) keys.push_back(comp_key(c));
-            const uint32_t kth = kth_key(keys, m);
+          const auto keep_from = [&](uint32_t kth) {
             std::vector<Comp> top;
             for (Comp c : cand)
               if (comp_key(c) >= kth) top.push_back(c);
             cand = top;
+          };
+          if (static_cast<int>(cand.size()) > cap) {  // the exact M-th largest key
+            ++stats[6];
+            keys.clear();
+            for (Comp c : cand) keys.push_back(comp_key(c));
+            keep_from(kth_key(keys, m));
             if (static_cast<int>(cand.size()) > cap) return -100;
           }
           const int n = static_cast<int>(cand.size());
