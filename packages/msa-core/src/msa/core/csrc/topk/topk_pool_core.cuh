@@ -388,13 +388,13 @@ __device__ __forceinline__ void pool_select_warp(const PoolParams& pp, int64_t t
 //   - no whole group (the usual row): every lane appends the keys >= th of its own candidate groups (usually 0-2),
 //     read back from its staged records, at positions from one scan of its counts;
 //   - else (or more than kPoolCap keys >= th): candidate groups listed by ballots; lane c takes listed record group c
-//     (three keys) or, past those, a whole group gathered from max_score (one L2 round trip); the keys >= th appended
-//     as (bucket, block) -- a gathered value bucketed like a record -- with the exact refinement of the warp form
-//     past kPoolCap (the M-th largest key);
-//   - rank by (bucket, then lower block): exact for bf16 scores; for fp32 exact unless a kept entry's bucket also holds
-//     an entry not kept (values within 16 ulps straddling the cut: the count of entries with a bucket >= its own
-//     exceeds M). A block a non-whole group hides has a key below its fourth record, so below th (32-aligned): a lower
-//     bucket than every candidate's;
+//     (three keys) or, past those, a whole group gathered from max_score (one L2 round trip; with more than 4 whole
+//     groups their values are bounded by the records' M-th largest key, found while the gather is in flight); the
+//     keys >= the bound appended as (bucket, block) -- a gathered value bucketed like a record -- with the exact
+//     refinement of the warp form past kPoolCap (the M-th largest key);
+//   - rank by (bucket, then lower block): exact for bf16 scores; for fp32 exact unless the best bucket left out is the
+//     worst bucket kept (values within 16 ulps straddling the cut). A block a non-whole group hides has a key below
+//     its fourth record, so below th (32-aligned): a lower bucket than every candidate's;
 //   - fallback (more than kPoolGroupCap candidate groups, ties past the refinement, a straddled fp32 bucket): the warp
 //     form over the records' first-key floors (pool_select_warp<T, J, true>: gathers, exact refinements, rounds).
 template <int J>

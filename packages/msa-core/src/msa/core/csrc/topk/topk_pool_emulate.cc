@@ -15,6 +15,12 @@
 // no group refinement; every candidate group's values >= theta (any order: the kernel appends by shared atomics); n <=
 // cta_cap / 4 ranked; n <= cta_cap: those >= their exact M-th largest, ranked when <= cap; written by ascending block
 // index; past either cap the row in the warp form (stats[3] counts those rows).
+// Records form (records != 0, pool_record_cta + pool_select_rec): launch 1's records by rec_top4 over pool_rec_key
+// (checked sorted, their first keys' floors <= the maxima), the bound from the 32 lane keys, record / whole groups in
+// the kernel's listing order, past 4 whole groups the records' M-th largest key as the appends' bound, the entries
+// as (bucket, block) -- every block with a packed key >= the bound among them --, past cap the exact M-th largest
+// key, the rank, and (fp32: bf16 == 0) the straddled-bucket test; the fallback is the warp form over the first-key
+// floors. stats[4..7): records rows that fell back, that gathered whole groups, that refined past cap.
 // Returns 0, or < 0 on a broken invariant.
 #include <algorithm>
 #include <vector>
@@ -248,10 +254,8 @@ extern "C" int msa_topk_pool_emulate(const float* scores, int n_heads, int n_blo
         candidate_groups();
         if (records) {
           nsel = records_form();
-          if (nsel == -100) {  // the warp form over the first-key floors (gm), its own bound
+          if (nsel == -100) {  // the warp form over the first-key floors (gm: its bound and candidate groups above)
             ++stats[4];
-            theta = pool_key_floor(lane_key[owner], lane_mx[owner]);
-            candidate_groups();
             nsel = warp_form();
           }
         } else if (cta_cap > 0) {  // CTA form: every candidate group's values, then rank; or the warp form
