@@ -147,9 +147,12 @@ __device__ __forceinline__ void pool_wait_primary() {
 #endif
 }
 
-// Launch 1, one CTA of W warps: groups gi0 + w of head h for tokens 32 y + lane (warp w, lane).
-template <typename T, int W>
-__device__ __forceinline__ void pool_max_cta(const PoolParams& pp, int gi0, int y, int h, float (&tile)[32][W + 1]) {
+// Launch 1, one CTA of W warps: groups gi0 + w of head h for tokens 32 y + lane (warp w, lane). Each lane loads its
+// group's kPoolGroup scores (outside the row's range and NaN: -inf), summary(v) gives its Out, and through shared
+// memory a token's W outputs are stored together to out[(h * q + t) * n_groups + group].
+template <typename T, int W, typename Out, class Summary>
+__device__ __forceinline__ void pool_group_cta(const PoolParams& pp, int gi0, int y, int h, Out (&tile)[32][W + 1],
+                                               Out* out, const Summary& summary) {
   const NetParams& p = pp.p;
   if (pp.trigger == 1) pool_launch_dependents();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -162,45 +165,38 @@ __device__ __forceinline__ void pool_max_cta(const PoolParams& pp, int gi0, int 
   int nvp = p.nvp_scalar;
   if (p.nvp != nullptr && valid) nvp = __ldg(p.nvp + t);
   lane_mask_scores<kPoolGroup>(v, b0, row_range(nvp, p.n_blocks, p.fb, p.fe));
-  float mx = v[0];
-#pragma unroll
-  for (int j = 1; j < kPoolGroup; ++j) mx = fmaxf(mx, v[j]);
-  tile[lane][warp] = mx;
+  tile[lane][warp] = summary(v);
   __syncthreads();
-  const int tt = threadIdx.x / W, w = threadIdx.x % W;  // token tt's maximum of group gi0 + w
+  const int tt = threadIdx.x / W, w = threadIdx.x % W;  // token tt's output of group gi0 + w
   const int64_t to = static_cast<int64_t>(y) * 32 + tt;
-  if (to < p.q && gi0 + w < pp.n_groups) pp.gmax[(static_cast<int64_t>(h) * p.q + to) * pp.n_groups + gi0 + w] = tile[tt][w];
+  if (to < p.q && gi0 + w < pp.n_groups)
+    out[(static_cast<int64_t>(h) * p.q + to) * pp.n_groups + gi0 + w] = tile[tt][w];
   if (pp.trigger == 2) pool_launch_dependents();
 }
 
-// Launch 1, records form: as pool_max_cta, but per (row, group) the record uint4 {k1 > k2 > k3 > k4} (pool_rec_key of
-// the group's four best blocks) instead of the maximum, so the select launch needs no gather unless a group's fourth
-// record reaches the bound. A token's W records are stored together (a 128-byte line at W = 8).
+// Launch 1, maxima form: per (row, group) the group maximum.
+template <typename T, int W>
+__device__ __forceinline__ void pool_max_cta(const PoolParams& pp, int gi0, int y, int h, float (&tile)[32][W + 1]) {
+  pool_group_cta<T, W>(pp, gi0, y, h, tile, pp.gmax, [](const float (&v)[kPoolGroup]) {
+    float mx = v[0];
+#pragma unroll
+    for (int j = 1; j < kPoolGroup; ++j) mx = fmaxf(mx, v[j]);
+    return mx;
+  });
+}
+
+// Launch 1, records form: per (row, group) the record uint4 {k1 > k2 > k3 > k4} (pool_rec_key of the group's four
+// best blocks) instead of the maximum, so the select launch needs no gather unless a group's fourth record reaches the
+// bound. A token's W records are stored together (a 128-byte line at W = 8).
 template <typename T, int W>
 __device__ __forceinline__ void pool_record_cta(const PoolParams& pp, int gi0, int y, int h, uint4 (&tile)[32][W + 1]) {
-  const NetParams& p = pp.p;
-  if (pp.trigger == 1) pool_launch_dependents();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t t = static_cast<int64_t>(y) * 32 + lane;
-  const int gi = gi0 + warp;
-  const bool valid = t < p.q && gi < pp.n_groups;
-  const int b0 = gi * kPoolGroup;
-  float v[kPoolGroup];
-  lane_load_scores<T, kPoolGroup>(p.scores, p.n_blocks, p.q, h, t, valid, b0, v);
-  int nvp = p.nvp_scalar;
-  if (p.nvp != nullptr && valid) nvp = __ldg(p.nvp + t);
-  lane_mask_scores<kPoolGroup>(v, b0, row_range(nvp, p.n_blocks, p.fb, p.fe));
-  uint32_t k[kPoolGroup];
+  pool_group_cta<T, W>(pp, gi0, y, h, tile, reinterpret_cast<uint4*>(pp.gmax), [](const float (&v)[kPoolGroup]) {
+    uint32_t k[kPoolGroup];
 #pragma unroll
-  for (int j = 0; j < kPoolGroup; ++j) k[j] = pool_rec_key(v[j], j);
-  rec_top4(k);
-  tile[lane][warp] = make_uint4(k[0], k[1], k[2], k[3]);
-  __syncthreads();
-  const int tt = threadIdx.x / W, w = threadIdx.x % W;  // token tt's record of group gi0 + w
-  const int64_t to = static_cast<int64_t>(y) * 32 + tt;
-  if (to < p.q && gi0 + w < pp.n_groups)
-    reinterpret_cast<uint4*>(pp.gmax)[(static_cast<int64_t>(h) * p.q + to) * pp.n_groups + gi0 + w] = tile[tt][w];
-  if (pp.trigger == 2) pool_launch_dependents();
+    for (int j = 0; j < kPoolGroup; ++j) k[j] = pool_rec_key(v[j], j);
+    rec_top4(k);
+    return make_uint4(k[0], k[1], k[2], k[3]);
+  });
 }
 
 struct PoolWarpSmem {
