@@ -762,6 +762,8 @@ def test_module_builds_for_arch(arch, sm, module_arch_check):
 
 def test_plan_shapes(monkeypatch):
     from msa.core.kernels.topk import (
+        ROW_SMEM_BUDGET,
+        SMEM_LIMIT,
         block_capacity,
         block_smem_bytes,
         cluster_smem_bytes,
@@ -881,7 +883,17 @@ def test_plan_shapes(monkeypatch):
         monkeypatch.delenv(name)
     assert plan(1, 1024, 4096, 15, 132).path == "row"  # 128K prefill: staged rows, one warp per row
     assert plan(1, 1024, 4096, 15, 132).log_g == 4  # 16 tokens per CTA
-    assert plan(1, 2048, 4096, 15, 132).log_g == 3  # 16 staged rows of 2048 would exceed the smem budget
+    assert plan(1, 1536, 4096, 15, 132).log_g == 3  # 16 staged rows of 1536 would exceed the two-CTA budget
+    assert plan(4, 1791, 4096, 15, 132).log_g == 3 and plan(4, 1792, 4096, 15, 132).log_g == 4
+    p = plan(1, 2048, 4096, 15, 132)  # 256K prefill: 16 rows of 2048 per CTA, one CTA per SM (session 22)
+    assert (p.path, p.log_g, p.warps) == ("row", 4, 16)
+    assert row_smem_bytes(2048, 16, p.cap) > ROW_SMEM_BUDGET and row_smem_bytes(2048, 16, p.cap) <= SMEM_LIMIT
+    assert plan(4, 2048, 64, 17, 132).log_g == 1  # decode keeps its shape
+    # block path, prefill rows longer than 1024: V = 32 (three CTAs per SM) past 4 CTAs per SM of grid, else V = 16
+    # with the next chunk prefetched (session 22)
+    assert plan(4, 8192, 4096, 15, 132).values_per_thread == 32 and plan(1, 8192, 4096, 15, 132).values_per_thread == 16
+    assert plan(4, 4096, 1024, 15, 132).values_per_thread == 16  # 512 CTAs
+    assert plan(4, 8192, 4096, 33, 132).values_per_thread == 16  # P = 64: 512 threads, past the V = 32 bound
     assert plan(4, 4096, 64, 15, 132).path == "pool"  # 512K decode, many rows: pool (session 19; row before)
     monkeypatch.setenv("MSA_TOPK_POOL", "0")
     assert plan(4, 4096, 64, 15, 132).path == "row"  # without it: row (cluster unmeasured there)

@@ -152,6 +152,12 @@ def block_capacity(m: int, threads_per_row: int) -> int:
 
 ROW_MAX_M = 64  # row path: c <= 2 group values per lane bound the M-th best (topk_row_core.cuh)
 ROW_SMEM_BUDGET = 112 * 1024  # row path: staged rows per CTA (room for >= 2 CTAs per SM)
+# Prefill rows at least this long keep 16 staged rows per CTA (one CTA per SM) rather than halving to 8 for two or
+# three per SM. H200 session 22 runs 17-18, us at q4096, G16 W16 vs the G8 W8 it replaces: K 2048 H1 21.0 vs 27.3,
+# H2 40.1 vs 47.9, H4 75.7 vs 88.3, H8 145.0 vs 159.5, q1024 H4 20.3 vs 26.3; K 1792 H1 / H2 / H4 19.5 / 36.4 / 70.3
+# vs 24.5 / 42.1 / 77.9; K 1920 20.3 / 38.3 / 73.5 vs 25.5 / 44.3 / 80.5; but K 1664 H2 / H4 36.2 / 68.6 vs 33.0 /
+# 59.4 and K 1536 H2 / H4 / H8 34.4 / 66.0 / 128.2 vs 31.0 / 56.0 / 101.8 (H1 about even).
+ROW_ONE_CTA_MIN_BLOCKS = 1792
 
 
 def row_capacity(m: int) -> int:
@@ -220,7 +226,12 @@ def _block_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int
         if n_blocks <= 2 * p * BLOCK_V and groups <= 4 * sm_count and 8 * 2 * p <= 1024:
             return TopkPlan(path="block", splits=1, cap=block_capacity(m, 2 * p), log_g=log_g,
                             threads_per_row=2 * p)
-        v = wide if n_blocks <= p * wide else BLOCK_V
+        # Longer rows: p x 16 with the next chunk prefetched while the grid is <= 4 CTAs per SM, else p x 32 without
+        # (three CTAs per SM). H200 session 22 run 17, us at q4096, V 32 vs 16: K 8192 H4 218.2 vs 233.5, H2 118.2
+        # vs 123.6, q2048 H4 114.9 vs 123.7; K 4096 H4 124.1 vs 137.6, H2 68.4 vs 74.4; K 3072 H4 99.2 vs 110.2, H2
+        # 52.5 vs 59.1; but K 8192 H1 (512 CTAs) 69.4 vs 67.3.
+        v = wide if n_blocks <= p * wide or (groups > 4 * sm_count and (1 << log_g) * p <= BLOCK_WIDE_MAX_THREADS) \
+            else BLOCK_V
         return TopkPlan(path="block", splits=splits, cap=block_capacity(m, p), log_g=log_g, threads_per_row=p,
                         values_per_thread=v)
     if n_blocks <= p * BLOCK_V // 2:  # short rows (a few values per thread): nothing to split or group
@@ -254,9 +265,12 @@ def _row_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int, 
         g = 2
         if n_blocks > ROW_MAX_BLOCKS and total_q * n_heads <= 128:
             g = 1  # long rows, few of them: one row per CTA (512K H1: 7.3 us at G 1 vs 7.4 at G 2)
-    while g > 1 and row_smem_bytes(n_blocks, g, cap) > ROW_SMEM_BUDGET:
+    budget = ROW_SMEM_BUDGET
+    if not decode and n_blocks >= ROW_ONE_CTA_MIN_BLOCKS and row_smem_bytes(n_blocks, g, cap) <= SMEM_LIMIT:
+        budget = SMEM_LIMIT  # long prefill rows: 16 per CTA, one CTA per SM
+    while g > 1 and row_smem_bytes(n_blocks, g, cap) > budget:
         g //= 2
-    if row_smem_bytes(n_blocks, g, cap) > ROW_SMEM_BUDGET:
+    if row_smem_bytes(n_blocks, g, cap) > budget:
         return None
     warps = max(8, g) if decode else g
     if decode and n_blocks > ROW_MAX_BLOCKS:
