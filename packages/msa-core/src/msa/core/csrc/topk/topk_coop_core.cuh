@@ -109,6 +109,28 @@ struct CoopSmem {
   int cnt[G];
 };
 
+// Ranks of a warp's entries x0 = list[lane] and x1 = list[lane + 32] among list[0, n), 32 < n <= 64: the number of
+// greater entries, read two at a time (16-byte broadcast loads), four pairs per trip so that a trip's loads are in
+// flight together, with four independent counts per rank (one running count is a chain of dependent adds). Entries
+// past n are read (list has room for 64) and masked.
+__device__ __forceinline__ void warp_pair_ranks(const Comp* list, int n, Comp x0, Comp x1, int* r0, int* r1) {
+  const ulonglong2* pairs = reinterpret_cast<const ulonglong2*>(list);
+  int c0[4] = {0, 0, 0, 0}, c1[4] = {0, 0, 0, 0};
+  for (int j = 0; j < n; j += 8) {
+    ulonglong2 y[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) y[k] = pairs[j / 2 + k];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const bool l0 = j + 2 * k < n, l1 = j + 2 * k + 1 < n;
+      c0[k] += (l0 && y[k].x > x0 ? 1 : 0) + (l1 && y[k].y > x0 ? 1 : 0);
+      c1[k] += (l0 && y[k].x > x1 ? 1 : 0) + (l1 && y[k].y > x1 ? 1 : 0);
+    }
+  }
+  *r0 = (c0[0] + c0[1]) + (c0[2] + c0[3]);
+  *r1 = (c1[0] + c1[1]) + (c1[2] + c1[3]);
+}
+
 // A row's owner warp, n <= kCoopCap candidates in list (any order): ranks by composite (value descending, then
 // block ascending) against the whole list -- lane l holds entry l (n <= 32, the usual case: the loop unrolled) or
 // entries l and l + 32; the partners are read two at a time (16-byte broadcast loads), four pairs per trip, so the
@@ -140,18 +162,8 @@ __device__ __forceinline__ int coop_rank_emit(const Comp* list, int n, int m, co
     return n < m ? n : m;
   }
   const Comp x0 = lane < n ? list[lane] : 0, x1 = lane + 32 < n ? list[lane + 32] : 0;
-  int r0 = 0, r1 = 0;
-  for (int j = 0; j < n; j += 8) {
-    ulonglong2 y[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) y[k] = pairs[j / 2 + k];  // entries past n: stale or unset, masked below
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const bool l0 = j + 2 * k < n, l1 = j + 2 * k + 1 < n;
-      r0 += (l0 && y[k].x > x0 ? 1 : 0) + (l1 && y[k].y > x0 ? 1 : 0);
-      r1 += (l0 && y[k].x > x1 ? 1 : 0) + (l1 && y[k].y > x1 ? 1 : 0);
-    }
-  }
+  int r0, r1;
+  warp_pair_ranks(list, n, x0, x1, &r0, &r1);
   const bool k0 = lane < n && r0 < m, k1 = lane + 32 < n && r1 < m;
   const unsigned b0 = __ballot_sync(full, k0), b1 = __ballot_sync(full, k1);
   if (k0) emit(__popc(b0 & below), static_cast<int>(comp_idx(x0)));

@@ -589,27 +589,18 @@ __device__ __forceinline__ void pool_select_rec(const PoolParams& pp, int64_t t,
     // Rank by composite: entries past n are zero (n <= 32) or masked.
     const ulonglong2* pairs = reinterpret_cast<const ulonglong2*>(sm.cand);
     const Comp x0 = lane < n ? sm.cand[lane] : 0, x1 = lane + 32 < n ? sm.cand[lane + 32] : 0;
-    int c0[4] = {0, 0, 0, 0}, c1[4] = {0, 0, 0, 0};
+    int r0, r1 = 0;
     if (n <= 32) {  // the usual row: all 16 pair loads issued at once (a loop of 8-entry trips waits on each trip)
       ulonglong2 y[16];
 #pragma unroll
       for (int k = 0; k < 16; ++k) y[k] = pairs[k];
+      int c0[4] = {0, 0, 0, 0};
 #pragma unroll
       for (int k = 0; k < 16; ++k) c0[k & 3] += (y[k].x > x0 ? 1 : 0) + (y[k].y > x0 ? 1 : 0);
+      r0 = (c0[0] + c0[1]) + (c0[2] + c0[3]);
     } else {
-      for (int j = 0; j < n; j += 8) {
-        ulonglong2 y[4];
-#pragma unroll
-        for (int k = 0; k < 4; ++k) y[k] = pairs[j / 2 + k];  // entries past n: stale or unset, masked below
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const bool l0 = j + 2 * k < n, l1 = j + 2 * k + 1 < n;
-          c0[k] += (l0 && y[k].x > x0 ? 1 : 0) + (l1 && y[k].y > x0 ? 1 : 0);
-          c1[k] += (l0 && y[k].x > x1 ? 1 : 0) + (l1 && y[k].y > x1 ? 1 : 0);
-        }
-      }
+      warp_pair_ranks(sm.cand, n, x0, x1, &r0, &r1);
     }
-    const int r0 = (c0[0] + c0[1]) + (c0[2] + c0[3]), r1 = (c1[0] + c1[1]) + (c1[2] + c1[3]);
     const bool k0 = lane < n && r0 < m, k1 = lane + 32 < n && r1 < m;
     bool straddle = false;
     if (sizeof(T) == 4 && n > m) {  // fp32 scores: the best bucket left out must be below the worst bucket kept
