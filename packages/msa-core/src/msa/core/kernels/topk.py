@@ -213,7 +213,8 @@ def _block_plan(n_heads: int, n_blocks: int, total_q: int, m: int, sm_count: int
     """From the H100 sweeps (benchmarks/topk_notes.md), p = threads_per_row_for(m):
     - prefill (total_q >= 1024): 8 tokens per CTA (whole 32-byte sectors of a K-row), no split. Rows of one
       chunk: 2p threads x 16 values when the grid is <= 4 CTAs per SM (128K, H = 1: 19.3 us vs 20.2), else
-      p x 32 values (128K, H = 4: 55.7 us vs 65.6); longer rows: p x 16 with the next chunk prefetched.
+      p x 32 values (128K, H = 4: 55.7 us vs 65.6); longer rows: p x 16 with the next chunk prefetched, or p x 32
+      without it past 4 CTAs per SM (H200, 1M H4: 218 us vs 233).
     - decode: 2p threads x 16 values (latency: more threads, fewer loads each; 128K: 5.0 us vs 6.3 for p x 32),
       K split until a slice is one chunk, then tokens grouped until the grid is about one CTA per SM."""
     p = threads_per_row_for(m)
