@@ -147,6 +147,11 @@ __device__ __forceinline__ void pool_wait_primary() {
 #endif
 }
 
+// Launch 2: the row range of token t < q (per-token nvp tensor or the scalar).
+__device__ __forceinline__ RowRange pool_token_range(const NetParams& p, int64_t t) {
+  return row_range(p.nvp != nullptr ? __ldg(p.nvp + t) : p.nvp_scalar, p.n_blocks, p.fb, p.fe);
+}
+
 // Launch 1, one CTA of W warps: groups gi0 + w of head h for tokens 32 y + lane (warp w, lane). Each lane loads its
 // group's kPoolGroup scores (outside the row's range and NaN: -inf), summary(v) gives its Out, and through shared
 // memory a token's W outputs are stored together to out[(h * q + t) * n_groups + group].
@@ -305,9 +310,7 @@ __device__ __forceinline__ void pool_select_warp(const PoolParams& pp, int64_t t
   const unsigned full = 0xFFFFFFFFu;
   const int lane = threadIdx.x & 31;
   const unsigned below = (1u << lane) - 1u;
-  int nvp = p.nvp_scalar;
-  if (p.nvp != nullptr) nvp = __ldg(p.nvp + t);
-  const RowRange rr = row_range(nvp, p.n_blocks, p.fb, p.fe);
+  const RowRange rr = pool_token_range(p, t);
   int32_t* orow = p.out + (t * p.n_heads + h) * p.topk;
   const int m = p.m;
   int nsel = 0;
@@ -410,9 +413,7 @@ __device__ __forceinline__ void pool_select_rec(const PoolParams& pp, int64_t t,
   const unsigned full = 0xFFFFFFFFu;
   const int lane = threadIdx.x & 31;
   const unsigned below = (1u << lane) - 1u;
-  int nvp = p.nvp_scalar;
-  if (p.nvp != nullptr) nvp = __ldg(p.nvp + t);
-  const RowRange rr = row_range(nvp, p.n_blocks, p.fb, p.fe);
+  const RowRange rr = pool_token_range(p, t);
   int32_t* orow = p.out + (t * p.n_heads + h) * p.topk;
   const int m = p.m;
   // Before the wait (off the critical path; launch 1 writes neither): the forced head / tail for the usual nsel (M,
@@ -677,9 +678,7 @@ __device__ __forceinline__ void pool_select_cta(const PoolParams& pp, int64_t t,
   const NetParams& p = pp.p;
   const unsigned full = 0xFFFFFFFFu;
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
-  int nvp = p.nvp_scalar;
-  if (p.nvp != nullptr) nvp = __ldg(p.nvp + t);
-  const RowRange rr = row_range(nvp, p.n_blocks, p.fb, p.fe);
+  const RowRange rr = pool_token_range(p, t);
   int32_t* orow = p.out + (t * p.n_heads + h) * p.topk;
   const int m = p.m;
   if (m <= 0) {
