@@ -84,8 +84,6 @@ MSA_TOPK_HD float pool_theta_of_key(uint32_t k) { return k != 0u ? pool_key_valu
 // with the low 4 bits cleared) orders exactly across groups: equal buckets are equal values for bf16 scores and
 // values within 16 ulps for fp32. Keys below kPoolRecKeyMin are -inf.
 constexpr uint32_t kPoolRecKeyMin = 0x00800000u;  // score_key(-FLT_MAX): the least key of a real value
-MSA_TOPK_HD uint32_t imin32u(uint32_t a, uint32_t b) { return a < b ? a : b; }
-MSA_TOPK_HD uint32_t imax32u(uint32_t a, uint32_t b) { return a > b ? a : b; }
 MSA_TOPK_HD uint32_t pool_rec_key(float v, int j) { return (score_key(v) & ~15u) | static_cast<uint32_t>(15 - j); }
 MSA_TOPK_HD uint32_t pool_rec_bucket(uint32_t k) { return k & ~15u; }
 MSA_TOPK_HD int pool_rec_offset(uint32_t k) { return 15 - static_cast<int>(k & 15u); }
@@ -606,9 +604,9 @@ __device__ __forceinline__ void pool_select_rec(const PoolParams& pp, int64_t t,
     bool straddle = false;
     if (sizeof(T) == 4 && n > m) {  // fp32 scores: the best bucket left out must be below the worst bucket kept
       const uint32_t kx0 = comp_key(x0), kx1 = comp_key(x1);
-      const uint32_t kept_min = __reduce_min_sync(full, imin32u(k0 ? kx0 : 0xFFFFFFFFu, k1 ? kx1 : 0xFFFFFFFFu));
+      const uint32_t kept_min = __reduce_min_sync(full, umin32(k0 ? kx0 : 0xFFFFFFFFu, k1 ? kx1 : 0xFFFFFFFFu));
       const uint32_t out_max =
-          __reduce_max_sync(full, imax32u(lane < n && !k0 ? kx0 : 0u, lane + 32 < n && !k1 ? kx1 : 0u));
+          __reduce_max_sync(full, umax32(lane < n && !k0 ? kx0 : 0u, lane + 32 < n && !k1 ? kx1 : 0u));
       straddle = out_max == kept_min;
     }
     if (!straddle) {
